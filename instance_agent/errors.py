@@ -1,0 +1,64 @@
+"""One error hierarchy for the whole agent; each class carries the exit code the CLI returns.
+
+Adapters translate library errors (botocore's ClientError, requests' exceptions, OSError)
+into these, so the core and the CLI never see a vendor exception.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose. `str(err)` is the one-line message."""
+
+    exit_code = EXIT_FAILED
+
+
+class ConfigError(AgentError):
+    """Bad flags, env or config file. Nothing has been done yet."""
+
+    exit_code = EXIT_USAGE
+
+
+class IdentityError(AgentError):
+    """IMDS is unreachable (or refuses us) and no --instance-id/--region was given."""
+
+    exit_code = EXIT_USAGE
+
+
+class IMDSError(AgentError):
+    """An IMDS request failed after its retries."""
+
+
+class BackupError(AgentError):
+    """The archive could not be produced or uploaded."""
+
+
+class UploadError(BackupError):
+    """S3 refused or failed the multipart upload."""
+
+
+class ArchiveTooLarge(BackupError):
+    """The archive outgrew --max-archive-size (10,000 parts of the chosen sizes)."""
+
+
+class LifecycleError(AgentError):
+    """An Auto Scaling call failed after its retries."""
+
+
+class NoActiveLifecycleAction(LifecycleError):
+    """AWS answered `ValidationError: No active Lifecycle Action found …`.
+
+    Before Terminating:Wait is confirmed this means "too early"; after, "expired or done".
+    """
+
+
+class NotifyError(AgentError):
+    """SNS publish failed. Never fatal: it is logged and recorded in the result."""
+
+
+class LockTimeout(AgentError):
+    """Another run held the termination lock for longer than we were willing to wait."""
