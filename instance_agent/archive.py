@@ -1,0 +1,285 @@
+"""Walk the sources and write a pax tar of them into a byte sink, with no temp file.
+
+Rules for what the filesystem throws at us (each a warning in the manifest, never a failure):
+- symlinks are stored as links, never followed (below a source root);
+- FIFOs, sockets and devices are skipped without being opened (opening a FIFO blocks);
+- unreadable files and files that vanish are skipped;
+- a file that shrinks mid-read is padded with zeros to the size in its header, and one that
+  grows is cut at that size: the header is written before the data, so the size is fixed;
+- past the deadline (--max-duration) no new entry is started; what was not reached is listed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import grp
+import hashlib
+import os
+import pwd
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from functools import lru_cache
+from typing import Protocol
+
+from instance_agent import tarheader
+from instance_agent.manifest import ArchiveReport, Entry, Warning
+
+# 1 MiB reads: large enough that per-call overhead vanishes, small enough to stay in cache.
+READ_SIZE = 1 << 20
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class Sink(Protocol):
+    def write(self, data: bytes | bytearray | memoryview, /) -> object: ...
+
+
+@lru_cache(maxsize=256)
+def _uname(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return ""
+
+
+@lru_cache(maxsize=256)
+def _gname(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return ""
+
+
+def _special_kind(mode: int) -> str | None:
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return None
+
+
+class Excluder:
+    """Globs: with a '/' they match the whole path, without one the base name."""
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self.full = [p for p in patterns if "/" in p]
+        self.base = [p for p in patterns if "/" not in p]
+
+    def __call__(self, path: bytes) -> bool:
+        text = os.fsdecode(path)
+        if any(fnmatch.fnmatchcase(text, p) for p in self.full):
+            return True
+        name = text.rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatchcase(name, p) for p in self.base)
+
+
+class Archiver:
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        excludes: Sequence[str] = (),
+        deadline: float | None = None,
+        clock: Callable[[], float],
+        hash_name: str = "none",
+        progress: Callable[[ArchiveReport], None] | None = None,
+    ) -> None:
+        self._sink = sink
+        self._excluded = Excluder(excludes)
+        self._deadline = deadline
+        self._clock = clock
+        self._hash = hash_name == "sha256"
+        self._progress = progress
+        self._seen_dirs: set[tuple[int, int]] = set()
+        self._seen_names: set[bytes] = set()
+        self._buf = bytearray(READ_SIZE)
+        self.report = ArchiveReport()
+
+    # -- output -------------------------------------------------------------------------
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        self._sink.write(data)
+        self.report.tar_bytes += len(data)
+
+    def _warn(self, path: bytes, reason: str) -> None:
+        self.report.warnings.append(Warning(path, reason))
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and self._clock() >= self._deadline
+
+    # -- public -------------------------------------------------------------------------
+    def add_sources(self, sources: Sequence[str]) -> None:
+        for i, source in enumerate(sources):
+            if self._past_deadline():
+                self.report.omitted.extend(os.fsencode(s) for s in sources[i:])
+                return
+            self._add_root(os.fsencode(source))
+
+    def finish(self) -> ArchiveReport:
+        self._write(tarheader.end_of_archive(self.report.tar_bytes))
+        return self.report
+
+    # -- walking ------------------------------------------------------------------------
+    def _add_root(self, root: bytes) -> None:
+        root = os.path.normpath(root)
+        try:
+            st = os.stat(root)  # a source given as a symlink is followed: that is the intent
+        except OSError as err:
+            self._warn(root, f"source not readable: {err.strerror}")
+            return
+        if self._excluded(root):
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            self._add_entry(root, st)
+            return
+        if not self._add_dir_header(root, st):
+            return
+        # Depth-first with explicit iterators, so the deadline can list what is left.
+        stack: list[tuple[bytes, Iterator[bytes]]] = []
+        self._push_dir(stack, root)
+        while stack:
+            parent, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                continue
+            path = parent.rstrip(b"/") + b"/" + name
+            if self._past_deadline():
+                self.report.omitted.append(path)
+                for p, rest in reversed(stack):
+                    self.report.omitted.extend(p.rstrip(b"/") + b"/" + n for n in rest)
+                return
+            if self._excluded(path):
+                continue
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                self._warn(path, "vanished before it was read")
+                continue
+            except OSError as err:
+                self._warn(path, f"cannot stat: {err.strerror}")
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if self._add_dir_header(path, st):
+                    self._push_dir(stack, path)
+            else:
+                self._add_entry(path, st)
+
+    def _push_dir(self, stack: list[tuple[bytes, Iterator[bytes]]], path: bytes) -> None:
+        try:
+            names = sorted(os.listdir(path))
+        except OSError as err:
+            self._warn(path, f"directory not listable: {err.strerror}")
+            return
+        stack.append((path, iter(names)))
+
+    def _add_dir_header(self, path: bytes, st: os.stat_result) -> bool:
+        ident = (st.st_dev, st.st_ino)
+        if ident in self._seen_dirs:
+            return False  # overlapping sources: archived already
+        self._seen_dirs.add(ident)
+        member = path.lstrip(b"/")
+        if member:
+            self._header(member + b"/", st, tarheader.DIRTYPE)
+            self.report.entries.append(
+                Entry(member, "dir", 0, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+            )
+        return True
+
+    def _add_entry(self, path: bytes, st: os.stat_result) -> None:
+        member = path.lstrip(b"/")
+        if member in self._seen_names:
+            return
+        self._seen_names.add(member)
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                target = os.readlink(path)
+            except OSError as err:
+                self._warn(path, f"cannot read link: {err.strerror}")
+                return
+            self._header(member, st, tarheader.SYMTYPE, linkname=target)
+            self.report.entries.append(Entry(member, "symlink", 0, st.st_mtime_ns,
+                                             stat.S_IMODE(st.st_mode), target=target))
+            return
+        special = _special_kind(st.st_mode)
+        if special:
+            self._warn(path, f"skipped {special}")
+            return
+        self._add_file(path, member)
+
+    def _header(self, member: bytes, st: os.stat_result, typeflag: bytes, *, size: int = 0,
+                linkname: bytes = b"") -> None:
+        self._write(tarheader.encode(
+            member, typeflag=typeflag, size=size, mode=stat.S_IMODE(st.st_mode),
+            mtime=int(st.st_mtime), uid=st.st_uid, gid=st.st_gid, linkname=linkname,
+            uname=_uname(st.st_uid), gname=_gname(st.st_gid),
+        ))
+
+    def _add_file(self, path: bytes, member: bytes) -> None:
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            self._warn(path, "vanished before it was read")
+            return
+        except OSError as err:
+            reason = "symlink swapped in" if err.errno == errno.ELOOP else err.strerror
+            self._warn(path, f"cannot open: {reason}")
+            return
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                self._warn(path, "changed type during backup; skipped")
+                return
+            self._header(member, st, tarheader.REGTYPE, size=st.st_size)
+            digest = self._copy(fd, path, st.st_size)
+        finally:
+            os.close(fd)
+        self.report.files += 1
+        self.report.entries.append(Entry(member, "file", st.st_size, st.st_mtime_ns,
+                                         stat.S_IMODE(st.st_mode), sha256=digest))
+        if self._progress:
+            self._progress(self.report)
+
+    def _copy(self, fd: int, path: bytes, size: int) -> str | None:
+        """Exactly `size` bytes of the file into the sink, then the block padding."""
+        h = hashlib.sha256() if self._hash else None
+        view = memoryview(self._buf)
+        left = size
+        while left:
+            want = min(left, READ_SIZE)
+            try:
+                got = os.readv(fd, [view[:want]])
+            except OSError as err:
+                self._warn(path, f"read error after {size - left} bytes ({err.strerror}); "
+                                 "rest padded with zeros")
+                self._pad(left, h)
+                break
+            if got == 0:
+                self._warn(path, f"shrank during read from {size} to {size - left} bytes; "
+                                 "padded with zeros")
+                self._pad(left, h)
+                break
+            chunk = view[:got]
+            self._write(chunk)
+            if h:
+                h.update(chunk)
+            left -= got
+            self.report.bytes_read += got
+        try:
+            grew = os.read(fd, 1)
+        except OSError:
+            grew = b""
+        if grew:
+            self._warn(path, f"grew during read; cut at {size} bytes")
+        self._write(b"\0" * tarheader.padding(size))
+        return h.hexdigest() if h else None
+
+    def _pad(self, count: int, h: hashlib._Hash | None) -> None:
+        zeros = bytes(min(count, READ_SIZE))
+        while count:
+            n = min(count, len(zeros))
+            self._write(zeros[:n])
+            if h:
+                h.update(zeros[:n])
+            count -= n

@@ -1,0 +1,198 @@
+"""`instance-agent`: flags, logging, signals and AWS clients — wiring only.
+
+This is the one module that builds boto3 clients. Every AgentError ends here as one line on
+stderr and its exit code (0 ok/partial, 1 failed, 2 usage or config). stdout carries only the
+`--json` result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any, NoReturn
+
+from instance_agent import __version__, config, logs
+from instance_agent.errors import EXIT_USAGE, AgentError, ConfigError, IdentityError, IMDSError
+
+PROG = "instance-agent"
+
+EXAMPLES_BACKUP = """\
+examples:
+  instance-agent backup --bucket my-backups --topic-arn arn:aws:sns:…:ops --json
+  instance-agent backup --bucket my-backups --source /var/log --source /srv/app/logs \\
+      --max-duration 100 --no-complete
+  INSTANCE_AGENT_BUCKET=my-backups instance-agent backup --lifecycle-token $TOKEN
+
+exit codes: 0 succeeded or partial, 1 failed (reported and completed with --on-failure),
+2 usage or configuration error (nothing was done). A duplicate exits with the first run's code.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage plus a message and exits; we want one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _add_schema_options(parser: argparse.ArgumentParser, command: str) -> None:
+    for opt in config.OPTIONS:
+        if command not in opt.commands:
+            continue
+        default = opt.default
+        if isinstance(default, tuple):
+            default = ":".join(default) if opt.kind == "pathlist" else ",".join(default)
+        shown = "auto" if default is None and opt.name == "journal" else default
+        help_text = f"{opt.help} (env {opt.env}" + (
+            f"; default {shown})" if shown not in (None, "") else ")")
+        help_text = help_text.replace("%", "%%")
+        if opt.kind == "bool":
+            parser.add_argument(opt.flag, dest=opt.name, default=None, help=help_text,
+                                action=argparse.BooleanOptionalAction)
+        elif opt.kind in ("list", "pathlist"):
+            parser.add_argument(opt.flag, dest=opt.name, default=None, action="append",
+                                metavar=opt.metavar or opt.name.upper(), help=help_text)
+        else:
+            parser.add_argument(opt.flag, dest=opt.name, default=None,
+                                metavar=opt.metavar or "|".join(opt.choices) or None,
+                                help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Back up an EC2 instance to S3 before its Auto "
+                     "Scaling group terminates it, report on SNS, complete the lifecycle action.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("backup", help="back up now, report, and complete the lifecycle action",
+                       epilog=EXAMPLES_BACKUP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="TOML config file (env INSTANCE_AGENT_CONFIG;"
+                   f" default {config.DEFAULT_CONFIG_FILE} if it exists)")
+    p.add_argument("--json", action="store_true", help="print the result object on stdout")
+    _add_schema_options(p, config.BACKUP)
+    p.set_defaults(func=cmd_backup)
+
+    d = sub.add_parser("demo", help="run the whole story on a local emulated AWS (needs the "
+                       "`local` extra)")
+    d.add_argument("--source", metavar="DIR", help="back up DIR instead of generated sample logs")
+    d.add_argument("--size-mib", type=int, default=64, help="size of the generated sample logs")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {o.name: getattr(args, o.name, None) for o in config.OPTIONS}
+
+
+def resolve_identity(cfg: config.Config) -> Any:
+    """Instance id and region: config first, then IMDS; region may also come from the SDK."""
+    from instance_agent.backup import Identity
+    from instance_agent.imds import IMDS
+
+    instance_id, region = cfg.instance_id, cfg.region
+    if instance_id and region:
+        return Identity(instance_id, region)
+    imds = IMDS()
+    try:
+        if not instance_id:
+            instance_id = imds.instance_id()
+        if not region:
+            try:
+                region = imds.region()
+            except IMDSError:
+                region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                if not region:
+                    raise
+    except IMDSError as err:
+        raise IdentityError(f"cannot get the instance identity from IMDS at {imds.endpoint} "
+                            f"({err}); pass --instance-id and --region") from None
+    finally:
+        imds.close()
+    return Identity(instance_id, region)
+
+
+def make_clients(cfg: config.Config, region: str) -> Any:
+    """boto3 clients with standard retries; endpoints from boto3's own settings
+    (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, …)."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    from instance_agent.backup import Clients
+
+    session = boto3.session.Session(region_name=region)
+    base = BotoConfig(
+        retries={"mode": "standard", "max_attempts": 5},
+        connect_timeout=5, read_timeout=60,
+        max_pool_connections=cfg.upload_workers + 4,
+        user_agent_extra=f"{PROG}/{__version__}",
+    )
+    return Clients(
+        s3=session.client("s3", config=base),
+        sns=session.client("sns", config=base) if cfg.topic_arn else None,
+        autoscaling=session.client("autoscaling", config=base) if cfg.complete else None,
+    )
+
+
+def install_interrupt_handlers() -> None:
+    """SIGTERM/SIGINT raise Interrupted once in the main thread, so every finally runs:
+    the upload is aborted, the failure reported and the hook completed. Later signals are
+    ignored so that clean-up itself is not interrupted."""
+    from instance_agent.backup import Interrupted
+
+    fired = False
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        nonlocal fired
+        if fired:
+            return
+        fired = True
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from instance_agent import backup
+
+    cfg = config.load(_flags(args), os.environ, config_file=args.config, command=config.BACKUP)
+    logs.setup(cfg.log_level)
+    ident = resolve_identity(cfg)
+    clients = make_clients(cfg, ident.region)
+    install_interrupt_handlers()
+    outcome = backup.run(cfg, ident, clients,
+                         progress_interval=5.0 if sys.stderr.isatty() else 30.0)
+    if args.json:
+        sys.stdout.write(json.dumps(outcome.result) + "\n")
+        sys.stdout.flush()
+    return outcome.exit_code
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from instance_agent.local import demo
+    except ImportError as err:  # moto missing
+        raise ConfigError(f"the demo needs the `local` extra: pip install "
+                          f"'instance-agent[local]' ({err})") from None
+    logs.setup("info")
+    return demo.run(source=args.source, size_mib=args.size_mib)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except AgentError as err:
+        sys.stderr.write(f"{PROG}: error: {err}\n")
+        return err.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return EXIT_USAGE

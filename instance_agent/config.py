@@ -1,0 +1,433 @@
+"""One configuration schema for every command, and the one `load()` that resolves it.
+
+Precedence, highest first:
+
+1. a command-line flag (`--bucket`),
+2. an environment variable `INSTANCE_AGENT_<NAME>` (`INSTANCE_AGENT_BUCKET`),
+3. a key of the TOML file (`bucket = "…"`): `--config`, else `$INSTANCE_AGENT_CONFIG`,
+   else `/etc/instance-agent/agent.toml` when it exists,
+4. the default in `OPTIONS`.
+
+A whole value is taken from the highest source that sets it: a `--source` flag replaces
+the file's `source` list rather than adding to it, so what you pass is what you get.
+The file is one flat table; a key the schema does not know is an error, while a known key
+that the running command does not use is ignored, so `backup` and `watch` share one file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from instance_agent.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG_FILE = "/etc/instance-agent/agent.toml"
+ENV_PREFIX = "INSTANCE_AGENT_"
+
+BACKUP = "backup"
+WATCH = "watch"
+BOTH = frozenset({BACKUP, WATCH})
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key: its flag, env variable and TOML key all derive from `name`."""
+
+    name: str
+    kind: str  # str | int | float | bool | size | list | pathlist | choice
+    default: Any
+    help: str
+    commands: frozenset[str] = BOTH
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+    check: Callable[[Any], str | None] | None = None
+    negative_flag: bool = False  # bool options get --no-<name> as well
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+# --- value checks: each returns an error message or None --------------------------------
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_ARN_TOPIC_RE = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$")
+_INSTANCE_RE = re.compile(r"^i-[0-9a-f]{8,17}$")
+_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_HOOK_RE = re.compile(r"^[A-Za-z0-9_/-]{1,255}$")
+_ACCOUNT_RE = re.compile(r"^\d{12}$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_bucket(value: str) -> str | None:
+    """S3's bucket naming rules (general purpose buckets)."""
+    if not _BUCKET_RE.match(value) or ".." in value or ".-" in value or "-." in value:
+        return (
+            f"invalid bucket name {value!r}: 3-63 lowercase letters, digits, dots and "
+            "hyphens, starting and ending with a letter or digit"
+        )
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return None
+    return f"invalid bucket name {value!r}: must not look like an IP address"
+
+
+def _pattern_check(pattern: re.Pattern[str], what: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        # fullmatch, not match: `$` would accept a trailing newline.
+        return None if pattern.fullmatch(str(value)) else f"invalid {what} {value!r}"
+
+    return check
+
+
+def check_asg_name(value: str) -> str | None:
+    if not 1 <= len(value) <= 255 or _CONTROL_RE.search(value):
+        return f"invalid Auto Scaling group name {value!r}"
+    return None
+
+
+def check_prefix(value: str) -> str | None:
+    if value.startswith("/") or ".." in value or _CONTROL_RE.search(value):
+        return f"invalid prefix {value!r}: no leading '/', no '..', no control characters"
+    return None
+
+
+def check_positive(value: Any) -> str | None:
+    return None if value > 0 else f"must be greater than 0, got {value}"
+
+
+def check_level(value: Any) -> str | None:
+    return None if value is None or -7 <= value <= 22 else f"level {value} is out of range"
+
+
+def check_heartbeat(value: Any) -> str | None:
+    return None if value is None or value >= 0.1 else "heartbeat interval must be >= 0.1 s"
+
+
+# --- the schema ----------------------------------------------------------------------------
+
+OPTIONS: tuple[Option, ...] = (
+    Option("source", "pathlist", ("/var/log",), "directory or file to archive; repeatable, "
+           "order is priority", metavar="PATH"),
+    Option("exclude", "list", ("/var/log/journal/**",), "glob to leave out; repeatable. Setting "
+           "it replaces the default, which skips live binary journal files (they tear when "
+           "copied; --journal exports them instead)", metavar="GLOB"),
+    Option("journal", "bool", None, "also stream `journalctl -o export` (current and previous "
+           "boot) as a second object; default on where journalctl exists", negative_flag=True),
+    Option("bucket", "str", None, "S3 bucket for the archive (required)", check=check_bucket),
+    Option("prefix", "str", "", "key prefix, e.g. 'backups/'", check=check_prefix),
+    Option("key_template", "str", "{prefix}{group}/{instance_id}/{timestamp}", "object key "
+           "template; variables: prefix group instance_id region timestamp hostname; the "
+           "extension is appended"),
+    Option("compression", "choice", "zstd", "archive compression", choices=("zstd", "gzip", "none")),
+    Option("level", "int", None, "compression level (zstd default 3, gzip default 6)",
+           check=check_level),
+    Option("max_archive_size", "size", 1024**4, "largest archive the upload can hold; part "
+           "sizes grow so that 10,000 parts reach it", check=check_positive),
+    Option("max_duration", "float", None, "deadline in seconds: stop adding files then, close "
+           "the archive and upload it as 'partial'", check=check_positive),
+    Option("topic_arn", "str", None, "SNS topic for the report; none, no report",
+           check=_pattern_check(_ARN_TOPIC_RE, "SNS topic ARN")),
+    Option("asg_name", "str", None, "Auto Scaling group; discovered when absent",
+           check=check_asg_name),
+    Option("hook_name", "str", None, "terminating lifecycle hook; discovered when absent",
+           check=_pattern_check(_HOOK_RE, "lifecycle hook name")),
+    Option("lifecycle_token", "str", None, "LifecycleActionToken to complete by (else by "
+           "instance id)", commands=frozenset({BACKUP}),
+           check=_pattern_check(_UUID_RE, "lifecycle action token")),
+    Option("instance_id", "str", None, "instance id; from IMDS when absent",
+           check=_pattern_check(_INSTANCE_RE, "instance id")),
+    Option("region", "str", None, "region; from IMDS when absent",
+           check=_pattern_check(_REGION_RE, "region")),
+    Option("on_success", "choice", "CONTINUE", "lifecycle result after a successful or partial "
+           "backup", choices=("CONTINUE", "ABANDON")),
+    Option("on_failure", "choice", "ABANDON", "lifecycle result after a failed backup",
+           choices=("CONTINUE", "ABANDON")),
+    Option("complete", "bool", True, "complete the lifecycle action (--no-complete: back up "
+           "only; such runs are never deduplicated)", negative_flag=True),
+    Option("sse", "choice", None, "server-side encryption", choices=("AES256", "aws:kms")),
+    Option("kms_key_id", "str", None, "KMS key for --sse aws:kms"),
+    Option("expected_bucket_owner", "str", None, "account id that must own the bucket",
+           check=_pattern_check(_ACCOUNT_RE, "account id")),
+    Option("storage_class", "choice", None, "S3 storage class", choices=(
+        "STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR",
+        "GLACIER", "DEEP_ARCHIVE", "REDUCED_REDUNDANCY")),
+    Option("hash", "choice", "none", "per-file digest in the manifest", choices=("none", "sha256")),
+    Option("upload_workers", "int", 4, "concurrent part uploads", check=check_positive),
+    Option("upload_queue", "int", 2, "finished parts waiting for a worker", check=check_positive),
+    Option("state_dir", "str", "/var/lib/instance-agent", "lock and result records"),
+    Option("runtime_dir", "str", "/run/instance-agent", "fallback for the lock when state_dir "
+           "is unusable"),
+    Option("lock_timeout", "float", 3600.0, "how long a second run waits for the first",
+           check=check_positive),
+    Option("wait_timeout", "float", 300.0, "how long to wait for Terminating:Wait when the "
+           "instance learns of its termination early", check=check_positive),
+    Option("complete_timeout", "float", 60.0, "deadline for CompleteLifecycleAction with its "
+           "retries", check=check_positive),
+    Option("heartbeat_interval", "float", None, "seconds between heartbeats; default "
+           "HeartbeatTimeout/3, at most 600", check=check_heartbeat),
+    Option("log_level", "choice", "info", "log verbosity", choices=("debug", "info", "warning", "error")),
+)
+
+OPTION_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved configuration; field names are the option names."""
+
+    source: tuple[str, ...] = ("/var/log",)
+    exclude: tuple[str, ...] = ("/var/log/journal/**",)
+    journal: bool | None = None
+    bucket: str | None = None
+    prefix: str = ""
+    key_template: str = "{prefix}{group}/{instance_id}/{timestamp}"
+    compression: str = "zstd"
+    level: int | None = None
+    max_archive_size: int = 1024**4
+    max_duration: float | None = None
+    topic_arn: str | None = None
+    asg_name: str | None = None
+    hook_name: str | None = None
+    lifecycle_token: str | None = None
+    instance_id: str | None = None
+    region: str | None = None
+    on_success: str = "CONTINUE"
+    on_failure: str = "ABANDON"
+    complete: bool = True
+    sse: str | None = None
+    kms_key_id: str | None = None
+    expected_bucket_owner: str | None = None
+    storage_class: str | None = None
+    hash: str = "none"
+    upload_workers: int = 4
+    upload_queue: int = 2
+    state_dir: str = "/var/lib/instance-agent"
+    runtime_dir: str = "/run/instance-agent"
+    lock_timeout: float = 3600.0
+    wait_timeout: float = 300.0
+    complete_timeout: float = 60.0
+    heartbeat_interval: float | None = None
+    log_level: str = "info"
+    config_file: str | None = field(default=None, compare=False)
+
+    def journal_enabled(self) -> bool:
+        if self.journal is None:
+            return shutil.which("journalctl") is not None
+        return self.journal
+
+
+def _schema_matches_dataclass() -> None:
+    names = {f.name for f in dataclasses.fields(Config)} - {"config_file"}
+    assert names == set(OPTION_BY_NAME), names ^ set(OPTION_BY_NAME)
+
+
+_schema_matches_dataclass()
+
+
+# --- parsing one value from text (env) or from TOML ----------------------------------------
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r} (use e.g. 1073741824, 500MiB, 1TiB)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def _from_text(opt: Option, text: str) -> Any:
+    """Convert an env value (always text) to the option's type."""
+    if opt.kind == "bool":
+        low = text.strip().lower()
+        if low in ("1", "true"):
+            return True
+        if low in ("0", "false"):
+            return False
+        raise ValueError(f"expected 1/0/true/false, got {text!r}")
+    if opt.kind == "pathlist":
+        return tuple(p for p in text.split(":") if p)
+    if opt.kind == "list":
+        return tuple(p.strip() for p in text.split(",") if p.strip())
+    return _from_native(opt, text)
+
+
+def _from_native(opt: Option, value: Any) -> Any:
+    """Convert a TOML (or already-typed) value to the option's type, strictly."""
+    kind = opt.kind
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if kind in ("list", "pathlist"):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"expected a list of strings, got {value!r}")
+        return tuple(value)
+    if kind == "int":
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, str):
+            value = value.strip()
+        return int(value)
+    if kind == "float":
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        return float(value)
+    if kind == "size":
+        if isinstance(value, bool):
+            raise ValueError(f"expected a size, got {value!r}")
+        return value if isinstance(value, int) else parse_size(str(value))
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    if kind == "choice" and value not in opt.choices:
+        raise ValueError(f"expected one of {', '.join(opt.choices)}, got {value!r}")
+    return value
+
+
+def _validated(opt: Option, value: Any, origin: str) -> Any:
+    if value is None or opt.check is None:
+        return value
+    problem = opt.check(value)
+    if problem:
+        raise ConfigError(f"{origin}: {problem}")
+    return value
+
+
+# --- the file ------------------------------------------------------------------------------
+
+def config_path(flag_value: str | None, env: Mapping[str, str]) -> str | None:
+    """The file to read, by the precedence in the module docstring; None means none."""
+    if flag_value:
+        return flag_value
+    if env.get(ENV_PREFIX + "CONFIG"):
+        return env[ENV_PREFIX + "CONFIG"]
+    return DEFAULT_CONFIG_FILE if os.path.exists(DEFAULT_CONFIG_FILE) else None
+
+
+def read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path}: invalid TOML: {err}") from None
+    for key, value in data.items():
+        if key not in OPTION_BY_NAME:
+            raise ConfigError(f"config file {path}: unknown key {key!r}")
+        if isinstance(value, dict):
+            raise ConfigError(f"config file {path}: {key!r} must be a value, not a table")
+    return data
+
+
+# --- resolution ----------------------------------------------------------------------------
+
+def load(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    *,
+    config_file: str | None = None,
+    command: str = BACKUP,
+) -> Config:
+    """Resolve every option by precedence flag > env > file > default (module docstring).
+
+    `flags` maps option names to values from argparse; None means "not given".
+    Raises ConfigError (exit 2) with one line naming the source of a bad value.
+    """
+    env = os.environ if env is None else env
+    path = config_path(config_file, env)
+    file_values = read_file(path) if path else {}
+    resolved: dict[str, Any] = {}
+    for opt in OPTIONS:
+        value: Any = None
+        try:
+            if flags.get(opt.name) is not None:
+                origin = opt.flag
+                value = _from_native(opt, flags[opt.name])
+            elif env.get(opt.env) is not None and env.get(opt.env) != "":
+                origin = f"${opt.env}"
+                value = _from_text(opt, env[opt.env])
+            elif opt.name in file_values:
+                origin = f"config file {path}: {opt.name}"
+                value = _from_native(opt, file_values[opt.name])
+            else:
+                continue
+        except ValueError as err:
+            raise ConfigError(f"{origin}: {err}") from None
+        resolved[opt.name] = _validated(opt, value, origin)
+    cfg = Config(config_file=path, **resolved)
+    return check_consistency(cfg, command)
+
+
+def check_consistency(cfg: Config, command: str) -> Config:
+    """Rules that span several options."""
+    if command in (BACKUP, WATCH) and not cfg.bucket:
+        raise ConfigError("no bucket: pass --bucket, set INSTANCE_AGENT_BUCKET or `bucket` in "
+                          "the config file")
+    if cfg.kms_key_id and cfg.sse != "aws:kms":
+        raise ConfigError("--kms-key-id needs --sse aws:kms")
+    if not cfg.source:
+        raise ConfigError("no source to back up")
+    for src in cfg.source:
+        if not src.startswith("/"):
+            raise ConfigError(f"source {src!r} must be an absolute path")
+    from instance_agent.keys import check_template
+
+    problem = check_template(cfg.key_template)
+    if problem:
+        raise ConfigError(f"key_template: {problem}")
+    return cfg
+
+
+def describe(options: Sequence[Option] = OPTIONS) -> list[dict[str, str]]:
+    """Rows for the README's configuration reference (generated, and tested against it)."""
+    rows = []
+    for opt in options:
+        default = opt.default
+        if isinstance(default, tuple):
+            default = ", ".join(default)
+        rows.append({
+            "flag": opt.flag + (f" / --no-{opt.name.replace('_', '-')}" if opt.negative_flag else ""),
+            "env": opt.env,
+            "key": opt.name,
+            "default": "" if default is None else str(default),
+            "help": opt.help,
+        })
+    return rows

@@ -1,0 +1,131 @@
+"""IMDSv2 client: a lazily cached session token, refreshed on 401; no IMDSv1 fallback.
+
+- 404 means "nothing there (yet)" and is returned as None, not raised.
+- 403 means IMDS is disabled or the request is refused: fail fast, retrying will not help.
+- Connection errors and 5xx/429 are retried with exponential backoff until a deadline on the
+  monotonic clock.
+- The token is never logged, and requests ignores proxy variables (trust_env=False), since
+  the link-local address must never go through HTTPS_PROXY.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import requests
+
+from instance_agent.errors import IMDSError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "http://169.254.169.254"
+ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"  # botocore's variable; we honour the same
+TOKEN_TTL = 21600  # the maximum AWS allows; a 401 refreshes it sooner if needed
+TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105 - a header name, not a secret
+TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+# 1 s to connect, 2 s to answer: IMDS is link-local and answers in milliseconds when healthy.
+REQUEST_TIMEOUT = (1.0, 2.0)
+
+
+class IMDSRefused(IMDSError):
+    """403: IMDS disabled, or our request is not allowed. Not retried."""
+
+
+class IMDS:
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.endpoint = (endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT).rstrip("/")
+        self._session = session or requests.Session()
+        self._session.trust_env = False
+        self._clock = clock
+        self._sleep = sleep
+        self._token: str | None = None
+        self._lock = threading.Lock()
+
+    # -- token --------------------------------------------------------------------------
+    def _fetch_token(self) -> str:
+        resp = self._session.put(
+            f"{self.endpoint}/latest/api/token",
+            headers={TTL_HEADER: str(TOKEN_TTL)},
+            timeout=REQUEST_TIMEOUT,
+        )
+        if resp.status_code == 200 and resp.text:
+            return resp.text
+        if resp.status_code == 403:
+            raise IMDSRefused("IMDS refused the token request (403): IMDS is disabled or blocked")
+        raise IMDSError(f"IMDS token request failed: HTTP {resp.status_code}")
+
+    def _token_value(self, refresh: bool = False) -> str:
+        with self._lock:
+            if self._token is None or refresh:
+                self._token = self._fetch_token()
+            return self._token
+
+    # -- reads --------------------------------------------------------------------------
+    def _get_once(self, path: str) -> requests.Response:
+        url = f"{self.endpoint}/latest/meta-data/{path}"
+        resp = self._session.get(url, headers={TOKEN_HEADER: self._token_value()},
+                                 timeout=REQUEST_TIMEOUT)
+        if resp.status_code == 401:
+            # Expired or revoked: one fresh token, one retry (never a token-less read).
+            resp = self._session.get(url, headers={TOKEN_HEADER: self._token_value(refresh=True)},
+                                     timeout=REQUEST_TIMEOUT)
+        return resp
+
+    def get(self, path: str, *, timeout: float = 10.0) -> str | None:
+        """Text at /latest/meta-data/<path>, None on 404. Retries until `timeout` seconds."""
+        deadline = self._clock() + timeout
+        delay = 0.1
+        last = "no attempt"
+        while True:
+            try:
+                resp = self._get_once(path)
+            except IMDSRefused:
+                raise
+            except IMDSError as err:
+                last = str(err)
+            except requests.RequestException as err:
+                last = f"{type(err).__name__}"
+            else:
+                if resp.status_code == 200:
+                    return resp.text
+                if resp.status_code == 404:
+                    return None
+                if resp.status_code == 403:
+                    raise IMDSRefused(f"IMDS refused {path} (403)")
+                last = f"HTTP {resp.status_code}"
+            if self._clock() + delay > deadline:
+                raise IMDSError(f"IMDS {path}: {last} (gave up after {timeout:g} s)")
+            log.debug("imds retry", extra={"fields": {"path": path, "error": last}})
+            self._sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def instance_id(self, timeout: float = 10.0) -> str:
+        value = self.get("instance-id", timeout=timeout)
+        if not value:
+            raise IMDSError("IMDS has no instance-id")
+        return value.strip()
+
+    def region(self, timeout: float = 10.0) -> str:
+        value = self.get("placement/region", timeout=timeout)
+        if not value:
+            raise IMDSError("IMDS has no placement/region")
+        return value.strip()
+
+    def group_tag(self) -> str | None:
+        """The group name from instance-metadata tags, when those are enabled."""
+        value = self.get("tags/instance/aws:autoscaling:groupName", timeout=2.0)
+        return value.strip() if value else None
+
+    def close(self) -> None:
+        self._session.close()

@@ -1,0 +1,66 @@
+"""Stream `journalctl -o export` of the previous and current boot into a sink, no temp file.
+
+On Amazon Linux 2023 there is no rsyslog: the journal is where the logs are. Its live binary
+files tear when copied, so they are excluded from the tar and exported here instead. Problems
+with journalctl (missing, no journal, no previous boot) are warnings, never failures.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from typing import IO
+
+from instance_agent.archive import Sink
+
+READ_SIZE = 1 << 20
+BOOTS = ("-1", "0")  # the previous boot first, so the export reads in time order
+
+
+def _drain(stream: IO[bytes], out: list[bytes]) -> None:
+    # stderr is read in its own thread so a chatty journalctl can never block on a full pipe.
+    data = stream.read(4096)
+    out.append(data)
+    while stream.read(65536):
+        pass
+
+
+def export(sink: Sink, *, deadline: float | None, clock: Callable[[], float] = time.monotonic,
+           journalctl: str | None = None) -> tuple[int, list[str]]:
+    """Write the export stream into `sink`. Returns (bytes, warnings)."""
+    exe = journalctl or shutil.which("journalctl")
+    if not exe:
+        return 0, ["journalctl not found; journal not exported"]
+    total, warnings = 0, []
+    for boot in BOOTS:
+        if deadline is not None and clock() >= deadline:
+            warnings.append(f"journal boot {boot} not exported: past --max-duration")
+            continue
+        proc = subprocess.Popen([exe, "-o", "export", "--no-pager", "-b", boot],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        err_chunks: list[bytes] = []
+        reader = threading.Thread(target=_drain, args=(proc.stderr, err_chunks), daemon=True)
+        reader.start()
+        cut = False
+        while chunk := proc.stdout.read1(READ_SIZE):
+            sink.write(chunk)
+            total += len(chunk)
+            if deadline is not None and clock() >= deadline:
+                cut = True
+                proc.kill()
+                break
+        proc.stdout.close()
+        rc = proc.wait()
+        reader.join(timeout=5)
+        if cut:
+            warnings.append(f"journal boot {boot} cut at --max-duration")
+        elif rc != 0:
+            text = b"".join(err_chunks).decode(errors="replace").strip().splitlines()
+            warnings.append(f"journalctl -b {boot} exited {rc}: "
+                            f"{text[0] if text else 'no message'}")
+    return total, warnings

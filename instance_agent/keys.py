@@ -1,0 +1,71 @@
+"""Render object keys from the key template, safely, whatever the inputs contain.
+
+Group names may hold almost any character (AWS allows 1-255 of most of Unicode), and the
+template is operator text. A rendered key must never hold `..`, a leading `/` or control
+characters, so every variable is reduced to a safe alphabet before it is substituted, and the
+result is checked again.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Mapping
+from datetime import datetime, timezone
+
+VARIABLES = ("prefix", "group", "instance_id", "region", "timestamp", "hostname")
+EXTENSIONS = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
+# S3 keys are at most 1024 bytes; leave room for ".manifest.json" / ".journal.export.zst".
+_MAX_KEY_BYTES = 1024 - len(".tar.zst.journal.export.zst")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def timestamp(now: datetime | None = None) -> str:
+    """UTC, sortable: 20260101T120000Z."""
+    return (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def safe_component(value: str) -> str:
+    """Map a value to [A-Za-z0-9._=+-] with no `..` and no leading dot; never empty."""
+    cleaned = _UNSAFE.sub("_", value)
+    cleaned = re.sub(r"\.{2,}", "_", cleaned).lstrip(".")
+    return cleaned or "_"
+
+
+def check_template(template: str) -> str | None:
+    """An error message if the template cannot be rendered, else None."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        return f"invalid template {template!r}: {err}"
+    for name in fields:
+        if name not in VARIABLES:
+            return f"unknown variable {{{name}}} in {template!r}; known: {', '.join(VARIABLES)}"
+    if "instance_id" not in fields:
+        return f"template {template!r} must contain {{instance_id}} so instances never collide"
+    return None
+
+
+def render(template: str, values: Mapping[str, str], compression: str) -> str:
+    """The archive key. `prefix` is kept as given (it was validated as config and may hold
+    '/'); every other value is reduced by `safe_component`."""
+    safe = {k: safe_component(v) for k, v in values.items() if k != "prefix"}
+    safe["prefix"] = values.get("prefix", "")
+    key = template.format(**safe) + EXTENSIONS[compression]
+    problem = check_key(key)
+    if problem:
+        raise ValueError(problem)
+    return key
+
+
+def check_key(key: str) -> str | None:
+    if key.startswith("/"):
+        return f"rendered key {key!r} starts with '/'"
+    if ".." in key:
+        return f"rendered key {key!r} contains '..'"
+    if _CONTROL.search(key):
+        return f"rendered key {key!r} contains control characters"
+    if len(key.encode()) > _MAX_KEY_BYTES:
+        return f"rendered key is longer than {_MAX_KEY_BYTES} bytes"
+    return None

@@ -1,0 +1,1 @@
+"""Local stand-ins for AWS (needs the `local` extra: moto[server])."""

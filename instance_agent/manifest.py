@@ -1,0 +1,101 @@
+"""What the archive holds, what was skipped and why: the manifest written beside it.
+
+Paths are bytes throughout (Linux file names need not be UTF-8). In JSON a path is a
+`path` string when it decodes as UTF-8, else a `path_b64` field with the raw bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+
+
+def path_fields(path: bytes, name: str = "path") -> dict[str, str]:
+    try:
+        return {name: path.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {f"{name}_b64": base64.b64encode(path).decode("ascii")}
+
+
+def path_from_fields(obj: dict[str, Any], name: str = "path") -> bytes:
+    if name in obj:
+        return str(obj[name]).encode("utf-8")
+    return base64.b64decode(obj[f"{name}_b64"])
+
+
+@dataclass
+class Entry:
+    path: bytes  # the member name, relative (no leading '/'), dirs without trailing '/'
+    type: str  # "file" | "dir" | "symlink"
+    size: int
+    mtime_ns: int
+    mode: int
+    target: bytes | None = None
+    sha256: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = path_fields(self.path)
+        out.update(type=self.type, size=self.size, mtime=self.mtime_ns / 1e9,
+                   mode=f"{self.mode & 0o7777:04o}")
+        if self.target is not None:
+            out.update(path_fields(self.target, "target"))
+        if self.sha256:
+            out["sha256"] = self.sha256
+        return out
+
+
+@dataclass
+class Warning:
+    path: bytes
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = path_fields(self.path)
+        out["reason"] = self.reason
+        return out
+
+
+@dataclass
+class ArchiveReport:
+    entries: list[Entry] = field(default_factory=list)
+    warnings: list[Warning] = field(default_factory=list)
+    omitted: list[bytes] = field(default_factory=list)  # not reached before --max-duration
+    bytes_read: int = 0
+    files: int = 0
+    tar_bytes: int = 0
+
+    @property
+    def stopped_early(self) -> bool:
+        return bool(self.omitted)
+
+
+def build(report: ArchiveReport, *, key: str, compression: str, agent_version: str,
+          compressed_bytes: int, journal: dict[str, Any] | None, **meta: Any) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "agent_version": agent_version,
+        "compression": compression,
+        **meta,
+        "totals": {
+            "entries": len(report.entries),
+            "files": report.files,
+            "bytes_read": report.bytes_read,
+            "tar_bytes": report.tar_bytes,
+            "compressed_bytes": compressed_bytes,
+            "warnings": len(report.warnings),
+            "omitted": len(report.omitted),
+        },
+        "journal": journal,
+        "entries": [e.to_json() for e in report.entries],
+        "warnings": [w.to_json() for w in report.warnings],
+        "omitted": [path_fields(p) for p in report.omitted],
+    }
+
+
+def dumps(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

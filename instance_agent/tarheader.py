@@ -1,0 +1,125 @@
+"""POSIX pax tar headers, encoded by hand so the writer stays a plain byte stream.
+
+Why not `tarfile`? Its pax writer marks non-UTF-8 names with `hdrcharset=BINARY`, which GNU
+tar 1.34 reports as an unknown keyword on every extraction; and its `addfile` copies data in
+16 KiB steps. Here names are bytes end to end: a pax `path` record carries the exact bytes
+(GNU tar and Python's tarfile both read them back unchanged), and data is written by the
+caller in large blocks.
+"""
+
+from __future__ import annotations
+
+BLOCK = 512
+REGTYPE = b"0"
+SYMTYPE = b"2"
+DIRTYPE = b"5"
+PAXTYPE = b"x"
+
+_USTAR_NAME = 100
+_USTAR_PREFIX = 155
+_MAX_OCTAL_11 = 8**11 - 1  # size/mtime fields hold 11 octal digits: 8 GiB - 1
+_MAX_OCTAL_7 = 8**7 - 1  # uid/gid fields
+
+
+def padding(size: int) -> int:
+    """Zero bytes needed after `size` bytes of data to reach a block boundary."""
+    return -size % BLOCK
+
+
+def _octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+def _pax_record(keyword: str, value: bytes) -> bytes:
+    # "%d %s=%s\n" where %d counts the whole record, itself included.
+    body = b" " + keyword.encode() + b"=" + value + b"\n"
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length += 1
+    return str(length).encode() + body
+
+
+def _split_ustar(name: bytes) -> tuple[bytes, bytes] | None:
+    """(prefix, name) when the path fits ustar's two fields as ASCII, else None."""
+    if not name.isascii():
+        return None
+    if len(name) <= _USTAR_NAME:
+        return b"", name
+    cut = name.rfind(b"/", 0, _USTAR_PREFIX + 1)
+    while cut > 0:
+        if len(name) - cut - 1 <= _USTAR_NAME:
+            return name[:cut], name[cut + 1 :]
+        cut = name.rfind(b"/", 0, cut)
+    return None
+
+
+def _ustar_block(
+    name: bytes, prefix: bytes, *, mode: int, uid: int, gid: int, size: int, mtime: int,
+    typeflag: bytes, linkname: bytes, uname: bytes, gname: bytes,
+) -> bytes:
+    header = bytearray(BLOCK)
+    header[0:100] = name[:100].ljust(100, b"\0")
+    header[100:108] = _octal(mode & 0o7777, 8)
+    header[108:116] = _octal(min(uid, _MAX_OCTAL_7), 8)
+    header[116:124] = _octal(min(gid, _MAX_OCTAL_7), 8)
+    header[124:136] = _octal(min(size, _MAX_OCTAL_11), 12)
+    header[136:148] = _octal(min(max(mtime, 0), _MAX_OCTAL_11), 12)
+    header[148:156] = b" " * 8
+    header[156:157] = typeflag
+    header[157:257] = linkname[:100].ljust(100, b"\0")
+    header[257:265] = b"ustar\x0000"
+    header[265:297] = uname[:31].ljust(32, b"\0")
+    header[297:329] = gname[:31].ljust(32, b"\0")
+    header[329:337] = _octal(0, 8)
+    header[337:345] = _octal(0, 8)
+    header[345:500] = prefix[:155].ljust(155, b"\0")
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def encode(
+    name: bytes, *, typeflag: bytes, size: int = 0, mode: int = 0o644, mtime: int = 0,
+    uid: int = 0, gid: int = 0, linkname: bytes = b"", uname: str = "", gname: str = "",
+) -> bytes:
+    """Header block(s) for one member: a pax extended header when ustar cannot hold it.
+
+    mtime is whole seconds, as GNU tar's default format stores it; the manifest keeps the
+    nanoseconds, and a pax record per file just for them would cost 1 KiB per small file.
+    """
+    pax: list[bytes] = []
+    split = _split_ustar(name)
+    if split is None:
+        pax.append(_pax_record("path", name))
+        split = (b"", name[:_USTAR_NAME] if name.isascii() else b"non-ascii-name")
+    if linkname and (len(linkname) > 100 or not linkname.isascii()):
+        pax.append(_pax_record("linkpath", linkname))
+        linkname = linkname[:100] if linkname.isascii() else b"non-ascii-link"
+    if size > _MAX_OCTAL_11:
+        pax.append(_pax_record("size", str(size).encode()))
+    if mtime > _MAX_OCTAL_11 or mtime < 0:
+        pax.append(_pax_record("mtime", str(mtime).encode()))
+    if uid > _MAX_OCTAL_7:
+        pax.append(_pax_record("uid", str(uid).encode()))
+    if gid > _MAX_OCTAL_7:
+        pax.append(_pax_record("gid", str(gid).encode()))
+    uname_b, gname_b = uname.encode(errors="replace"), gname.encode(errors="replace")
+    out = b""
+    if pax:
+        records = b"".join(pax)
+        base = name.rstrip(b"/").rsplit(b"/", 1)[-1][:80]
+        pax_name = b"PaxHeaders/" + (base if base.isascii() else b"entry")
+        out = _ustar_block(
+            pax_name, b"", mode=0o644, uid=0, gid=0, size=len(records), mtime=max(mtime, 0),
+            typeflag=PAXTYPE, linkname=b"", uname=b"", gname=b"",
+        )
+        out += records + b"\0" * padding(len(records))
+    return out + _ustar_block(
+        split[1], split[0], mode=mode, uid=uid, gid=gid, size=size, mtime=mtime,
+        typeflag=typeflag, linkname=linkname, uname=uname_b, gname=gname_b,
+    )
+
+
+def end_of_archive(written: int) -> bytes:
+    """Two zero blocks, then zeros to GNU tar's 10 KiB record size (it warns otherwise)."""
+    total = written + 2 * BLOCK
+    return b"\0" * (2 * BLOCK + (-total % (20 * BLOCK)))
