@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -28,6 +29,7 @@ from instance_agent.errors import (
     EXIT_FAILED,
     EXIT_OK,
     AgentError,
+    Cancelled,
     LifecycleError,
     LockTimeout,
     NotifyError,
@@ -122,8 +124,20 @@ def _s3_extra(cfg: Config) -> dict[str, Any]:
     return extra
 
 
-def _upload_stream(cfg: Config, s3: S3Client, key: str,
-                   produce: Callable[[Any], None]) -> tuple[int, int]:
+class _CancellableSink:
+    """Checks the cancel event on every write, so a stop request ends the stream promptly."""
+
+    def __init__(self, inner: Any, cancel: threading.Event) -> None:
+        self._inner, self._cancel = inner, cancel
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> object:
+        if self._cancel.is_set():
+            raise Cancelled("backup cancelled")
+        return self._inner.write(data)
+
+
+def _upload_stream(cfg: Config, s3: S3Client, key: str, produce: Callable[[Any], None],
+                   cancel: threading.Event | None = None) -> tuple[int, int]:
     """Run `produce(compressor)` into a multipart upload. Returns (raw bytes in, bytes sent).
 
     If `produce` raises, the upload is aborted by MultipartUpload.__exit__ and the error
@@ -136,7 +150,7 @@ def _upload_stream(cfg: Config, s3: S3Client, key: str,
     )
     with upload:
         comp = open_compressor(cfg.compression, upload, cfg.level)
-        produce(comp)
+        produce(_CancellableSink(comp, cancel) if cancel is not None else comp)
         comp.close()
         obj = upload.complete()
     return obj.size, upload.bytes_uploaded
@@ -144,7 +158,7 @@ def _upload_stream(cfg: Config, s3: S3Client, key: str,
 
 def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: dict[str, Any],
                        *, group: str | None, started: float, clock: Callable[[], float],
-                       progress_interval: float) -> None:
+                       progress_interval: float, cancel: threading.Event | None = None) -> None:
     """Fill `result` with the archive, journal and manifest. Raises on failure."""
     values = {"prefix": cfg.prefix, "group": group or "no-group",
               "instance_id": ident.instance_id, "region": ident.region,
@@ -167,7 +181,7 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: d
         arch.add_sources(cfg.source)
         arch.finish()
 
-    _, sent = _upload_stream(cfg, clients.s3, key, produce_archive)
+    _, sent = _upload_stream(cfg, clients.s3, key, produce_archive, cancel)
     report = holder["arch"].report
     result.update(bytes_read=report.bytes_read, bytes_uploaded=sent, files=report.files)
 
@@ -180,7 +194,7 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: d
             _, w = journal.export(comp, deadline=deadline, clock=clock)
             jwarn.extend(w)
 
-        raw, jsent = _upload_stream(cfg, clients.s3, jkey, produce_journal)
+        raw, jsent = _upload_stream(cfg, clients.s3, jkey, produce_journal, cancel)
         for w in jwarn:
             report.warnings.append(manifest.Warning(b"journal", w))
             log.warning("journal", extra=fields(warning=w))
@@ -219,9 +233,13 @@ def _heartbeats(lc: Lifecycle | None) -> Iterator[None]:
 
 def run(cfg: Config, ident: Identity, clients: Clients, *, dedupe: str | None = TERMINATION,
         clock: Callable[[], float] = time.monotonic, progress_interval: float = 30.0,
-        on_stage: Callable[[str], None] | None = None) -> Outcome:
+        on_stage: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None) -> Outcome:
     """Back up, report, complete. `dedupe=None` for runs that must not count as the
-    termination (ad-hoc --no-complete runs, Spot stop/hibernate)."""
+    termination (ad-hoc --no-complete runs, Spot stop/hibernate). `on_stage` hears
+    "backing up" and "completing" (the watcher turns them into sd_notify STATUS=). Setting
+    `cancel` stops the archive at the next write: the upload is aborted, the failure
+    reported and the hook completed with --on-failure."""
     started = clock()
     result = new_result(cfg, ident)
     stage = on_stage or (lambda _s: None)
@@ -243,7 +261,7 @@ def run(cfg: Config, ident: Identity, clients: Clients, *, dedupe: str | None = 
             if previous is not None:
                 return _duplicate(previous, result, clock() - started)
         outcome = _run_locked(cfg, ident, clients, result, started=started, clock=clock,
-                              progress_interval=progress_interval, stage=stage)
+                              progress_interval=progress_interval, stage=stage, cancel=cancel)
         if lock is not None:
             lock.record(outcome.result, outcome.exit_code)
         return outcome
@@ -264,7 +282,7 @@ def _duplicate(previous: dict[str, Any], result: dict[str, Any], elapsed: float)
 
 def _run_locked(cfg: Config, ident: Identity, clients: Clients, result: dict[str, Any], *,
                 started: float, clock: Callable[[], float], progress_interval: float,
-                stage: Callable[[str], None]) -> Outcome:
+                stage: Callable[[str], None], cancel: threading.Event | None) -> Outcome:
     lc: Lifecycle | None = None
     group = cfg.asg_name
     if cfg.complete and clients.autoscaling is not None:
@@ -289,14 +307,15 @@ def _run_locked(cfg: Config, ident: Identity, clients: Clients, result: dict[str
         with _heartbeats(lc):
             try:
                 archive_and_upload(cfg, ident, clients, result, group=group, started=started,
-                                   clock=clock, progress_interval=progress_interval)
+                                   clock=clock, progress_interval=progress_interval,
+                                   cancel=cancel)
             except AgentError as err:
                 result.update(status="failed", error=str(err))
             except Interrupted:
                 # Not re-raised: the finally below must still report and complete, and the
                 # caller gets an ordinary failed outcome to print and record.
                 result.update(status="failed", error="interrupted by signal")
-            except Exception as err:  # noqa: BLE001 - a bug must still report and complete
+            except Exception as err:
                 log.exception("unexpected error during backup")
                 result.update(status="failed", error=f"{type(err).__name__}: {err}")
     finally:

@@ -135,6 +135,10 @@ def check_level(value: Any) -> str | None:
     return None if value is None or -7 <= value <= 22 else f"level {value} is out of range"
 
 
+def check_poll(value: Any) -> str | None:
+    return None if value >= 0.5 else f"poll interval must be >= 0.5 s, got {value}"
+
+
 def check_heartbeat(value: Any) -> str | None:
     return None if value is None or value >= 0.1 else "heartbeat interval must be >= 0.1 s"
 
@@ -202,6 +206,27 @@ OPTIONS: tuple[Option, ...] = (
     Option("heartbeat_interval", "float", None, "seconds between heartbeats; default "
            "HeartbeatTimeout/3, at most 600", check=check_heartbeat),
     Option("log_level", "choice", "info", "log verbosity", choices=("debug", "info", "warning", "error")),
+    # --- watch only -------------------------------------------------------------------
+    Option("poll_interval", "float", 2.0, "seconds between IMDS polls (minimum 0.5)",
+           commands=frozenset({WATCH}), check=check_poll),
+    Option("spot", "bool", True, "watch Spot interruption notices (--no-spot to ignore them)",
+           commands=frozenset({WATCH}), negative_flag=True),
+    Option("on_rebalance", "choice", "log", "on a rebalance recommendation: log it, or back up",
+           commands=frozenset({WATCH}), choices=("log", "backup")),
+    Option("drain_path", "pathlist", (), "before the backup, wait until this path is gone or an "
+           "empty directory; repeatable", commands=frozenset({WATCH}), metavar="PATH"),
+    Option("drain_timeout", "float", 600.0, "longest wait for the drain paths",
+           commands=frozenset({WATCH}), check=check_positive),
+    Option("pre_command", "list", (), "shell command run before the archive; repeatable",
+           commands=frozenset({WATCH}), metavar="CMD"),
+    Option("post_command", "list", (), "shell command run after the backup; repeatable",
+           commands=frozenset({WATCH}), metavar="CMD"),
+    Option("command_timeout", "float", 60.0, "timeout of each pre/post command",
+           commands=frozenset({WATCH}), check=check_positive),
+    Option("pre_command_fatal", "bool", False, "a failing pre-command fails the backup",
+           commands=frozenset({WATCH}), negative_flag=True),
+    Option("stop_grace", "float", 90.0, "on SIGTERM during a backup, let it run this long "
+           "before aborting", commands=frozenset({WATCH}), check=check_positive),
 )
 
 OPTION_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -244,6 +269,16 @@ class Config:
     complete_timeout: float = 60.0
     heartbeat_interval: float | None = None
     log_level: str = "info"
+    poll_interval: float = 2.0
+    spot: bool = True
+    on_rebalance: str = "log"
+    drain_path: tuple[str, ...] = ()
+    drain_timeout: float = 600.0
+    pre_command: tuple[str, ...] = ()
+    post_command: tuple[str, ...] = ()
+    command_timeout: float = 60.0
+    pre_command_fatal: bool = False
+    stop_grace: float = 90.0
     config_file: str | None = field(default=None, compare=False)
 
     def journal_enabled(self) -> bool:

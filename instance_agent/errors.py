@@ -62,3 +62,7 @@ class NotifyError(AgentError):
 
 class LockTimeout(AgentError):
     """Another run held the termination lock for longer than we were willing to wait."""
+
+
+class Cancelled(BackupError):
+    """The caller asked the pipeline to stop (the watcher's --stop-grace ran out)."""

@@ -16,7 +16,6 @@ from typing import Any, TextIO
 
 from instance_agent import __version__
 
-_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "fields"}
 
 
 class JSONFormatter(logging.Formatter):

@@ -179,7 +179,7 @@ class MultipartUpload:
                 Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=n,
                 Body=body, ChecksumAlgorithm="CRC32", **self._owner,
             )
-        except Exception as err:  # noqa: BLE001 - any failure of any part fails the upload
+        except Exception as err:
             with self._lock:
                 if self._error is None:
                     self._error = UploadError(f"UploadPart {n} failed: {describe_client_error(err)}")

