@@ -1,0 +1,192 @@
+"""Shared fixtures: real local servers on 127.0.0.1, and a guard so no test reaches AWS.
+
+- `moto`: one in-process moto server per session (SNS, SSM, EC2, Auto Scaling with our
+  lifecycle extension); tests use unique names instead of resets, so they stay independent.
+- `seaweed`: one SeaweedFS (`weed mini`) per session for S3 fidelity (checksums, part sizes).
+- `imds`: an IMDSv2 stub per test.
+- `stack`: a bucket, a topic, and a group with a terminating hook whose one instance is the
+  IMDS stub's identity — everything `instance-agent backup` needs, per test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from instance_agent.local import autoscaling
+from instance_agent.local.imds import IMDSStub
+from instance_agent.local.moto_server import MotoServer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from support.seaweed import SeaweedS3  # noqa: E402
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"
+AGENT = [sys.executable, "-m", "instance_agent"]
+# Every token-less IMDS read across the whole suite is an IMDSv1 attempt: there must be none.
+TOKENLESS_READS: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_real_aws(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "INSTANCE_AGENT_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+    # Nothing may fall through to the real link-local IMDS.
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("INSTANCE_AGENT_LOG_FORMAT", "json")
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoServer]:
+    server = MotoServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def imds() -> Iterator[IMDSStub]:
+    stub = IMDSStub()
+    stub.start()
+    yield stub
+    TOKENLESS_READS.append(stub.tokenless_reads)
+    stub.stop()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if sum(TOKENLESS_READS):
+        session.exitstatus = 1
+        print(f"\nFAILED: {sum(TOKENLESS_READS)} token-less (IMDSv1) reads hit the IMDS stub")
+
+
+@dataclass
+class Stack:
+    """One test's slice of the local AWS."""
+
+    moto: MotoServer
+    s3_endpoint: str
+    imds: IMDSStub
+    bucket: str
+    topic_arn: str
+    group: str
+    hook: str
+    instance_id: str
+    tmp: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def client(self, service: str) -> Any:
+        endpoint = self.s3_endpoint if service == "s3" else self.moto.endpoint
+        return boto3.client(service, region_name=REGION, endpoint_url=endpoint)
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            AWS_ENDPOINT_URL=self.moto.endpoint,
+            AWS_ENDPOINT_URL_S3=self.s3_endpoint,
+            AWS_EC2_METADATA_SERVICE_ENDPOINT=self.imds.endpoint,
+            INSTANCE_AGENT_STATE_DIR=str(self.tmp / "state"),
+            INSTANCE_AGENT_RUNTIME_DIR=str(self.tmp / "run"),
+            INSTANCE_AGENT_JOURNAL="0",
+            INSTANCE_AGENT_LOG_LEVEL="debug",
+        )
+        env.update(self.extra_env)
+        env.update(overrides)
+        return env
+
+    def run(self, *args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*(prefix or []), *AGENT, *args], env=env or self.env(),
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def backup(self, *args: str, **kw: Any) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+        proc = self.run("backup", "--bucket", self.bucket, "--topic-arn", self.topic_arn,
+                        "--json", *args, **kw)
+        result = json.loads(proc.stdout) if proc.stdout.strip() else {}
+        return proc, result
+
+    def sns(self) -> list[dict[str, Any]]:
+        return self.moto.sns_messages(self.topic_arn, ACCOUNT, REGION)
+
+    def lifecycle_calls(self, action: str | None = None) -> list[autoscaling.LifecycleCall]:
+        return [c for c in autoscaling.calls(ACCOUNT, REGION)
+                if c.group == self.group and (action is None or c.action == action)]
+
+    def outcomes(self) -> list[autoscaling.LifecycleOutcome]:
+        return [o for o in autoscaling.outcomes(ACCOUNT, REGION) if o.instance_id == self.instance_id]
+
+    def objects(self) -> dict[str, int]:
+        resp = self.client("s3").list_objects_v2(Bucket=self.bucket)
+        return {o["Key"]: o["Size"] for o in resp.get("Contents", [])}
+
+    def incomplete_uploads(self) -> list[dict[str, Any]]:
+        return list(self.client("s3").list_multipart_uploads(Bucket=self.bucket).get("Uploads", []))
+
+    def scale_in(self, wait_delay: float = 0.0) -> None:
+        autoscaling.begin_termination(self.group, self.instance_id, wait_delay=wait_delay,
+                                      account_id=ACCOUNT, region=REGION)
+        self.imds.target_lifecycle_state = "Terminated"
+
+    def state(self) -> str | None:
+        resp = self.client("autoscaling").describe_auto_scaling_instances(InstanceIds=[self.instance_id])
+        insts = resp.get("AutoScalingInstances", [])
+        return insts[0]["LifecycleState"] if insts else None
+
+
+def make_group(moto: MotoServer, name: str, hook: str, heartbeat_timeout: int = 300) -> str:
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto.endpoint)
+    asg = boto3.client("autoscaling", region_name=REGION, endpoint_url=moto.endpoint)
+    lt = ec2.create_launch_template(
+        LaunchTemplateName=f"lt-{name}",
+        LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "t3.micro"},
+    )
+    asg.create_auto_scaling_group(
+        AutoScalingGroupName=name, MinSize=0, MaxSize=2, DesiredCapacity=1,
+        LaunchTemplate={"LaunchTemplateId": lt["LaunchTemplate"]["LaunchTemplateId"]},
+        AvailabilityZones=[f"{REGION}a"],
+    )
+    asg.put_lifecycle_hook(
+        AutoScalingGroupName=name, LifecycleHookName=hook,
+        LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+        HeartbeatTimeout=heartbeat_timeout, DefaultResult="ABANDON",
+    )
+    group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
+    return str(group["Instances"][0]["InstanceId"])
+
+
+@pytest.fixture
+def stack(moto: MotoServer, seaweed: SeaweedS3, imds: IMDSStub, tmp_path: Path) -> Stack:
+    suffix = uuid.uuid4().hex[:10]
+    bucket, group, hook = f"bk-{suffix}", f"asg-{suffix}", f"hook-{suffix}"
+    boto3.client("s3", region_name=REGION, endpoint_url=seaweed.endpoint).create_bucket(Bucket=bucket)
+    topic = boto3.client("sns", region_name=REGION, endpoint_url=moto.endpoint).create_topic(
+        Name=f"topic-{suffix}")["TopicArn"]
+    instance_id = make_group(moto, group, hook)
+    imds.instance_id = instance_id
+    imds.region = REGION
+    imds.target_lifecycle_state = "InService"
+    return Stack(moto=moto, s3_endpoint=seaweed.endpoint, imds=imds, bucket=bucket, topic_arn=topic,
+                 group=group, hook=hook, instance_id=instance_id, tmp=tmp_path)
