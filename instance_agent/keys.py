@@ -27,9 +27,11 @@ def timestamp(now: datetime | None = None) -> str:
 
 
 def safe_component(value: str) -> str:
-    """Map a value to [A-Za-z0-9._=+-] with no `..` and no leading dot; never empty."""
+    """Map a value to [A-Za-z0-9._=+-] with no `..` and no dot at either end; never empty."""
     cleaned = _UNSAFE.sub("_", value)
-    cleaned = re.sub(r"\.{2,}", "_", cleaned).lstrip(".")
+    # No leading or trailing dot either: a neighbour in the template (or the extension)
+    # could otherwise complete a "..".
+    cleaned = re.sub(r"\.{2,}", "_", cleaned).strip(".")
     return cleaned or "_"
 
 
@@ -44,6 +46,11 @@ def check_template(template: str) -> str | None:
             return f"unknown variable {{{name}}} in {template!r}; known: {', '.join(VARIABLES)}"
     if "instance_id" not in fields:
         return f"template {template!r} must contain {{instance_id}} so instances never collide"
+    sample = {name: "x" for name in VARIABLES}
+    try:
+        render(template, sample, "none")
+    except ValueError as err:
+        return str(err)
     return None
 
 
