@@ -1,0 +1,25 @@
+"""The README is generated where it can be, and its two set-up commands are what CI runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from instance_agent.docs import END, START, config_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_config_table_matches_the_schema() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index(START): readme.index(END) + len(END)]
+    assert table == config_table(), "run: python -m instance_agent.docs, and paste into README.md"
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"^(python3 -m venv .*)$", readme, flags=re.M)
+    assert len(commands) == 2, commands
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert commands[1] in ci.splitlines()
+    assert "instance-agent demo" in commands[0]
