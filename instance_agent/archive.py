@@ -93,7 +93,7 @@ class Archiver:
         self._hash = hash_name == "sha256"
         self._progress = progress
         self._seen_dirs: set[tuple[int, int]] = set()
-        self._seen_names: set[bytes] = set()
+        self._root_files: set[bytes] = set()  # members given as sources (see _add_root)
         self._buf = bytearray(READ_SIZE)
         self.report = ArchiveReport()
 
@@ -131,7 +131,10 @@ class Archiver:
         if self._excluded(root):
             return
         if not stat.S_ISDIR(st.st_mode):
-            self._add_entry(root, st)
+            member = root.lstrip(b"/")
+            if member not in self._root_files and not self._under_archived_dir(root):
+                self._add_entry(root, st)
+                self._root_files.add(member)
             return
         if not self._add_dir_header(root, st):
             return
@@ -182,16 +185,26 @@ class Archiver:
         member = path.lstrip(b"/")
         if member:
             self._header(member + b"/", st, tarheader.DIRTYPE)
-            self.report.entries.append(
-                Entry(member, "dir", 0, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
-            )
+            self.report.add(Entry(member, "dir", 0, st.st_mtime_ns, stat.S_IMODE(st.st_mode)))
         return True
+
+    def _under_archived_dir(self, path: bytes) -> bool:
+        """True when an earlier source directory already holds `path` (overlapping sources)."""
+        parent = os.path.dirname(path)
+        while parent and parent != b"/":
+            try:
+                st = os.stat(parent)
+            except OSError:
+                return False
+            if (st.st_dev, st.st_ino) in self._seen_dirs:
+                return True
+            parent = os.path.dirname(parent)
+        return False
 
     def _add_entry(self, path: bytes, st: os.stat_result) -> None:
         member = path.lstrip(b"/")
-        if member in self._seen_names:
-            return
-        self._seen_names.add(member)
+        if self._root_files and member in self._root_files:
+            return  # given as a source of its own, earlier
         if stat.S_ISLNK(st.st_mode):
             try:
                 target = os.readlink(path)
@@ -199,8 +212,8 @@ class Archiver:
                 self._warn(path, f"cannot read link: {err.strerror}")
                 return
             self._header(member, st, tarheader.SYMTYPE, linkname=target)
-            self.report.entries.append(Entry(member, "symlink", 0, st.st_mtime_ns,
-                                             stat.S_IMODE(st.st_mode), target=target))
+            self.report.add(Entry(member, "symlink", 0, st.st_mtime_ns,
+                                  stat.S_IMODE(st.st_mode), target=target))
             return
         special = _special_kind(st.st_mode)
         if special:
@@ -236,8 +249,8 @@ class Archiver:
         finally:
             os.close(fd)
         self.report.files += 1
-        self.report.entries.append(Entry(member, "file", st.st_size, st.st_mtime_ns,
-                                         stat.S_IMODE(st.st_mode), sha256=digest))
+        self.report.add(Entry(member, "file", st.st_size, st.st_mtime_ns,
+                              stat.S_IMODE(st.st_mode), sha256=digest))
         if self._progress:
             self._progress(self.report)
 

@@ -208,7 +208,7 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: d
                          instance_id=ident.instance_id, region=ident.region, group=group,
                          created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          sources=list(cfg.source), excludes=list(cfg.exclude))
-    put_small(clients.s3, cfg.bucket or "", mkey, manifest.dumps(doc), extra=_s3_extra(cfg))
+    put_small(clients.s3, cfg.bucket or "", mkey, doc, extra=_s3_extra(cfg))
     result["manifest_key"] = mkey
     result["warnings"] = len(report.warnings)
     for w in report.warnings[:50]:

@@ -192,8 +192,8 @@ OPTIONS: tuple[Option, ...] = (
         "STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR",
         "GLACIER", "DEEP_ARCHIVE", "REDUCED_REDUNDANCY")),
     Option("hash", "choice", "none", "per-file digest in the manifest", choices=("none", "sha256")),
-    Option("upload_workers", "int", 4, "concurrent part uploads", check=check_positive),
-    Option("upload_queue", "int", 2, "finished parts waiting for a worker", check=check_positive),
+    Option("upload_workers", "int", 3, "concurrent part uploads", check=check_positive),
+    Option("upload_queue", "int", 1, "finished parts waiting for a worker", check=check_positive),
     Option("state_dir", "str", "/var/lib/instance-agent", "lock and result records"),
     Option("runtime_dir", "str", "/run/instance-agent", "fallback for the lock when state_dir "
            "is unusable"),
@@ -260,8 +260,8 @@ class Config:
     expected_bucket_owner: str | None = None
     storage_class: str | None = None
     hash: str = "none"
-    upload_workers: int = 4
-    upload_queue: int = 2
+    upload_workers: int = 3
+    upload_queue: int = 1
     state_dir: str = "/var/lib/instance-agent"
     runtime_dir: str = "/run/instance-agent"
     lock_timeout: float = 3600.0

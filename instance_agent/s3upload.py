@@ -6,13 +6,19 @@ the writer blocks (and memory stays at about (workers + queue + 1) × part size)
 size of the stream. Any failure, ours or the producer's, aborts the upload: `__exit__` with
 an exception waits for in-flight parts, then calls AbortMultipartUpload.
 
-Part sizes grow linearly from 8 MiB so that 10,000 parts (S3's limit) reach
-`max_archive_size`: small archives get small parts, and a stream of unknown length can still
-reach the configured maximum.
+Part buffers are allocated once and reused (a pool of workers + queue + 1), and a part is
+handed to botocore as a read-only view, never copied: fresh 8 MiB allocations per part made
+glibc's dynamic mmap threshold keep freed parts in per-thread arenas, and RSS grew with the
+size of the stream.
+
+Part sizes step up every 1,000 parts, from 8 MiB, so that 10,000 parts (S3's limit) reach
+`max_archive_size`: every archive below about 8 GiB compressed uses 8 MiB parts, buffers are
+re-allocated at most nine times, and a stream of unknown length can still reach the maximum.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -52,10 +58,12 @@ def describe_client_error(err: Exception) -> str:
 
 @dataclass(frozen=True)
 class PartSizer:
-    """Part n (1-based) is `base + (n - 1) * growth` bytes."""
+    """Part n (1-based) is `base + ((n - 1) // STEP) * growth` bytes: constant for 1,000 parts."""
 
     base: int
     growth: int
+
+    STEP = 1000
 
     @classmethod
     def for_max(cls, max_size: int, base: int = MIN_PART) -> PartSizer:
@@ -64,16 +72,57 @@ class PartSizer:
         extra = max_size - MAX_PARTS * base
         if extra <= 0:
             return cls(base, 0)
-        # Sum of sizes over 10,000 parts = N*base + growth*N*(N-1)/2 >= max_size.
-        n = MAX_PARTS
-        growth = -(-2 * extra // (n * (n - 1)))
+        # Capacity = N*base + STEP*growth*(0+1+…+9) >= max_size; 64 KiB-aligned steps.
+        blocks = MAX_PARTS // cls.STEP
+        growth = -(-extra // (cls.STEP * blocks * (blocks - 1) // 2))
+        growth = -(-growth // 65536) * 65536
         return cls(base, growth)
 
     def size(self, n: int) -> int:
-        return min(self.base + (n - 1) * self.growth, MAX_PART)
+        return min(self.base + ((n - 1) // self.STEP) * self.growth, MAX_PART)
 
     def capacity(self) -> int:
         return sum(self.size(n) for n in range(1, MAX_PARTS + 1))
+
+
+class _PartBody(io.RawIOBase):
+    """A seekable, read-only file over a part buffer: botocore reads it (for the checksum,
+    for the request, again on a retry) without the part ever being copied whole."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, min(base + offset, len(self._view)))
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._view[self._pos : self._pos + len(buffer)]
+        n = len(chunk)
+        memoryview(buffer).cast("B")[:n] = chunk
+        self._pos += n
+        return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(self._pos + size, len(self._view))
+        data = bytes(self._view[self._pos : end])
+        self._pos = end
+        return data
 
 
 @dataclass(frozen=True)
@@ -92,8 +141,8 @@ class MultipartUpload:
         key: str,
         *,
         sizer: PartSizer,
-        workers: int = 4,
-        queue: int = 2,
+        workers: int = 3,
+        queue: int = 1,
         extra: Mapping[str, Any] | None = None,
         content_type: str = "application/octet-stream",
         on_part: Callable[[int, int], None] | None = None,
@@ -107,7 +156,10 @@ class MultipartUpload:
         self._content_type = content_type
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="upload")
         self._slots = threading.BoundedSemaphore(workers + queue)
-        self._buf = bytearray()
+        # Free part buffers; one more than the slots, for the part being filled.
+        self._free: list[bytearray] = []
+        self._buf = bytearray(0)
+        self._fill = 0
         self._next = 1
         self._parts: dict[int, dict[str, Any]] = {}
         self._futures: list[Future[None]] = []
@@ -138,25 +190,40 @@ class MultipartUpload:
             self.abort()
 
     # -- writing ------------------------------------------------------------------------
+    def _buffer_for(self, size: int) -> bytearray:
+        with self._lock:
+            while self._free:
+                buf = self._free.pop()
+                if len(buf) >= size:
+                    return buf
+        return bytearray(size)  # the first parts, or the part size just stepped up
+
     def write(self, data: bytes | bytearray | memoryview, /) -> int:
         view = memoryview(data).cast("B")
         total = len(view)
         while view:
             size = self._sizer.size(self._next)
-            room = size - len(self._buf)
-            self._buf += view[:room]
-            view = view[room:]
-            if len(self._buf) >= size:
-                self._submit(bytes(self._buf))
-                self._buf = bytearray()
+            if not self._buf:
+                self._buf, self._fill = self._buffer_for(size), 0
+            n = min(size - self._fill, len(view))
+            self._buf[self._fill : self._fill + n] = view[:n]
+            self._fill += n
+            view = view[n:]
+            if self._fill >= size:
+                self._submit_current()
         self.bytes_written += total
         return total
+
+    def _submit_current(self) -> None:
+        buf, fill = self._buf, self._fill
+        self._buf, self._fill = bytearray(0), 0
+        self._submit(buf, fill)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise UploadError(f"s3://{self.bucket}/{self.key}: {self._error}")
 
-    def _submit(self, body: bytes) -> None:
+    def _submit(self, buf: bytearray, length: int) -> None:
         n = self._next
         if n > MAX_PARTS:
             raise ArchiveTooLarge(
@@ -167,17 +234,24 @@ class MultipartUpload:
         while not self._slots.acquire(timeout=0.5):
             self._raise_if_failed()
         self._raise_if_failed()
-        fut = self._pool.submit(self._upload_part, n, body)
+        fut = self._pool.submit(self._upload_part, n, buf, length)
         fut.add_done_callback(lambda _f: self._slots.release())
         self._futures.append(fut)
 
-    def _upload_part(self, n: int, body: bytes) -> None:
+    def _upload_part(self, n: int, buf: bytearray, length: int) -> None:
+        try:
+            self._send_part(n, memoryview(buf)[:length])
+        finally:
+            with self._lock:
+                self._free.append(buf)
+
+    def _send_part(self, n: int, body: memoryview) -> None:
         if self._error is not None:
             return  # another part failed: the upload will be aborted, don't add to it
         try:
             resp = self._client.upload_part(
                 Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=n,
-                Body=body, ChecksumAlgorithm="CRC32", **self._owner,
+                Body=_PartBody(body), ChecksumAlgorithm="CRC32", **self._owner,
             )
         except Exception as err:
             with self._lock:
@@ -198,9 +272,10 @@ class MultipartUpload:
 
     def complete(self) -> UploadedObject:
         """Send the last part, wait for all, and complete. Raises UploadError on any failure."""
-        if self._buf or self._next == 1:
-            self._submit(bytes(self._buf))
-            self._buf = bytearray()
+        if self._fill or self._next == 1:
+            if not self._buf:
+                self._buf = bytearray(0)
+            self._submit_current()
         self._drain()
         self._raise_if_failed()
         parts = []

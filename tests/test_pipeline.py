@@ -102,7 +102,7 @@ def test_deadline_closes_archive_early_and_lists_what_was_left(tmp_path: Path) -
     arch = Archiver(io.BytesIO(), clock=lambda: float(next(ticks)), deadline=5.0)
     arch.add_sources([str(tree), "/etc/hostname"])
     report = arch.finish()
-    archived = {e.path for e in report.entries if e.type == "file"}
+    archived = {e["path"].encode() for e in report.entries() if e["type"] == "file"}
     omitted = set(report.omitted)
     assert report.stopped_early and archived and omitted
     # Everything is either archived or covered by an omitted path, nothing both.
