@@ -161,7 +161,7 @@ def test_two_overlapping_runs_back_up_once(stack: Stack, tmp_path: Path) -> None
 def test_heartbeats_keep_a_slow_backup_alive_and_stop_after(stack: Stack, tmp_path: Path) -> None:
     # The hook times out after 30 s of the stand-in's clock, which runs 10x fast: without
     # heartbeats it would expire 3 s into this ~8 s upload.
-    autoscaling.set_clock(lambda: time.monotonic() * 10)
+    autoscaling.set_clock(autoscaling.scaled_clock(10))
     try:
         asg = stack.client("autoscaling")
         asg.put_lifecycle_hook(AutoScalingGroupName=stack.group, LifecycleHookName=stack.hook,

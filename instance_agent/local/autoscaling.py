@@ -144,7 +144,7 @@ class _Book:
     actions: list[_Action] = field(default_factory=list)
     pending: list[_PendingWait] = field(default_factory=list)
     calls: list[LifecycleCall] = field(default_factory=list)
-    outcomes: list[LifecycleOutcome] = field(default_factory=list)
+    outcomes: list[tuple[str, LifecycleOutcome]] = field(default_factory=list)  # (group, outcome)
     faults: dict[str, list[_Fault]] = field(default_factory=dict)
 
 
@@ -183,6 +183,7 @@ def begin_termination(
     balancers before it runs hooks; completing by instance id fails meanwhile), then
     `Terminating:Wait`. Without a terminating hook it is then terminated.
     """
+    install()
     with _lock:
         backend = _backend(account_id, region)
         _tick(backend)
@@ -193,34 +194,48 @@ def begin_termination(
         if state is None or state.lifecycle_state != "InService":
             raise ValidationError(f"Instance {instance_id} is not InService in {group}")
         if should_decrement:
-            asg.desired_capacity = (asg.desired_capacity or 1) - 1
+            asg.desired_capacity = max(0, (asg.desired_capacity or 0) - 1)
         _begin(backend, asg, state, wait_delay)
         asg.set_desired_capacity(asg.desired_capacity)
 
 
-def calls(account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION) -> list[LifecycleCall]:
+def scaled_clock(factor: float) -> Callable[[], float]:
+    """A clock running `factor` times faster than `time.monotonic`, starting from now.
+
+    It is continuous with the default clock, so deadlines set before `set_clock` keep
+    their meaning (a bare `monotonic() * factor` jumps ahead and expires them all)."""
+    origin = time.monotonic()
+    return lambda: origin + (time.monotonic() - origin) * factor
+
+
+def calls(
+    account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION, *, group: str | None = None
+) -> list[LifecycleCall]:
+    """Every CompleteLifecycleAction and RecordLifecycleActionHeartbeat call, oldest first."""
     with _lock:
         backend = _backend(account_id, region)
         _tick(backend)
-        return list(_book(backend).calls)
+        return [c for c in _book(backend).calls if group is None or c.group == group]
 
 
 def outcomes(
-    account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION
+    account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION, *, group: str | None = None
 ) -> list[LifecycleOutcome]:
+    """Every lifecycle action that ended, oldest first."""
     with _lock:
         backend = _backend(account_id, region)
         _tick(backend)
-        return list(_book(backend).outcomes)
+        return [o for g, o in _book(backend).outcomes if group is None or g == group]
 
 
 def active_actions(
-    account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION
+    account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION, *, group: str | None = None
 ) -> list[ActiveAction]:
+    """Lifecycle actions waiting for completion."""
     with _lock:
         backend = _backend(account_id, region)
         _tick(backend)
-        return [action.snapshot() for action in _book(backend).actions]
+        return [a.snapshot() for a in _book(backend).actions if group is None or a.group == group]
 
 
 def inject_error(
@@ -330,7 +345,7 @@ def _global_timeout(heartbeat_timeout: int) -> int:
 def _finish(backend: AutoScalingBackend, action: _Action, result: str, how: str) -> None:
     book = _book(backend)
     book.actions.remove(action)
-    book.outcomes.append(LifecycleOutcome(action.instance_id, action.hook, result, how))
+    book.outcomes.append((action.group, LifecycleOutcome(action.instance_id, action.hook, result, how)))
     same_instance = [a for a in book.actions if a.instance_id == action.instance_id]
     if result == "ABANDON":
         # ABANDON skips the instance's remaining hooks.
@@ -398,9 +413,7 @@ def _lookup(
     if instance_id:
         found = next((a for a in actions if a.instance_id == instance_id), None)
         if found is None:
-            raise ValidationError(
-                f"No active Lifecycle Action found with instance ID {instance_id}"
-            )
+            raise ValidationError(f"No active Lifecycle Action found with instance ID {instance_id}")
         return found
     raise ValidationError("Either LifecycleActionToken or InstanceId must be specified")
 

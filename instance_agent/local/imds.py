@@ -37,6 +37,8 @@ GROUP_TAG = "aws:autoscaling:groupName"
 REQUEST_LOG_LIMIT = 10_000
 # Idle keep-alive connections are dropped after this long so handler threads don't pile up.
 CONNECTION_IDLE_SECONDS = 30.0
+# How often serve_forever checks for stop(): short, so tests don't wait on teardown.
+SHUTDOWN_POLL_SECONDS = 0.05
 
 T = TypeVar("T")
 
@@ -140,7 +142,9 @@ class IMDSStub:
         server = _Server((self._host, self._port), _Handler)
         server.stub = self
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="imds-stub", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(SHUTDOWN_POLL_SECONDS,), name="imds-stub", daemon=True
+        )
         self._thread.start()
         return self.endpoint
 

@@ -2,7 +2,7 @@
 
 The server runs in a thread of this process, so its backends are this process's moto
 backends: tests read published SNS messages and lifecycle calls straight from them.
-Starting resets every moto backend, so each server starts from an empty account.
+Starting resets every moto backend (unless `reset=False`), so a server starts empty.
 """
 
 from __future__ import annotations
@@ -50,11 +50,16 @@ class ApiCall:
 
 
 class MotoServer:
-    """moto's server on 127.0.0.1 (port 0 by default), reset on start, quiet."""
+    """moto's server on 127.0.0.1 (port 0 by default), quiet.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    moto's backends are per process, shared by every server in it: starting one resets
+    them all unless `reset=False` (for a second server next to a running one).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, reset: bool = True) -> None:
         self._host = host
         self._port = port
+        self._reset_on_start = reset
         self._server: _RecordingMotoServer | None = None
         self._calls: deque[ApiCall] = deque(maxlen=API_LOG_LIMIT)
         self._calls_lock = threading.Lock()
@@ -67,10 +72,8 @@ class MotoServer:
         server = _RecordingMotoServer(self._host, self._port, self._record)
         server.start()
         self._server = server
-        _post(f"{self.endpoint}/moto-api/reset")
-        autoscaling.reset()
-        with self._calls_lock:
-            self._calls.clear()
+        if self._reset_on_start:
+            self.reset()
         return self.endpoint
 
     @property
@@ -98,7 +101,7 @@ class MotoServer:
         self.stop()
 
     def reset(self) -> None:
-        """Empty every moto backend and the lifecycle records, keeping the server up."""
+        """Empty every moto backend in this process and the lifecycle records."""
         _post(f"{self.endpoint}/moto-api/reset")
         autoscaling.reset()
         with self._calls_lock:

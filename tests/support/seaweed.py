@@ -115,8 +115,8 @@ class SeaweedS3:
 
     def _launch(self, binary: str) -> None:
         self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
-        # weed puts unix sockets in the temp dir; a private one keeps /tmp clean, and its
-        # path stays short enough for a socket (108 bytes), which a caller's dir may not.
+        # A unix socket path must stay short (108 bytes), so the sockets weed lets us place
+        # go to a private temp dir rather than the caller's; see `_remove_stray_sockets`.
         self._socket_dir = tempfile.mkdtemp(prefix="weed-")
         args = [
             binary,
@@ -131,13 +131,15 @@ class SeaweedS3:
             "-webdav=false",
             "-admin.ui=false",
             "-master.telemetry=false",
+            "-volume.preStopSeconds=0",  # no grace period at stop: nothing else reads from it
+            f"-s3.localSocket={self._socket_dir}/s3.sock",
+            f"-filer.localSocket={self._socket_dir}/filer.sock",
         ]
         env = {
             k: v
             for k, v in os.environ.items()
             if k not in {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_BUCKET"}
         }
-        env["TMPDIR"] = self._socket_dir
         if self._access_key is not None and self._secret_key is not None:
             env["AWS_ACCESS_KEY_ID"] = self._access_key
             env["AWS_SECRET_ACCESS_KEY"] = self._secret_key
@@ -161,7 +163,7 @@ class SeaweedS3:
             if self._process.poll() is not None:
                 raise RuntimeError(f"weed exited with {self._process.returncode}: {self._tail()}")
             try:
-                with urllib.request.urlopen(url, timeout=2):  # noqa: S310 (local http URL)
+                with urllib.request.urlopen(url, timeout=2):
                     return
             except urllib.error.HTTPError:
                 return  # any HTTP answer (403 for an unsigned request) means S3 is up
@@ -190,6 +192,14 @@ class SeaweedS3:
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
+        self._remove_stray_sockets()
+
+    def _remove_stray_sockets(self) -> None:
+        """weed 4.x always puts its gRPC unix sockets in /tmp, named after our ports."""
+        for port in self.ports.values():
+            for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                if path.is_socket():
+                    path.unlink(missing_ok=True)
 
     def __enter__(self) -> SeaweedS3:
         self.start()
