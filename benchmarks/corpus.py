@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from instance_agent.config import parse_size  # noqa: E402
+from instance_agent.config import parse_size
 
 MARKER = ".corpus.json"
 _PATHS = [f"/api/v1/{w}/{n}" for w in ("orders", "items", "users", "carts") for n in range(50)]

@@ -21,16 +21,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from support.seaweed import SeaweedS3  # noqa: E402
+
 from benchmarks.corpus import generate  # noqa: E402
 from instance_agent.config import parse_size  # noqa: E402
-from support.seaweed import SeaweedS3  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "work"
 
 
 def run_backup(src: Path, endpoint: str, bucket: str, extra: list[str]) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "INSTANCE_AGENT_"))}
-    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",  # noqa: S106
+    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL_S3=endpoint,
                AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
     args = [sys.executable, "-m", "instance_agent", "backup", "--no-complete", "--no-journal",
@@ -60,7 +61,7 @@ def main() -> None:
         import boto3
 
         client = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")  # noqa: S106
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
         client.create_bucket(Bucket="bench")
         for label, size in sizes:
             src = generate(WORK / f"corpus-{size}", size)

@@ -195,9 +195,9 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: d
             jwarn.extend(w)
 
         raw, jsent = _upload_stream(cfg, clients.s3, jkey, produce_journal, cancel)
-        for w in jwarn:
-            report.warnings.append(manifest.Warning(b"journal", w))
-            log.warning("journal", extra=fields(warning=w))
+        for text in jwarn:
+            report.warnings.append(manifest.Warning(b"journal", text))
+            log.warning("journal", extra=fields(warning=text))
         journal_info = {"key": jkey, "bytes": raw, "compressed_bytes": jsent, "warnings": jwarn}
         result["journal_key"] = jkey
         result["bytes_uploaded"] += jsent

@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from instance_agent import __version__, config, logs
 from instance_agent.errors import EXIT_USAGE, AgentError, ConfigError, IdentityError, IMDSError
@@ -136,10 +136,13 @@ def make_clients(cfg: config.Config, region: str) -> Any:
         max_pool_connections=cfg.upload_workers + 4,
         user_agent_extra=f"{PROG}/{__version__}",
     )
+    # The stubs' TypedDict signatures are stricter than our small Protocols; the adapters'
+    # tests cover the calls, so the clients cross this line untyped.
+    client = cast(Any, session.client)
     return Clients(
-        s3=session.client("s3", config=base),
-        sns=session.client("sns", config=base) if cfg.topic_arn else None,
-        autoscaling=session.client("autoscaling", config=base) if cfg.complete else None,
+        s3=client("s3", config=base),
+        sns=client("sns", config=base) if cfg.topic_arn else None,
+        autoscaling=client("autoscaling", config=base) if cfg.complete else None,
     )
 
 

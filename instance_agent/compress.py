@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from instance_agent.archive import Sink
 
@@ -53,13 +53,14 @@ class _Zstd:
         import zstandard
 
         cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
-        self._writer = cctx.stream_writer(sink, closefd=False)
+        # zstandard's stubs ask for IO[bytes]; it only ever calls sink.write().
+        self._writer = cctx.stream_writer(cast(Any, sink), closefd=False)
 
     def write(self, data: bytes | bytearray | memoryview, /) -> object:
         return self._writer.write(data)
 
     def close(self) -> None:
-        self._writer.close()  # ends the frame (with its checksum); the sink stays open
+        self._writer.close()  # type: ignore[no-untyped-call]  # ends the frame (with its checksum); the sink stays open
 
 
 def open_compressor(kind: str, sink: Sink, level: int | None = None,

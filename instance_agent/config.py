@@ -377,7 +377,7 @@ def config_path(flag_value: str | None, env: Mapping[str, str]) -> str | None:
 def read_file(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            data: dict[str, Any] = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: not found") from None
     except OSError as err:

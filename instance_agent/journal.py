@@ -7,6 +7,7 @@ with journalctl (missing, no journal, no previous boot) are warnings, never fail
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
@@ -47,7 +48,8 @@ def export(sink: Sink, *, deadline: float | None, clock: Callable[[], float] = t
         reader = threading.Thread(target=_drain, args=(proc.stderr, err_chunks), daemon=True)
         reader.start()
         cut = False
-        while chunk := proc.stdout.read1(READ_SIZE):
+        fd = proc.stdout.fileno()
+        while chunk := os.read(fd, READ_SIZE):
             sink.write(chunk)
             total += len(chunk)
             if deadline is not None and clock() >= deadline:

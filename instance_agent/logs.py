@@ -17,7 +17,6 @@ from typing import Any, TextIO
 from instance_agent import __version__
 
 
-
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {

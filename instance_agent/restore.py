@@ -16,7 +16,7 @@ import os
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from instance_agent.errors import AgentError
 
@@ -48,7 +48,7 @@ def decompressed(body: IO[bytes], key: str) -> IO[bytes]:
         reader: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True)
         return reader
     if key.endswith(".gz"):
-        return gzip.GzipFile(fileobj=body, mode="rb")
+        return cast(IO[bytes], gzip.GzipFile(fileobj=body, mode="rb"))
     return body
 
 

@@ -28,7 +28,7 @@ from instance_agent.local.imds import IMDSStub
 from instance_agent.local.moto_server import MotoServer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from support.seaweed import SeaweedS3  # noqa: E402
+from support.seaweed import SeaweedS3
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"

@@ -175,7 +175,7 @@ def test_heartbeats_keep_a_slow_backup_alive_and_stop_after(stack: Stack, tmp_pa
         with FaultProxy(stack.s3_endpoint) as proxy:
             proxy.add_rule(Rule(query=upload_part, fault=Delay(1.5)))
             stack.scale_in()
-            proc, result = stack.backup("--source", str(src), "--heartbeat-interval", "0.5",
+            proc, _ = stack.backup("--source", str(src), "--heartbeat-interval", "0.5",
                                         "--upload-workers", "1", "--compression", "none",
                                         env=stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint))
         assert proc.returncode == 0, proc.stderr[-2000:]

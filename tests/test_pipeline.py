@@ -14,9 +14,9 @@ from typing import Any
 import boto3
 import pytest
 from conftest import REGION, Stack
-from support.faultproxy import FaultProxy, Rule, access_denied
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.faultproxy import FaultProxy, Rule, access_denied
 
 from instance_agent import config, keys, notify, tarheader
 from instance_agent.archive import Archiver
@@ -25,7 +25,6 @@ from instance_agent.errors import ConfigError, UploadError
 from instance_agent.imds import IMDS, IMDSRefused
 from instance_agent.local.imds import IMDSStub
 from instance_agent.s3upload import MAX_PARTS, MultipartUpload, PartSizer
-
 
 # -- tar writer -------------------------------------------------------------------------
 
@@ -61,7 +60,8 @@ def test_gnu_tar_reads_long_and_non_utf8_names_without_warnings(tmp_path: Path) 
         assert fh.read() == b"raw name\n"
     assert os.readlink(base + b"/long-link") == b"x" * 150
     # Python's tarfile agrees on every member name.
-    names = {m.name for m in tarfile.open(fileobj=io.BytesIO(data))}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        names = {m.name for m in tf}
     assert os.fsdecode(os.fsencode(str(tree)).lstrip(b"/") + b"/\xff\xfename") in names
     assert report.files == 2
 
@@ -86,10 +86,11 @@ def test_file_that_shrinks_is_padded_and_warned(tmp_path: Path) -> None:
     arch = Archiver(buf, clock=time.monotonic)
     arch.add_sources([str(tree)])
     report = arch.finish()
-    member = tarfile.open(fileobj=io.BytesIO(buf.getvalue())).getmember(
-        str(victim).lstrip("/"))
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tf:
+        member = tf.getmember(str(victim).lstrip("/"))
     assert member.size == 3_000_000
-    assert [w.reason for w in report.warnings][0].startswith("shrank during read")
+    assert len(report.warnings) == 1
+    assert report.warnings[0].reason.startswith("shrank during read")
 
 
 def test_deadline_closes_archive_early_and_lists_what_was_left(tmp_path: Path) -> None:
@@ -269,3 +270,39 @@ def test_tar_header_checksum_is_what_tar_expects() -> None:
     block = tarheader.encode(b"x.log", typeflag=tarheader.REGTYPE, size=5, mtime=1)
     info = tarfile.TarInfo.frombuf(block, "utf-8", "strict")
     assert (info.name, info.size, info.mtime) == ("x.log", 5, 1)
+
+
+# -- journal ----------------------------------------------------------------------------
+
+FAKE_JOURNALCTL = """#!/bin/sh
+# A stand-in for journalctl: export format for the current boot, no previous boot.
+case "$*" in
+  *"-b -1"*) echo "Data from the specified boot (-1) is not available: No such boot ID" >&2; exit 1;;
+  *"-b 0"*) printf '__CURSOR=s=1\\nMESSAGE=hello from the journal\\n\\n'; exit 0;;
+esac
+exit 2
+"""
+
+
+def test_journal_is_streamed_beside_the_archive(stack: Stack, tmp_path: Path) -> None:
+    import zstandard
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "journalctl"
+    fake.write_text(FAKE_JOURNALCTL)
+    fake.chmod(0o755)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.log").write_text("a\n")
+    env = stack.env(INSTANCE_AGENT_JOURNAL="1", PATH=f"{bindir}:{os.environ['PATH']}")
+    proc, result = stack.backup("--source", str(src), "--no-complete", env=env)
+    assert proc.returncode == 0 and result["status"] == "succeeded", proc.stderr[-2000:]
+    assert result["journal_key"].endswith(".journal.export.zst")
+    body = _s3(stack).get_object(Bucket=stack.bucket, Key=result["journal_key"])["Body"].read()
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(body) == (
+        b"__CURSOR=s=1\nMESSAGE=hello from the journal\n\n")
+    man = json.loads(_s3(stack).get_object(Bucket=stack.bucket, Key=result["manifest_key"])["Body"].read())
+    assert man["journal"]["key"] == result["journal_key"]
+    assert any("-b -1 exited 1: Data from the specified boot" in w for w in man["journal"]["warnings"])
+    assert result["warnings"] == 1
