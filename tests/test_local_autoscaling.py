@@ -153,9 +153,13 @@ def test_scale_in_waits_for_the_hook(env: Env) -> None:
     assert group_states(env) == states(env)
     assert ec2_state(env, waiting) == "running"
     # No replacement: the desired capacity already counts the leaving instance out.
-    running = env.ec2.describe_instances(Filters=[{"Name": "instance-state-name", "Values": ["running"]}])[
-        "Reservations"
-    ]
+    # Only this group's instances: moto's EC2 state is shared by every test in the process.
+    running = env.ec2.describe_instances(
+        Filters=[
+            {"Name": "instance-state-name", "Values": ["running"]},
+            {"Name": "tag:aws:autoscaling:groupName", "Values": [env.group]},
+        ]
+    )["Reservations"]
     assert sum(len(r["Instances"]) for r in running) == 2
     [action] = active(env)
     assert (action.group, action.hook, action.instance_id) == (env.group, HOOK, waiting)
