@@ -1,0 +1,366 @@
+"""packaging/template.yaml: lint-clean, least privilege by policy-sentry's IAM database, and
+wired the way the push path and the agent expect.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from policy_sentry.querying.actions import (
+    get_action_data,
+    get_actions_that_support_wildcard_arns_only,
+)
+
+from instance_agent import config
+from lambda_trigger import handler
+
+PACKAGING = Path(__file__).resolve().parents[1] / "packaging"
+TEMPLATE = PACKAGING / "template.yaml"
+DOCUMENT = PACKAGING / "ssm-document.yaml"
+ALLOWED_MANAGED_POLICY = "AmazonSSMManagedInstanceCore"
+AL2023_AMI = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+INTRINSICS = ("Ref", "Sub", "GetAtt", "If", "Not", "Equals", "Join", "FindInMap", "Base64",
+              "Select", "Split", "And", "Or", "GetAZs", "ImportValue", "Cidr", "Condition")
+
+
+class CfnLoader(yaml.SafeLoader):
+    """YAML with CloudFormation's short-form tags, read as their long forms."""
+
+
+def _intrinsic(tag: str) -> Any:
+    def construct(loader: CfnLoader, node: yaml.Node) -> dict[str, Any]:
+        value: Any
+        if isinstance(node, yaml.ScalarNode):
+            value = loader.construct_scalar(node)
+        elif isinstance(node, yaml.SequenceNode):
+            value = loader.construct_sequence(node, deep=True)
+        else:
+            value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
+        if tag == "GetAtt" and isinstance(value, str):
+            value = value.split(".", 1)
+        return {("Ref" if tag in ("Ref", "Condition") else f"Fn::{tag}"): value}
+
+    return construct
+
+
+for _tag in INTRINSICS:
+    CfnLoader.add_constructor(f"!{_tag}", _intrinsic(_tag))
+
+
+def load_template(path: Path = TEMPLATE) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.load(path.read_text(), Loader=CfnLoader)  # a SafeLoader subclass
+    return data
+
+
+TPL = load_template()
+RESOURCES: dict[str, Any] = TPL["Resources"]
+
+
+# -- cfn-lint ----------------------------------------------------------------------------------
+
+
+def cfn_lints() -> list[str]:
+    """Every cfn-lint here: the venv's and the one on PATH, if they differ."""
+    found = [str(Path(sys.executable).parent / "cfn-lint"), shutil.which("cfn-lint") or ""]
+    unique: list[str] = []
+    for path in found:
+        if path and Path(path).exists() and Path(path).resolve() not in {Path(u).resolve() for u in unique}:
+            unique.append(path)
+    return unique
+
+
+@pytest.mark.parametrize("cfn_lint", cfn_lints() or [pytest.param("", marks=pytest.mark.skip("no cfn-lint"))])
+def test_cfn_lint_is_clean(cfn_lint: str) -> None:
+    proc = subprocess.run([cfn_lint, str(TEMPLATE)], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+
+# -- least privilege ------------------------------------------------------------------------------
+
+
+def _branches(value: Any) -> Iterator[Any]:
+    """Both sides of every Fn::If; AWS::NoValue is nothing."""
+    if isinstance(value, dict) and "Fn::If" in value:
+        _, yes, no = value["Fn::If"]
+        yield from _branches(yes)
+        yield from _branches(no)
+    elif value != {"Ref": "AWS::NoValue"}:
+        yield value
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _documents(node: Any, where: str) -> Iterator[tuple[str, Any]]:
+    """Every permission policy document (identity or resource policy), not trust policies."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "PolicyDocument":
+                yield where, value
+            elif key != "AssumeRolePolicyDocument":
+                yield from _documents(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _documents(item, f"{where}[{i}]")
+
+
+def iam_statements(template: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for name, resource in template["Resources"].items():
+        for where, document in _documents(resource.get("Properties", {}), name):
+            for document_branch in _branches(document):
+                for raw in _as_list(document_branch["Statement"]):
+                    for statement in _branches(raw):
+                        yield where, statement
+
+
+def _sub_text(value: Any) -> str:
+    """A string or Fn::Sub rendered with the `aws` partition; other intrinsics stay opaque."""
+    if isinstance(value, dict) and "Fn::Sub" in value:
+        text = value["Fn::Sub"]
+        text = text[0] if isinstance(text, list) else text
+        return str(text).replace("${AWS::Partition}", "aws")
+    return value if isinstance(value, str) else f"<{value}>"
+
+
+def privilege_problems(template: dict[str, Any]) -> list[str]:
+    """Why the template is not least privilege, by policy-sentry's IAM database."""
+    problems: list[str] = []
+    for where, statement in iam_statements(template):
+        if statement.get("Effect") != "Allow":
+            continue
+        if "NotAction" in statement or "NotResource" in statement:
+            problems.append(f"{where}: NotAction/NotResource grants more than it names")
+            continue
+        actions = [str(a) for a in _as_list(statement.get("Action"))]
+        on_star = "*" in _as_list(statement.get("Resource"))
+        for action in actions:
+            service, _, name = action.partition(":")
+            if "*" in action:
+                problems.append(f"{where}: wildcard action {action}")
+                continue
+            if not get_action_data(service, name):
+                problems.append(f"{where}: {action} is not an IAM action")
+                continue
+            wildcard_only = {a.lower() for a in get_actions_that_support_wildcard_arns_only(service)}
+            if on_star and action.lower() not in wildcard_only:
+                problems.append(f"{where}: {action} supports resource-level permissions but is "
+                                "granted on '*'")
+    for name, resource in template["Resources"].items():
+        if resource["Type"] == "AWS::IAM::ManagedPolicy":
+            problems.append(f"{name}: a managed policy")
+        for arn in _as_list(resource.get("Properties", {}).get("ManagedPolicyArns")):
+            text = _sub_text(arn)
+            if text != f"arn:aws:iam::aws:policy/{ALLOWED_MANAGED_POLICY}":
+                problems.append(f"{name}: managed policy {text} attached")
+    return problems
+
+
+def test_no_resource_level_action_on_star_and_only_the_ssm_core_managed_policy() -> None:
+    assert privilege_problems(TPL) == []
+
+
+def test_every_statement_is_walked() -> None:
+    walked = {(where.split(".")[0], tuple(_as_list(s.get("Action")))) for where, s in iam_statements(TPL)}
+    actions = {a for _, acts in walked for a in acts}
+    # Including both sides of the KMS condition and the resource policies.
+    assert {"kms:GenerateDataKey", "ssm:SendCommand", "sqs:SendMessage", "s3:*"} <= actions
+
+
+def test_the_checker_catches_over_privilege() -> None:
+    bad = {"Resources": {
+        "Role": {"Type": "AWS::IAM::Role", "Properties": {
+            "ManagedPolicyArns": [{"Fn::Sub": "arn:${AWS::Partition}:iam::aws:policy/AdministratorAccess"}],
+            "Policies": [{"PolicyName": "p", "PolicyDocument": {"Statement": [
+                {"Effect": "Allow", "Action": ["s3:PutObject", "autoscaling:DescribeLifecycleHooks"],
+                 "Resource": "*"},
+                {"Fn::If": ["C", {"Effect": "Allow", "Action": "ssm:SendCommand", "Resource": "*"},
+                            {"Ref": "AWS::NoValue"}]},
+                {"Effect": "Allow", "Action": "sns:*", "Resource": {"Ref": "Topic"}},
+                {"Effect": "Allow", "Action": "ssm:NoSuchThing", "Resource": {"Ref": "Topic"}},
+                {"Effect": "Allow", "NotAction": "iam:*", "Resource": "*"},
+            ]}}]}},
+        "Extra": {"Type": "AWS::IAM::ManagedPolicy", "Properties": {}},
+    }}
+    problems = privilege_problems(bad)
+    assert any("s3:PutObject supports resource-level" in p for p in problems)
+    assert any("ssm:SendCommand supports resource-level" in p for p in problems)
+    assert not any("DescribeLifecycleHooks" in p for p in problems)
+    assert any("wildcard action sns:*" in p for p in problems)
+    assert any("ssm:NoSuchThing is not an IAM action" in p for p in problems)
+    assert any("NotAction" in p for p in problems)
+    assert any("AdministratorAccess" in p for p in problems)
+    assert any("Extra: a managed policy" in p for p in problems)
+
+
+def _statements_of(resource: str) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for where, statement in iam_statements({"Resources": {resource: RESOURCES[resource]}}):
+        found.setdefault(statement.get("Sid", where), statement)
+    return found
+
+
+def test_instance_role_writes_only_under_the_prefix() -> None:
+    statements = _statements_of("InstanceRole")
+    write = statements["WriteBackups"]
+    assert sorted(write["Action"]) == ["s3:AbortMultipartUpload", "s3:PutObject"]
+    assert write["Resource"] == {"Fn::Sub": "${BackupBucket.Arn}/${BackupPrefix}*"}
+    assert statements["ListOwnUploads"]["Resource"] == {"Fn::GetAtt": ["BackupBucket", "Arn"]}
+    group_arn = _sub_text(statements["CompleteOwnLifecycleAction"]["Resource"])
+    assert group_arn.endswith(":autoScalingGroupName/${AWS::StackName}-group")
+    kms = RESOURCES["InstanceRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"][-1]
+    assert kms["Fn::If"][0] == "HasKmsKey" and kms["Fn::If"][2] == {"Ref": "AWS::NoValue"}
+    every_action = {a for s in statements.values() for a in _as_list(s.get("Action"))}
+    assert not any(a.startswith(("s3:Get", "s3:Delete", "s3:List")) and a != "s3:ListBucketMultipartUploads"
+                   for a in every_action)
+
+
+def test_trigger_sends_only_this_document_to_this_groups_instances() -> None:
+    statements = _statements_of("TriggerRole")
+    assert _sub_text(statements["RunBackupDocument"]["Resource"]).endswith(":document/${BackupDocument}")
+    tagged = statements["OnThisGroupsInstances"]
+    assert _sub_text(tagged["Resource"]).endswith(":instance/*")
+    assert tagged["Condition"] == {"StringEquals": {
+        "ssm:resourceTag/aws:autoscaling:groupName": {"Fn::Sub": "${AWS::StackName}-group"}}}
+    assert RESOURCES["TriggerRole"]["Properties"].get("ManagedPolicyArns") is None
+    assert RESOURCES["BackupGroup"]["Properties"]["AutoScalingGroupName"] == {
+        "Fn::Sub": "${AWS::StackName}-group"}
+
+
+# -- the document and the Lambda ------------------------------------------------------------------------
+
+
+def test_embedded_document_is_packaging_ssm_document_yaml() -> None:
+    embedded = RESOURCES["BackupDocument"]["Properties"]["Content"]
+    assert embedded == yaml.safe_load(DOCUMENT.read_text())
+    assert RESOURCES["BackupDocument"]["Properties"]["DocumentType"] == "Command"
+
+
+def test_lambda_environment_is_what_the_handler_reads() -> None:
+    function = RESOURCES["TriggerFunction"]["Properties"]
+    env = function["Environment"]["Variables"]
+    assert set(env) == {"DOCUMENT_NAME", "ON_UNREACHABLE", "TOPIC_ARN", "EXECUTION_TIMEOUT",
+                        "CONFIRM_TIMEOUT"}
+    assert env["DOCUMENT_NAME"] == {"Ref": "BackupDocument"}
+    sample = {"DOCUMENT_NAME": "doc", "ON_UNREACHABLE": TPL["Parameters"]["OnUnreachable"]["Default"],
+              "TOPIC_ARN": "arn:aws:sns:us-east-1:123456789012:t",
+              "EXECUTION_TIMEOUT": str(TPL["Parameters"]["BackupTimeout"]["Default"]),
+              "CONFIRM_TIMEOUT": env["CONFIRM_TIMEOUT"]}
+    settings = handler.Settings.from_env(sample)
+    # The handler's own work fits in the function's timeout: the delivery wait, plus its
+    # margin, plus time for the calls themselves.
+    assert function["Timeout"] >= settings.confirm_timeout + handler.SAFETY_MARGIN + 30
+    assert function["Handler"] == "lambda_trigger.handler.handler"
+    assert callable(handler.handler)
+    assert TPL["Parameters"]["BackupTimeout"]["MaxValue"] <= handler.EXECUTION_RANGE[1]
+    assert function["Code"] == {"S3Bucket": {"Ref": "CodeS3Bucket"}, "S3Key": {"Ref": "CodeS3Key"}}
+    assert re.fullmatch(r"python3\.1[3-9]", function["Runtime"])
+
+
+def test_failed_invocations_land_in_an_alarmed_queue() -> None:
+    dlq = {"Fn::GetAtt": ["TriggerDeadLetterQueue", "Arn"]}
+    invoke = RESOURCES["TriggerInvokeConfig"]["Properties"]
+    assert invoke["DestinationConfig"]["OnFailure"]["Destination"] == dlq
+    [target] = RESOURCES["TerminateRule"]["Properties"]["Targets"]
+    assert target["DeadLetterConfig"]["Arn"] == dlq
+    alarm = RESOURCES["TriggerDeadLetterAlarm"]["Properties"]
+    assert alarm["MetricName"] == "ApproximateNumberOfMessagesVisible"
+    assert alarm["Dimensions"][0]["Value"] == {"Fn::GetAtt": ["TriggerDeadLetterQueue", "QueueName"]}
+    assert alarm["AlarmActions"] == [{"Ref": "BackupTopic"}]
+
+
+def test_rule_matches_this_groups_terminate_lifecycle_actions() -> None:
+    pattern = RESOURCES["TerminateRule"]["Properties"]["EventPattern"]
+    assert pattern["source"] == ["aws.autoscaling"]
+    assert pattern["detail-type"] == ["EC2 Instance-terminate Lifecycle Action"]
+    assert pattern["detail"]["AutoScalingGroupName"] == [{"Ref": "BackupGroup"}]
+    [hook] = RESOURCES["BackupGroup"]["Properties"]["LifecycleHookSpecificationList"]
+    assert hook["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"
+    assert hook["HeartbeatTimeout"] == {"Ref": "HeartbeatTimeout"}
+
+
+# -- storage, instances, parameters ------------------------------------------------------------------------
+
+
+def test_bucket_is_private_encrypted_and_cleans_up_uploads() -> None:
+    bucket = RESOURCES["BackupBucket"]["Properties"]
+    assert set(bucket["PublicAccessBlockConfiguration"].values()) == {True}
+    assert bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"]
+    abort, expiry = bucket["LifecycleConfiguration"]["Rules"]
+    assert abort["Status"] == "Enabled"
+    assert abort["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] >= 1
+    assert expiry["Fn::If"][0] == "HasRetention"
+    assert expiry["Fn::If"][1]["ExpirationInDays"] == {"Ref": "RetentionDays"}
+
+
+def test_launch_template_requires_imdsv2_with_tags() -> None:
+    options = RESOURCES["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["MetadataOptions"]
+    assert options["HttpTokens"] == "required"
+    assert options["HttpPutResponseHopLimit"] == 2
+    assert options["InstanceMetadataTags"] == "enabled"
+
+
+def test_parameters() -> None:
+    params = TPL["Parameters"]
+    assert {"Subnets", "InstanceType", "ImageId", "HeartbeatTimeout", "SourcePaths", "RetentionDays",
+            "WheelUrl", "CodeS3Bucket", "CodeS3Key"} <= set(params)
+    assert params["ImageId"]["Type"] == "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>"
+    assert params["ImageId"]["Default"] == AL2023_AMI
+    assert (params["HeartbeatTimeout"]["MinValue"], params["HeartbeatTimeout"]["MaxValue"]) == (30, 7200)
+
+
+SAMPLE_VALUES = {
+    "WheelUrl": "https://example.com/instance_agent-0.1.0-py3-none-any.whl",
+    "AWS::StackName": "mystack", "AWS::Region": "us-east-1", "AWS::AccountId": "123456789012",
+    "BackupBucket": "mystack-backupbucket-1a2b3c", "BackupPrefix": "backups/",
+    "BackupTopic": "arn:aws:sns:us-east-1:123456789012:mystack-BackupTopic-1A2B",
+    "Sources": '/var/log", "/srv/app/logs', "HookName": "instance-agent-backup",
+}
+KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+KMS = f'sse = "aws:kms"\nkms_key_id = "{KMS_KEY}"'
+
+
+def user_data(kms_settings: str) -> str:
+    data = RESOURCES["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
+    text, variables = data["UserData"]["Fn::Base64"]["Fn::Sub"]
+    assert set(variables) == {"Sources", "HookName", "KmsSettings"}
+    values = {**SAMPLE_VALUES, "KmsSettings": kms_settings}
+    return re.sub(r"\$\{([A-Za-z:]+)\}", lambda m: values[m.group(1)], text)
+
+
+@pytest.mark.parametrize("kms", ["", KMS], ids=["sse-s3", "sse-kms"])
+def test_user_data_writes_a_config_the_agent_loads(tmp_path: Path, kms: str) -> None:
+    script = user_data(kms)
+    assert script.startswith("#!/bin/bash\n")
+    assert subprocess.run(["bash", "-n"], input=script, text=True, check=False).returncode == 0
+    toml = script.split("<<'TOML'\n", 1)[1].split("\nTOML\n", 1)[0]
+    path = tmp_path / "agent.toml"
+    path.write_text(toml)
+
+    cfg = config.load({}, {}, config_file=str(path), command=config.BACKUP)
+
+    assert cfg.bucket == SAMPLE_VALUES["BackupBucket"] and cfg.prefix == "backups/"
+    assert cfg.source == ("/var/log", "/srv/app/logs")
+    assert cfg.topic_arn == SAMPLE_VALUES["BackupTopic"]
+    assert (cfg.asg_name, cfg.hook_name) == ("mystack-group", "instance-agent-backup")
+    assert cfg.sse == ("aws:kms" if kms else None)
+    assert "python3.12 -m venv /opt/instance-agent" in script
+    assert "/opt/instance-agent/bin/instance-agent install-service" in script
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="no shellcheck")
+def test_user_data_passes_shellcheck() -> None:
+    proc = subprocess.run(["shellcheck", "-"], input=user_data(KMS), text=True, capture_output=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout
