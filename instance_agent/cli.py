@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size-mib", type=int, default=64, help="size of the generated sample logs")
     d.set_defaults(func=cmd_demo)
 
-    from instance_agent import watch_cli
+    from instance_agent import ops_cli, watch_cli
 
     watch_cli.register(sub)
+    ops_cli.register(sub)
     return parser
 
 
