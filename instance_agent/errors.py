@@ -66,3 +66,7 @@ class LockTimeout(AgentError):
 
 class Cancelled(BackupError):
     """The caller asked the pipeline to stop (the watcher's --stop-grace ran out)."""
+
+
+class InstallError(AgentError):
+    """install-service could not write the unit or config, or systemctl failed."""

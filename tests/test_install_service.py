@@ -1,0 +1,115 @@
+"""`instance-agent install-service` into a scratch root, checked by systemd's own tools, and
+the user-data script checked by shellcheck."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import AGENT
+
+from instance_agent import config
+
+REPO = Path(__file__).resolve().parents[1]
+UNIT = "etc/systemd/system/instance-agent.service"
+TOML = "etc/instance-agent/agent.toml"
+WANTS = "etc/systemd/system/multi-user.target.wants/instance-agent.service"
+FLAGS = ["--bucket", "my-backups", "--topic-arn", "arn:aws:sns:us-east-1:123456789012:ops",
+         "--drain-path", "/srv/worker/busy", "--pre-command", "systemctl stop myapp",
+         "--stop-grace", "120", "--poll-interval", "2", "--no-spot"]
+MAX_EXPOSURE = 2.5
+
+
+def install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AGENT, "install-service", "--root", str(root), *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def test_rendered_unit_passes_systemd_verify_and_security(tmp_path: Path) -> None:
+    proc = install(tmp_path, "--no-start", *FLAGS)
+    assert proc.returncode == 0, proc.stderr
+    unit = tmp_path / UNIT
+    settings = unit_settings(unit.read_text())
+
+    # ExecStart is the installed entry point, reading the config file it wrote.
+    entry = Path(sys.executable).parent / "instance-agent"
+    assert settings["ExecStart"] == [f"{entry} watch --config {config.DEFAULT_CONFIG_FILE}"]
+    assert settings["Type"] == ["notify"] and settings["Restart"] == ["on-failure"]
+    assert float(settings["TimeoutStopSec"][0]) > 120  # longer than --stop-grace
+    assert int(settings["WatchdogSec"][0]) > 0
+    assert settings["EnvironmentFile"] == ["-/etc/default/instance-agent"]
+    assert settings["CapabilityBoundingSet"] == ["CAP_DAC_READ_SEARCH"]
+
+    # The config file holds exactly the flags, and loads as the service will load it.
+    cfg = config.load({}, {}, config_file=str(tmp_path / TOML), command=config.WATCH)
+    assert cfg.bucket == "my-backups" and cfg.drain_path == ("/srv/worker/busy",)
+    assert cfg.pre_command == ("systemctl stop myapp",) and cfg.stop_grace == 120.0
+    assert cfg.poll_interval == 2.0 and cfg.spot is False
+    # Enabled the way `systemctl enable` would, without systemctl.
+    assert (tmp_path / WANTS).is_symlink()
+    assert str((tmp_path / WANTS).readlink()) == "/" + UNIT
+
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                            text=True, check=False)
+    assert verify.returncode == 0 and verify.stderr == "", verify.stderr
+
+    security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                              capture_output=True, text=True, check=False)
+    found = re.search(r"Overall exposure level for instance-agent\.service: (\d+\.\d+)",
+                      security.stdout)
+    assert found, security.stdout[-2000:] + security.stderr
+    exposure = float(found.group(1))
+    print(f"\nsystemd-analyze security --offline=yes: {exposure}")
+    assert exposure <= MAX_EXPOSURE
+
+
+def test_second_run_changes_nothing(tmp_path: Path) -> None:
+    first = install(tmp_path, "--no-start", *FLAGS)
+    assert first.returncode == 0, first.stderr
+    paths = [tmp_path / UNIT, tmp_path / TOML]
+    before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in paths]
+    second = install(tmp_path, "--no-start", *FLAGS)
+    assert second.returncode == 0, second.stderr
+    assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in paths] == before
+    assert [line.split()[0] for line in second.stdout.splitlines()] == ["unchanged"] * 3
+    # Without any config flag the existing agent.toml is kept, not emptied.
+    bare = install(tmp_path, "--no-start")
+    assert bare.returncode == 0, bare.stderr
+    assert (tmp_path / TOML).read_bytes() == before[1][0]
+
+
+def test_dry_run_writes_nothing_and_shows_the_plan(tmp_path: Path) -> None:
+    proc = install(tmp_path / "image", "--dry-run", *FLAGS)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "image").exists()
+    assert f"would write (new)  {tmp_path / 'image' / UNIT}" in proc.stdout
+    assert f"would run  systemctl --root={tmp_path / 'image'} enable" in proc.stdout
+    assert "Type=notify" in proc.stdout and 'bucket = "my-backups"' in proc.stdout
+
+
+def test_invalid_flags_write_nothing_and_exit_2(tmp_path: Path) -> None:
+    proc = install(tmp_path, "--no-start", "--bucket", "my-backups", "--poll-interval", "0.1")
+    assert proc.returncode == 2
+    assert "poll interval must be >= 0.5 s" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_user_data_passes_shellcheck() -> None:
+    if shutil.which("shellcheck") is None:
+        pytest.fail("shellcheck is not installed (apt-get install -y shellcheck)")
+    proc = subprocess.run(["shellcheck", str(REPO / "packaging" / "user-data.sh")],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stdout
