@@ -149,7 +149,10 @@ def _upload_stream(cfg: Config, s3: S3Client, key: str, produce: Callable[[Any],
         workers=cfg.upload_workers, queue=cfg.upload_queue, extra=_s3_extra(cfg),
     )
     with upload:
-        comp = open_compressor(cfg.compression, upload, cfg.level)
+        # Both sides check the event: a multithreaded zstd can hold tens of MiB that only
+        # reach the upload in close(), after the producer has stopped writing.
+        out: Any = _CancellableSink(upload, cancel) if cancel is not None else upload
+        comp = open_compressor(cfg.compression, out, cfg.level)
         produce(_CancellableSink(comp, cancel) if cancel is not None else comp)
         comp.close()
         obj = upload.complete()

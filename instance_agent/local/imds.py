@@ -305,6 +305,8 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Without TCP_NODELAY each keep-alive answer waits ~40 ms for a delayed ACK.
+    disable_nagle_algorithm = True
     server_version = "EC2ws"
     sys_version = ""
     timeout = CONNECTION_IDLE_SECONDS
