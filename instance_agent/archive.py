@@ -20,7 +20,7 @@ import pwd
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
-from typing import Protocol
+from typing import Any, Protocol
 
 from instance_agent import tarheader
 from instance_agent.manifest import ArchiveReport, Entry, Warning
@@ -85,8 +85,13 @@ class Archiver:
         clock: Callable[[], float],
         hash_name: str = "none",
         progress: Callable[[ArchiveReport], None] | None = None,
+        max_file_size: int | None = None,
+        one_file_system: bool = False,
     ) -> None:
         self._sink = sink
+        self._max_file_size = max_file_size
+        self._one_fs = one_file_system
+        self._root_dev = 0
         self._excluded = Excluder(excludes)
         self._deadline = deadline
         self._clock = clock
@@ -136,6 +141,7 @@ class Archiver:
                 self._add_entry(root, st)
                 self._root_files.add(member)
             return
+        self._root_dev = st.st_dev
         if not self._add_dir_header(root, st):
             return
         # Depth-first with explicit iterators, so the deadline can list what is left.
@@ -165,7 +171,10 @@ class Archiver:
                 continue
             if stat.S_ISDIR(st.st_mode):
                 if self._add_dir_header(path, st):
-                    self._push_dir(stack, path)
+                    if self._one_fs and st.st_dev != self._root_dev:
+                        self._warn(path, "on another file system (--one-file-system); not descended")
+                    else:
+                        self._push_dir(stack, path)
             else:
                 self._add_entry(path, st)
 
@@ -244,8 +253,14 @@ class Archiver:
             if not stat.S_ISREG(st.st_mode):
                 self._warn(path, "changed type during backup; skipped")
                 return
+            if self._max_file_size is not None and st.st_size > self._max_file_size:
+                self._warn(path, f"{st.st_size} bytes is over --max-file-size; skipped")
+                return
             self._header(member, st, tarheader.REGTYPE, size=st.st_size)
-            digest = self._copy(fd, path, st.st_size)
+            # A file with fewer allocated blocks than its size has holes: copy it by extents
+            # (SEEK_DATA/SEEK_HOLE), writing zeros for holes without reading them.
+            sparse = st.st_blocks * 512 < st.st_size
+            digest = self._copy(fd, path, st.st_size, sparse)
         finally:
             os.close(fd)
         self.report.files += 1
@@ -254,41 +269,71 @@ class Archiver:
         if self._progress:
             self._progress(self.report)
 
-    def _copy(self, fd: int, path: bytes, size: int) -> str | None:
-        """Exactly `size` bytes of the file into the sink, then the block padding."""
+    def _copy(self, fd: int, path: bytes, size: int, sparse: bool = False) -> str | None:
+        """Exactly `size` bytes of the file into the sink, then the block padding.
+
+        Reads ask for one byte more than is left, so a file that grew is noticed without an
+        extra syscall (most log files fit in one read)."""
         h = hashlib.sha256() if self._hash else None
         view = memoryview(self._buf)
         left = size
+        grew = eof_seen = False
         while left:
-            want = min(left, READ_SIZE)
+            if sparse:
+                hole = self._skip_hole(fd, size - left, left, h)
+                if hole:
+                    left -= hole
+                    continue
+            want = min(left + 1, READ_SIZE)
             try:
                 got = os.readv(fd, [view[:want]])
             except OSError as err:
                 self._warn(path, f"read error after {size - left} bytes ({err.strerror}); "
                                  "rest padded with zeros")
                 self._pad(left, h)
+                eof_seen = True
                 break
             if got == 0:
                 self._warn(path, f"shrank during read from {size} to {size - left} bytes; "
                                  "padded with zeros")
                 self._pad(left, h)
+                eof_seen = True
                 break
+            if got > left:
+                got, grew = left, True
+            elif got < want:
+                eof_seen = True  # a short read of a regular file is its end
             chunk = view[:got]
             self._write(chunk)
             if h:
                 h.update(chunk)
             left -= got
             self.report.bytes_read += got
-        try:
-            grew = os.read(fd, 1)
-        except OSError:
-            grew = b""
+        if not grew and not eof_seen:
+            try:
+                grew = bool(os.read(fd, 1))
+            except OSError:
+                grew = False
         if grew:
             self._warn(path, f"grew during read; cut at {size} bytes")
         self._write(b"\0" * tarheader.padding(size))
         return h.hexdigest() if h else None
 
-    def _pad(self, count: int, h: hashlib._Hash | None) -> None:
+    def _skip_hole(self, fd: int, offset: int, left: int, h: Any) -> int:
+        """At a hole: write its zeros (up to the next data or the end), seek past it, and
+        return its length; 0 when data starts at `offset`."""
+        try:
+            data_at = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole remains up to EOF
+            data_at = offset + left
+        hole = min(data_at, offset + left) - offset
+        os.lseek(fd, offset + max(hole, 0), os.SEEK_SET)
+        if hole <= 0:
+            return 0
+        self._pad(hole, h)
+        return hole
+
+    def _pad(self, count: int, h: Any) -> None:
         zeros = bytes(min(count, READ_SIZE))
         while count:
             n = min(count, len(zeros))
