@@ -39,7 +39,13 @@ from instance_agent.logs import fields
 from instance_agent.manifest import ArchiveReport
 from instance_agent.notify import SNSClient
 from instance_agent.once import TerminationLock
-from instance_agent.s3upload import MultipartUpload, PartSizer, S3Client, put_small
+from instance_agent.s3upload import (
+    MultipartUpload,
+    PartSizer,
+    S3Client,
+    abort_stale_uploads,
+    put_small,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +165,16 @@ def _upload_stream(cfg: Config, s3: S3Client, key: str, produce: Callable[[Any],
     return obj.size, upload.bytes_uploaded
 
 
+def key_values(cfg: Config, ident: Identity, group: str | None) -> dict[str, str]:
+    return {"prefix": cfg.prefix, "group": group or "no-group", "instance_id": ident.instance_id,
+            "region": ident.region, "timestamp": keys.timestamp(), "hostname": ident.hostname}
+
+
 def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: dict[str, Any],
                        *, group: str | None, started: float, clock: Callable[[], float],
                        progress_interval: float, cancel: threading.Event | None = None) -> None:
     """Fill `result` with the archive, journal and manifest. Raises on failure."""
-    values = {"prefix": cfg.prefix, "group": group or "no-group",
-              "instance_id": ident.instance_id, "region": ident.region,
-              "timestamp": keys.timestamp(), "hostname": ident.hostname}
+    values = key_values(cfg, ident, group)
     try:
         key = keys.render(cfg.key_template, values, cfg.compression)
     except ValueError as err:
@@ -179,7 +188,8 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: d
 
     def produce_archive(comp: Any) -> None:
         arch = Archiver(comp, excludes=cfg.exclude, deadline=deadline, clock=clock,
-                        hash_name=cfg.hash, progress=Progress(clock, progress_interval))
+                        hash_name=cfg.hash, progress=Progress(clock, progress_interval),
+                        max_file_size=cfg.max_file_size, one_file_system=cfg.one_file_system)
         holder["arch"] = arch
         arch.add_sources(cfg.source)
         arch.finish()
@@ -264,7 +274,8 @@ def run(cfg: Config, ident: Identity, clients: Clients, *, dedupe: str | None = 
             if previous is not None:
                 return _duplicate(previous, result, clock() - started)
         outcome = _run_locked(cfg, ident, clients, result, started=started, clock=clock,
-                              progress_interval=progress_interval, stage=stage, cancel=cancel)
+                              progress_interval=progress_interval, stage=stage, cancel=cancel,
+                              locked=lock is not None)
         if lock is not None:
             lock.record(outcome.result, outcome.exit_code)
         return outcome
@@ -285,7 +296,8 @@ def _duplicate(previous: dict[str, Any], result: dict[str, Any], elapsed: float)
 
 def _run_locked(cfg: Config, ident: Identity, clients: Clients, result: dict[str, Any], *,
                 started: float, clock: Callable[[], float], progress_interval: float,
-                stage: Callable[[str], None], cancel: threading.Event | None) -> Outcome:
+                stage: Callable[[str], None], cancel: threading.Event | None,
+                locked: bool) -> Outcome:
     lc: Lifecycle | None = None
     group = cfg.asg_name
     if cfg.complete and clients.autoscaling is not None:
@@ -305,6 +317,12 @@ def _run_locked(cfg: Config, ident: Identity, clients: Clients, result: dict[str
         else:
             log.info("no terminating lifecycle hook for this instance; nothing to complete")
     result["group"] = group
+    if locked:
+        # A run killed mid-upload (kill -9, power loss) leaves its multipart upload behind;
+        # under the lock no other run of ours for this instance is uploading.
+        prefix = keys.listing_prefix(cfg.key_template, key_values(cfg, ident, group))
+        abort_stale_uploads(clients.s3, cfg.bucket or "", prefix, ident.instance_id,
+                            extra=_s3_extra(cfg))
     try:
         stage("backing up")
         with _heartbeats(lc):

@@ -163,6 +163,10 @@ OPTIONS: tuple[Option, ...] = (
            check=check_level),
     Option("max_archive_size", "size", 1024**4, "largest archive the upload can hold; part "
            "sizes grow so that 10,000 parts reach it", check=check_positive),
+    Option("max_file_size", "size", None, "skip (with a warning) files larger than this; sparse "
+           "files are read by extent, so their holes cost no reads", check=check_positive),
+    Option("one_file_system", "bool", False, "do not descend into directories on other file "
+           "systems than their source (e.g. a /proc-like mount under a source)", negative_flag=True),
     Option("max_duration", "float", None, "deadline in seconds: stop adding files then, close "
            "the archive and upload it as 'partial'", check=check_positive),
     Option("topic_arn", "str", None, "SNS topic for the report; none, no report",
@@ -245,6 +249,8 @@ class Config:
     compression: str = "zstd"
     level: int | None = None
     max_archive_size: int = 1024**4
+    max_file_size: int | None = None
+    one_file_system: bool = False
     max_duration: float | None = None
     topic_arn: str | None = None
     asg_name: str | None = None

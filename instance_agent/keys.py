@@ -66,6 +66,17 @@ def render(template: str, values: Mapping[str, str], compression: str) -> str:
     return key
 
 
+def listing_prefix(template: str, values: Mapping[str, str]) -> str:
+    """The longest key prefix shared by every run of this instance: the rendered template up
+    to the first per-run variable (timestamp, hostname)."""
+    probe = dict(values, timestamp="TIMESTAMPMARK", hostname="HOSTNAMEMARK")
+    rendered = template.format(**{k: (v if k == "prefix" else safe_component(v))
+                                  for k, v in probe.items()})
+    cut = min(i for i in (rendered.find("TIMESTAMPMARK"), rendered.find("HOSTNAMEMARK"),
+                          len(rendered)) if i >= 0)
+    return rendered[:cut]
+
+
 def check_key(key: str) -> str | None:
     if key.startswith("/"):
         return f"rendered key {key!r} starts with '/'"

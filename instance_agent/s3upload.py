@@ -47,6 +47,7 @@ class S3Client(Protocol):
     def complete_multipart_upload(self, **kwargs: Any) -> Mapping[str, Any]: ...
     def abort_multipart_upload(self, **kwargs: Any) -> Mapping[str, Any]: ...
     def put_object(self, **kwargs: Any) -> Mapping[str, Any]: ...
+    def list_multipart_uploads(self, **kwargs: Any) -> Mapping[str, Any]: ...
 
 
 def describe_client_error(err: Exception) -> str:
@@ -321,3 +322,35 @@ def put_small(client: S3Client, bucket: str, key: str, body: bytes, *,
     except (ClientError, BotoCoreError) as err:
         raise UploadError(f"s3://{bucket}/{key}: PutObject failed: "
                           f"{describe_client_error(err)}") from None
+
+
+def abort_stale_uploads(client: S3Client, bucket: str, prefix: str, must_contain: str, *,
+                        extra: Mapping[str, Any] | None = None) -> int:
+    """Abort incomplete multipart uploads left by a killed run of this instance.
+
+    Only keys under `prefix` that contain `must_contain` (the instance id) are touched, so
+    other instances' uploads in flight are safe. Failures are logged, never raised: the
+    bucket's AbortIncompleteMultipartUpload rule is the backstop.
+    """
+    owner = {k: v for k, v in (extra or {}).items() if k == "ExpectedBucketOwner"}
+    aborted = 0
+    marker: dict[str, str] = {}
+    try:
+        while True:
+            resp = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix, **marker, **owner)
+            for up in resp.get("Uploads", []):
+                key = str(up["Key"])
+                if must_contain in key:
+                    client.abort_multipart_upload(Bucket=bucket, Key=key,
+                                                  UploadId=up["UploadId"], **owner)
+                    aborted += 1
+                    log.warning("aborted a stale multipart upload of an earlier run",
+                                extra={"fields": {"key": key}})
+            if not resp.get("IsTruncated"):
+                return aborted
+            marker = {"KeyMarker": str(resp.get("NextKeyMarker", "")),
+                      "UploadIdMarker": str(resp.get("NextUploadIdMarker", ""))}
+    except (ClientError, BotoCoreError) as err:
+        log.warning("cannot list or abort stale multipart uploads",
+                    extra={"fields": {"prefix": prefix, "error": describe_client_error(err)}})
+        return aborted

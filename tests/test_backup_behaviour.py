@@ -70,9 +70,12 @@ def test_crashed_run_is_backed_up_again(stack: Stack) -> None:
         first.send_signal(signal.SIGKILL)  # no finally runs: no record, no completion
         first.wait(timeout=30)
         release.set()
+    assert len(stack.incomplete_uploads()) == 1  # the killed run's upload is left behind
     proc, result = stack.backup("--source", str(src))
     assert proc.returncode == 0 and result["status"] == "succeeded", proc.stderr[-2000:]
     assert result["key"] in stack.objects()
+    assert stack.incomplete_uploads() == []  # ... and the new run aborted it
+    assert "aborted a stale multipart upload" in proc.stderr
     calls = stack.lifecycle_calls("CompleteLifecycleAction")
     assert [(c.result, c.outcome) for c in calls] == [("CONTINUE", "ok")]
 

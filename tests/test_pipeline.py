@@ -306,3 +306,58 @@ def test_journal_is_streamed_beside_the_archive(stack: Stack, tmp_path: Path) ->
     assert man["journal"]["key"] == result["journal_key"]
     assert any("-b -1 exited 1: Data from the specified boot" in w for w in man["journal"]["warnings"])
     assert result["warnings"] == 1
+
+
+def test_sparse_file_is_archived_by_extent_and_restores_identical(tmp_path: Path) -> None:
+    tree = tmp_path / "t"
+    tree.mkdir()
+    sparse = tree / "sparse.img"
+    with open(sparse, "wb") as fh:
+        fh.truncate(2 * 1024**3)  # 2 GiB of hole ...
+        fh.seek(1024**3)
+        fh.write(b"data in the middle")  # ... with one extent
+    buf = io.BytesIO()
+    comp = open_compressor("zstd", buf)
+    started = time.monotonic()
+    arch = Archiver(comp, clock=time.monotonic)
+    arch.add_sources([str(tree)])
+    report = arch.finish()
+    comp.close()
+    assert report.bytes_read <= 2 * 1024**2  # the holes were never read
+    import zstandard
+
+    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(buf.getvalue())) as raw, \
+            tarfile.open(fileobj=raw, mode="r|") as tf:
+        member = next(m for m in tf if m.name.endswith("sparse.img"))
+        assert member.size == 2 * 1024**3
+        data = tf.extractfile(member)
+        assert data is not None
+        left = 1024**3
+        while left:  # the first GiB is all zeros, in 8 MiB steps to keep memory small
+            chunk = data.read(min(left, 8 * 2**20))
+            assert chunk and not chunk.strip(b"\0")
+            left -= len(chunk)
+        assert data.read(18) == b"data in the middle"
+    assert time.monotonic() - started < 120
+
+
+def test_max_file_size_and_one_file_system_skip_with_warnings(tmp_path: Path) -> None:
+    tree = tmp_path / "t"
+    tree.mkdir()
+    (tree / "big.log").write_bytes(b"x" * 5000)
+    (tree / "small.log").write_bytes(b"x" * 10)
+    _, report = _archive(tree, max_file_size=1000)
+    assert [w.reason for w in report.warnings] == ["5000 bytes is over --max-file-size; skipped"]
+    assert report.files == 1
+    # /dev/shm is another file system than the tmp dir here (tmpfs): not descended.
+    if os.stat("/dev/shm").st_dev != os.stat(tmp_path).st_dev:
+        os.symlink("/dev/shm", tree / "shm-link")  # links are stored, never followed
+        _, report = _archive(Path("/dev"), one_file_system=True, excludes=["/dev/pts/**"])
+        assert any(w.reason.startswith("on another file system") for w in report.warnings)
+
+
+def test_listing_prefix_stops_at_the_first_per_run_variable() -> None:
+    values = {"prefix": "fleet/", "group": "web asg", "instance_id": "i-1", "region": "r",
+              "timestamp": "T", "hostname": "h"}
+    assert keys.listing_prefix(config.Config().key_template, values) == "fleet/web_asg/i-1/"
+    assert keys.listing_prefix("{prefix}{timestamp}/{instance_id}", values) == "fleet/"
