@@ -17,6 +17,7 @@ import grp
 import hashlib
 import os
 import pwd
+import re
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
@@ -64,15 +65,23 @@ class Excluder:
     """Globs: with a '/' they match the whole path, without one the base name."""
 
     def __init__(self, patterns: Sequence[str]) -> None:
-        self.full = [p for p in patterns if "/" in p]
-        self.base = [p for p in patterns if "/" not in p]
+        # One compiled alternation per kind: a single regex match per path, not one per glob.
+        self.full = self._compile([p for p in patterns if "/" in p])
+        self.base = self._compile([p for p in patterns if "/" not in p])
+
+    @staticmethod
+    def _compile(globs: list[str]) -> re.Pattern[str] | None:
+        if not globs:
+            return None
+        return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs), re.DOTALL)
 
     def __call__(self, path: bytes) -> bool:
+        if self.full is None and self.base is None:
+            return False
         text = os.fsdecode(path)
-        if any(fnmatch.fnmatchcase(text, p) for p in self.full):
+        if self.full is not None and self.full.match(text):
             return True
-        name = text.rsplit("/", 1)[-1]
-        return any(fnmatch.fnmatchcase(name, p) for p in self.base)
+        return self.base is not None and self.base.match(text.rsplit("/", 1)[-1]) is not None
 
 
 class Archiver:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT_VERSION = 1
+# The C string encoder json.dumps uses for str values (with ensure_ascii=False).
+_encode_str: Any = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.encode_basestring
 
 
 def path_fields(path: bytes, name: str = "path") -> dict[str, str]:
@@ -36,6 +38,18 @@ class Entry:
     mode: int
     target: bytes | None = None
     sha256: str | None = None
+
+    def to_json_bytes(self) -> bytes:
+        """The same object as `to_json`, formatted directly: json.dumps of a dict per entry
+        was a tenth of the time spent on 40,000 small files."""
+        if self.target is not None or self.sha256:
+            return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
+        try:
+            path = '"path":' + _encode_str(self.path.decode("utf-8"))
+        except UnicodeDecodeError:
+            path = '"path_b64":"' + base64.b64encode(self.path).decode("ascii") + '"'
+        return (f'{{{path},"type":"{self.type}","size":{self.size},'
+                f'"mtime":{self.mtime_ns / 1e9!r},"mode":"{self.mode & 0o7777:04o}"}}').encode()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = path_fields(self.path)
@@ -78,8 +92,7 @@ class ArchiveReport:
     def add(self, entry: Entry) -> None:
         if self.entry_count:
             self.entries_json += b","
-        self.entries_json += json.dumps(entry.to_json(), ensure_ascii=False,
-                                        separators=(",", ":")).encode()
+        self.entries_json += entry.to_json_bytes()
         self.entry_count += 1
 
     def entries(self) -> list[dict[str, Any]]:

@@ -9,6 +9,8 @@ caller in large blocks.
 
 from __future__ import annotations
 
+import struct
+
 BLOCK = 512
 REGTYPE = b"0"
 SYMTYPE = b"2"
@@ -53,28 +55,24 @@ def _split_ustar(name: bytes) -> tuple[bytes, bytes] | None:
     return None
 
 
+# name mode uid gid size mtime chksum type linkname magic+version uname gname devmajor devminor
+# prefix, padded to 512: one C-level pack per header instead of a dozen slice assignments.
+_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
+_ZERO8 = b"0000000\0"
+
+
 def _ustar_block(
     name: bytes, prefix: bytes, *, mode: int, uid: int, gid: int, size: int, mtime: int,
     typeflag: bytes, linkname: bytes, uname: bytes, gname: bytes,
 ) -> bytes:
-    header = bytearray(BLOCK)
-    header[0:100] = name[:100].ljust(100, b"\0")
-    header[100:108] = _octal(mode & 0o7777, 8)
-    header[108:116] = _octal(min(uid, _MAX_OCTAL_7), 8)
-    header[116:124] = _octal(min(gid, _MAX_OCTAL_7), 8)
-    header[124:136] = _octal(min(size, _MAX_OCTAL_11), 12)
-    header[136:148] = _octal(min(max(mtime, 0), _MAX_OCTAL_11), 12)
-    header[148:156] = b" " * 8
-    header[156:157] = typeflag
-    header[157:257] = linkname[:100].ljust(100, b"\0")
-    header[257:265] = b"ustar\x0000"
-    header[265:297] = uname[:31].ljust(32, b"\0")
-    header[297:329] = gname[:31].ljust(32, b"\0")
-    header[329:337] = _octal(0, 8)
-    header[337:345] = _octal(0, 8)
-    header[345:500] = prefix[:155].ljust(155, b"\0")
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
+    fields = [
+        name, b"%07o\0" % (mode & 0o7777), b"%07o\0" % min(uid, _MAX_OCTAL_7),
+        b"%07o\0" % min(gid, _MAX_OCTAL_7), b"%011o\0" % min(size, _MAX_OCTAL_11),
+        b"%011o\0" % min(max(mtime, 0), _MAX_OCTAL_11), b"        ", typeflag, linkname,
+        b"ustar\x0000", uname[:31], gname[:31], _ZERO8, _ZERO8, prefix,
+    ]
+    header = _USTAR.pack(*fields)
+    return header[:148] + b"%06o\0 " % sum(header) + header[156:]
 
 
 def encode(
