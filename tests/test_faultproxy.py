@@ -34,14 +34,6 @@ PART = 5 * 1024 * 1024  # S3's smallest non-final part; SeaweedFS enforces it
 NO_RETRIES = Config(retries={"total_max_attempts": 1})
 
 
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-
-
 @pytest.fixture(scope="module")
 def s3_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as s3:

@@ -45,14 +45,6 @@ class Env:
     clock: FakeClock
 
 
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-
-
 @pytest.fixture(scope="module")
 def moto_server() -> Iterator[MotoServer]:
     # No reset: another server of this process (a session fixture) may hold state.
@@ -61,7 +53,7 @@ def moto_server() -> Iterator[MotoServer]:
 
 
 @pytest.fixture
-def env(moto_server: MotoServer, aws_env: None) -> Iterator[Env]:
+def env(moto_server: MotoServer) -> Iterator[Env]:
     server = moto_server
     group = f"web-{uuid.uuid4().hex[:10]}"
     clock = FakeClock()
