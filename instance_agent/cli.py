@@ -32,6 +32,16 @@ exit codes: 0 succeeded or partial, 1 failed (reported and completed with --on-f
 2 usage or configuration error (nothing was done). A duplicate exits with the first run's code.
 """
 
+EXAMPLES_DEMO = """\
+examples:
+  instance-agent demo
+  instance-agent demo --trigger lambda --size-mib 8
+  instance-agent demo --detach --env-file demo.env && . ./demo.env && instance-agent list
+
+Everything runs on 127.0.0.1 with fake credentials: a moto server (S3, SNS, SSM, Auto
+Scaling) and an IMDSv2 stub. Nothing reaches AWS. exit codes: 0 passed, 1 failed.
+"""
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse prints usage plus a message and exits; we want one line and exit code 2."""
@@ -79,9 +89,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_backup)
 
     d = sub.add_parser("demo", help="run the whole story on a local emulated AWS (needs the "
-                       "`local` extra)")
-    d.add_argument("--source", metavar="DIR", help="back up DIR instead of generated sample logs")
-    d.add_argument("--size-mib", type=int, default=64, help="size of the generated sample logs")
+                       "`local` extra)", epilog=EXAMPLES_DEMO,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--source", metavar="DIR", help="back up DIR instead of generated sample logs "
+                   "(flag only; default: about --size-mib of generated logs)")
+    d.add_argument("--size-mib", type=int, default=64, help="size of the generated sample logs "
+                   "(flag only; default 64)")
+    d.add_argument("--trigger", choices=("direct", "lambda", "watch"), default="direct",
+                   help="who answers the termination: direct (the pipeline in this process, "
+                   "after IMDSv2 says Terminated), lambda (the Lambda trigger, then the SSM "
+                   "document run as the SSM agent would), watch (the `watch` daemon); "
+                   "flag only; default direct")
+    d.add_argument("--keep-running", action="store_true", help="afterwards keep the stand-in "
+                   "up, with a fresh InService instance, until Ctrl-C or SIGTERM (flag only; "
+                   "default off)")
+    d.add_argument("--env-file", metavar="FILE", help="with --keep-running or --detach: write "
+                   "the variables that point a shell at the stand-in to FILE (default with "
+                   "--detach: demo.env; flag only)")
+    d.add_argument("--detach", action="store_true", help="--keep-running in the background: "
+                   "return once the stand-in is ready; stop it with kill $DEMO_PID (flag only; "
+                   "default off)")
     d.set_defaults(func=cmd_demo)
 
     from instance_agent import ops_cli, watch_cli
@@ -189,7 +216,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"the demo needs the `local` extra: pip install "
                           f"'instance-agent[local]' ({err})") from None
     logs.setup("info")
-    return demo.run(source=args.source, size_mib=args.size_mib)
+    if args.detach:
+        return demo.detach(source=args.source, size_mib=args.size_mib, trigger=args.trigger,
+                           env_file=args.env_file or "demo.env")
+    return demo.run(source=args.source, size_mib=args.size_mib, trigger=args.trigger,
+                    keep_running=args.keep_running, env_file=args.env_file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

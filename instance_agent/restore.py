@@ -1,26 +1,58 @@
-"""Stream an archive back out of S3 and extract it safely, with no temp file.
+"""Stream an archive back out of S3 and extract it safely, all or nothing, with no temp file.
 
-Extraction refuses, before writing anything for that member:
+Safety. Each refusal fails the whole restore before the member writes anything:
 - absolute member names and names with a `..` component;
-- symlinks and hard links whose target would resolve outside the destination;
-- device nodes and FIFOs (a backup never contains them; a hostile archive might);
-and strips setuid/setgid/sticky bits unless asked. Files are created with O_NOFOLLOW under
-parents that are checked to resolve inside the destination, so a link planted by an earlier
-member cannot redirect a later write.
+- symlinks whose target is absolute or resolves outside the destination, and hard links to
+  anything outside it;
+- device nodes and FIFOs (a backup never holds them; a hostile archive might);
+- regular files with setuid or setgid bits, unless `allow_setuid`.
+Files are created with O_NOFOLLOW under parents checked to resolve inside the destination, so
+a link planted by an earlier member cannot redirect a later write. Ownership is not restored
+(everything belongs to the user who restores); modes are, directories' last.
+
+All or nothing. Members go into a staging directory, `DEST/.instance-agent-partial-XXXXXXXX`.
+Only when the whole archive has been read and checked are its contents moved into DEST (a
+rename each, on the same filesystem); on any failure the staging directory is removed. That is
+why DEST must be new or empty. A restore killed outright leaves only that clearly named
+directory behind, never a tree that looks complete.
+
+Completeness. Python's tarfile ends quietly at a truncated or garbled header, and zstd's stream
+reader ends quietly at a cut frame, so neither alone tells a truncated archive from a short
+one. A restore succeeds only when the tar stream ended with its end-of-archive block, the
+compressed stream decoded to its very end (zstd and gzip check their checksums there), and,
+when the manifest is known, the tar stream is exactly its `totals.tar_bytes` long.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import gzip
+import io
 import os
+import shutil
 import tarfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import tempfile
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import IO, Any, cast
 
-from instance_agent.errors import AgentError
+from botocore.exceptions import BotoCoreError, ClientError
 
-COPY = 1 << 20
+from instance_agent.errors import AgentError, ConfigError
+from instance_agent.listing import ARCHIVE_SUFFIXES, S3Reader, s3_failure
+
+COPY = 1 << 20  # 1 MiB reads and writes
+# tarfile's header errors, which typeshed leaves out (CPython has had them since 3.2).
+_EOF_HEADER: type[Exception] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
+_TRUNCATED_HEADER: tuple[type[Exception], ...] = (
+    tarfile.EmptyHeaderError,  # type: ignore[attr-defined]
+    tarfile.TruncatedHeaderError,  # type: ignore[attr-defined]
+)
+_INVALID_HEADER: type[Exception] = tarfile.InvalidHeaderError  # type: ignore[attr-defined]
+STAGING_PREFIX = ".instance-agent-partial-"
+_SETID = 0o6000
 
 
 class UnsafeArchive(AgentError):
@@ -37,7 +69,36 @@ class RestoreReport:
     dirs: int = 0
     links: int = 0
     bytes: int = 0
-    skipped: list[str] = field(default_factory=list)
+    tar_bytes: int = 0
+    excluded: int = 0  # members left out by --include/--exclude
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which archive members to restore (and to verify).
+
+    A member is selected when it or one of its parent directories matches an include glob
+    (or no include is given), and neither it nor a parent matches an exclude glob. Globs are
+    matched against the member name as stored, without a leading '/', with fnmatch rules:
+    `*` also matches '/'."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.include or self.exclude)
+
+    def __call__(self, name: str) -> bool:
+        parts = [p for p in name.split("/") if p]
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+        def hit(patterns: tuple[str, ...]) -> bool:
+            return any(fnmatch.fnmatchcase(c, p.strip("/")) for p in patterns for c in prefixes)
+
+        return (not self.include or hit(self.include)) and not hit(self.exclude)
+
+
+# --- streams ------------------------------------------------------------------------------
 
 
 def decompressed(body: IO[bytes], key: str) -> IO[bytes]:
@@ -49,71 +110,226 @@ def decompressed(body: IO[bytes], key: str) -> IO[bytes]:
         return reader
     if key.endswith(".gz"):
         return cast(IO[bytes], gzip.GzipFile(fileobj=body, mode="rb"))
+    check_key(key)
     return body
 
 
-def _inside(dest_real: str, path: str) -> bool:
-    return path == dest_real or path.startswith(dest_real + os.sep)
+class _Counted(io.RawIOBase):
+    """Counts the tar bytes read, and turns every way the stream can break into one line."""
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        super().__init__()
+        self._inner = inner
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        try:
+            data = self._inner.read(len(view))
+        except EOFError:
+            raise RestoreError("archive is truncated: the compressed stream ends early") from None
+        except zlib.error as err:
+            raise RestoreError(f"archive is corrupt: {err}") from None
+        except (BotoCoreError, ClientError) as err:
+            raise RestoreError(f"download failed: {err}") from None
+        except OSError as err:  # gzip.BadGzipFile, and connection errors from the body
+            raise RestoreError(f"archive is corrupt or the download failed: {err}") from None
+        except Exception as err:
+            if type(err).__name__ == "ZstdError":  # zstandard's errors have no public base
+                raise RestoreError(f"archive is corrupt: {err}") from None
+            raise
+        n = len(data)
+        view[:n] = data
+        self.count += n
+        return n
 
 
-def _member_path(dest_real: str, name: str) -> str:
+class _Tar(tarfile.TarFile):
+    ended_cleanly = False  # set when the stream ended at an end-of-archive block
+
+
+class _Info(tarfile.TarInfo):
+    """Header parsing that says why a tar stream ended, where tarfile would just stop."""
+
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> _Info:
+        try:
+            return super().fromtarfile(tf)
+        except _EOF_HEADER:
+            if isinstance(tf, _Tar):
+                tf.ended_cleanly = True
+            raise
+        except _TRUNCATED_HEADER:
+            raise RestoreError("archive is truncated: it ends before its end-of-archive "
+                               "marker") from None
+        except _INVALID_HEADER as err:
+            raise RestoreError(f"archive is corrupt: a tar header is invalid ({err})") from None
+
+
+# --- paths --------------------------------------------------------------------------------
+
+
+def _inside(root: str, path: str) -> bool:
+    return path == root or path.startswith(root + os.sep)
+
+
+def _member_path(root: str, name: str) -> str:
     if name.startswith("/") or ".." in name.split("/"):
         raise UnsafeArchive(f"refusing member {name!r}: absolute or contains '..'")
-    target = os.path.normpath(os.path.join(dest_real, name))
-    if not _inside(dest_real, target):
+    target = os.path.normpath(os.path.join(root, name))
+    if not _inside(root, target):
         raise UnsafeArchive(f"refusing member {name!r}: outside the destination")
     parent = os.path.realpath(os.path.dirname(target))
-    if not _inside(dest_real, parent):
-        raise UnsafeArchive(f"refusing member {name!r}: its directory resolves outside the destination")
+    if not _inside(root, parent):
+        raise UnsafeArchive(f"refusing member {name!r}: its directory resolves outside the "
+                            "destination")
     return target
 
 
-def extract(stream: IO[bytes], dest: str, *, allow_setuid: bool = False,
-            include: Callable[[str], bool] | None = None) -> RestoreReport:
-    os.makedirs(dest, exist_ok=True)
-    dest_real = os.path.realpath(dest)
-    report = RestoreReport()
+def check_destination(dest: str) -> bool:
+    """True when DEST exists (then it is an empty directory). ConfigError otherwise: nothing
+    has been done then."""
+    if not os.path.lexists(dest):
+        return False
+    if not os.path.isdir(dest):
+        raise ConfigError(f"destination {dest} exists and is not a directory")
+    if os.listdir(dest):
+        raise ConfigError(f"destination {dest} is not empty: restore writes only into a new "
+                          "or empty directory, so that a failed restore leaves nothing behind")
+    return True
+
+
+def check_key(key: str) -> None:
+    if not key.endswith(ARCHIVE_SUFFIXES):
+        raise ConfigError(f"{key!r} is not an archive (.tar.zst, .tar.gz or .tar)")
+
+
+def prepare_destination(dest: str) -> tuple[str, bool]:
+    """DEST as a real path, created if absent; (path, whether we created it)."""
+    path = os.path.abspath(dest)
+    if check_destination(path):
+        return os.path.realpath(path), False
     try:
-        with tarfile.open(fileobj=stream, mode="r|", errorlevel=2) as tar:
-            for member in tar:
-                if include is not None and not include(member.name):
-                    continue
-                _extract_one(tar, member, dest_real, report, allow_setuid)
-    except (tarfile.TarError, EOFError) as err:
-        raise RestoreError(f"archive is truncated or corrupt: {err}") from None
+        os.makedirs(path)
     except OSError as err:
-        raise RestoreError(f"restore failed: {err}") from None
-    except Exception as err:
-        # zstandard.ZstdError and gzip's BadGzipFile both mean a damaged stream.
-        if type(err).__name__ in ("ZstdError", "BadGzipFile"):
-            raise RestoreError(f"archive is corrupt: {err}") from None
+        raise ConfigError(f"cannot create destination {dest}: {err.strerror}") from None
+    return os.path.realpath(path), True
+
+
+# --- extraction ---------------------------------------------------------------------------
+
+
+def extract(stream: IO[bytes], dest: str, *, allow_setuid: bool = False,
+            select: Selection | None = None, expected_tar_bytes: int | None = None) -> RestoreReport:
+    """Extract the tar `stream` into `dest` (new or empty), all or nothing (module docstring)."""
+    root, created = prepare_destination(dest)
+    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root)
+    try:
+        report, dir_modes = _extract_into(stream, staging, allow_setuid, select)
+        if expected_tar_bytes is not None and report.tar_bytes != expected_tar_bytes:
+            raise RestoreError(f"archive is truncated or corrupt: its tar stream is "
+                               f"{report.tar_bytes:,} bytes, the manifest says "
+                               f"{expected_tar_bytes:,}")
+        for name in os.listdir(staging):
+            target = os.path.join(root, name)
+            if os.path.lexists(target):
+                raise RestoreError(f"{target} appeared during the restore; nothing was moved")
+        for name in os.listdir(staging):
+            os.rename(os.path.join(staging, name), os.path.join(root, name))
+        os.rmdir(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
         raise
+    # Last, and deepest first: a read-only directory could not have taken its members, and
+    # renaming a directory into DEST needs write permission on it.
+    for rel, mode in sorted(dir_modes, key=lambda d: d[0].count(os.sep), reverse=True):
+        path = os.path.join(root, rel)
+        if rel != "." and os.path.isdir(path) and not os.path.islink(path):
+            os.chmod(path, mode)
     return report
 
 
-def _extract_one(tar: tarfile.TarFile, member: tarfile.TarInfo, dest_real: str,
-                 report: RestoreReport, allow_setuid: bool) -> None:
-    path = _member_path(dest_real, member.name.rstrip("/"))
-    mode = member.mode & (0o7777 if allow_setuid else 0o777)
+def _extract_into(stream: IO[bytes], root: str, allow_setuid: bool,
+                  select: Selection | None) -> tuple[RestoreReport, list[tuple[str, int]]]:
+    report = RestoreReport()
+    dir_modes: list[tuple[str, int]] = []
+    counted = _Counted(stream)
+    try:
+        with _Tar.open(fileobj=cast(IO[bytes], counted), mode="r|", tarinfo=_Info,
+                       errorlevel=2, encoding="utf-8", errors="surrogateescape") as tar:
+            assert isinstance(tar, _Tar)
+            while (member := tar.next()) is not None:
+                # Stream mode keeps every member in a list; nothing here needs them again.
+                tar.members.clear()  # type: ignore[attr-defined]
+                if select and not select(member.name):
+                    report.excluded += 1
+                    continue
+                _extract_one(tar, member, root, report, allow_setuid, dir_modes)
+            if not tar.ended_cleanly:
+                raise RestoreError("archive is truncated or corrupt: the tar stream has no "
+                                   "end-of-archive marker")
+        # The rest is zero padding; decoding it to the end is what checks the compressed
+        # stream's own checksum, and tells a cut frame from a complete one.
+        while counted.read(COPY):
+            pass
+    except tarfile.TarError as err:
+        raise RestoreError(f"archive is truncated or corrupt: {err}") from None
+    except EOFError:
+        raise RestoreError("archive is truncated: the stream ends early") from None
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        raise RestoreError(f"restore failed{where}: {err.strerror or err}") from None
+    report.tar_bytes = counted.count
+    return report, dir_modes
+
+
+def _extract_one(tar: tarfile.TarFile, member: tarfile.TarInfo, root: str,
+                 report: RestoreReport, allow_setuid: bool,
+                 dir_modes: list[tuple[str, int]]) -> None:
+    name = member.name.rstrip("/")
+    path = _member_path(root, name)
     if member.isdir():
-        os.makedirs(path, exist_ok=True)
-        os.chmod(path, mode | 0o700)  # keep it writable for our own later members
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        # Setgid and sticky mean something on a directory (group inheritance, /tmp-style
+        # deletion); setuid means nothing there and is dropped.
+        dir_modes.append((os.path.relpath(path, root), member.mode & 0o3777))
         report.dirs += 1
     elif member.issym():
         link = member.linkname
-        resolved = os.path.normpath(os.path.join(os.path.dirname(path), link))
-        if link.startswith("/") or not _inside(dest_real, resolved):
-            raise UnsafeArchive(f"refusing symlink {member.name!r} -> {link!r}: points outside")
+        if os.path.isabs(link):
+            raise UnsafeArchive(f"refusing symlink {name!r} -> {link!r}: absolute, so it points "
+                                f"outside the destination (leave it out with --exclude {name!r})")
+        resolved = os.path.realpath(os.path.join(os.path.dirname(path), link))
+        if not _inside(root, resolved):
+            raise UnsafeArchive(f"refusing symlink {name!r} -> {link!r}: points outside the "
+                                f"destination (leave it out with --exclude {name!r})")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         os.symlink(link, path)
         report.links += 1
     elif member.islnk():
-        source = _member_path(dest_real, member.linkname)
+        source = _member_path(root, member.linkname.rstrip("/"))
+        if not os.path.lexists(source) or (os.path.isdir(source) and not os.path.islink(source)):
+            raise UnsafeArchive(f"refusing hard link {name!r} -> {member.linkname!r}: its "
+                                "target is not a file restored before it")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         os.link(source, path, follow_symlinks=False)
         report.links += 1
     elif member.isreg():
-        _write_file(tar, member, path, mode, report)
+        if member.mode & _SETID and not allow_setuid:
+            raise UnsafeArchive(f"refusing {name!r}: setuid/setgid file (mode "
+                                f"{member.mode & 0o7777:04o}); pass --allow-setuid to restore it")
+        _write_file(tar, member, path, member.mode & (0o6777 if allow_setuid else 0o777), report)
     else:
-        raise UnsafeArchive(f"refusing member {member.name!r}: device node or FIFO")
+        kind = "FIFO" if member.isfifo() else "device node" if member.isdev() else \
+            f"member of tar type {member.type!r}"
+        raise UnsafeArchive(f"refusing {kind} {name!r}: restore writes only files, directories "
+                            "and links")
 
 
 def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, path: str, mode: int,
@@ -121,17 +337,35 @@ def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, path: str, mode: 
     src = tar.extractfile(member)
     if src is None:  # pragma: no cover - isreg() members always have data
         raise RestoreError(f"no data for {member.name!r}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as out:
         while chunk := src.read(COPY):
             out.write(chunk)
             report.bytes += len(chunk)
-    os.chmod(path, mode)
-    os.utime(path, (member.mtime, member.mtime))
+        out.flush()
+        # After the data: writing to a file clears its setuid bit.
+        os.fchmod(fd, mode)
+        os.utime(fd, (member.mtime, member.mtime))
     report.files += 1
 
 
-def restore_s3(s3: Any, bucket: str, key: str, dest: str, **kw: Any) -> RestoreReport:
-    body = s3.get_object(Bucket=bucket, Key=key)["Body"]
-    return extract(decompressed(body, key), dest, **kw)
+# --- from S3 ------------------------------------------------------------------------------
 
+
+def restore_s3(s3: S3Reader, bucket: str, key: str, dest: str, *, allow_setuid: bool = False,
+               select: Selection | None = None, expected_tar_bytes: int | None = None,
+               extra: Mapping[str, str] | None = None) -> RestoreReport:
+    """Stream s3://bucket/key down, decompress and extract it into `dest`."""
+    check_key(key)  # both fail before anything is fetched
+    check_destination(dest)
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key, **(extra or {}))["Body"]
+    except (ClientError, BotoCoreError) as err:
+        raise s3_failure(err, f"s3://{bucket}/{key}") from None
+    try:
+        return extract(decompressed(body, key), dest, allow_setuid=allow_setuid, select=select,
+                       expected_tar_bytes=expected_tar_bytes)
+    finally:
+        with contextlib.suppress(Exception):
+            body.close()

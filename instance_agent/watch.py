@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from instance_agent import hooks
+from instance_agent import hooks, status
 from instance_agent.config import Config
 from instance_agent.drain import DrainGate
 from instance_agent.errors import EXIT_FAILED, EXIT_OK, AgentError, IMDSError
@@ -138,6 +138,7 @@ class Poller:
 
     def configure(self, cfg: Config) -> None:
         self.interval = cfg.poll_interval
+        self.status_file = status.status_path(cfg)
         paths = [LIFECYCLE_PATH] + ([SPOT_PATH, REBALANCE_PATH] if cfg.spot else [])
         self._states = {p: self._states.get(p) or _PathState(p) for p in paths}
 
@@ -153,6 +154,8 @@ class Poller:
                 for state in self._states.values():
                     state.due = self.clock() + self.interval
             self.last_round = self.clock()
+            # For `instance-agent status`; write_status never raises.
+            status.write_status(self.status_file, last_poll=time.time(), poll_interval=self.interval)
             stop.wait(max(0.0, self.next_due() - self.clock()))
 
     def poll_due(self) -> None:
@@ -191,6 +194,7 @@ class Poller:
 
     def _changed(self, path: str, previous: str | None, value: str | None, first: bool) -> None:
         if path == LIFECYCLE_PATH:
+            status.write_status(self.status_file, imds_state=value or "none")
             log.info("target lifecycle state", extra=fields(
                 state=value or "none (404: no lifecycle transition yet)",
                 previous=None if first else (previous or "none")))
@@ -276,6 +280,8 @@ class Job:
                           extra=fields(trigger=self.notice.kind))
             self.exit_code = EXIT_FAILED
         finally:
+            status.write_status(status.status_path(self.cfg), last_backup=status.backup_summary(
+                self.result, self.exit_code, self.notice.kind))
             self._finished.set()
             self.on_done()
 

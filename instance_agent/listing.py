@@ -1,0 +1,417 @@
+"""`instance-agent list`: find the backups under a prefix and describe each from its manifest.
+
+This is also the S3 read adapter that `restore` and `verify` share: `s3://` URLs, manifest
+reads, and the translation of botocore errors into one-line AgentErrors.
+
+Listing is paginated (ListObjectsV2, 1,000 keys a page) and stays cheap on large buckets:
+- the filters narrow the listed prefix when the key template starts with `{prefix}{group}/`
+  (the default), and an instance filter skips keys before any GET, since every key template
+  holds `{instance_id}`;
+- `--since` skips a manifest whose LastModified is older, before reading it: a manifest is
+  written after the backup's `created` time, never before;
+- a manifest is read with a ranged GET of its head. The writer puts `totals` before the long
+  lists (warnings, omitted, entries), so the first 64 KiB nearly always hold all we show;
+  otherwise the whole manifest is read.
+An archive without a manifest beside it (a run that died after its upload) is listed too,
+with the status `no manifest`, because a restore may still want it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Protocol
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from instance_agent import keys
+from instance_agent.errors import AgentError, ConfigError
+
+ARCHIVE_SUFFIXES = tuple(sorted(set(keys.EXTENSIONS.values()), key=len, reverse=True))
+MANIFEST_SUFFIX = ".manifest.json"
+PAGE_SIZE = 1000  # S3's maximum keys per ListObjectsV2 page
+HEAD_BYTES = 64 * 1024  # enough for a manifest's head with dozens of sources and warnings
+MANIFEST_READERS = 8  # concurrent manifest GETs: a bucket of thousands lists in seconds
+_HEAD_END = b',"journal":'  # the first key after `totals` in the manifest writer's order
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class S3Reader(Protocol):
+    """The subset of the S3 API that reading backups uses."""
+
+    def list_objects_v2(self, **kwargs: Any) -> Mapping[str, Any]: ...
+    def get_object(self, **kwargs: Any) -> Mapping[str, Any]: ...
+
+
+class S3ReadError(AgentError):
+    """S3 refused or failed a read (list or get)."""
+
+
+class BackupNotFound(AgentError):
+    """No backup matches, or the named object does not exist."""
+
+
+def s3_failure(err: Exception, what: str) -> AgentError:
+    """One line for a failed S3 read; `what` names the object, e.g. `s3://b/k`."""
+    if isinstance(err, ClientError):
+        e = err.response.get("Error", {})
+        code, msg = str(e.get("Code", "")), str(e.get("Message", ""))
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return BackupNotFound(f"{what} does not exist")
+        if code == "NoSuchBucket":
+            return BackupNotFound(f"{what}: the bucket does not exist")
+        if code in ("AccessDenied", "403", "Forbidden"):
+            return S3ReadError(f"{what}: access denied (the credentials lack s3:GetObject or "
+                               "s3:ListBucket there, or the bucket belongs to another account)")
+        return S3ReadError(f"{what}: {code}: {msg}".rstrip(": "))
+    return S3ReadError(f"{what}: {type(err).__name__}: {err}")
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """(bucket, key) of `s3://bucket/key`; ConfigError for anything else."""
+    if not url.startswith("s3://"):
+        raise ConfigError(f"not an s3:// URL: {url!r} (expected s3://bucket/key)")
+    bucket, _, key = url[len("s3://"):].partition("/")
+    if not bucket or not key:
+        raise ConfigError(f"{url!r} needs a bucket and a key: s3://bucket/key")
+    return bucket, key
+
+
+def archive_key_of(key: str) -> str:
+    """The archive key for an archive or manifest key (either may be given to restore)."""
+    return key[: -len(MANIFEST_SUFFIX)] if key.endswith(MANIFEST_SUFFIX) else key
+
+
+def is_archive(key: str) -> bool:
+    return key.endswith(ARCHIVE_SUFFIXES)
+
+
+# --- manifests --------------------------------------------------------------------------
+
+
+def _get(s3: S3Reader, bucket: str, key: str, extra: Mapping[str, str],
+         byte_range: str | None = None) -> bytes:
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, **extra}
+    if byte_range:
+        kwargs["Range"] = byte_range
+    try:
+        body = s3.get_object(**kwargs)["Body"]
+        data: bytes = body.read()
+    except (ClientError, BotoCoreError) as err:
+        raise s3_failure(err, f"s3://{bucket}/{key}") from None
+    return data
+
+
+def read_manifest(s3: S3Reader, bucket: str, key: str,
+                  extra: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The whole manifest at `key` (entries included)."""
+    data = _get(s3, bucket, key, extra or {})
+    return _parse(data, bucket, key)
+
+
+def read_manifest_head(s3: S3Reader, bucket: str, key: str,
+                       extra: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The manifest without its long lists, from a ranged GET when that is enough."""
+    data = _get(s3, bucket, key, extra or {}, f"bytes=0-{HEAD_BYTES - 1}")
+    cut = data.find(_HEAD_END)
+    if cut > 0:
+        try:
+            head = json.loads(data[:cut] + b"}")
+        except ValueError:
+            head = None
+        if isinstance(head, dict) and isinstance(head.get("totals"), dict):
+            return head
+    # A short answer is the whole object already.
+    doc = _parse(data, bucket, key) if len(data) < HEAD_BYTES else read_manifest(s3, bucket, key, extra)
+    doc.pop("entries", None)
+    return doc
+
+
+def _parse(data: bytes, bucket: str, key: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except ValueError as err:
+        raise S3ReadError(f"s3://{bucket}/{key} is not a manifest: {err}") from None
+    if not isinstance(doc, dict) or "format" not in doc:
+        raise S3ReadError(f"s3://{bucket}/{key} is not a manifest (no 'format' field)")
+    return doc
+
+
+# --- listing ------------------------------------------------------------------------------
+
+
+@dataclass
+class Backup:
+    """One archive, described from its manifest when there is one."""
+
+    bucket: str
+    key: str
+    size: int  # the archive object's size
+    last_modified: datetime
+    manifest_key: str | None
+    status: str  # succeeded | partial | no manifest | unreadable manifest
+    created: datetime | None = None
+    group: str | None = None
+    instance_id: str | None = None
+    raw_bytes: int | None = None
+    compressed_bytes: int | None = None
+    files: int | None = None
+    warnings: int | None = None
+    agent_version: str | None = None
+    error: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    @property
+    def time(self) -> datetime:
+        return self.created or self.last_modified
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "time": _iso(self.time),
+            "group": self.group,
+            "instance_id": self.instance_id,
+            "raw_bytes": self.raw_bytes,
+            "compressed_bytes": self.compressed_bytes if self.compressed_bytes is not None
+            else self.size,
+            "files": self.files,
+            "warnings": self.warnings,
+            "status": self.status,
+            "url": self.url,
+            "key": self.key,
+            "manifest_key": self.manifest_key,
+            "agent_version": self.agent_version,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class Filters:
+    group: str | None = None
+    instance_id: str | None = None
+    since: datetime | None = None
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """`2026-01-31`, `2026-01-31T12:00`, `…Z` or `…+02:00` (a date alone is midnight UTC,
+    a time without a zone is UTC), or a duration ago: `90m`, `12h`, `7d`, `2w`."""
+    now = now or datetime.now(timezone.utc)
+    m = _DURATION.match(text.strip().lower())
+    if m:
+        return now - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    value = text.strip()
+    if value.endswith(("Z", "z")):
+        value = value[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"--since: cannot read {text!r}: use 2026-01-31, "
+                          "2026-01-31T12:00Z, or a duration ago such as 12h or 7d") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _created(doc: Mapping[str, Any]) -> datetime | None:
+    text = doc.get("created")
+    if not isinstance(text, str):
+        return None
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def narrow_prefix(template: str, prefix: str, filters: Filters) -> tuple[str, bool]:
+    """The longest listing prefix the filters allow, and whether it pins the group.
+
+    Only a template that starts `{prefix}{group}/…` (the default) lets a group name a
+    "directory"; the instance id can follow it the same way."""
+    out, rest, pinned = prefix, template, False
+    if not rest.startswith("{prefix}"):
+        return out, False
+    rest = rest[len("{prefix}"):]
+    for var, value in (("group", filters.group), ("instance_id", filters.instance_id)):
+        token = "{" + var + "}/"
+        if value is None or not rest.startswith(token):
+            break
+        out += keys.safe_component(value) + "/"
+        rest = rest[len(token):]
+        pinned = pinned or var == "group"
+    return out, pinned
+
+
+def iter_objects(s3: S3Reader, bucket: str, prefix: str, *, page_size: int = PAGE_SIZE,
+                 extra: Mapping[str, str] | None = None) -> Iterator[Mapping[str, Any]]:
+    """Every object under `prefix`, one ListObjectsV2 page at a time."""
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size,
+                              **(extra or {})}
+    while True:
+        try:
+            page = s3.list_objects_v2(**kwargs)
+        except (ClientError, BotoCoreError) as err:
+            raise s3_failure(err, f"s3://{bucket}/{prefix}") from None
+        yield from page.get("Contents", [])
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            return
+        kwargs["ContinuationToken"] = token
+
+
+def find_backups(s3: S3Reader, bucket: str, prefix: str, filters: Filters, *,
+                 key_template: str = "{prefix}{group}/{instance_id}/{timestamp}",
+                 page_size: int = PAGE_SIZE,
+                 extra: Mapping[str, str] | None = None) -> list[Backup]:
+    """The backups under `prefix` that pass `filters`, oldest first."""
+    extra = dict(extra or {})
+    listed_prefix, group_pinned = narrow_prefix(key_template, prefix, filters)
+    wanted_id = keys.safe_component(filters.instance_id) if filters.instance_id else None
+    archives: dict[str, Mapping[str, Any]] = {}
+    manifests: dict[str, Mapping[str, Any]] = {}
+    for obj in iter_objects(s3, bucket, listed_prefix, page_size=page_size, extra=extra):
+        key = str(obj["Key"])
+        if wanted_id and wanted_id not in key:
+            continue
+        if key.endswith(MANIFEST_SUFFIX) and is_archive(key[: -len(MANIFEST_SUFFIX)]):
+            manifests[key[: -len(MANIFEST_SUFFIX)]] = obj
+        elif is_archive(key):
+            archives[key] = obj
+
+    found: list[Backup] = []
+    to_read: list[Backup] = []
+    for key, obj in archives.items():
+        modified = obj["LastModified"]
+        man = manifests.get(key)
+        backup = Backup(bucket, key, int(obj.get("Size", 0)), modified,
+                        key + MANIFEST_SUFFIX if man else None,
+                        "no manifest" if man is None else "unknown")
+        if filters.since and max(modified, man["LastModified"] if man else modified) < filters.since:
+            continue
+        if man is None:
+            # Without a manifest only the key can tell: keep it when the listed prefix already
+            # pinned the group, drop it when a group filter cannot be checked.
+            _from_key(backup, key_template, prefix)
+            if (filters.group is None or group_pinned) and not (
+                    filters.since and backup.time < filters.since):
+                found.append(backup)
+            continue
+        to_read.append(backup)
+
+    def describe(backup: Backup) -> Backup:
+        try:
+            head = read_manifest_head(s3, bucket, backup.manifest_key or "", extra)
+        except AgentError as err:
+            backup.status, backup.error = "unreadable manifest", str(err)
+            return backup
+        _fill(backup, head)
+        return backup
+
+    with ThreadPoolExecutor(MANIFEST_READERS, thread_name_prefix="manifest") as pool:
+        described = list(pool.map(describe, to_read))
+    for backup in described:
+        if backup.status == "unreadable manifest":
+            if filters.group is not None and not group_pinned:
+                continue
+        else:
+            if filters.group is not None and backup.group != filters.group:
+                continue
+            if filters.instance_id is not None and backup.instance_id != filters.instance_id:
+                continue
+            if filters.since is not None and backup.time < filters.since:
+                continue
+        found.append(backup)
+    found.sort(key=lambda b: (b.time, b.key))
+    return found
+
+
+_KEY_TIME = re.compile(r"(\d{8}T\d{6}Z)")
+
+
+def _from_key(backup: Backup, template: str, prefix: str) -> None:
+    """What the key tells of a backup without a manifest: its start time (keys.timestamp),
+    and its group and instance when the template starts `{prefix}{group}/{instance_id}/`."""
+    m = _KEY_TIME.search(backup.key.rsplit("/", 1)[-1])
+    if m:
+        backup.created = datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+    if template.startswith("{prefix}{group}/{instance_id}/") and backup.key.startswith(prefix):
+        parts = backup.key[len(prefix):].split("/")
+        if len(parts) >= 3:
+            backup.group, backup.instance_id = parts[0], parts[1]
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _fill(backup: Backup, head: Mapping[str, Any]) -> None:
+    raw = head.get("totals")
+    totals: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
+    backup.created = _created(head)
+    group = head.get("group")
+    backup.group = str(group) if group is not None else None
+    backup.instance_id = str(head.get("instance_id")) if head.get("instance_id") else None
+    backup.raw_bytes = _int(totals.get("bytes_read"))
+    backup.compressed_bytes = _int(totals.get("compressed_bytes"))
+    backup.files = _int(totals.get("files"))
+    backup.warnings = _int(totals.get("warnings"))
+    backup.agent_version = str(head.get("agent_version")) if head.get("agent_version") else None
+    backup.status = "partial" if (_int(totals.get("omitted")) or 0) > 0 else "succeeded"
+
+
+def latest(backups: Sequence[Backup]) -> Backup:
+    """The newest backup that has a readable manifest, else the newest at all."""
+    if not backups:
+        raise BackupNotFound("no backup matches")
+    described = [b for b in backups if b.manifest_key and b.status in ("succeeded", "partial")]
+    return max(described or backups, key=lambda b: (b.time, b.key))
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def render_table(backups: Sequence[Backup]) -> str:
+    header = ("TIME", "GROUP", "INSTANCE", "RAW", "COMPRESSED", "FILES", "STATUS", "ARCHIVE")
+    rows = [header] + [(
+        b.time.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ"),
+        b.group or "-", b.instance_id or "-", human_size(b.raw_bytes),
+        human_size(b.compressed_bytes if b.compressed_bytes is not None else b.size),
+        "-" if b.files is None else str(b.files),
+        b.status + (f" ({b.warnings} warnings)" if b.warnings else ""), b.url,
+    ) for b in backups]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    right = {3, 4, 5}  # sizes and counts line up on the right
+    lines = []
+    for row in rows:
+        cells = [c.rjust(widths[i]) if i in right else c.ljust(widths[i])
+                 for i, c in enumerate(row[:-1])]
+        lines.append("  ".join([*cells, row[-1]]))
+    return "\n".join(lines) + "\n"
+
+
+def render_json(backups: Sequence[Backup]) -> str:
+    """A JSON array with one backup per line: valid JSON, and still greppable."""
+    if not backups:
+        return "[]\n"
+    return "[\n" + ",\n".join(json.dumps(b.to_json(), ensure_ascii=False)
+                              for b in backups) + "\n]\n"

@@ -1,0 +1,186 @@
+"""`instance-agent verify`: compare a restored tree with the manifest of its backup.
+
+For every manifest entry under DEST (member names as archived, e.g. `var/log/syslog`):
+- it exists, with the same type (file, directory, symlink);
+- a file has the same size, and the same SHA-256 when the manifest has one (`--hash
+  sha256` at backup time). Without a digest, a same-size change is caught only by the
+  modification time, which restore sets from the archive: to the second, it must match;
+- a symlink has the same target.
+Anything under DEST that the manifest does not list (other than the parents of what it lists)
+is a difference too. Modes and owners are not compared: restore drops setuid bits and does not
+restore owners.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from instance_agent.errors import AgentError, ConfigError
+from instance_agent.listing import S3Reader, archive_key_of, parse_s3_url, read_manifest
+from instance_agent.manifest import path_from_fields
+from instance_agent.restore import Selection
+
+READ = 1 << 20
+MTIME_SLACK = 1  # seconds: tar stores whole seconds, the manifest nanoseconds
+
+
+class VerifyFailed(AgentError):
+    """The tree differs from the manifest."""
+
+
+@dataclass(frozen=True)
+class Difference:
+    path: bytes  # relative to DEST
+    problem: str
+
+    def display(self) -> str:
+        return f"{os.fsdecode(self.path)!s}: {self.problem}".encode("utf-8", "backslashreplace") \
+            .decode("utf-8")
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": os.fsdecode(self.path).encode("utf-8", "backslashreplace").decode(),
+                "problem": self.problem}
+
+
+@dataclass
+class VerifyReport:
+    checked: int
+    differences: list[Difference]
+
+    def raise_if_different(self) -> None:
+        if self.differences:
+            first = self.differences[0]
+            more = f" (and {len(self.differences) - 1} more)" if len(self.differences) > 1 else ""
+            raise VerifyFailed(f"{len(self.differences)} difference(s) against the manifest; "
+                               f"first: {first.display()}{more}")
+
+
+def load_manifest(where: str, s3: S3Reader | None,
+                  extra: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The manifest from `s3://bucket/key` (the archive's or the manifest's key) or a file."""
+    if where.startswith("s3://"):
+        if s3 is None:
+            raise ConfigError("an s3:// manifest needs S3 access")
+        bucket, key = parse_s3_url(where)
+        return read_manifest(s3, bucket, archive_key_of(key) + ".manifest.json", extra)
+    try:
+        with open(where, "rb") as fh:
+            doc = json.load(fh)
+    except OSError as err:
+        raise ConfigError(f"manifest {where}: {err.strerror}") from None
+    except ValueError as err:
+        raise ConfigError(f"manifest {where} is not JSON: {err}") from None
+    if not isinstance(doc, dict) or "entries" not in doc:
+        raise ConfigError(f"{where} is not a manifest (no entries)")
+    return doc
+
+
+def _digest(path: bytes) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(READ):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "special file"
+
+
+def _entry_problem(full: bytes, entry: Mapping[str, Any]) -> str | None:
+    want = str(entry.get("type"))
+    try:
+        st = os.lstat(full)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as err:
+        return f"cannot read: {err.strerror}"
+    have = _kind(st.st_mode)
+    if have != want:
+        return f"is a {have}, the backup has a {want}"
+    if want == "symlink":
+        target = path_from_fields(dict(entry), "target") if ("target" in entry or
+                                                             "target_b64" in entry) else None
+        found = os.readlink(full)
+        if target is not None and found != target:
+            return (f"points to {os.fsdecode(found)!r}, the backup has "
+                    f"{os.fsdecode(target)!r}")
+        return None
+    if want != "file":
+        return None
+    size = int(entry.get("size", -1))
+    if st.st_size != size:
+        return f"size {st.st_size:,} bytes, the backup has {size:,}"
+    digest = entry.get("sha256")
+    if digest:
+        try:
+            found_digest = _digest(full)
+        except OSError as err:
+            return f"cannot read: {err.strerror}"
+        return None if found_digest == digest else "content differs (sha256)"
+    mtime = entry.get("mtime")
+    if isinstance(mtime, (int, float)) and abs(int(st.st_mtime) - int(mtime)) > MTIME_SLACK:
+        return ("modified since the backup: its modification time differs, and the manifest "
+                "has no digest to compare the content (back up with --hash sha256 for one)")
+    return None
+
+
+def _extras(root: bytes, known: set[bytes]) -> Iterator[bytes]:
+    """Paths under `root` (relative) that are not in `known`; an unknown directory is named
+    once, not with everything in it. Symlinks are not followed."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if rel not in known:
+                yield rel
+        for name in list(dirnames):
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if rel not in known:
+                dirnames.remove(name)
+                yield rel
+
+
+def compare(dest: str, manifest: Mapping[str, Any], select: Selection | None = None) -> VerifyReport:
+    """Differences between the tree at `dest` and `manifest` (module docstring)."""
+    if not os.path.isdir(dest):
+        raise ConfigError(f"{dest} is not a directory")
+    root = os.fsencode(os.path.abspath(dest))
+    entries = manifest.get("entries")
+    if not isinstance(entries, list):
+        raise ConfigError("the manifest has no entries list")
+    differences: list[Difference] = []
+    expected: set[bytes] = set()
+    checked = 0
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        rel = path_from_fields(entry).strip(b"/")
+        if not rel or (select and not select(os.fsdecode(rel))):
+            continue
+        expected.add(rel)
+        checked += 1
+        problem = _entry_problem(os.path.join(root, rel), entry)
+        if problem:
+            differences.append(Difference(rel, problem))
+    known = expected | {p for rel in expected for p in _ancestors(rel)}
+    differences.extend(Difference(rel, "not in the backup") for rel in _extras(root, known))
+    return VerifyReport(checked, differences)
+
+
+def _ancestors(rel: bytes) -> Iterator[bytes]:
+    parent = os.path.dirname(rel)
+    while parent:
+        yield parent
+        parent = os.path.dirname(parent)
