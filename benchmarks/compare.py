@@ -30,9 +30,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from support.seaweed import SeaweedS3  # noqa: E402
+
 from benchmarks.corpus import generate  # noqa: E402
 from instance_agent.config import parse_size  # noqa: E402
-from support.seaweed import SeaweedS3  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "work"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -206,12 +207,12 @@ def main() -> None:
         import boto3
 
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "INSTANCE_AGENT_"))}
-        env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",  # noqa: S105
+        env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                    AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL_S3=s3.endpoint,
                    AWS_ENDPOINT_URL=s3.endpoint, AWS_CONFIG_FILE=os.devnull,
                    AWS_SHARED_CREDENTIALS_FILE=os.devnull, S3_ENDPOINT_URL=s3.endpoint)
         client = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")  # noqa: S106
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
         client.create_bucket(Bucket=BUCKET)
         scratch = Path(tmp) / "scratch"
         scratch.mkdir()
