@@ -169,7 +169,12 @@ def make_clients(cfg: config.Config, region: str) -> Any:
     client = cast(Any, session.client)
     return Clients(
         s3=client("s3", config=base),
-        sns=client("sns", config=base) if cfg.topic_arn else None,
+        # The report comes before the completion and after the heartbeats: a black-holed
+        # Publish may hold the hook ~24 s at most (3 x (3 + 5) s), not 6 x 65 s.
+        sns=client("sns", config=base.merge(BotoConfig(
+            connect_timeout=3, read_timeout=5,
+            retries={"mode": "standard", "total_max_attempts": 3})))
+        if cfg.topic_arn else None,
         autoscaling=client("autoscaling", config=base) if cfg.complete else None,
     )
 

@@ -430,7 +430,7 @@ def load(
                 value = _from_native(opt, file_values[opt.name])
             else:
                 continue
-        except ValueError as err:
+        except (ValueError, TypeError, OverflowError) as err:  # int([1]), int(inf), …
             raise ConfigError(f"{origin}: {err}") from None
         resolved[opt.name] = _validated(opt, value, origin)
     cfg = Config(config_file=path, **resolved)
@@ -451,7 +451,7 @@ def check_consistency(cfg: Config, command: str) -> Config:
             raise ConfigError(f"source {src!r} must be an absolute path")
     from instance_agent.keys import check_template
 
-    problem = check_template(cfg.key_template)
+    problem = check_template(cfg.key_template, prefix=cfg.prefix)
     if problem:
         raise ConfigError(f"key_template: {problem}")
     return cfg

@@ -35,8 +35,9 @@ def safe_component(value: str) -> str:
     return cleaned or "_"
 
 
-def check_template(template: str) -> str | None:
-    """An error message if the template cannot be rendered, else None."""
+def check_template(template: str, prefix: str = "x") -> str | None:
+    """An error message if the template cannot be rendered (with the configured `prefix`),
+    else None."""
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as err:
@@ -47,6 +48,7 @@ def check_template(template: str) -> str | None:
     if "instance_id" not in fields:
         return f"template {template!r} must contain {{instance_id}} so instances never collide"
     sample = {name: "x" for name in VARIABLES}
+    sample["prefix"] = prefix  # '' + '/{group}' would start with '/'
     try:
         render(template, sample, "none")
     except ValueError as err:

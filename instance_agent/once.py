@@ -105,20 +105,26 @@ class TerminationLock:
     def record(self, result: Mapping[str, Any], exit_code: int) -> None:
         if self.dir is None:
             return
-        path = os.path.join(self.dir, self.name + ".json")
-        tmp = path + ".tmp"
         data = json.dumps({"recorded_at": time.time(), "exit_code": exit_code,
                            "result": dict(result)}).encode()
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # A full state dir still takes an empty lock file but not the record: fall back for
+        # the record too, or the next run finds none and backs up again.
+        for d in self.dirs[self.dirs.index(self.dir):]:
+            path = os.path.join(d, self.name + ".json")
+            tmp = path + ".tmp"
             try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError as err:
-            log.warning("cannot record the result; a later run may back up again",
-                        extra=fields(path=path, error=err.strerror))
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+                return
+            except OSError as err:
+                log.warning("cannot record the result here; trying the next directory",
+                            extra=fields(path=path, error=err.strerror))
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        log.warning("cannot record the result anywhere; a later run may back up again")

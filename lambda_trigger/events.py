@@ -112,7 +112,7 @@ def _json_message(text: object, via: str, raw: object) -> Parsed:
         return _malformed("the message is not text", via, raw)
     try:
         body = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to be ours
         return _malformed("the message is not JSON", via, raw)
     if not isinstance(body, dict):
         return _malformed("the message is not a JSON object", via, raw)

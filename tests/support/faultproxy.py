@@ -43,6 +43,7 @@ LOGGED_HEADERS = (
     "x-amz-content-sha256",
     "x-amz-decoded-content-length",
     "x-amz-sdk-checksum-algorithm",
+    "x-amz-expected-bucket-owner",
 )
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding"}
 

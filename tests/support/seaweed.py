@@ -132,6 +132,9 @@ class SeaweedS3:
             "-admin.ui=false",
             "-master.telemetry=false",
             "-volume.preStopSeconds=0",  # no grace period at stop: nothing else reads from it
+            # Every bucket holds volumes of its own and their count is bounded by free disk /
+            # volume size: 1 GiB volumes leave a session only ~70 buckets.
+            "-master.volumeSizeLimitMB=64",
             f"-s3.localSocket={self._socket_dir}/s3.sock",
             f"-filer.localSocket={self._socket_dir}/filer.sock",
         ]
