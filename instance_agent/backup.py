@@ -40,6 +40,7 @@ from instance_agent.manifest import ArchiveReport
 from instance_agent.notify import SNSClient
 from instance_agent.once import TerminationLock
 from instance_agent.s3upload import (
+    ChainBody,
     MultipartUpload,
     PartSizer,
     S3Client,
@@ -221,7 +222,7 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: d
                          instance_id=ident.instance_id, region=ident.region, group=group,
                          created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          sources=list(cfg.source), excludes=list(cfg.exclude))
-    put_small(clients.s3, cfg.bucket or "", mkey, doc, extra=_s3_extra(cfg))
+    put_small(clients.s3, cfg.bucket or "", mkey, ChainBody(*doc), extra=_s3_extra(cfg))
     result["manifest_key"] = mkey
     result["warnings"] = len(report.warnings)
     for w in report.warnings[:50]:

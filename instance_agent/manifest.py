@@ -102,8 +102,11 @@ class ArchiveReport:
 
 
 def build(report: ArchiveReport, *, key: str, compression: str, agent_version: str,
-          compressed_bytes: int, journal: dict[str, Any] | None, **meta: Any) -> bytes:
-    """The manifest document as UTF-8 JSON; `entries` is spliced in from the report's text."""
+          compressed_bytes: int, journal: dict[str, Any] | None,
+          **meta: Any) -> tuple[bytes, memoryview, bytes]:
+    """The manifest document as UTF-8 JSON, in three pieces (head, entries, tail) so the
+    entries text — tens of MiB for a few hundred thousand files — is never copied to join
+    them: the uploader reads the pieces in turn."""
     head = {
         "format": FORMAT_VERSION,
         "key": key,
@@ -124,4 +127,4 @@ def build(report: ArchiveReport, *, key: str, compression: str, agent_version: s
         "omitted": [path_fields(p) for p in report.omitted],
     }
     text = json.dumps(head, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return text[:-1] + b',"entries":[' + bytes(report.entries_json) + b"]}"
+    return text[:-1] + b',"entries":[', memoryview(report.entries_json), b"]}"

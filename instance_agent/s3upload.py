@@ -86,13 +86,15 @@ class PartSizer:
         return sum(self.size(n) for n in range(1, MAX_PARTS + 1))
 
 
-class _PartBody(io.RawIOBase):
-    """A seekable, read-only file over a part buffer: botocore reads it (for the checksum,
-    for the request, again on a retry) without the part ever being copied whole."""
+class ChainBody(io.RawIOBase):
+    """A seekable, read-only file over one or more buffers: botocore reads it (for the
+    checksum, for the request, again on a retry) without the data ever being joined or copied
+    whole. A part is one buffer; the manifest is its head, the entries text and its tail."""
 
-    def __init__(self, view: memoryview) -> None:
+    def __init__(self, *views: memoryview | bytes) -> None:
         super().__init__()
-        self._view = view
+        self._views = [memoryview(v).cast("B") for v in views if len(v)]
+        self._size = sum(len(v) for v in self._views)
         self._pos = 0
 
     def readable(self) -> bool:
@@ -102,26 +104,37 @@ class _PartBody(io.RawIOBase):
         return True
 
     def __len__(self) -> int:
-        return len(self._view)
+        return self._size
 
     def tell(self) -> int:
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, min(base + offset, len(self._view)))
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, min(base + offset, self._size))
         return self._pos
 
+    def _slices(self, start: int, end: int) -> list[memoryview]:
+        out, offset = [], 0
+        for view in self._views:
+            lo, hi = max(start - offset, 0), min(end - offset, len(view))
+            if lo < hi:
+                out.append(view[lo:hi])
+            offset += len(view)
+        return out
+
     def readinto(self, buffer: Any) -> int:
-        chunk = self._view[self._pos : self._pos + len(buffer)]
-        n = len(chunk)
-        memoryview(buffer).cast("B")[:n] = chunk
+        target = memoryview(buffer).cast("B")
+        n = 0
+        for piece in self._slices(self._pos, min(self._pos + len(target), self._size)):
+            target[n : n + len(piece)] = piece
+            n += len(piece)
         self._pos += n
         return n
 
     def read(self, size: int | None = -1) -> bytes:
-        end = len(self._view) if size is None or size < 0 else min(self._pos + size, len(self._view))
-        data = bytes(self._view[self._pos : end])
+        end = self._size if size is None or size < 0 else min(self._pos + size, self._size)
+        data = b"".join(self._slices(self._pos, end))
         self._pos = end
         return data
 
@@ -252,7 +265,7 @@ class MultipartUpload:
         try:
             resp = self._client.upload_part(
                 Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=n,
-                Body=_PartBody(body), ChecksumAlgorithm="CRC32", **self._owner,
+                Body=ChainBody(body), ChecksumAlgorithm="CRC32", **self._owner,
             )
         except Exception as err:
             with self._lock:
@@ -312,7 +325,7 @@ class MultipartUpload:
                       extra={"fields": {"key": self.key, "error": describe_client_error(err)}})
 
 
-def put_small(client: S3Client, bucket: str, key: str, body: bytes, *,
+def put_small(client: S3Client, bucket: str, key: str, body: bytes | ChainBody, *,
               extra: Mapping[str, Any] | None = None,
               content_type: str = "application/json") -> None:
     """One PutObject, for the manifest."""
