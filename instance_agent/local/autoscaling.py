@@ -44,6 +44,8 @@ from moto.autoscaling.responses import AutoScalingResponse
 from moto.core.responses import ActionResult, EmptyResult
 from moto.core.utils import camelcase_to_underscores
 
+from instance_agent.local.faults import Fault, FaultQueues
+
 DEFAULT_ACCOUNT = "123456789012"
 DEFAULT_REGION = "us-east-1"
 TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
@@ -133,19 +135,12 @@ class _PendingWait:
 
 
 @dataclass
-class _Fault:
-    code: str
-    message: str
-    remaining: int
-
-
-@dataclass
 class _Book:
     actions: list[_Action] = field(default_factory=list)
     pending: list[_PendingWait] = field(default_factory=list)
     calls: list[LifecycleCall] = field(default_factory=list)
     outcomes: list[tuple[str, LifecycleOutcome]] = field(default_factory=list)  # (group, outcome)
-    faults: dict[str, list[_Fault]] = field(default_factory=dict)
+    faults: FaultQueues = field(default_factory=FaultQueues)
 
 
 # -- public API ------------------------------------------------------------------------
@@ -250,8 +245,7 @@ def inject_error(
     """Make the next `times` calls of Auto Scaling `action` (e.g. "CompleteLifecycleAction")
     fail with error `code` and `message` (HTTP 400, like AWS's Throttling)."""
     with _lock:
-        faults = _book(_backend(account_id, region)).faults
-        faults.setdefault(action, []).append(_Fault(code, message, times))
+        _book(_backend(account_id, region)).faults.add(action, code, message, times)
 
 
 def reset() -> None:
@@ -418,15 +412,8 @@ def _lookup(
     raise ValidationError("Either LifecycleActionToken or InstanceId must be specified")
 
 
-def _take_fault(backend: AutoScalingBackend, action: str) -> _Fault | None:
-    queue = _book(backend).faults.get(action)
-    if not queue:
-        return None
-    fault = queue[0]
-    fault.remaining -= 1
-    if fault.remaining <= 0:
-        queue.pop(0)
-    return fault
+def _take_fault(backend: AutoScalingBackend, action: str) -> Fault | None:
+    return _book(backend).faults.take(action)
 
 
 def _lifecycle_call(
@@ -624,7 +611,7 @@ def _backend_begin_termination(
     )
 
 
-def _raiser(fault: _Fault) -> Callable[[], ActionResult]:
+def _raiser(fault: Fault) -> Callable[[], ActionResult]:
     def fail() -> ActionResult:
         raise AutoscalingClientError(fault.code, fault.message)
 

@@ -38,6 +38,8 @@ from moto.ec2.models import ec2_backends
 from moto.ssm.models import Command, SimpleSystemManagerBackend, ssm_backends
 from moto.ssm.responses import SimpleSystemManagerResponse
 
+from instance_agent.local.faults import Fault, FaultQueues
+
 DEFAULT_ACCOUNT = "123456789012"
 DEFAULT_REGION = "us-east-1"
 # The actions the trigger uses; the ones `inject_throttling` counts.
@@ -76,13 +78,6 @@ class _Managed:
 
 
 @dataclass
-class _Fault:
-    code: str
-    message: str
-    remaining: int
-
-
-@dataclass
 class _Book:
     instances: dict[str, _Managed] = field(default_factory=dict)
     sent: list[SentCommand] = field(default_factory=list)
@@ -90,7 +85,7 @@ class _Book:
     throttled: int = 0
     throttle_every: int = 0
     throttle_seen: int = 0
-    faults: dict[str, list[_Fault]] = field(default_factory=dict)
+    faults: FaultQueues = field(default_factory=FaultQueues)
     page_size: int = DEFAULT_PAGE_SIZE
 
 
@@ -167,8 +162,7 @@ def inject_error(action: str, code: str, message: str = "", times: int = 1, *,
                  account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION) -> None:
     """Make the next `times` calls of SSM `action` fail with `code` (HTTP 400)."""
     with _lock:
-        faults = _book(_backend(account_id, region)).faults
-        faults.setdefault(action, []).append(_Fault(code, message or code, times))
+        _book(_backend(account_id, region)).faults.add(action, code, message or code, times)
 
 
 def call_count(action: str | None = None, *, account_id: str = DEFAULT_ACCOUNT,
@@ -268,19 +262,15 @@ def _book(backend: SimpleSystemManagerBackend) -> _Book:
     return book
 
 
-def _take_fault(book: _Book, action: str) -> _Fault | None:
-    queue = book.faults.get(action)
-    if queue:
-        fault = queue[0]
-        fault.remaining -= 1
-        if fault.remaining <= 0:
-            queue.pop(0)
+def _take_fault(book: _Book, action: str) -> Fault | None:
+    fault = book.faults.take(action)
+    if fault is not None:
         return fault
     if action in PATCHED and book.throttle_every:
         book.throttle_seen += 1
         if book.throttle_seen % book.throttle_every == 0:
             book.throttled += 1
-            return _Fault("ThrottlingException", "Rate exceeded", 1)
+            return Fault("ThrottlingException", "Rate exceeded", 1)
     return None
 
 
@@ -443,7 +433,7 @@ def _patch() -> None:
 _FILTER_FIELD = {"InstanceIds": "InstanceId", "PingStatus": "PingStatus"}
 
 
-def _raiser(fault: _Fault) -> Any:
+def _raiser(fault: Fault) -> Any:
     def fail() -> ActionResult:
         raise SSMError(fault.code, fault.message)
 

@@ -1,0 +1,33 @@
+"""Injected errors for the moto extensions: a queue of faults per API action.
+
+`inject_error(action, code, message, times)` in the Auto Scaling and SSM stand-ins both
+append here; the patched action takes the head of its queue before doing any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Fault:
+    code: str
+    message: str
+    remaining: int
+
+
+class FaultQueues(dict[str, list[Fault]]):
+    """{action: [Fault, …]}; each fault answers `remaining` calls, then leaves the queue."""
+
+    def add(self, action: str, code: str, message: str, times: int) -> None:
+        self.setdefault(action, []).append(Fault(code, message, times))
+
+    def take(self, action: str) -> Fault | None:
+        queue = self.get(action)
+        if not queue:
+            return None
+        fault = queue[0]
+        fault.remaining -= 1
+        if fault.remaining <= 0:
+            queue.pop(0)
+        return fault
