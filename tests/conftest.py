@@ -29,6 +29,7 @@ from instance_agent.local.moto_server import MotoServer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from support.seaweed import SeaweedS3
+from support.trees import walk
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -141,6 +142,19 @@ class Stack:
     def objects(self) -> dict[str, int]:
         resp = self.client("s3").list_objects_v2(Bucket=self.bucket)
         return {o["Key"]: o["Size"] for o in resp.get("Contents", [])}
+
+    def gnu_restore(self, key: str, src: Path, tmp: Path) -> dict[bytes, tuple[str, bytes | None]]:
+        """GNU tar extracts the object (with empty stderr); the tree under the source's path."""
+        archive = tmp / key.rsplit("/", 1)[-1]
+        archive.write_bytes(self.client("s3").get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        out = tmp / "restore"
+        out.mkdir()
+        flags = ["--zstd"] if key.endswith(".zst") else []
+        tar = subprocess.run(["tar", *flags, "-xf", str(archive), "-C", str(out)],
+                             capture_output=True, text=True, check=False)
+        assert tar.returncode == 0 and tar.stderr == "", tar.stderr
+        archive.unlink()
+        return walk(out / str(src).lstrip("/"))
 
     def incomplete_uploads(self) -> list[dict[str, Any]]:
         return list(self.client("s3").list_multipart_uploads(Bucket=self.bucket).get("Uploads", []))

@@ -69,21 +69,6 @@ def sns_docs(stack: Stack) -> list[dict[str, Any]]:
     return [json.loads(m["message"]) for m in stack.sns()]
 
 
-def restore(stack: Stack, key: str, src: Path, tmp: Path) -> Tree:
-    """GNU tar extracts the object; the tree under the source's path."""
-    archive = tmp / key.rsplit("/", 1)[-1]
-    archive.write_bytes(stack.client("s3").get_object(Bucket=stack.bucket, Key=key)["Body"].read())
-    out = tmp / "restore"
-    out.mkdir()
-    flags = ["--zstd"] if key.endswith(".zst") else []
-    tar = subprocess.run(["tar", *flags, "-xf", str(archive), "-C", str(out)],
-                         capture_output=True, text=True, check=False)
-    assert tar.returncode == 0 and tar.stderr == "", tar.stderr
-    archive.unlink()
-    root = out / str(src).lstrip("/")
-    return walk(root) if root.exists() else {}
-
-
 def manifest_of(stack: Stack, result: dict[str, Any]) -> dict[str, Any]:
     body = stack.client("s3").get_object(Bucket=stack.bucket, Key=result["manifest_key"])["Body"]
     doc: dict[str, Any] = json.loads(body.read())
@@ -216,7 +201,7 @@ def finish(stack: Stack, run: Run, row: scoreboard.Row, src: Path, tmp: Path, be
     # The chaos never reaches the report or the hook.
     assert [d["status"] for d in sns_docs(stack)] == ["succeeded"]
     assert completions(stack) == [("CONTINUE", "ok")]
-    restored = restore(stack, run.result["key"], src, tmp)
+    restored = stack.gnu_restore(run.result["key"], src, tmp)
     row.bytes_lost = scoreboard.lost_bytes(before, walk(src) if after is None else after,
                                            restored, warned)
     row.seconds = run.seconds
@@ -307,7 +292,7 @@ def test_watcher_killed_mid_upload_then_restarted_backs_up_once(stack: Stack,
             assert [(o.result, o.how) for o in stack.outcomes()] == [("CONTINUE", "completed")]
             archives = [k for k in stack.objects() if k.endswith(".tar.zst")]
             assert archives == [done["key"]]
-            restored = restore(stack, done["key"], src, tmp_path)
+            restored = stack.gnu_restore(done["key"], src, tmp_path)
             row.bytes_lost = scoreboard.lost_bytes(before, walk(src), restored, [])
             row.outcome = ("stale upload aborted (2 others' kept); backed up again; "
                            "1 SNS, 1 CONTINUE")

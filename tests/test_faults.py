@@ -79,7 +79,6 @@ def stack(stack: Stack) -> Iterator[Stack]:
     drop_bucket(stack)
 
 
-
 def s3_op(req: LoggedRequest) -> str:
     """The S3 operation of a request in the proxy's log."""
     q, m = req.query, req.method
@@ -109,18 +108,6 @@ def backup(stack: Stack, *args: str, env: dict[str, str] | None = None,
     started = time.monotonic()
     proc, result = stack.backup(*args, env=env or stack.env(), timeout=timeout)
     return proc, result, time.monotonic() - started
-
-
-def restore(stack: Stack, key: str, src: Path, tmp: Path) -> dict[bytes, tuple[str, bytes | None]]:
-    """Extract the object with GNU tar (through the unfaulted endpoint); the source's tree."""
-    archive = tmp / "restore.tar.zst"
-    archive.write_bytes(stack.client("s3").get_object(Bucket=stack.bucket, Key=key)["Body"].read())
-    out = tmp / "restore"
-    out.mkdir()
-    tar = subprocess.run(["tar", "--zstd", "-xf", str(archive), "-C", str(out)],
-                         capture_output=True, text=True, check=False)
-    assert tar.returncode == 0 and tar.stderr == "", tar.stderr
-    return walk(out / str(src).lstrip("/"))
 
 
 def completions(stack: Stack) -> list[tuple[str | None, str]]:
@@ -190,7 +177,7 @@ def test_s3_503s_and_resets_still_give_a_byte_identical_backup(stack: Stack, tmp
         assert len(parts) == len(ok_parts) + sum(1 for r in parts if r.faulted)
         assert retried(log) == len(faulted)
 
-        restored = restore(stack, result["key"], src, tmp_path)
+        restored = stack.gnu_restore(result["key"], src, tmp_path)
         assert restored == before
         assert stack.incomplete_uploads() == []
         assert [d["status"] for d in sns_docs(stack)] == ["succeeded"]
@@ -266,7 +253,7 @@ def test_sns_black_hole_never_holds_the_hook(stack: Stack, tmp_path: Path) -> No
         assert stack.sns() == []
         assert completions(stack) == [("CONTINUE", "ok")]
         assert took < SNS_BOUND
-        restored = restore(stack, result["key"], src, tmp_path)
+        restored = stack.gnu_restore(result["key"], src, tmp_path)
         row.bytes_lost = scoreboard.lost_bytes(before, walk(src), restored, [])
         row.outcome = "succeeded; notify_error in result and log; CONTINUE"
         assert row.bytes_lost == 0
@@ -405,7 +392,7 @@ def test_imds_token_expiring_between_identity_reads_is_refreshed(stack: Stack,
         assert imds.token_puts == 2  # one fresh token after the 401, never a token-less read
         assert imds.tokenless_reads == 0
         assert completions(stack) == [("CONTINUE", "ok")]
-        restored = restore(stack, result["key"], src, tmp_path)
+        restored = stack.gnu_restore(result["key"], src, tmp_path)
         row.bytes_lost = scoreboard.lost_bytes(walk(src), walk(src), restored, [])
         row.outcome = "succeeded; new token after the 401; 0 token-less reads"
         assert row.bytes_lost == 0
@@ -453,7 +440,7 @@ def test_watcher_survives_tokens_expiring_all_the_time(stack: Stack, tmp_path: P
         assert rejected >= 3 and imds.token_puts >= 3
         assert imds.tokenless_reads == 0
         assert completions(stack) == [("CONTINUE", "ok")]
-        restored = restore(stack, done["key"], src, tmp_path)
+        restored = stack.gnu_restore(done["key"], src, tmp_path)
         row.bytes_lost = scoreboard.lost_bytes(walk(src), walk(src), restored, [])
         row.outcome = "detected, succeeded, CONTINUE; 0 token-less reads"
         assert row.bytes_lost == 0

@@ -122,18 +122,6 @@ def source_tree(root: Path, size: int = 256 * 1024) -> Path:
     return root
 
 
-def assert_archive_restores(stack: Stack, key: str, src: Path, tmp: Path) -> None:
-    """GNU tar extracts the object, and the tree comes back identical."""
-    archive = tmp / "restore.tar.zst"
-    archive.write_bytes(stack.client("s3").get_object(Bucket=stack.bucket, Key=key)["Body"].read())
-    out = tmp / "restore"
-    out.mkdir()
-    tar = subprocess.run(["tar", "--zstd", "-xf", str(archive), "-C", str(out)],
-                         capture_output=True, text=True, check=False)
-    assert tar.returncode == 0 and tar.stderr == "", tar.stderr
-    assert walk(out / str(src).lstrip("/")) == walk(src)
-
-
 def archives(stack: Stack) -> list[str]:
     return sorted(k for k in stack.objects() if k.endswith(".tar.zst"))
 
@@ -167,7 +155,7 @@ def test_termination_detected_backed_up_reported_completed(stack: Stack, tmp_pat
 
         assert done["status"] == "succeeded" and done["lifecycle_result"] == "CONTINUE"
         assert archives(stack) == [done["key"]]
-        assert_archive_restores(stack, done["key"], src, tmp_path)
+        assert stack.gnu_restore(done["key"], src, tmp_path) == walk(src)
         docs = sns_docs(stack)
         assert len(docs) == 1
         doc = docs[0]
@@ -202,7 +190,7 @@ def test_spot_terminate_backs_up_at_once_and_completes_nothing(stack: Stack, tmp
         _, done = w.wait_for("response finished", timeout=60)
     assert done["status"] == "succeeded" and done["lifecycle_result"] == "none"
     assert archives(stack) == [done["key"]]
-    assert_archive_restores(stack, done["key"], src, tmp_path)
+    assert stack.gnu_restore(done["key"], src, tmp_path) == walk(src)
     assert done["key"].startswith(f"{stack.group}/{stack.instance_id}/")
     # No hook can delay a Spot reclaim: no heartbeat, no completion.
     assert stack.lifecycle_calls() == []
