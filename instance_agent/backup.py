@@ -1,12 +1,12 @@
-"""The one backup pipeline, used by `instance-agent backup` (the SSM path) and by the watcher.
+"""The archive pipeline: sources and journal into S3, with a manifest.
 
-    lock ─► discover hook ─► heartbeats ┬► tar ─► compress ─► multipart upload (archive)
-                                        ├► journalctl export ─► compress ─► upload (journal)
-                                        └► manifest ─► PutObject
-            ─► SNS report ─► CompleteLifecycleAction (in a finally) ─► record result ─► unlock
+    tar ─► compress ─► multipart upload (archive)
+    journalctl export ─► compress ─► upload (journal)
+    manifest ─► PutObject
 
-It takes small client interfaces, never builds boto3 clients (only the CLI does), and returns
-the result object that `--json` prints and SNS carries.
+It takes small client interfaces, never builds boto3 clients (only the CLI does), and fills
+the `Result` in place. What happens around it (lock, drain, commands, report, lifecycle
+completion) is the termination job's business: see termination.py.
 """
 
 from __future__ import annotations
@@ -14,43 +14,25 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from instance_agent import __version__, journal, keys, manifest, notify
+from instance_agent import __version__, journal, keys, manifest
 from instance_agent.archive import Archiver
 from instance_agent.compress import open_compressor
 from instance_agent.config import Config
-from instance_agent.errors import (
-    EXIT_FAILED,
-    EXIT_OK,
-    AgentError,
-    Cancelled,
-    LifecycleError,
-    LockTimeout,
-    NotifyError,
-)
-from instance_agent.lifecycle import AutoScalingClient, Lifecycle, discover
+from instance_agent.errors import AgentError, Cancelled
+from instance_agent.lifecycle import AutoScalingClient
 from instance_agent.logs import fields
 from instance_agent.manifest import ArchiveReport
 from instance_agent.notify import SNSClient
-from instance_agent.once import TerminationLock
-from instance_agent.s3upload import (
-    ChainBody,
-    MultipartUpload,
-    PartSizer,
-    S3Client,
-    abort_stale_uploads,
-    put_small,
-)
+from instance_agent.result import PARTIAL, SUCCEEDED, Result
+from instance_agent.s3upload import ChainBody, MultipartUpload, PartSizer, S3Client, put_small
 
 log = logging.getLogger(__name__)
 
-TERMINATION = "termination"  # the dedupe key shared by the SSM path and the watcher
 JOURNAL_SUFFIX = {"zstd": ".zst", "gzip": ".gz", "none": ""}
 
 
@@ -66,39 +48,6 @@ class Identity:
     instance_id: str
     region: str
     hostname: str = field(default_factory=socket.gethostname)
-
-
-@dataclass
-class Outcome:
-    result: dict[str, Any]
-    exit_code: int
-
-
-class Interrupted(BaseException):
-    """Raised in the main thread by SIGTERM/SIGINT handlers: unwinds through every finally,
-    so the upload is aborted, the failure reported and the hook completed."""
-
-
-def new_result(cfg: Config, ident: Identity) -> dict[str, Any]:
-    return {
-        "status": "failed",
-        "instance_id": ident.instance_id,
-        "group": cfg.asg_name,
-        "hook": cfg.hook_name,
-        "bucket": cfg.bucket,
-        "key": None,
-        "manifest_key": None,
-        "journal_key": None,
-        "bytes_read": 0,
-        "bytes_uploaded": 0,
-        "files": 0,
-        "warnings": 0,
-        "lifecycle_result": "none",
-        "lifecycle_error": None,
-        "duration_s": 0.0,
-        "error": None,
-        "agent_version": __version__,
-    }
 
 
 class Progress:
@@ -171,7 +120,7 @@ def key_values(cfg: Config, ident: Identity, group: str | None) -> dict[str, str
             "region": ident.region, "timestamp": keys.timestamp(), "hostname": ident.hostname}
 
 
-def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: dict[str, Any],
+def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: Result,
                        *, group: str | None, started: float, clock: Callable[[], float],
                        progress_interval: float, cancel: threading.Event | None = None) -> None:
     """Fill `result` with the archive, journal and manifest. Raises on failure."""
@@ -182,7 +131,7 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: d
         raise AgentError(str(err)) from None
     base = key[: -len(keys.EXTENSIONS[cfg.compression])]
     deadline = started + cfg.max_duration if cfg.max_duration else None
-    result["key"] = key
+    result.key = key
     log.info("backup started", extra=fields(bucket=cfg.bucket, key=key, sources=list(cfg.source)))
 
     holder: dict[str, Archiver] = {}
@@ -197,7 +146,7 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: d
 
     _, sent = _upload_stream(cfg, clients.s3, key, produce_archive, cancel)
     report = holder["arch"].report
-    result.update(bytes_read=report.bytes_read, bytes_uploaded=sent, files=report.files)
+    result.bytes_read, result.bytes_uploaded, result.files = report.bytes_read, sent, report.files
 
     journal_info: dict[str, Any] | None = None
     if cfg.journal_enabled():
@@ -205,7 +154,7 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: d
         jwarn: list[str] = []
 
         def produce_journal(comp: Any) -> None:
-            _, w = journal.export(comp, deadline=deadline, clock=clock)
+            _, w = journal.export(comp, deadline=deadline, clock=clock, cancel=cancel)
             jwarn.extend(w)
 
         raw, jsent = _upload_stream(cfg, clients.s3, jkey, produce_journal, cancel)
@@ -213,8 +162,8 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: d
             report.warnings.append(manifest.Warning(b"journal", text))
             log.warning("journal", extra=fields(warning=text))
         journal_info = {"key": jkey, "bytes": raw, "compressed_bytes": jsent, "warnings": jwarn}
-        result["journal_key"] = jkey
-        result["bytes_uploaded"] += jsent
+        result.journal_key = jkey
+        result.bytes_uploaded += jsent
 
     mkey = key + ".manifest.json"
     doc = manifest.build(report, key=key, compression=cfg.compression,
@@ -223,156 +172,16 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: d
                          created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          sources=list(cfg.source), excludes=list(cfg.exclude))
     put_small(clients.s3, cfg.bucket or "", mkey, ChainBody(*doc), extra=_s3_extra(cfg))
-    result["manifest_key"] = mkey
-    result["warnings"] = len(report.warnings)
+    result.manifest_key = mkey
+    result.warnings = len(report.warnings)
     for w in report.warnings[:50]:
         log.warning("skipped or changed", extra=fields(**manifest.path_fields(w.path),
                                                        reason=w.reason))
     if report.stopped_early:
-        result["status"] = "partial"
+        result.status = PARTIAL
         log.warning("deadline reached: archive closed early",
                     extra=fields(omitted=len(report.omitted)))
     else:
-        result["status"] = "succeeded"
+        result.status = SUCCEEDED
 
-
-@contextmanager
-def _heartbeats(lc: Lifecycle | None) -> Iterator[None]:
-    if lc is None:
-        yield
-        return
-    with lc.heartbeats_while():
-        yield
-
-
-def run(cfg: Config, ident: Identity, clients: Clients, *, dedupe: str | None = TERMINATION,
-        clock: Callable[[], float] = time.monotonic, progress_interval: float = 30.0,
-        on_stage: Callable[[str], None] | None = None,
-        cancel: threading.Event | None = None) -> Outcome:
-    """Back up, report, complete. `dedupe=None` for runs that must not count as the
-    termination (ad-hoc --no-complete runs, Spot stop/hibernate). `on_stage` hears
-    "backing up" and "completing" (the watcher turns them into sd_notify STATUS=). Setting
-    `cancel` stops the archive at the next write: the upload is aborted, the failure
-    reported and the hook completed with --on-failure."""
-    started = clock()
-    result = new_result(cfg, ident)
-    stage = on_stage or (lambda _s: None)
-    if not cfg.complete:
-        dedupe = None
-    with ExitStack() as stack:
-        lock: TerminationLock | None = None
-        if dedupe:
-            lock = TerminationLock((cfg.state_dir, cfg.runtime_dir),
-                                   f"{dedupe}-{ident.instance_id}", clock=clock)
-            try:
-                lock.acquire(cfg.lock_timeout)
-            except LockTimeout as err:
-                result["error"] = str(err)
-                result["duration_s"] = round(clock() - started, 3)
-                return Outcome(result, EXIT_FAILED)
-            stack.callback(lock.release)
-            previous = lock.recorded()
-            if previous is not None:
-                return _duplicate(previous, result, clock() - started)
-        outcome = _run_locked(cfg, ident, clients, result, started=started, clock=clock,
-                              progress_interval=progress_interval, stage=stage, cancel=cancel,
-                              locked=lock is not None)
-        if lock is not None:
-            lock.record(outcome.result, outcome.exit_code)
-        return outcome
-    raise AssertionError("unreachable")  # pragma: no cover - ExitStack never swallows here
-
-
-def _duplicate(previous: dict[str, Any], result: dict[str, Any], elapsed: float) -> Outcome:
-    first = previous.get("result", {})
-    code = int(previous.get("exit_code", EXIT_FAILED))
-    result.update({k: first.get(k) for k in ("group", "hook", "key", "manifest_key",
-                                               "journal_key", "bucket") if k in first})
-    result.update(status="duplicate", first_status=first.get("status"), first_exit_code=code,
-                  duration_s=round(elapsed, 3))
-    log.info("already backed up for this termination; nothing to do",
-             extra=fields(key=result["key"], first_status=first.get("status")))
-    return Outcome(result, code)
-
-
-def _run_locked(cfg: Config, ident: Identity, clients: Clients, result: dict[str, Any], *,
-                started: float, clock: Callable[[], float], progress_interval: float,
-                stage: Callable[[str], None], cancel: threading.Event | None,
-                locked: bool) -> Outcome:
-    lc: Lifecycle | None = None
-    group = cfg.asg_name
-    if cfg.complete and clients.autoscaling is not None:
-        try:
-            target = discover(clients.autoscaling, ident.instance_id, group=cfg.asg_name,
-                              hook=cfg.hook_name, token=cfg.lifecycle_token)
-        except LifecycleError as err:
-            target = None
-            result["lifecycle_error"] = str(err)
-            log.error("lifecycle hook discovery failed; backing up anyway",
-                      extra=fields(error=str(err)))
-        if target is not None:
-            group = target.group
-            result.update(group=target.group, hook=target.hook)
-            lc = Lifecycle(clients.autoscaling, target, interval=cfg.heartbeat_interval,
-                           wait_timeout=cfg.wait_timeout, clock=clock)
-        else:
-            log.info("no terminating lifecycle hook for this instance; nothing to complete")
-    result["group"] = group
-    if locked:
-        # A run killed mid-upload (kill -9, power loss) leaves its multipart upload behind;
-        # under the lock no other run of ours for this instance is uploading.
-        prefix = keys.listing_prefix(cfg.key_template, key_values(cfg, ident, group))
-        abort_stale_uploads(clients.s3, cfg.bucket or "", prefix, ident.instance_id,
-                            extra=_s3_extra(cfg))
-    try:
-        stage("backing up")
-        with _heartbeats(lc):
-            try:
-                archive_and_upload(cfg, ident, clients, result, group=group, started=started,
-                                   clock=clock, progress_interval=progress_interval,
-                                   cancel=cancel)
-            except AgentError as err:
-                result.update(status="failed", error=str(err))
-            except Interrupted:
-                # Not re-raised: the finally below must still report and complete, and the
-                # caller gets an ordinary failed outcome to print and record.
-                result.update(status="failed", error="interrupted by signal")
-            except Exception as err:
-                log.exception("unexpected error during backup")
-                result.update(status="failed", error=f"{type(err).__name__}: {err}")
-    finally:
-        ok = result["status"] in ("succeeded", "partial")
-        if lc is not None and not lc.gone.is_set():
-            result["lifecycle_result"] = cfg.on_success if ok else cfg.on_failure
-        result["duration_s"] = round(clock() - started, 3)
-        level = logging.INFO if ok else logging.ERROR
-        log.log(level, "backup " + result["status"], extra=fields(
-            key=result["key"], bytes_read=result["bytes_read"],
-            bytes_uploaded=result["bytes_uploaded"], files=result["files"],
-            warnings=result["warnings"], error=result["error"]))
-        _report(cfg, clients, result)
-        if lc is not None:
-            stage("completing")
-            if lc.gone.is_set():
-                result["lifecycle_error"] = "lifecycle action expired or was completed elsewhere"
-            else:
-                error = lc.complete(result["lifecycle_result"], cfg.complete_timeout)
-                if error:
-                    result["lifecycle_error"] = error
-                    log.error("lifecycle completion failed", extra=fields(error=error))
-                    _report(cfg, clients, {**result, "status": result["status"],
-                                           "event": "lifecycle_completion_failed"})
-    code = EXIT_OK if result["status"] in ("succeeded", "partial") else EXIT_FAILED
-    return Outcome(result, code)
-
-
-def _report(cfg: Config, clients: Clients, result: dict[str, Any]) -> None:
-    if not cfg.topic_arn or clients.sns is None:
-        return
-    try:
-        msg_id = notify.publish(clients.sns, cfg.topic_arn, result)
-        log.info("report published", extra=fields(topic_arn=cfg.topic_arn, message_id=msg_id))
-    except NotifyError as err:
-        result["notify_error"] = str(err)
-        log.error("report not published", extra=fields(error=str(err)))
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
-from types import FrameType
 from typing import Any, NoReturn, cast
 
 from instance_agent import __version__, config, logs
@@ -122,21 +120,27 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return {o.name: getattr(args, o.name, None) for o in config.OPTIONS}
 
 
-def resolve_identity(cfg: config.Config) -> Any:
-    """Instance id and region: config first, then IMDS; region may also come from the SDK."""
+def resolve_identity(cfg: config.Config, imds: Any = None) -> Any:
+    """Instance id and region: config first, then IMDS; region may also come from the SDK.
+    `imds` lets the caller reuse one IMDSv2 session (and its token) for later reads."""
     from instance_agent.backup import Identity
     from instance_agent.imds import IMDS
 
     instance_id, region = cfg.instance_id, cfg.region
     if instance_id and region:
         return Identity(instance_id, region)
-    imds = IMDS()
+    own = imds is None
+    imds = imds or IMDS()
     try:
         if not instance_id:
             instance_id = imds.instance_id()
         if not region:
             try:
                 region = imds.region()
+                if not config.REGION_RE.match(region):
+                    # An HTML error page from a proxy or a broken IMDS is not a region.
+                    raise IdentityError(f"IMDS answered placement/region with {region[:40]!r}, "
+                                        "which is not a region name; pass --region")
             except IMDSError:
                 region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
                 if not region:
@@ -145,7 +149,8 @@ def resolve_identity(cfg: config.Config) -> Any:
         raise IdentityError(f"cannot get the instance identity from IMDS at {imds.endpoint} "
                             f"({err}); pass --instance-id and --region") from None
     finally:
-        imds.close()
+        if own:
+            imds.close()
     return Identity(instance_id, region)
 
 
@@ -179,37 +184,41 @@ def make_clients(cfg: config.Config, region: str) -> Any:
     )
 
 
-def install_interrupt_handlers() -> None:
-    """SIGTERM/SIGINT raise Interrupted once in the main thread, so every finally runs:
-    the upload is aborted, the failure reported and the hook completed. Later signals are
-    ignored so that clean-up itself is not interrupted."""
-    from instance_agent.backup import Interrupted
-
-    fired = False
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        nonlocal fired
-        if fired:
-            return
-        fired = True
-        raise Interrupted(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+def read_lifecycle_state(cfg: config.Config, imds: Any) -> str | None:
+    """IMDS's target-lifecycle-state, best effort: `Terminated` tells a run that Auto Scaling
+    is about to hold the instance, even while its own API still says InService."""
+    if not cfg.complete or cfg.lifecycle_token:
+        return None  # nothing to complete, or the token already says so
+    try:
+        value = imds.get("autoscaling/target-lifecycle-state", timeout=0)
+    except IMDSError:
+        return None
+    return value.strip() if value else None
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from instance_agent import backup
+    import threading
+
+    from instance_agent import signals, termination
 
     cfg = config.load(_flags(args), os.environ, config_file=args.config, command=config.BACKUP)
     logs.setup(cfg.log_level)
-    ident = resolve_identity(cfg)
+    cancel = threading.Event()
+    signals.cancel_on_signals(cancel)
+    from instance_agent.imds import IMDS
+
+    imds = IMDS()  # one IMDSv2 session: identity, then the lifecycle state
+    try:
+        ident = resolve_identity(cfg, imds)
+        imds_state = read_lifecycle_state(cfg, imds)
+    finally:
+        imds.close()
     clients = make_clients(cfg, ident.region)
-    install_interrupt_handlers()
-    outcome = backup.run(cfg, ident, clients,
-                         progress_interval=5.0 if sys.stderr.isatty() else 30.0)
+    opts = termination.Options(imds_state=imds_state, cancel=cancel,
+                               progress_interval=5.0 if sys.stderr.isatty() else 30.0)
+    outcome = termination.run(cfg, ident, clients, opts)
     if args.json:
-        sys.stdout.write(json.dumps(outcome.result) + "\n")
+        sys.stdout.write(json.dumps(outcome.result.to_json()) + "\n")
         sys.stdout.flush()
     return outcome.exit_code
 

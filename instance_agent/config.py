@@ -86,7 +86,7 @@ class Option:
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _ARN_TOPIC_RE = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$")
 _INSTANCE_RE = re.compile(r"^i-[0-9a-f]{8,17}$")
-_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+REGION_RE = _REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _HOOK_RE = re.compile(r"^[A-Za-z0-9_/-]{1,255}$")
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
@@ -203,8 +203,11 @@ OPTIONS: tuple[Option, ...] = (
            "is unusable"),
     Option("lock_timeout", "float", 3600.0, "how long a second run waits for the first",
            check=check_positive),
-    Option("wait_timeout", "float", 300.0, "how long to wait for Terminating:Wait when the "
-           "instance learns of its termination early", check=check_positive),
+    # 3600 s is the longest deregistration delay an ELBv2 target group allows
+    # (deregistration_delay.timeout_seconds, 0-3600); the rest is margin for Auto Scaling.
+    Option("wait_timeout", "float", 3900.0, "how long to wait for Auto Scaling to hold the "
+           "instance in Terminating:Wait once it is known to be leaving (covers a load "
+           "balancer's deregistration delay, up to 3600 s)", check=check_positive),
     Option("complete_timeout", "float", 60.0, "deadline for CompleteLifecycleAction with its "
            "retries", check=check_positive),
     Option("heartbeat_interval", "float", None, "seconds between heartbeats; default "
@@ -218,17 +221,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("on_rebalance", "choice", "log", "on a rebalance recommendation: log it, or back up",
            commands=frozenset({WATCH}), choices=("log", "backup")),
     Option("drain_path", "pathlist", (), "before the backup, wait until this path is gone or an "
-           "empty directory; repeatable", commands=frozenset({WATCH}), metavar="PATH"),
+           "empty directory; repeatable", metavar="PATH"),
     Option("drain_timeout", "float", 600.0, "longest wait for the drain paths",
-           commands=frozenset({WATCH}), check=check_positive),
+           check=check_positive),
     Option("pre_command", "list", (), "shell command run before the archive; repeatable",
-           commands=frozenset({WATCH}), metavar="CMD"),
+           metavar="CMD"),
     Option("post_command", "list", (), "shell command run after the backup; repeatable",
-           commands=frozenset({WATCH}), metavar="CMD"),
+           metavar="CMD"),
     Option("command_timeout", "float", 60.0, "timeout of each pre/post command",
-           commands=frozenset({WATCH}), check=check_positive),
+           check=check_positive),
     Option("pre_command_fatal", "bool", False, "a failing pre-command fails the backup",
-           commands=frozenset({WATCH}), negative_flag=True),
+           negative_flag=True),
+    Option("warm_pool_backup", "bool", False, "also back up when the instance returns to a "
+           "warm pool (the instance and its disks are kept, so by default only the commands "
+           "run and the hook is completed with CONTINUE)", negative_flag=True),
     Option("stop_grace", "float", 90.0, "on SIGTERM during a backup, let it run this long "
            "before aborting", commands=frozenset({WATCH}), check=check_positive),
 )
@@ -271,7 +277,7 @@ class Config:
     state_dir: str = "/var/lib/instance-agent"
     runtime_dir: str = "/run/instance-agent"
     lock_timeout: float = 3600.0
-    wait_timeout: float = 300.0
+    wait_timeout: float = 3900.0
     complete_timeout: float = 60.0
     heartbeat_interval: float | None = None
     log_level: str = "info"
@@ -284,6 +290,7 @@ class Config:
     post_command: tuple[str, ...] = ()
     command_timeout: float = 60.0
     pre_command_fatal: bool = False
+    warm_pool_backup: bool = False
     stop_grace: float = 90.0
     config_file: str | None = field(default=None, compare=False)
 

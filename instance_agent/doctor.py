@@ -38,7 +38,7 @@ from instance_agent.config import Config
 from instance_agent.errors import AgentError, ConfigError, IMDSError
 from instance_agent.imds import DEFAULT_ENDPOINT, ENDPOINT_ENV, IMDS, TOKEN_HEADER, TTL_HEADER
 from instance_agent.install_service import UNIT_NAME
-from instance_agent.lifecycle import WAIT_STATES, HookTarget, default_interval, discover, instance_state
+from instance_agent.lifecycle import TERMINATING_WAIT, HookTarget, default_interval, discover, instance_state
 
 OK, FAIL, SKIP = "ok", "fail", "skip"
 SYMBOLS = {OK: "✓", FAIL: "✗", SKIP: "–"}
@@ -354,7 +354,7 @@ class Doctor:
             self.add(name, FAIL, f"RecordLifecycleActionHeartbeat: {_describe(err)}",
                      "check the network path to the Auto Scaling endpoint")
             return
-        waiting = self.state in WAIT_STATES
+        waiting = self.state in TERMINATING_WAIT
         self.add(name, OK, "RecordLifecycleActionHeartbeat works" + (
             " (the instance is terminating: this heartbeat extended its hook's timeout)"
             if waiting else ""))

@@ -46,7 +46,12 @@ class ArchiveTooLarge(BackupError):
 
 
 class LifecycleError(AgentError):
-    """An Auto Scaling call failed after its retries."""
+    """An Auto Scaling call failed. `retryable` says whether trying again can help:
+    throttling, 5xx and connection errors can; AccessDenied and other refusals cannot."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class NoActiveLifecycleAction(LifecycleError):
@@ -65,7 +70,12 @@ class LockTimeout(AgentError):
 
 
 class Cancelled(BackupError):
-    """The caller asked the pipeline to stop (the watcher's --stop-grace ran out)."""
+    """The caller asked the pipeline to stop (a signal, or the watcher's --stop-grace ran
+    out)."""
+
+
+class WaitTimeout(LifecycleError):
+    """Auto Scaling did not put the instance into a wait state within --wait-timeout."""
 
 
 class InstallError(AgentError):

@@ -8,6 +8,7 @@ with journalctl (missing, no journal, no previous boot) are warnings, never fail
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import subprocess
 import threading
@@ -19,6 +20,7 @@ from instance_agent.archive import Sink
 
 READ_SIZE = 1 << 20
 BOOTS = ("-1", "0")  # the previous boot first, so the export reads in time order
+POLL = 0.5  # seconds a read waits before the deadline and the cancel event are looked at
 
 
 def _drain(stream: IO[bytes], out: list[bytes]) -> None:
@@ -30,8 +32,13 @@ def _drain(stream: IO[bytes], out: list[bytes]) -> None:
 
 
 def export(sink: Sink, *, deadline: float | None, clock: Callable[[], float] = time.monotonic,
-           journalctl: str | None = None) -> tuple[int, list[str]]:
-    """Write the export stream into `sink`. Returns (bytes, warnings)."""
+           journalctl: str | None = None,
+           cancel: threading.Event | None = None) -> tuple[int, list[str]]:
+    """Write the export stream into `sink`. Returns (bytes, warnings).
+
+    A journalctl that prints nothing (a locked or corrupt journal, a hung disk) must not hold
+    the run past --max-duration or a stop: reads wait at most POLL at a time, and at the
+    deadline or on cancel the child is killed and reaped, never left behind."""
     exe = journalctl or shutil.which("journalctl")
     if not exe:
         return 0, ["journalctl not found; journal not exported"]
@@ -47,17 +54,33 @@ def export(sink: Sink, *, deadline: float | None, clock: Callable[[], float] = t
         err_chunks: list[bytes] = []
         reader = threading.Thread(target=_drain, args=(proc.stderr, err_chunks), daemon=True)
         reader.start()
-        cut = False
+        cut = stopped = False
         fd = proc.stdout.fileno()
-        while chunk := os.read(fd, READ_SIZE):
-            sink.write(chunk)
-            total += len(chunk)
-            if deadline is not None and clock() >= deadline:
-                cut = True
+        try:
+            while True:
+                if cancel is not None and cancel.is_set():
+                    stopped = True
+                    break
+                if deadline is not None and clock() >= deadline:
+                    cut = True
+                    break
+                ready, _, _ = select.select([fd], [], [], POLL)
+                if not ready:
+                    continue
+                chunk = os.read(fd, READ_SIZE)
+                if not chunk:
+                    break
+                sink.write(chunk)
+                total += len(chunk)
+        finally:
+            if proc.poll() is None:
                 proc.kill()
-                break
-        proc.stdout.close()
-        rc = proc.wait()
+            proc.stdout.close()
+            rc = proc.wait()
+        if stopped:
+            reader.join(timeout=5)
+            warnings.append(f"journal boot {boot} cut: the run was stopped")
+            break
         reader.join(timeout=5)
         if cut:
             warnings.append(f"journal boot {boot} cut at --max-duration")

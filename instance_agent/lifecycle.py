@@ -1,13 +1,21 @@
-"""Auto Scaling adapter: find the terminating hook, keep it alive, and complete it.
+"""Auto Scaling adapter: find this instance's lifecycle action, keep it alive, complete it.
 
-Two races shape this module (see aws-facts.md):
-- IMDS can say `Terminated` before the instance is in `Terminating:Wait` (load balancer
-  deregistration runs first). Until Wait is confirmed, "No active Lifecycle Action" means
-  "too early": heartbeats and completion retry, bounded by `wait_timeout`. Wait counts as
-  confirmed once a heartbeat succeeds or DescribeAutoScalingInstances shows it.
-- After Wait is confirmed, the same error means the action expired or was completed
-  elsewhere: heartbeats stop for good, and completion reports it instead of retrying.
-Heartbeats run only while the work runs (`Heartbeat` is a context manager) and always stop.
+Three facts of real deployments shape this module (see aws-facts.md for the sources):
+
+- IMDS says `Terminated` before the instance is in `Terminating:Wait`: behind a load
+  balancer the group first deregisters it, and that lasts the target group's deregistration
+  delay (300 s by default, up to 3600 s). `locate()` waits, bounded by --wait-timeout, for
+  Auto Scaling to report a wait state before anything is archived, so the logs written
+  while connections drain are in the backup.
+- One instance can see several actions (warm-pool reuse, a second scale-in). Whether an
+  action is live *now* is answered by Auto Scaling itself: a heartbeat succeeds only while
+  one is. `probe()` is that question; a record on disk can never answer it.
+- Calls fail briefly (throttling, 5xx, a dropped connection) or for good (AccessDenied).
+  Only the first kind is retried; the second ends the retries at once.
+
+Heartbeats run only while the work runs (`heartbeats_while()` is a context manager) and
+always stop. `complete()` has its own deadline and ignores cancellation: it is what
+releases the instance, so it runs even while the agent stops (as lifecycled does).
 """
 
 from __future__ import annotations
@@ -20,19 +28,43 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError
 
-from instance_agent.errors import LifecycleError, NoActiveLifecycleAction
+from instance_agent.errors import (
+    Cancelled,
+    LifecycleError,
+    NoActiveLifecycleAction,
+    WaitTimeout,
+)
 from instance_agent.logs import fields
+from instance_agent.redact import scrub
 
 log = logging.getLogger(__name__)
 
 TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
-WAIT_STATES = ("Terminating:Wait", "Warmed:Terminating:Wait")
-BEFORE_WAIT = ("InService", "Terminating", "Warmed:Terminating", "Standby", "Warmed:Running",
-               "Warmed:Stopped", "Warmed:Hibernated", "Detaching")
+# Where a terminating hook holds an instance. `Warmed:Pending:Wait` is the return to a warm
+# pool under an instance reuse policy: the terminating hook fires, but the instance is kept
+# ("Use lifecycle hooks with a warm pool", Auto Scaling user guide).
+TERMINATING_WAIT = ("Terminating:Wait", "Warmed:Terminating:Wait")
+WARM_RETURN_WAIT = "Warmed:Pending:Wait"
+# On the way to a terminating wait: deregistration from load balancers runs here.
+ON_THE_WAY = ("Terminating", "Warmed:Terminating", "Warmed:Pending")
+# Past the wait: nothing is left to complete.
+PAST_WAIT = ("Terminating:Proceed", "Terminated", "Warmed:Terminating:Proceed",
+             "Warmed:Terminated")
 MAX_INTERVAL = 600.0  # AWS keeps a hook up to 100 x HeartbeatTimeout; no need to ping faster
-RECHECK = 2.0  # seconds between tries while waiting for Terminating:Wait
+RECHECK = 2.0  # first pause between looks while waiting for a wait state
+RECHECK_MAX = 15.0  # a 3600 s deregistration delay costs about 250 calls, not 1,800
+MAX_BACKOFF = 10.0  # between retries of a failed call
+STOP_GRACE = 20.0  # completion retries left once the agent is told to stop
+
+# Error codes that say "try again later". Everything else that AWS refuses (AccessDenied,
+# ValidationError, …) is permanent: retrying cannot change the answer.
+_RETRYABLE_CODES = frozenset({
+    "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
+    "RequestThrottled", "ServiceUnavailable", "InternalFailure", "InternalError",
+    "ResourceContention", "RequestTimeout", "RequestTimeoutException",
+})
 
 
 class AutoScalingClient(Protocol):
@@ -44,14 +76,19 @@ class AutoScalingClient(Protocol):
     def complete_lifecycle_action(self, **kwargs: Any) -> Mapping[str, Any]: ...
 
 
-def _translate(err: Exception, call: str) -> LifecycleError:
+def translate(err: Exception, call: str, token: str | None = None) -> LifecycleError:
+    """One line for a botocore error, classified; the action token never appears in it."""
     if isinstance(err, ClientError):
         e = err.response.get("Error", {})
-        code, msg = str(e.get("Code", "")), str(e.get("Message", ""))
+        code, msg = str(e.get("Code", "")), scrub(str(e.get("Message", "")), token)
+        status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         if code == "ValidationError" and msg.startswith("No active Lifecycle Action"):
             return NoActiveLifecycleAction(msg)
-        return LifecycleError(f"{call}: {code}: {msg}")
-    return LifecycleError(f"{call}: {type(err).__name__}: {err}")
+        return LifecycleError(f"{call}: {code}: {msg}",
+                              retryable=code in _RETRYABLE_CODES or status >= 500)
+    retryable = isinstance(err, (ConnectionError, HTTPClientError))
+    return LifecycleError(f"{call}: {type(err).__name__}: {scrub(str(err), token)}",
+                          retryable=retryable)
 
 
 @dataclass(frozen=True)
@@ -76,7 +113,7 @@ def instance_state(client: AutoScalingClient, instance_id: str) -> tuple[str, st
     try:
         resp = client.describe_auto_scaling_instances(InstanceIds=[instance_id])
     except (ClientError, BotoCoreError) as err:
-        raise _translate(err, "DescribeAutoScalingInstances") from None
+        raise translate(err, "DescribeAutoScalingInstances") from None
     for inst in resp.get("AutoScalingInstances", []):
         if inst.get("InstanceId") == instance_id:
             return str(inst["AutoScalingGroupName"]), str(inst.get("LifecycleState", ""))
@@ -85,7 +122,7 @@ def instance_state(client: AutoScalingClient, instance_id: str) -> tuple[str, st
 
 def discover(client: AutoScalingClient, instance_id: str, *, group: str | None,
              hook: str | None, token: str | None) -> HookTarget | None:
-    """The hook to heartbeat and complete, or None when there is nothing to complete."""
+    """The terminating hook to heartbeat and complete, or None when there is none."""
     if group is None:
         found = instance_state(client, instance_id)
         if found is None:
@@ -97,7 +134,7 @@ def discover(client: AutoScalingClient, instance_id: str, *, group: str | None,
             kwargs["LifecycleHookNames"] = [hook]
         hooks = client.describe_lifecycle_hooks(**kwargs).get("LifecycleHooks", [])
     except (ClientError, BotoCoreError) as err:
-        raise _translate(err, "DescribeLifecycleHooks") from None
+        raise translate(err, "DescribeLifecycleHooks") from None
     if hook:
         match = [h for h in hooks if h.get("LifecycleHookName") == hook]
         if not match:
@@ -122,8 +159,15 @@ def default_interval(heartbeat_timeout: int) -> float:
     return max(1.0, min(heartbeat_timeout / 3.0, MAX_INTERVAL))
 
 
+# What `locate()` found.
+ACTIVE = "termination"  # a terminating action is live: back up, then complete
+WARM_RETURN = "warm-pool-return"  # the instance goes back to the warm pool, disks kept
+NOT_TERMINATING = "none"  # in service (an ad-hoc run), or the live action is not ours
+GONE = "gone"  # past the wait: the action ended (completed elsewhere, or expired)
+
+
 class Lifecycle:
-    """Heartbeats and completion for one hook target."""
+    """Probe, heartbeats and completion for one hook target."""
 
     def __init__(
         self,
@@ -131,54 +175,128 @@ class Lifecycle:
         target: HookTarget,
         *,
         interval: float | None = None,
-        wait_timeout: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], object] | None = None,
     ) -> None:
         self.client = client
         self.target = target
         self.interval = interval or default_interval(target.heartbeat_timeout)
         self.clock = clock
-        self.wait_deadline = clock() + wait_timeout
-        self.confirmed = threading.Event()  # Terminating:Wait seen (or a heartbeat succeeded)
+        # Waits go through an Event so that a cancel can cut them short; tests pass a fake.
+        self._sleep = sleep or threading.Event().wait
+        self.confirmed = threading.Event()  # a heartbeat succeeded: the action is live
         self.gone = threading.Event()  # the action expired or was completed elsewhere
         self.heartbeats = 0
+        self.calls = 0  # Auto Scaling requests made, for logs and tests
 
     # -- calls --------------------------------------------------------------------------
     def _call(self, name: str, fn: Callable[..., Any], **kwargs: Any) -> None:
+        self.calls += 1
         try:
             fn(**self.target.ids(), **kwargs)
         except (ClientError, BotoCoreError) as err:
-            raise _translate(err, name) from None
+            raise translate(err, name, self.target.token) from None
 
     def heartbeat(self) -> None:
         self._call("RecordLifecycleActionHeartbeat", self.client.record_lifecycle_action_heartbeat)
         self.heartbeats += 1
         self.confirmed.set()
 
-    def _not_active(self) -> bool:
-        """After "No active Lifecycle Action": True if it is final, False to retry later."""
-        if self.confirmed.is_set():
-            return True
-        try:
-            found = instance_state(self.client, self.target.instance_id)
-        except LifecycleError as err:
-            log.warning("cannot read lifecycle state", extra=fields(error=str(err)))
-            return self.clock() >= self.wait_deadline
-        state = found[1] if found else None
-        if state in WAIT_STATES:
-            # Wait is confirmed but our call was refused: the action is not ours to keep.
-            self.confirmed.set()
-            return True
-        if state in BEFORE_WAIT:
-            log.info("instance not yet in Terminating:Wait; retrying",
-                     extra=fields(state=state))
-            return self.clock() >= self.wait_deadline
-        return True  # Proceed, Terminated, or out of the group: nothing left to complete
+    def _state(self) -> str | None:
+        found = instance_state(self.client, self.target.instance_id)
+        return found[1] if found else None
+
+    # -- where is the instance? ---------------------------------------------------------
+    def probe(self, deadline: float, cancel: threading.Event | None = None) -> bool:
+        """Is a lifecycle action of this hook live for the instance (or token) right now?
+
+        A heartbeat is the one question Auto Scaling answers exactly: it succeeds only while
+        the action is live, and costs nothing but a restarted timer. Retryable errors are
+        retried until `deadline`; a permanent one raises."""
+        failures = 0
+        while True:
+            try:
+                self.heartbeat()
+                return True
+            except NoActiveLifecycleAction:
+                return False
+            except LifecycleError as err:
+                if not err.retryable:
+                    raise
+                failures += 1
+                wait = min(2.0**failures, MAX_BACKOFF)
+                if self.clock() + wait > deadline or (cancel is not None and cancel.is_set()):
+                    raise
+                log.warning("heartbeat failed; retrying", extra=fields(error=str(err), wait_s=wait))
+                self._pause(wait, cancel)
+
+    def _pause(self, seconds: float, cancel: threading.Event | None) -> None:
+        """Sleep, cut short by `cancel` (waits before the work; never completion's)."""
+        if cancel is not None:
+            cancel.wait(seconds)
+        else:
+            self._sleep(seconds)
+
+    def locate(self, *, deadline: float, expect_termination: bool,
+               cancel: threading.Event | None = None) -> str:
+        """Wait until the instance's lifecycle is decided; returns ACTIVE, WARM_RETURN,
+        NOT_TERMINATING or GONE.
+
+        `expect_termination` says that something already told us the instance is leaving
+        (IMDS said `Terminated`, or Run Command carries an action token): then `InService`
+        means Auto Scaling has not caught up yet, and we wait for the wait state instead of
+        calling the run ad hoc. Raises WaitTimeout at `deadline`, and Cancelled once `cancel`
+        is set."""
+        pause, failures, announced = RECHECK, 0, False
+        while True:
+            try:
+                state = self._state()
+                failures = 0
+            except LifecycleError as err:
+                if not err.retryable:
+                    raise
+                failures += 1
+                state = "unknown"
+                log.warning("cannot read the lifecycle state; retrying", extra=fields(
+                    error=str(err), failures=failures))
+            if state in TERMINATING_WAIT or (self.target.token and state not in ON_THE_WAY
+                                             and state != "unknown"):
+                # With a token the probe is exact whatever the state says: Describe… is
+                # eventually consistent, the heartbeat is not. Without one, a wait state
+                # whose probe fails is another hook's, or ours completed a moment ago.
+                if self.probe(deadline, cancel):
+                    return WARM_RETURN if state == WARM_RETURN_WAIT else ACTIVE
+                return GONE
+            elif state == WARM_RETURN_WAIT:
+                # Into the warm pool: a launching hook (fresh instance) or our terminating
+                # hook (a return under a reuse policy). Only the probe can tell them apart.
+                return WARM_RETURN if self.probe(deadline, cancel) else NOT_TERMINATING
+            elif state is None:
+                return GONE if expect_termination or self.target.token else NOT_TERMINATING
+            elif state in PAST_WAIT:
+                return GONE
+            elif not (state in ON_THE_WAY or state == "unknown" or (
+                    state == "InService" and (expect_termination or self.target.token))):
+                # InService with no sign of leaving (an ad-hoc run), Standby, Warmed:Stopped
+                # after its hooks, …: nothing of ours to wait for. InService *with* a sign is
+                # Auto Scaling's API lagging behind IMDS or the event: wait.
+                return NOT_TERMINATING
+            if not announced:
+                log.info("waiting for Auto Scaling to hold the instance in a wait state",
+                         extra=fields(state=state, wait_timeout_s=round(deadline - self.clock())))
+                announced = True
+            if self.clock() + pause > deadline:
+                raise WaitTimeout(f"instance still {state} after the wait timeout; no "
+                                  "lifecycle action to complete")
+            self._pause(pause, cancel)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("stopped while waiting for the lifecycle wait state")
+            pause = min(pause * 1.5, RECHECK_MAX)
 
     # -- heartbeats ---------------------------------------------------------------------
     def run_heartbeats(self, stop: threading.Event) -> None:
-        """Heartbeat now and every `interval` until `stop` is set or the action is gone."""
-        wait = 0.0
+        """Heartbeat every `interval` until `stop` is set or the action is gone."""
+        wait = self.interval if self.confirmed.is_set() else 0.0
         failures = 0
         while not stop.wait(wait):
             try:
@@ -187,13 +305,10 @@ class Lifecycle:
                 wait = self.interval
                 log.debug("heartbeat sent", extra=fields(count=self.heartbeats))
             except NoActiveLifecycleAction as err:
-                if self._not_active():
-                    if self.confirmed.is_set():
-                        self.gone.set()
-                    log.warning("heartbeats stop: no active lifecycle action",
-                                extra=fields(error=str(err)))
-                    return
-                wait = min(RECHECK, self.interval)
+                self.gone.set()
+                log.warning("heartbeats stop: no active lifecycle action",
+                            extra=fields(error=str(err)))
+                return
             except LifecycleError as err:
                 failures += 1
                 wait = min(self.interval, 2.0**failures)
@@ -203,13 +318,15 @@ class Lifecycle:
         return Heartbeat(self)
 
     # -- completion ---------------------------------------------------------------------
-    def complete(self, result: str, timeout: float) -> str | None:
-        """CompleteLifecycleAction with retries; returns None on success, else the error.
+    def complete(self, result: str, timeout: float,
+                 stop: threading.Event | None = None) -> str | None:
+        """CompleteLifecycleAction with retries; None on success, else the error.
 
-        The deadline is `timeout` from now, extended to the Wait deadline while Wait is not
-        confirmed, so an early completion is retried rather than lost.
-        """
-        deadline = max(self.clock() + timeout, self.wait_deadline)
+        Only retryable errors are retried, within `timeout`; once `stop` is set (the agent is
+        stopping) within STOP_GRACE at most. A permanent error (AccessDenied) returns at
+        once. "No active Lifecycle Action" is final once the action was seen live, and
+        retried within `timeout` otherwise (the early-`Terminated` race)."""
+        deadline = self.clock() + timeout
         failures = 0
         while True:
             try:
@@ -219,18 +336,32 @@ class Lifecycle:
                          group=self.target.group, hook=self.target.hook))
                 return None
             except NoActiveLifecycleAction as err:
-                if self._not_active():
-                    return str(err)
+                last = str(err)
+                if self.confirmed.is_set() or not self._may_still_come():
+                    self.gone.set()
+                    return last
                 wait = RECHECK
-                last = str(err)
             except LifecycleError as err:
-                failures += 1
-                wait = min(2.0**failures, 10.0)
                 last = str(err)
-                log.warning("completion failed; retrying", extra=fields(error=last))
+                if not err.retryable:
+                    log.error("completion refused; not retrying", extra=fields(error=last))
+                    return last
+                failures += 1
+                wait = min(2.0**failures, MAX_BACKOFF)
+                log.warning("completion failed; retrying", extra=fields(error=last, wait_s=wait))
+            if stop is not None and stop.is_set():
+                deadline = min(deadline, self.clock() + STOP_GRACE)
             if self.clock() + wait > deadline:
-                return f"{last} (gave up)"
-            time.sleep(wait)
+                return f"{last} (gave up after {timeout:g} s)"
+            self._sleep(wait)
+
+    def _may_still_come(self) -> bool:
+        """After "No active …" before any heartbeat succeeded: is a wait state ahead?"""
+        try:
+            state = self._state()
+        except LifecycleError:
+            return True
+        return state in ON_THE_WAY or state in TERMINATING_WAIT
 
 
 class Heartbeat:

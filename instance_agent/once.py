@@ -1,15 +1,29 @@
-"""Exactly once per termination: a kernel flock plus a recorded result, per instance.
+"""Exactly once per lifecycle action: a kernel flock, a record, and a decision rule.
 
-The SSM path (`instance-agent backup`) and the watcher compute the same lock name, so
-whichever starts first does the work. A second run waits for the lock (bounded) and then finds
-the first run's record: it reports that as `duplicate` and does nothing of its own. A run whose
-predecessor died without a record (a crash: the kernel drops the flock even on kill -9) backs up
-again — a second archive is better than none.
+The SSM path (`instance-agent backup`) and the watcher take the same lock, so whichever gets
+there first runs the whole termination job; the other waits for the lock (bounded) and then
+finds the first run's record. A run whose predecessor died without a record (a crash: the
+kernel drops the flock even on kill -9) backs up again — a second archive beats none.
+
+A record describes the *action* it answered, not the instance: one instance can see several
+actions (warm-pool reuse, a second scale-in), and each needs its own backup. So a record
+alone never says "done"; `decide()` weighs it against what Auto Scaling says now:
+
+    no record                                       -> run
+    no live action now                              -> duplicate (nothing left to do)
+    live action, record's action was completed      -> run (a new action)
+    live action, same action, backup ok, not completed -> complete only (no 2nd archive)
+    live action, anything else                      -> run
+
+"Same action" is the token's fingerprint when both sides know it, else the record being
+younger than the hook's heartbeat timeout: nobody heartbeats an action after its run ends,
+so an older uncompleted action has expired by now.
+
+Only runs that answered a termination write a record: an ad-hoc backup on an instance in
+service, or a return to the warm pool, never counts as the termination.
 
 The lock lives in the state dir; if that is unusable (read-only, full, missing permissions) it
-falls back to the runtime dir (/run/instance-agent, a tmpfs). A record older than 48 h is
-ignored: no lifecycle action outlives AWS's 172,800 s global timeout, so an older record
-belongs to some earlier manual run, not to this termination.
+falls back to the runtime dir (/run/instance-agent, a tmpfs).
 """
 
 from __future__ import annotations
@@ -19,26 +33,81 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from instance_agent.errors import LockTimeout
+from instance_agent.errors import Cancelled, LockTimeout
 from instance_agent.logs import fields
 
 log = logging.getLogger(__name__)
 
 RECORD_MAX_AGE = 172_800.0  # AWS's maximum global timeout of a lifecycle action
+RECORD_FORMAT = 2
+
+RUN = "run"
+DUPLICATE = "duplicate"
+COMPLETE_ONLY = "complete-only"
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a finished termination job leaves behind."""
+
+    recorded_at: float  # epoch seconds
+    exit_code: int
+    result: dict[str, Any]  # the job's result object, as --json printed it
+    backup_ok: bool  # an archive of this action is in S3
+    completed: bool  # the action it answered is over (completed, expired, or none to complete)
+    lifecycle_result: str  # what it completed (or meant to complete) with
+    action: str | None = None  # fingerprint of the action token, when known
+    valid_for: float = 0.0  # seconds after recorded_at that an uncompleted action may live
+    format: int = RECORD_FORMAT
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Record | None:
+        if doc.get("format") != RECORD_FORMAT:
+            return None  # a record from before actions were told apart: ignore it
+        try:
+            return cls(
+                recorded_at=float(doc["recorded_at"]), exit_code=int(doc["exit_code"]),
+                result=dict(doc["result"]), backup_ok=bool(doc["backup_ok"]),
+                completed=bool(doc["completed"]), lifecycle_result=str(doc["lifecycle_result"]),
+                action=doc.get("action"), valid_for=float(doc.get("valid_for", 0.0)))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def decide(record: Record | None, *, live: bool, action: str | None, now: float) -> str:
+    """RUN, DUPLICATE or COMPLETE_ONLY for a job that found `record` under the lock, with
+    `live` saying whether Auto Scaling holds an action for the instance now and `action`
+    the fingerprint of this run's token (None when it has none)."""
+    if record is None:
+        return RUN
+    if not live:
+        return DUPLICATE
+    if record.completed:
+        return RUN
+    if record.action is not None and action is not None:
+        same = record.action == action
+    else:
+        same = now - record.recorded_at < record.valid_for
+    return COMPLETE_ONLY if same and record.backup_ok else RUN
 
 
 class TerminationLock:
     def __init__(self, dirs: tuple[str, ...], name: str, *,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 cancel: threading.Event | None = None) -> None:
         self.dirs = dirs
         self.name = name
         self.clock = clock
-        self.sleep = sleep
+        self.cancel = cancel or threading.Event()
         self.fd: int | None = None
         self.dir: str | None = None
 
@@ -73,9 +142,12 @@ class TerminationLock:
                              extra=fields(lock=self.name, timeout_s=timeout))
                     announced = True
                 if self.clock() >= deadline:
+                    self.release()
                     raise LockTimeout(f"another run still holds {self.name} after {timeout:g} s") \
                         from None
-                self.sleep(0.1)
+                if self.cancel.wait(0.1):
+                    self.release()
+                    raise Cancelled("stopped while waiting for the termination lock") from None
 
     def release(self) -> None:
         if self.fd is not None:
@@ -83,30 +155,29 @@ class TerminationLock:
             self.fd = None
 
     # -- records ------------------------------------------------------------------------
-    def recorded(self) -> dict[str, Any] | None:
-        """The finished run's record, from any of the dirs, if recent enough."""
+    def recorded(self) -> Record | None:
+        """The newest run's record, from any of the dirs, if recent enough."""
         for d in self.dirs:
             path = os.path.join(d, self.name + ".json")
             try:
                 with open(path, encoding="utf-8") as fh:
-                    rec = json.load(fh)
+                    doc = json.load(fh)
             except FileNotFoundError:
                 continue
             except (OSError, ValueError) as err:
                 log.warning("unreadable result record ignored", extra=fields(path=path,
                             error=str(err)))
                 continue
-            if not isinstance(rec, dict) or time.time() - float(rec.get("recorded_at", 0)) > \
-                    RECORD_MAX_AGE:
+            rec = Record.from_json(doc) if isinstance(doc, dict) else None
+            if rec is None or time.time() - rec.recorded_at > RECORD_MAX_AGE:
                 continue
             return rec
         return None
 
-    def record(self, result: Mapping[str, Any], exit_code: int) -> None:
+    def record(self, rec: Record) -> None:
         if self.dir is None:
             return
-        data = json.dumps({"recorded_at": time.time(), "exit_code": exit_code,
-                           "result": dict(result)}).encode()
+        data = json.dumps(rec.to_json()).encode()
         # A full state dir still takes an empty lock file but not the record: fall back for
         # the record too, or the next run finds none and backs up again.
         for d in self.dirs[self.dirs.index(self.dir):]:

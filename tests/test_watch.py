@@ -6,133 +6,30 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import pytest
 from conftest import ACCOUNT, AGENT, REGION, Stack, make_group
+from support.agentproc import (
+    POLL,
+    WatchProc,
+    archives,
+    completions,
+    sns_docs,
+    source_tree,
+    watch,
+)
 from support.faultproxy import Delay, FaultProxy, HoldUntil, Rule, upload_part
 from support.trees import walk
 
 from instance_agent.local import autoscaling
 from instance_agent.local.imds import IMDSStub
-
-POLL = 0.5  # the shortest interval the CLI accepts: fast tests, same code path
-
-
-class WatchProc:
-    """`instance-agent watch` (or any agent command) as a subprocess whose JSON log lines
-    on stderr are collected, with the time each arrived, by a reader thread."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.argv = argv
-        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.records: list[tuple[float, dict[str, Any]]] = []
-        self.eof = False
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            now = time.monotonic()
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                rec = {"msg": line.rstrip("\n"), "level": "raw"}
-            with self._cond:
-                self.records.append((now, rec))
-                self._cond.notify_all()
-        with self._cond:
-            self.eof = True
-            self._cond.notify_all()
-
-    def find(self, msg: str, **match: Any) -> list[tuple[float, dict[str, Any]]]:
-        with self._cond:
-            return [(t, r) for t, r in self.records if r.get("msg") == msg
-                    and all(r.get(k) == v for k, v in match.items())]
-
-    def wait_for(self, msg: str, timeout: float = 20.0, **match: Any) -> tuple[float, dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for t, rec in self.records:
-                    if rec.get("msg") == msg and all(rec.get(k) == v for k, v in match.items()):
-                        return t, rec
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.eof:
-                    break
-                self._cond.wait(remaining)
-        raise AssertionError(f"no log line {msg!r} {match} within {timeout} s:\n{self.text()}")
-
-    def text(self) -> str:
-        with self._cond:
-            return "\n".join(json.dumps(r) for _, r in self.records)[-6000:]
-
-    def lines(self) -> int:
-        with self._cond:
-            return len(self.records)
-
-    def send(self, sig: int) -> float:
-        self.proc.send_signal(sig)
-        return time.monotonic()
-
-    def wait(self, timeout: float) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=5)
-        return code
-
-    def stdout(self) -> str:
-        assert self.proc.stdout is not None
-        return self.proc.stdout.read()
-
-    def __enter__(self) -> WatchProc:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._reader.join(timeout=5)
-
-
-def watch(stack: Stack, *args: str, env: dict[str, str] | None = None,
-          poll: float = POLL) -> WatchProc:
-    argv = [*AGENT, "watch", "--bucket", stack.bucket, "--topic-arn", stack.topic_arn,
-            "--poll-interval", str(poll), "--heartbeat-interval", "0.5", *args]
-    return WatchProc(argv, env or stack.env(INSTANCE_AGENT_LOG_LEVEL="info"))
-
-
-def source_tree(root: Path, size: int = 256 * 1024) -> Path:
-    (root / "app").mkdir(parents=True)
-    (root / "app" / "app.log").write_bytes(b"GET /health 200\n" * (size // 16))
-    (root / "app" / "random.bin").write_bytes(os.urandom(size))
-    (root / "empty").mkdir()
-    (root / "syslog").write_text("boot ok\n")
-    return root
-
-
-def archives(stack: Stack) -> list[str]:
-    return sorted(k for k in stack.objects() if k.endswith(".tar.zst"))
-
-
-def completions(stack: Stack) -> list[tuple[str | None, str]]:
-    return [(c.result, c.outcome) for c in stack.lifecycle_calls("CompleteLifecycleAction")]
-
-
-def sns_docs(stack: Stack) -> list[dict[str, Any]]:
-    return [json.loads(m["message"]) for m in stack.sns()]
-
 
 # --- 1. termination ----------------------------------------------------------------------
 
@@ -195,10 +92,18 @@ def test_spot_terminate_backs_up_at_once_and_completes_nothing(stack: Stack, tmp
     # No hook can delay a Spot reclaim: no heartbeat, no completion.
     assert stack.lifecycle_calls() == []
     assert [d["trigger"] for d in sns_docs(stack)] == ["spot-terminate"]
-    # It counts as the termination: the Run Command path now finds it done.
-    proc, result = stack.backup("--source", str(src))
-    assert proc.returncode == 0 and result["status"] == "duplicate"
-    assert result["key"] == done["key"] and len(stack.sns()) == 1
+    # It counts as the termination: when Auto Scaling then holds the instance and Run
+    # Command arrives with the action's token, that run completes the action with the Spot
+    # backup's result instead of archiving a second time.
+    stack.scale_in()
+    token = autoscaling.active_actions(group=stack.group)[0].token
+    proc, result = stack.backup("--source", str(src), "--lifecycle-token", token)
+    assert proc.returncode == 0 and result["status"] == "duplicate", proc.stderr[-2000:]
+    assert result["key"] == done["key"] and result["lifecycle_result"] == "CONTINUE"
+    assert archives(stack) == [done["key"]]
+    assert [(c.result, c.outcome) for c in stack.lifecycle_calls("CompleteLifecycleAction")] \
+        == [("CONTINUE", "ok")]
+    assert token not in proc.stdout + proc.stderr
 
 
 def test_spot_stop_then_termination_backs_up_twice(stack: Stack, tmp_path: Path) -> None:

@@ -4,9 +4,17 @@ moto 5.2 terminates a scaled-in instance at once and has neither `CompleteLifecy
 nor `RecordLifecycleActionHeartbeat`. `install()` patches moto so that, for a group with an
 `autoscaling:EC2_INSTANCE_TERMINATING` hook, the instance waits the way it does on AWS:
 
-    InService -> Terminating (optional, `begin_termination(wait_delay=…)`)
+    InService -> Terminating (optional, `begin_termination(wait_delay=…)`: the load
+                 balancer's deregistration delay, during which IMDS already says
+                 `Terminated` and completing by instance id fails)
               -> Terminating:Wait (one lifecycle action per terminating hook)
               -> Terminating:Proceed -> terminated in moto's EC2 backend
+
+and, for a group whose warm pool has an instance reuse policy (`return_to_warm_pool`):
+
+    InService -> Warmed:Pending:Wait (the *terminating* hooks fire, Destination WarmPool)
+              -> Warmed:Stopped (the instance stays, with its disks)
+              -> InService again (`leave_warm_pool`): the next termination is a new action
 
 An action ends when it is completed, or when its heartbeat deadline passes and the hook's
 DefaultResult applies. ABANDON ends the instance's other actions too. The instance proceeds
@@ -15,7 +23,9 @@ every accessor call, against a clock tests can replace (`set_clock`).
 
 Every CompleteLifecycleAction and RecordLifecycleActionHeartbeat call is recorded, rejected
 ones included (`calls()`), and so is every finished action (`outcomes()`). `inject_error()`
-makes the next calls of an Auto Scaling action fail, e.g. with Throttling.
+makes the next calls of an Auto Scaling action fail, e.g. with Throttling (transient) or
+AccessDenied (permanent: pass a large `times`, and `clear_errors()` when the permission is
+"fixed").
 
 Without a terminating hook, moto's own behaviour is unchanged. State lives on moto's
 backend objects, so moto's reset clears it.
@@ -57,6 +67,9 @@ MAX_GLOBAL_TIMEOUT = 172_800
 GLOBAL_TIMEOUT_FACTOR = 100
 
 WAIT = "Terminating:Wait"
+WARM_WAIT = "Warmed:Pending:Wait"
+WARM_PARKED = "Warmed:Stopped"
+WAIT_STATES = (WAIT, WARM_WAIT)
 _UNMODELLED_ERROR = r"Exception\(AutoscalingClientError\) with code "
 _STATE_KEY = "_instance_agent_lifecycle"
 
@@ -78,6 +91,7 @@ class LifecycleCall:
     token: str | None
     result: str | None
     outcome: str  # "ok", or the error message returned
+    at: float = 0.0  # when it arrived, on time.monotonic (for ordering against test events)
 
 
 @dataclass(frozen=True)
@@ -114,6 +128,7 @@ class _Action:
     started: float
     deadline: float
     global_deadline: float
+    destination: str = "terminate"  # or "warm-pool"
 
     def snapshot(self) -> ActiveAction:
         return ActiveAction(
@@ -132,6 +147,7 @@ class _PendingWait:
     group: str
     instance_id: str
     at: float
+    destination: str = "terminate"
 
 
 @dataclass
@@ -192,6 +208,65 @@ def begin_termination(
             asg.desired_capacity = max(0, (asg.desired_capacity or 0) - 1)
         _begin(backend, asg, state, wait_delay)
         asg.set_desired_capacity(asg.desired_capacity)
+
+
+def return_to_warm_pool(
+    group: str,
+    instance_id: str,
+    *,
+    account_id: str = DEFAULT_ACCOUNT,
+    region: str = DEFAULT_REGION,
+) -> None:
+    """Scale in under an instance reuse policy: the instance goes back to the warm pool.
+
+    The group's terminating hooks fire and hold it in `Warmed:Pending:Wait`; once they are
+    done it is `Warmed:Stopped`, still in the group (the EventBridge event says
+    `"Destination": "WarmPool"`; aws-facts.md, "Warm pools")."""
+    install()
+    with _lock:
+        backend = _backend(account_id, region)
+        _tick(backend)
+        asg = backend.autoscaling_groups.get(group)
+        if asg is None:
+            raise ValidationError(f"AutoScalingGroup name not found - {group}")
+        state = _find_state(asg, instance_id)
+        if state is None or state.lifecycle_state != "InService":
+            raise ValidationError(f"Instance {instance_id} is not InService in {group}")
+        _enter_wait(backend, group, instance_id, _clock(), destination="warm-pool")
+
+
+def leave_warm_pool(
+    group: str,
+    instance_id: str,
+    *,
+    account_id: str = DEFAULT_ACCOUNT,
+    region: str = DEFAULT_REGION,
+) -> None:
+    """A scale-out takes the instance from the warm pool back into service."""
+    with _lock:
+        backend = _backend(account_id, region)
+        _tick(backend)
+        asg = backend.autoscaling_groups.get(group)
+        state = _find_state(asg, instance_id) if asg is not None else None
+        if state is None or state.lifecycle_state != WARM_PARKED:
+            raise ValidationError(f"Instance {instance_id} is not in the warm pool of {group}")
+        state.lifecycle_state = "InService"
+
+
+def clear_errors(
+    action: str | None = None,
+    *,
+    account_id: str = DEFAULT_ACCOUNT,
+    region: str = DEFAULT_REGION,
+) -> None:
+    """Drop the injected errors of `action` (all actions when None): the permission is
+    fixed, the outage over."""
+    with _lock:
+        faults = _book(_backend(account_id, region)).faults
+        if action is None:
+            faults.clear()
+        else:
+            faults.pop(action, None)
 
 
 def scaled_clock(factor: float) -> Callable[[], float]:
@@ -305,16 +380,22 @@ def _begin(
         _enter_wait(backend, group.name, state.instance.id, now)
 
 
-def _enter_wait(backend: AutoScalingBackend, group_name: str, instance_id: str, at: float) -> None:
+def _enter_wait(
+    backend: AutoScalingBackend,
+    group_name: str,
+    instance_id: str,
+    at: float,
+    destination: str = "terminate",
+) -> None:
     group = backend.autoscaling_groups.get(group_name)
     state = _find_state(group, instance_id) if group is not None else None
     if group is None or state is None:
         return
     hooks = _terminating_hooks(backend, group_name)
     if not hooks:
-        _proceed(backend, group_name, instance_id)
+        _proceed(backend, group_name, instance_id, destination)
         return
-    state.lifecycle_state = WAIT
+    state.lifecycle_state = WARM_WAIT if destination == "warm-pool" else WAIT
     for hook in hooks:
         timeout = int(hook.heartbeat_timeout)
         _book(backend).actions.append(
@@ -328,6 +409,7 @@ def _enter_wait(backend: AutoScalingBackend, group_name: str, instance_id: str, 
                 started=at,
                 deadline=at + timeout,
                 global_deadline=at + _global_timeout(timeout),
+                destination=destination,
             )
         )
 
@@ -347,16 +429,22 @@ def _finish(backend: AutoScalingBackend, action: _Action, result: str, how: str)
             book.actions.remove(other)
         same_instance = []
     if not same_instance:
-        _proceed(backend, action.group, action.instance_id)
+        _proceed(backend, action.group, action.instance_id, action.destination)
 
 
-def _proceed(backend: AutoScalingBackend, group_name: str, instance_id: str) -> None:
-    """Terminating:Proceed: leave the group and terminate in EC2, with no replacement."""
+def _proceed(
+    backend: AutoScalingBackend, group_name: str, instance_id: str, destination: str = "terminate"
+) -> None:
+    """Terminating:Proceed: leave the group and terminate in EC2, with no replacement; or,
+    for a return to the warm pool, park the instance there."""
     group = backend.autoscaling_groups.get(group_name)
     if group is None:
         return
     state = _find_state(group, instance_id)
     if state is None:
+        return
+    if destination == "warm-pool":
+        state.lifecycle_state = WARM_PARKED
         return
     state.lifecycle_state = "Terminating:Proceed"
     group.instance_states = [s for s in group.instance_states if s is not state]
@@ -384,7 +472,7 @@ def _tick(backend: AutoScalingBackend) -> None:
 def _still_waiting(backend: AutoScalingBackend, action: _Action) -> bool:
     group = backend.autoscaling_groups.get(action.group)
     state = _find_state(group, action.instance_id) if group is not None else None
-    return state is not None and state.lifecycle_state == WAIT
+    return state is not None and state.lifecycle_state in WAIT_STATES
 
 
 def _lookup(
@@ -430,7 +518,9 @@ def _lifecycle_call(
     book = _book(backend)
 
     def record(outcome: str) -> None:
-        book.calls.append(LifecycleCall(action, group, hook, instance_id, token, result, outcome))
+        book.calls.append(
+            LifecycleCall(action, group, hook, instance_id, token, result, outcome, time.monotonic())
+        )
 
     fault = _take_fault(backend, action)
     if fault is not None:

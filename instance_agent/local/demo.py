@@ -42,7 +42,7 @@ from typing import Any
 
 import boto3
 
-from instance_agent import backup, config, doctor, listing, verify
+from instance_agent import config, doctor, listing, termination, verify
 from instance_agent.cli import make_clients, resolve_identity
 from instance_agent.errors import ConfigError
 from instance_agent.imds import IMDS
@@ -179,8 +179,9 @@ def _direct(stand: Stand) -> dict[str, Any]:
         f"({(time.monotonic() - t0) * 1000:.0f} ms; token-less reads: {stand.imds.tokenless_reads})")
     cfg = config.load({}, os.environ, config_file=str(stand.agent_toml))
     ident = resolve_identity(cfg)
-    outcome = backup.run(cfg, ident, make_clients(cfg, ident.region), progress_interval=5.0)
-    return outcome.result
+    outcome = termination.run(cfg, ident, make_clients(cfg, ident.region),
+                              termination.Options(imds_state=state, progress_interval=5.0))
+    return outcome.result.to_json()
 
 
 @dataclass

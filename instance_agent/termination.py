@@ -1,0 +1,517 @@
+"""The termination job: one backup and one honest completion per lifecycle action.
+
+Both trigger paths run this same job with the same configuration (the instance's
+agent.toml): `instance-agent backup` (Run Command, or an operator) and the watcher. It is
+
+    find the action ─► lock ─► decide ─► drain ─► pre-commands ─► archive ─► post-commands
+        ─► report ─► complete ─► record ─► unlock
+
+- **Find the action** (`Lifecycle.locate`): IMDS says `Terminated` up to a deregistration
+  delay before Auto Scaling holds the instance in `Terminating:Wait`. Nothing is archived
+  before the wait state, so the logs written while connections drain are in the backup.
+  An instance in service is an ad-hoc run: it backs up, says `lifecycle_result: none`,
+  and never counts as the termination. A return to the warm pool runs the pre- and
+  post-commands and completes `CONTINUE`, with no backup unless `warm_pool_backup`.
+- **Lock and decide** (once.py): whichever path holds the lock does the whole job; the other
+  waits for it and then finds its record. A record whose backup succeeded but whose
+  completion failed is completed by the next run, without a second archive.
+- **Heartbeats** run from the moment the action is seen live until it is completed, through
+  drain, commands and archive: one thread, one `Lifecycle`.
+- **Cancel** (a signal, or the watcher's stop grace) ends every wait early. The run then
+  reports the failure and, where it owns a live action, completes it with --on-failure on
+  a fresh deadline: the instance is never left hanging for the heartbeat timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from instance_agent import hooks, keys, notify
+from instance_agent.backup import Clients, Identity, _s3_extra, archive_and_upload, key_values
+from instance_agent.config import Config
+from instance_agent.drain import DrainGate
+from instance_agent.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    AgentError,
+    Cancelled,
+    LifecycleError,
+    NotifyError,
+)
+from instance_agent.lifecycle import (
+    ACTIVE,
+    GONE,
+    NOT_TERMINATING,
+    WARM_RETURN,
+    Lifecycle,
+    discover,
+    instance_state,
+)
+from instance_agent.logs import fields
+from instance_agent.once import COMPLETE_ONLY, DUPLICATE, Record, TerminationLock, decide
+from instance_agent.redact import fingerprint
+from instance_agent.result import DUPLICATE as STATUS_DUPLICATE
+from instance_agent.result import FAILED, SKIPPED, Result
+from instance_agent.s3upload import abort_stale_uploads
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "termination"  # shared by the SSM path and the watcher: one lock per instance
+TERMINAL_IMDS_STATES = ("Terminated", "Warmed:Terminated")
+# A Spot reclaim is not held by any hook: a record it leaves may be completed by a Run
+# Command for a lifecycle action that arrives within this long, without a second archive.
+SPOT_RECORD_VALID = 600.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a trigger is answered."""
+
+    termination: bool  # counts as the termination: locked and recorded
+    complete: bool  # look for, heartbeat and complete the terminating lifecycle action
+    commands: bool  # drain gate and pre/post commands (never on an ad-hoc run)
+    drain_cap: float | None = None  # an upper bound on the drain wait (Spot: 2 minutes)
+    max_duration: float | None = None  # a default for --max-duration (Spot)
+
+
+COMMAND = Plan(termination=True, complete=True, commands=True)
+
+
+@dataclass
+class Outcome:
+    result: Result
+    exit_code: int
+
+
+@dataclass
+class Options:
+    """What the caller knows that the config does not."""
+
+    trigger: str = "command"
+    notice: str | None = None
+    imds_state: str | None = None  # the target-lifecycle-state the caller read, if any
+    plan: Plan = COMMAND
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    on_stage: Callable[[str], object] = lambda _stage: None
+    progress_interval: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+
+
+def run(cfg: Config, ident: Identity, clients: Clients, opts: Options | None = None) -> Outcome:
+    """Run the job for whatever the instance's lifecycle says now; never raises an
+    AgentError (it becomes the failed result)."""
+    opts = opts or Options()
+    if opts.plan.max_duration is not None and cfg.max_duration is None:
+        cfg = dataclasses.replace(cfg, max_duration=opts.plan.max_duration)
+    job = _Job(cfg, ident, clients, opts)
+    try:
+        job.run()
+    except AgentError as err:
+        job.result.status = FAILED
+        job.result.error = str(err)
+        log.error("run failed", extra=fields(error=str(err)))
+    if not job.result.duration_s:
+        job.result.duration_s = round(opts.clock() - job.started, 3)
+    return Outcome(job.result, job.exit_code())
+
+
+class _Job:
+    def __init__(self, cfg: Config, ident: Identity, clients: Clients, opts: Options) -> None:
+        self.cfg, self.ident, self.clients, self.opts = cfg, ident, clients, opts
+        self.clock = opts.clock
+        self.started = self.clock()
+        self.cancel = opts.cancel
+        self.result = Result(instance_id=ident.instance_id, bucket=cfg.bucket,
+                             group=cfg.asg_name, hook=cfg.hook_name, trigger=opts.trigger,
+                             notice=opts.notice, lifecycle_action=fingerprint(cfg.lifecycle_token))
+        self.lc: Lifecycle | None = None
+        self.commands = _Commands(cfg, opts.trigger, self.cancel)
+        self.duplicate_code: int | None = None
+        self.completion_failed = False  # a live action this run could not complete
+
+    def exit_code(self) -> int:
+        """0 when the backup is in S3 and the action (if any) was completed; 1 otherwise.
+        A backup whose completion was refused is not a success: the instance still waits
+        in Terminating:Wait, and Run Command should show that."""
+        if self.duplicate_code is not None:
+            return self.duplicate_code
+        ok = self.result.ok or self.result.status == SKIPPED
+        return EXIT_OK if ok and not self.completion_failed else EXIT_FAILED
+
+    # -- the phases ---------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            kind = self._find_action()
+        except (LifecycleError, Cancelled) as err:
+            if isinstance(err, Cancelled) or not self._expected():
+                raise
+            # The instance is leaving but Auto Scaling cannot tell us about the action
+            # (AccessDenied, the wait state never came): a backup without a completion
+            # still beats none. It is recorded as the termination.
+            self.result.lifecycle_error = str(err)
+            log.error("cannot find the lifecycle action; backing up anyway",
+                      extra=fields(error=str(err)))
+            self.lc, kind = None, GONE
+        self.result.action = kind
+        if kind == NOT_TERMINATING or not self.opts.plan.termination:
+            # An ad-hoc run, or a Spot stop/rebalance notice: back up, nothing more. Only
+            # the watcher's notices run the drain gate and commands: an operator's ad-hoc
+            # backup must never stop the application.
+            self._backup_only(commands=self.opts.plan.commands and self.opts.trigger != "command")
+            return
+        lock = TerminationLock((self.cfg.state_dir, self.cfg.runtime_dir),
+                               f"{LOCK_NAME}-{self.ident.instance_id}", cancel=self.cancel)
+        lock.acquire(self.cfg.lock_timeout)
+        try:
+            if kind == WARM_RETURN:
+                self._warm_return()
+            else:
+                self._termination(lock, kind)
+        finally:
+            lock.release()
+
+    def _find_action(self) -> str:
+        """ACTIVE, WARM_RETURN, GONE or NOT_TERMINATING, after waiting out a deregistration
+        delay. Without Auto Scaling (no client, --no-complete, a Spot notice) the plan says."""
+        plan, cfg = self.opts.plan, self.cfg
+        if not (plan.complete and cfg.complete and self.clients.autoscaling is not None):
+            self._name_group()
+            return GONE if plan.termination and not plan.complete else NOT_TERMINATING
+        expect = self._expected()
+        deadline = self.started + cfg.wait_timeout
+        autoscaling = self.clients.autoscaling
+        target = self._retrying(deadline, lambda: discover(
+            autoscaling, self.ident.instance_id, group=cfg.asg_name, hook=cfg.hook_name,
+            token=cfg.lifecycle_token))
+        if target is None:
+            log.info("no terminating lifecycle hook for this instance; nothing to complete")
+            return GONE if expect else NOT_TERMINATING
+        self.result.group, self.result.hook = target.group, target.hook
+        self.lc = Lifecycle(autoscaling, target, interval=cfg.heartbeat_interval, clock=self.clock)
+        kind = self.lc.locate(deadline=deadline, expect_termination=expect, cancel=self.cancel)
+        log.info("lifecycle", extra=fields(action=kind, group=target.group, hook=target.hook,
+                                           lifecycle_action=self.result.lifecycle_action))
+        return kind
+
+    def _name_group(self) -> None:
+        """The group name for the object key, when no hook discovery finds it."""
+        if self.result.group is not None or self.clients.autoscaling is None:
+            return
+        try:
+            found = instance_state(self.clients.autoscaling, self.ident.instance_id)
+        except LifecycleError as err:
+            log.info("group name unknown; the key says no-group", extra=fields(error=str(err)))
+            return
+        self.result.group = found[0] if found else None
+
+    def _expected(self) -> bool:
+        """Something already said the instance is leaving: a Run Command with an action
+        token, IMDS's `Terminated`, or a Spot reclaim."""
+        return (bool(self.cfg.lifecycle_token) or self.opts.imds_state in TERMINAL_IMDS_STATES
+                or (self.opts.plan.termination and self.opts.trigger != "command"))
+
+    def _retrying(self, deadline: float, call: Callable[[], Any]) -> Any:
+        """`call()`, retried with backoff on retryable Auto Scaling errors until `deadline`:
+        an outage right after the IMDS flip must not lose the termination."""
+        wait = 1.0
+        while True:
+            try:
+                return call()
+            except LifecycleError as err:
+                if not err.retryable or self.clock() + wait > deadline:
+                    raise
+                log.warning("Auto Scaling unreachable; retrying", extra=fields(
+                    error=str(err), wait_s=wait))
+            if self.cancel.wait(wait):
+                raise Cancelled("stopped while Auto Scaling was unreachable")
+            wait = min(wait * 2, 30.0)
+
+    def _termination(self, lock: TerminationLock, kind: str) -> None:
+        record = lock.recorded()
+        live = kind == ACTIVE
+        if record is not None and self.lc is not None and live:
+            # We may have waited for the lock while the other path finished this very action:
+            # ask again now.
+            live = self.lc.probe(self.clock() + self.cfg.complete_timeout, self.cancel)
+        action = fingerprint(self.cfg.lifecycle_token)
+        if record is not None and self.lc is None and not self.opts.plan.complete:
+            # A Spot reclaim: no Auto Scaling to ask; one backup per reclaim notice window.
+            verdict = DUPLICATE if time.time() - record.recorded_at < SPOT_RECORD_VALID else "run"
+        else:
+            verdict = decide(record, live=live, action=action, now=time.time())
+        if verdict == DUPLICATE:
+            assert record is not None
+            self._duplicate(record)
+            return
+        if verdict == COMPLETE_ONLY:
+            assert record is not None and self.lc is not None
+            self._complete_recorded(lock, record)
+            return
+        self._full(lock, live_action=live and self.lc is not None)
+
+    def _full(self, lock: TerminationLock, *, live_action: bool) -> None:
+        """Drain, pre, archive, post, report, complete, record: the one job."""
+        lc = self.lc if live_action else None
+        with lc.heartbeats_while() if lc is not None else contextlib.nullcontext():
+            fatal = self._before_archive() if self.opts.plan.commands else False
+            self._archive(abort_stale=True, cancelled=fatal)
+            if self.opts.plan.commands:
+                self.commands.post(self.result)
+        self.result.commands = self.commands.as_dicts()
+        completed = self._report_and_complete(lc)
+        if lc is None and not self.opts.plan.complete:
+            # A Spot reclaim completes nothing: a lifecycle action that shows up within
+            # SPOT_RECORD_VALID is completed by the next run, without a second archive.
+            completed = False
+        lock.record(Record(
+            recorded_at=time.time(), exit_code=self.exit_code(), result=self.result.to_json(),
+            backup_ok=self.result.ok, completed=completed,
+            lifecycle_result=self._planned_result(),
+            action=fingerprint(self.cfg.lifecycle_token),
+            valid_for=float(lc.target.heartbeat_timeout) if lc is not None else SPOT_RECORD_VALID))
+
+    def _warm_return(self) -> None:
+        """Back into the warm pool: the instance and its disks live on. Commands run (the
+        application must let go), a backup only when asked, and the hook is completed
+        promptly with CONTINUE. Nothing is recorded: the real termination comes later."""
+        assert self.lc is not None
+        log.info("returning to the warm pool: not a termination",
+                 extra=fields(backup=self.cfg.warm_pool_backup))
+        with self.lc.heartbeats_while():
+            if self.opts.plan.commands:
+                self._before_archive()
+            if self.cfg.warm_pool_backup:
+                self._archive(abort_stale=False, cancelled=False)
+            else:
+                self.result.status = SKIPPED
+            if self.opts.plan.commands:
+                self.commands.post(self.result)
+        self.result.commands = self.commands.as_dicts()
+        self._report(self.result)
+        self._complete(self.lc, "CONTINUE", self.cfg.complete_timeout)
+
+    def _backup_only(self, *, commands: bool) -> None:
+        fatal = self._before_archive() if commands else False
+        self._archive(abort_stale=False, cancelled=fatal)
+        if commands:
+            self.commands.post(self.result)
+            self.result.commands = self.commands.as_dicts()
+        self._report(self.result)
+
+    # -- steps --------------------------------------------------------------------------
+    def _before_archive(self) -> bool:
+        """The drain gate, then the pre-commands. True when a pre-command failed and
+        --pre-command-fatal asks to fail the backup."""
+        cfg = self.cfg
+        if cfg.drain_path:
+            self.result.drain = self._drain()
+        if cfg.pre_command:
+            self.opts.on_stage("running pre-commands")
+            if not self.commands.pre() and cfg.pre_command_fatal:
+                self.result.error = "pre-command failed (--pre-command-fatal)"
+                return True
+        return False
+
+    def _drain(self) -> dict[str, Any]:
+        cfg = self.cfg
+        timeout = cfg.drain_timeout
+        if self.opts.plan.drain_cap is not None:
+            timeout = min(timeout, self.opts.plan.drain_cap)
+        gate = DrainGate(cfg.drain_path)
+        log.info("drain gate: waiting for the paths to clear", extra=fields(
+            paths=list(cfg.drain_path), timeout_s=timeout))
+        self.opts.on_stage("draining: waiting for " + " ".join(cfg.drain_path))
+        with _interrupt_on(self.cancel, gate.interrupt):
+            out = gate.wait(timeout)
+        if out.drained:
+            log.info("drain paths clear", extra=fields(waited_s=out.waited_s))
+        elif out.cancelled:
+            log.warning("drain wait cut short: the agent is stopping",
+                        extra=fields(busy=list(out.busy), waited_s=out.waited_s))
+        else:
+            log.warning("drain timeout reached; backing up anyway", extra=fields(
+                busy=list(out.busy), waited_s=out.waited_s, timeout_s=timeout))
+        return {"drained": out.drained, "waited_s": out.waited_s, "busy": list(out.busy)}
+
+    def _archive(self, *, abort_stale: bool, cancelled: bool) -> None:
+        cfg, result = self.cfg, self.result
+        if abort_stale:
+            # A run killed mid-upload (kill -9, power loss) leaves its multipart upload
+            # behind; under the lock no other run of ours for this instance is uploading.
+            prefix = keys.listing_prefix(cfg.key_template,
+                                         key_values(cfg, self.ident, result.group))
+            abort_stale_uploads(self.clients.s3, cfg.bucket or "", prefix,
+                                self.ident.instance_id, extra=_s3_extra(cfg))
+        self.opts.on_stage("backing up")
+        # A fatal pre-command failure still goes through the pipeline, already cancelled:
+        # that is what reports the failure and completes the hook with --on-failure.
+        cancel = _set_event() if cancelled else self.cancel
+        try:
+            if cancel.is_set():
+                raise Cancelled("backup cancelled")
+            archive_and_upload(cfg, self.ident, self.clients, result, group=result.group,
+                               started=self.started, clock=self.clock,
+                               progress_interval=self.opts.progress_interval, cancel=cancel)
+        except AgentError as err:
+            result.status = FAILED
+            result.error = result.error or str(err)
+        except Exception as err:  # a bug must still report and complete, never hang the hook
+            log.exception("unexpected error during backup")
+            result.status = FAILED
+            result.error = f"{type(err).__name__}: {err}"
+        level = logging.INFO if result.ok else logging.ERROR
+        log.log(level, "backup " + result.status, extra=fields(
+            key=result.key, bytes_read=result.bytes_read, bytes_uploaded=result.bytes_uploaded,
+            files=result.files, warnings=result.warnings, error=result.error))
+
+    def _planned_result(self) -> str:
+        return self.cfg.on_success if self.result.ok else self.cfg.on_failure
+
+    def _report_and_complete(self, lc: Lifecycle | None) -> bool:
+        """Report, then complete. True when the action is over (completed by us, gone, or
+        there was none to complete)."""
+        if lc is not None and not lc.gone.is_set():
+            self.result.lifecycle_result = self._planned_result()
+        self._report(self.result)
+        if lc is None:
+            return True
+        if lc.gone.is_set():
+            self.result.lifecycle_result = "none"
+            self.result.lifecycle_error = "lifecycle action expired or was completed elsewhere"
+            return True
+        done = self._complete(lc, self.result.lifecycle_result, self.cfg.complete_timeout)
+        if not done and not lc.gone.is_set():
+            self.completion_failed = True
+            self._report(dataclasses.replace(self.result, event="lifecycle_completion_failed"))
+        return done or lc.gone.is_set()
+
+    def _complete(self, lc: Lifecycle, result: str, timeout: float) -> bool:
+        self.opts.on_stage("completing")
+        error = lc.complete(result, timeout, stop=self.cancel)
+        if error is None:
+            self.result.lifecycle_result = result
+            return True
+        # What actually happened: nothing was completed by this run.
+        self.result.lifecycle_result = "none"
+        self.result.lifecycle_error = error
+        log.error("lifecycle completion failed", extra=fields(error=error))
+        return False
+
+    def _duplicate(self, record: Record) -> None:
+        first = record.result
+        res = self.result
+        for name in ("group", "hook", "key", "manifest_key", "journal_key", "bucket"):
+            if name in first:
+                setattr(res, name, first[name])
+        res.status = STATUS_DUPLICATE
+        res.first_status = first.get("status")
+        res.first_exit_code = record.exit_code
+        self.duplicate_code = record.exit_code
+        log.info("already handled for this lifecycle action; nothing to do",
+                 extra=fields(key=res.key, first_status=res.first_status))
+
+    def _complete_recorded(self, lock: TerminationLock, record: Record) -> None:
+        """The earlier run backed up but could not complete (AccessDenied, an outage):
+        complete with its result now, with no second archive."""
+        assert self.lc is not None
+        self._duplicate(record)
+        log.info("completing the action an earlier run backed up",
+                 extra=fields(result=record.lifecycle_result))
+        done = self._complete(self.lc, record.lifecycle_result, self.cfg.complete_timeout)
+        if done:
+            self.duplicate_code = EXIT_OK if record.backup_ok else record.exit_code
+            lock.record(dataclasses.replace(record, completed=True, recorded_at=time.time(),
+                                            result={**record.result,
+                                                    "lifecycle_result": record.lifecycle_result}))
+        else:
+            self.duplicate_code = EXIT_FAILED
+        self._report(self.result)
+
+    def _report(self, result: Result) -> None:
+        # The report is the result as --json prints it: its duration ends here, before the
+        # completion (which the report announces as planned).
+        self.result.duration_s = result.duration_s = round(self.clock() - self.started, 3)
+        cfg, sns = self.cfg, self.clients.sns
+        if not cfg.topic_arn or sns is None:
+            return
+        try:
+            msg_id = notify.publish(sns, cfg.topic_arn, result.to_json())
+            log.info("report published", extra=fields(topic_arn=cfg.topic_arn, message_id=msg_id))
+        except NotifyError as err:
+            self.result.notify_error = str(err)
+            log.error("report not published", extra=fields(error=str(err)))
+
+
+class _Commands:
+    """The pre/post commands of one job, each bounded and cancellable."""
+
+    def __init__(self, cfg: Config, trigger: str, cancel: threading.Event) -> None:
+        self.cfg = cfg
+        self.trigger = trigger
+        self.cancel = cancel
+        self.records: list[hooks.CommandRecord] = []
+
+    def _env(self, result: Result | None) -> dict[str, str]:
+        env = {"INSTANCE_AGENT_TRIGGER": self.trigger}
+        if result is not None:
+            for name, value in (("status", result.status), ("key", result.key),
+                                ("bucket", result.bucket)):
+                if value is not None:
+                    env[f"INSTANCE_AGENT_{name.upper()}"] = str(value)
+        return env
+
+    def pre(self) -> bool:
+        """Run the pre-commands; True when all succeeded."""
+        done = hooks.run_all(self.cfg.pre_command, "pre", timeout=self.cfg.command_timeout,
+                             env=self._env(None), cancel=self.cancel)
+        self.records.extend(done)
+        return all(r.ok for r in done)
+
+    def post(self, result: Result) -> None:
+        self.records.extend(hooks.run_all(self.cfg.post_command, "post",
+                                          timeout=self.cfg.command_timeout,
+                                          env=self._env(result), cancel=self.cancel))
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        return [r.as_dict() for r in self.records]
+
+
+@contextlib.contextmanager
+def _interrupt_on(cancel: threading.Event, interrupt: Callable[[], None]) -> Iterator[None]:
+    """Call `interrupt` if `cancel` is set while the block runs (a waiter thread, since the
+    block itself is blocked)."""
+    done = threading.Event()
+
+    def waiter() -> None:
+        while not done.is_set():
+            if cancel.wait(0.1):
+                interrupt()
+                return
+
+    thread = threading.Thread(target=waiter, name="cancel-waiter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=1)
+
+
+def _set_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
+def outcome_fields(outcome: Outcome) -> Mapping[str, Any]:
+    """The fields the watcher's log line and status file take from an outcome."""
+    r = outcome.result
+    return {"status": r.status, "key": r.key, "lifecycle_result": r.lifecycle_result,
+            "error": r.error, "exit_code": outcome.exit_code}

@@ -1,0 +1,380 @@
+"""One backup and one honest completion per lifecycle action, in the timings AWS really
+produces: a deregistration delay before Terminating:Wait, several actions on one instance
+(warm-pool reuse), Run Command and the watcher in either order behind one drain gate, brief
+outages, permanent refusals, and a stop signal at every stage.
+
+Everything runs against the local stand-in: moto with the lifecycle-hook model, SeaweedFS,
+and the IMDSv2 stub; the agent runs as a subprocess, as on an instance.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from conftest import ACCOUNT, AGENT, REGION, Stack
+from support.agentproc import WatchProc, archives, completions, sns_docs, source_tree, watch
+
+from instance_agent.local import autoscaling
+
+DENIED = ("User: arn:aws:sts::123456789012:assumed-role/agent/i-0 is not authorized to perform: "
+          "autoscaling:CompleteLifecycleAction on resource: arn:aws:autoscaling:us-east-1:"
+          "123456789012:autoScalingGroup:*")
+
+
+def token_of(stack: Stack) -> str:
+    actions = autoscaling.active_actions(ACCOUNT, REGION, group=stack.group)
+    assert len(actions) == 1, actions
+    return actions[0].token
+
+
+def restored_text(stack: Stack, key: str, src: Path, tmp: Path, rel: bytes) -> bytes:
+    tree = stack.gnu_restore(key, src, tmp)
+    assert rel in tree, sorted(tree)
+    content = tree[rel][1]
+    assert content is not None
+    return content
+
+
+def agent(stack: Stack, *args: str, env: dict[str, str] | None = None) -> WatchProc:
+    """`instance-agent backup` as a background process whose log lines we can wait for."""
+    argv = [*AGENT, "backup", "--bucket", stack.bucket, "--topic-arn", stack.topic_arn,
+            "--json", *args]
+    return WatchProc(argv, env or stack.env(INSTANCE_AGENT_LOG_LEVEL="info"))
+
+
+def one_json_line(stdout: str) -> dict[str, Any]:
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 1, stdout
+    doc = json.loads(lines[0])
+    assert isinstance(doc, dict)
+    return doc
+
+
+# --- 1. one action, one backup; a completed action is never the current one --------------
+
+
+def test_adhoc_run_then_real_termination_two_archives_one_continue(stack: Stack,
+                                                                  tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src")
+    # The README's own example: no --no-complete, on an instance in service.
+    started = time.monotonic()
+    proc, adhoc = stack.backup("--source", str(src))
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert adhoc["status"] == "succeeded" and adhoc["lifecycle_result"] == "none"
+    assert adhoc["action"] == "none"
+    assert elapsed < 60, elapsed  # prompt: no wait for a Terminating:Wait that never comes
+    assert completions(stack) == []
+    time.sleep(1.1)  # keeps the two keys' second-resolution timestamps apart
+
+    stack.scale_in()
+    proc, real = stack.backup("--source", str(src))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert real["status"] == "succeeded" and real["lifecycle_result"] == "CONTINUE"
+    assert archives(stack) == sorted([adhoc["key"], real["key"]])
+    assert completions(stack) == [("CONTINUE", "ok")]
+    assert stack.state() is None  # the instance went on to terminate
+
+
+def test_two_actions_on_one_instance_two_archives_two_continues(stack: Stack,
+                                                                tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src")
+    # First action: a return to the warm pool, with a backup asked for.
+    autoscaling.return_to_warm_pool(stack.group, stack.instance_id, account_id=ACCOUNT,
+                                    region=REGION)
+    stack.imds.target_lifecycle_state = "Warmed:Stopped"
+    token = token_of(stack)
+    proc, first = stack.backup("--source", str(src), "--lifecycle-token", token,
+                               "--warm-pool-backup")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert first["action"] == "warm-pool-return" and first["lifecycle_result"] == "CONTINUE"
+    assert stack.state() == "Warmed:Stopped"
+    assert token not in proc.stdout + proc.stderr
+
+    # Back in service, then a real scale-in: a new action, with no token (the watcher's
+    # way) — the completed first action must not make it a duplicate.
+    autoscaling.leave_warm_pool(stack.group, stack.instance_id, account_id=ACCOUNT,
+                                region=REGION)
+    time.sleep(1.1)
+    stack.scale_in()
+    proc, second = stack.backup("--source", str(src))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert second["status"] == "succeeded" and second["lifecycle_result"] == "CONTINUE"
+    assert archives(stack) == sorted([first["key"], second["key"]])
+    assert completions(stack) == [("CONTINUE", "ok"), ("CONTINUE", "ok")]
+
+
+def test_warm_pool_return_runs_commands_completes_and_is_not_the_termination(
+        stack: Stack, tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src")
+    marker = tmp_path / "pre-ran"
+    with watch(stack, "--source", str(src), "--pre-command", f"echo x >> {marker}") as w:
+        w.wait_for("watching")
+        autoscaling.return_to_warm_pool(stack.group, stack.instance_id, account_id=ACCOUNT,
+                                        region=REGION)
+        stack.imds.target_lifecycle_state = "Warmed:Stopped"
+        _, warm = w.wait_for("response finished", timeout=60, trigger="warm-pool")
+        assert warm["status"] == "skipped" and warm["lifecycle_result"] == "CONTINUE"
+        assert archives(stack) == []
+        assert stack.state() == "Warmed:Stopped"
+        assert marker.read_text() == "x\n"
+
+        # Later the instance serves again, and is really terminated: that gets its backup.
+        autoscaling.leave_warm_pool(stack.group, stack.instance_id, account_id=ACCOUNT,
+                                    region=REGION)
+        stack.imds.target_lifecycle_state = "InService"
+        time.sleep(1.5)
+        stack.scale_in()
+        _, done = w.wait_for("response finished", timeout=60, trigger="termination")
+    assert done["status"] == "succeeded" and done["lifecycle_result"] == "CONTINUE"
+    assert archives(stack) == [done["key"]]
+    assert completions(stack) == [("CONTINUE", "ok"), ("CONTINUE", "ok")]
+    assert marker.read_text() == "x\nx\n"
+    assert [d["action"] for d in sns_docs(stack)] == ["warm-pool-return", "termination"]
+
+
+# --- 2. behind a load balancer: archive only once Auto Scaling holds the instance ---------
+
+
+def test_deregistration_delay_logs_are_archived_and_completion_follows_wait(
+        stack: Stack, tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src")
+    log = src / "app" / "app.log"
+    with watch(stack, "--source", str(src)) as w:
+        w.wait_for("watching")
+        flipped = time.monotonic()
+        stack.scale_in(wait_delay=8.0)  # IMDS says Terminated now; Wait comes in 8 s
+        w.wait_for("starting the backup", trigger="termination")
+        time.sleep(3.0)
+        with log.open("a") as fh:
+            fh.write("connection drained at +3 s\n")  # written while the target deregisters
+        archiving, _ = w.wait_for("backup started", timeout=30)
+        _, done = w.wait_for("response finished", timeout=60)
+    assert archiving - flipped >= 7.5  # nothing archived before Terminating:Wait
+    assert done["status"] == "succeeded" and done["lifecycle_result"] == "CONTINUE"
+    content = restored_text(stack, done["key"], src, tmp_path, b"app/app.log")
+    assert content.endswith(b"connection drained at +3 s\n")
+    assert completions(stack) == [("CONTINUE", "ok")]  # no early, refused completion
+    assert [o.how for o in stack.outcomes()] == ["completed"]
+
+
+# --- 3. one gate for both paths --------------------------------------------------------------
+
+
+def test_run_command_waits_behind_the_watchers_drain_gate(stack: Stack, tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src")
+    busy = tmp_path / "busy"
+    busy.write_text("job 42\n")
+    # One configuration for both paths, as the instance's agent.toml gives it.
+    stack.extra_env.update(INSTANCE_AGENT_DRAIN_PATH=str(busy),
+                           INSTANCE_AGENT_PRE_COMMAND=f"echo stopped > {src}/app/pre-command.txt",
+                           INSTANCE_AGENT_SOURCE=str(src))
+    with watch(stack) as w:
+        w.wait_for("watching")
+        stack.scale_in()
+        w.wait_for("drain gate: waiting for the paths to clear", timeout=30)
+        # Run Command arrives while the watcher waits for the worker.
+        with agent(stack, "--lifecycle-token", token_of(stack)) as ssm:
+            ssm.wait_for("another run holds the termination lock; waiting", timeout=30)
+            time.sleep(1.0)
+            released = time.monotonic()
+            busy.unlink()
+            _, done = w.wait_for("response finished", timeout=60)
+            assert ssm.wait(timeout=60) == 0, ssm.text()
+            dup = one_json_line(ssm.stdout())
+    assert done["status"] == "succeeded" and done["lifecycle_result"] == "CONTINUE"
+    assert dup["status"] == "duplicate" and dup["key"] == done["key"]
+    calls = stack.lifecycle_calls("CompleteLifecycleAction")
+    assert [(c.result, c.outcome) for c in calls] == [("CONTINUE", "ok")]
+    assert calls[0].at > released
+    content = restored_text(stack, done["key"], src, tmp_path, b"app/pre-command.txt")
+    assert content == b"stopped\n"
+    assert len(stack.sns()) == 1
+
+
+def test_run_command_first_drains_and_runs_the_pre_command_itself(stack: Stack,
+                                                                 tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src")
+    busy = tmp_path / "busy"
+    busy.write_text("job 7\n")
+    stack.extra_env.update(INSTANCE_AGENT_DRAIN_PATH=str(busy),
+                           INSTANCE_AGENT_PRE_COMMAND=f"echo stopped > {src}/app/pre-command.txt")
+    stack.scale_in()
+    with agent(stack, "--source", str(src), "--lifecycle-token", token_of(stack)) as ssm:
+        ssm.wait_for("drain gate: waiting for the paths to clear", timeout=30)
+        time.sleep(1.0)
+        assert completions(stack) == []  # nothing completed while the worker is busy
+        released = time.monotonic()
+        busy.unlink()
+        assert ssm.wait(timeout=60) == 0, ssm.text()
+        result = one_json_line(ssm.stdout())
+    assert result["status"] == "succeeded" and result["lifecycle_result"] == "CONTINUE"
+    calls = stack.lifecycle_calls("CompleteLifecycleAction")
+    assert [(c.result, c.outcome) for c in calls] == [("CONTINUE", "ok")]
+    assert calls[0].at > released
+    content = restored_text(stack, result["key"], src, tmp_path, b"app/pre-command.txt")
+    assert content == b"stopped\n"
+    assert [c["phase"] for c in result["commands"]] == ["pre"]
+
+
+# --- 5. brief outages right after the flip ------------------------------------------------
+
+
+def test_autoscaling_outage_after_the_flip_still_completes(stack: Stack, tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src")
+    with watch(stack, "--source", str(src)) as w:
+        w.wait_for("watching")
+        time.sleep(1.0)  # the watcher has resolved its identity while IMDS answers
+        autoscaling.inject_error("DescribeAutoScalingInstances", "ServiceUnavailable",
+                                 "Service is unavailable", times=6, account_id=ACCOUNT,
+                                 region=REGION)
+        stack.scale_in()
+        w.wait_for("starting the backup", trigger="termination")
+        stack.imds.fail_status = 500  # and IMDS fails too, for 10 s
+        time.sleep(10.0)
+        stack.imds.fail_status = None
+        _, done = w.wait_for("response finished", timeout=90)
+    assert done["status"] == "succeeded" and done["lifecycle_result"] == "CONTINUE", w.text()
+    assert completions(stack) == [("CONTINUE", "ok")]
+    assert archives(stack) == [done["key"]]
+
+
+# --- 6. completion that fails ---------------------------------------------------------------
+
+
+def test_access_denied_ends_fast_and_a_rerun_completes_without_a_second_archive(
+        stack: Stack, tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src")
+    autoscaling.inject_error("CompleteLifecycleAction", "AccessDenied", DENIED, times=1000,
+                             account_id=ACCOUNT, region=REGION)
+    stack.scale_in()
+    started = time.monotonic()
+    proc, first = stack.backup("--source", str(src), "--complete-timeout", "5")
+    assert time.monotonic() - started < 30
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert first["status"] == "succeeded" and first["lifecycle_result"] == "none"
+    assert "AccessDenied" in first["lifecycle_error"]
+    assert len(stack.lifecycle_calls("CompleteLifecycleAction")) == 1  # not retried
+    # The report of the archive, then the report of the failed completion.
+    assert [d.get("event") for d in sns_docs(stack)] == [None, "lifecycle_completion_failed"]
+
+    autoscaling.clear_errors(account_id=ACCOUNT, region=REGION)  # the permission is fixed
+    proc, rerun = stack.backup("--source", str(src))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert rerun["status"] == "duplicate" and rerun["lifecycle_result"] == "CONTINUE"
+    assert rerun["key"] == first["key"]
+    assert archives(stack) == [first["key"]]
+    assert [c.outcome for c in stack.lifecycle_calls("CompleteLifecycleAction")][-1] == "ok"
+    assert [o.how for o in stack.outcomes()] == ["completed"]
+
+
+# --- 7. deadlines are upper bounds ------------------------------------------------------------
+
+
+def test_silent_journalctl_cannot_carry_the_run_past_max_duration(stack: Stack,
+                                                                 tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "journalctl"
+    fake.write_text("#!/bin/sh\nexec sleep 6001\n")  # prints nothing, never ends
+    fake.chmod(0o755)
+    env = stack.env(PATH=f"{bin_dir}:{os.environ['PATH']}", INSTANCE_AGENT_JOURNAL="1")
+    started = time.monotonic()
+    proc, result = stack.backup("--source", str(src), "--max-duration", "3", "--no-complete",
+                                env=env)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert elapsed < 3 + 8, elapsed
+    assert result["journal_key"] is not None
+    leftover = subprocess.run(["pgrep", "-f", "sleep 6001"], capture_output=True, text=True,
+                              check=False)
+    assert leftover.stdout == "", "journalctl left running"
+
+
+# --- 8. signals and odd answers at every stage ----------------------------------------------
+
+
+def _stopped_cleanly(proc: WatchProc) -> dict[str, Any]:
+    code = proc.wait(timeout=40)
+    text = proc.text()
+    assert "Traceback" not in text, text
+    result = one_json_line(proc.stdout())
+    assert code == 1 and result["status"] == "failed", result
+    return result
+
+
+def test_sigterm_while_waiting_for_the_lock(stack: Stack, tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src")
+    stack.scale_in()
+    state = stack.tmp / "state"
+    state.mkdir(mode=0o700, exist_ok=True)
+    with open(state / f"termination-{stack.instance_id}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another run holds it
+        with agent(stack, "--source", str(src)) as run:
+            run.wait_for("another run holds the termination lock; waiting", timeout=30)
+            sent = run.send(signal.SIGTERM)
+            result = _stopped_cleanly(run)
+            assert time.monotonic() - sent < 10
+    assert "lock" in result["error"]
+    assert completions(stack) == [] and archives(stack) == []
+
+
+def test_sigterm_while_waiting_for_terminating_wait(stack: Stack, tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src")
+    stack.scale_in(wait_delay=120.0)
+    with agent(stack, "--source", str(src)) as run:
+        run.wait_for("waiting for Auto Scaling to hold the instance in a wait state", timeout=30)
+        sent = run.send(signal.SIGTERM)
+        result = _stopped_cleanly(run)
+        assert time.monotonic() - sent < 10
+    assert "wait state" in result["error"]
+    assert completions(stack) == [] and archives(stack) == []
+
+
+def test_sigterm_during_the_drain_completes_with_on_failure(stack: Stack, tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src")
+    busy = tmp_path / "busy"
+    busy.write_text("job\n")
+    stack.scale_in()
+    with agent(stack, "--source", str(src), "--drain-path", str(busy),
+               "--lifecycle-token", token_of(stack)) as run:
+        run.wait_for("drain gate: waiting for the paths to clear", timeout=30)
+        run.send(signal.SIGTERM)
+        result = _stopped_cleanly(run)
+    assert result["lifecycle_result"] == "ABANDON"
+    assert completions(stack) == [("ABANDON", "ok")]
+    assert archives(stack) == [] and stack.incomplete_uploads() == []
+    assert [d["status"] for d in sns_docs(stack)] == ["failed"]
+
+
+def test_imds_region_that_is_an_html_page_is_one_line_exit_2(stack: Stack,
+                                                             tmp_path: Path) -> None:
+    stack.imds.region = "<html><body>502 Bad Gateway</body></html>"
+    proc = stack.run("backup", "--bucket", stack.bucket, "--source", str(tmp_path))
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("{")]
+    assert len(lines) == 1 and "not a region name" in lines[0], proc.stderr
+    assert completions(stack) == []
+
+
+def test_lifecycle_token_never_leaves_the_agent(stack: Stack, tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src")
+    # A token whose action is already gone: AWS's answer quotes it back.
+    token = "c3f1a2b4-5d6e-4f70-8a9b-0c1d2e3f4a5b"
+    proc, result = stack.backup("--source", str(src), "--lifecycle-token", token)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["lifecycle_result"] == "none"  # what happened: this run completed nothing
+    assert any(c.token == token and c.outcome.startswith("No active Lifecycle Action")
+               for c in stack.lifecycle_calls())
+    records = "".join(p.read_text() for p in (stack.tmp / "state").glob("*.json"))
+    everything = proc.stdout + proc.stderr + json.dumps(sns_docs(stack)) + records
+    assert token not in everything
+    assert result["lifecycle_action"] and result["lifecycle_action"] in proc.stderr
