@@ -179,6 +179,21 @@ def make_clients(cfg: config.Config, region: str) -> Any:
     )
 
 
+def make_cloudwatch(cfg: config.Config, region: str) -> Any:
+    """The CloudWatch client for the run's metrics; None with --no-metrics."""
+    if not cfg.metrics:
+        return None
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    # After the lifecycle action is complete, so nothing waits on it; still short, so a
+    # black-holed endpoint costs the process seconds, not minutes.
+    return boto3.session.Session(region_name=region).client(
+        "cloudwatch", config=BotoConfig(connect_timeout=3, read_timeout=5,
+                                        retries={"mode": "standard", "total_max_attempts": 3},
+                                        user_agent_extra=f"{PROG}/{__version__}"))
+
+
 def install_interrupt_handlers() -> None:
     """SIGTERM/SIGINT raise Interrupted once in the main thread, so every finally runs:
     the upload is aborted, the failure reported and the hook completed. Later signals are
@@ -199,7 +214,7 @@ def install_interrupt_handlers() -> None:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from instance_agent import backup
+    from instance_agent import backup, metrics
 
     cfg = config.load(_flags(args), os.environ, config_file=args.config, command=config.BACKUP)
     logs.setup(cfg.log_level)
@@ -208,6 +223,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     install_interrupt_handlers()
     outcome = backup.run(cfg, ident, clients,
                          progress_interval=5.0 if sys.stderr.isatty() else 30.0)
+    # After the run: a metric can neither delay the completion nor change the outcome.
+    metrics.publish(make_cloudwatch(cfg, ident.region), outcome.result)
     if args.json:
         sys.stdout.write(json.dumps(outcome.result) + "\n")
         sys.stdout.flush()
