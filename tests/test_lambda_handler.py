@@ -573,7 +573,7 @@ def test_burst_of_200_events_with_every_third_call_throttled(trigger: Trigger,
     assert throttled >= calls // 3 - 1
 
 
-# -- the lifecycle token is a credential ----------------------------------------------------------------------
+# -- the lifecycle token is a credential --------------------------------------------------------------
 
 
 def test_token_is_in_no_log_line_sns_message_or_result(trigger: Trigger, moto: MotoServer) -> None:
