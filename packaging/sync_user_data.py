@@ -26,7 +26,7 @@ INDENT = " " * 16  # the literal's indentation in the template
 
 def body(script: str) -> str:
     """The part of a user-data script after its settings."""
-    head, marker, rest = script.partition(END_OF_SETTINGS)
+    _, marker, rest = script.partition(END_OF_SETTINGS)
     if not marker:
         raise ValueError("no '# --- end of settings' line")
     return rest.split("\n", 1)[1]

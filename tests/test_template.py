@@ -246,7 +246,8 @@ def test_operator_role_is_optional_and_read_only() -> None:
     statements = _statements_of("OperatorReadRole")
     actions = {a for s in statements.values() for a in _as_list(s.get("Action"))}
     assert actions == {"s3:ListBucket", "s3:GetObject", "kms:Decrypt"}
-    assert statements["ListBackups"]["Condition"] == {"StringLike": {"s3:prefix": {"Fn::Sub": "${BackupPrefix}*"}}}
+    assert statements["ListBackups"]["Condition"] == {
+        "StringLike": {"s3:prefix": {"Fn::Sub": "${BackupPrefix}*"}}}
     assert statements["ReadBackups"]["Resource"] == {"Fn::Sub": "${BackupBucket.Arn}/${BackupPrefix}*"}
     assert TPL["Outputs"]["OperatorReadRoleArn"]["Condition"] == "HasOperator"
 
