@@ -27,6 +27,7 @@ from instance_agent.errors import AgentError, Cancelled
 from instance_agent.lifecycle import AutoScalingClient
 from instance_agent.logs import fields
 from instance_agent.manifest import ArchiveReport
+from instance_agent.metrics import CloudWatchClient
 from instance_agent.notify import SNSClient
 from instance_agent.result import PARTIAL, SUCCEEDED, Result
 from instance_agent.s3upload import ChainBody, MultipartUpload, PartSizer, S3Client, put_small
@@ -41,6 +42,7 @@ class Clients:
     s3: S3Client
     sns: SNSClient | None = None
     autoscaling: AutoScalingClient | None = None
+    cloudwatch: CloudWatchClient | None = None  # None with --no-metrics
 
 
 @dataclass(frozen=True)

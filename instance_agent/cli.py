@@ -181,7 +181,23 @@ def make_clients(cfg: config.Config, region: str) -> Any:
             retries={"mode": "standard", "total_max_attempts": 3})))
         if cfg.topic_arn else None,
         autoscaling=client("autoscaling", config=base) if cfg.complete else None,
+        cloudwatch=make_cloudwatch(cfg, region),
     )
+
+
+def make_cloudwatch(cfg: config.Config, region: str) -> Any:
+    """The CloudWatch client for the run's metrics; None with --no-metrics."""
+    if not cfg.metrics:
+        return None
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    # After the lifecycle action is complete, so nothing waits on it; still short, so a
+    # black-holed endpoint costs the process seconds, not minutes.
+    return boto3.session.Session(region_name=region).client(
+        "cloudwatch", config=BotoConfig(connect_timeout=3, read_timeout=5,
+                                        retries={"mode": "standard", "total_max_attempts": 3},
+                                        user_agent_extra=f"{PROG}/{__version__}"))
 
 
 def read_lifecycle_state(cfg: config.Config, imds: Any) -> str | None:

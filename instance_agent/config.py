@@ -213,6 +213,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("heartbeat_interval", "float", None, "seconds between heartbeats; default "
            "HeartbeatTimeout/3, at most 600", check=check_heartbeat),
     Option("log_level", "choice", "info", "log verbosity", choices=("debug", "info", "warning", "error")),
+    Option("metrics", "bool", True, "publish the run's CloudWatch metrics (namespace "
+           "InstanceAgent) when it ends; --no-metrics: don't", negative_flag=True),
     # --- watch only -------------------------------------------------------------------
     Option("poll_interval", "float", 2.0, "seconds between IMDS polls (minimum 0.5)",
            commands=frozenset({WATCH}), check=check_poll),
@@ -281,6 +283,7 @@ class Config:
     complete_timeout: float = 60.0
     heartbeat_interval: float | None = None
     log_level: str = "info"
+    metrics: bool = True
     poll_interval: float = 2.0
     spot: bool = True
     on_rebalance: str = "log"

@@ -119,6 +119,7 @@ class Doctor:
     config_error: str | None
     make_clients: Callable[[Config, str], Any]
     publish_test: bool = False
+    launch: bool = False  # --launch: the launching hook's gate (check_lifecycle_permission)
     systemctl: Callable[[list[str]], tuple[int, str]] = _systemctl
     checks: list[Check] = field(default_factory=list)
     imds_endpoint: str = ""
@@ -333,6 +334,13 @@ class Doctor:
             self.add(name, SKIP, "needs the lifecycle hook (see lifecycle hook)"
                      if self.cfg.complete else "complete = false")
             return
+        if self.launch:
+            # The probe heartbeats the terminating hook, which has no action while the
+            # instance launches; the user data's CompleteLifecycleAction of the launching
+            # hook uses the same statement on the same group, and proves it right after.
+            self.add(name, SKIP, "--launch: no terminating action to probe; completing the "
+                     "launching hook proves CompleteLifecycleAction on the group")
+            return
         ids = {"AutoScalingGroupName": self.target.group,
                "LifecycleHookName": self.target.hook, "InstanceId": self.target.instance_id}
         fix = ("allow autoscaling:RecordLifecycleActionHeartbeat and "
@@ -513,8 +521,8 @@ class Doctor:
 
 
 def run(cfg: Config, config_error: str | None, make_clients: Callable[[Config, str], Any], *,
-        publish_test: bool = False) -> list[Check]:
-    return Doctor(cfg, config_error, make_clients, publish_test=publish_test).run()
+        publish_test: bool = False, launch: bool = False) -> list[Check]:
+    return Doctor(cfg, config_error, make_clients, publish_test=publish_test, launch=launch).run()
 
 
 def failed(checks: list[Check]) -> bool:

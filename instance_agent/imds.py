@@ -6,6 +6,11 @@
   monotonic clock.
 - The token is never logged, and requests ignores proxy variables (trust_env=False), since
   the link-local address must never go through HTTPS_PROXY.
+- The endpoint is chosen as botocore chooses it: `AWS_EC2_METADATA_SERVICE_ENDPOINT` if set,
+  else by `AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE` (`IPv4`, the default, or `IPv6` for
+  `http://[fd00:ec2::254]`, the address of IMDS on IPv6-only Nitro subnets); see
+  the AWS SDK for Java's Ec2MetadataEndpointProvider reference, which documents the same rule:
+  https://docs.amazonaws.cn/sdk-for-java/latest/reference/software/amazon/awssdk/imds/internal/Ec2MetadataEndpointProvider.html
 """
 
 from __future__ import annotations
@@ -14,16 +19,18 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import requests
 
-from instance_agent.errors import IMDSError
+from instance_agent.errors import ConfigError, IMDSError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "http://169.254.169.254"
+IPV6_ENDPOINT = "http://[fd00:ec2::254]"
 ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"  # botocore's variable; we honour the same
+MODE_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE"  # botocore's too: IPv4 or IPv6
 TOKEN_TTL = 21600  # the maximum AWS allows; a 401 refreshes it sooner if needed
 TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105 - a header name, not a secret
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
@@ -35,6 +42,20 @@ class IMDSRefused(IMDSError):
     """403: IMDS disabled, or our request is not allowed. Not retried."""
 
 
+def default_endpoint(env: Mapping[str, str]) -> str:
+    """The endpoint botocore would use: an explicit one wins over the mode."""
+    explicit = env.get(ENDPOINT_ENV, "").strip()
+    if explicit:
+        return explicit
+    mode = env.get(MODE_ENV, "").strip().lower()
+    if mode in ("", "ipv4"):
+        return DEFAULT_ENDPOINT
+    if mode == "ipv6":
+        return IPV6_ENDPOINT
+    # botocore refuses other values too (InvalidIMDSEndpointModeError).
+    raise ConfigError(f"{MODE_ENV} must be IPv4 or IPv6, not {env[MODE_ENV]!r}")
+
+
 class IMDS:
     def __init__(
         self,
@@ -44,7 +65,7 @@ class IMDS:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.endpoint = (endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT).rstrip("/")
+        self.endpoint = (endpoint or default_endpoint(os.environ)).rstrip("/")
         self._session = session or requests.Session()
         self._session.trust_env = False
         self._clock = clock

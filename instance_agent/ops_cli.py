@@ -202,6 +202,9 @@ def register(sub: Any) -> None:
     d.add_argument("--publish-test", action="store_true", help="publish one test message to "
                    "the topic, the only way to prove it exists with the instance role (flag "
                    "only; default: publish nothing)")
+    d.add_argument("--launch", action="store_true", help="the launching hook's gate (the user "
+                   "data runs it before CONTINUE): skip the checks that need a terminating "
+                   "action (flag only; default off)")
     cli._add_schema_options(d, config.BACKUP)
     d.set_defaults(func=cmd_doctor)
 
@@ -414,7 +417,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except ConfigError as err:
         cfg, problem = config.Config(), str(err)
     logs.setup(cfg.log_level if problem is None else "info")
-    checks = doctor.run(cfg, problem, cli.make_clients, publish_test=args.publish_test)
+    checks = doctor.run(cfg, problem, cli.make_clients, publish_test=args.publish_test,
+                        launch=args.launch)
     if args.json:
         _print(json.dumps({"ok": not doctor.failed(checks),
                            "checks": [c.to_json() for c in checks]}) + "\n")

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from instance_agent import hooks, keys, notify
+from instance_agent import hooks, keys, metrics, notify
 from instance_agent.backup import Clients, Identity, _s3_extra, archive_and_upload, key_values
 from instance_agent.config import Config
 from instance_agent.drain import DrainGate
@@ -119,6 +119,8 @@ def run(cfg: Config, ident: Identity, clients: Clients, opts: Options | None = N
         log.error("run failed", extra=fields(error=str(err)))
     if not job.result.duration_s:
         job.result.duration_s = round(opts.clock() - job.started, 3)
+    # After everything: a metric can neither delay the completion nor change the outcome.
+    metrics.publish(clients.cloudwatch, job.result.to_json())
     return Outcome(job.result, job.exit_code())
 
 

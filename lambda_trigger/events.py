@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from lambda_trigger.logs import fingerprint
+
 SOURCE = "aws.autoscaling"
 TERMINATE_ACTION = "EC2 Instance-terminate Lifecycle Action"
 LAUNCH_ACTION = "EC2 Instance-launch Lifecycle Action"
@@ -56,7 +58,8 @@ class LifecycleAction:
             "instance_id": self.instance_id,
             "group": self.group,
             "hook": self.hook,
-            "token": self.token,
+            # Never the token itself (lambda_trigger.logs).
+            "token_sha256": fingerprint(self.token),
             "via": self.via,
             "origin": self.origin,
             "destination": self.destination,

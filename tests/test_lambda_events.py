@@ -1,6 +1,6 @@
 """lambda_trigger.events: every envelope the trigger can receive, parsed or set aside.
 
-The samples are AWS's own (shared/events/); the SNS and SQS forms wrap them the way those
+The samples are AWS's own (copied into tests/events/); the SNS and SQS forms wrap them the way those
 services deliver them.
 """
 
@@ -18,7 +18,7 @@ import instance_agent
 import lambda_trigger
 from lambda_trigger import events
 
-SHARED_EVENTS = Path(__file__).resolve().parents[2] / "shared" / "events"
+SHARED_EVENTS = Path(__file__).resolve().parent / "events"  # copies of the shared samples
 TOKEN = "87654321-4321-4321-4321-210987654321"
 
 

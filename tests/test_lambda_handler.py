@@ -6,6 +6,7 @@ completions, SNS messages, and the JSON log lines.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -25,7 +26,9 @@ from botocore.exceptions import ClientError
 from conftest import make_group
 
 import lambda_trigger
+import lambda_trigger.clients
 import lambda_trigger.handler
+import lambda_trigger.ssm_flow
 from instance_agent.local import autoscaling, ssm
 from instance_agent.local.moto_server import MotoServer
 from lambda_trigger.exceptions import ConfigurationError
@@ -33,7 +36,7 @@ from lambda_trigger.exceptions import ConfigurationError
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
 DOCUMENT = Path(__file__).resolve().parents[1] / "packaging" / "ssm-document.yaml"
-SHARED_EVENTS = Path(__file__).resolve().parents[2] / "shared" / "events"
+SHARED_EVENTS = Path(__file__).resolve().parent / "events"  # copies of the shared samples
 
 
 @dataclass
@@ -68,7 +71,8 @@ class Trigger:
 
     def new_container(self) -> None:
         """What a cold start gives: module state (clients, document cache) from scratch."""
-        importlib.reload(self.module)
+        for module in (lambda_trigger.clients, lambda_trigger.ssm_flow, self.module):
+            importlib.reload(module)
 
     def logs(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.capsys.readouterr().out.splitlines() if line]
@@ -134,6 +138,11 @@ def terminate_event(token: str, group: str, hook: str, instance_id: str) -> dict
     return event
 
 
+def sha8(token: str) -> str:
+    """The fingerprint an operator can compute to find a token's lines: sha256, 8 hex digits."""
+    return hashlib.sha256(token.encode()).hexdigest()[:8]
+
+
 def fake_instance() -> str:
     return "i-" + uuid.uuid4().hex[:17]
 
@@ -183,12 +192,14 @@ def test_sends_one_command_carrying_the_lifecycle_action(trigger: Trigger, moto:
 
     [command] = trigger.commands(action.instance_id)
     assert result == {"status": "sent", "command_id": command.command_id, "delivery": "InProgress",
-                      "instance_id": action.instance_id, "token": action.token}
+                      "instance_id": action.instance_id, "token_sha256": sha8(action.token)}
     assert command.parameters == {
         "LifecycleActionToken": [action.token], "LifecycleHookName": [action.hook],
         "AutoScalingGroupName": [action.group], "executionTimeout": ["3600"]}
     assert command.instance_ids == (action.instance_id,)
-    assert action.token in command.comment and len(command.comment) <= 100
+    # The comment marks the command as this action's by the token's fingerprint only.
+    assert sha8(action.token) in command.comment and action.token not in command.comment
+    assert len(command.comment) <= 100
     # The trigger never completes the action itself on this path: the agent does.
     assert completions(action.group) == []
     assert [a.token for a in autoscaling.active_actions(ACCOUNT, REGION)
@@ -256,7 +267,7 @@ def test_duplicate_delivery_sends_one_command_across_containers(trigger: Trigger
     assert len(trigger.commands(action.instance_id)) == 1
     assert first["status"] == "sent"
     assert second == {"status": "duplicate", "command_id": first["command_id"],
-                      "instance_id": action.instance_id, "token": action.token}
+                      "instance_id": action.instance_id, "token_sha256": sha8(action.token)}
 
 
 def test_duplicate_found_on_a_later_page_and_new_token_after_all_pages(trigger: Trigger) -> None:
@@ -560,3 +571,34 @@ def test_burst_of_200_events_with_every_third_call_throttled(trigger: Trigger,
     assert sorted(tokens) == sorted(e["detail"]["LifecycleActionToken"] for e in events)
     assert Counter(c.instance_ids for c in commands).most_common(1)[0][1] == 1  # none twice
     assert throttled >= calls // 3 - 1
+
+
+# -- the lifecycle token is a credential --------------------------------------------------------------
+
+
+def test_token_is_in_no_log_line_sns_message_or_result(trigger: Trigger, moto: MotoServer) -> None:
+    trigger.env(ON_UNREACHABLE="complete")
+    sent = real_action(moto)
+    ssm.register(sent.instance_id, account_id=ACCOUNT, region=REGION)
+    unreachable = real_action(moto)  # never registered: completed with ABANDON and reported
+    expired = real_action(moto)
+    trigger.client("autoscaling").complete_lifecycle_action(
+        AutoScalingGroupName=expired.group, LifecycleHookName=expired.hook,
+        LifecycleActionToken=expired.token, LifecycleActionResult="CONTINUE")
+    malformed = {"Records": [{"body": json.dumps({"LifecycleActionToken": sent.token})[:-1]}]}
+
+    results = [*trigger.invoke(sent.event()), *trigger.invoke(sent.event()),
+               *trigger.invoke(unreachable.event()), *trigger.invoke(expired.event()),
+               *trigger.invoke(malformed)]
+
+    assert [r["status"] for r in results] == ["sent", "duplicate", "unreachable", "unreachable",
+                                              "malformed"]
+    logs = trigger.capsys.readouterr().out
+    messages = json.dumps(trigger.sns())
+    returned = json.dumps(results)
+    for action in (sent, unreachable, expired):
+        assert action.token not in logs and action.token not in messages
+        assert action.token not in returned
+    # What stands for it instead: the fingerprint an operator can compute from the event.
+    assert sha8(sent.token) in logs and sha8(unreachable.token) in messages
+    assert len(trigger.sns()) == 2  # both unreachable ones, the expired one with its error

@@ -19,12 +19,13 @@ from policy_sentry.querying.actions import (
     get_actions_that_support_wildcard_arns_only,
 )
 
-from instance_agent import config
-from lambda_trigger import handler
+from instance_agent import config, metrics
+from lambda_trigger import command_status, handler
 
 PACKAGING = Path(__file__).resolve().parents[1] / "packaging"
 TEMPLATE = PACKAGING / "template.yaml"
 DOCUMENT = PACKAGING / "ssm-document.yaml"
+USER_DATA = PACKAGING / "user-data.sh"
 ALLOWED_MANAGED_POLICY = "AmazonSSMManagedInstanceCore"
 AL2023_AMI = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
 INTRINSICS = ("Ref", "Sub", "GetAtt", "If", "Not", "Equals", "Join", "FindInMap", "Base64",
@@ -175,7 +176,9 @@ def test_every_statement_is_walked() -> None:
     walked = {(where.split(".")[0], tuple(_as_list(s.get("Action")))) for where, s in iam_statements(TPL)}
     actions = {a for _, acts in walked for a in acts}
     # Including both sides of the KMS condition and the resource policies.
-    assert {"kms:GenerateDataKey", "ssm:SendCommand", "sqs:SendMessage", "s3:*"} <= actions
+    assert {"kms:GenerateDataKey", "ssm:SendCommand", "sqs:SendMessage", "s3:*",
+            "cloudwatch:PutMetricData", "s3:ListBucket", "kms:Decrypt",
+            "ssm:GetCommandInvocation"} <= actions
 
 
 def test_the_checker_catches_over_privilege() -> None:
@@ -221,9 +224,32 @@ def test_instance_role_writes_only_under_the_prefix() -> None:
     assert group_arn.endswith(":autoScalingGroupName/${AWS::StackName}-group")
     kms = RESOURCES["InstanceRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"][-1]
     assert kms["Fn::If"][0] == "HasKmsKey" and kms["Fn::If"][2] == {"Ref": "AWS::NoValue"}
-    every_action = {a for s in statements.values() for a in _as_list(s.get("Action"))}
-    assert not any(a.startswith(("s3:Get", "s3:Delete", "s3:List")) and a != "s3:ListBucketMultipartUploads"
-                   for a in every_action)
+    # It reads nothing but its own install bundles, and never a backup.
+    reads = [s for s in statements.values() if any(
+        a.startswith(("s3:Get", "s3:Delete", "s3:List")) and a != "s3:ListBucketMultipartUploads"
+        for a in _as_list(s.get("Action")))]
+    assert [(s["Action"], _sub_text(s["Resource"])) for s in reads] == [
+        ("s3:GetObject", "arn:aws:s3:::${CodeS3Bucket}/${AgentBundlePrefix}instance-agent-py*")]
+
+
+def test_metrics_are_allowed_only_in_the_agents_namespace() -> None:
+    put = _statements_of("InstanceRole")["PublishMetrics"]
+    assert (put["Action"], put["Resource"]) == ("cloudwatch:PutMetricData", "*")
+    namespace = put["Condition"]["StringEquals"]["cloudwatch:namespace"]
+    assert TPL["Mappings"]["Names"]["Metrics"]["Namespace"] == metrics.NAMESPACE
+    assert namespace == {"Fn::FindInMap": ["Names", "Metrics", "Namespace"]}
+
+
+def test_operator_role_is_optional_and_read_only() -> None:
+    role = RESOURCES["OperatorReadRole"]
+    assert role["Condition"] == "HasOperator"
+    statements = _statements_of("OperatorReadRole")
+    actions = {a for s in statements.values() for a in _as_list(s.get("Action"))}
+    assert actions == {"s3:ListBucket", "s3:GetObject", "kms:Decrypt"}
+    assert statements["ListBackups"]["Condition"] == {
+        "StringLike": {"s3:prefix": {"Fn::Sub": "${BackupPrefix}*"}}}
+    assert statements["ReadBackups"]["Resource"] == {"Fn::Sub": "${BackupBucket.Arn}/${BackupPrefix}*"}
+    assert TPL["Outputs"]["OperatorReadRoleArn"]["Condition"] == "HasOperator"
 
 
 def test_trigger_sends_only_this_document_to_this_groups_instances() -> None:
@@ -285,8 +311,8 @@ def test_rule_matches_this_groups_terminate_lifecycle_actions() -> None:
     assert pattern["source"] == ["aws.autoscaling"]
     assert pattern["detail-type"] == ["EC2 Instance-terminate Lifecycle Action"]
     assert pattern["detail"]["AutoScalingGroupName"] == [{"Ref": "BackupGroup"}]
-    [hook] = RESOURCES["BackupGroup"]["Properties"]["LifecycleHookSpecificationList"]
-    assert hook["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"
+    hooks = RESOURCES["BackupGroup"]["Properties"]["LifecycleHookSpecificationList"]
+    [hook] = [h for h in hooks if h["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"]
     assert hook["HeartbeatTimeout"] == {"Ref": "HeartbeatTimeout"}
 
 
@@ -304,63 +330,154 @@ def test_bucket_is_private_encrypted_and_cleans_up_uploads() -> None:
     assert expiry["Fn::If"][1]["ExpirationInDays"] == {"Ref": "RetentionDays"}
 
 
-def test_launch_template_requires_imdsv2_with_tags() -> None:
+def test_launch_template_requires_imdsv2() -> None:
     options = RESOURCES["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["MetadataOptions"]
     assert options["HttpTokens"] == "required"
     assert options["HttpPutResponseHopLimit"] == 2
-    assert options["InstanceMetadataTags"] == "enabled"
+    # The agent discovers its group with DescribeAutoScalingInstances; tags in IMDS would
+    # only expose them to every process on the instance.
+    assert "InstanceMetadataTags" not in options
 
 
 def test_parameters() -> None:
     params = TPL["Parameters"]
     assert {"Subnets", "InstanceType", "ImageId", "HeartbeatTimeout", "SourcePaths", "RetentionDays",
-            "WheelUrl", "CodeS3Bucket", "CodeS3Key"} <= set(params)
+            "AgentBundlePrefix", "LaunchTimeout", "CodeS3Bucket", "CodeS3Key"} <= set(params)
+    assert "WheelUrl" not in params  # nothing the instances fetch needs a URL, signed or not
     assert params["ImageId"]["Type"] == "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>"
     assert params["ImageId"]["Default"] == AL2023_AMI
     assert (params["HeartbeatTimeout"]["MinValue"], params["HeartbeatTimeout"]["MaxValue"]) == (30, 7200)
 
 
 SAMPLE_VALUES = {
-    "WheelUrl": "https://example.com/instance_agent-0.1.0-py3-none-any.whl",
+    "CodeS3Bucket": "my-artifacts", "AgentBundlePrefix": "instance-agent/0.1.0/",
     "AWS::StackName": "mystack", "AWS::Region": "us-east-1", "AWS::AccountId": "123456789012",
     "BackupBucket": "mystack-backupbucket-1a2b3c", "BackupPrefix": "backups/",
     "BackupTopic": "arn:aws:sns:us-east-1:123456789012:mystack-BackupTopic-1A2B",
-    "Sources": '/var/log", "/srv/app/logs', "HookName": "instance-agent-backup",
+    "Sources": "/var/log --source /srv/app/logs", "HookName": "instance-agent-backup",
+    "LaunchHook": "instance-agent-launch",
 }
 KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-KMS = f'sse = "aws:kms"\nkms_key_id = "{KMS_KEY}"'
+KMS = f"--sse aws:kms --kms-key-id {KMS_KEY}"
 
 
-def user_data(kms_settings: str) -> str:
+def user_data(kms_flags: str) -> str:
+    """The template's user data as an instance receives it, for sample parameter values."""
     data = RESOURCES["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
-    text, variables = data["UserData"]["Fn::Base64"]["Fn::Sub"]
-    assert set(variables) == {"Sources", "HookName", "KmsSettings"}
-    values = {**SAMPLE_VALUES, "KmsSettings": kms_settings}
-    return re.sub(r"\$\{([A-Za-z:]+)\}", lambda m: values[m.group(1)], text)
+    separator, (settings, body) = data["UserData"]["Fn::Base64"]["Fn::Join"]
+    text, variables = settings["Fn::Sub"]
+    assert separator == "" and isinstance(body, str)
+    assert set(variables) == {"Sources", "HookName", "LaunchHook", "KmsFlags"}
+    values = {**SAMPLE_VALUES, "KmsFlags": kms_flags}
+    return re.sub(r"\$\{([A-Za-z0-9:]+)\}", lambda m: values[m.group(1)], text) + body
+
+
+def agent_flags(script: str) -> list[str]:
+    """The AGENT_FLAGS array of a user-data script, as bash expands it."""
+    proc = subprocess.run(["bash", "-c", 'eval "$(sed -n \'/^AGENT_FLAGS=(/,/^)/p\')"; '
+                           'printf "%s\\n" "${AGENT_FLAGS[@]}"'], input=script, text=True,
+                          capture_output=True, check=True)
+    return proc.stdout.splitlines()
 
 
 @pytest.mark.parametrize("kms", ["", KMS], ids=["sse-s3", "sse-kms"])
-def test_user_data_writes_a_config_the_agent_loads(tmp_path: Path, kms: str) -> None:
+def test_user_data_installs_a_config_the_agent_loads(tmp_path: Path, kms: str) -> None:
     script = user_data(kms)
     assert script.startswith("#!/bin/bash\n")
     assert subprocess.run(["bash", "-n"], input=script, text=True, check=False).returncode == 0
-    toml = script.split("<<'TOML'\n", 1)[1].split("\nTOML\n", 1)[0]
-    path = tmp_path / "agent.toml"
-    path.write_text(toml)
+    # What the user data runs last: install-service with its flags writes agent.toml.
+    proc = subprocess.run([sys.executable, "-m", "instance_agent", "install-service", "--root",
+                           str(tmp_path), "--no-start", *agent_flags(script)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
 
-    cfg = config.load({}, {}, config_file=str(path), command=config.BACKUP)
+    cfg = config.load({}, {}, config_file=str(tmp_path / "etc/instance-agent/agent.toml"),
+                      command=config.BACKUP)
 
     assert cfg.bucket == SAMPLE_VALUES["BackupBucket"] and cfg.prefix == "backups/"
     assert cfg.source == ("/var/log", "/srv/app/logs")
     assert cfg.topic_arn == SAMPLE_VALUES["BackupTopic"]
     assert (cfg.asg_name, cfg.hook_name) == ("mystack-group", "instance-agent-backup")
+    assert cfg.expected_bucket_owner == "123456789012" and cfg.region == "us-east-1"
     assert cfg.sse == ("aws:kms" if kms else None)
-    assert "python3.12 -m venv /opt/instance-agent" in script
-    assert "/opt/instance-agent/bin/instance-agent install-service" in script
+    assert 'AGENT_BUNDLE_S3="s3://my-artifacts/instance-agent/0.1.0/"' in script
+    assert 'LAUNCH_HOOK="instance-agent-launch"' in script
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="no shellcheck")
-def test_user_data_passes_shellcheck() -> None:
-    proc = subprocess.run(["shellcheck", "-"], input=user_data(KMS), text=True, capture_output=True,
+def test_one_user_data_script_serves_the_template_and_user_data_sh() -> None:
+    sync = subprocess.run([sys.executable, str(PACKAGING / "sync_user_data.py"), "--check"],
+                          capture_output=True, text=True, check=False)
+    assert sync.returncode == 0, sync.stderr
+    mine = USER_DATA.read_text().split("# --- end of settings", 1)[1].split("\n", 1)[1]
+    theirs = user_data("").split("# --- end of settings", 1)[1].split("\n", 1)[1]
+    assert theirs == mine
+    # The AL2023 packages, once, for both.
+    assert mine.count("dnf install -y python3.12 python3.12-pip") == 1
+    for text in (USER_DATA.read_text(), TEMPLATE.read_text()):
+        assert "presign" not in text and "X-Amz-Signature" not in text and "https://" not in text.split(
+            "# --- end of settings")[1]
+
+
+def shellchecks() -> list[str]:
+    found = [str(Path(sys.executable).parent / "shellcheck"), shutil.which("shellcheck") or ""]
+    return [p for p in dict.fromkeys(found) if p and Path(p).exists()]
+
+
+@pytest.mark.skipif(not shellchecks(), reason="no shellcheck")
+@pytest.mark.parametrize("script", ["template", "user-data.sh"])
+def test_user_data_passes_shellcheck(script: str) -> None:
+    text = user_data(KMS) if script == "template" else USER_DATA.read_text()
+    proc = subprocess.run([shellchecks()[0], "-"], input=text, text=True, capture_output=True,
                           check=False)
     assert proc.returncode == 0, proc.stdout
+
+
+# -- fleet: launch gate, failed commands, metrics -------------------------------------------------------
+
+
+def test_group_has_a_launching_hook_that_abandons_by_default() -> None:
+    hooks = RESOURCES["BackupGroup"]["Properties"]["LifecycleHookSpecificationList"]
+    [launch] = [h for h in hooks if h["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_LAUNCHING"]
+    assert launch["DefaultResult"] == "ABANDON"
+    assert launch["HeartbeatTimeout"] == {"Ref": "LaunchTimeout"}
+    assert launch["LifecycleHookName"] == {"Fn::FindInMap": ["Names", "LaunchHook", "Name"]}
+    assert "launch_gate" in USER_DATA.read_text() and "doctor --launch" in USER_DATA.read_text()
+
+
+def test_failed_commands_of_the_backup_document_reach_the_reporter() -> None:
+    rule = RESOURCES["CommandStatusRule"]["Properties"]
+    pattern = rule["EventPattern"]
+    assert pattern["source"] == [command_status.SOURCE]
+    assert pattern["detail-type"] == [command_status.DETAIL_TYPE]
+    assert pattern["detail"]["document-name"] == [{"Ref": "BackupDocument"}]
+    assert sorted(pattern["detail"]["status"]) == sorted(command_status.REPORTED)
+    [target] = rule["Targets"]
+    assert target["Arn"] == {"Fn::GetAtt": ["CommandStatusFunction", "Arn"]}
+    function = RESOURCES["CommandStatusFunction"]["Properties"]
+    assert function["Handler"] == "lambda_trigger.command_status.handler"
+    env = function["Environment"]["Variables"]
+    assert env == {"DOCUMENT_NAME": {"Ref": "BackupDocument"}, "TOPIC_ARN": {"Ref": "BackupTopic"}}
+    statements = _statements_of("CommandStatusRole")
+    assert statements["Report"]["Resource"] == {"Ref": "BackupTopic"}
+    assert {a for s in statements.values() for a in _as_list(s["Action"])} == {
+        "ssm:GetCommandInvocation", "sns:Publish", "sqs:SendMessage", "logs:CreateLogStream",
+        "logs:PutLogEvents"}
+
+
+def test_alarm_fires_on_failed_backups_or_abandoned_actions_and_notifies_the_topic() -> None:
+    alarm = RESOURCES["BackupProblemsAlarm"]["Properties"]
+    by_id = {m["Id"]: m for m in alarm["Metrics"]}
+    assert by_id["problems"]["Expression"] == "failed + abandoned"
+    assert by_id["failed"]["MetricStat"]["Metric"]["MetricName"] == "BackupFailed"
+    assert by_id["abandoned"]["MetricStat"]["Metric"]["MetricName"] == "LifecycleAbandoned"
+    for stat in (by_id["failed"]["MetricStat"], by_id["abandoned"]["MetricStat"]):
+        assert stat["Metric"]["Dimensions"] == [{"Name": metrics.DIMENSION,
+                                                 "Value": {"Fn::Sub": "${AWS::StackName}-group"}}]
+    assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanThreshold", 0)
+    assert alarm["AlarmActions"] == [{"Ref": "BackupTopic"}]
+
+
+def test_dashboard_shows_every_metric_the_agent_publishes() -> None:
+    body, _ = RESOURCES["BackupDashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    names = {*metrics.COUNTS.values(), metrics.ABANDONED, metrics.DURATION, metrics.BYTES}
+    assert all(f'"{name}"' in body for name in names)

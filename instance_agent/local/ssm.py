@@ -132,18 +132,20 @@ def sent_commands(account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGIO
 
 
 def finish(command_id: str, instance_id: str, status: str = "Success", *, response_code: int = 0,
-           stdout: str = "", stderr: str = "", account_id: str = DEFAULT_ACCOUNT,
-           region: str = DEFAULT_REGION) -> None:
+           stdout: str = "", stderr: str = "", status_details: str | None = None,
+           account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION) -> None:
     """Record what running the command gave, as the SSM agent reports it (outputs are cut to
-    the 24,000/8,000 characters GetCommandInvocation returns)."""
+    the 24,000/8,000 characters GetCommandInvocation returns). `status_details` is the finer
+    status AWS gives beside a TimedOut one ("Delivery Timed Out", "Execution Timed Out")."""
     with _lock:
         command = _backend(account_id, region).get_command_by_id(command_id)
         invocation = command.get_invocation(instance_id, None)
-        invocation.update(Status=status, StatusDetails=status, ResponseCode=response_code,
+        invocation.update(Status=status, StatusDetails=status_details or status,
+                          ResponseCode=response_code,
                           StandardOutputContent=stdout[:24_000],
                           StandardErrorContent=stderr[:8_000])
         command.status = status
-        command.status_details = status
+        command.status_details = status_details or status
 
 
 def inject_throttling(every_nth: int, *, account_id: str = DEFAULT_ACCOUNT,

@@ -1,0 +1,84 @@
+"""CloudWatch metrics of one run: what a fleet operator graphs and alarms on.
+
+`publish(cloudwatch, result)` turns the result object of a backup (the one `--json` prints
+and SNS carries) into one PutMetricData call in namespace `InstanceAgent`, dimension
+`AutoScalingGroupName`:
+
+- `BackupSucceeded`, `BackupPartial`, `BackupFailed`: 1 for the run's status, 0 for the
+  others, so that a sum over a period counts runs and a quiet group reads 0, not "no data";
+- `LifecycleAbandoned`: 1 when the run completed its lifecycle action with ABANDON;
+- `BackupDurationSeconds` and `BytesUploaded`.
+
+A `duplicate` run publishes nothing: the first run already counted that termination. A run
+without a group (an instance outside any Auto Scaling group) publishes nothing either: the
+alarm and dashboard are per group. One call: the six data fit in one request (even the
+oldest limit was 20 per call), and requests are what CloudWatch bills.
+
+A metric never changes a backup's outcome: any failure is one warning in the log, and the
+exit code and SNS report stay what the backup made them. IAM: PutMetricData has no
+resource-level permissions; the template scopes it with the `cloudwatch:namespace`
+condition key instead (https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/iam-cw-condition-keys-namespace.html).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from instance_agent.logs import fields
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "InstanceAgent"
+DIMENSION = "AutoScalingGroupName"
+COUNTS = {"succeeded": "BackupSucceeded", "partial": "BackupPartial", "failed": "BackupFailed"}
+ABANDONED = "LifecycleAbandoned"
+DURATION = "BackupDurationSeconds"
+BYTES = "BytesUploaded"
+
+
+class CloudWatchClient(Protocol):
+    """The one call this module makes (boto3's client satisfies it)."""
+
+    def put_metric_data(self, **kwargs: Any) -> Mapping[str, Any]: ...
+
+
+def metric_data(result: Mapping[str, Any], *, now: datetime | None = None) -> list[dict[str, Any]]:
+    """The MetricData of one run; empty when the run is not to be counted (module docstring)."""
+    status, group = result.get("status"), result.get("group")
+    if status not in COUNTS or not group:
+        return []
+    timestamp = now or datetime.now(timezone.utc)
+    dimensions = [{"Name": DIMENSION, "Value": str(group)}]
+
+    def datum(name: str, value: float, unit: str) -> dict[str, Any]:
+        return {"MetricName": name, "Dimensions": dimensions, "Timestamp": timestamp,
+                "Value": float(value), "Unit": unit}
+
+    data = [datum(name, 1 if status == key else 0, "Count") for key, name in COUNTS.items()]
+    data.append(datum(ABANDONED, 1 if result.get("lifecycle_result") == "ABANDON" else 0, "Count"))
+    data.append(datum(DURATION, result.get("duration_s") or 0.0, "Seconds"))
+    data.append(datum(BYTES, result.get("bytes_uploaded") or 0, "Bytes"))
+    return data
+
+
+def publish(cloudwatch: CloudWatchClient | None, result: Mapping[str, Any]) -> bool:
+    """Publish the run's metrics; True when they were sent. Never raises."""
+    if cloudwatch is None:
+        return False
+    data = metric_data(result)
+    if not data:
+        log.debug("no metrics for this run", extra=fields(status=result.get("status"),
+                                                          group=result.get("group")))
+        return False
+    try:
+        cloudwatch.put_metric_data(Namespace=NAMESPACE, MetricData=data)
+    except Exception as err:  # any error at all: a metric must never change the outcome
+        log.warning("metrics not published", extra=fields(
+            namespace=NAMESPACE, error=f"{type(err).__name__}: {err}"))
+        return False
+    log.info("metrics published", extra=fields(namespace=NAMESPACE, group=result.get("group"),
+                                               status=result.get("status")))
+    return True

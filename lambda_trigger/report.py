@@ -1,0 +1,37 @@
+"""SNS reports of both functions: one message, and a failure to publish never raises.
+
+A report is about something that already went wrong; failing the invocation because the
+report could not be sent would only make Lambda run the whole flow again.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from lambda_trigger.clients import Caller, describe_error
+from lambda_trigger.logs import fields, log
+
+if TYPE_CHECKING:
+    from mypy_boto3_sns import SNSClient
+
+SUBJECT_LIMIT = 99  # SNS: under 100 characters, no line breaks
+
+
+def publish(caller: Caller, sns: SNSClient, topic: str, subject: str, body: dict[str, Any],
+            attributes: dict[str, str]) -> str | None:
+    """Publish `body` as JSON; None when sent, else the one-line error (also logged)."""
+    try:
+        resp = caller.call("Publish", sns.publish, TopicArn=topic,
+                           Subject=" ".join(subject.split())[:SUBJECT_LIMIT],
+                           Message=json.dumps(body),
+                           MessageAttributes={
+                               name: {"DataType": "String", "StringValue": value}
+                               for name, value in attributes.items() if value})
+    except ClientError as err:
+        log.error("report not published", extra=fields(topic_arn=topic, error=describe_error(err)))
+        return describe_error(err)
+    log.info("report published", extra=fields(topic_arn=topic, message_id=resp.get("MessageId")))
+    return None

@@ -1,0 +1,101 @@
+"""CloudWatch metrics of `instance-agent backup`, read back from moto the way an operator
+reads them: GetMetricStatistics by namespace, metric and AutoScalingGroupName.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from conftest import Stack
+from support.faultproxy import FaultProxy, Rule, access_denied
+
+from instance_agent import metrics
+
+
+def small_source(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "app.log").write_text("request ok\n" * 5000)
+    return src
+
+
+def sums(stack: Stack) -> dict[str, float]:
+    """Each metric's sum over the last hour for the stack's group; absent metrics left out."""
+    cloudwatch = stack.client("cloudwatch")
+    now = datetime.now(timezone.utc)
+    found: dict[str, float] = {}
+    for name in ("BackupSucceeded", "BackupPartial", "BackupFailed", "LifecycleAbandoned",
+                 "BackupDurationSeconds", "BytesUploaded"):
+        points = cloudwatch.get_metric_statistics(
+            Namespace="InstanceAgent", MetricName=name,
+            Dimensions=[{"Name": "AutoScalingGroupName", "Value": stack.group}],
+            StartTime=now - timedelta(hours=1), EndTime=now + timedelta(minutes=5),
+            Period=3600, Statistics=["Sum"])["Datapoints"]
+        if points:
+            found[name] = sum(p["Sum"] for p in points)
+    return found
+
+
+def log_lines(stderr: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def test_failed_backup_counts_one_failure_and_one_abandon(stack: Stack, tmp_path: Path) -> None:
+    stack.scale_in()
+    with FaultProxy(stack.s3_endpoint) as proxy:  # the role may not write: every S3 call 403
+        proxy.add_rule(Rule(fault=access_denied()))
+        proc, result = stack.backup("--source", str(small_source(tmp_path)),
+                                    env=stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint))
+
+    assert proc.returncode == 1 and result["status"] == "failed"
+    assert result["lifecycle_result"] == "ABANDON"
+    found = sums(stack)
+    assert found["BackupFailed"] == 1 and found["LifecycleAbandoned"] == 1
+    assert found["BackupSucceeded"] == 0 and found["BackupPartial"] == 0
+    assert found["BytesUploaded"] == 0
+
+
+def test_successful_backup_counts_one_success_with_its_bytes(stack: Stack, tmp_path: Path) -> None:
+    stack.scale_in()
+    proc, result = stack.backup("--source", str(small_source(tmp_path)))
+
+    assert proc.returncode == 0 and result["status"] == "succeeded"
+    found = sums(stack)
+    assert found["BackupSucceeded"] == 1
+    assert found["BackupFailed"] == 0 and found["LifecycleAbandoned"] == 0
+    assert found["BytesUploaded"] == result["bytes_uploaded"] > 0
+    assert found["BackupDurationSeconds"] == result["duration_s"]
+
+
+def test_no_metrics_publishes_nothing(stack: Stack, tmp_path: Path) -> None:
+    stack.scale_in()
+    proc, _ = stack.backup("--source", str(small_source(tmp_path)), "--no-metrics")
+
+    assert proc.returncode == 0
+    assert sums(stack) == {}
+
+
+def test_unreachable_cloudwatch_changes_nothing_but_a_warning(stack: Stack, tmp_path: Path) -> None:
+    stack.scale_in()
+    env = stack.env(AWS_ENDPOINT_URL_CLOUDWATCH="http://127.0.0.1:9")  # nothing listens there
+    proc, result = stack.backup("--source", str(small_source(tmp_path)), env=env)
+
+    assert proc.returncode == 0 and result["status"] == "succeeded"
+    assert [(c.result, c.outcome) for c in stack.lifecycle_calls("CompleteLifecycleAction")] == [
+        ("CONTINUE", "ok")]
+    [warning] = [line for line in log_lines(proc.stderr) if line.get("msg") == "metrics not published"]
+    assert warning["level"].lower() == "warning" and "127.0.0.1:9" in warning["error"]
+    assert sums(stack) == {}
+
+
+def test_a_duplicate_run_or_a_run_without_group_is_not_counted() -> None:
+    base = {"status": "succeeded", "group": "web", "lifecycle_result": "CONTINUE",
+            "duration_s": 2.5, "bytes_uploaded": 10}
+    assert metrics.metric_data({**base, "status": "duplicate"}) == []
+    assert metrics.metric_data({**base, "group": None}) == []
+    data = {d["MetricName"]: d["Value"] for d in metrics.metric_data(base)}
+    assert data == {"BackupSucceeded": 1, "BackupPartial": 0, "BackupFailed": 0,
+                    "LifecycleAbandoned": 0, "BackupDurationSeconds": 2.5, "BytesUploaded": 10}
