@@ -196,14 +196,7 @@ def begin_termination(
     """
     install()
     with _lock:
-        backend = _backend(account_id, region)
-        _tick(backend)
-        asg = backend.autoscaling_groups.get(group)
-        if asg is None:
-            raise ValidationError(f"AutoScalingGroup name not found - {group}")
-        state = _find_state(asg, instance_id)
-        if state is None or state.lifecycle_state != "InService":
-            raise ValidationError(f"Instance {instance_id} is not InService in {group}")
+        backend, asg, state = _in_service(group, instance_id, account_id, region)
         if should_decrement:
             asg.desired_capacity = max(0, (asg.desired_capacity or 0) - 1)
         _begin(backend, asg, state, wait_delay)
@@ -224,15 +217,23 @@ def return_to_warm_pool(
     `"Destination": "WarmPool"`; aws-facts.md, "Warm pools")."""
     install()
     with _lock:
-        backend = _backend(account_id, region)
-        _tick(backend)
-        asg = backend.autoscaling_groups.get(group)
-        if asg is None:
-            raise ValidationError(f"AutoScalingGroup name not found - {group}")
-        state = _find_state(asg, instance_id)
-        if state is None or state.lifecycle_state != "InService":
-            raise ValidationError(f"Instance {instance_id} is not InService in {group}")
+        backend, _asg, _state = _in_service(group, instance_id, account_id, region)
         _enter_wait(backend, group, instance_id, _clock(), destination="warm-pool")
+
+
+def _in_service(
+    group: str, instance_id: str, account_id: str, region: str
+) -> tuple[AutoScalingBackend, FakeAutoScalingGroup, InstanceState]:
+    """The backend, group and state of an instance that must be InService (under _lock)."""
+    backend = _backend(account_id, region)
+    _tick(backend)
+    asg = backend.autoscaling_groups.get(group)
+    if asg is None:
+        raise ValidationError(f"AutoScalingGroup name not found - {group}")
+    state = _find_state(asg, instance_id)
+    if state is None or state.lifecycle_state != "InService":
+        raise ValidationError(f"Instance {instance_id} is not InService in {group}")
+    return backend, asg, state
 
 
 def leave_warm_pool(

@@ -182,7 +182,8 @@ def test_heartbeat_interval_is_a_third_of_the_timeout_within_bounds() -> None:
 
 def test_discover_refuses_two_terminating_hooks_without_a_name() -> None:
     fake = FakeAutoScaling()
-    fake.hooks = [*fake.hooks, {"LifecycleHookName": "other", "LifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING"}]
+    fake.hooks = [*fake.hooks, {"LifecycleHookName": "other",
+                                "LifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING"}]
     with pytest.raises(LifecycleError, match="several terminating hooks"):
         discover(fake, fake.instance_id, group="web", hook=None, token=None)
     assert discover(fake, fake.instance_id, group="web", hook="other", token=None) is not None
