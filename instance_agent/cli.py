@@ -1,6 +1,8 @@
-"""`instance-agent`: flags, logging, signals and AWS clients — wiring only.
+"""`instance-agent`: the parser, `backup`, `demo`, signals and the exit code — wiring only.
 
-This is the one module that builds boto3 clients. Every AgentError ends here as one line on
+The top of the import graph: it registers the sub-commands of ops_cli.py and watch_cli.py,
+and nothing imports it back; what they share (schema options, clients, identity) is in
+wiring.py, the one module that builds boto3 clients. Every AgentError ends here as one line on
 stderr and its exit code (0 ok/partial, 1 failed, 2 usage or config). stdout carries only the
 `--json` result.
 """
@@ -9,17 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any, NoReturn, cast
+from typing import NoReturn
 
-from instance_agent import __version__, config, logs
-from instance_agent.errors import EXIT_USAGE, AgentError, ConfigError, IdentityError, IMDSError
-
-PROG = "instance-agent"
+from instance_agent import __version__, config, logs, ops_cli, watch_cli, wiring
+from instance_agent.errors import EXIT_USAGE, AgentError, ConfigError
+from instance_agent.wiring import PROG
 
 EXAMPLES_BACKUP = """\
 examples:
@@ -50,29 +50,6 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}")
 
 
-def _add_schema_options(parser: argparse.ArgumentParser, command: str) -> None:
-    for opt in config.OPTIONS:
-        if command not in opt.commands:
-            continue
-        default = opt.default
-        if isinstance(default, tuple):
-            default = ":".join(default) if opt.kind == "pathlist" else ",".join(default)
-        shown = "auto" if default is None and opt.name == "journal" else default
-        help_text = f"{opt.help} (env {opt.env}" + (
-            f"; default {shown})" if shown not in (None, "") else ")")
-        help_text = help_text.replace("%", "%%")
-        if opt.kind == "bool":
-            parser.add_argument(opt.flag, dest=opt.name, default=None, help=help_text,
-                                action=argparse.BooleanOptionalAction)
-        elif opt.kind in ("list", "pathlist"):
-            parser.add_argument(opt.flag, dest=opt.name, default=None, action="append",
-                                metavar=opt.metavar or opt.name.upper(), help=help_text)
-        else:
-            parser.add_argument(opt.flag, dest=opt.name, default=None,
-                                metavar=opt.metavar or "|".join(opt.choices) or None,
-                                help=help_text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Back up an EC2 instance to S3 before its Auto "
                      "Scaling group terminates it, report on SNS, complete the lifecycle action.")
@@ -82,10 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backup", help="back up now, report, and complete the lifecycle action",
                        epilog=EXAMPLES_BACKUP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE", help="TOML config file (env INSTANCE_AGENT_CONFIG;"
-                   f" default {config.DEFAULT_CONFIG_FILE} if it exists)")
+    wiring.add_config_option(p)
     p.add_argument("--json", action="store_true", help="print the result object on stdout")
-    _add_schema_options(p, config.BACKUP)
+    wiring.add_schema_options(p, config.BACKUP)
     p.set_defaults(func=cmd_backup)
 
     d = sub.add_parser("demo", help="run the whole story on a local emulated AWS (needs the "
@@ -111,72 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "default off)")
     d.set_defaults(func=cmd_demo)
 
-    from instance_agent import ops_cli, watch_cli
-
     watch_cli.register(sub)
     ops_cli.register(sub)
     return parser
-
-
-def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {o.name: getattr(args, o.name, None) for o in config.OPTIONS}
-
-
-def resolve_identity(cfg: config.Config) -> Any:
-    """Instance id and region: config first, then IMDS; region may also come from the SDK."""
-    from instance_agent.backup import Identity
-    from instance_agent.imds import IMDS
-
-    instance_id, region = cfg.instance_id, cfg.region
-    if instance_id and region:
-        return Identity(instance_id, region)
-    imds = IMDS()
-    try:
-        if not instance_id:
-            instance_id = imds.instance_id()
-        if not region:
-            try:
-                region = imds.region()
-            except IMDSError:
-                region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-                if not region:
-                    raise
-    except IMDSError as err:
-        raise IdentityError(f"cannot get the instance identity from IMDS at {imds.endpoint} "
-                            f"({err}); pass --instance-id and --region") from None
-    finally:
-        imds.close()
-    return Identity(instance_id, region)
-
-
-def make_clients(cfg: config.Config, region: str) -> Any:
-    """boto3 clients with standard retries; endpoints from boto3's own settings
-    (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, …)."""
-    import boto3
-    from botocore.config import Config as BotoConfig
-
-    from instance_agent.backup import Clients
-
-    session = boto3.session.Session(region_name=region)
-    base = BotoConfig(
-        retries={"mode": "standard", "max_attempts": 5},
-        connect_timeout=5, read_timeout=60,
-        max_pool_connections=cfg.upload_workers + 4,
-        user_agent_extra=f"{PROG}/{__version__}",
-    )
-    # The stubs' TypedDict signatures are stricter than our small Protocols; the adapters'
-    # tests cover the calls, so the clients cross this line untyped.
-    client = cast(Any, session.client)
-    return Clients(
-        s3=client("s3", config=base),
-        # The report comes before the completion and after the heartbeats: a black-holed
-        # Publish may hold the hook ~24 s at most (3 x (3 + 5) s), not 6 x 65 s.
-        sns=client("sns", config=base.merge(BotoConfig(
-            connect_timeout=3, read_timeout=5,
-            retries={"mode": "standard", "total_max_attempts": 3})))
-        if cfg.topic_arn else None,
-        autoscaling=client("autoscaling", config=base) if cfg.complete else None,
-    )
 
 
 def install_interrupt_handlers() -> None:
@@ -201,10 +114,10 @@ def install_interrupt_handlers() -> None:
 def cmd_backup(args: argparse.Namespace) -> int:
     from instance_agent import backup
 
-    cfg = config.load(_flags(args), os.environ, config_file=args.config, command=config.BACKUP)
+    cfg = wiring.load(args, config.BACKUP)
     logs.setup(cfg.log_level)
-    ident = resolve_identity(cfg)
-    clients = make_clients(cfg, ident.region)
+    ident = wiring.resolve_identity(cfg)
+    clients = wiring.make_clients(cfg, ident.region)
     install_interrupt_handlers()
     outcome = backup.run(cfg, ident, clients,
                          progress_interval=5.0 if sys.stderr.isatty() else 30.0)

@@ -43,13 +43,13 @@ from typing import Any
 import boto3
 
 from instance_agent import backup, config, doctor, listing, verify
-from instance_agent.cli import make_clients, resolve_identity
 from instance_agent.errors import ConfigError
 from instance_agent.imds import IMDS
 from instance_agent.local import autoscaling, samples
 from instance_agent.local.imds import IMDSStub
 from instance_agent.local.moto_server import MotoServer
 from instance_agent.restore import restore_s3
+from instance_agent.wiring import make_clients, resolve_identity
 
 REGION = "us-east-1"
 BUCKET = "demo-backups"
