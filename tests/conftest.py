@@ -39,7 +39,7 @@ TOKENLESS_READS: list[int] = []
 
 
 @pytest.fixture(autouse=True)
-def _no_real_aws(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_real_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name.startswith(("AWS_", "INSTANCE_AGENT_")):
             monkeypatch.delenv(name)
@@ -51,6 +51,8 @@ def _no_real_aws(monkeypatch: pytest.MonkeyPatch) -> None:
     # Nothing may fall through to the real link-local IMDS.
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("INSTANCE_AGENT_LOG_FORMAT", "json")
+    # Nor may a host's /etc/instance-agent/agent.toml: the default config file is the test's.
+    monkeypatch.setenv("INSTANCE_AGENT_DEFAULT_CONFIG", str(tmp_path / "etc-agent.toml"))
 
 
 @pytest.fixture(scope="session")
