@@ -387,7 +387,9 @@ def config_path(flag_value: str | None, env: Mapping[str, str]) -> str | None:
         return flag_value
     if env.get(ENV_PREFIX + "CONFIG"):
         return env[ENV_PREFIX + "CONFIG"]
-    return DEFAULT_CONFIG_FILE if os.path.exists(DEFAULT_CONFIG_FILE) else None
+    # Moves the default (tests keep it in their tmp dir, away from the host's /etc).
+    default = env.get(ENV_PREFIX + "DEFAULT_CONFIG") or DEFAULT_CONFIG_FILE
+    return default if os.path.exists(default) else None
 
 
 def read_file(path: str) -> dict[str, Any]:

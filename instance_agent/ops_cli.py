@@ -1,10 +1,10 @@
 """Operator sub-commands: `list`, `restore`, `verify`, `doctor`, `status`.
 
-Wiring only, as in cli.py: flags to config, logging, clients; the work is in listing.py,
-restore.py, verify.py, doctor.py and status.py. Shared options (bucket, prefix, region, …)
-come from the config schema, so they read the same flag > environment > file precedence as
-`backup`; the filters (--asg-name, --instance-id, --since) are flags only, so a group in
-agent.toml never silently narrows a listing.
+Wiring only, as in cli.py: flags to config, logging, clients (from wiring.py); the work is in
+listing.py, restore.py, verify.py, doctor.py and status.py. Shared options (bucket, prefix,
+region, …) come from the config schema, so they read the same flag > environment > file
+precedence as `backup`; the filters (--asg-name, --instance-id, --since) are flags only, so a
+group in agent.toml never silently narrows a listing.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import json
 import os
 import sys
 import time
-from typing import Any, cast
+from typing import Any
 
-from instance_agent import __version__, config
+from instance_agent import config, logs, wiring
 from instance_agent.errors import ConfigError
 
 OPS = "ops"  # the command name given to config.load: no option is required by it
@@ -102,24 +102,10 @@ HELP = {
 }
 
 
-def _schema_option(parser: argparse.ArgumentParser, name: str) -> None:
-    """One option of the config schema, showing its environment variable and default."""
-    opt = config.OPTION_BY_NAME[name]
-    default = opt.default
-    if isinstance(default, tuple):
-        default = ",".join(default)
-    help_text = f"{HELP.get(name, opt.help)} (env {opt.env}" + (
-        f"; default {default})" if default not in (None, "") else ")")
-    parser.add_argument(opt.flag, dest=opt.name, default=None,
-                        metavar=opt.metavar or "|".join(opt.choices) or None,
-                        help=help_text.replace("%", "%%"))
-
-
 def _common(parser: argparse.ArgumentParser, *names: str) -> None:
-    parser.add_argument("--config", metavar="FILE", help="TOML config file (env "
-                        f"INSTANCE_AGENT_CONFIG; default {config.DEFAULT_CONFIG_FILE} if it exists)")
+    wiring.add_config_option(parser)
     for name in names:
-        _schema_option(parser, name)
+        wiring.add_option(parser, name, HELP.get(name))
 
 
 def _filters(parser: argparse.ArgumentParser, what: str) -> None:
@@ -142,8 +128,6 @@ def _globs(parser: argparse.ArgumentParser, verb: str) -> None:
 
 def register(sub: Any) -> None:
     """Add the operator sub-commands to the CLI's sub-parser collection."""
-    from instance_agent import cli
-
     raw = argparse.RawDescriptionHelpFormatter
     s3_options = ("bucket", "prefix", "region", "expected_bucket_owner", "key_template",
                   "log_level")
@@ -195,8 +179,7 @@ def register(sub: Any) -> None:
 
     d = sub.add_parser("doctor", help="check everything a backup will need, here and now",
                        epilog=EXAMPLES_DOCTOR, formatter_class=raw)
-    d.add_argument("--config", metavar="FILE", help="TOML config file (env "
-                   f"INSTANCE_AGENT_CONFIG; default {config.DEFAULT_CONFIG_FILE} if it exists)")
+    wiring.add_config_option(d)
     d.add_argument("--json", action="store_true", help="print the checks as JSON (flag only; "
                    "default off)")
     d.add_argument("--publish-test", action="store_true", help="publish one test message to "
@@ -205,7 +188,7 @@ def register(sub: Any) -> None:
     d.add_argument("--launch", action="store_true", help="the launching hook's gate (the user "
                    "data runs it before CONTINUE): skip the checks that need a terminating "
                    "action (flag only; default off)")
-    cli._add_schema_options(d, config.BACKUP)
+    wiring.add_schema_options(d, config.BACKUP)
     d.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("status", help="what the watcher is doing, and whether it runs",
@@ -220,9 +203,7 @@ def register(sub: Any) -> None:
 
 
 def _load(args: argparse.Namespace) -> config.Config:
-    from instance_agent import cli, logs
-
-    cfg = config.load(cli._flags(args), os.environ, config_file=args.config, command=OPS)
+    cfg = wiring.load(args, OPS)
     logs.setup(cfg.log_level)
     return cfg
 
@@ -239,20 +220,10 @@ def _extra(cfg: config.Config) -> dict[str, str]:
 
 
 def s3_client(cfg: config.Config) -> Any:
-    """An S3 client for reading backups. The region is the config's, else the SDK's own
-    (AWS_REGION, ~/.aws/config): an operator's laptop has no IMDS to ask."""
-    import boto3
-    from botocore.config import Config as BotoConfig
-
+    """An S3 client for reading backups, with a connection for each manifest reader."""
     from instance_agent import listing
 
-    session = boto3.session.Session(region_name=cfg.region or None)
-    boto_config = BotoConfig(
-        retries={"mode": "standard", "max_attempts": 5}, connect_timeout=5, read_timeout=60,
-        max_pool_connections=listing.MANIFEST_READERS + 2,
-        user_agent_extra=f"instance-agent/{__version__}")
-    # As in cli.make_clients: the stubs' signatures are stricter than our Protocols.
-    return cast(Any, session.client)("s3", config=boto_config)
+    return wiring.s3_reader(cfg, listing.MANIFEST_READERS + 2)
 
 
 def _check_filters(args: argparse.Namespace) -> Any:
@@ -409,15 +380,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from instance_agent import cli, doctor, logs
+    from instance_agent import doctor
 
     problem = None
     try:
-        cfg = config.load(cli._flags(args), os.environ, config_file=args.config, command=OPS)
+        cfg = wiring.load(args, OPS)
     except ConfigError as err:
         cfg, problem = config.Config(), str(err)
     logs.setup(cfg.log_level if problem is None else "info")
-    checks = doctor.run(cfg, problem, cli.make_clients, publish_test=args.publish_test,
+    checks = doctor.run(cfg, problem, wiring.make_clients, publish_test=args.publish_test,
                         launch=args.launch)
     if args.json:
         _print(json.dumps({"ok": not doctor.failed(checks),

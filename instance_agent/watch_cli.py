@@ -1,7 +1,8 @@
 """Sub-commands of the watcher: `watch` (the daemon) and `install-service` (its unit).
 
-Wiring only, as in cli.py: flags to config, logging, and the CLI's identity and client
-factories handed to the daemon (only the CLI builds boto3 clients).
+Wiring only, as in cli.py: flags to config, logging, and wiring.py's identity and client
+factories handed to the daemon (only wiring.py builds boto3 clients). The daemon itself
+(watch.py) is imported only when it runs.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 from typing import TYPE_CHECKING, Any
+
+from instance_agent import config, logs, wiring
+from instance_agent.errors import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -45,14 +49,11 @@ Running it again with the same flags changes nothing.
 
 def register(sub: Any) -> None:
     """Add the watcher's sub-commands to the CLI's sub-parser collection."""
-    from instance_agent import cli, config
-
     w = sub.add_parser("watch", help="watch IMDS for termination and Spot notices, back up "
                        "then (the systemd service)", epilog=EXAMPLES_WATCH,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    w.add_argument("--config", metavar="FILE", help="TOML config file, re-read on SIGHUP (env "
-                   f"INSTANCE_AGENT_CONFIG; default {config.DEFAULT_CONFIG_FILE} if it exists)")
-    cli._add_schema_options(w, config.WATCH)
+    wiring.add_config_option(w, ", re-read on SIGHUP")
+    wiring.add_schema_options(w, config.WATCH)
     w.set_defaults(func=cmd_watch)
 
     s = sub.add_parser("install-service", help="install the systemd unit and agent.toml",
@@ -68,43 +69,39 @@ def register(sub: Any) -> None:
                    "ExecStart (default: the one beside this Python)")
     s.add_argument("--watchdog-sec", metavar="SECONDS", type=int, default=30,
                    help="WatchdogSec= of the unit (default 30)")
-    cli._add_schema_options(s, config.WATCH)
+    wiring.add_schema_options(s, config.WATCH)
     s.set_defaults(func=cmd_install_service)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from instance_agent import cli, config, logs
-
-    flags = cli._flags(args)
-    cfg = config.load(flags, os.environ, config_file=args.config, command=config.WATCH)
+    cfg = wiring.load(args, config.WATCH)
     logs.setup(cfg.log_level)
 
     def reload() -> Config:
         # The same flags over a freshly read file and environment: flags still win.
-        return config.load(flags, os.environ, config_file=args.config, command=config.WATCH)
+        return wiring.load(args, config.WATCH)
 
     return run_watcher(cfg, reload)
 
 
 def run_watcher(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
-    """The daemon with the CLI's factories; `reload` returns a new Config (SIGHUP)."""
-    from instance_agent import cli, watch
+    """The daemon with wiring.py's factories; `reload` returns a new Config (SIGHUP)."""
+    from instance_agent import watch
 
-    return watch.serve(cfg, watch.Deps(resolve_identity=cli.resolve_identity,
-                                       make_clients=cli.make_clients, reload=reload))
+    return watch.serve(cfg, watch.Deps(resolve_identity=wiring.resolve_identity,
+                                       make_clients=wiring.make_clients, reload=reload))
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from instance_agent import cli, install_service
-    from instance_agent.errors import ConfigError
+    from instance_agent import install_service
 
     if args.watchdog_sec < 1:
         raise ConfigError("--watchdog-sec must be at least 1")
     exec_start = [os.path.abspath(args.exec_path)] if args.exec_path else \
         install_service.default_exec_start()
     installer = install_service.Installer(
-        root=Path(os.path.abspath(args.root)), flags=cli._flags(args), exec_start=exec_start,
+        root=Path(os.path.abspath(args.root)), flags=wiring.flags(args), exec_start=exec_start,
         watchdog_sec=args.watchdog_sec, start=not args.no_start, dry_run=args.dry_run)
     return installer.run()

@@ -18,14 +18,17 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import pytest
 
-from instance_agent.local import autoscaling
 from instance_agent.local.imds import IMDSStub
-from instance_agent.local.moto_server import MotoServer
+
+# moto takes seconds to import: only the tests that start it pay for it (tests/unit does not).
+if TYPE_CHECKING:
+    from instance_agent.local import autoscaling
+    from instance_agent.local.moto_server import MotoServer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from support.seaweed import SeaweedS3
@@ -39,7 +42,7 @@ TOKENLESS_READS: list[int] = []
 
 
 @pytest.fixture(autouse=True)
-def _no_real_aws(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_real_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name.startswith(("AWS_", "INSTANCE_AGENT_")):
             monkeypatch.delenv(name)
@@ -51,10 +54,14 @@ def _no_real_aws(monkeypatch: pytest.MonkeyPatch) -> None:
     # Nothing may fall through to the real link-local IMDS.
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("INSTANCE_AGENT_LOG_FORMAT", "json")
+    # Nor may a host's /etc/instance-agent/agent.toml: the default config file is the test's.
+    monkeypatch.setenv("INSTANCE_AGENT_DEFAULT_CONFIG", str(tmp_path / "etc-agent.toml"))
 
 
 @pytest.fixture(scope="session")
 def moto() -> Iterator[MotoServer]:
+    from instance_agent.local.moto_server import MotoServer
+
     server = MotoServer()
     server.start()
     yield server
@@ -133,10 +140,14 @@ class Stack:
         return self.moto.sns_messages(self.topic_arn, ACCOUNT, REGION)
 
     def lifecycle_calls(self, action: str | None = None) -> list[autoscaling.LifecycleCall]:
+        from instance_agent.local import autoscaling
+
         return [c for c in autoscaling.calls(ACCOUNT, REGION)
                 if c.group == self.group and (action is None or c.action == action)]
 
     def outcomes(self) -> list[autoscaling.LifecycleOutcome]:
+        from instance_agent.local import autoscaling
+
         return [o for o in autoscaling.outcomes(ACCOUNT, REGION) if o.instance_id == self.instance_id]
 
     def objects(self) -> dict[str, int]:
@@ -160,6 +171,8 @@ class Stack:
         return list(self.client("s3").list_multipart_uploads(Bucket=self.bucket).get("Uploads", []))
 
     def scale_in(self, wait_delay: float = 0.0) -> None:
+        from instance_agent.local import autoscaling
+
         autoscaling.begin_termination(self.group, self.instance_id, wait_delay=wait_delay,
                                       account_id=ACCOUNT, region=REGION)
         self.imds.target_lifecycle_state = "Terminated"

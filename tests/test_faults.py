@@ -39,7 +39,7 @@ from support.faultproxy import (
 from support.trees import text_log, walk
 from test_watch import POLL, WatchProc
 
-from instance_agent import cli, config
+from instance_agent import config, wiring
 from instance_agent.local import autoscaling
 
 # How long an operator may wait for the verdict of a run that cannot succeed. A 403 is not
@@ -265,7 +265,7 @@ def test_sns_black_hole_worst_case_fits_the_bound() -> None:
     # (50 ms x 2^i for non-throttling errors, botocore.retries.standard).
     cfg = config.load({"bucket": "ok-bucket",
                        "topic_arn": f"arn:aws:sns:{REGION}:{ACCOUNT}:t"}, {})
-    sns = cli.make_clients(cfg, REGION).sns
+    sns = wiring.make_clients(cfg, REGION).sns
     meta = sns.meta.config
     attempts = int(meta.retries["total_max_attempts"])
     worst = attempts * (meta.connect_timeout + meta.read_timeout) + \

@@ -41,7 +41,7 @@ from test_pipeline import FAKE_JOURNALCTL
 from test_watch import POLL, WatchProc
 
 import lambda_trigger.handler as trigger
-from instance_agent import cli, config, keys, logs, termination
+from instance_agent import config, keys, logs, termination, wiring
 from instance_agent.errors import ConfigError
 from instance_agent.local import autoscaling
 from instance_agent.local.imds import IMDSStub
@@ -495,8 +495,8 @@ def _in_process_backup(stack: Stack, src: Path, tmp_path: Path) -> str:
                            "source": [str(src)], "complete": False, "journal": False,
                            "state_dir": str(tmp_path / "state-in"),
                            "runtime_dir": str(tmp_path / "run-in")}, {}, command=config.BACKUP)
-        ident = cli.resolve_identity(cfg)
-        outcome = termination.run(cfg, ident, cli.make_clients(cfg, ident.region))
+        ident = wiring.resolve_identity(cfg)
+        outcome = termination.run(cfg, ident, wiring.make_clients(cfg, ident.region))
         assert outcome.exit_code == 0, buffer.getvalue()[-2000:]
     finally:
         for h in list(root.handlers):

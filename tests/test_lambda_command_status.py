@@ -23,7 +23,7 @@ from lambda_trigger.exceptions import ConfigurationError
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
-EVENTS = Path(__file__).resolve().parent / "events"
+EVENTS = Path(__file__).resolve().parent / "fixtures" / "events"
 DOCUMENT = Path(__file__).resolve().parents[1] / "packaging" / "ssm-document.yaml"
 
 

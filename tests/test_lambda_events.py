@@ -1,6 +1,6 @@
 """lambda_trigger.events: every envelope the trigger can receive, parsed or set aside.
 
-The samples are AWS's own (copied into tests/events/); the SNS and SQS forms wrap them the way those
+The samples are AWS's own (tests/fixtures/events/); the SNS and SQS forms wrap them the way those
 services deliver them.
 """
 
@@ -13,18 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.events import sample
 
 import instance_agent
 import lambda_trigger
 from lambda_trigger import events
 
-SHARED_EVENTS = Path(__file__).resolve().parent / "events"  # copies of the shared samples
+SHARED_EVENTS = Path(__file__).resolve().parent / "fixtures" / "events"
 TOKEN = "87654321-4321-4321-4321-210987654321"
-
-
-def sample(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((SHARED_EVENTS / name).read_text())
-    return data
 
 
 def terminate_event() -> dict[str, Any]:

@@ -24,6 +24,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 from conftest import make_group
+from support.events import sample
 
 import lambda_trigger
 import lambda_trigger.clients
@@ -36,7 +37,7 @@ from lambda_trigger.exceptions import ConfigurationError
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
 DOCUMENT = Path(__file__).resolve().parents[1] / "packaging" / "ssm-document.yaml"
-SHARED_EVENTS = Path(__file__).resolve().parent / "events"  # copies of the shared samples
+SHARED_EVENTS = Path(__file__).resolve().parent / "fixtures" / "events"
 
 
 @dataclass
@@ -131,8 +132,7 @@ def create_document(moto: MotoServer, name: str) -> None:
 
 def terminate_event(token: str, group: str, hook: str, instance_id: str) -> dict[str, Any]:
     """AWS's sample terminate event, for this lifecycle action."""
-    event: dict[str, Any] = json.loads(
-        (SHARED_EVENTS / "asg-eb-terminate-lifecycle-action.awsdocs-2023.json").read_text())
+    event = sample("asg-eb-terminate-lifecycle-action.awsdocs-2023.json")
     event["detail"].update(LifecycleActionToken=token, AutoScalingGroupName=group,
                            LifecycleHookName=hook, EC2InstanceId=instance_id)
     return event
@@ -295,7 +295,7 @@ def test_duplicate_found_on_a_later_page_and_new_token_after_all_pages(trigger: 
     "asg-eb-terminate-successful.awsdocs-2023.json",
 ])
 def test_ignored_events_cost_one_log_line_and_no_aws_call(trigger: Trigger, name: str) -> None:
-    event = json.loads((SHARED_EVENTS / name).read_text())
+    event = sample(name)
     calls = ssm.call_count()
 
     [result] = trigger.invoke(event)

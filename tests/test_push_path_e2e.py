@@ -28,12 +28,12 @@ import pytest
 import yaml
 import zstandard
 from conftest import ACCOUNT, REGION, Stack
+from support.events import sample
 
 import lambda_trigger.handler
 from instance_agent.local import autoscaling, ssm
 
 DOCUMENT = Path(__file__).resolve().parents[1] / "packaging" / "ssm-document.yaml"
-SHARED_EVENTS = Path(__file__).resolve().parents[2] / "shared" / "events"
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9]+)\s*\}\}")
 INSTALLED_ELSEWHERE = Path("/opt/instance-agent/bin/instance-agent")  # the document's PATH entry
 
@@ -117,7 +117,7 @@ def test_push_path_end_to_end(stack: Stack, tmp_path: Path, monkeypatch: pytest.
     stack.scale_in()
     assert stack.state() == "Terminating:Wait"
     [action] = [a for a in autoscaling.active_actions(ACCOUNT, REGION) if a.instance_id == stack.instance_id]
-    event = json.loads((SHARED_EVENTS / "asg-eb-terminate-lifecycle-action.awsdocs-2023.json").read_text())
+    event = sample("asg-eb-terminate-lifecycle-action.awsdocs-2023.json")
     event["region"] = REGION
     event["detail"].update(LifecycleActionToken=action.token, AutoScalingGroupName=stack.group,
                            LifecycleHookName=stack.hook, EC2InstanceId=stack.instance_id)

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 import yaml
+from support.events import EVENTS_DIR
 
 from instance_agent import config
 from instance_agent.local.ssm import compile_pattern
 from lambda_trigger.handler import SAFE_NAME
 
 DOCUMENT = Path(__file__).resolve().parents[1] / "packaging" / "ssm-document.yaml"
-SHARED_EVENTS = Path(__file__).resolve().parents[2] / "shared" / "events"
 SEMANTICS = ("go", "java")
 PARAMETERS = ("LifecycleActionToken", "LifecycleHookName", "AutoScalingGroupName", "executionTimeout")
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9]+)\s*\}\}")
@@ -45,7 +45,7 @@ def shared_values() -> dict[str, set[str]]:
     """Token, hook and group values from AWS's sample events."""
     found: dict[str, set[str]] = {"LifecycleActionToken": set(), "LifecycleHookName": set(),
                                   "AutoScalingGroupName": set()}
-    for path in sorted(SHARED_EVENTS.glob("asg-*.json")):
+    for path in sorted(EVENTS_DIR.glob("asg-*.json")):
         data = json.loads(path.read_text())
         for source in (data, data.get("detail") or {}):
             for key in found:

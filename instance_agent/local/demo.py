@@ -34,7 +34,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -43,13 +42,14 @@ from typing import Any
 import boto3
 
 from instance_agent import config, doctor, listing, termination, verify
-from instance_agent.cli import make_clients, resolve_identity
 from instance_agent.errors import ConfigError
 from instance_agent.imds import IMDS
 from instance_agent.local import autoscaling, samples
 from instance_agent.local.imds import IMDSStub
 from instance_agent.local.moto_server import MotoServer
+from instance_agent.local.serve import stop_process, tail, wait_until
 from instance_agent.restore import restore_s3
+from instance_agent.wiring import make_clients, resolve_identity
 
 REGION = "us-east-1"
 BUCKET = "demo-backups"
@@ -58,6 +58,7 @@ TRIGGERS = ("direct", "lambda", "watch")
 ROOT = Path(__file__).resolve().parents[2]  # the source checkout, for packaging/
 WATCH_START_TIMEOUT = 30.0  # the watcher's first IMDS poll, Python start-up included
 BACKUP_TIMEOUT = 300.0
+WATCH_STOP_TIMEOUT = 30.0  # the backup is done by then: SIGTERM stops an idle watcher at once
 DETACH_TIMEOUT = 600.0  # the background demo: install-free, but the source may be large
 
 
@@ -268,42 +269,20 @@ def _via_watch(stand: Stand) -> dict[str, Any]:
             [sys.executable, "-m", "instance_agent", "watch", "--poll-interval", "0.5"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
-        if not _wait(lambda: any(p.endswith("target-lifecycle-state") for _, p, _ in
+        if not wait_until(lambda: any(p.endswith("target-lifecycle-state") for _, p, _ in
                                  stand.imds.requests) or proc.poll() is not None,
                      WATCH_START_TIMEOUT) or proc.poll() is not None:
-            raise ConfigError(f"the watcher did not start polling: {_tail(log_path)}")
+            raise ConfigError(f"the watcher did not start polling: {tail(log_path)}")
         say(f"watcher (pid {proc.pid}) polls IMDSv2 every 0.5 s")
         stand.scale_in()
-        if not _wait(lambda: bool(_backup_messages(stand)) or proc.poll() is not None,
+        if not wait_until(lambda: bool(_backup_messages(stand)) or proc.poll() is not None,
                      BACKUP_TIMEOUT) or not _backup_messages(stand):
-            raise ConfigError(f"the watcher reported no backup: {_tail(log_path)}")
+            raise ConfigError(f"the watcher reported no backup: {tail(log_path)}")
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, WATCH_STOP_TIMEOUT)
     say(f"watcher stopped (exit {proc.returncode})")
     result: dict[str, Any] = json.loads(_backup_messages(stand)[0]["message"])
     return result
-
-
-def _wait(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
-
-
-def _tail(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")[-2000:]
-    except OSError:
-        return ""
 
 
 def _backup_messages(stand: Stand) -> list[dict[str, Any]]:
@@ -459,8 +438,8 @@ def detach(*, source: str | None, size_mib: int, trigger: str, env_file: str) ->
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    ready = _wait(lambda: env_path.exists() or proc.poll() is not None, DETACH_TIMEOUT)
-    story = [line for line in _tail_all(log_path).splitlines() if not line.startswith("{")]
+    ready = wait_until(lambda: env_path.exists() or proc.poll() is not None, DETACH_TIMEOUT)
+    story = [line for line in tail(log_path, chars=None).splitlines() if not line.startswith("{")]
     sys.stdout.write("".join(line + "\n" for line in story))
     if not ready or not env_path.exists():
         if proc.poll() is None:
@@ -469,10 +448,3 @@ def detach(*, source: str | None, size_mib: int, trigger: str, env_file: str) ->
         return proc.returncode or 1
     say(f"stand-in running in the background (pid {proc.pid}); its log: {log_path}")
     return 0
-
-
-def _tail_all(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""

@@ -23,9 +23,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any, Generic, NamedTuple, TypeVar, cast, overload
 from urllib.parse import unquote, urlsplit
+
+from instance_agent.local.serve import Background, ServerThread
 
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 (a URL path, not a secret)
 METADATA_PREFIX = "/latest/meta-data/"
@@ -37,8 +39,6 @@ GROUP_TAG = "aws:autoscaling:groupName"
 REQUEST_LOG_LIMIT = 10_000
 # Idle keep-alive connections are dropped after this long so handler threads don't pile up.
 CONNECTION_IDLE_SECONDS = 30.0
-# How often serve_forever checks for stop(): short, so tests don't wait on teardown.
-SHUTDOWN_POLL_SECONDS = 0.05
 
 T = TypeVar("T")
 
@@ -77,7 +77,7 @@ class _Reply(NamedTuple):
     headers: tuple[tuple[str, str], ...] = ()
 
 
-class IMDSStub:
+class IMDSStub(Background):
     """IMDSv2 on 127.0.0.1: token PUT, token-checked GETs, settable answers and counters.
 
     Set the public attributes at any time; each request reads them once. `fail_status`
@@ -121,68 +121,38 @@ class IMDSStub:
         self.tokenless_reads = 0
         self.token_puts = 0
         self.metadata_gets = 0
-        self._host = host
-        self._port = port
         self._clock = clock
         self._tokens: dict[str, float] = {}
         self._issued: list[str] = []
         self._requests: deque[tuple[str, str, int]] = deque(maxlen=REQUEST_LOG_LIMIT)
-        self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._serving = ServerThread(self._make_server, name="imds-stub", host=host, port=port)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> str:
         """Start serving in a daemon thread; return the endpoint `http://127.0.0.1:PORT`."""
-        if self._server is not None:
-            return self.endpoint
-        self._stopping.clear()
-        server = _Server((self._host, self._port), _Handler)
+        return self._serving.start()
+
+    def _make_server(self, host: str, port: int) -> _Server:
+        server = _Server((host, port), _Handler)
         server.stub = self
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, args=(SHUTDOWN_POLL_SECONDS,), name="imds-stub", daemon=True
-        )
-        self._thread.start()
-        return self.endpoint
+        return server
 
     @property
     def endpoint(self) -> str:
-        if self._server is None:
-            raise RuntimeError("IMDSStub is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return self._serving.endpoint
 
     def stop(self) -> None:
         """Stop serving and drop every open connection (pooled clients see a reset)."""
-        server, self._server = self._server, None
-        if server is None:
+        if not self._serving.running:
             return
-        self._stopping.set()
-        server.shutdown()
-        server.server_close()
+        self._serving.stop()
         with self._lock:
             connections = list(self._connections)
         for conn in connections:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> IMDSStub:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- test helpers ------------------------------------------------------------------
 
@@ -212,8 +182,8 @@ class IMDSStub:
         """Sleep for `delay`; False when the stub is stopping meanwhile."""
         delay = self.delay
         if delay > 0:
-            return not self._stopping.wait(delay)
-        return not self._stopping.is_set()
+            return not self._serving.stopping.wait(delay)
+        return not self._serving.stopping.is_set()
 
     def _answer(self, method: str, target: str, headers: Callable[[str], str | None]) -> _Reply:
         path = unquote(urlsplit(target).path)

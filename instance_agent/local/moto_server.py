@@ -14,7 +14,6 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -23,10 +22,10 @@ from moto.moto_server.werkzeug_app import (
     MotoRequestHandler,
     create_backend_app,
 )
-from moto.server import ThreadedMotoServer
-from werkzeug.serving import make_server
+from werkzeug.serving import BaseWSGIServer, make_server
 
 from instance_agent.local import autoscaling
+from instance_agent.local.serve import Background, ServerThread
 
 _log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ class ApiCall:
     status: int
 
 
-class MotoServer:
+class MotoServer(Background):
     """moto's server on 127.0.0.1 (port 0 by default), quiet.
 
     moto's backends are per process, shared by every server in it: starting one resets
@@ -57,48 +56,32 @@ class MotoServer:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, reset: bool = True) -> None:
-        self._host = host
-        self._port = port
+        self._serving = ServerThread(self._make_server, name="moto-server", host=host, port=port)
         self._reset_on_start = reset
-        self._server: _RecordingMotoServer | None = None
         self._calls: deque[ApiCall] = deque(maxlen=API_LOG_LIMIT)
         self._calls_lock = threading.Lock()
 
     def start(self) -> str:
         """Start serving; return the endpoint URL `http://127.0.0.1:PORT`."""
-        if self._server is not None:
+        if self._serving.running:
             return self.endpoint
         autoscaling.install()
-        server = _RecordingMotoServer(self._host, self._port, self._record)
-        server.start()
-        self._server = server
+        self._serving.start()
         if self._reset_on_start:
             self.reset()
         return self.endpoint
 
+    def _make_server(self, host: str, port: int) -> BaseWSGIServer:
+        # moto's own app, plus a recorder of each call it answers.
+        app = _Recorder(DomainDispatcherApplication(create_backend_app), self._record)
+        return make_server(host, port, app, True, request_handler=_QuietRequestHandler)
+
     @property
     def endpoint(self) -> str:
-        if self._server is None:
-            raise RuntimeError("MotoServer is not started")
-        host, port = self._server.get_host_and_port()
-        return f"http://{host}:{port}"
+        return self._serving.endpoint
 
     def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.stop()
-
-    def __enter__(self) -> MotoServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        self._serving.stop()
 
     def reset(self) -> None:
         """Empty every moto backend in this process and the lifecycle records."""
@@ -143,22 +126,6 @@ def _post(url: str) -> None:
     request = urllib.request.Request(url, data=b"", method="POST")  # noqa: S310 (our own http URL)
     with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310  # nosec B310 - our own moto server's http://127.0.0.1 URL
         response.read()
-
-
-class _RecordingMotoServer(ThreadedMotoServer):
-    """ThreadedMotoServer whose WSGI app also reports each call it answers."""
-
-    def __init__(self, host: str, port: int, record: Callable[[ApiCall], None]) -> None:
-        super().__init__(ip_address=host, port=port, verbose=False)
-        self._record = record
-
-    def _server_entry(self) -> None:
-        app = _Recorder(DomainDispatcherApplication(create_backend_app), self._record)
-        self._server = make_server(
-            self._ip_address, self._port, app, True, request_handler=_QuietRequestHandler
-        )
-        self._server_ready_event.set()
-        self._server.serve_forever()
 
 
 class _QuietRequestHandler(MotoRequestHandler):

@@ -23,9 +23,10 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
+
+from instance_agent.local.serve import Background, ServerThread
 
 Query = Mapping[str, list[str]]
 
@@ -194,7 +195,7 @@ class LoggedRequest:
 # -- the proxy -------------------------------------------------------------------------
 
 
-class FaultProxy:
+class FaultProxy(Background):
     """A threaded HTTP/1.1 proxy on 127.0.0.1 in front of `upstream` (`http://host:port`)."""
 
     def __init__(self, upstream: str, *, seed: int = 0, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -202,15 +203,11 @@ class FaultProxy:
         if parts.scheme != "http" or parts.hostname is None or parts.port is None:
             raise ValueError(f"upstream must be http://host:port, not {upstream!r}")
         self.upstream = (parts.hostname, parts.port)
-        self._host = host
-        self._port = port
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._rules: list[Rule] = []
         self._log: deque[LoggedRequest] = deque(maxlen=LOG_LIMIT)
-        self._stopping = threading.Event()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._serving = ServerThread(self._make_server, name="faultproxy", host=host, port=port)
 
     def add_rule(self, rule: Rule) -> Rule:
         with self._lock:
@@ -233,48 +230,20 @@ class FaultProxy:
 
     def start(self) -> str:
         """Start serving; return the proxy's endpoint `http://127.0.0.1:PORT`."""
-        if self._server is not None:
-            return self.endpoint
-        self._stopping.clear()
-        server = _Server((self._host, self._port), _Handler)
+        return self._serving.start()
+
+    def _make_server(self, host: str, port: int) -> _Server:
+        server = _Server((host, port), _Handler)
         server.proxy = self
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, args=(0.05,), name="faultproxy", daemon=True
-        )
-        self._thread.start()
-        return self.endpoint
+        return server
 
     @property
     def endpoint(self) -> str:
-        if self._server is None:
-            raise RuntimeError("FaultProxy is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return self._serving.endpoint
 
     def stop(self) -> None:
         """Stop accepting; held requests are released and their connections closed."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        self._stopping.set()
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> FaultProxy:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        self._serving.stop()
 
     def _choose(self, method: str, target: str, query: Query, api_action: str | None) -> Rule | None:
         with self._lock:
@@ -359,7 +328,7 @@ class _Handler(BaseHTTPRequestHandler):
         length: int | None,
         chunked: bool,
     ) -> None:
-        stopping = proxy._stopping
+        stopping = proxy._serving.stopping
         if isinstance(fault, Respond):
             if body is None:
                 self._drain(length, chunked)

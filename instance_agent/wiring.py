@@ -1,0 +1,182 @@
+"""What every command shares between its flags and its work: schema options, clients, identity.
+
+cli.py, ops_cli.py, watch_cli.py and the local demo all import from here, and this module
+imports only downward (config, the backup types, imds), so no command module needs to import
+cli.py back. It is the one place that builds boto3 clients.
+
+boto3, botocore and the pipeline are imported inside the functions that need them: parsing
+flags (and `--help`) must stay fast and work without them loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import TYPE_CHECKING, Any, cast
+
+from instance_agent import __version__, config
+from instance_agent.errors import IdentityError, IMDSError
+
+if TYPE_CHECKING:
+    from botocore.config import Config as BotoConfig
+
+    from instance_agent.backup import Clients, Identity
+    from instance_agent.imds import IMDS
+
+PROG = "instance-agent"
+
+
+def add_config_option(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """`--config FILE`, the same on every command that reads the config."""
+    parser.add_argument("--config", metavar="FILE", help=f"TOML config file{note} (env "
+                        f"INSTANCE_AGENT_CONFIG; default {config.DEFAULT_CONFIG_FILE} if it "
+                        "exists)")
+
+
+def add_option(parser: argparse.ArgumentParser, name: str, help_text: str | None = None) -> None:
+    """One option of the config schema as a flag, its help showing its env var and default.
+
+    Flags default to None so that config.load can tell "not given" from a value and apply
+    flag > environment > file > default itself."""
+    opt = config.OPTION_BY_NAME[name]
+    default = opt.default
+    if isinstance(default, tuple):
+        default = ":".join(default) if opt.kind == "pathlist" else ",".join(default)
+    shown = "auto" if default is None and opt.name == "journal" else default
+    text = f"{help_text or opt.help} (env {opt.env}" + (
+        f"; default {shown})" if shown not in (None, "") else ")")
+    text = text.replace("%", "%%")  # argparse formats help with %
+    if opt.kind == "bool":
+        parser.add_argument(opt.flag, dest=opt.name, default=None, help=text,
+                            action=argparse.BooleanOptionalAction)
+    elif opt.kind in ("list", "pathlist"):
+        parser.add_argument(opt.flag, dest=opt.name, default=None, action="append",
+                            metavar=opt.metavar or opt.name.upper(), help=text)
+    else:
+        parser.add_argument(opt.flag, dest=opt.name, default=None,
+                            metavar=opt.metavar or "|".join(opt.choices) or None, help=text)
+
+
+def add_schema_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """Every option of the config schema that `command` reads."""
+    for opt in config.OPTIONS:
+        if command in opt.commands:
+            add_option(parser, opt.name)
+
+
+def flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The schema's options from parsed arguments, None where not given, for config.load."""
+    return {o.name: getattr(args, o.name, None) for o in config.OPTIONS}
+
+
+def resolve_identity(cfg: config.Config, imds: IMDS | None = None) -> Identity:
+    """Instance id and region: config first, then IMDS; region may also come from the SDK.
+    `imds` lets the caller reuse one IMDSv2 session (and its token) for later reads."""
+    from instance_agent.backup import Identity
+    from instance_agent.imds import IMDS
+
+    instance_id, region = cfg.instance_id, cfg.region
+    if instance_id and region:
+        return Identity(instance_id, region)
+    own = imds is None
+    imds = imds or IMDS()
+    try:
+        if not instance_id:
+            instance_id = imds.instance_id()
+        if not region:
+            try:
+                region = imds.region()
+                if not config.REGION_RE.match(region):
+                    # An HTML error page from a proxy or a broken IMDS is not a region.
+                    raise IdentityError(f"IMDS answered placement/region with {region[:40]!r}, "
+                                        "which is not a region name; pass --region")
+            except IMDSError:
+                region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                if not region:
+                    raise
+    except IMDSError as err:
+        raise IdentityError(f"cannot get the instance identity from IMDS at {imds.endpoint} "
+                            f"({err}); pass --instance-id and --region") from None
+    finally:
+        if own:
+            imds.close()
+    return Identity(instance_id, region)
+
+
+def read_lifecycle_state(cfg: config.Config, imds: IMDS) -> str | None:
+    """IMDS's target-lifecycle-state, best effort: `Terminated` tells a run that Auto Scaling
+    is about to hold the instance, even while its own API still says InService."""
+    if not cfg.complete or cfg.lifecycle_token:
+        return None  # nothing to complete, or the token already says so
+    try:
+        value = imds.get("autoscaling/target-lifecycle-state", timeout=0)
+    except IMDSError:
+        return None
+    return value.strip() if value else None
+
+
+def _boto_config(max_pool_connections: int) -> BotoConfig:
+    """Standard retries and bounded timeouts; endpoints come from boto3's own settings
+    (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, …)."""
+    from botocore.config import Config as BotoConfig
+
+
+    return BotoConfig(retries={"mode": "standard", "max_attempts": 5},
+                      connect_timeout=5, read_timeout=60,
+                      max_pool_connections=max_pool_connections,
+                      user_agent_extra=f"{PROG}/{__version__}")
+
+
+def _client_factory(region: str | None) -> Any:
+    import boto3
+
+    # The stubs' TypedDict signatures are stricter than our small Protocols; the adapters'
+    # tests cover the calls, so the clients cross this line untyped.
+    return cast(Any, boto3.session.Session(region_name=region).client)
+
+
+def make_clients(cfg: config.Config, region: str) -> Clients:
+    """The pipeline's clients: S3 always, SNS with a topic, Auto Scaling when completing."""
+    from botocore.config import Config as BotoConfig
+
+    from instance_agent.backup import Clients
+
+    base = _boto_config(cfg.upload_workers + 4)
+    client = _client_factory(region)
+    return Clients(
+        s3=client("s3", config=base),
+        # The report comes before the completion and after the heartbeats: a black-holed
+        # Publish may hold the hook ~24 s at most (3 x (3 + 5) s), not 6 x 65 s.
+        sns=client("sns", config=base.merge(BotoConfig(
+            connect_timeout=3, read_timeout=5,
+            retries={"mode": "standard", "total_max_attempts": 3})))
+        if cfg.topic_arn else None,
+        autoscaling=client("autoscaling", config=base) if cfg.complete else None,
+        cloudwatch=make_cloudwatch(cfg, region),
+    )
+
+
+def make_cloudwatch(cfg: config.Config, region: str) -> Any:
+    """The CloudWatch client for the run's metrics; None with --no-metrics."""
+    if not cfg.metrics:
+        return None
+    from botocore.config import Config as BotoConfig
+
+
+    # After the lifecycle action is complete, so nothing waits on it; still short, so a
+    # black-holed endpoint costs the process seconds, not minutes.
+    return _client_factory(region)(
+        "cloudwatch", config=BotoConfig(connect_timeout=3, read_timeout=5,
+                                        retries={"mode": "standard", "total_max_attempts": 3},
+                                        user_agent_extra=f"{PROG}/{__version__}"))
+
+
+def s3_reader(cfg: config.Config, connections: int) -> Any:
+    """An S3 client for reading backups. The region is the config's, else the SDK's own
+    (AWS_REGION, ~/.aws/config): an operator's laptop has no IMDS to ask."""
+    return _client_factory(cfg.region or None)("s3", config=_boto_config(connections))
+
+
+def load(args: argparse.Namespace, command: str) -> config.Config:
+    """The config a command's parsed arguments ask for: flags over environment over file."""
+    return config.load(flags(args), os.environ, config_file=args.config, command=command)

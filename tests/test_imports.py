@@ -1,0 +1,148 @@
+"""No module of the two packages is part of an import cycle.
+
+A cycle held together by a function-local import still means two modules that cannot be read,
+tested or changed apart, so the graph counts every `import` and `from … import` a module can
+execute, wherever it stands. Only imports under `if TYPE_CHECKING:` are left out: they never
+run. The walk reads the source (AST), so it needs none of the optional extras installed.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("instance_agent", "lambda_trigger")
+
+
+def modules() -> dict[str, Path]:
+    """Every module of both packages, by dotted name (a package is its __init__)."""
+    found: dict[str, Path] = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join(parts)] = path
+    return found
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Import statements at any depth, skipping the body of `if TYPE_CHECKING:`."""
+    found: list[ast.Import | ast.ImportFrom] = []
+    pending: list[ast.AST] = [tree]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            pending.extend(node.orelse)
+            continue
+        pending.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def import_graph() -> dict[str, dict[str, int]]:
+    """module -> {imported project module: line of the first such import}."""
+    known = modules()
+    graph: dict[str, dict[str, int]] = {}
+    for name, path in known.items():
+        is_package = path.name == "__init__.py"
+        edges: dict[str, int] = {}
+        for node in _runtime_imports(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                base = node.module or ""
+                if node.level:
+                    anchor = name.split(".")
+                    anchor = anchor[: len(anchor) - node.level + (1 if is_package else 0)]
+                    base = ".".join([*anchor, *([base] if base else [])])
+                # `from pkg import mod` imports the module mod; `from mod import name` the module.
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base
+                           for a in node.names]
+            for target in targets:
+                # `import a.b.c` of a non-module name resolves to its longest module prefix.
+                while target and target not in known:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    edges[target] = min(edges.get(target, node.lineno), node.lineno)
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def describe(component: list[str], graph: dict[str, dict[str, int]]) -> str:
+    """Each import inside the cycle, as `a.py:LINE imports b`."""
+    members = set(component)
+    lines = [f"  {a}:{line} imports {b}" for a in component
+             for b, line in sorted(graph[a].items()) if b in members]
+    return "cycle among " + ", ".join(component) + ":\n" + "\n".join(lines)
+
+
+def test_the_graph_sees_function_local_imports() -> None:
+    # The CLI registers its sub-commands from inside build_parser(): that edge must count.
+    graph = import_graph()
+    assert "instance_agent.ops_cli" in graph["instance_agent.cli"]
+    assert "instance_agent.wiring" in graph["instance_agent.watch_cli"]
+
+
+def test_no_module_is_part_of_an_import_cycle() -> None:
+    graph = import_graph()
+    found = cycles(graph)
+    assert not found, "import cycles:\n" + "\n".join(describe(c, graph) for c in found)
+
+
+def test_nothing_imports_the_cli() -> None:
+    # cli.py is the top: every command module imports downward, from wiring.py.
+    importers = [m for m, edges in import_graph().items() if "instance_agent.cli" in edges
+                 and m != "instance_agent.__main__"]
+    assert importers == []
+
+
+def test_the_lambda_stands_alone() -> None:
+    # lambda_trigger is deployed without instance_agent (see its __init__).
+    graph = import_graph()
+    leaks = {m: sorted(e for e in edges if e.startswith("instance_agent"))
+             for m, edges in graph.items() if m.startswith("lambda_trigger")}
+    assert {m: e for m, e in leaks.items() if e} == {}
