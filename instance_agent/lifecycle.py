@@ -24,6 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from instance_agent.errors import LifecycleError, NoActiveLifecycleAction
 from instance_agent.logs import fields
+from instance_agent.redact import scrub_tokens
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,15 @@ class AutoScalingClient(Protocol):
 
 
 def _translate(err: Exception, call: str) -> LifecycleError:
+    # AWS's messages quote the lifecycle token ("No active Lifecycle Action found with token
+    # …"); these texts reach logs, SNS and records, so the token is replaced by a fingerprint.
     if isinstance(err, ClientError):
         e = err.response.get("Error", {})
-        code, msg = str(e.get("Code", "")), str(e.get("Message", ""))
+        code, msg = str(e.get("Code", "")), scrub_tokens(str(e.get("Message", "")))
         if code == "ValidationError" and msg.startswith("No active Lifecycle Action"):
             return NoActiveLifecycleAction(msg)
         return LifecycleError(f"{call}: {code}: {msg}")
-    return LifecycleError(f"{call}: {type(err).__name__}: {err}")
+    return LifecycleError(scrub_tokens(f"{call}: {type(err).__name__}: {err}"))
 
 
 @dataclass(frozen=True)
