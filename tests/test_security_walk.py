@@ -1,0 +1,71 @@
+"""The source walk cannot be redirected: a directory swapped for a symlink is never followed.
+
+The swap happens from the Archiver's `before_open` hook, between listing an entry and opening
+it, so the race is won by the attacker every time instead of by chance."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from instance_agent.archive import Archiver
+
+SECRET = b"root:$6$secret-hash:19000:0:99999:7:::\n"
+
+
+def _archive(src: Path, hook: Callable[[bytes], None]) -> tuple[dict[str, bytes], list[str]]:
+    out = io.BytesIO()
+    arch = Archiver(out, clock=time.monotonic, before_open=hook)
+    arch.add_sources([str(src)])
+    report = arch.finish()
+    out.seek(0)
+    with tarfile.open(fileobj=out) as tar:
+        files = {m.name: tar.extractfile(m).read()  # type: ignore[union-attr]
+                 for m in tar.getmembers() if m.isfile()}
+    return files, [f"{os.fsdecode(w.path)}: {w.reason}" for w in report.warnings]
+
+
+def _tree(tmp: Path) -> tuple[Path, Path]:
+    etc = tmp / "etc"
+    etc.mkdir()
+    (etc / "shadow").write_bytes(SECRET)
+    src = tmp / "var" / "log"
+    (src / "app" / "sub").mkdir(parents=True)
+    (src / "app" / "sub" / "shadow").write_bytes(b"an ordinary log line\n")
+    (src / "app" / "app.log").write_bytes(b"hello\n")
+    return src, etc
+
+
+def test_a_directory_swapped_for_a_symlink_before_it_is_opened_is_skipped(tmp_path: Path) -> None:
+    src, etc = _tree(tmp_path)
+    target = os.fsencode(src / "app" / "sub")
+
+    def swap(path: bytes) -> None:
+        if path == target:
+            os.rename(src / "app" / "sub", tmp_path / "moved")
+            os.symlink(etc, src / "app" / "sub")
+
+    files, warnings = _archive(src, swap)
+    assert SECRET not in files.values()
+    assert any(w.startswith(f"{src}/app/sub: ") and "not followed" in w for w in warnings)
+    assert files[f"{str(src).lstrip('/')}/app/app.log"] == b"hello\n"
+
+
+def test_a_parent_swapped_while_its_files_are_read_is_not_followed(tmp_path: Path) -> None:
+    src, etc = _tree(tmp_path)
+    target = os.fsencode(src / "app" / "sub" / "shadow")
+
+    def swap(path: bytes) -> None:
+        # The walker is inside app/sub; the attacker replaces app/sub itself by a link.
+        if path == target:
+            os.rename(src / "app" / "sub", tmp_path / "moved")
+            os.symlink(etc, src / "app" / "sub")
+
+    files, _ = _archive(src, swap)
+    assert SECRET not in files.values()
+    # What is stored under the path is the file that was listed there, not /etc's.
+    assert files[f"{str(src).lstrip('/')}/app/sub/shadow"] == b"an ordinary log line\n"
