@@ -40,16 +40,18 @@ def _tree(tmp: Path) -> tuple[Path, Path]:
     return src, etc
 
 
+def _swap_sub_when(at: Path, src: Path, etc: Path) -> Callable[[bytes], None]:
+    """The hook: when the walker reaches `at`, app/sub becomes a symlink to the secret dir."""
+    def swap(path: bytes) -> None:
+        if path == os.fsencode(at):
+            os.rename(src / "app" / "sub", src.parent / "moved")
+            os.symlink(etc, src / "app" / "sub")
+    return swap
+
+
 def test_a_directory_swapped_for_a_symlink_before_it_is_opened_is_skipped(tmp_path: Path) -> None:
     src, etc = _tree(tmp_path)
-    target = os.fsencode(src / "app" / "sub")
-
-    def swap(path: bytes) -> None:
-        if path == target:
-            os.rename(src / "app" / "sub", tmp_path / "moved")
-            os.symlink(etc, src / "app" / "sub")
-
-    files, warnings = _archive(src, swap)
+    files, warnings = _archive(src, _swap_sub_when(src / "app" / "sub", src, etc))
     assert SECRET not in files.values()
     assert any(w.startswith(f"{src}/app/sub: ") and "not followed" in w for w in warnings)
     assert files[f"{str(src).lstrip('/')}/app/app.log"] == b"hello\n"
@@ -57,15 +59,8 @@ def test_a_directory_swapped_for_a_symlink_before_it_is_opened_is_skipped(tmp_pa
 
 def test_a_parent_swapped_while_its_files_are_read_is_not_followed(tmp_path: Path) -> None:
     src, etc = _tree(tmp_path)
-    target = os.fsencode(src / "app" / "sub" / "shadow")
-
-    def swap(path: bytes) -> None:
-        # The walker is inside app/sub; the attacker replaces app/sub itself by a link.
-        if path == target:
-            os.rename(src / "app" / "sub", tmp_path / "moved")
-            os.symlink(etc, src / "app" / "sub")
-
-    files, _ = _archive(src, swap)
+    # The walker is inside app/sub; the attacker replaces app/sub itself by a link.
+    files, _ = _archive(src, _swap_sub_when(src / "app" / "sub" / "shadow", src, etc))
     assert SECRET not in files.values()
     # What is stored under the path is the file that was listed there, not /etc's.
     assert files[f"{str(src).lstrip('/')}/app/sub/shadow"] == b"an ordinary log line\n"
