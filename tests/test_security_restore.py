@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from support import scoreboard
 
 from instance_agent.restore import RestoreError, UnsafeArchive, extract
 
@@ -58,11 +59,16 @@ def test_hostile_archives_are_refused_and_leave_nothing(tmp_path: Path, case: st
 
 
 def test_refused_into_an_existing_empty_dest_leaves_it_empty(tmp_path: Path) -> None:
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    with pytest.raises(UnsafeArchive):
-        extract(_tar(HOSTILE["symlink chain (passwd through b -> .)"]), str(dest))
-    assert list(dest.iterdir()) == []
+    with scoreboard.scenario("Restore: the link chain passwd -> b/b/b/../../../../etc/passwd, "
+                             "then b -> .") as row:
+        row.faults = "hostile archive; DEST exists and is empty"
+        dest = tmp_path / "dest"
+        dest.mkdir()
+        with pytest.raises(UnsafeArchive) as info:
+            extract(_tar(HOSTILE["symlink chain (passwd through b -> .)"]), str(dest))
+        assert list(dest.iterdir()) == []
+        assert "passes through the symlink" in str(info.value)
+        row.outcome = "refused in one line (target passes through a symlink); DEST left empty"
 
 
 def test_links_inside_the_tree_still_restore(tmp_path: Path) -> None:
