@@ -2,6 +2,10 @@
 
 Rules for what the filesystem throws at us (each a warning in the manifest, never a failure):
 - symlinks are stored as links, never followed (below a source root);
+- the walk holds a descriptor of each directory it is in and opens every entry relative to
+  it (openat with O_NOFOLLOW, and O_DIRECTORY for directories), so a directory swapped for a
+  symlink mid-walk (say, to /etc by a user who owns a directory under a source) is skipped
+  with a warning, never followed, and no path is resolved again from the root;
 - FIFOs, sockets and devices are skipped without being opened (opening a FIFO blocks);
 - unreadable files and files that vanish are skipped;
 - a file that shrinks mid-read is padded with zeros to the size in its header, and one that
@@ -29,6 +33,8 @@ from instance_agent.manifest import ArchiveReport, Entry, Warning
 # 1 MiB reads: large enough that per-call overhead vanishes, small enough to stay in cache.
 READ_SIZE = 1 << 20
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SWAPPED = "replaced by a symlink or another file during the backup; not followed"
 
 
 class Sink(Protocol):
@@ -96,6 +102,7 @@ class Archiver:
         progress: Callable[[ArchiveReport], None] | None = None,
         max_file_size: int | None = None,
         one_file_system: bool = False,
+        before_open: Callable[[bytes], None] | None = None,
     ) -> None:
         self._sink = sink
         self._max_file_size = max_file_size
@@ -109,6 +116,9 @@ class Archiver:
         self._seen_dirs: set[tuple[int, int]] = set()
         self._root_files: set[bytes] = set()  # members given as sources (see _add_root)
         self._buf = bytearray(READ_SIZE)
+        # Called with each entry's path after it was listed and stat'ed, before it is opened:
+        # tests use it to swap a directory at exactly that moment.
+        self._before_open = before_open
         self.report = ArchiveReport()
 
     # -- output -------------------------------------------------------------------------
@@ -147,53 +157,82 @@ class Archiver:
         if not stat.S_ISDIR(st.st_mode):
             member = root.lstrip(b"/")
             if member not in self._root_files and not self._under_archived_dir(root):
-                self._add_entry(root, st)
+                self._add_entry(root, st, None, root)
                 self._root_files.add(member)
             return
         self._root_dev = st.st_dev
         if not self._add_dir_header(root, st):
             return
-        # Depth-first with explicit iterators, so the deadline can list what is left.
-        stack: list[tuple[bytes, Iterator[bytes]]] = []
-        self._push_dir(stack, root)
+        # Depth-first with explicit iterators, so the deadline can list what is left. Each
+        # level holds its directory's descriptor; everything below is opened relative to it.
+        stack: list[tuple[bytes, int, Iterator[bytes]]] = []
+        try:
+            self._push_dir(stack, root, None, root, st)
+            self._walk(stack)
+        finally:
+            for _, fd, _ in stack:
+                os.close(fd)
+
+    def _walk(self, stack: list[tuple[bytes, int, Iterator[bytes]]]) -> None:
         while stack:
-            parent, names = stack[-1]
+            parent, dir_fd, names = stack[-1]
             name = next(names, None)
             if name is None:
                 stack.pop()
+                os.close(dir_fd)
                 continue
             path = parent.rstrip(b"/") + b"/" + name
             if self._past_deadline():
                 self.report.omitted.append(path)
-                for p, rest in reversed(stack):
+                for p, _, rest in reversed(stack):
                     self.report.omitted.extend(p.rstrip(b"/") + b"/" + n for n in rest)
                 return
             if self._excluded(path):
                 continue
             try:
-                st = os.lstat(path)
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
                 self._warn(path, "vanished before it was read")
                 continue
             except OSError as err:
                 self._warn(path, f"cannot stat: {err.strerror}")
                 continue
+            if self._before_open is not None:
+                self._before_open(path)
             if stat.S_ISDIR(st.st_mode):
                 if self._add_dir_header(path, st):
                     if self._one_fs and st.st_dev != self._root_dev:
                         self._warn(path, "on another file system (--one-file-system); not descended")
                     else:
-                        self._push_dir(stack, path)
+                        self._push_dir(stack, path, dir_fd, name, st)
             else:
-                self._add_entry(path, st)
+                self._add_entry(path, st, dir_fd, name)
 
-    def _push_dir(self, stack: list[tuple[bytes, Iterator[bytes]]], path: bytes) -> None:
+    def _push_dir(self, stack: list[tuple[bytes, int, Iterator[bytes]]], path: bytes,
+                  parent_fd: int | None, name: bytes, st: os.stat_result) -> None:
+        """Open directory `name` (relative to `parent_fd`; a source root by its path, where a
+        symlink is followed on purpose), check it is the one stat'ed, and list it."""
         try:
-            names = sorted(os.listdir(path))
+            fd = os.open(name, _DIR_FLAGS if parent_fd is not None else _DIR_FLAGS & ~os.O_NOFOLLOW,
+                         dir_fd=parent_fd)
         except OSError as err:
+            if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                self._warn(path, _SWAPPED)
+            else:
+                self._warn(path, f"directory not listable: {err.strerror}")
+            return
+        try:
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                self._warn(path, _SWAPPED)  # another directory renamed into its place
+                os.close(fd)
+                return
+            names = sorted(os.fsencode(n) for n in os.listdir(fd))
+        except OSError as err:
+            os.close(fd)
             self._warn(path, f"directory not listable: {err.strerror}")
             return
-        stack.append((path, iter(names)))
+        stack.append((path, fd, iter(names)))
 
     def _add_dir_header(self, path: bytes, st: os.stat_result) -> bool:
         ident = (st.st_dev, st.st_ino)
@@ -219,13 +258,15 @@ class Archiver:
             parent = os.path.dirname(parent)
         return False
 
-    def _add_entry(self, path: bytes, st: os.stat_result) -> None:
+    def _add_entry(self, path: bytes, st: os.stat_result, dir_fd: int | None,
+                   name: bytes) -> None:
+        """`name` relative to `dir_fd` (None: a source given by its path) is at `path`."""
         member = path.lstrip(b"/")
         if self._root_files and member in self._root_files:
             return  # given as a source of its own, earlier
         if stat.S_ISLNK(st.st_mode):
             try:
-                target = os.readlink(path)
+                target = os.readlink(name, dir_fd=dir_fd)
             except OSError as err:
                 self._warn(path, f"cannot read link: {err.strerror}")
                 return
@@ -237,7 +278,7 @@ class Archiver:
         if special:
             self._warn(path, f"skipped {special}")
             return
-        self._add_file(path, member)
+        self._add_file(path, member, dir_fd, name)
 
     def _header(self, member: bytes, st: os.stat_result, typeflag: bytes, *, size: int = 0,
                 linkname: bytes = b"") -> None:
@@ -247,9 +288,9 @@ class Archiver:
             uname=_uname(st.st_uid), gname=_gname(st.st_gid),
         ))
 
-    def _add_file(self, path: bytes, member: bytes) -> None:
+    def _add_file(self, path: bytes, member: bytes, dir_fd: int | None, name: bytes) -> None:
         try:
-            fd = os.open(path, _OPEN_FLAGS)
+            fd = os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
         except FileNotFoundError:
             self._warn(path, "vanished before it was read")
             return

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import shutil
@@ -135,6 +136,46 @@ def check_level(value: Any) -> str | None:
     return None if value is None or -7 <= value <= 22 else f"level {value} is out of range"
 
 
+# Each codec's own range, checked against the chosen compression in check_consistency: zlib
+# takes 0-9 (compress.py used to clamp anything else silently), zstd up to its maximum 22
+# (zstandard.MAX_COMPRESSION_LEVEL) and down to the negative "fast" levels that check_level
+# already bounds.
+CODEC_LEVELS = {"gzip": (0, 9), "zstd": (-7, 22)}
+
+
+def check_archive_size(value: Any) -> str | None:
+    """PartSizer's own rule, so a size it would refuse at backup time is refused now: S3 caps
+    an object at 5 TiB ("Maximum object size", Amazon S3 multipart upload limits,
+    https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html; newer regions document
+    more, but 5 TiB holds everywhere)."""
+    from instance_agent.s3upload import PartSizer
+
+    problem = check_positive(value)
+    if problem:
+        return problem
+    try:
+        PartSizer.for_max(value)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def check_dir(value: Any) -> str | None:
+    # A relative directory would depend on the caller's cwd, which differs between Run
+    # Command and systemd: the two trigger paths would not share one lock.
+    if not str(value).strip():
+        return "must not be blank"
+    if not str(value).startswith("/"):
+        return f"{value!r} must be an absolute path"
+    return None
+
+
+def check_token(value: Any) -> str | None:
+    # The value is a secret (redact.py): say what is wrong without echoing it.
+    return None if _UUID_RE.fullmatch(str(value)) else \
+        "invalid lifecycle action token: expected a UUID (the value is not shown)"
+
+
 def check_poll(value: Any) -> str | None:
     return None if value >= 0.5 else f"poll interval must be >= 0.5 s, got {value}"
 
@@ -162,7 +203,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("level", "int", None, "compression level (zstd default 3, gzip default 6)",
            check=check_level),
     Option("max_archive_size", "size", 1024**4, "largest archive the upload can hold; part "
-           "sizes grow so that 10,000 parts reach it", check=check_positive),
+           "sizes grow so that 10,000 parts reach it", check=check_archive_size),
     Option("max_file_size", "size", None, "skip (with a warning) files larger than this; sparse "
            "files are read by extent, so their holes cost no reads", check=check_positive),
     Option("one_file_system", "bool", False, "do not descend into directories on other file "
@@ -177,7 +218,7 @@ OPTIONS: tuple[Option, ...] = (
            check=_pattern_check(_HOOK_RE, "lifecycle hook name")),
     Option("lifecycle_token", "str", None, "LifecycleActionToken to complete by (else by "
            "instance id)", commands=frozenset({BACKUP}),
-           check=_pattern_check(_UUID_RE, "lifecycle action token")),
+           check=check_token),
     Option("instance_id", "str", None, "instance id; from IMDS when absent",
            check=_pattern_check(_INSTANCE_RE, "instance id")),
     Option("region", "str", None, "region; from IMDS when absent",
@@ -198,9 +239,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("hash", "choice", "none", "per-file digest in the manifest", choices=("none", "sha256")),
     Option("upload_workers", "int", 3, "concurrent part uploads", check=check_positive),
     Option("upload_queue", "int", 1, "finished parts waiting for a worker", check=check_positive),
-    Option("state_dir", "str", "/var/lib/instance-agent", "lock and result records"),
+    Option("state_dir", "str", "/var/lib/instance-agent", "lock and result records",
+           check=check_dir),
     Option("runtime_dir", "str", "/run/instance-agent", "fallback for the lock when state_dir "
-           "is unusable"),
+           "is unusable", check=check_dir),
     Option("lock_timeout", "float", 3600.0, "how long a second run waits for the first",
            check=check_positive),
     # 3600 s is the longest deregistration delay an ELBv2 target group allows
@@ -352,17 +394,24 @@ def _from_native(opt: Option, value: Any) -> Any:
     if kind == "int":
         if isinstance(value, bool):
             raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, float):  # int() would truncate TOML's `level = 3.9` to 3
+            raise ValueError(f"expected an integer, got {value!r}")
         if isinstance(value, str):
             value = value.strip()
         return int(value)
     if kind == "float":
         if isinstance(value, bool):
             raise ValueError(f"expected a number, got {value!r}")
-        return float(value)
+        number = float(value)
+        # inf and nan pass every comparison-based check (or fail it obscurely) and then break
+        # time.sleep()/Event.wait() at the worst moment.
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return number
     if kind == "size":
-        if isinstance(value, bool):
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError(f"expected a size, got {value!r}")
-        return value if isinstance(value, int) else parse_size(str(value))
+        return int(value) if isinstance(value, (int, float)) else parse_size(str(value))
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
     if kind == "choice" and value not in opt.choices:
@@ -463,10 +512,41 @@ def check_consistency(cfg: Config, command: str) -> Config:
             raise ConfigError(f"source {src!r} must be an absolute path")
     from instance_agent.keys import check_template
 
-    problem = check_template(cfg.key_template, prefix=cfg.prefix)
+    problem = check_template(cfg.key_template, prefix=cfg.prefix) or \
+        _template_collision(cfg.key_template, cfg.prefix)
     if problem:
         raise ConfigError(f"key_template: {problem}")
+    if cfg.level is not None and cfg.compression in CODEC_LEVELS:
+        low, high = CODEC_LEVELS[cfg.compression]
+        if not low <= cfg.level <= high:
+            raise ConfigError(f"level: {cfg.level} is outside {cfg.compression}'s range "
+                              f"{low}..{high}")
     return cfg
+
+
+# Instance ids that differ only in their last character, long and short form: a template
+# that truncates or otherwise drops part of {instance_id} renders them alike.
+_DISTINCT_IDS = (("i-0123456789abcdef0", "i-0123456789abcdef1"), ("i-0123abc0", "i-0123abc1"))
+# The longest values AWS and DNS allow (a group name is 1-255 characters, a host name at most
+# 253): a template whose key fits S3's limit with these fits it for every instance.
+_LONGEST = {"group": "g" * 255, "region": "ap-southeast-5", "timestamp": "20260101T000000Z",
+            "hostname": "h" * 253, "instance_id": "i-0123456789abcdef0"}
+
+
+def _template_collision(template: str, prefix: str) -> str | None:
+    from instance_agent.keys import render
+
+    sample = {"prefix": prefix, "group": "g", "region": "r", "timestamp": "t", "hostname": "h"}
+    try:
+        render(template, {**_LONGEST, "prefix": prefix}, "zstd")
+        for first, second in _DISTINCT_IDS:
+            one = render(template, {**sample, "instance_id": first}, "none")
+            if one == render(template, {**sample, "instance_id": second}, "none"):
+                return (f"{template!r} renders the same key ({one!r}) for instances {first} "
+                        f"and {second}: their backups would collide")
+    except ValueError as err:
+        return f"{err} with the longest group and host names"
+    return None
 
 
 def describe(options: Sequence[Option] = OPTIONS) -> list[dict[str, str]]:

@@ -413,6 +413,7 @@ class Doctor:
             return
         owned = f", owned by {cfg.expected_bucket_owner}" if cfg.expected_bucket_owner else ""
         self.add("bucket", OK, f"bucket {cfg.bucket} exists{owned}")
+        kms_refused = self._probe_kms_part(key, upload_id, owner)
         try:
             s3.abort_multipart_upload(Bucket=cfg.bucket, Key=key, UploadId=upload_id, **owner)
         except (ClientError, BotoCoreError) as err:
@@ -432,9 +433,29 @@ class Doctor:
                      f"allow s3:ListBucketMultipartUploads on arn:aws:s3:::{cfg.bucket} in the "
                      "instance role (packaging/template.yaml, statement ListOwnUploads)")
             return
+        if kms_refused:
+            self.add("s3 permissions", FAIL, f"CreateMultipartUpload works but UploadPart with "
+                     f"SSE-KMS was refused ({kms_refused}): every backup would fail on its "
+                     "first part", f"{write_fix}")
+            return
         self.add("s3 permissions", OK, f"s3:PutObject, s3:AbortMultipartUpload and "
                  f"s3:ListBucketMultipartUploads under {where} (a multipart upload was created "
                  "and aborted; nothing stored)")
+
+    def _probe_kms_part(self, key: str, upload_id: str, owner: dict[str, str]) -> str | None:
+        """With SSE-KMS, upload one tiny part: CreateMultipartUpload needs only
+        kms:GenerateDataKey, while UploadPart and CompleteMultipartUpload also need
+        kms:Decrypt (Amazon S3 user guide, "Multipart upload API and permissions"), so without
+        this a role lacking Decrypt passes and the backup fails on its first part. The part is
+        discarded by the abort that follows. Returns S3's refusal, or None."""
+        if self.cfg.sse != "aws:kms":
+            return None
+        try:
+            self.clients.s3.upload_part(Bucket=self.cfg.bucket, Key=key, UploadId=upload_id,
+                                        PartNumber=1, Body=b"instance-agent doctor", **owner)
+        except (ClientError, BotoCoreError) as err:
+            return _describe(err)
+        return None
 
     def check_topic(self) -> None:
         name = "topic"

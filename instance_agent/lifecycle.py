@@ -37,7 +37,7 @@ from instance_agent.errors import (
     WaitTimeout,
 )
 from instance_agent.logs import fields
-from instance_agent.redact import scrub
+from instance_agent.redact import scrub, scrub_tokens
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +80,14 @@ def translate(err: Exception, call: str, token: str | None = None) -> LifecycleE
     """One line for a botocore error, classified; the action token never appears in it."""
     if isinstance(err, ClientError):
         e = err.response.get("Error", {})
-        code, msg = str(e.get("Code", "")), scrub(str(e.get("Message", "")), token)
+        code, msg = str(e.get("Code", "")), scrub_tokens(scrub(str(e.get("Message", "")), token))
         status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         if code == "ValidationError" and msg.startswith("No active Lifecycle Action"):
             return NoActiveLifecycleAction(msg)
         return LifecycleError(f"{call}: {code}: {msg}",
                               retryable=code in _RETRYABLE_CODES or status >= 500)
     retryable = isinstance(err, (ConnectionError, HTTPClientError))
-    return LifecycleError(f"{call}: {type(err).__name__}: {scrub(str(err), token)}",
+    return LifecycleError(f"{call}: {type(err).__name__}: {scrub_tokens(scrub(str(err), token))}",
                           retryable=retryable)
 
 

@@ -28,7 +28,6 @@ falls back to the runtime dir (/run/instance-agent, a tmpfs).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -39,6 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from instance_agent import statedir
 from instance_agent.errors import Cancelled, LockTimeout
 from instance_agent.logs import fields
 
@@ -114,9 +114,8 @@ class TerminationLock:
     def _open(self) -> None:
         for i, d in enumerate(self.dirs):
             try:
-                os.makedirs(d, mode=0o700, exist_ok=True)
-                fd = os.open(os.path.join(d, self.name + ".lock"),
-                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                statedir.usable(d)  # owned by us, not group/other-writable (statedir.py)
+                fd = statedir.open_or_create(d, self.name + ".lock")
             except OSError as err:
                 log.warning("lock directory unusable", extra=fields(
                     dir=d, error=err.strerror, fallback=self.dirs[i + 1] if i + 1 < len(self.dirs)
@@ -160,8 +159,8 @@ class TerminationLock:
         for d in self.dirs:
             path = os.path.join(d, self.name + ".json")
             try:
-                with open(path, encoding="utf-8") as fh:
-                    doc = json.load(fh)
+                statedir.usable(d)  # a planted record would turn this run into a "duplicate"
+                doc = json.loads(statedir.read(d, self.name + ".json"))
             except FileNotFoundError:
                 continue
             except (OSError, ValueError) as err:
@@ -182,20 +181,11 @@ class TerminationLock:
         # the record too, or the next run finds none and backs up again.
         for d in self.dirs[self.dirs.index(self.dir):]:
             path = os.path.join(d, self.name + ".json")
-            tmp = path + ".tmp"
             try:
-                os.makedirs(d, mode=0o700, exist_ok=True)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                try:
-                    os.write(fd, data)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, path)
+                statedir.usable(d)
+                statedir.write_atomic(d, self.name + ".json", data)
                 return
             except OSError as err:
                 log.warning("cannot record the result here; trying the next directory",
                             extra=fields(path=path, error=err.strerror))
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
         log.warning("cannot record the result anywhere; a later run may back up again")

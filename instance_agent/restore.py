@@ -6,9 +6,14 @@ Safety. Each refusal fails the whole restore before the member writes anything:
   anything outside it;
 - device nodes and FIFOs (a backup never holds them; a hostile archive might);
 - regular files with setuid or setgid bits, unless `allow_setuid`.
-Files are created with O_NOFOLLOW under parents checked to resolve inside the destination, so
-a link planted by an earlier member cannot redirect a later write. Ownership is not restored
-(everything belongs to the user who restores); modes are, directories' last.
+Extraction works on descriptors: every member's directory is reached one component at a time
+from the staging directory's descriptor (openat with O_NOFOLLOW | O_DIRECTORY), and the member
+is created relative to it. So no write ever goes through a symlink, and paths of any length
+restore (nothing is ever opened by its full path, which PATH_MAX would limit). Symlinks are
+created last, after every target has been checked against the staged tree: lexically inside
+the destination, and through no other link (a chain such as `passwd -> b/b/b/../../../../etc`
+with `b -> .` resolves differently from how it reads). Ownership is not restored (everything
+belongs to the user who restores); modes are, directories' last.
 
 All or nothing. Members go into a staging directory, `DEST/.instance-agent-partial-XXXXXXXX`.
 Only when the whole archive has been read and checked are its contents moved into DEST (a
@@ -26,11 +31,13 @@ when the manifest is known, the tar stream is exactly its `totals.tar_bytes` lon
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import gzip
 import io
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import zlib
@@ -171,22 +178,101 @@ class _Info(tarfile.TarInfo):
 
 # --- paths --------------------------------------------------------------------------------
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+Parts = tuple[str, ...]
 
-def _inside(root: str, path: str) -> bool:
-    return path == root or path.startswith(root + os.sep)
 
-
-def _member_path(root: str, name: str) -> str:
+def _parts(name: str) -> Parts:
+    """The member name as components; UnsafeArchive for absolute names and '..'."""
     if name.startswith("/") or ".." in name.split("/"):
         raise UnsafeArchive(f"refusing member {name!r}: absolute or contains '..'")
-    target = os.path.normpath(os.path.join(root, name))
-    if not _inside(root, target):
-        raise UnsafeArchive(f"refusing member {name!r}: outside the destination")
-    parent = os.path.realpath(os.path.dirname(target))
-    if not _inside(root, parent):
-        raise UnsafeArchive(f"refusing member {name!r}: its directory resolves outside the "
-                            "destination")
-    return target
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if not parts:
+        raise UnsafeArchive(f"refusing member {name!r}: names no path")
+    return parts
+
+
+class _Staged:
+    """The staging directory, reached only through descriptors (module docstring)."""
+
+    def __init__(self, root: str) -> None:
+        self.fd = os.open(root, _DIR_FLAGS)
+        self._cached: tuple[Parts, int] | None = None  # the last member's directory
+        self.links: dict[Parts, str] = {}  # symlinks to create last: path -> target
+
+    def close(self) -> None:
+        self._drop_cache()
+        os.close(self.fd)
+
+    def _drop_cache(self) -> None:
+        if self._cached is not None:
+            os.close(self._cached[1])
+            self._cached = None
+
+    def open_dir(self, parts: Parts, *, create: bool) -> int:
+        """A new descriptor of staged directory `parts`, never through a symlink."""
+        fd = os.dup(self.fd)
+        try:
+            for i, part in enumerate(parts):
+                if parts[: i + 1] in self.links:
+                    raise UnsafeArchive(f"refusing {'/'.join(parts)!r}: it passes through the "
+                                        f"symlink {'/'.join(parts[: i + 1])!r}")
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o700, dir_fd=fd)
+                try:
+                    nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as err:
+                    if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise UnsafeArchive(f"refusing {'/'.join(parts)!r}: "
+                                            f"{'/'.join(parts[: i + 1])!r} is not a directory") \
+                            from None
+                    raise
+                os.close(fd)
+                fd = nxt
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def parent(self, parts: Parts) -> int:
+        """The descriptor of the directory holding `parts` (owned by this object: do not
+        close it). Consecutive members mostly share a directory, so the last one is kept."""
+        where = parts[:-1]
+        if self._cached is None or self._cached[0] != where:
+            fd = self.open_dir(where, create=True)
+            self._drop_cache()
+            self._cached = (where, fd)
+        return self._cached[1]
+
+    def check_link(self, parts: Parts, target: str) -> None:
+        """UnsafeArchive unless `target`, read from the link's directory, stays inside the
+        tree and passes through no other link (only its last component may be one)."""
+        name = "/".join(parts)
+        if target.startswith("/"):
+            raise UnsafeArchive(f"refusing symlink {name!r} -> {target!r}: absolute, so it "
+                                f"points outside the destination (leave it out with --exclude "
+                                f"{name!r})")
+        where = list(parts[:-1])
+        steps = [p for p in target.split("/") if p not in ("", ".")]
+        for i, step in enumerate(steps):
+            if step == "..":
+                if not where:
+                    raise UnsafeArchive(f"refusing symlink {name!r} -> {target!r}: points "
+                                        f"outside the destination (leave it out with --exclude "
+                                        f"{name!r})")
+                where.pop()
+                continue
+            where.append(step)
+            if i < len(steps) - 1 and tuple(where) in self.links:
+                raise UnsafeArchive(f"refusing symlink {name!r} -> {target!r}: its target "
+                                    f"passes through the symlink {'/'.join(where)!r}")
+
+    def make_links(self) -> None:
+        for parts, target in self.links.items():
+            self.check_link(parts, target)  # against every link of the archive, now known
+        for parts, target in self.links.items():
+            os.symlink(target, parts[-1], dir_fd=self.parent(parts))
 
 
 def check_destination(dest: str) -> bool:
@@ -248,18 +334,26 @@ def extract(stream: IO[bytes], dest: str, *, allow_setuid: bool = False,
         raise
     # Last, and deepest first: a read-only directory could not have taken its members, and
     # renaming a directory into DEST needs write permission on it.
-    for rel, mode in sorted(dir_modes, key=lambda d: d[0].count(os.sep), reverse=True):
-        path = os.path.join(root, rel)
-        if rel != "." and os.path.isdir(path) and not os.path.islink(path):
-            os.chmod(path, mode)
+    tree = _Staged(root)
+    try:
+        for parts, mode in sorted(dir_modes, key=lambda d: len(d[0]), reverse=True):
+            with contextlib.suppress(OSError):  # replaced meanwhile: not ours to chmod
+                fd = tree.open_dir(parts, create=False)
+                try:
+                    os.fchmod(fd, mode)
+                finally:
+                    os.close(fd)
+    finally:
+        tree.close()
     return report
 
 
 def _extract_into(stream: IO[bytes], root: str, allow_setuid: bool,
-                  select: Selection | None) -> tuple[RestoreReport, list[tuple[str, int]]]:
+                  select: Selection | None) -> tuple[RestoreReport, list[tuple[Parts, int]]]:
     report = RestoreReport()
-    dir_modes: list[tuple[str, int]] = []
+    dir_modes: list[tuple[Parts, int]] = []
     counted = _Counted(stream)
+    tree = _Staged(root)
     try:
         with _Tar.open(fileobj=cast(IO[bytes], counted), mode="r|", tarinfo=_Info,
                        errorlevel=2, encoding="utf-8", errors="surrogateescape") as tar:
@@ -270,10 +364,11 @@ def _extract_into(stream: IO[bytes], root: str, allow_setuid: bool,
                 if select and not select(member.name):
                     report.excluded += 1
                     continue
-                _extract_one(tar, member, root, report, allow_setuid, dir_modes)
+                _extract_one(tar, member, tree, report, allow_setuid, dir_modes)
             if not tar.ended_cleanly:
                 raise RestoreError("archive is truncated or corrupt: the tar stream has no "
                                    "end-of-archive marker")
+            tree.make_links()
         # The rest is zero padding; decoding it to the end is what checks the compressed
         # stream's own checksum, and tells a cut frame from a complete one.
         while counted.read(COPY):
@@ -285,46 +380,38 @@ def _extract_into(stream: IO[bytes], root: str, allow_setuid: bool,
     except OSError as err:
         where = f": {err.filename}" if err.filename else ""
         raise RestoreError(f"restore failed{where}: {err.strerror or err}") from None
+    finally:
+        tree.close()
     report.tar_bytes = counted.count
     return report, dir_modes
 
 
-def _extract_one(tar: tarfile.TarFile, member: tarfile.TarInfo, root: str,
+def _extract_one(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: _Staged,
                  report: RestoreReport, allow_setuid: bool,
-                 dir_modes: list[tuple[str, int]]) -> None:
+                 dir_modes: list[tuple[Parts, int]]) -> None:
     name = member.name.rstrip("/")
-    path = _member_path(root, name)
+    parts = _parts(name)
     if member.isdir():
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.close(tree.open_dir(parts, create=True))  # made, or found a directory (not a link)
         # Setgid and sticky mean something on a directory (group inheritance, /tmp-style
         # deletion); setuid means nothing there and is dropped.
-        dir_modes.append((os.path.relpath(path, root), member.mode & 0o3777))
+        dir_modes.append((parts, member.mode & 0o3777))
         report.dirs += 1
     elif member.issym():
-        link = member.linkname
-        if os.path.isabs(link):
-            raise UnsafeArchive(f"refusing symlink {name!r} -> {link!r}: absolute, so it points "
-                                f"outside the destination (leave it out with --exclude {name!r})")
-        resolved = os.path.realpath(os.path.join(os.path.dirname(path), link))
-        if not _inside(root, resolved):
-            raise UnsafeArchive(f"refusing symlink {name!r} -> {link!r}: points outside the "
-                                f"destination (leave it out with --exclude {name!r})")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        os.symlink(link, path)
+        tree.check_link(parts, member.linkname)  # early, for a clear error; again at the end
+        if parts in tree.links:
+            raise UnsafeArchive(f"refusing symlink {name!r}: the archive holds it twice")
+        tree.links[parts] = member.linkname
         report.links += 1
     elif member.islnk():
-        source = _member_path(root, member.linkname.rstrip("/"))
-        if not os.path.lexists(source) or (os.path.isdir(source) and not os.path.islink(source)):
-            raise UnsafeArchive(f"refusing hard link {name!r} -> {member.linkname!r}: its "
-                                "target is not a file restored before it")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        os.link(source, path, follow_symlinks=False)
+        _hard_link(tree, name, parts, member.linkname)
         report.links += 1
     elif member.isreg():
         if member.mode & _SETID and not allow_setuid:
             raise UnsafeArchive(f"refusing {name!r}: setuid/setgid file (mode "
                                 f"{member.mode & 0o7777:04o}); pass --allow-setuid to restore it")
-        _write_file(tar, member, path, member.mode & (0o6777 if allow_setuid else 0o777), report)
+        _write_file(tar, member, tree, parts, member.mode & (0o6777 if allow_setuid else 0o777),
+                    report)
     else:
         kind = "FIFO" if member.isfifo() else "device node" if member.isdev() else \
             f"member of tar type {member.type!r}"
@@ -332,13 +419,36 @@ def _extract_one(tar: tarfile.TarFile, member: tarfile.TarInfo, root: str,
                             "and links")
 
 
-def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, path: str, mode: int,
-                report: RestoreReport) -> None:
+def _hard_link(tree: _Staged, name: str, parts: Parts, linkname: str) -> None:
+    refused = UnsafeArchive(f"refusing hard link {name!r} -> {linkname!r}: its target is not "
+                            "a file restored before it")
+    source = _parts(linkname.rstrip("/"))
+    if source in tree.links:
+        raise refused
+    try:
+        src_dir = tree.open_dir(source[:-1], create=False)
+    except (FileNotFoundError, UnsafeArchive):
+        raise refused from None
+    try:
+        try:
+            st = os.stat(source[-1], dir_fd=src_dir, follow_symlinks=False)
+        except FileNotFoundError:
+            raise refused from None
+        if not stat.S_ISREG(st.st_mode):
+            raise refused
+        os.link(source[-1], parts[-1], src_dir_fd=src_dir, dst_dir_fd=tree.parent(parts),
+                follow_symlinks=False)
+    finally:
+        os.close(src_dir)
+
+
+def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: _Staged, parts: Parts,
+                mode: int, report: RestoreReport) -> None:
     src = tar.extractfile(member)
     if src is None:  # pragma: no cover - isreg() members always have data
         raise RestoreError(f"no data for {member.name!r}")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=tree.parent(parts))
     with os.fdopen(fd, "wb") as out:
         while chunk := src.read(COPY):
             out.write(chunk)

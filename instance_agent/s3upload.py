@@ -37,6 +37,15 @@ MIN_PART = 8 * 1024 * 1024  # above S3's 5 MiB minimum; the size most S3 clients
 MAX_PART = 5 * 1024**3  # S3's maximum part size
 MAX_PARTS = 10_000  # S3's maximum part count
 MAX_OBJECT = 5 * 1024**4  # S3's maximum object size
+# Conditional writes: with If-None-Match '*', PutObject and CompleteMultipartUpload create the
+# key only if it does not exist yet, else S3 answers 412 PreconditionFailed ("How to prevent
+# object overwrites with conditional writes", Amazon S3 user guide,
+# https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-writes.html). A backup
+# must never replace an earlier one.
+CREATE_ONLY = {"IfNoneMatch": "*"}
+# What list and restore read must stay readable at once, so only the archive itself takes the
+# configured storage class: a GLACIER manifest or journal would need a restore request first.
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tar.zst")
 
 
 class S3Client(Protocol):
@@ -53,8 +62,19 @@ class S3Client(Protocol):
 def describe_client_error(err: Exception) -> str:
     if isinstance(err, ClientError):
         e = err.response.get("Error", {})
+        if e.get("Code") in ("PreconditionFailed", "412"):
+            return ("PreconditionFailed: an object already exists at this key; an earlier "
+                    "backup is never overwritten")
         return f"{e.get('Code', 'Error')}: {e.get('Message', '')}".strip()
     return f"{type(err).__name__}: {err}"
+
+
+def extra_for(key: str, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The request arguments for `key`: StorageClass only on archives (ARCHIVE_SUFFIXES)."""
+    out = dict(extra or {})
+    if not key.endswith(ARCHIVE_SUFFIXES):
+        out.pop("StorageClass", None)
+    return out
 
 
 @dataclass(frozen=True)
@@ -164,7 +184,7 @@ class MultipartUpload:
         self.bucket, self.key = bucket, key
         self._client = client
         self._sizer = sizer
-        self._extra = dict(extra or {})
+        self._extra = extra_for(key, extra)
         # ExpectedBucketOwner (and only it) must ride on every call, not just the create.
         self._owner = {k: v for k, v in self._extra.items() if k == "ExpectedBucketOwner"}
         self._content_type = content_type
@@ -299,7 +319,7 @@ class MultipartUpload:
         try:
             resp = self._client.complete_multipart_upload(
                 Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                MultipartUpload={"Parts": parts}, **self._owner,
+                MultipartUpload={"Parts": parts}, **CREATE_ONLY, **self._owner,
             )
         except (ClientError, BotoCoreError) as err:
             raise UploadError(f"s3://{self.bucket}/{self.key}: CompleteMultipartUpload failed: "
@@ -331,7 +351,7 @@ def put_small(client: S3Client, bucket: str, key: str, body: bytes | ChainBody, 
     """One PutObject, for the manifest."""
     try:
         client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type,
-                          ChecksumAlgorithm="CRC32", **dict(extra or {}))
+                          ChecksumAlgorithm="CRC32", **CREATE_ONLY, **extra_for(key, extra))
     except (ClientError, BotoCoreError) as err:
         raise UploadError(f"s3://{bucket}/{key}: PutObject failed: "
                           f"{describe_client_error(err)}") from None

@@ -27,7 +27,6 @@ came through Run Command.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from instance_agent import __version__
+from instance_agent import __version__, statedir
 from instance_agent.config import Config
 from instance_agent.errors import AgentError
 from instance_agent.logs import fields as log_fields
@@ -79,7 +78,8 @@ def status_path(cfg: Config) -> str:
     """Where the watcher writes its status: the runtime dir, else the state dir."""
     for directory in (cfg.runtime_dir, cfg.state_dir):
         try:
-            os.makedirs(directory, mode=0o755, exist_ok=True)
+            # Ours alone, or another user could plant the file as a symlink (statedir.py).
+            statedir.usable(directory, mode=0o755)
         except OSError:
             continue
         if os.access(directory, os.W_OK | os.X_OK):
@@ -89,8 +89,7 @@ def status_path(cfg: Config) -> str:
 
 def _read(path: str) -> dict[str, Any] | None:
     try:
-        with open(path, encoding="utf-8") as fh:
-            doc = json.load(fh)
+        doc = json.loads(statedir.read(os.path.dirname(path), os.path.basename(path)))
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
@@ -110,15 +109,10 @@ def write_status(path: str, **fields: Any) -> bool:
                    "started_at": _iso(now)}
         doc.update({k: _normal(k, v) for k, v in fields.items()})
         doc["updated_at"] = _iso(now)
-        tmp = f"{path}.{os.getpid()}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(doc, fh, default=str)
-            os.replace(tmp, path)
+            statedir.write_atomic(os.path.dirname(path), os.path.basename(path),
+                                  json.dumps(doc, default=str).encode(), 0o644)
         except OSError as err:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             if path not in _warned:
                 _warned.add(path)
                 log.warning("cannot write the status file; `instance-agent status` will not "

@@ -132,7 +132,7 @@ class _Job:
         self.cancel = opts.cancel
         self.result = Result(instance_id=ident.instance_id, bucket=cfg.bucket,
                              group=cfg.asg_name, hook=cfg.hook_name, trigger=opts.trigger,
-                             notice=opts.notice, lifecycle_action=fingerprint(cfg.lifecycle_token))
+                             notice=opts.notice, lifecycle_action=_fingerprint(cfg.lifecycle_token))
         self.lc: Lifecycle | None = None
         self.commands = _Commands(cfg, opts.trigger, self.cancel)
         self.duplicate_code: int | None = None
@@ -242,7 +242,7 @@ class _Job:
             # We may have waited for the lock while the other path finished this very action:
             # ask again now.
             live = self.lc.probe(self.clock() + self.cfg.complete_timeout, self.cancel)
-        action = fingerprint(self.cfg.lifecycle_token)
+        action = _fingerprint(self.cfg.lifecycle_token)
         if record is not None and self.lc is None and not self.opts.plan.complete:
             # A Spot reclaim: no Auto Scaling to ask; one backup per reclaim notice window.
             verdict = DUPLICATE if time.time() - record.recorded_at < SPOT_RECORD_VALID else "run"
@@ -276,7 +276,7 @@ class _Job:
             recorded_at=time.time(), exit_code=self.exit_code(), result=self.result.to_json(),
             backup_ok=self.result.ok, completed=completed,
             lifecycle_result=self._planned_result(),
-            action=fingerprint(self.cfg.lifecycle_token),
+            action=_fingerprint(self.cfg.lifecycle_token),
             valid_for=float(lc.target.heartbeat_timeout) if lc is not None else SPOT_RECORD_VALID))
 
     def _warm_return(self) -> None:
@@ -504,6 +504,10 @@ def _interrupt_on(cancel: threading.Event, interrupt: Callable[[], None]) -> Ite
     finally:
         done.set()
         thread.join(timeout=1)
+
+
+def _fingerprint(token: str | None) -> str | None:
+    return fingerprint(token) if token else None
 
 
 def _set_event() -> threading.Event:

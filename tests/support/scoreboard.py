@@ -6,7 +6,7 @@ to the outcome. When `INSTANCE_AGENT_SCOREBOARD` names a file, the table is rewr
 after every scenario, so at the end of a run it holds exactly that run's rows:
 
     INSTANCE_AGENT_SCOREBOARD=docs/reliability.md .venv/bin/python -m pytest \\
-        tests/test_faults.py tests/test_crash_and_chaos.py
+        tests/test_faults.py tests/test_crash_and_chaos.py tests/test_security_*.py
 
 A scenario whose test fails is still written, with the failure as its outcome: the document
 must never show a green row for a red test.
@@ -32,7 +32,7 @@ from pathlib import Path
 
 ENV = "INSTANCE_AGENT_SCOREBOARD"
 COMMAND = ("INSTANCE_AGENT_SCOREBOARD=docs/reliability.md .venv/bin/python -m pytest "
-           "tests/test_faults.py tests/test_crash_and_chaos.py")
+           "tests/test_faults.py tests/test_crash_and_chaos.py tests/test_security_*.py")
 
 # Read once, at import (collection): conftest's guard clears every INSTANCE_AGENT_* variable
 # before each test runs.

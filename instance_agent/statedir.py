@@ -1,0 +1,113 @@
+"""Files in the state and runtime directories, opened so that nobody else can redirect them.
+
+The agent runs as root. If another user owns (or may write) the state directory, they can
+plant `termination-….json.tmp -> /etc/shadow` and root truncates it, or `….lock -> /x` and
+root creates a file wherever they like. So, like sshd's StrictModes:
+
+- a directory is used only when it is owned by the agent's effective user and is not
+  writable by group or others (`usable`); otherwise the caller falls back with a warning;
+- every file in it is opened relative to the directory's descriptor with O_NOFOLLOW, so a
+  symlink in its place fails (ELOOP) instead of being followed, and created with O_EXCL where
+  it is new;
+- a record is replaced atomically: written to a fresh temp file (O_EXCL), fsynced, renamed
+  over the old one. rename() replaces a planted symlink itself, never its target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Untrusted(OSError):
+    """The directory is not ours alone; `strerror` says why."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(errno.EPERM, reason, path)
+
+
+def usable(path: str, *, mode: int = 0o700) -> None:
+    """Create `path` (with `mode`) if absent, then raise Untrusted unless it is a directory
+    owned by the effective user with no group or other write permission."""
+    os.makedirs(path, mode=mode, exist_ok=True)
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise Untrusted(path, "not a directory")
+    if st.st_uid != os.geteuid():
+        raise Untrusted(path, f"owned by uid {st.st_uid}, not by the agent's uid {os.geteuid()}")
+    if st.st_mode & 0o022:
+        raise Untrusted(path, f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})")
+
+
+def _dir_fd(path: str) -> int:
+    return os.open(path, _DIR_FLAGS)
+
+
+def open_nofollow(path: str, name: str, flags: int, mode: int = 0o600) -> int:
+    """os.open(`name`, flags | O_NOFOLLOW) relative to directory `path`; `name` has no '/'."""
+    dfd = _dir_fd(path)
+    try:
+        return os.open(name, flags | _NOFOLLOW, mode, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
+def create_exclusive(path: str, name: str, flags: int = os.O_RDWR, mode: int = 0o600) -> int:
+    """Create `name` in `path`, failing (EEXIST) if anything, a symlink included, is there."""
+    return open_nofollow(path, name, flags | os.O_CREAT | os.O_EXCL, mode)
+
+
+def open_or_create(path: str, name: str, mode: int = 0o600) -> int:
+    """An existing regular file opened O_RDWR, else a new one created O_EXCL (a lock file)."""
+    try:
+        fd = create_exclusive(path, name, os.O_RDWR, mode)
+    except FileExistsError:
+        fd = open_nofollow(path, name, os.O_RDWR)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", os.path.join(path, name))
+    return fd
+
+
+def read(path: str, name: str) -> bytes:
+    """The whole of regular file `name` in `path`, never through a symlink."""
+    fd = open_nofollow(path, name, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.path.join(path, name))
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, name: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace `name` in `path` with `data`: a fresh O_EXCL temp file, fsync, rename."""
+    tmp = f"{name}.{os.getpid()}.tmp"
+    dfd = _dir_fd(path)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dfd)  # a stale one of a killed run (or a planted link)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode, dir_fd=dfd)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)  # a full disk must not keep a half-written temp
+            raise
+    finally:
+        os.close(dfd)

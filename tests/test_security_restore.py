@@ -1,0 +1,107 @@
+"""Restore cannot escape DEST: hostile archives are refused in one line, with nothing left."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from support import scoreboard
+
+from instance_agent.restore import RestoreError, UnsafeArchive, extract
+
+Member = tuple[str, str, str]  # (name, kind: file|dir|sym|lnk|chr, data or link target)
+
+
+def _tar(members: list[Member]) -> io.BytesIO:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            info.mode = 0o755 if kind == "dir" else 0o644
+            if kind == "file":
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data.encode()))
+                continue
+            info.type = {"dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "lnk": tarfile.LNKTYPE,
+                         "chr": tarfile.CHRTYPE}[kind]
+            info.linkname = data
+            tar.addfile(info)
+    out.seek(0)
+    return out
+
+
+HOSTILE = {
+    "symlink chain (passwd through b -> .)": [
+        ("d", "dir", ""), ("d/passwd", "sym", "b/b/b/../../../../etc/passwd"),
+        ("d/b", "sym", ".")],
+    "absolute name": [("/etc/cron.d/x", "file", "* * * * * root sh\n")],
+    "'..' in a name": [("a/../../x", "file", "x")],
+    "hard link to outside": [("a", "dir", ""), ("a/h", "lnk", "../../etc/passwd")],
+    "hard link to a file not in the archive": [("h", "lnk", "etc/passwd")],
+    "device file": [("null", "chr", "")],
+    "absolute symlink": [("l", "sym", "/etc")],
+    "symlink then a file through it": [("sub", "dir", ""), ("l", "sym", "sub"),
+                                       ("l/x", "file", "x")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_archives_are_refused_and_leave_nothing(tmp_path: Path, case: str) -> None:
+    dest = tmp_path / "dest"
+    with pytest.raises(UnsafeArchive) as info:
+        extract(_tar(HOSTILE[case]), str(dest))
+    assert "\n" not in str(info.value) and str(info.value).startswith("refusing")
+    assert not dest.exists()  # created by the restore, removed with everything in it
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_refused_into_an_existing_empty_dest_leaves_it_empty(tmp_path: Path) -> None:
+    with scoreboard.scenario("Restore: the link chain passwd -> b/b/b/../../../../etc/passwd, "
+                             "then b -> .") as row:
+        row.faults = "hostile archive; DEST exists and is empty"
+        dest = tmp_path / "dest"
+        dest.mkdir()
+        with pytest.raises(UnsafeArchive) as info:
+            extract(_tar(HOSTILE["symlink chain (passwd through b -> .)"]), str(dest))
+        assert list(dest.iterdir()) == []
+        assert "passes through the symlink" in str(info.value)
+        row.outcome = "refused in one line (target passes through a symlink); DEST left empty"
+
+
+def test_links_inside_the_tree_still_restore(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    extract(_tar([("a", "dir", ""), ("a/f", "file", "data"), ("a/l", "sym", "f"),
+                  ("up", "sym", "a/../a/f"), ("h", "lnk", "a/f")]), str(dest))
+    assert (dest / "a" / "l").read_text() == "data" and os.readlink(dest / "a" / "l") == "f"
+    assert (dest / "up").read_text() == "data" and (dest / "h").read_text() == "data"
+
+
+def test_paths_longer_than_path_max_restore(tmp_path: Path) -> None:
+    parts = [f"{i:02d}" + "d" * 198 for i in range(30)]  # about 6,000 bytes, over PATH_MAX
+    members: list[Member] = [("/".join(parts[: i + 1]), "dir", "") for i in range(len(parts))]
+    members.append(("/".join([*parts, "deep.log"]), "file", "at the bottom\n"))
+    dest = tmp_path / "dest"
+    report = extract(_tar(members), str(dest))
+    assert (report.files, report.dirs) == (1, 30)
+    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        leaf = os.open("deep.log", os.O_RDONLY, dir_fd=fd)
+        assert os.read(leaf, 100) == b"at the bottom\n"
+        os.close(leaf)
+        assert os.stat(".", dir_fd=fd).st_mode & 0o777 == 0o755  # modes applied by descriptor
+    finally:
+        os.close(fd)
+
+
+def test_a_truncated_archive_is_still_a_restore_error(tmp_path: Path) -> None:
+    data = _tar([("f", "file", "x" * 5000)]).getvalue()[:1024]
+    with pytest.raises(RestoreError):
+        extract(io.BytesIO(data), str(tmp_path / "dest"))
+    assert not (tmp_path / "dest").exists()
