@@ -378,3 +378,16 @@ def test_lifecycle_token_never_leaves_the_agent(stack: Stack, tmp_path: Path) ->
     everything = proc.stdout + proc.stderr + json.dumps(sns_docs(stack)) + records
     assert token not in everything
     assert result["lifecycle_action"] and result["lifecycle_action"] in proc.stderr
+
+
+def test_a_huge_sparse_file_cannot_carry_the_run_past_max_duration(stack: Stack,
+                                                                   tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src")
+    with (src / "sparse.img").open("wb") as fh:
+        fh.truncate(6 * 1024**3)  # 6 GiB of hole: nothing on disk, all of it in the tar
+    started = time.monotonic()
+    proc, result = stack.backup("--source", str(src), "--max-duration", "2", "--no-complete")
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["status"] in ("succeeded", "partial")
+    assert elapsed < 2 + 8, elapsed
