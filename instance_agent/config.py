@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -407,6 +408,9 @@ def _from_native(opt: Option, value: Any) -> Any:
         # time.sleep()/Event.wait() at the worst moment.
         if not math.isfinite(number):
             raise ValueError(f"expected a finite number, got {value!r}")
+        # Event.wait() and Lock.acquire() refuse timeouts above this with OverflowError.
+        if number > threading.TIMEOUT_MAX:
+            raise ValueError(f"expected at most {threading.TIMEOUT_MAX:g}, got {value!r}")
         return number
     if kind == "size":
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):

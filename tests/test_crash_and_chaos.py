@@ -453,7 +453,8 @@ def test_chaos_files_deleted_and_directories_replaced_by_files(stack: Stack,
 
     def chaos(_pos: int) -> None:
         (src / "z.log").unlink()
-        # The directory being walked becomes a file: its listed children are gone.
+        # The directory being walked becomes a file: the walker holds the directory's
+        # descriptor, so its listed children are still read from where it was moved.
         (src / "d").rename(src / "d-moved")
         (src / "d").write_text("now a file\n")
         # A directory not reached yet becomes a file: the walker finds a file there.
@@ -464,8 +465,6 @@ def test_chaos_files_deleted_and_directories_replaced_by_files(stack: Stack,
         row.faults = "1 file deleted, 2 directories replaced by files"
         run = chaos_backup(stack, src, tmp_path, victim=victim, during=chaos)
         doc, restored = finish(stack, run, row, src, tmp_path, before, {
-            b"d/b.log": "cannot stat: Not a directory",
-            b"d/c": "cannot stat: Not a directory",
             b"z.log": "vanished before it was read",
         })
         assert restored[b"e-dir"] == ("file", b"was a directory\n")
