@@ -9,10 +9,12 @@ run. The walk reads the source (AST), so it needs none of the optional extras in
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("instance_agent", "lambda_trigger")
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
 
 def modules() -> dict[str, Path]:
@@ -146,3 +148,29 @@ def test_the_lambda_stands_alone() -> None:
     leaks = {m: sorted(e for e in edges if e.startswith("instance_agent"))
              for m, edges in graph.items() if m.startswith("lambda_trigger")}
     assert {m: e for m, e in leaks.items() if e} == {}
+
+
+def module_map() -> dict[str, set[str]]:
+    """docs/architecture.md's module map: module -> the project modules it may import."""
+    known = modules()
+    text = ARCHITECTURE.read_text().split("## Module map", 1)[1]
+    allowed: dict[str, set[str]] = {}
+
+    def resolve(package: str, name: str) -> str:
+        full = package if name == "__init__" else f"{package}.{name}"
+        return full if full in known else name
+
+    for package, table in re.findall(r"^### `(\w+)`\n(.*?)(?=^#|\Z)", text, re.M | re.S):
+        for row in re.findall(r"^\| `([\w.]+)` \|.*\| (.*) \|$", table, re.M):
+            name, deps = row
+            allowed[resolve(package, name)] = {resolve(package, d)
+                                               for d in re.findall(r"`([\w.]+)`", deps)}
+    return allowed
+
+
+def test_the_module_map_names_every_module_and_allows_every_import() -> None:
+    graph, allowed = import_graph(), module_map()
+    assert sorted(allowed) == sorted(graph), "modules missing from (or stale in) the map"
+    beyond = {m: sorted(edges.keys() - allowed[m]) for m, edges in graph.items()
+              if edges.keys() - allowed[m]}
+    assert beyond == {}, "imports the module map in docs/architecture.md does not allow"
