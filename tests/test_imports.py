@@ -122,11 +122,26 @@ def describe(component: list[str], graph: dict[str, dict[str, int]]) -> str:
     return "cycle among " + ", ".join(component) + ":\n" + "\n".join(lines)
 
 
-def test_the_graph_sees_function_local_imports() -> None:
-    # The CLI registers its sub-commands from inside build_parser(): that edge must count.
-    graph = import_graph()
-    assert "instance_agent.ops_cli" in graph["instance_agent.cli"]
-    assert "instance_agent.wiring" in graph["instance_agent.watch_cli"]
+def test_the_walk_counts_function_local_imports_but_not_type_checking_ones() -> None:
+    source = """
+import a
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:
+    import never_runs
+else:
+    import fallback
+def f():
+    from b import c
+    class K:
+        def g(self):
+            import d.e
+"""
+    found = sorted(alias.name if isinstance(node, ast.Import) else str(node.module)
+                   for node in _runtime_imports(ast.parse(source))
+                   for alias in node.names)
+    assert found == ["a", "b", "d.e", "fallback", "typing"]
+    # In the real graph: ops_cli imports doctor only inside cmd_doctor.
+    assert "instance_agent.doctor" in import_graph()["instance_agent.ops_cli"]
 
 
 def test_no_module_is_part_of_an_import_cycle() -> None:
