@@ -159,7 +159,12 @@ class TerminationLock:
         for d in self.dirs:
             path = os.path.join(d, self.name + ".json")
             try:
-                statedir.usable(d)  # a planted record would turn this run into a "duplicate"
+                # A planted record would turn this run into a "duplicate". An untrusted dir
+                # was already named once, by the lock: skip it here without a second warning.
+                statedir.usable(d)
+            except OSError:
+                continue
+            try:
                 doc = json.loads(statedir.read(d, self.name + ".json"))
             except FileNotFoundError:
                 continue
