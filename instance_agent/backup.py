@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from instance_agent import __version__, journal, keys, manifest
+from instance_agent import __version__, journal, keys, manifest, s3args
 from instance_agent.archive import Archiver
 from instance_agent.compress import open_compressor
 from instance_agent.config import Config
@@ -69,17 +69,7 @@ class Progress:
                                           mib_per_s=round(rate / 2**20, 1)))
 
 
-def _s3_extra(cfg: Config) -> dict[str, Any]:
-    extra: dict[str, Any] = {}
-    if cfg.sse:
-        extra["ServerSideEncryption"] = cfg.sse
-    if cfg.kms_key_id:
-        extra["SSEKMSKeyId"] = cfg.kms_key_id
-    if cfg.storage_class:
-        extra["StorageClass"] = cfg.storage_class
-    if cfg.expected_bucket_owner:
-        extra["ExpectedBucketOwner"] = cfg.expected_bucket_owner
-    return extra
+_s3_extra = s3args.write_args  # the name the pipeline and doctor use
 
 
 class _CancellableSink:

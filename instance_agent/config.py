@@ -289,56 +289,64 @@ OPTION_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 
 @dataclass(frozen=True)
 class Config:
-    """The resolved configuration; field names are the option names."""
+    """The resolved configuration; field names are the option names. Defaults are written
+    once, in OPTIONS: `Config.defaults()` is every option at its default."""
 
-    source: tuple[str, ...] = ("/var/log",)
-    exclude: tuple[str, ...] = ("/var/log/journal/**",)
-    journal: bool | None = None
-    bucket: str | None = None
-    prefix: str = ""
-    key_template: str = "{prefix}{group}/{instance_id}/{timestamp}"
-    compression: str = "zstd"
-    level: int | None = None
-    max_archive_size: int = 1024**4
-    max_file_size: int | None = None
-    one_file_system: bool = False
-    max_duration: float | None = None
-    topic_arn: str | None = None
-    asg_name: str | None = None
-    hook_name: str | None = None
-    lifecycle_token: str | None = None
-    instance_id: str | None = None
-    region: str | None = None
-    on_success: str = "CONTINUE"
-    on_failure: str = "ABANDON"
-    complete: bool = True
-    sse: str | None = None
-    kms_key_id: str | None = None
-    expected_bucket_owner: str | None = None
-    storage_class: str | None = None
-    hash: str = "none"
-    upload_workers: int = 3
-    upload_queue: int = 1
-    state_dir: str = "/var/lib/instance-agent"
-    runtime_dir: str = "/run/instance-agent"
-    lock_timeout: float = 3600.0
-    wait_timeout: float = 3900.0
-    complete_timeout: float = 60.0
-    heartbeat_interval: float | None = None
-    log_level: str = "info"
-    metrics: bool = True
-    poll_interval: float = 2.0
-    spot: bool = True
-    on_rebalance: str = "log"
-    drain_path: tuple[str, ...] = ()
-    drain_timeout: float = 600.0
-    pre_command: tuple[str, ...] = ()
-    post_command: tuple[str, ...] = ()
-    command_timeout: float = 60.0
-    pre_command_fatal: bool = False
-    warm_pool_backup: bool = False
-    stop_grace: float = 90.0
+    source: tuple[str, ...]
+    exclude: tuple[str, ...]
+    journal: bool | None
+    bucket: str | None
+    prefix: str
+    key_template: str
+    compression: str
+    level: int | None
+    max_archive_size: int
+    max_file_size: int | None
+    one_file_system: bool
+    max_duration: float | None
+    topic_arn: str | None
+    asg_name: str | None
+    hook_name: str | None
+    lifecycle_token: str | None
+    instance_id: str | None
+    region: str | None
+    on_success: str
+    on_failure: str
+    complete: bool
+    sse: str | None
+    kms_key_id: str | None
+    expected_bucket_owner: str | None
+    storage_class: str | None
+    hash: str
+    upload_workers: int
+    upload_queue: int
+    state_dir: str
+    runtime_dir: str
+    lock_timeout: float
+    wait_timeout: float
+    complete_timeout: float
+    heartbeat_interval: float | None
+    log_level: str
+    metrics: bool
+    poll_interval: float
+    spot: bool
+    on_rebalance: str
+    drain_path: tuple[str, ...]
+    drain_timeout: float
+    pre_command: tuple[str, ...]
+    post_command: tuple[str, ...]
+    command_timeout: float
+    pre_command_fatal: bool
+    warm_pool_backup: bool
+    stop_grace: float
     config_file: str | None = field(default=None, compare=False)
+
+    @classmethod
+    def defaults(cls, **overrides: Any) -> Config:
+        """Every option at its schema default, except `overrides`."""
+        values: dict[str, Any] = {o.name: o.default for o in OPTIONS}
+        values.update(overrides)
+        return cls(**values)
 
     def journal_enabled(self) -> bool:
         if self.journal is None:
@@ -498,7 +506,7 @@ def load(
         except (ValueError, TypeError, OverflowError) as err:  # int([1]), int(inf), …
             raise ConfigError(f"{origin}: {err}") from None
         resolved[opt.name] = _validated(opt, value, origin)
-    cfg = Config(config_file=path, **resolved)
+    cfg = Config.defaults(config_file=path, **resolved)
     return check_consistency(cfg, command)
 
 

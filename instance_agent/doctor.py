@@ -33,7 +33,7 @@ from typing import Any
 import requests
 from botocore.exceptions import BotoCoreError, ClientError
 
-from instance_agent import __version__, config
+from instance_agent import __version__, awserror, config, s3args
 from instance_agent.config import Config
 from instance_agent.errors import AgentError, ConfigError, IMDSError
 from instance_agent.imds import DEFAULT_ENDPOINT, ENDPOINT_ENV, IMDS, TOKEN_HEADER, TTL_HEADER
@@ -64,22 +64,7 @@ class Check:
                 "message": self.message, "fix": self.fix}
 
 
-def _code(err: Exception) -> str:
-    if isinstance(err, ClientError):
-        return str(err.response.get("Error", {}).get("Code", ""))
-    return type(err).__name__
-
-
-def _describe(err: Exception) -> str:
-    if isinstance(err, ClientError):
-        e = err.response.get("Error", {})
-        return f"{e.get('Code', '')}: {e.get('Message', '')}".rstrip(": ")
-    return f"{type(err).__name__}: {err}"
-
-
-def _denied(err: Exception) -> bool:
-    return _code(err) in ("AccessDenied", "AccessDeniedException", "AuthorizationError",
-                          "UnauthorizedOperation", "403", "Forbidden")
+_code, _describe, _denied = awserror.code_of, awserror.describe, awserror.denied
 
 
 def _systemctl(args: list[str]) -> tuple[int, str]:
@@ -383,7 +368,7 @@ class Doctor:
         where = f"s3://{cfg.bucket}/{cfg.prefix}"
         key = f"{cfg.prefix}.instance-agent-doctor/{self.instance_id or 'unknown'}/{uuid.uuid4().hex}"
         extra = _s3_extra(cfg)
-        owner = {"ExpectedBucketOwner": cfg.expected_bucket_owner} if cfg.expected_bucket_owner else {}
+        owner = s3args.owner_args(cfg)
         write_fix = (f"allow s3:PutObject and s3:AbortMultipartUpload on arn:aws:s3:::{cfg.bucket}/"
                      f"{cfg.prefix}* in the instance role (packaging/template.yaml, statement "
                      "WriteBackups)")

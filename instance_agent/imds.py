@@ -143,10 +143,5 @@ class IMDS:
             raise IMDSError("IMDS has no placement/region")
         return value.strip()
 
-    def group_tag(self) -> str | None:
-        """The group name from instance-metadata tags, when those are enabled."""
-        value = self.get("tags/instance/aws:autoscaling:groupName", timeout=2.0)
-        return value.strip() if value else None
-
     def close(self) -> None:
         self._session.close()

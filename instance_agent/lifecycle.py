@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
+from instance_agent import awserror
 from instance_agent.errors import (
     Cancelled,
     LifecycleError,
@@ -58,15 +59,6 @@ RECHECK_MAX = 15.0  # a 3600 s deregistration delay costs about 250 calls, not 1
 MAX_BACKOFF = 10.0  # between retries of a failed call
 STOP_GRACE = 20.0  # completion retries left once the agent is told to stop
 
-# Error codes that say "try again later". Everything else that AWS refuses (AccessDenied,
-# ValidationError, …) is permanent: retrying cannot change the answer.
-_RETRYABLE_CODES = frozenset({
-    "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
-    "RequestThrottled", "ServiceUnavailable", "InternalFailure", "InternalError",
-    "ResourceContention", "RequestTimeout", "RequestTimeoutException",
-})
-
-
 class AutoScalingClient(Protocol):
     """The subset of the EC2 Auto Scaling API the agent uses."""
 
@@ -78,17 +70,12 @@ class AutoScalingClient(Protocol):
 
 def translate(err: Exception, call: str, token: str | None = None) -> LifecycleError:
     """One line for a botocore error, classified; the action token never appears in it."""
-    if isinstance(err, ClientError):
-        e = err.response.get("Error", {})
-        code, msg = str(e.get("Code", "")), scrub_tokens(scrub(str(e.get("Message", "")), token))
-        status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        if code == "ValidationError" and msg.startswith("No active Lifecycle Action"):
-            return NoActiveLifecycleAction(msg)
-        return LifecycleError(f"{call}: {code}: {msg}",
-                              retryable=code in _RETRYABLE_CODES or status >= 500)
-    retryable = isinstance(err, (ConnectionError, HTTPClientError))
-    return LifecycleError(f"{call}: {type(err).__name__}: {scrub_tokens(scrub(str(err), token))}",
-                          retryable=retryable)
+    msg = scrub_tokens(scrub(awserror.message_of(err), token))
+    code = awserror.code_of(err)
+    if code == "ValidationError" and msg.startswith("No active Lifecycle Action"):
+        return NoActiveLifecycleAction(msg)
+    return LifecycleError(f"{call}: {code}: {msg}".rstrip(": "),
+                          retryable=awserror.retryable(err))
 
 
 @dataclass(frozen=True)

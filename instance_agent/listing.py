@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from instance_agent import keys
+from instance_agent import awserror, keys
 from instance_agent.errors import AgentError, ConfigError
 
 ARCHIVE_SUFFIXES = tuple(sorted(set(keys.EXTENSIONS.values()), key=len, reverse=True))
@@ -59,8 +59,7 @@ class BackupNotFound(AgentError):
 def s3_failure(err: Exception, what: str) -> AgentError:
     """One line for a failed S3 read; `what` names the object, e.g. `s3://b/k`."""
     if isinstance(err, ClientError):
-        e = err.response.get("Error", {})
-        code, msg = str(e.get("Code", "")), str(e.get("Message", ""))
+        code, msg = awserror.code_of(err), awserror.message_of(err)
         if code in ("NoSuchKey", "404", "NotFound"):
             return BackupNotFound(f"{what} does not exist")
         if code == "NoSuchBucket":

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from instance_agent import config, logs, wiring
+from instance_agent import config, logs, s3args, wiring
 from instance_agent.errors import ConfigError
 
 OPS = "ops"  # the command name given to config.load: no option is required by it
@@ -215,8 +215,7 @@ def _need_bucket(cfg: config.Config) -> str:
     return cfg.bucket
 
 
-def _extra(cfg: config.Config) -> dict[str, str]:
-    return {"ExpectedBucketOwner": cfg.expected_bucket_owner} if cfg.expected_bucket_owner else {}
+_extra = s3args.owner_args
 
 
 def s3_client(cfg: config.Config) -> Any:
@@ -386,7 +385,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     try:
         cfg = wiring.load(args, OPS)
     except ConfigError as err:
-        cfg, problem = config.Config(), str(err)
+        cfg, problem = config.Config.defaults(), str(err)
     logs.setup(cfg.log_level if problem is None else "info")
     checks = doctor.run(cfg, problem, wiring.make_clients, publish_test=args.publish_test,
                         launch=args.launch)

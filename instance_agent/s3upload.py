@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from instance_agent import awserror, s3args
 from instance_agent.errors import ArchiveTooLarge, UploadError
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,10 @@ class S3Client(Protocol):
 
 
 def describe_client_error(err: Exception) -> str:
-    if isinstance(err, ClientError):
-        e = err.response.get("Error", {})
-        if e.get("Code") in ("PreconditionFailed", "412"):
-            return ("PreconditionFailed: an object already exists at this key; an earlier "
-                    "backup is never overwritten")
-        return f"{e.get('Code', 'Error')}: {e.get('Message', '')}".strip()
-    return f"{type(err).__name__}: {err}"
+    if awserror.code_of(err) in ("PreconditionFailed", "412"):
+        return ("PreconditionFailed: an object already exists at this key; an earlier "
+                "backup is never overwritten")
+    return awserror.describe(err)
 
 
 def extra_for(key: str, extra: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -179,14 +177,13 @@ class MultipartUpload:
         queue: int = 1,
         extra: Mapping[str, Any] | None = None,
         content_type: str = "application/octet-stream",
-        on_part: Callable[[int, int], None] | None = None,
     ) -> None:
         self.bucket, self.key = bucket, key
         self._client = client
         self._sizer = sizer
         self._extra = extra_for(key, extra)
         # ExpectedBucketOwner (and only it) must ride on every call, not just the create.
-        self._owner = {k: v for k, v in self._extra.items() if k == "ExpectedBucketOwner"}
+        self._owner = s3args.owner_only(self._extra)
         self._content_type = content_type
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="upload")
         self._slots = threading.BoundedSemaphore(workers + queue)
@@ -199,7 +196,6 @@ class MultipartUpload:
         self._futures: list[Future[None]] = []
         self._error: Exception | None = None
         self._lock = threading.Lock()
-        self._on_part = on_part
         self.upload_id: str | None = None
         self.bytes_written = 0
         self.bytes_uploaded = 0
@@ -296,8 +292,6 @@ class MultipartUpload:
             self._parts[n] = {"PartNumber": n, "ETag": resp["ETag"],
                               "ChecksumCRC32": resp.get("ChecksumCRC32")}
             self.bytes_uploaded += len(body)
-        if self._on_part:
-            self._on_part(n, len(body))
 
     def _drain(self) -> None:
         for fut in self._futures:
@@ -365,7 +359,7 @@ def abort_stale_uploads(client: S3Client, bucket: str, prefix: str, must_contain
     other instances' uploads in flight are safe. Failures are logged, never raised: the
     bucket's AbortIncompleteMultipartUpload rule is the backstop.
     """
-    owner = {k: v for k, v in (extra or {}).items() if k == "ExpectedBucketOwner"}
+    owner = s3args.owner_only(extra)
     aborted = 0
     marker: dict[str, str] = {}
     try:

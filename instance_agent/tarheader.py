@@ -28,10 +28,6 @@ def padding(size: int) -> int:
     return -size % BLOCK
 
 
-def _octal(value: int, width: int) -> bytes:
-    return b"%0*o\0" % (width - 1, value)
-
-
 def _pax_record(keyword: str, value: bytes) -> bytes:
     # "%d %s=%s\n" where %d counts the whole record, itself included.
     body = b" " + keyword.encode() + b"=" + value + b"\n"

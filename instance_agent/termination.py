@@ -33,8 +33,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from instance_agent import hooks, keys, metrics, notify
+from instance_agent import keys, metrics, notify
 from instance_agent.backup import Clients, Identity, _s3_extra, archive_and_upload, key_values
+from instance_agent.commands import Commands
 from instance_agent.config import Config
 from instance_agent.drain import DrainGate
 from instance_agent.errors import (
@@ -134,7 +135,7 @@ class _Job:
                              group=cfg.asg_name, hook=cfg.hook_name, trigger=opts.trigger,
                              notice=opts.notice, lifecycle_action=_fingerprint(cfg.lifecycle_token))
         self.lc: Lifecycle | None = None
-        self.commands = _Commands(cfg, opts.trigger, self.cancel)
+        self.commands = Commands(cfg, opts.trigger, self.cancel)
         self.duplicate_code: int | None = None
         self.completion_failed = False  # a live action this run could not complete
 
@@ -449,40 +450,6 @@ class _Job:
         except NotifyError as err:
             self.result.notify_error = str(err)
             log.error("report not published", extra=fields(error=str(err)))
-
-
-class _Commands:
-    """The pre/post commands of one job, each bounded and cancellable."""
-
-    def __init__(self, cfg: Config, trigger: str, cancel: threading.Event) -> None:
-        self.cfg = cfg
-        self.trigger = trigger
-        self.cancel = cancel
-        self.records: list[hooks.CommandRecord] = []
-
-    def _env(self, result: Result | None) -> dict[str, str]:
-        env = {"INSTANCE_AGENT_TRIGGER": self.trigger}
-        if result is not None:
-            for name, value in (("status", result.status), ("key", result.key),
-                                ("bucket", result.bucket)):
-                if value is not None:
-                    env[f"INSTANCE_AGENT_{name.upper()}"] = str(value)
-        return env
-
-    def pre(self) -> bool:
-        """Run the pre-commands; True when all succeeded."""
-        done = hooks.run_all(self.cfg.pre_command, "pre", timeout=self.cfg.command_timeout,
-                             env=self._env(None), cancel=self.cancel)
-        self.records.extend(done)
-        return all(r.ok for r in done)
-
-    def post(self, result: Result) -> None:
-        self.records.extend(hooks.run_all(self.cfg.post_command, "post",
-                                          timeout=self.cfg.command_timeout,
-                                          env=self._env(result), cancel=self.cancel))
-
-    def as_dicts(self) -> list[dict[str, Any]]:
-        return [r.as_dict() for r in self.records]
 
 
 @contextlib.contextmanager

@@ -373,7 +373,8 @@ def test_unusable_state_dir_warns_once_and_two_racing_runs_back_up_once(
         warnings = [r for _, r in worker.records if r.get("level") == "warning"
                     and str(state) in json.dumps(r)]
         assert len(warnings) == 1, worker.text()
-        assert re.search(r"read-only|no space|writable by group or others", json.dumps(warnings[0]), re.IGNORECASE)
+        assert re.search(r"read-only|no space|writable by group or others",
+                         json.dumps(warnings[0]), re.IGNORECASE)
 
 
 # -- filesystem chaos ------------------------------------------------------------------------

@@ -246,7 +246,7 @@ def test_bad_values_name_their_source(flags: dict[str, str], env: dict[str, str]
 @given(group=st.text(min_size=1, max_size=255), instance=st.text(max_size=40),
        host=st.text(max_size=64), prefix=st.sampled_from(["", "backups/", "a/b/"]))
 def test_rendered_keys_are_always_safe(group: str, instance: str, host: str, prefix: str) -> None:
-    key = keys.render(config.Config().key_template + "/{hostname}",
+    key = keys.render(config.Config.defaults().key_template + "/{hostname}",
                       {"prefix": prefix, "group": group, "instance_id": instance or "i-1",
                        "region": "us-east-1", "timestamp": keys.timestamp(), "hostname": host},
                       "zstd")
@@ -359,5 +359,5 @@ def test_max_file_size_and_one_file_system_skip_with_warnings(tmp_path: Path) ->
 def test_listing_prefix_stops_at_the_first_per_run_variable() -> None:
     values = {"prefix": "fleet/", "group": "web asg", "instance_id": "i-1", "region": "r",
               "timestamp": "T", "hostname": "h"}
-    assert keys.listing_prefix(config.Config().key_template, values) == "fleet/web_asg/i-1/"
+    assert keys.listing_prefix(config.Config.defaults().key_template, values) == "fleet/web_asg/i-1/"
     assert keys.listing_prefix("{prefix}{timestamp}/{instance_id}", values) == "fleet/"

@@ -124,7 +124,7 @@ def test_status_shows_the_termination_record_of_either_path(stack: Stack, tmp_pa
 def test_write_status_merges_and_falls_back(tmp_path: Path) -> None:
     blocked = tmp_path / "not-a-dir"
     blocked.write_text("a file where the runtime dir should be")
-    cfg = config.Config(runtime_dir=str(blocked), state_dir=str(tmp_path / "state"))
+    cfg = config.Config.defaults(runtime_dir=str(blocked), state_dir=str(tmp_path / "state"))
     path = status.status_path(cfg)
     assert path == str(tmp_path / "state" / status.STATUS_FILE)
 

@@ -54,7 +54,7 @@ from moto.autoscaling.responses import AutoScalingResponse
 from moto.core.responses import ActionResult, EmptyResult
 from moto.core.utils import camelcase_to_underscores
 
-from instance_agent.local.faults import Fault, FaultQueues
+from instance_agent.local.faults import Fault, FaultQueues, attached
 
 DEFAULT_ACCOUNT = "123456789012"
 DEFAULT_REGION = "us-east-1"
@@ -348,11 +348,7 @@ def _backend(account_id: str, region: str) -> AutoScalingBackend:
 
 
 def _book(backend: AutoScalingBackend) -> _Book:
-    book = backend.__dict__.get(_STATE_KEY)
-    if not isinstance(book, _Book):
-        book = _Book()
-        backend.__dict__[_STATE_KEY] = book
-    return book
+    return attached(backend, _STATE_KEY, _Book, _Book)
 
 
 def _terminating_hooks(backend: AutoScalingBackend, group: str) -> list[LifecycleHook]:

@@ -6,7 +6,11 @@ append here; the patched action takes the head of its queue before doing any wor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -31,3 +35,13 @@ class FaultQueues(dict[str, list[Fault]]):
         if fault.remaining <= 0:
             queue.pop(0)
         return fault
+
+
+def attached(backend: Any, key: str, factory: Callable[[], T], kind: type[T]) -> T:
+    """The stand-in's own state kept on a moto backend object (so moto's reset clears it),
+    created on first use."""
+    value = backend.__dict__.get(key)
+    if not isinstance(value, kind):
+        value = factory()
+        backend.__dict__[key] = value
+    return value

@@ -28,6 +28,7 @@ from moto.autoscaling.responses import AutoScalingResponse
 from moto.core.responses import ActionResult, EmptyResult
 
 from instance_agent.local import autoscaling
+from instance_agent.local.faults import attached
 
 LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
 PENDING_WAIT, WARMED_PENDING_WAIT = "Pending:Wait", "Warmed:Pending:Wait"
@@ -107,11 +108,7 @@ def outcomes(account_id: str = autoscaling.DEFAULT_ACCOUNT,
 
 
 def _book(backend: AutoScalingBackend) -> _Book:
-    book: _Book | None = getattr(backend, _STATE_KEY, None)
-    if book is None:
-        book = _Book()
-        setattr(backend, _STATE_KEY, book)
-    return book
+    return attached(backend, _STATE_KEY, _Book, _Book)
 
 
 def _state(backend: AutoScalingBackend, group: str, instance_id: str) -> Any:

@@ -38,7 +38,7 @@ from moto.ec2.models import ec2_backends
 from moto.ssm.models import Command, SimpleSystemManagerBackend, ssm_backends
 from moto.ssm.responses import SimpleSystemManagerResponse
 
-from instance_agent.local.faults import Fault, FaultQueues
+from instance_agent.local.faults import Fault, FaultQueues, attached
 
 DEFAULT_ACCOUNT = "123456789012"
 DEFAULT_REGION = "us-east-1"
@@ -257,11 +257,7 @@ def _backend(account_id: str, region: str) -> SimpleSystemManagerBackend:
 
 
 def _book(backend: SimpleSystemManagerBackend) -> _Book:
-    book = backend.__dict__.get(_STATE_KEY)
-    if not isinstance(book, _Book):
-        book = _Book()
-        backend.__dict__[_STATE_KEY] = book
-    return book
+    return attached(backend, _STATE_KEY, _Book, _Book)
 
 
 def _take_fault(book: _Book, action: str) -> Fault | None:
