@@ -15,11 +15,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from instance_agent import status
 from instance_agent.config import Config
 from instance_agent.errors import IMDSError
-from instance_agent.imds import IMDS, IMDSRefused
+from instance_agent.imds import IMDSRefused
 from instance_agent.logs import fields
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,13 @@ SPOT_HIBERNATE = "spot-hibernate"
 REBALANCE = "rebalance"
 
 
+class MetadataReader(Protocol):
+    """What the poller needs of IMDS (imds.IMDS is the real one)."""
+
+    def get(self, path: str, *, timeout: float = 10.0) -> str | None: ...
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class Notice:
     kind: str
@@ -65,7 +73,7 @@ class Poller:
 
     ANSWERED = "answered"  # emitted once, when IMDS has answered any path
 
-    def __init__(self, imds: IMDS, cfg: Config, emit: Callable[[Notice | str], None], *,
+    def __init__(self, imds: MetadataReader, cfg: Config, emit: Callable[[Notice | str], None], *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.imds = imds
         self.emit = emit
