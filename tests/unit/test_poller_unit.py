@@ -29,7 +29,7 @@ class FakeIMDS:
     """Answers per path from a dict the test changes; an Exception value is raised."""
 
     def __init__(self) -> None:
-        self.answers: dict[str, str | None | Exception] = {LIFECYCLE_PATH: "InService"}
+        self.answers: dict[str, str | Exception | None] = {LIFECYCLE_PATH: "InService"}
         self.requests: list[str] = []
 
     def get(self, path: str, *, timeout: float = 10.0) -> str | None:
