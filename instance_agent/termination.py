@@ -199,6 +199,9 @@ class _Job:
         self.result.group, self.result.hook = target.group, target.hook
         self.lc = Lifecycle(autoscaling, target, interval=cfg.heartbeat_interval, clock=self.clock)
         kind = self.lc.locate(deadline=deadline, expect_termination=expect, cancel=self.cancel)
+        if kind == GONE:
+            self.result.lifecycle_error = ("no active lifecycle action: it was completed "
+                                           "elsewhere or expired before this run")
         log.info("lifecycle", extra=fields(action=kind, group=target.group, hook=target.hook,
                                            lifecycle_action=self.result.lifecycle_action))
         return kind
