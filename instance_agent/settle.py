@@ -4,8 +4,9 @@ Pure decisions over what the shipper saw, with the clock passed in:
 
 - **renamed into place** (inotify IN_MOVED_TO, as watchdog reports it): a rotation
   (`app.log` -> `app.log.1`) or a finished write moved into place. Complete at once.
-- **closed after writing** (IN_CLOSE_WRITE): complete once nothing modified it for
-  `close_quiet` seconds (5 s, or the settle time when shorter). A writer that opens, appends
+- **closed after writing** (IN_CLOSE_WRITE): complete once neither a close nor its
+  modification time is more recent than `close_quiet` seconds (5 s, or the settle time when
+  shorter). A writer that opens, appends
   and closes for every line (a shell's `>>`) closes constantly: the quiet period keeps such
   a live file from being shipped after every line.
 - otherwise, **settled**: not modified for `settle` seconds, judged by its modification time
@@ -28,7 +29,6 @@ class Settler:
     close_quiet: float = CLOSE_QUIET
     _moved: set[bytes] = field(default_factory=set)
     _closed: dict[bytes, float] = field(default_factory=dict)
-    _modified: dict[bytes, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.close_quiet = min(self.close_quiet, self.settle)
@@ -44,14 +44,9 @@ class Settler:
     def closed(self, path: bytes, now: float) -> None:
         self._closed[path] = now
 
-    def modified(self, path: bytes, now: float) -> None:
-        self._modified[path] = now
-        self._moved.discard(path)  # written to after the rename: it is live again
-
     def forget(self, path: bytes) -> None:
         self._moved.discard(path)
         self._closed.pop(path, None)
-        self._modified.pop(path, None)
 
     # -- the decision -------------------------------------------------------------------
     def reason(self, path: bytes, mtime: float, now: float) -> str | None:
@@ -60,10 +55,8 @@ class Settler:
         if path in self._moved:
             return "renamed"
         closed = self._closed.get(path)
-        if closed is not None:
-            last_write = max(self._modified.get(path, closed), closed)
-            if now - last_write >= self.close_quiet:
-                return "closed"
+        if closed is not None and now - max(closed, mtime) >= self.close_quiet:
+            return "closed"
         if now - mtime >= self.settle:
             return "settled"
         return None
@@ -73,6 +66,5 @@ class Settler:
         closed = self._closed.get(path)
         wait = self.settle - (now - mtime)
         if closed is not None:
-            last_write = max(self._modified.get(path, closed), closed)
-            wait = min(wait, self.close_quiet - (now - last_write))
+            wait = min(wait, self.close_quiet - (now - max(closed, mtime)))
         return max(wait, 0.0)
