@@ -84,6 +84,13 @@ def test_ship_rotations_then_terminate_restores_whole_tree(stack: Stack, tmp_pat
                 writer.rotate(src / f"app.log.{i}")
                 w.wait_for("segment shipped", timeout=30, path=str(src / f"app.log.{i}"))
             time.sleep(0.5)
+            state = json.loads(stack.run("status", "--json").stdout)
+            assert state["shipping"]["enabled"] is True
+            assert state["shipping"]["shipped_files"] == 3
+            assert state["shipping"]["pending_files"] == 1  # the live app.log
+            assert state["shipping"]["last_error"] is None
+            assert set(state["shipping"]) == {"enabled", "pending_files", "pending_bytes",
+                                              "shipped_files", "shipped_bytes", "last_error"}
             lines = writer.stop()
             stack.scale_in()  # right after the last line: the live file is the tail
             _, done = w.wait_for("response finished", timeout=60)
