@@ -28,13 +28,18 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from instance_agent import tarheader
-from instance_agent.manifest import ArchiveReport, Entry, Warning
+from instance_agent.manifest import ArchiveReport, Entry, Held, Warning
 
 # 1 MiB reads: large enough that per-call overhead vanishes, small enough to stay in cache.
 READ_SIZE = 1 << 20
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SWAPPED = "replaced by a symlink or another file during the backup; not followed"
+
+
+# Asked of each regular file before it is opened (path, its lstat, and how to open it:
+# `name` relative to `dir_fd`): a Held leaves it out, listed in the manifest with its holder.
+Skip = Callable[[bytes, os.stat_result, int | None, bytes], Held | None]
 
 
 class Sink(Protocol):
@@ -103,6 +108,7 @@ class Archiver:
         max_file_size: int | None = None,
         one_file_system: bool = False,
         before_open: Callable[[bytes], None] | None = None,
+        skip: Skip | None = None,
     ) -> None:
         self._sink = sink
         self._max_file_size = max_file_size
@@ -119,6 +125,7 @@ class Archiver:
         # Called with each entry's path after it was listed and stat'ed, before it is opened:
         # tests use it to swap a directory at exactly that moment.
         self._before_open = before_open
+        self._skip = skip
         self.report = ArchiveReport()
 
     # -- output -------------------------------------------------------------------------
@@ -139,6 +146,17 @@ class Archiver:
                 self.report.omitted.extend(os.fsencode(s) for s in sources[i:])
                 return
             self._add_root(os.fsencode(source))
+
+    def add_file_at(self, dir_fd: int, name: bytes, path: bytes) -> os.stat_result | None:
+        """Archive the one entry `name` of directory `dir_fd` as `path`, never following a
+        symlink in its place; its lstat, or None when it is gone (a segment)."""
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as err:
+            self._warn(path, f"cannot stat: {err.strerror}")
+            return None
+        self._add_entry(path, st, dir_fd, name)
+        return st
 
     def finish(self) -> ArchiveReport:
         self._write(tarheader.end_of_archive(self.report.tar_bytes))
@@ -278,6 +296,15 @@ class Archiver:
         if special:
             self._warn(path, f"skipped {special}")
             return
+        if self._skip is not None and stat.S_ISREG(st.st_mode):
+            held = self._skip(path, st, dir_fd, name)
+            if held is not None:
+                self.report.held_files += 1
+                self.report.held_bytes += st.st_size
+                self.report.add(Entry(member, "file", st.st_size, st.st_mtime_ns,
+                                      stat.S_IMODE(st.st_mode), sha256=held.sha256,
+                                      object=held.key))
+                return
         self._add_file(path, member, dir_fd, name)
 
     def _header(self, member: bytes, st: os.stat_result, typeflag: bytes, *, size: int = 0,

@@ -31,6 +31,7 @@ from instance_agent.metrics import CloudWatchClient
 from instance_agent.notify import SNSClient
 from instance_agent.result import PARTIAL, SUCCEEDED, Result
 from instance_agent.s3upload import ChainBody, MultipartUpload, PartSizer, S3Client, put_small
+from instance_agent.shipstate import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,14 @@ class _CancellableSink:
 
 
 def _upload_stream(cfg: Config, s3: S3Client, key: str, produce: Callable[[Any], None],
-                   cancel: threading.Event | None = None) -> tuple[int, int]:
+                   cancel: threading.Event | None = None, *, threads: int | None = None,
+                   wrap: Callable[[Any], Any] | None = None) -> tuple[int, int]:
     """Run `produce(compressor)` into a multipart upload. Returns (raw bytes in, bytes sent).
 
     If `produce` raises, the upload is aborted by MultipartUpload.__exit__ and the error
-    propagates: a producer failure can never look like a clean end of stream.
+    propagates: a producer failure can never look like a clean end of stream. `threads`
+    sets the compressor's (0: in the calling thread) and `wrap` wraps the compressed
+    stream before the upload (shipping paces and counts it there).
     """
     bucket = cfg.bucket or ""
     upload = MultipartUpload(
@@ -100,7 +104,7 @@ def _upload_stream(cfg: Config, s3: S3Client, key: str, produce: Callable[[Any],
         # Both sides check the event: a multithreaded zstd can hold tens of MiB that only
         # reach the upload in close(), after the producer has stopped writing.
         out: Any = _CancellableSink(upload, cancel) if cancel is not None else upload
-        comp = open_compressor(cfg.compression, out, cfg.level)
+        comp = open_compressor(cfg.compression, wrap(out) if wrap else out, cfg.level, threads)
         produce(_CancellableSink(comp, cancel) if cancel is not None else comp)
         comp.close()
         obj = upload.complete()
@@ -114,8 +118,12 @@ def key_values(cfg: Config, ident: Identity, group: str | None) -> dict[str, str
 
 def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: Result,
                        *, group: str | None, started: float, clock: Callable[[], float],
-                       progress_interval: float, cancel: threading.Event | None = None) -> None:
-    """Fill `result` with the archive, journal and manifest. Raises on failure."""
+                       progress_interval: float, cancel: threading.Event | None = None,
+                       shipped: Ledger | None = None) -> None:
+    """Fill `result` with the archive, journal and manifest. Raises on failure.
+
+    With `shipped` (continuous shipping), files unchanged since their segment was shipped
+    are left out, and the manifest names the segment holding each."""
     values = key_values(cfg, ident, group)
     try:
         key = keys.render(cfg.key_template, values, cfg.compression)
@@ -131,7 +139,8 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: R
     def produce_archive(comp: Any) -> None:
         arch = Archiver(comp, excludes=cfg.exclude, deadline=deadline, clock=clock,
                         hash_name=cfg.hash, progress=Progress(clock, progress_interval),
-                        max_file_size=cfg.max_file_size, one_file_system=cfg.one_file_system)
+                        max_file_size=cfg.max_file_size, one_file_system=cfg.one_file_system,
+                        skip=shipped.held if shipped is not None else None)
         holder["arch"] = arch
         arch.add_sources(cfg.source)
         arch.finish()
@@ -139,6 +148,9 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: R
     _, sent = _upload_stream(cfg, clients.s3, key, produce_archive, cancel)
     report = holder["arch"].report
     result.bytes_read, result.bytes_uploaded, result.files = report.bytes_read, sent, report.files
+    if report.held_files:
+        log.info("left out: shipped earlier", extra=fields(files=report.held_files,
+                                                            bytes=report.held_bytes))
 
     journal_info: dict[str, Any] | None = None
     if cfg.journal_enabled():
@@ -160,6 +172,7 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: R
     mkey = key + ".manifest.json"
     doc = manifest.build(report, key=key, compression=cfg.compression,
                          agent_version=__version__, compressed_bytes=sent, journal=journal_info,
+                         segments=shipped.segments() if shipped is not None else None,
                          instance_id=ident.instance_id, region=ident.region, group=group,
                          created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          sources=list(cfg.source), excludes=list(cfg.exclude))

@@ -282,6 +282,15 @@ OPTIONS: tuple[Option, ...] = (
            "run and the hook is completed with CONTINUE)", negative_flag=True),
     Option("stop_grace", "float", 90.0, "on SIGTERM during a backup, let it run this long "
            "before aborting", commands=frozenset({WATCH}), check=check_positive),
+    # --- continuous shipping (README "Continuous shipping") ------------------------------
+    Option("ship", "bool", False, "the watcher ships each complete file as a segment while "
+           "the instance runs, and the termination archive holds only what was not shipped",
+           negative_flag=True),
+    Option("ship_settle", "float", 60.0, "a file not modified for this many seconds is "
+           "complete and shipped (a renamed or closed file is at once)",
+           commands=frozenset({WATCH}), check=check_positive),
+    Option("ship_bandwidth", "size", None, "cap on the shipping upload rate, in bytes per "
+           "second; unset: no cap", commands=frozenset({WATCH}), check=check_positive),
 )
 
 OPTION_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -339,6 +348,9 @@ class Config:
     pre_command_fatal: bool
     warm_pool_backup: bool
     stop_grace: float
+    ship: bool
+    ship_settle: float
+    ship_bandwidth: int | None
     config_file: str | None = field(default=None, compare=False)
 
     @classmethod

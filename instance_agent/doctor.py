@@ -33,7 +33,7 @@ from typing import Any
 import requests
 from botocore.exceptions import BotoCoreError, ClientError
 
-from instance_agent import __version__, awserror, config, s3args
+from instance_agent import __version__, awserror, config, s3args, status
 from instance_agent.config import Config
 from instance_agent.errors import AgentError, ConfigError, IMDSError
 from instance_agent.imds import DEFAULT_ENDPOINT, ENDPOINT_ENV, IMDS, TOKEN_HEADER, TTL_HEADER
@@ -122,7 +122,7 @@ class Doctor:
         for step in (self.check_config, self.check_compression, self.check_imds,
                      self.check_identity, self.check_hook, self.check_lifecycle_permission,
                      self.check_bucket_and_upload, self.check_topic, self.check_ssm_agent,
-                     self.check_systemd_unit):
+                     self.check_systemd_unit, self.check_shipping):
             try:
                 step()
             except Exception as err:  # one broken check must not hide the others
@@ -524,6 +524,38 @@ class Doctor:
                      f"{active or 'not active'}",
                      f"sudo systemctl enable --now {UNIT_NAME}; journalctl -u {UNIT_NAME} says why "
                      "it stopped")
+
+
+    def check_shipping(self) -> None:
+        """Whether continuous shipping keeps up: complete files should not wait long."""
+        if not self.cfg.ship:
+            self.add("shipping", SKIP, "off (--ship ships files as they complete, so a "
+                     "termination archives only what is new)")
+            return
+        found = status.find_status((self.cfg.runtime_dir, self.cfg.state_dir))
+        doc = found[1] if found else None
+        if doc is None or not isinstance(doc.get("shipping"), dict):
+            self.add("shipping", SKIP, "on, but no running watcher has reported shipping yet",
+                     "start the watcher: sudo systemctl start " + UNIT_NAME)
+            return
+        block, backlog = status.shipping_block(doc), doc.get("shipping_backlog") or {}
+        since = backlog.get("behind_since")
+        behind = time.time() - since if isinstance(since, (int, float)) else 0.0
+        shipped = (f"{block['shipped_files']} files ({block['shipped_bytes'] / 2**20:.1f} MiB) "
+                   f"shipped; {block['pending_files']} not shipped yet "
+                   f"({block['pending_bytes'] / 2**20:.1f} MiB, live files included)")
+        if behind > SHIP_BEHIND_AFTER:
+            self.add("shipping", FAIL, f"not keeping up: {backlog.get('due_files')} complete "
+                     f"files waiting for {behind / 60:.0f} min; {shipped}; last error: "
+                     f"{block['last_error']}", "check the last error (S3 access?), or raise "
+                     "--ship-bandwidth; what is not shipped is archived at termination")
+            return
+        error = f"; last error: {block['last_error']}" if block["last_error"] else ""
+        self.add("shipping", OK, f"keeping up: {shipped}{error}")
+
+
+# Complete files waiting longer than this mean shipping is not keeping up with the logs.
+SHIP_BEHIND_AFTER = 600.0
 
 
 def run(cfg: Config, config_error: str | None, make_clients: Callable[[Config, str], Any], *,

@@ -79,6 +79,28 @@ def listing_prefix(template: str, values: Mapping[str, str]) -> str:
     return rendered[:cut]
 
 
+# Segments shipped while the instance runs live in this "directory" under the instance's
+# prefix, so `list` can tell them from termination backups by their key alone.
+SEGMENT_DIR = "segments"
+
+
+def segment_key(template: str, values: Mapping[str, str], name: str, identity: str,
+                compression: str) -> str:
+    """The key of the segment holding one file: under the instance's listing prefix (with
+    the instance id added when the template puts it after the timestamp), named for the
+    file and its identity, so the same file always maps to the same key and a second
+    upload of it is refused by S3's create-only write."""
+    prefix = listing_prefix(template, values)
+    instance = safe_component(values.get("instance_id", ""))
+    if instance not in prefix:
+        prefix += instance + "-"
+    key = f"{prefix}{SEGMENT_DIR}/{safe_component(name)}.{identity}{EXTENSIONS[compression]}"
+    problem = check_key(key)
+    if problem:
+        raise ValueError(problem)
+    return key
+
+
 def check_key(key: str) -> str | None:
     if key.startswith("/"):
         return f"rendered key {key!r} starts with '/'"

@@ -281,6 +281,8 @@ def find_backups(s3: S3Reader, bucket: str, prefix: str, filters: Filters, *,
         key = str(obj["Key"])
         if wanted_id and wanted_id not in key:
             continue
+        if f"/{keys.SEGMENT_DIR}/" in key:
+            continue  # a shipped segment: counted in the termination backup that names it
         if key.endswith(MANIFEST_SUFFIX) and is_archive(key[: -len(MANIFEST_SUFFIX)]):
             manifests[key[: -len(MANIFEST_SUFFIX)]] = obj
         elif is_archive(key):
@@ -362,6 +364,15 @@ def _fill(backup: Backup, head: Mapping[str, Any]) -> None:
     backup.raw_bytes = _int(totals.get("bytes_read"))
     backup.compressed_bytes = _int(totals.get("compressed_bytes"))
     backup.files = _int(totals.get("files"))
+    # Continuous shipping: the backup is the archive plus the segments it names.
+    held, seg = _int(totals.get("held_bytes")), _int(totals.get("segment_bytes"))
+    if held is not None and backup.raw_bytes is not None:
+        backup.raw_bytes += held
+    if seg is not None and backup.compressed_bytes is not None:
+        backup.compressed_bytes += seg
+    held_files = _int(totals.get("held_files"))
+    if held_files is not None and backup.files is not None:
+        backup.files += held_files
     backup.warnings = _int(totals.get("warnings"))
     backup.agent_version = str(head.get("agent_version")) if head.get("agent_version") else None
     backup.status = "partial" if (_int(totals.get("omitted")) or 0) > 0 else "succeeded"

@@ -278,7 +278,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from instance_agent import listing, restore, verify
+    from instance_agent import assemble, listing, restore, verify
 
     cfg = _load(args)
     s3 = s3_client(cfg)
@@ -324,12 +324,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
         sys.stderr.write(f"note: no manifest beside {url}; restoring without its size check\n")
     totals = manifest.get("totals") if manifest else None
     tar_bytes = totals.get("tar_bytes") if isinstance(totals, dict) else None
+    # Files shipped as segments (continuous shipping) are named only in the entries.
+    shipped = isinstance(totals, dict) and bool(totals.get("held_files"))
+    if shipped and manifest is not None and "entries" not in manifest:
+        manifest = listing.read_manifest(s3, bucket, key + listing.MANIFEST_SUFFIX, extra)
 
     try:
-        report = restore.restore_s3(s3, bucket, key, dest, allow_setuid=args.allow_setuid,
-                                    select=select,
-                                    expected_tar_bytes=tar_bytes if isinstance(tar_bytes, int) else None,
-                                    extra=extra)
+        if shipped and manifest is not None:
+            report = assemble.restore_assembled(s3, bucket, key, manifest, dest,
+                                                allow_setuid=args.allow_setuid, select=select,
+                                                extra=extra)
+        else:
+            report = restore.restore_s3(
+                s3, bucket, key, dest, allow_setuid=args.allow_setuid, select=select,
+                expected_tar_bytes=tar_bytes if isinstance(tar_bytes, int) else None,
+                extra=extra)
     except (restore.RestoreError, restore.UnsafeArchive) as err:
         raise type(err)(f"{err}; nothing was restored into {dest}") from None
     result: dict[str, Any] = {"status": "restored", "url": url, "dest": os.path.abspath(dest),
@@ -426,7 +435,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _print(json.dumps({"running": verdict.running, "reason": verdict.reason,
                            "status_file": path, "status": doc,
-                           "termination_record": record}) + "\n")
+                           "termination_record": record,
+                           "shipping": status.shipping_block(doc)}) + "\n")
     else:
         _print(status.render(path, doc, verdict, record, now))
     if not verdict.running:

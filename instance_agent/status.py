@@ -121,6 +121,18 @@ def write_status(path: str, **fields: Any) -> bool:
     return True
 
 
+SHIPPING_OFF = {"enabled": False, "pending_files": 0, "pending_bytes": 0, "shipped_files": 0,
+                "shipped_bytes": 0, "last_error": None}
+
+
+def shipping_block(doc: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`status --json`'s `shipping`: what the watcher's shipper last wrote, else "off"."""
+    block = (doc or {}).get("shipping")
+    if not isinstance(block, Mapping):
+        return dict(SHIPPING_OFF)
+    return {k: block.get(k, v) for k, v in SHIPPING_OFF.items()}
+
+
 def backup_summary(result: Mapping[str, Any] | None, exit_code: int | None,
                    trigger: str | None = None) -> dict[str, Any]:
     """The `last_backup` value for a finished backup's result object."""

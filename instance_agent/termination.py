@@ -61,6 +61,7 @@ from instance_agent.redact import fingerprint
 from instance_agent.result import DUPLICATE as STATUS_DUPLICATE
 from instance_agent.result import FAILED, SKIPPED, Result
 from instance_agent.s3upload import abort_stale_uploads
+from instance_agent.shipstate import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -362,9 +363,13 @@ class _Job:
         try:
             if cancel.is_set():
                 raise Cancelled("backup cancelled")
+            # With shipping on, what the watcher already shipped stays out of the archive;
+            # an empty or unreadable ledger means the full archive, exactly as without.
+            shipped = Ledger.load(cfg.state_dir, self.ident.instance_id) if cfg.ship else None
             archive_and_upload(cfg, self.ident, self.clients, result, group=result.group,
                                started=self.started, clock=self.clock,
-                               progress_interval=self.opts.progress_interval, cancel=cancel)
+                               progress_interval=self.opts.progress_interval, cancel=cancel,
+                               shipped=shipped)
         except AgentError as err:
             result.status = FAILED
             result.error = result.error or str(err)

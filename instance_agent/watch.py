@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import queue
 import select
 import signal
@@ -55,6 +56,7 @@ from instance_agent.sdnotify import Notifier, watchdog_interval
 
 if TYPE_CHECKING:
     from instance_agent.backup import Clients, Identity
+    from instance_agent.shipper import Shipper
     from instance_agent.termination import Plan
 
 log = logging.getLogger(__name__)
@@ -133,8 +135,10 @@ class Job:
     """The answer to one notice, in its own thread."""
 
     def __init__(self, notice: Notice, cfg: Config, deps: Deps, identity: IdentityCache,
-                 notifier: Notifier, on_done: Callable[[], None]) -> None:
+                 notifier: Notifier, on_done: Callable[[], None],
+                 before: Callable[[], object] | None = None) -> None:
         self.notice = notice
+        self.before = before  # run first, in the job's thread (stops shipping)
         self.cfg = cfg
         self.deps = deps
         self.identity = identity
@@ -177,6 +181,8 @@ class Job:
         from instance_agent import termination
 
         cfg, kind = self.cfg, self.notice.kind
+        if self.before is not None:
+            self.before()
         ident = self.identity.get(cfg, deadline=time.monotonic() + cfg.wait_timeout,
                                   cancel=self.cancel)
         clients = self.deps.make_clients(cfg, ident.region)
@@ -212,6 +218,7 @@ class Watcher:
         self.pending: list[Notice] = []
         self.ready = False
         self.exit_code = EXIT_OK
+        self.shipper: Shipper | None = None
 
     # Called from the poller and job threads: queue, then wake the main loop.
     def _post(self, item: Notice | str) -> None:
@@ -239,10 +246,12 @@ class Watcher:
                                   daemon=True)
         self.notifier.status("starting: waiting for IMDS")
         poller.start()
+        self._start_shipping()
         try:
             return self._loop(wake_r, poller)
         finally:
             stop_polling.set()
+            self._stop_shipping()
             # Close IMDS connections cleanly when the poller is between requests; a poller
             # stuck in a request is left to die with the process rather than delay the exit.
             poller.join(timeout=0.3)
@@ -338,9 +347,27 @@ class Watcher:
         notice = self.pending.pop(0)
         log.info("starting the backup", extra=fields(trigger=notice.kind, notice=notice.detail))
         self.notifier.status(f"backing up ({notice.kind})")
+        # The termination archive must not race a segment: shipping stops first (a few
+        # seconds at most), and what it did not finish is archived.
+        last = notice.kind in (TERMINATION, SPOT_TERMINATE)
         self.job = Job(notice, self.cfg, self.deps, self.identity, self.notifier,
-                       on_done=self._wake)
+                       on_done=self._wake, before=self._stop_shipping if last else None)
         self.job.start()
+
+    def _start_shipping(self) -> None:
+        if not self.cfg.ship:
+            return
+        from instance_agent.shipper import Shipper
+
+        cfg = self.cfg
+        self.shipper = Shipper(cfg, lambda stop: self.identity.get(
+            cfg, deadline=math.inf, cancel=stop), self.deps.make_clients)
+        self.shipper.start()
+
+    def _stop_shipping(self) -> None:
+        shipper, self.shipper = self.shipper, None
+        if shipper is not None:
+            shipper.stop()
 
     def _finish_job(self, *, stopping: bool) -> None:
         assert self.job is not None

@@ -1,0 +1,202 @@
+"""Termination latency with and without continuous shipping, on the same instance.
+
+    python benchmarks/termination_latency.py                    # 1 GiB rotated + 32 MiB live
+    python benchmarks/termination_latency.py --size 256MiB      # a quick look
+
+The instance has `--size` of rotated logs (benchmarks/corpus.py, their times an hour old)
+and one live file of 32 MiB that an application keeps appending to. Two runs, each with a
+fresh Auto Scaling group and state directory:
+
+- `ship`: `watch --ship`; once everything but the live file is shipped, the IMDS stub flips
+  to `Terminated`;
+- `full`: `watch --no-ship` (today's behaviour); flipped once the watcher polls.
+
+Reported per run: seconds from the flip to CompleteLifecycleAction reaching Auto Scaling
+(moto), and the bytes uploaded to S3 after the flip (request bodies counted by the test
+fault proxy in front of SeaweedFS). Targets (issue 13): with shipping at most 0.2x the time
+and 0.1x the bytes of the full archive. Results go to benchmarks/results/termination_latency.*
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import boto3  # noqa: E402
+from conftest import make_group  # noqa: E402
+from support.faultproxy import FaultProxy  # noqa: E402
+from support.seaweed import SeaweedS3  # noqa: E402
+
+from benchmarks import corpus  # noqa: E402
+from instance_agent.config import parse_size  # noqa: E402
+from instance_agent.local import autoscaling  # noqa: E402
+from instance_agent.local.imds import IMDSStub  # noqa: E402
+from instance_agent.local.moto_server import MotoServer  # noqa: E402
+
+LIVE = 32 * 2**20
+RESULTS = ROOT / "benchmarks" / "results"
+TIME_TARGET, BYTES_TARGET = 0.2, 0.1
+
+
+def _uploaded(proxy: FaultProxy) -> int:
+    total = 0
+    for req in proxy.requests:
+        if req.method == "PUT" or (req.method == "POST" and "uploads" not in req.query):
+            length = req.headers.get("x-amz-decoded-content-length") or \
+                req.headers.get("content-length") or "0"
+            total += int(length)
+    return total
+
+
+def _append(path: Path, stop: threading.Event) -> None:
+    n = 0
+    while not stop.wait(0.2):
+        with open(path, "ab") as fh:
+            fh.write(b"%09d live line of the application that is still running\n" % n)
+        n += 1
+
+
+def _shipped_all_but_live(run_dir: Path) -> bool:
+    try:
+        doc = json.loads((run_dir / "watch-status.json").read_text())
+    except (OSError, ValueError):
+        return False
+    block = doc.get("shipping") or {}
+    return bool(block.get("shipped_files")) and block.get("pending_files") == 1
+
+
+def one_run(mode: str, src: Path, tmp: Path, moto: MotoServer, proxy: FaultProxy,
+            s3_endpoint: str) -> dict[str, Any]:
+    group = f"lat-{mode}"
+    instance = make_group(moto, group, "hook", heartbeat_timeout=600)
+    run_dir, state = tmp / f"run-{mode}", tmp / f"state-{mode}"
+    with IMDSStub(instance_id=instance, target_lifecycle_state="InService") as imds:
+        env = dict(os.environ, AWS_ENDPOINT_URL=moto.endpoint, AWS_ENDPOINT_URL_S3=proxy.endpoint,
+                   AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint)
+        argv = [sys.executable, "-m", "instance_agent", "watch", "--bucket", "bench",
+                "--source", str(src), "--no-journal", "--poll-interval", "0.5",
+                "--state-dir", str(state), "--runtime-dir", str(run_dir), "--log-level", "info",
+                "--ship" if mode == "ship" else "--no-ship"]
+        log = open(tmp / f"watch-{mode}.log", "w")  # noqa: SIM115  (closed below)
+        watcher = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            started = time.monotonic()
+            while imds.metadata_gets < 2:
+                time.sleep(0.05)
+            if mode == "ship":
+                while not _shipped_all_but_live(run_dir):
+                    if watcher.poll() is not None:
+                        raise SystemExit("the watcher died; see " + log.name)
+                    time.sleep(0.5)
+            shipping_s = time.monotonic() - started
+            before = _uploaded(proxy)
+            autoscaling.begin_termination(group, instance)
+            flipped = time.monotonic()
+            imds.target_lifecycle_state = "Terminated"
+            while True:
+                done = [c for c in autoscaling.calls() if c.group == group
+                        and c.action == "CompleteLifecycleAction"]
+                if done:
+                    break
+                if time.monotonic() - flipped > 900:
+                    raise SystemExit(f"{mode}: no completion within 900 s")
+                time.sleep(0.02)
+            latency = done[0].at - flipped
+            time.sleep(0.5)
+            after = _uploaded(proxy) - before
+        finally:
+            watcher.terminate()
+            watcher.wait(timeout=60)
+            log.close()
+    print(f"{mode}: {latency:.2f} s flip -> CompleteLifecycleAction, "
+          f"{after / 2**20:.1f} MiB uploaded after the flip"
+          + (f" (shipping took {shipping_s:.0f} s before)" if mode == "ship" else ""),
+          flush=True)
+    return {"mode": mode, "latency_s": round(latency, 3), "bytes_after_flip": after,
+            "result": done[0].result, "shipping_before_s": round(shipping_s, 1)}
+
+
+def chart(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
+    names = [r["mode"] for r in results]
+    a.bar(names, [r["latency_s"] for r in results], color=["tab:green", "tab:gray"])
+    a.set_ylabel("s, IMDS flip -> CompleteLifecycleAction")
+    b.bar(names, [r["bytes_after_flip"] / 2**20 for r in results], color=["tab:green", "tab:gray"])
+    b.set_ylabel("MiB uploaded after the flip")
+    fig.suptitle("termination: continuous shipping vs full archive")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="1GiB", help="rotated logs (default 1GiB)")
+    ap.add_argument("--corpus", type=Path, help="where to keep the generated corpus")
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "INSTANCE_AGENT_")):
+            del os.environ[name]
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        src = corpus.generate(args.corpus or tmp / "src", size)
+        old = time.time() - 3600
+        for dirpath, _, files in os.walk(src):
+            for f in files:
+                os.utime(os.path.join(dirpath, f), (old, old))
+        live = src / "app" / "live.log"
+        with open(live, "wb") as fh:
+            line = b"live line of the application that is still running, padded...\n"
+            fh.write(line * (LIVE // len(line)))
+        stop = threading.Event()
+        appender = threading.Thread(target=_append, args=(live, stop), daemon=True)
+        appender.start()
+        results = []
+        try:
+            with MotoServer() as moto, SeaweedS3(tmp / "weed") as s3, \
+                    FaultProxy(s3.endpoint) as proxy:
+                boto3.client("s3", endpoint_url=s3.endpoint).create_bucket(Bucket="bench")
+                for mode in ("ship", "full"):
+                    results.append(one_run(mode, src, tmp, moto, proxy, s3.endpoint))
+                    proxy.clear_log()
+        finally:
+            stop.set()
+            live.unlink(missing_ok=True)
+    ship, full = results
+    time_ratio = ship["latency_s"] / full["latency_s"]
+    bytes_ratio = ship["bytes_after_flip"] / max(full["bytes_after_flip"], 1)
+    summary = {"rotated_bytes": size, "live_bytes": LIVE, "runs": results,
+               "time_ratio": round(time_ratio, 3), "bytes_ratio": round(bytes_ratio, 4),
+               "time_target": TIME_TARGET, "bytes_target": BYTES_TARGET,
+               "met": time_ratio <= TIME_TARGET and bytes_ratio <= BYTES_TARGET,
+               "cpus": os.cpu_count()}
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"termination_latency-{args.size}"
+    stem.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    chart(results, stem.with_suffix(".png"))
+    print(f"time ratio {time_ratio:.3f} (target <= {TIME_TARGET}), bytes ratio "
+          f"{bytes_ratio:.4f} (target <= {BYTES_TARGET}): "
+          f"{'met' if summary['met'] else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Continuous shipping: the watcher's thread that ships complete files while the instance runs.
+
+One loop, one file at a time, at the lowest CPU and best-effort I/O priority:
+
+    inotify (watchdog: renames, closes) ─┐
+    a scan of the sources every few s ───┴─► settle.Settler ─► segment.ship ─► shipstate.Ledger
+
+- It learns where segments go (the instance's prefix: identity and group) before the first
+  one, and aborts the multipart uploads a killed watcher left under the segment prefix.
+- A failed segment is tried again with backoff (5 s doubling to 5 min); other files go on
+  meanwhile. Nothing here ever blocks the termination path.
+- `stop()` (before a termination job): no new segment starts; the one in flight gets a few
+  seconds, then is cancelled (its upload aborted). Whatever is not recorded in the ledger is
+  archived by the final backup: nothing is lost either way.
+- `snapshot()` is the `shipping` block of `status --json`; the block is written into the
+  watcher's status file as it changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import platform
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from instance_agent import keys, status
+from instance_agent.archive import Excluder
+from instance_agent.backup import Clients, Identity, _s3_extra, key_values
+from instance_agent.config import Config
+from instance_agent.errors import AgentError, Cancelled, LifecycleError
+from instance_agent.lifecycle import instance_state
+from instance_agent.logs import fields
+from instance_agent.s3upload import abort_stale_uploads
+from instance_agent.segment import Changed, Target, ship
+from instance_agent.settle import Settler
+from instance_agent.shipstate import FileId, Ledger
+
+log = logging.getLogger(__name__)
+
+STOP_WAIT = 5.0  # "a few seconds" for the segment in flight when termination comes
+CANCEL_WAIT = 5.0  # for the cancelled upload's abort to go through
+SCAN_MAX = 10.0  # seconds between scans, at most (inotify wakes the loop earlier)
+RETRY_FIRST, RETRY_MAX = 5.0, 300.0
+GROUP_RETRY_MAX = 60.0
+# ioprio_set(2): IOPRIO_WHO_PROCESS with a thread id sets that thread's I/O priority;
+# class 2 (best effort) level 7 is the lowest that still makes progress on a busy disk.
+_IOPRIO_SYSCALL = {"x86_64": 251, "aarch64": 30}
+_IOPRIO_WHO_PROCESS, _IOPRIO_CLASS_BE, _IOPRIO_CLASS_SHIFT = 1, 2, 13
+
+
+def lower_priority() -> None:
+    """Nice 19 and best-effort I/O level 7 for the calling thread (Linux: per thread).
+    Threads it starts (the upload worker) inherit both."""
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
+    number = _IOPRIO_SYSCALL.get(platform.machine())
+    if number is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).syscall(
+                number, _IOPRIO_WHO_PROCESS, tid, (_IOPRIO_CLASS_BE << _IOPRIO_CLASS_SHIFT) | 7)
+
+
+def scan(sources: tuple[str, ...], excluded: Excluder) -> Iterator[tuple[Target, os.stat_result]]:
+    """Every regular file under the sources (symlinks not followed), with its lstat."""
+    for source in sources:
+        root = os.path.normpath(os.fsencode(source))
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not excluded(os.path.join(dirpath, d))]
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                if excluded(path):
+                    continue
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield Target(root, os.path.relpath(path, root)), st
+
+
+class Shipper:
+    def __init__(self, cfg: Config, identity: Callable[[threading.Event], Identity],
+                 make_clients: Callable[[Config, str], Clients], *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self._identity = identity
+        self._make_clients = make_clients
+        self._clock = clock
+        self._stopping = threading.Event()  # no new segment
+        self._cancel = threading.Event()  # abort the one in flight
+        self._wake = threading.Event()
+        self._events: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        self._settler = Settler(cfg.ship_settle)
+        self._excluded = Excluder(cfg.exclude)
+        self._retry_at: dict[bytes, tuple[float, int]] = {}
+        self._ledger: Ledger | None = None
+        self._block: dict[str, Any] = {"enabled": True, "pending_files": 0, "pending_bytes": 0,
+                                       "shipped_files": 0, "shipped_bytes": 0,
+                                       "last_error": None}
+        self._backlog: dict[str, Any] = {}
+        self._behind_since: float | None = None
+        self._thread = threading.Thread(target=self._main, name="shipper", daemon=True)
+
+    # -- control (watcher's threads) ------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, wait: float = STOP_WAIT) -> bool:
+        """Stop shipping: True when no segment was left in flight (it finished in time)."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(wait)
+        if not self._thread.is_alive():
+            return True
+        log.warning("termination: the segment in flight is cancelled; its file is archived "
+                    "instead", extra=fields(waited_s=wait))
+        self._cancel.set()
+        self._thread.join(CANCEL_WAIT)
+        return False
+
+    def snapshot(self) -> dict[str, Any]:
+        return dict(self._block)
+
+    # -- the thread -----------------------------------------------------------------------
+    def _main(self) -> None:
+        lower_priority()
+        observer: Any = None
+        try:
+            ident = self._identity(self._stopping)
+            clients = self._make_clients(self.cfg, ident.region)
+            values = key_values(self.cfg, ident, self._group(clients, ident))
+            self._ledger = Ledger.load(self.cfg.state_dir, ident.instance_id)
+            prefix = keys.segment_key(self.cfg.key_template, values, "x", "x",
+                                      self.cfg.compression).rsplit("/", 1)[0] + "/"
+            # A watcher killed mid-segment left its multipart upload; nothing else of ours
+            # uploads under the segment prefix now.
+            abort_stale_uploads(clients.s3, self.cfg.bucket or "", prefix, ident.instance_id,
+                                extra=_s3_extra(self.cfg))
+            observer = self._observe()
+            log.info("shipping", extra=fields(prefix=prefix, settle_s=self.cfg.ship_settle,
+                                              bandwidth=self.cfg.ship_bandwidth))
+            self._loop(clients, self._ledger, values)
+        except Cancelled:
+            pass
+        except Exception as err:  # shipping must never take the watcher down
+            log.exception("shipping stopped by an error; the termination archive holds "
+                          "everything not shipped")
+            self._block["last_error"] = f"{type(err).__name__}: {err}"
+            self._publish(None, [])
+        finally:
+            if observer is not None:
+                observer.stop()
+
+    def _group(self, clients: Clients, ident: Identity) -> str | None:
+        """The group for the key, as the termination job names it (termination._name_group)."""
+        if self.cfg.asg_name or clients.autoscaling is None:
+            return self.cfg.asg_name
+        wait = 2.0
+        while True:
+            try:
+                found = instance_state(clients.autoscaling, ident.instance_id)
+                return found[0] if found else None
+            except LifecycleError as err:
+                log.warning("group unknown; retrying", extra=fields(error=str(err), wait_s=wait))
+            if self._stopping.wait(wait):
+                raise Cancelled("stopped")
+            wait = min(wait * 2, GROUP_RETRY_MAX)
+
+    def _observe(self) -> Any:
+        """inotify through watchdog: renames and closes-after-write wake the loop."""
+        from watchdog.events import (
+            FileClosedEvent,
+            FileMovedEvent,
+            FileSystemEvent,
+            FileSystemEventHandler,
+        )
+        from watchdog.observers import Observer
+
+        post, wake = self._events.put, self._wake
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                if isinstance(event, FileMovedEvent):
+                    post(("moved_from", os.fsencode(event.src_path)))
+                    post(("moved_to", os.fsencode(event.dest_path)))
+                elif isinstance(event, FileClosedEvent):
+                    post(("closed", os.fsencode(event.src_path)))
+                else:
+                    return
+                wake.set()
+
+        observer = Observer()
+        for source in self.cfg.source:
+            if os.path.isdir(source):
+                observer.schedule(Handler(), source, recursive=True,
+                                  event_filter=[FileMovedEvent, FileClosedEvent])
+        observer.daemon = True
+        observer.start()
+        return observer
+
+    def _take_events(self, now: float) -> None:
+        while True:
+            try:
+                kind, path = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "moved_to":
+                self._settler.moved_to(os.path.normpath(path))
+            elif kind == "moved_from":
+                self._settler.moved_from(os.path.normpath(path))
+            else:
+                self._settler.closed(os.path.normpath(path), now)
+
+    def _loop(self, clients: Clients, ledger: Ledger, values: dict[str, str]) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            now = self._clock()
+            self._take_events(now)
+            files = list(scan(self.cfg.source, self._excluded))
+            ledger.keep_only({(st.st_dev, st.st_ino) for _, st in files})
+            pending = [(t, st) for t, st in files if ledger.get(FileId.of(st)) is None]
+            due = [(t, st) for t, st in pending
+                   if self._settler.reason(t.path, st.st_mtime, now) is not None
+                   and self._retry_at.get(t.path, (0.0, 0))[0] <= now]
+            self._publish(pending, due)
+            if due:
+                target = min(due, key=lambda d: d[1].st_mtime)[0]  # oldest first
+                self._ship_one(clients, ledger, target, values, now)
+                continue
+            waits = [self._settler.wake_in(t.path, st.st_mtime, now) for t, st in pending]
+            waits += [at - now for at, _ in self._retry_at.values()]
+            self._wake.wait(max(0.2, min([SCAN_MAX, *waits])))
+
+    def _ship_one(self, clients: Clients, ledger: Ledger, target: Target,
+                  values: dict[str, str], now: float) -> None:
+        try:
+            ship(self.cfg, clients, ledger, target, values, stop=self._cancel,
+                 clock=time.monotonic)
+        except Cancelled:
+            raise
+        except (Changed, FileNotFoundError) as err:
+            log.info("not shipped: changed while read; waits to settle again",
+                     extra=fields(path=os.fsdecode(target.path), reason=str(err)))
+            self._settler.forget(target.path)
+            return
+        except (AgentError, OSError) as err:
+            _, failures = self._retry_at.get(target.path, (0.0, 0))
+            delay = min(RETRY_FIRST * 2**failures, RETRY_MAX)
+            self._retry_at[target.path] = (now + delay, failures + 1)
+            self._block["last_error"] = str(err)
+            log.warning("segment failed; retrying later", extra=fields(
+                path=os.fsdecode(target.path), error=str(err), retry_in_s=delay))
+            return
+        self._retry_at.pop(target.path, None)
+        self._settler.forget(target.path)
+        self._block["last_error"] = None
+
+    def _publish(self, pending: list[tuple[Target, os.stat_result]] | None,
+                 due: list[tuple[Target, os.stat_result]]) -> None:
+        """The `shipping` block (pending counts every file not shipped, the live ones
+        included: what the termination archive would carry now), and beside it the backlog
+        of complete files waiting, which `doctor` judges."""
+        block = dict(self._block)
+        if pending is not None:
+            block.update(pending_files=len(pending),
+                         pending_bytes=sum(st.st_size for _, st in pending))
+        if self._ledger is not None:
+            block["shipped_files"], block["shipped_bytes"] = self._ledger.totals()
+        if not due:
+            self._behind_since = None
+        elif self._behind_since is None:
+            self._behind_since = self._clock()
+        backlog = {"due_files": len(due), "due_bytes": sum(st.st_size for _, st in due),
+                   "behind_since": self._behind_since}
+        if block != self._block or backlog != self._backlog:
+            self._block, self._backlog = block, backlog
+            status.write_status(status.status_path(self.cfg), shipping=block,
+                                shipping_backlog=backlog)

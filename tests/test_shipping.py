@@ -1,0 +1,161 @@
+"""Continuous shipping end to end: `watch --ship` as a subprocess against the IMDS stub, moto
+and SeaweedFS. Files are shipped as segments while the watcher runs; the termination archive
+holds only what is new; restore assembles one tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from conftest import Stack
+from support.agentproc import completions, watch
+from support.faultproxy import FaultProxy, HoldUntil, Rule, upload_part
+from support.trees import walk
+
+OLD = time.time() - 3600  # rotated an hour ago: settled at once
+
+
+def _segments(stack: Stack) -> list[str]:
+    return sorted(k for k in stack.objects() if "/segments/" in k and k.endswith(".tar.zst"))
+
+
+def _restore_latest(stack: Stack, dest: Path) -> dict[str, Any]:
+    proc = stack.run("restore", "--bucket", stack.bucket, "--latest", "--instance-id",
+                     stack.instance_id, "--verify", "--json", str(dest))
+    assert proc.returncode == 0, proc.stderr
+    out: dict[str, Any] = json.loads(proc.stdout)
+    return out
+
+
+def _manifest(stack: Stack, key: str) -> dict[str, Any]:
+    body = stack.client("s3").get_object(Bucket=stack.bucket, Key=key + ".manifest.json")["Body"]
+    doc: dict[str, Any] = json.loads(body.read())
+    return doc
+
+
+class Writer:
+    """An application logging a numbered line every 20 ms to `app.log`, reopening it for
+    each line (so rotation by rename works as it does with logrotate + a reopen)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.n = 0
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(0.02):
+            with self.lock:
+                with open(self.path, "ab") as fh:
+                    fh.write(b"%08d GET /api/v1/orders 200 %s\n" % (self.n, b"x" * 60))
+                self.n += 1
+
+    def rotate(self, to: Path) -> None:
+        with self.lock:
+            os.rename(self.path, to)
+
+    def stop(self) -> int:
+        self.stopped.set()
+        self.thread.join()
+        return self.n
+
+
+def test_ship_rotations_then_terminate_restores_whole_tree(stack: Stack, tmp_path: Path) -> None:
+    src = tmp_path / "logs"
+    (src / "nginx").mkdir(parents=True)
+    old = src / "nginx" / "access.log.1"
+    old.write_bytes(bytes(random.Random(1).getrandbits(8) for _ in range(300_000)))
+    os.utime(old, (OLD, OLD))
+    live = src / "app.log"
+    writer = Writer(live)
+    try:
+        with watch(stack, "--source", str(src), "--ship", "--ship-settle", "30") as w:
+            w.wait_for("watching")
+            w.wait_for("segment shipped", path=str(old))
+            for i in (1, 2):  # rename plus a new file, while the watcher runs
+                time.sleep(1.0)
+                writer.rotate(src / f"app.log.{i}")
+                w.wait_for("segment shipped", timeout=30, path=str(src / f"app.log.{i}"))
+            time.sleep(0.5)
+            state = json.loads(stack.run("status", "--json").stdout)
+            assert state["shipping"]["enabled"] is True
+            assert state["shipping"]["shipped_files"] == 3
+            assert state["shipping"]["pending_files"] == 1  # the live app.log
+            assert state["shipping"]["last_error"] is None
+            assert set(state["shipping"]) == {"enabled", "pending_files", "pending_bytes",
+                                              "shipped_files", "shipped_bytes", "last_error"}
+            lines = writer.stop()
+            stack.scale_in()  # right after the last line: the live file is the tail
+            _, done = w.wait_for("response finished", timeout=60)
+    finally:
+        writer.stopped.set()
+
+    assert done["status"] == "succeeded" and done["lifecycle_result"] == "CONTINUE"
+    assert completions(stack) == [("CONTINUE", "ok")]
+    # The final archive read only the live file; the rotated ones were left out.
+    doc = _manifest(stack, done["key"])
+    held = {e["path"]: e["object"] for e in doc["entries"] if e.get("object")}
+    assert set(held) == {str(old).lstrip("/"), str(src / "app.log.1").lstrip("/"),
+                         str(src / "app.log.2").lstrip("/")}
+    assert doc["totals"]["files"] == 1 and doc["totals"]["held_files"] == 3
+    assert sorted(held.values()) == _segments(stack)
+
+    restored = _restore_latest(stack, tmp_path / "restored")
+    assert restored["status"] == "verified" and restored["differences"] == []
+    assert walk(tmp_path / "restored" / str(src).lstrip("/")) == walk(src)
+    assert live.read_bytes().splitlines()[-1].startswith(b"%08d " % (lines - 1))
+
+    # `list` shows the termination backup once, its size across the segments.
+    proc = stack.run("list", "--bucket", stack.bucket, "--json")
+    listed = json.loads(proc.stdout)
+    assert [b["key"] for b in listed] == [done["key"]]
+    sizes = stack.objects()
+    assert listed[0]["compressed_bytes"] == sizes[done["key"]] + sum(
+        sizes[k] for k in _segments(stack))
+    assert listed[0]["files"] == 4
+
+
+def test_kill_9_mid_segment_restart_ships_once_and_aborts_the_upload(
+        stack: Stack, tmp_path: Path) -> None:
+    src = tmp_path / "logs"
+    src.mkdir()
+    big = src / "big.log.1"  # 12 MiB of random bytes: two parts
+    big.write_bytes(random.Random(2).randbytes(12 * 2**20))
+    os.utime(big, (OLD, OLD))
+    release = threading.Event()
+    with FaultProxy(stack.s3_endpoint) as proxy:
+        held = proxy.add_rule(Rule(query=upload_part, fault=HoldUntil(release, timeout=60),
+                                   times=1))
+        env = stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint, INSTANCE_AGENT_LOG_LEVEL="info")
+        with watch(stack, "--source", str(src), "--ship", env=env) as w:
+            assert held.fired.wait(30), w.text()
+            w.proc.kill()  # kill -9 in the middle of the segment's UploadPart
+            w.wait(10)
+        release.set()
+    assert len(stack.incomplete_uploads()) == 1
+    assert _segments(stack) == []
+
+    with watch(stack, "--source", str(src), "--ship") as w:
+        w.wait_for("segment shipped", timeout=60, path=str(big))
+        assert stack.incomplete_uploads() == []
+        w.proc.kill()
+    # A third start remembers the segment: nothing is shipped again.
+    with watch(stack, "--source", str(src), "--ship") as w:
+        w.wait_for("shipping")
+        time.sleep(2.0)
+        assert w.find("segment shipped") == []
+        stack.scale_in()
+        _, done = w.wait_for("response finished", timeout=60)
+    assert len(_segments(stack)) == 1
+    assert done["status"] == "succeeded" and completions(stack) == [("CONTINUE", "ok")]
+    assert _manifest(stack, done["key"])["totals"]["held_files"] == 1
+    restored = _restore_latest(stack, tmp_path / "restored")
+    assert restored["status"] == "verified"
+    assert walk(tmp_path / "restored" / str(src).lstrip("/")) == walk(src)
