@@ -33,7 +33,6 @@ backend objects, so moto's reset clears it.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 import warnings
@@ -54,7 +53,7 @@ from moto.autoscaling.responses import AutoScalingResponse
 from moto.core.responses import ActionResult, EmptyResult
 from moto.core.utils import camelcase_to_underscores
 
-from instance_agent.local.faults import Fault, FaultQueues, attached
+from instance_agent.local.faults import Fault, FaultQueues, Patches, attached
 
 DEFAULT_ACCOUNT = "123456789012"
 DEFAULT_REGION = "us-east-1"
@@ -74,9 +73,9 @@ _UNMODELLED_ERROR = r"Exception\(AutoscalingClientError\) with code "
 _STATE_KEY = "_instance_agent_lifecycle"
 
 # moto's server is threaded; one lock keeps each Auto Scaling request and accessor atomic.
-_lock = threading.RLock()
+_patches = Patches(lambda: _patch())
+_lock = _patches.lock
 _clock: Callable[[], float] = time.monotonic
-_installed = False
 _bypass_hooks = False  # set while a group is being deleted: no hooks then
 
 
@@ -166,12 +165,7 @@ class _Book:
 
 def install() -> None:
     """Patch moto's Auto Scaling classes (idempotent)."""
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        _patch()
-        _installed = True
+    _patches.install()
 
 
 def set_clock(fn: Callable[[], float]) -> None:

@@ -6,6 +6,7 @@ append here; the patched action takes the head of its queue before doing any wor
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -45,3 +46,19 @@ def attached(backend: Any, key: str, factory: Callable[[], T], kind: type[T]) ->
         value = factory()
         backend.__dict__[key] = value
     return value
+
+
+class Patches:
+    """A stand-in's patches of moto, applied once per process, and the lock that keeps each
+    patched request atomic (moto's server is threaded)."""
+
+    def __init__(self, apply: Callable[[], None]) -> None:
+        self.lock = threading.RLock()
+        self._apply = apply
+        self._done = False
+
+    def install(self) -> None:
+        with self.lock:
+            if not self._done:
+                self._apply()
+                self._done = True

@@ -25,7 +25,6 @@ State lives on moto's backend objects, so moto's reset clears it.
 from __future__ import annotations
 
 import re
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,7 +37,7 @@ from moto.ec2.models import ec2_backends
 from moto.ssm.models import Command, SimpleSystemManagerBackend, ssm_backends
 from moto.ssm.responses import SimpleSystemManagerResponse
 
-from instance_agent.local.faults import Fault, FaultQueues, attached
+from instance_agent.local.faults import Fault, FaultQueues, Patches, attached
 
 DEFAULT_ACCOUNT = "123456789012"
 DEFAULT_REGION = "us-east-1"
@@ -54,8 +53,8 @@ _STATE_KEY = "_instance_agent_ssm"
 _GONE = ("shutting-down", "terminated", "stopping", "stopped")
 
 # moto's server is threaded; one lock keeps each SSM request and accessor atomic.
-_lock = threading.RLock()
-_installed = False
+_patches = Patches(lambda: _patch())
+_lock = _patches.lock
 
 
 @dataclass(frozen=True)
@@ -101,12 +100,7 @@ class SSMError(ServiceException):
 
 def install() -> None:
     """Patch moto's SSM classes (idempotent)."""
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        _patch()
-        _installed = True
+    _patches.install()
 
 
 def register(instance_id: str, online: bool = True, *, account_id: str = DEFAULT_ACCOUNT,
