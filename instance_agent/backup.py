@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,6 +36,7 @@ from instance_agent.shipstate import Ledger
 
 log = logging.getLogger(__name__)
 
+KEY_TRIES = 3
 JOURNAL_SUFFIX = {"zstd": ".zst", "gzip": ".gz", "none": ""}
 
 
@@ -116,6 +118,31 @@ def key_values(cfg: Config, ident: Identity, group: str | None) -> dict[str, str
             "region": ident.region, "timestamp": keys.timestamp(), "hostname": ident.hostname}
 
 
+def _free_key(cfg: Config, ident: Identity, s3: S3Client, group: str | None) -> str:
+    """The archive key, moved to the next second when an object already holds it.
+
+    Keys have one-second resolution and every write is create-only (IfNoneMatch), so two
+    runs of one instance within a second (an ad-hoc run beside a Spot stop, say) would
+    otherwise fail the second one at CompleteMultipartUpload, after all its data was sent.
+    Best effort: a role without s3:GetObject gets 403 here, and the create-only write is
+    still the guard."""
+    tries = KEY_TRIES if "{timestamp" in cfg.key_template else 1
+    for attempt in range(tries):
+        try:
+            key = keys.render(cfg.key_template, key_values(cfg, ident, group), cfg.compression)
+        except ValueError as err:
+            raise AgentError(str(err)) from None
+        if attempt == tries - 1:
+            return key  # the last chance: the create-only write decides
+        try:
+            s3.head_object(Bucket=cfg.bucket or "", Key=key, **s3args.owner_args(cfg))
+        except Exception:  # 404 (free), 403 (cannot tell), or anything else: go ahead
+            return key
+        log.info("key already taken; moving to the next second", extra=fields(key=key))
+        time.sleep(1.0 - time.time() % 1.0 + 0.01)
+    return key
+
+
 def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: Result,
                        *, group: str | None, started: float, clock: Callable[[], float],
                        progress_interval: float, cancel: threading.Event | None = None,
@@ -124,11 +151,7 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: R
 
     With `shipped` (continuous shipping), files unchanged since their segment was shipped
     are left out, and the manifest names the segment holding each."""
-    values = key_values(cfg, ident, group)
-    try:
-        key = keys.render(cfg.key_template, values, cfg.compression)
-    except ValueError as err:
-        raise AgentError(str(err)) from None
+    key = _free_key(cfg, ident, clients.s3, group)
     base = key[: -len(keys.EXTENSIONS[cfg.compression])]
     deadline = started + cfg.max_duration if cfg.max_duration else None
     result.key = key

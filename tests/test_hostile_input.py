@@ -474,7 +474,7 @@ def test_no_token_or_credential_in_any_log_even_at_debug(stack: Stack, tmp_path:
     # README warns. Without this, a grep that could never match would pass too.
     proc, _ = stack.backup("--source", str(src), "--no-complete",
                            env=stack.env(**base, INSTANCE_AGENT_BOTOCORE_DEBUG="1"))
-    assert proc.returncode == 0
+    assert proc.returncode == 0, [ln for ln in proc.stderr.splitlines() if '"error"' in ln][-3:]
     found = {name for name, _ in leaked({"wire log": proc.stderr}, secret_values)}
     assert {"access key id", "session token"} <= found
 

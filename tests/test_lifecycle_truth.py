@@ -391,3 +391,14 @@ def test_a_huge_sparse_file_cannot_carry_the_run_past_max_duration(stack: Stack,
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert result["status"] in ("succeeded", "partial")
     assert elapsed < 2 + 8, elapsed
+
+
+def test_two_runs_within_one_second_both_keep_their_backup(stack: Stack, tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src", size=4096)
+    keys = []
+    for _ in range(3):
+        proc, result = stack.backup("--source", str(src), "--no-complete")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        keys.append(result["key"])
+    assert len(set(keys)) == 3
+    assert archives(stack) == sorted(keys)
