@@ -39,6 +39,7 @@ class Entry:
     target: bytes | None = None
     sha256: str | None = None
     object: str | None = None  # the segment holding the file; None: the archive itself
+    member: bytes | None = None  # with `object`: the file's member name in that segment
 
     def to_json_bytes(self) -> bytes:
         """The same object as `to_json`, formatted directly: json.dumps of a dict per entry
@@ -62,6 +63,8 @@ class Entry:
             out["sha256"] = self.sha256
         if self.object:
             out["object"] = self.object
+        if self.member is not None:
+            out.update(path_fields(self.member, "member"))
         return out
 
 
@@ -71,6 +74,7 @@ class Held:
 
     key: str
     sha256: str | None
+    member: bytes | None = None  # its name inside the segment (where it was when shipped)
 
 
 @dataclass
