@@ -22,11 +22,12 @@ from instance_agent.manifest import path_from_fields
 
 
 def holders(manifest: Mapping[str, Any],
-            select: restore.Selection | None) -> dict[str, list[tuple[str, str | None, int]]]:
-    """Segment key -> (name, member name in the segment or None, size) of each file it
-    holds (selected ones only). A manifest of one-file segments has no member names."""
+            select: restore.Selection | None) -> dict[str, list[tuple[str, str, int]]]:
+    """Segment key -> (name, member name in the segment, size) of each file it holds
+    (selected ones only). An entry names its member only when it was renamed since it was
+    shipped (a one-file segment of an older agent may not name it even then)."""
     known = {str(s.get("key")) for s in manifest.get("segments") or [] if isinstance(s, dict)}
-    out: dict[str, list[tuple[str, str | None, int]]] = {}
+    out: dict[str, list[tuple[str, str, int]]] = {}
     for entry in manifest.get("entries") or []:
         if not isinstance(entry, dict) or not entry.get("object"):
             continue
@@ -34,8 +35,9 @@ def holders(manifest: Mapping[str, Any],
         if key not in known:
             raise restore.RestoreError(f"the manifest names a segment it does not list: {key}")
         name = os.fsdecode(path_from_fields(entry))
-        member = (os.fsdecode(path_from_fields(entry, "member"))
-                  if "member" in entry or "member_b64" in entry else None)
+        member = name
+        if "member" in entry or "member_b64" in entry:
+            member = os.fsdecode(path_from_fields(entry, "member"))
         if select is None or not select or select(name):
             out.setdefault(key, []).append((name, member, int(entry.get("size") or 0)))
     return out
@@ -65,16 +67,16 @@ def restore_assembled(s3: S3Reader, bucket: str, key: str, manifest: Mapping[str
                                     extra=extra)
         for i, (skey, files) in enumerate(sorted(wanted.items())):
             part = os.path.join(staging, f"segment-{i}")
-            members = {m for _, m, _ in files if m is not None}
             restore.restore_s3(s3, bucket, skey, part, allow_setuid=allow_setuid,
-                               select=members.__contains__ if len(members) == len(files) else None,
                                expected_tar_bytes=segments[skey].get("tar_bytes"), extra=extra)
             # The last name of a member takes the file itself; any earlier (hard links, or
             # one content shipped once and found under two names) get copies.
-            last = {m or "": n for n, (_, m, _) in enumerate(files)}
+            last = {m: n for n, (_, m, _) in enumerate(files)}
             for n, (name, member, size) in enumerate(files):
-                src = os.path.join(part, member) if member is not None else _only_file(part)
-                restore.place_file(tree, name, src, move=last[member or ""] == n)
+                src = os.path.join(part, member)
+                if not os.path.lexists(src):
+                    src = _only_file(part)  # a one-file segment renamed since (older agents)
+                restore.place_file(tree, name, src, move=last[member] == n)
                 report.files += 1
                 report.bytes += size
     return report

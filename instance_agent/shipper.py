@@ -131,7 +131,7 @@ class Shipper:
         self._block: dict[str, Any] = {"enabled": True, "pending_files": 0, "pending_bytes": 0,
                                        "shipped_files": 0, "shipped_bytes": 0,
                                        "last_error": None}
-        self._backlog: dict[str, Any] = {}
+        self._written: tuple[dict[str, Any], dict[str, Any]] | None = None  # last published
         self._behind_since: float | None = None
         self._thread = threading.Thread(target=self._main, name="shipper", daemon=True)
 
@@ -151,6 +151,10 @@ class Shipper:
         self._cancel.set()
         self._thread.join(CANCEL_WAIT)
         return False
+
+    def ledger(self) -> Ledger | None:
+        """What was shipped, for the termination archive (None before the ledger is read)."""
+        return self._ledger.view() if self._ledger is not None else None
 
     def snapshot(self) -> dict[str, Any]:
         return dict(self._block)
@@ -256,10 +260,13 @@ class Shipper:
             files = list(scan(self.cfg.source, self._excluded))
             ledger.keep_only({(st.st_dev, st.st_ino) for _, st in files})
             pending = [(t, st) for t, st in files if ledger.get(FileId.of(st)) is None]
-            due = [(t, st) for t, st in pending
-                   if self._settler.reason(t.path, st.st_mtime, now) is not None
-                   and self._retry_at.get(t.path, (0.0, 0))[0] <= now]
-            self._publish(pending, due)
+            complete = [(t, st) for t, st in pending
+                        if self._settler.reason(t.path, st.st_mtime, now) is not None]
+            due = [(t, st) for t, st in complete
+                   if self._retry_at.get(t.path, (0.0, 0))[0] <= now]
+            # The backlog doctor judges counts complete files waiting for a retry too: a
+            # segment failing for good must read as "not keeping up".
+            self._publish(pending, complete)
             if due:
                 self._ship_batch(clients, ledger, batch(due), values, now)
                 continue
@@ -314,7 +321,10 @@ class Shipper:
             self._behind_since = self._clock()
         backlog = {"due_files": len(due), "due_bytes": sum(st.st_size for _, st in due),
                    "behind_since": self._behind_since}
-        if block != self._block or backlog != self._backlog:
-            self._block, self._backlog = block, backlog
+        self._block = block
+        # Against what was last written, not self._block: a failure sets last_error there
+        # directly, and must still reach the file.
+        if (block, backlog) != self._written:
+            self._written = (dict(block), backlog)
             status.write_status(status.status_path(self.cfg), shipping=block,
                                 shipping_backlog=backlog)

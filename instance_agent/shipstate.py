@@ -119,7 +119,8 @@ def open_same(name: bytes, dir_fd: int | None, fid: FileId) -> int | None:
     except OSError:
         os.close(fd)
         return None
-    if not stat.S_ISREG(st.st_mode) or FileId.of(st) != fid:
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
+            fid.dev, fid.ino, fid.size, fid.mtime_ns):
         os.close(fd)
         return None
     return fd
@@ -201,9 +202,13 @@ class Ledger:
     def held(self, path: bytes, st: os.stat_result, dir_fd: int | None,
              name: bytes) -> Held | None:
         """archive.Skip: the segment holding this file, if it is unchanged since shipped."""
-        fid = FileId.of(st)
-        rec = self.get(fid)
+        # No lock: the archive runs with the shipper stopped (or on a view()), and this is
+        # called once per file of the sources, tens of thousands of times.
+        rec = self._by_inode.get((st.st_dev, st.st_ino))
         if rec is None:
+            return None
+        fid = rec.fid
+        if fid.size != st.st_size or fid.mtime_ns != st.st_mtime_ns:
             return None
         fd = open_same(name, dir_fd, fid)
         if fd is None:
@@ -219,7 +224,16 @@ class Ledger:
                      extra=fields(path=os.fsdecode(path)))
             return None
         self.used[rec.key] = rec
-        return Held(rec.key, rec.sha256, rec.path.lstrip(b"/"))
+        # The member name only when renamed since: tens of thousands of entries each
+        # repeating their own path would swell the manifest uploaded at termination.
+        member = rec.path.lstrip(b"/")
+        return Held(rec.key, rec.sha256, member if member != path.lstrip(b"/") else None)
+
+    def view(self) -> Ledger:
+        """What is recorded now, in memory only, for one termination archive: the watcher
+        hands its shipper's ledger to the job instead of reading the file again."""
+        with self._lock:
+            return Ledger(None, self.instance_id, self._by_inode.values())
 
     def segments(self) -> list[dict[str, Any]]:
         """The segments `held` named, for the manifest."""
