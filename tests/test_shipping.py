@@ -177,9 +177,12 @@ def test_many_small_files_ship_as_one_segment_and_restore_as_one_tree(
     with watch(stack, "--source", str(src), "--ship") as w:
         _, shipped = w.wait_for("segment shipped", timeout=60)
         assert shipped["files"] == 401
-        state = json.loads(stack.run("status", "--json").stdout)
-        assert state["shipping"]["shipped_files"] == 401
-        assert state["shipping"]["pending_files"] == 0
+        deadline = time.monotonic() + 30  # the status file follows at the next scan
+        while (state := json.loads(stack.run("status", "--json").stdout)["shipping"])[
+                "shipped_files"] != 401:
+            assert time.monotonic() < deadline, state
+            time.sleep(0.3)
+        assert state["pending_files"] == 0
         assert len(_segments(stack)) == 1  # one object for all of them, not 401
         # Rotated after it was shipped: restored under its new name, from the segment.
         os.rename(src / "jobs" / "000" / "job-00000.log", src / "jobs" / "000" / "job-00000.log.1")
