@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,7 +96,7 @@ def one_run(mode: str, src: Path, tmp: Path, moto: MotoServer, proxy: FaultProxy
                    AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint)
         argv = [sys.executable, "-m", "instance_agent", "watch", "--bucket", "bench",
                 "--source", str(src), "--no-journal", "--poll-interval", "0.5",
-                "--state-dir", str(state), "--runtime-dir", str(run_dir), "--log-level", "info",
+                "--state-dir", str(state), "--runtime-dir", str(run_dir), "--log-level", args.log_level,
                 *(["--ship", "--ship-settle", str(args.ship_settle),
                    "--ship-bandwidth", args.ship_bandwidth] if mode == "ship" else ["--no-ship"])]
         log = open(tmp / f"watch-{group}.log", "w")  # noqa: SIM115  (closed below)
@@ -134,6 +135,9 @@ def one_run(mode: str, src: Path, tmp: Path, moto: MotoServer, proxy: FaultProxy
           + (f" (shipping took {shipping_s:.0f} s before)" if mode == "ship" else ""),
           flush=True)
     segments = (tmp / f"watch-{group}.log").read_text().count('"segment shipped"')
+    if args.keep_logs:
+        args.keep_logs.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp / f"watch-{group}.log", args.keep_logs)
     return {"mode": mode, "round": round_no, "latency_s": round(latency, 3),
             "bytes_after_flip": after, "result": done[0].result,
             "shipping_before_s": round(shipping_s, 1), "segments": segments}
@@ -205,6 +209,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="runs of each mode (default 2)")
     ap.add_argument("--ship-settle", type=float, default=60.0)
     ap.add_argument("--ship-bandwidth", default="64MiB")
+    ap.add_argument("--log-level", default="info", help="the watchers' (default info)")
+    ap.add_argument("--keep-logs", type=Path, help="copy the watchers' logs here")
     args = ap.parse_args()
     size = parse_size(args.size)
     for name in list(os.environ):

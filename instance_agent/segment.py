@@ -123,6 +123,7 @@ def ship(cfg: Config, clients: Clients, ledger: Ledger, targets: list[Target],
     dirs = _Dirs()
     try:
         files: list[tuple[Target, FileId]] = []
+        ctimes: dict[bytes, int] = {}
         for target in targets:
             try:
                 st = os.stat(os.path.basename(target.rel), dir_fd=dirs.parent(target),
@@ -131,6 +132,7 @@ def ship(cfg: Config, clients: Clients, ledger: Ledger, targets: list[Target],
                 continue  # gone since the scan: nothing to ship
             if stat.S_ISREG(st.st_mode):
                 files.append((target, FileId.of(st)))
+                ctimes[target.path] = st.st_ctime_ns
         if not files:
             raise Changed("no longer regular files")
         key = batch_key(cfg, values, files)
@@ -189,7 +191,7 @@ def ship(cfg: Config, clients: Clients, ledger: Ledger, targets: list[Target],
             finally:
                 os.close(fd)
             recs.append(Shipped(fid, target.path, str(entry["sha256"]), tail, key,
-                                report.tar_bytes, sent))
+                                report.tar_bytes, sent, ctimes[target.path]))
     finally:
         dirs.close()
     if not recs:

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 STOP_WAIT = 5.0  # "a few seconds" for the segment in flight when termination comes
 CANCEL_WAIT = 5.0  # for the cancelled upload's abort to go through
 SCAN_MAX = 10.0  # seconds between scans, at most (inotify wakes the loop earlier)
+SCAN_MIN = 1.0  # and at least, while nothing is due
 RETRY_FIRST, RETRY_MAX = 5.0, 300.0
 # One segment packs complete files up to this many raw bytes or files, whichever comes
 # first: big enough that per-object round trips (multipart create/complete, the manifest
@@ -74,13 +75,18 @@ def lower_priority() -> None:
                 number, _IOPRIO_WHO_PROCESS, tid, (_IOPRIO_CLASS_BE << _IOPRIO_CLASS_SHIFT) | 7)
 
 
-def scan(sources: tuple[str, ...], excluded: Excluder) -> Iterator[tuple[Target, os.stat_result]]:
-    """Every regular file under the sources (symlinks not followed), with its lstat."""
+def scan(sources: tuple[str, ...], excluded: Excluder,
+         stop: threading.Event | None = None) -> Iterator[tuple[Target, os.stat_result]]:
+    """Every regular file under the sources (symlinks not followed), with its lstat; it
+    ends early once `stop` is set (a scan of tens of thousands of files must not hold up
+    the termination that stops shipping)."""
     for source in sources:
         root = os.path.normpath(os.fsencode(source))
         if not os.path.isdir(root):
             continue
         for dirpath, dirnames, filenames in os.walk(root):
+            if stop is not None and stop.is_set():
+                return
             dirnames[:] = [d for d in dirnames if not excluded(os.path.join(dirpath, d))]
             for name in filenames:
                 path = os.path.join(dirpath, name)
@@ -257,7 +263,9 @@ class Shipper:
             self._wake.clear()
             now = self._clock()
             self._take_events(now)
-            files = list(scan(self.cfg.source, self._excluded))
+            files = list(scan(self.cfg.source, self._excluded, self._stopping))
+            if self._stopping.is_set():
+                return
             ledger.keep_only({(st.st_dev, st.st_ino) for _, st in files})
             pending = [(t, st) for t, st in files if ledger.get(FileId.of(st)) is None]
             complete = [(t, st) for t, st in pending
@@ -273,6 +281,9 @@ class Shipper:
             waits = [self._settler.wake_in(t.path, st.st_mtime, now) for t, st in pending]
             waits += [at - now for at, _ in self._retry_at.values()]
             self._wake.wait(max(0.2, min([SCAN_MAX, *waits])))
+            # A writer that closes after every line wakes the loop constantly; a rescan of
+            # the sources at most every SCAN_MIN seconds is enough (a stop still wakes it).
+            self._stopping.wait(SCAN_MIN)
 
     def _ship_batch(self, clients: Clients, ledger: Ledger, targets: list[Target],
                     values: dict[str, str], now: float) -> None:

@@ -8,7 +8,8 @@ content digests taken while it was shipped: the SHA-256 of the whole file (the m
   the ledger never claims what S3 does not hold; a file is shipped again only when its
   identity changed (it was written to since).
 - At termination a file is left out of the archive only when its lstat matches a record and
-  its last 64 KiB still hash the same. Any write moves the modification time; the tail
+  either its inode change time is the one recorded (nothing, not even `touch -d`, can set
+  it back) or its last 64 KiB still hash the same. Any write moves the modification time; the tail
   digest also catches a rewrite that put the time back (`touch -d`). Hashing the whole file
   again would cost as much reading as archiving it, which is what shipping saves.
 - The ledger names the instance it belongs to: one baked into an AMI is ignored.
@@ -78,17 +79,22 @@ class Shipped:
     key: str  # the segment object
     tar_bytes: int
     compressed_bytes: int
+    # The inode change time when shipped (0: unknown). Userland cannot set it back: any
+    # write, utime, chmod or rename moves it, so while it is unchanged the content is too
+    # and the tail need not be read again at termination.
+    ctime_ns: int = 0
 
     def file_json(self) -> dict[str, Any]:
         """This file on its segment's ledger line (the segment's own fields are there once)."""
         return {"fid": asdict(self.fid), "path": base64.b64encode(self.path).decode("ascii"),
-                "sha256": self.sha256, "tail_sha256": self.tail_sha256}
+                "sha256": self.sha256, "tail_sha256": self.tail_sha256,
+                "ctime_ns": self.ctime_ns}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], segment: dict[str, Any]) -> Shipped:
         return cls(FileId(**obj["fid"]), base64.b64decode(obj["path"]), str(obj["sha256"]),
                    str(obj["tail_sha256"]), str(segment["key"]), int(segment["tar_bytes"]),
-                   int(segment["compressed_bytes"]))
+                   int(segment["compressed_bytes"]), int(obj.get("ctime_ns", 0)))
 
     def segment_info(self) -> dict[str, Any]:
         return {"key": self.key, "manifest_key": self.key + ".manifest.json",
@@ -210,6 +216,8 @@ class Ledger:
         fid = rec.fid
         if fid.size != st.st_size or fid.mtime_ns != st.st_mtime_ns:
             return None
+        if rec.ctime_ns and rec.ctime_ns == st.st_ctime_ns:
+            return self._use(rec, path)  # untouched since shipped: nothing to read
         fd = open_same(name, dir_fd, fid)
         if fd is None:
             return None
@@ -223,6 +231,9 @@ class Ledger:
             log.info("changed since shipped (same time, new content): archived",
                      extra=fields(path=os.fsdecode(path)))
             return None
+        return self._use(rec, path)
+
+    def _use(self, rec: Shipped, path: bytes) -> Held:
         self.used[rec.key] = rec
         # The member name only when renamed since: tens of thousands of entries each
         # repeating their own path would swell the manifest uploaded at termination.

@@ -23,7 +23,8 @@ def _record(path: Path, key: str = "b/i/segments/x.tar.zst") -> Shipped:
         tail = tail_digest(fd, st.st_size)
     finally:
         os.close(fd)
-    return Shipped(FileId.of(st), os.fsencode(path), "ab" * 32, tail, key, 2048, 100)
+    return Shipped(FileId.of(st), os.fsencode(path), "ab" * 32, tail, key, 2048, 100,
+                   st.st_ctime_ns)
 
 
 def _held(ledger: Ledger, path: Path) -> str | None:
