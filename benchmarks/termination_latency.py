@@ -2,6 +2,7 @@
 
     python benchmarks/termination_latency.py                    # 1 GiB rotated + 32 MiB live
     python benchmarks/termination_latency.py --size 256MiB      # a quick look
+    python benchmarks/termination_latency.py --corpus /tmp/c    # keep the corpus for reruns
 
 The instance has `--size` of rotated logs (benchmarks/corpus.py, their times an hour old)
 and one live file of 32 MiB that an application keeps appending to. Two runs, each with a
@@ -10,6 +11,13 @@ fresh Auto Scaling group and state directory:
 - `ship`: `watch --ship`; once everything but the live file is shipped, the IMDS stub flips
   to `Terminated`;
 - `full`: `watch --no-ship` (today's behaviour); flipped once the watcher polls.
+
+Shipping settings: `--ship-settle 60` (the default: the rotated files are an hour old, so
+they are complete at once, and the live file, appended to every 0.2 s, never settles) and
+`--ship-bandwidth 64MiB` (compressed bytes per second: a cap an instance would use, above
+what one nice-19 zstd thread produces from log text here, so the phase before the flip ends
+in well under a minute rather than hours). Both can be changed on the command line.
+`--rounds` (2) repeats both runs; the ratios are of the medians.
 
 Reported per run: seconds from the flip to CompleteLifecycleAction reaching Auto Scaling
 (moto), and the bytes uploaded to S3 after the flip (request bodies counted by the test
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,18 +87,19 @@ def _shipped_all_but_live(run_dir: Path) -> bool:
 
 
 def one_run(mode: str, src: Path, tmp: Path, moto: MotoServer, proxy: FaultProxy,
-            s3_endpoint: str) -> dict[str, Any]:
-    group = f"lat-{mode}"
+            args: argparse.Namespace, round_no: int) -> dict[str, Any]:
+    group = f"lat-{mode}-{round_no}"
     instance = make_group(moto, group, "hook", heartbeat_timeout=600)
-    run_dir, state = tmp / f"run-{mode}", tmp / f"state-{mode}"
+    run_dir, state = tmp / f"run-{group}", tmp / f"state-{group}"
     with IMDSStub(instance_id=instance, target_lifecycle_state="InService") as imds:
         env = dict(os.environ, AWS_ENDPOINT_URL=moto.endpoint, AWS_ENDPOINT_URL_S3=proxy.endpoint,
                    AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint)
         argv = [sys.executable, "-m", "instance_agent", "watch", "--bucket", "bench",
                 "--source", str(src), "--no-journal", "--poll-interval", "0.5",
-                "--state-dir", str(state), "--runtime-dir", str(run_dir), "--log-level", "info",
-                "--ship" if mode == "ship" else "--no-ship"]
-        log = open(tmp / f"watch-{mode}.log", "w")  # noqa: SIM115  (closed below)
+                "--state-dir", str(state), "--runtime-dir", str(run_dir), "--log-level", args.log_level,
+                *(["--ship", "--ship-settle", str(args.ship_settle),
+                   "--ship-bandwidth", args.ship_bandwidth] if mode == "ship" else ["--no-ship"])]
+        log = open(tmp / f"watch-{group}.log", "w")  # noqa: SIM115  (closed below)
         watcher = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log)
         try:
             started = time.monotonic()
@@ -124,31 +134,83 @@ def one_run(mode: str, src: Path, tmp: Path, moto: MotoServer, proxy: FaultProxy
           f"{after / 2**20:.1f} MiB uploaded after the flip"
           + (f" (shipping took {shipping_s:.0f} s before)" if mode == "ship" else ""),
           flush=True)
-    return {"mode": mode, "latency_s": round(latency, 3), "bytes_after_flip": after,
-            "result": done[0].result, "shipping_before_s": round(shipping_s, 1)}
+    segments = (tmp / f"watch-{group}.log").read_text().count('"segment shipped"')
+    if args.keep_logs:
+        args.keep_logs.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp / f"watch-{group}.log", args.keep_logs)
+    return {"mode": mode, "round": round_no, "latency_s": round(latency, 3),
+            "bytes_after_flip": after, "result": done[0].result,
+            "shipping_before_s": round(shipping_s, 1), "segments": segments}
 
 
-def chart(results: list[dict[str, Any]], path: Path) -> None:
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
+
+def chart(summary: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
-    names = [r["mode"] for r in results]
-    a.bar(names, [r["latency_s"] for r in results], color=["tab:green", "tab:gray"])
-    a.set_ylabel("s, IMDS flip -> CompleteLifecycleAction")
-    b.bar(names, [r["bytes_after_flip"] / 2**20 for r in results], color=["tab:green", "tab:gray"])
-    b.set_ylabel("MiB uploaded after the flip")
-    fig.suptitle("termination: continuous shipping vs full archive")
+    runs = summary["runs"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.4))
+    for ax, field, scale, label in ((a, "latency_s", 1, "s, IMDS flip -> CompleteLifecycleAction"),
+                                    (b, "bytes_after_flip", 2**20, "MiB uploaded after the flip")):
+        for x, mode, color in ((0, "ship", "tab:green"), (1, "full", "tab:gray")):
+            vals = [r[field] / scale for r in runs if r["mode"] == mode]
+            ax.bar(x, _median(vals), color=color, width=0.6)
+            ax.scatter([x] * len(vals), vals, color="black", s=12, zorder=3)
+        ax.set_xticks([0, 1], ["with shipping", "--no-ship (full)"])
+        ax.set_ylabel(label)
+    fig.suptitle(f"termination, {summary['size']} rotated + 32 MiB live: time ratio "
+                 f"{summary['time_ratio']:.3f}, bytes ratio {summary['bytes_ratio']:.4f}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    out = [f"# Termination latency: continuous shipping vs the full archive ({summary['size']})",
+           "",
+           f"`python benchmarks/termination_latency.py --size {summary['size']}` on "
+           f"{summary['cpus']} CPUs; {summary['size']} of rotated logs (benchmarks/corpus.py, "
+           f"{summary['corpus_files']:,} files) and one 32 MiB live file appended to every "
+           "0.2 s. Local SeaweedFS, moto and the IMDS stub. Shipping settings: "
+           f"`--ship-settle {summary['ship_settle']:g} --ship-bandwidth "
+           f"{summary['ship_bandwidth']}`.",
+           "",
+           "| round | mode | flip → CompleteLifecycleAction (s) | uploaded after the flip (MiB) "
+           "| shipping before the flip (s) | segments |",
+           "|---|---|---|---|---|---|"]
+    for r in summary["runs"]:
+        out.append(f"| {r['round']} | {r['mode']} | {r['latency_s']:.2f} | "
+                   f"{r['bytes_after_flip'] / 2**20:.2f} | "
+                   f"{r['shipping_before_s'] if r['mode'] == 'ship' else '-'} | "
+                   f"{r['segments'] if r['mode'] == 'ship' else '-'} |")
+    out += ["",
+            f"Medians: with shipping {summary['ship_latency_s']:.2f} s and "
+            f"{summary['ship_bytes'] / 2**20:.2f} MiB; full archive "
+            f"{summary['full_latency_s']:.2f} s and {summary['full_bytes'] / 2**20:.1f} MiB.",
+            "",
+            f"- time ratio **{summary['time_ratio']:.3f}** (target ≤ {TIME_TARGET})",
+            f"- bytes ratio **{summary['bytes_ratio']:.4f}** (target ≤ {BYTES_TARGET})",
+            f"- targets {'met' if summary['met'] else 'NOT met'}",
+            "", "![chart](" + summary["chart"] + ")", ""]
+    return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1GiB", help="rotated logs (default 1GiB)")
     ap.add_argument("--corpus", type=Path, help="where to keep the generated corpus")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each mode (default 2)")
+    ap.add_argument("--ship-settle", type=float, default=60.0)
+    ap.add_argument("--ship-bandwidth", default="64MiB")
+    ap.add_argument("--log-level", default="info", help="the watchers' (default info)")
+    ap.add_argument("--keep-logs", type=Path, help="copy the watchers' logs here")
     args = ap.parse_args()
     size = parse_size(args.size)
     for name in list(os.environ):
@@ -160,9 +222,11 @@ def main() -> None:
         tmp = Path(tmp_name)
         src = corpus.generate(args.corpus or tmp / "src", size)
         old = time.time() - 3600
-        for dirpath, _, files in os.walk(src):
-            for f in files:
+        files = 0
+        for dirpath, _, names in os.walk(src):
+            for f in names:
                 os.utime(os.path.join(dirpath, f), (old, old))
+                files += 1
         live = src / "app" / "live.log"
         with open(live, "wb") as fh:
             line = b"live line of the application that is still running, padded...\n"
@@ -175,24 +239,35 @@ def main() -> None:
             with MotoServer() as moto, SeaweedS3(tmp / "weed") as s3, \
                     FaultProxy(s3.endpoint) as proxy:
                 boto3.client("s3", endpoint_url=s3.endpoint).create_bucket(Bucket="bench")
-                for mode in ("ship", "full"):
-                    results.append(one_run(mode, src, tmp, moto, proxy, s3.endpoint))
-                    proxy.clear_log()
+                for round_no in range(1, args.rounds + 1):
+                    for mode in ("ship", "full"):
+                        results.append(one_run(mode, src, tmp, moto, proxy, args, round_no))
+                        proxy.clear_log()
         finally:
             stop.set()
             live.unlink(missing_ok=True)
-    ship, full = results
-    time_ratio = ship["latency_s"] / full["latency_s"]
-    bytes_ratio = ship["bytes_after_flip"] / max(full["bytes_after_flip"], 1)
-    summary = {"rotated_bytes": size, "live_bytes": LIVE, "runs": results,
+
+    def med(mode: str, field: str) -> float:
+        return _median([r[field] for r in results if r["mode"] == mode])
+
+    time_ratio = med("ship", "latency_s") / med("full", "latency_s")
+    bytes_ratio = med("ship", "bytes_after_flip") / max(med("full", "bytes_after_flip"), 1)
+    stem = RESULTS / f"termination_latency-{args.size}"
+    summary = {"size": args.size, "rotated_bytes": size, "live_bytes": LIVE,
+               "corpus_files": files, "ship_settle": args.ship_settle,
+               "ship_bandwidth": args.ship_bandwidth, "runs": results,
+               "ship_latency_s": med("ship", "latency_s"),
+               "full_latency_s": med("full", "latency_s"),
+               "ship_bytes": med("ship", "bytes_after_flip"),
+               "full_bytes": med("full", "bytes_after_flip"),
                "time_ratio": round(time_ratio, 3), "bytes_ratio": round(bytes_ratio, 4),
                "time_target": TIME_TARGET, "bytes_target": BYTES_TARGET,
                "met": time_ratio <= TIME_TARGET and bytes_ratio <= BYTES_TARGET,
-               "cpus": os.cpu_count()}
+               "cpus": os.cpu_count(), "chart": stem.with_suffix(".png").name}
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"termination_latency-{args.size}"
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-    chart(results, stem.with_suffix(".png"))
+    stem.with_suffix(".md").write_text(markdown(summary))
+    chart(summary, stem.with_suffix(".png"))
     print(f"time ratio {time_ratio:.3f} (target <= {TIME_TARGET}), bytes ratio "
           f"{bytes_ratio:.4f} (target <= {BYTES_TARGET}): "
           f"{'met' if summary['met'] else 'NOT met'}")

@@ -303,7 +303,7 @@ class Archiver:
                 self.report.held_bytes += st.st_size
                 self.report.add(Entry(member, "file", st.st_size, st.st_mtime_ns,
                                       stat.S_IMODE(st.st_mode), sha256=held.sha256,
-                                      object=held.key))
+                                      object=held.key, member=held.member))
                 return
         self._add_file(path, member, dir_fd, name)
 

@@ -3,18 +3,16 @@ segment its manifest names, assembled into one tree, all or nothing.
 
 Each object goes through the same safe extraction as any archive (restore.py: no member
 outside its tree, no link followed, complete streams only, each segment checked against its
-`tar_bytes`), into its own directory under one staging directory in DEST. Each segment's one
-file is then moved to the path the final manifest gives it (a file renamed by a rotation
-after it was shipped is restored under its new name), and only when everything is in place
-does the tree move into DEST. On any failure the staging directory is removed.
+`tar_bytes`), into its own directory under one staging directory in DEST. A segment packs
+many files; each file the final manifest holds there is moved from its `member` name in the
+segment to the path the final manifest gives it (a file renamed by a rotation after it was
+shipped is restored under its new name), and only when everything is in place does the tree
+move into DEST (restore.staged). On any failure the staging directory is removed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,10 +22,12 @@ from instance_agent.manifest import path_from_fields
 
 
 def holders(manifest: Mapping[str, Any],
-            select: restore.Selection | None) -> dict[str, list[str]]:
-    """Segment key -> the member names it holds (selected ones only)."""
+            select: restore.Selection | None) -> dict[str, list[tuple[str, str, int]]]:
+    """Segment key -> (name, member name in the segment, size) of each file it holds
+    (selected ones only). An entry names its member only when it was renamed since it was
+    shipped (a one-file segment of an older agent may not name it even then)."""
     known = {str(s.get("key")) for s in manifest.get("segments") or [] if isinstance(s, dict)}
-    out: dict[str, list[str]] = {}
+    out: dict[str, list[tuple[str, str, int]]] = {}
     for entry in manifest.get("entries") or []:
         if not isinstance(entry, dict) or not entry.get("object"):
             continue
@@ -35,8 +35,11 @@ def holders(manifest: Mapping[str, Any],
         if key not in known:
             raise restore.RestoreError(f"the manifest names a segment it does not list: {key}")
         name = os.fsdecode(path_from_fields(entry))
+        member = name
+        if "member" in entry or "member_b64" in entry:
+            member = os.fsdecode(path_from_fields(entry, "member"))
         if select is None or not select or select(name):
-            out.setdefault(key, []).append(name)
+            out.setdefault(key, []).append((name, member, int(entry.get("size") or 0)))
     return out
 
 
@@ -57,31 +60,23 @@ def restore_assembled(s3: S3Reader, bucket: str, key: str, manifest: Mapping[str
     segments = {str(s["key"]): s for s in manifest.get("segments") or []}
     wanted = holders(manifest, select)
     totals = manifest.get("totals") or {}
-    root, created = restore.prepare_destination(dest)
-    staging = tempfile.mkdtemp(prefix=restore.STAGING_PREFIX, dir=root)
-    try:
+    with restore.staged(dest, "tree") as staging:
         tree = os.path.join(staging, "tree")
         report = restore.restore_s3(s3, bucket, key, tree, allow_setuid=allow_setuid,
                                     select=select, expected_tar_bytes=totals.get("tar_bytes"),
                                     extra=extra)
-        for i, (skey, names) in enumerate(sorted(wanted.items())):
+        for i, (skey, files) in enumerate(sorted(wanted.items())):
             part = os.path.join(staging, f"segment-{i}")
-            got = restore.restore_s3(s3, bucket, skey, part, allow_setuid=allow_setuid,
-                                     expected_tar_bytes=segments[skey].get("tar_bytes"),
-                                     extra=extra)
-            src = _only_file(part)
-            # The last name takes the file itself; any earlier (hard links) get copies.
-            for n, name in enumerate(names):
-                restore.place_file(tree, name, src, move=n == len(names) - 1)
-            report.files += len(names)
-            report.bytes += got.bytes * len(names)
-        for name in os.listdir(tree):
-            os.rename(os.path.join(tree, name), os.path.join(root, name))
-        shutil.rmtree(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):
-                os.rmdir(root)
-        raise
+            restore.restore_s3(s3, bucket, skey, part, allow_setuid=allow_setuid,
+                               expected_tar_bytes=segments[skey].get("tar_bytes"), extra=extra)
+            # The last name of a member takes the file itself; any earlier (hard links, or
+            # one content shipped once and found under two names) get copies.
+            last = {m: n for n, (_, m, _) in enumerate(files)}
+            for n, (name, member, size) in enumerate(files):
+                src = os.path.join(part, member)
+                if not os.path.lexists(src):
+                    src = _only_file(part)  # a one-file segment renamed since (older agents)
+                restore.place_file(tree, name, src, move=last[member] == n)
+                report.files += 1
+                report.bytes += size
     return report

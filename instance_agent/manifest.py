@@ -39,18 +39,24 @@ class Entry:
     target: bytes | None = None
     sha256: str | None = None
     object: str | None = None  # the segment holding the file; None: the archive itself
+    member: bytes | None = None  # with `object`: the file's member name in that segment
 
     def to_json_bytes(self) -> bytes:
         """The same object as `to_json`, formatted directly: json.dumps of a dict per entry
         was a tenth of the time spent on 40,000 small files."""
-        if self.target is not None or self.sha256 or self.object:
+        if self.target is not None or self.member is not None:
             return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
         try:
             path = '"path":' + _encode_str(self.path.decode("utf-8"))
         except UnicodeDecodeError:
             path = '"path_b64":"' + base64.b64encode(self.path).decode("ascii") + '"'
+        # A termination archive with shipping lists tens of thousands of held files, each
+        # with its digest and segment: formatted here too, not through a dict.
+        tail = (f',"sha256":"{self.sha256}"' if self.sha256 else "") + \
+            (',"object":' + _encode_str(self.object) if self.object else "")
         return (f'{{{path},"type":"{self.type}","size":{self.size},'
-                f'"mtime":{self.mtime_ns / 1e9!r},"mode":"{self.mode & 0o7777:04o}"}}').encode()
+                f'"mtime":{self.mtime_ns / 1e9!r},"mode":"{self.mode & 0o7777:04o}"'
+                f'{tail}}}').encode()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = path_fields(self.path)
@@ -62,6 +68,8 @@ class Entry:
             out["sha256"] = self.sha256
         if self.object:
             out["object"] = self.object
+        if self.member is not None:
+            out.update(path_fields(self.member, "member"))
         return out
 
 
@@ -71,6 +79,7 @@ class Held:
 
     key: str
     sha256: str | None
+    member: bytes | None = None  # its name inside the segment (where it was when shipped)
 
 
 @dataclass

@@ -41,13 +41,14 @@ import stat
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from instance_agent.errors import AgentError, ConfigError
+from instance_agent.fsdir import DIR_FLAGS, open_below
 from instance_agent.listing import ARCHIVE_SUFFIXES, S3Reader, s3_failure
 
 COPY = 1 << 20  # 1 MiB reads and writes
@@ -78,6 +79,10 @@ class RestoreReport:
     bytes: int = 0
     tar_bytes: int = 0
     excluded: int = 0  # members left out by --include/--exclude
+
+
+# Which members to extract: a Selection, or any test of the member name.
+Select = Callable[[str], bool]
 
 
 @dataclass(frozen=True)
@@ -178,7 +183,6 @@ class _Info(tarfile.TarInfo):
 
 # --- paths --------------------------------------------------------------------------------
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 Parts = tuple[str, ...]
 
 
@@ -196,7 +200,7 @@ class _Staged:
     """The staging directory, reached only through descriptors (module docstring)."""
 
     def __init__(self, root: str) -> None:
-        self.fd = os.open(root, _DIR_FLAGS)
+        self.fd = os.open(root, DIR_FLAGS)
         self._cached: tuple[Parts, int] | None = None  # the last member's directory
         self.links: dict[Parts, str] = {}  # symlinks to create last: path -> target
 
@@ -211,29 +215,17 @@ class _Staged:
 
     def open_dir(self, parts: Parts, *, create: bool) -> int:
         """A new descriptor of staged directory `parts`, never through a symlink."""
-        fd = os.dup(self.fd)
+        for i in range(len(parts)):
+            if parts[: i + 1] in self.links:
+                raise UnsafeArchive(f"refusing {'/'.join(parts)!r}: it passes through the "
+                                    f"symlink {'/'.join(parts[: i + 1])!r}")
         try:
-            for i, part in enumerate(parts):
-                if parts[: i + 1] in self.links:
-                    raise UnsafeArchive(f"refusing {'/'.join(parts)!r}: it passes through the "
-                                        f"symlink {'/'.join(parts[: i + 1])!r}")
-                if create:
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(part, 0o700, dir_fd=fd)
-                try:
-                    nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                except OSError as err:
-                    if err.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise UnsafeArchive(f"refusing {'/'.join(parts)!r}: "
-                                            f"{'/'.join(parts[: i + 1])!r} is not a directory") \
-                            from None
-                    raise
-                os.close(fd)
-                fd = nxt
-        except BaseException:
-            os.close(fd)
+            return open_below(self.fd, parts, create=create)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UnsafeArchive(f"refusing {'/'.join(parts)!r}: {err.filename!r} is not a "
+                                    "directory") from None
             raise
-        return fd
 
     def parent(self, parts: Parts) -> int:
         """The descriptor of the directory holding `parts` (owned by this object: do not
@@ -308,30 +300,41 @@ def prepare_destination(dest: str) -> tuple[str, bool]:
 # --- extraction ---------------------------------------------------------------------------
 
 
-def extract(stream: IO[bytes], dest: str, *, allow_setuid: bool = False,
-            select: Selection | None = None, expected_tar_bytes: int | None = None) -> RestoreReport:
-    """Extract the tar `stream` into `dest` (new or empty), all or nothing (module docstring)."""
+@contextlib.contextmanager
+def staged(dest: str, tree: str = "") -> Iterator[str]:
+    """A fresh staging directory inside DEST (new or empty), all or nothing: on a clean exit
+    the content of its `tree` subdirectory moves into DEST and the staging directory is
+    removed; on any failure it is removed, and DEST too when this created it."""
     root, created = prepare_destination(dest)
     staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root)
     try:
-        report, dir_modes = _extract_into(stream, staging, allow_setuid, select)
-        if expected_tar_bytes is not None and report.tar_bytes != expected_tar_bytes:
-            raise RestoreError(f"archive is truncated or corrupt: its tar stream is "
-                               f"{report.tar_bytes:,} bytes, the manifest says "
-                               f"{expected_tar_bytes:,}")
-        for name in os.listdir(staging):
+        yield staging
+        done = os.path.join(staging, tree)
+        for name in os.listdir(done):
             target = os.path.join(root, name)
             if os.path.lexists(target):
                 raise RestoreError(f"{target} appeared during the restore; nothing was moved")
-        for name in os.listdir(staging):
-            os.rename(os.path.join(staging, name), os.path.join(root, name))
-        os.rmdir(staging)
+        for name in os.listdir(done):
+            os.rename(os.path.join(done, name), os.path.join(root, name))
+        shutil.rmtree(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created:
             with contextlib.suppress(OSError):
                 os.rmdir(root)
         raise
+
+
+def extract(stream: IO[bytes], dest: str, *, allow_setuid: bool = False,
+            select: Select | None = None, expected_tar_bytes: int | None = None) -> RestoreReport:
+    """Extract the tar `stream` into `dest` (new or empty), all or nothing (module docstring)."""
+    with staged(dest) as staging:
+        report, dir_modes = _extract_into(stream, staging, allow_setuid, select)
+        if expected_tar_bytes is not None and report.tar_bytes != expected_tar_bytes:
+            raise RestoreError(f"archive is truncated or corrupt: its tar stream is "
+                               f"{report.tar_bytes:,} bytes, the manifest says "
+                               f"{expected_tar_bytes:,}")
+    root = os.path.dirname(staging)
     # Last, and deepest first: a read-only directory could not have taken its members, and
     # renaming a directory into DEST needs write permission on it.
     tree = _Staged(root)
@@ -349,7 +352,7 @@ def extract(stream: IO[bytes], dest: str, *, allow_setuid: bool = False,
 
 
 def _extract_into(stream: IO[bytes], root: str, allow_setuid: bool,
-                  select: Selection | None) -> tuple[RestoreReport, list[tuple[Parts, int]]]:
+                  select: Select | None) -> tuple[RestoreReport, list[tuple[Parts, int]]]:
     report = RestoreReport()
     dir_modes: list[tuple[Parts, int]] = []
     counted = _Counted(stream)
@@ -464,7 +467,7 @@ def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: _Staged, pa
 
 
 def restore_s3(s3: S3Reader, bucket: str, key: str, dest: str, *, allow_setuid: bool = False,
-               select: Selection | None = None, expected_tar_bytes: int | None = None,
+               select: Select | None = None, expected_tar_bytes: int | None = None,
                extra: Mapping[str, str] | None = None) -> RestoreReport:
     """Stream s3://bucket/key down, decompress and extract it into `dest`."""
     check_key(key)  # both fail before anything is fetched

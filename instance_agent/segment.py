@@ -1,21 +1,24 @@
-"""Ship one complete file as a segment: a one-file tar, compressed, in its own object, with
-its own small manifest beside it.
+"""Ship complete files as a segment: one tar of many files (a batch the shipper bounds by
+bytes and count; a file over the byte budget alone), compressed, in its own object, with its
+own small manifest beside it. Packing small files together is what keeps shipping bound by
+compression and upload speed rather than by one object's round trips per file.
 
-    file ─► tar (archive.Archiver) ─► compress (in this thread) ─► paced ─► multipart upload
+    files ─► tar (archive.Archiver) ─► compress (in this thread) ─► paced ─► multipart upload
     manifest ─► PutObject
     ledger ◄─ the file's identity, once both are in S3
 
 The file is reached from its source root one directory at a time without following a
 symlink (as the termination walk does), so a directory swapped for a link while the watcher
-waits cannot make it ship another file. The key is derived from the file's identity
-(keys.segment_key) and written create-only: after a crash between the upload and the
-ledger write, shipping the same file again is refused by S3 (PreconditionFailed) and only
+waits cannot make it ship another file. The key is derived from the files' identities
+(batch_key) and written create-only: after a crash between the upload and the ledger
+write, shipping the same batch again is refused by S3 (PreconditionFailed) and only
 recorded, never stored twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import stat
@@ -29,7 +32,9 @@ from instance_agent.archive import Archiver, Sink
 from instance_agent.backup import Clients, _s3_extra, _upload_stream
 from instance_agent.config import Config
 from instance_agent.errors import UploadError
+from instance_agent.fsdir import open_below
 from instance_agent.logs import fields
+from instance_agent.manifest import path_from_fields
 from instance_agent.s3upload import ChainBody, put_small
 from instance_agent.shipstate import FileId, Ledger, Shipped, open_same, tail_digest
 from instance_agent.throttle import paced
@@ -58,16 +63,11 @@ class Target:
 
 def open_parent(target: Target) -> int:
     """The directory holding the target, reached from its root with O_NOFOLLOW."""
-    fd = os.open(target.root, _DIR)  # a source root given as a symlink is followed, by intent
+    root = os.open(target.root, _DIR)  # a source root given as a symlink is followed, by intent
     try:
-        for part in [p for p in os.path.dirname(target.rel).split(b"/") if p]:
-            nxt = os.open(part, _DIR | os.O_NOFOLLOW, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        return open_below(root, [p for p in os.path.dirname(target.rel).split(b"/") if p])
+    finally:
+        os.close(root)
 
 
 class _Counted:
@@ -79,32 +79,78 @@ class _Counted:
         return self.inner.write(data)
 
 
-def ship(cfg: Config, clients: Clients, ledger: Ledger, target: Target, values: dict[str, str],
-         *, stop: threading.Event, clock: Callable[[], float]) -> Shipped:
-    """Upload `target` as a segment and record it. Raises Changed, or an AgentError."""
-    name = os.path.basename(target.rel)
-    dir_fd = open_parent(target)
+def batch_key(cfg: Config, values: dict[str, str], files: list[tuple[Target, FileId]]) -> str:
+    """The segment's key, derived from what it holds: one file keeps its own name and
+    identity; a batch is named for its first file, its count and a digest of every
+    identity, so the same batch (the shipper picks them in a fixed order) gets the same key
+    after a restart and S3's create-only write refuses a second copy."""
+    first = os.fsdecode(os.path.basename(files[0][0].rel))
+    if len(files) == 1:
+        return keys.segment_key(cfg.key_template, values, first, files[0][1].token(),
+                                cfg.compression)
+    h = hashlib.sha256()
+    for target, fid in files:
+        h.update(target.path + b"\0" + fid.token().encode() + b"\n")
+    return keys.segment_key(cfg.key_template, values, first,
+                            f"{len(files)}files-{h.hexdigest()[:24]}", cfg.compression)
+
+
+class _Dirs:
+    """Parent directories of a batch's files, each opened once (a batch of small files
+    mostly shares a few)."""
+
+    def __init__(self) -> None:
+        self.fds: dict[tuple[bytes, bytes], int] = {}
+
+    def parent(self, target: Target) -> int:
+        where = (target.root, os.path.dirname(target.rel))
+        fd = self.fds.get(where)
+        if fd is None:
+            fd = self.fds[where] = open_parent(target)
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def ship(cfg: Config, clients: Clients, ledger: Ledger, targets: list[Target],
+         values: dict[str, str], *, stop: threading.Event,
+         clock: Callable[[], float]) -> list[Shipped]:
+    """Upload `targets` as one segment and record the files that arrived whole (one ledger
+    line). Raises Changed when none did, or an AgentError."""
+    dirs = _Dirs()
     try:
-        before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if not stat.S_ISREG(before.st_mode):
-            raise Changed("no longer a regular file")
-        fid = FileId.of(before)
-        key = keys.segment_key(cfg.key_template, values, os.fsdecode(name), fid.token(),
-                               cfg.compression)
+        files: list[tuple[Target, FileId]] = []
+        ctimes: dict[bytes, int] = {}
+        for target in targets:
+            try:
+                st = os.stat(os.path.basename(target.rel), dir_fd=dirs.parent(target),
+                             follow_symlinks=False)
+            except OSError:
+                continue  # gone since the scan: nothing to ship
+            if stat.S_ISREG(st.st_mode):
+                files.append((target, FileId.of(st)))
+                ctimes[target.path] = st.st_ctime_ns
+        if not files:
+            raise Changed("no longer regular files")
+        key = batch_key(cfg, values, files)
         holder: dict[str, Any] = {}
 
         def produce(comp: Any) -> None:
             arch = Archiver(comp, clock=clock, hash_name="sha256")
             holder["arch"] = arch
-            arch.add_file_at(dir_fd, name, target.path)
+            for target, _ in files:
+                arch.add_file_at(dirs.parent(target), os.path.basename(target.rel), target.path)
             arch.finish()
 
         def wrap(sink: Sink) -> Sink:
             holder["counted"] = counted = _Counted(sink)
             return paced(counted, cfg.ship_bandwidth, clock, stop)
 
-        # One upload worker and one queued part: 3 part buffers (24 MiB) at most, one file at
-        # a time, and compression in this (low-priority) thread.
+        # One upload worker and one queued part: 3 part buffers (24 MiB) at most, one
+        # segment at a time, and compression in this (low-priority) thread.
         one = dataclasses.replace(cfg, upload_workers=1, upload_queue=1)
         existed = False
         try:
@@ -114,34 +160,45 @@ def ship(cfg: Config, clients: Clients, ledger: Ledger, target: Target, values: 
                 raise
             existed = True  # shipped by a run killed before it could record it
         report = holder["arch"].report
-        entries = report.entries()
-        if report.warnings or len(entries) != 1 or entries[0]["size"] != fid.size:
-            raise Changed("; ".join(w.reason for w in report.warnings) or "changed while read")
         sent = holder["counted"].count
         doc = manifest.build(report, key=key, compression=cfg.compression,
                              agent_version=__version__, compressed_bytes=sent, journal=None,
                              instance_id=values["instance_id"], region=values["region"],
                              group=values["group"], segment_of=values["instance_id"],
                              created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                             sources=[os.fsdecode(target.path)], excludes=[])
+                             sources=sorted({os.fsdecode(t.root) for t, _ in files}),
+                             excludes=[])
         try:
             put_small(clients.s3, cfg.bucket or "", key + ".manifest.json", ChainBody(*doc),
                       extra=_s3_extra(cfg))
         except UploadError as err:
             if _EXISTS not in str(err):
                 raise
-        fd = open_same(name, dir_fd, fid)
-        if fd is None:
-            raise Changed("changed while shipped")
-        try:
-            tail = tail_digest(fd, fid.size)
-        finally:
-            os.close(fd)
+        # Only a file read whole, warning-free and unchanged since is recorded; the others
+        # wait to settle again (their bytes in this segment are simply not used).
+        warned = {w.path for w in report.warnings}
+        read = {path_from_fields(e): e for e in report.entries()}
+        recs = []
+        for target, fid in files:
+            entry = read.get(target.path.lstrip(b"/"))
+            if entry is None or target.path in warned or entry["size"] != fid.size:
+                continue
+            fd = open_same(os.path.basename(target.rel), dirs.parent(target), fid)
+            if fd is None:
+                continue
+            try:
+                tail = tail_digest(fd, fid.size)
+            finally:
+                os.close(fd)
+            recs.append(Shipped(fid, target.path, str(entry["sha256"]), tail, key,
+                                report.tar_bytes, sent, ctimes[target.path]))
     finally:
-        os.close(dir_fd)
-    rec = Shipped(fid, target.path, str(entries[0]["sha256"]), tail, key, report.tar_bytes, sent)
-    ledger.add(rec)
-    log.info("segment shipped", extra=fields(path=os.fsdecode(target.path), key=key,
-                                             bytes=fid.size, compressed_bytes=sent,
-                                             already_there=existed))
-    return rec
+        dirs.close()
+    if not recs:
+        raise Changed("; ".join(w.reason for w in report.warnings) or "changed while read")
+    ledger.add_segment(recs)
+    log.info("segment shipped", extra=fields(
+        key=key, files=len(recs), bytes=sum(r.fid.size for r in recs), compressed_bytes=sent,
+        already_there=existed,
+        **({"path": os.fsdecode(recs[0].path)} if len(recs) == 1 else {})))
+    return recs

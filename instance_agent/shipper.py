@@ -1,9 +1,10 @@
 """Continuous shipping: the watcher's thread that ships complete files while the instance runs.
 
-One loop, one file at a time, at the lowest CPU and best-effort I/O priority:
+One loop, one segment at a time (a batch of complete files, oldest first, up to
+SEGMENT_BYTES or SEGMENT_FILES), at the lowest CPU and best-effort I/O priority:
 
     inotify (watchdog: renames, closes) ─┐
-    a scan of the sources every few s ───┴─► settle.Settler ─► segment.ship ─► shipstate.Ledger
+    a scan of the sources every few s ───┴─► settle.Settler ─► batch ─► segment.ship ─► shipstate.Ledger
 
 - It learns where segments go (the instance's prefix: identity and group) before the first
   one, and aborts the multipart uploads a killed watcher left under the segment prefix.
@@ -47,7 +48,13 @@ log = logging.getLogger(__name__)
 STOP_WAIT = 5.0  # "a few seconds" for the segment in flight when termination comes
 CANCEL_WAIT = 5.0  # for the cancelled upload's abort to go through
 SCAN_MAX = 10.0  # seconds between scans, at most (inotify wakes the loop earlier)
+SCAN_MIN = 1.0  # and at least, while nothing is due
 RETRY_FIRST, RETRY_MAX = 5.0, 300.0
+# One segment packs complete files up to this many raw bytes or files, whichever comes
+# first: big enough that per-object round trips (multipart create/complete, the manifest
+# PUT, the ledger fsync) vanish beside compression and upload, small enough that a
+# segment cut short by a termination wastes little.
+SEGMENT_BYTES, SEGMENT_FILES = 64 * 2**20, 4096
 GROUP_RETRY_MAX = 60.0
 # ioprio_set(2): IOPRIO_WHO_PROCESS with a thread id sets that thread's I/O priority;
 # class 2 (best effort) level 7 is the lowest that still makes progress on a busy disk.
@@ -68,13 +75,18 @@ def lower_priority() -> None:
                 number, _IOPRIO_WHO_PROCESS, tid, (_IOPRIO_CLASS_BE << _IOPRIO_CLASS_SHIFT) | 7)
 
 
-def scan(sources: tuple[str, ...], excluded: Excluder) -> Iterator[tuple[Target, os.stat_result]]:
-    """Every regular file under the sources (symlinks not followed), with its lstat."""
+def scan(sources: tuple[str, ...], excluded: Excluder,
+         stop: threading.Event | None = None) -> Iterator[tuple[Target, os.stat_result]]:
+    """Every regular file under the sources (symlinks not followed), with its lstat; it
+    ends early once `stop` is set (a scan of tens of thousands of files must not hold up
+    the termination that stops shipping)."""
     for source in sources:
         root = os.path.normpath(os.fsencode(source))
         if not os.path.isdir(root):
             continue
         for dirpath, dirnames, filenames in os.walk(root):
+            if stop is not None and stop.is_set():
+                return
             dirnames[:] = [d for d in dirnames if not excluded(os.path.join(dirpath, d))]
             for name in filenames:
                 path = os.path.join(dirpath, name)
@@ -86,6 +98,24 @@ def scan(sources: tuple[str, ...], excluded: Excluder) -> Iterator[tuple[Target,
                     continue
                 if stat.S_ISREG(st.st_mode):
                     yield Target(root, os.path.relpath(path, root)), st
+
+
+def batch(due: list[tuple[Target, os.stat_result]], max_bytes: int = SEGMENT_BYTES,
+          max_files: int = SEGMENT_FILES) -> list[Target]:
+    """The files of the next segment: oldest first (then by path, so a restarted watcher
+    picks the same batch and its create-only key), as many as fit in `max_bytes` and
+    `max_files`. A file larger than the budget goes alone, when it is the oldest."""
+    order = sorted(due, key=lambda d: (d[1].st_mtime_ns, d[0].path))
+    out, total = [order[0][0]], order[0][1].st_size
+    if total >= max_bytes:
+        return out
+    for target, st in order[1:]:
+        if len(out) >= max_files:
+            break
+        if total + st.st_size <= max_bytes:
+            out.append(target)
+            total += st.st_size
+    return out
 
 
 class Shipper:
@@ -107,7 +137,7 @@ class Shipper:
         self._block: dict[str, Any] = {"enabled": True, "pending_files": 0, "pending_bytes": 0,
                                        "shipped_files": 0, "shipped_bytes": 0,
                                        "last_error": None}
-        self._backlog: dict[str, Any] = {}
+        self._written: tuple[dict[str, Any], dict[str, Any]] | None = None  # last published
         self._behind_since: float | None = None
         self._thread = threading.Thread(target=self._main, name="shipper", daemon=True)
 
@@ -128,6 +158,10 @@ class Shipper:
         self._thread.join(CANCEL_WAIT)
         return False
 
+    def ledger(self) -> Ledger | None:
+        """What was shipped, for the termination archive (None before the ledger is read)."""
+        return self._ledger.view() if self._ledger is not None else None
+
     def snapshot(self) -> dict[str, Any]:
         return dict(self._block)
 
@@ -140,6 +174,7 @@ class Shipper:
             clients = self._make_clients(self.cfg, ident.region)
             values = key_values(self.cfg, ident, self._group(clients, ident))
             self._ledger = Ledger.load(self.cfg.state_dir, ident.instance_id)
+            self._ledger.compact()  # drops forgotten files and torn lines: the file stays small
             prefix = keys.segment_key(self.cfg.key_template, values, "x", "x",
                                       self.cfg.compression).rsplit("/", 1)[0] + "/"
             # A watcher killed mid-segment left its multipart upload; nothing else of ours
@@ -160,6 +195,8 @@ class Shipper:
         finally:
             if observer is not None:
                 observer.stop()
+            if self._ledger is not None:
+                self._ledger.close()
 
     def _group(self, clients: Clients, ident: Identity) -> str | None:
         """The group for the key, as the termination job names it (termination._name_group)."""
@@ -226,44 +263,57 @@ class Shipper:
             self._wake.clear()
             now = self._clock()
             self._take_events(now)
-            files = list(scan(self.cfg.source, self._excluded))
+            files = list(scan(self.cfg.source, self._excluded, self._stopping))
+            if self._stopping.is_set():
+                return
             ledger.keep_only({(st.st_dev, st.st_ino) for _, st in files})
             pending = [(t, st) for t, st in files if ledger.get(FileId.of(st)) is None]
-            due = [(t, st) for t, st in pending
-                   if self._settler.reason(t.path, st.st_mtime, now) is not None
-                   and self._retry_at.get(t.path, (0.0, 0))[0] <= now]
-            self._publish(pending, due)
+            complete = [(t, st) for t, st in pending
+                        if self._settler.reason(t.path, st.st_mtime, now) is not None]
+            due = [(t, st) for t, st in complete
+                   if self._retry_at.get(t.path, (0.0, 0))[0] <= now]
+            # The backlog doctor judges counts complete files waiting for a retry too: a
+            # segment failing for good must read as "not keeping up".
+            self._publish(pending, complete)
             if due:
-                target = min(due, key=lambda d: d[1].st_mtime)[0]  # oldest first
-                self._ship_one(clients, ledger, target, values, now)
+                self._ship_batch(clients, ledger, batch(due), values, now)
                 continue
             waits = [self._settler.wake_in(t.path, st.st_mtime, now) for t, st in pending]
             waits += [at - now for at, _ in self._retry_at.values()]
             self._wake.wait(max(0.2, min([SCAN_MAX, *waits])))
+            # A writer that closes after every line wakes the loop constantly; a rescan of
+            # the sources at most every SCAN_MIN seconds is enough (a stop still wakes it).
+            self._stopping.wait(SCAN_MIN)
 
-    def _ship_one(self, clients: Clients, ledger: Ledger, target: Target,
-                  values: dict[str, str], now: float) -> None:
+    def _ship_batch(self, clients: Clients, ledger: Ledger, targets: list[Target],
+                    values: dict[str, str], now: float) -> None:
         try:
-            ship(self.cfg, clients, ledger, target, values, stop=self._cancel,
+            ship(self.cfg, clients, ledger, targets, values, stop=self._cancel,
                  clock=time.monotonic)
         except Cancelled:
             raise
         except (Changed, FileNotFoundError) as err:
             log.info("not shipped: changed while read; waits to settle again",
-                     extra=fields(path=os.fsdecode(target.path), reason=str(err)))
-            self._settler.forget(target.path)
-            return
+                     extra=fields(path=os.fsdecode(targets[0].path), files=len(targets),
+                                  reason=str(err)))
         except (AgentError, OSError) as err:
-            _, failures = self._retry_at.get(target.path, (0.0, 0))
-            delay = min(RETRY_FIRST * 2**failures, RETRY_MAX)
-            self._retry_at[target.path] = (now + delay, failures + 1)
+            for target in targets:
+                _, failures = self._retry_at.get(target.path, (0.0, 0))
+                delay = min(RETRY_FIRST * 2**failures, RETRY_MAX)
+                self._retry_at[target.path] = (now + delay, failures + 1)
             self._block["last_error"] = str(err)
             log.warning("segment failed; retrying later", extra=fields(
-                path=os.fsdecode(target.path), error=str(err), retry_in_s=delay))
+                path=os.fsdecode(targets[0].path), files=len(targets), error=str(err),
+                retry_in_s=delay))
             return
-        self._retry_at.pop(target.path, None)
-        self._settler.forget(target.path)
-        self._block["last_error"] = None
+        else:
+            self._block["last_error"] = None
+            for target in targets:
+                self._retry_at.pop(target.path, None)
+        # Shipped, or changed while read: either way only a new rename, close or the
+        # settle time makes these files due again (an unrecorded one is still pending).
+        for target in targets:
+            self._settler.forget(target.path)
 
     def _publish(self, pending: list[tuple[Target, os.stat_result]] | None,
                  due: list[tuple[Target, os.stat_result]]) -> None:
@@ -282,7 +332,10 @@ class Shipper:
             self._behind_since = self._clock()
         backlog = {"due_files": len(due), "due_bytes": sum(st.st_size for _, st in due),
                    "behind_since": self._behind_since}
-        if block != self._block or backlog != self._backlog:
-            self._block, self._backlog = block, backlog
+        self._block = block
+        # Against what was last written, not self._block: a failure sets last_error there
+        # directly, and must still reach the file.
+        if (block, backlog) != self._written:
+            self._written = (dict(block), backlog)
             status.write_status(status.status_path(self.cfg), shipping=block,
                                 shipping_backlog=backlog)

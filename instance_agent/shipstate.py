@@ -8,18 +8,29 @@ content digests taken while it was shipped: the SHA-256 of the whole file (the m
   the ledger never claims what S3 does not hold; a file is shipped again only when its
   identity changed (it was written to since).
 - At termination a file is left out of the archive only when its lstat matches a record and
-  its last 64 KiB still hash the same. Any write moves the modification time; the tail
+  either its inode change time is the one recorded (nothing, not even `touch -d`, can set
+  it back) or its last 64 KiB still hash the same. Any write moves the modification time; the tail
   digest also catches a rewrite that put the time back (`touch -d`). Hashing the whole file
   again would cost as much reading as archiving it, which is what shipping saves.
 - The ledger names the instance it belongs to: one baked into an AMI is ignored.
 
-The file is `ship-ledger.json`, replaced atomically (statedir.write_atomic) after each
-segment: a watcher killed at any moment leaves either the old ledger or the new one.
+The file is `ship-ledger.jsonl`, append-only, so recording a segment costs one line
+whatever the ledger's size (a full rewrite per segment made shipping many small files take
+hours):
+
+- the first line names the format and the instance; each later line is one shipped segment
+  (its key, sizes and files) or a list of files forgotten (gone from the sources);
+- a line is appended with one write() and fsync'd only after the segment and its manifest
+  are in S3; a torn last line (a watcher killed mid-write) is ignored when read, and its
+  files are shipped again, which S3's create-only write turns into a record only;
+- the shipper compacts it when it starts (statedir.write_atomic: old or new, never half);
+- like every file of the state directory it is opened with O_NOFOLLOW, and created O_EXCL.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import json
@@ -37,8 +48,8 @@ from instance_agent.manifest import Held
 
 log = logging.getLogger(__name__)
 
-LEDGER_FILE = "ship-ledger.json"
-FORMAT = 1
+LEDGER_FILE = "ship-ledger.jsonl"
+FORMAT = 2
 TAIL = 64 * 1024
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -68,18 +79,22 @@ class Shipped:
     key: str  # the segment object
     tar_bytes: int
     compressed_bytes: int
+    # The inode change time when shipped (0: unknown). Userland cannot set it back: any
+    # write, utime, chmod or rename moves it, so while it is unchanged the content is too
+    # and the tail need not be read again at termination.
+    ctime_ns: int = 0
 
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["fid"] = asdict(self.fid)
-        out["path"] = base64.b64encode(self.path).decode("ascii")
-        return out
+    def file_json(self) -> dict[str, Any]:
+        """This file on its segment's ledger line (the segment's own fields are there once)."""
+        return {"fid": asdict(self.fid), "path": base64.b64encode(self.path).decode("ascii"),
+                "sha256": self.sha256, "tail_sha256": self.tail_sha256,
+                "ctime_ns": self.ctime_ns}
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> Shipped:
+    def from_json(cls, obj: dict[str, Any], segment: dict[str, Any]) -> Shipped:
         return cls(FileId(**obj["fid"]), base64.b64decode(obj["path"]), str(obj["sha256"]),
-                   str(obj["tail_sha256"]), str(obj["key"]), int(obj["tar_bytes"]),
-                   int(obj["compressed_bytes"]))
+                   str(obj["tail_sha256"]), str(segment["key"]), int(segment["tar_bytes"]),
+                   int(segment["compressed_bytes"]), int(obj.get("ctime_ns", 0)))
 
     def segment_info(self) -> dict[str, Any]:
         return {"key": self.key, "manifest_key": self.key + ".manifest.json",
@@ -110,7 +125,8 @@ def open_same(name: bytes, dir_fd: int | None, fid: FileId) -> int | None:
     except OSError:
         os.close(fd)
         return None
-    if not stat.S_ISREG(st.st_mode) or FileId.of(st) != fid:
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
+            fid.dev, fid.ino, fid.size, fid.mtime_ns):
         os.close(fd)
         return None
     return fd
@@ -126,6 +142,8 @@ class Ledger:
         self._by_inode: dict[tuple[int, int], Shipped] = {
             (r.fid.dev, r.fid.ino): r for r in records}
         self._lock = threading.Lock()
+        self._fd: int | None = None  # the ledger opened for appending, once needed
+        self.lines = 0  # lines read at load: compact() is worth it when many are stale
         self.used: dict[str, Shipped] = {}  # segments a termination archive named
 
     @classmethod
@@ -134,23 +152,48 @@ class Ledger:
         instance's, or an untrusted directory: each means "archive everything")."""
         try:
             statedir.usable(state_dir)
-            doc = json.loads(statedir.read(state_dir, LEDGER_FILE))
-            if doc.get("instance_id") != instance_id or doc.get("format") != FORMAT:
+            lines = statedir.read(state_dir, LEDGER_FILE).split(b"\n")
+            head = json.loads(lines[0])
+            if head.get("instance_id") != instance_id or head.get("format") != FORMAT:
                 log.warning("shipping ledger of another instance ignored",
-                            extra=fields(ledger_instance=doc.get("instance_id")))
-                return cls(state_dir, instance_id)
-            return cls(state_dir, instance_id,
-                       [Shipped.from_json(r) for r in doc.get("files", [])])
+                            extra=fields(ledger_instance=head.get("instance_id")))
+                ledger = cls(state_dir, instance_id)
+                ledger._discard()
+                return ledger
+            ledger = cls(state_dir, instance_id)
+            for n, line in enumerate(lines[1:], start=2):
+                if not line.strip():
+                    continue
+                try:
+                    ledger._apply(json.loads(line))
+                except (ValueError, KeyError, TypeError) as err:
+                    # A torn last line (killed mid-append): its files are shipped again,
+                    # and S3's create-only write makes that a record only.
+                    log.warning("shipping ledger line unreadable: its files are shipped "
+                                "again", extra=fields(line=n, error=str(err)))
+            ledger.lines = len(lines)
+            return ledger
         except FileNotFoundError:
             return cls(state_dir, instance_id)
         except statedir.Untrusted as err:
             log.warning("state directory not trusted: shipping remembered in memory only",
                         extra=fields(error=str(err)))
             return cls(None, instance_id)
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             log.warning("shipping ledger unreadable: everything is archived at termination",
                         extra=fields(error=str(err)))
-            return cls(state_dir, instance_id)
+            ledger = cls(state_dir, instance_id)
+            ledger._discard()
+            return ledger
+
+    def _apply(self, obj: dict[str, Any]) -> None:
+        if "forget" in obj:
+            for dev, ino in obj["forget"]:
+                self._by_inode.pop((int(dev), int(ino)), None)
+            return
+        recs = [Shipped.from_json(f, obj) for f in obj["files"]]
+        for r in recs:
+            self._by_inode[(r.fid.dev, r.fid.ino)] = r
 
     # -- reading ------------------------------------------------------------------------
     def get(self, fid: FileId) -> Shipped | None:
@@ -165,10 +208,16 @@ class Ledger:
     def held(self, path: bytes, st: os.stat_result, dir_fd: int | None,
              name: bytes) -> Held | None:
         """archive.Skip: the segment holding this file, if it is unchanged since shipped."""
-        fid = FileId.of(st)
-        rec = self.get(fid)
+        # No lock: the archive runs with the shipper stopped (or on a view()), and this is
+        # called once per file of the sources, tens of thousands of times.
+        rec = self._by_inode.get((st.st_dev, st.st_ino))
         if rec is None:
             return None
+        fid = rec.fid
+        if fid.size != st.st_size or fid.mtime_ns != st.st_mtime_ns:
+            return None
+        if rec.ctime_ns and rec.ctime_ns == st.st_ctime_ns:
+            return self._use(rec, path)  # untouched since shipped: nothing to read
         fd = open_same(name, dir_fd, fid)
         if fd is None:
             return None
@@ -182,8 +231,20 @@ class Ledger:
             log.info("changed since shipped (same time, new content): archived",
                      extra=fields(path=os.fsdecode(path)))
             return None
+        return self._use(rec, path)
+
+    def _use(self, rec: Shipped, path: bytes) -> Held:
         self.used[rec.key] = rec
-        return Held(rec.key, rec.sha256)
+        # The member name only when renamed since: tens of thousands of entries each
+        # repeating their own path would swell the manifest uploaded at termination.
+        member = rec.path.lstrip(b"/")
+        return Held(rec.key, rec.sha256, member if member != path.lstrip(b"/") else None)
+
+    def view(self) -> Ledger:
+        """What is recorded now, in memory only, for one termination archive: the watcher
+        hands its shipper's ledger to the job instead of reading the file again."""
+        with self._lock:
+            return Ledger(None, self.instance_id, self._by_inode.values())
 
     def segments(self) -> list[dict[str, Any]]:
         """The segments `held` named, for the manifest."""
@@ -191,9 +252,19 @@ class Ledger:
 
     # -- writing ------------------------------------------------------------------------
     def add(self, rec: Shipped) -> None:
+        self.add_segment([rec])
+
+    def add_segment(self, recs: list[Shipped]) -> None:
+        """Record the files of one segment (all with the same key): one appended line."""
+        if not recs:
+            return
+        first = recs[0]
         with self._lock:
-            self._by_inode[(rec.fid.dev, rec.fid.ino)] = rec
-        self._save()
+            for r in recs:
+                self._by_inode[(r.fid.dev, r.fid.ino)] = r
+        self._append({"key": first.key, "tar_bytes": first.tar_bytes,
+                      "compressed_bytes": first.compressed_bytes,
+                      "files": [r.file_json() for r in recs]})
 
     def keep_only(self, present: set[tuple[int, int]]) -> None:
         """Forget files that are gone (rotated away for good): the ledger stays small."""
@@ -202,17 +273,92 @@ class Ledger:
             for k in gone:
                 del self._by_inode[k]
         if gone:
-            self._save()
+            self._append({"forget": [list(k) for k in gone]})
 
-    def _save(self) -> None:
+    def compact(self) -> None:
+        """Rewrite the ledger as what it holds now: one line per segment, nothing forgotten.
+        Atomic (old or new ledger), so a watcher killed meanwhile loses nothing."""
         if self.state_dir is None:
             return
         with self._lock:
-            doc = {"format": FORMAT, "instance_id": self.instance_id,
-                   "files": [r.to_json() for r in self._by_inode.values()]}
+            by_key: dict[str, list[Shipped]] = {}
+            for r in self._by_inode.values():
+                by_key.setdefault(r.key, []).append(r)
+        out = [self._header()]
+        for recs in by_key.values():
+            first = recs[0]
+            out.append(_line({"key": first.key, "tar_bytes": first.tar_bytes,
+                              "compressed_bytes": first.compressed_bytes,
+                              "files": [r.file_json() for r in recs]}))
+        self.close()
         try:
-            statedir.write_atomic(self.state_dir, LEDGER_FILE, json.dumps(doc).encode())
+            statedir.write_atomic(self.state_dir, LEDGER_FILE, b"".join(out))
+            self.lines = len(out)
+        except OSError as err:
+            _warn_write(err)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _header(self) -> bytes:
+        return _line({"format": FORMAT, "instance_id": self.instance_id})
+
+    def _discard(self) -> None:
+        """Start over: another instance's or an unreadable ledger is replaced, not appended to."""
+        if self.state_dir is not None:
+            with contextlib.suppress(OSError):
+                statedir.write_atomic(self.state_dir, LEDGER_FILE, self._header())
+
+    def _append(self, obj: dict[str, Any]) -> None:
+        if self.state_dir is None:
+            return
+        data = _line(obj)
+        try:
+            if self._fd is None:
+                self._fd = self._open()
+            # One write() of the whole line to an O_APPEND file: lines never interleave, and a
+            # kill leaves at most a torn last line, which load() ignores.
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
         except OSError as err:
             # Not fatal: what is not remembered is archived again at termination.
-            log.warning("cannot write the shipping ledger", extra=fields(
-                error=err.strerror or errno.errorcode.get(err.errno or 0, str(err))))
+            _warn_write(err)
+
+    def _open(self) -> int:
+        assert self.state_dir is not None
+        flags = os.O_RDWR | os.O_APPEND
+        try:
+            fd = statedir.create_exclusive(self.state_dir, LEDGER_FILE, flags)
+        except FileExistsError:
+            fd = statedir.open_nofollow(self.state_dir, LEDGER_FILE, flags)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file", LEDGER_FILE)
+                # A torn last line (killed mid-append) is ended first, or the next line
+                # would be glued to it and lost with it.
+                if st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
+                    os.write(fd, b"\n")
+            except OSError:
+                os.close(fd)
+                raise
+            return fd
+        try:
+            os.write(fd, self._header())
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def _warn_write(err: OSError) -> None:
+    log.warning("cannot write the shipping ledger", extra=fields(
+        error=err.strerror or errno.errorcode.get(err.errno or 0, str(err))))

@@ -104,6 +104,8 @@ class Options:
     on_stage: Callable[[str], object] = lambda _stage: None
     progress_interval: float = 30.0
     clock: Callable[[], float] = time.monotonic
+    # The watcher's shipper's ledger (a view): spares reading the file again at termination.
+    shipped: Ledger | None = None
 
 
 def run(cfg: Config, ident: Identity, clients: Clients, opts: Options | None = None) -> Outcome:
@@ -365,7 +367,10 @@ class _Job:
                 raise Cancelled("backup cancelled")
             # With shipping on, what the watcher already shipped stays out of the archive;
             # an empty or unreadable ledger means the full archive, exactly as without.
-            shipped = Ledger.load(cfg.state_dir, self.ident.instance_id) if cfg.ship else None
+            shipped = None
+            if cfg.ship:
+                shipped = self.opts.shipped if self.opts.shipped is not None else \
+                    Ledger.load(cfg.state_dir, self.ident.instance_id)
             archive_and_upload(cfg, self.ident, self.clients, result, group=result.group,
                                started=self.started, clock=self.clock,
                                progress_interval=self.opts.progress_interval, cancel=cancel,

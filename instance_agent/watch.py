@@ -57,6 +57,7 @@ from instance_agent.sdnotify import Notifier, watchdog_interval
 if TYPE_CHECKING:
     from instance_agent.backup import Clients, Identity
     from instance_agent.shipper import Shipper
+    from instance_agent.shipstate import Ledger
     from instance_agent.termination import Plan
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class Job:
 
     def __init__(self, notice: Notice, cfg: Config, deps: Deps, identity: IdentityCache,
                  notifier: Notifier, on_done: Callable[[], None],
-                 before: Callable[[], object] | None = None) -> None:
+                 before: Callable[[], Ledger | None] | None = None) -> None:
         self.notice = notice
         self.before = before  # run first, in the job's thread (stops shipping)
         self.cfg = cfg
@@ -181,15 +182,15 @@ class Job:
         from instance_agent import termination
 
         cfg, kind = self.cfg, self.notice.kind
-        if self.before is not None:
-            self.before()
+        shipped = self.before() if self.before is not None else None
         ident = self.identity.get(cfg, deadline=time.monotonic() + cfg.wait_timeout,
                                   cancel=self.cancel)
         clients = self.deps.make_clients(cfg, ident.region)
         opts = termination.Options(
             trigger=kind, notice=self.notice.detail,
             imds_state=self.notice.detail if kind in (TERMINATION, WARM_RETURN) else None,
-            plan=plan_for(kind), cancel=self.cancel, on_stage=self.notifier.status)
+            plan=plan_for(kind), cancel=self.cancel, on_stage=self.notifier.status,
+            shipped=shipped)
         outcome = termination.run(cfg, ident, clients, opts)
         self.result = outcome.result.to_json()
         log.info("response finished", extra=fields(
@@ -364,10 +365,13 @@ class Watcher:
             cfg, deadline=math.inf, cancel=stop), self.deps.make_clients)
         self.shipper.start()
 
-    def _stop_shipping(self) -> None:
+    def _stop_shipping(self) -> Ledger | None:
+        """Stop shipping; what it recorded, for the termination archive to leave out."""
         shipper, self.shipper = self.shipper, None
-        if shipper is not None:
-            shipper.stop()
+        if shipper is None:
+            return None
+        shipper.stop()
+        return shipper.ledger()
 
     def _finish_job(self, *, stopping: bool) -> None:
         assert self.job is not None

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import Stack
+from support.agentproc import watch
 from support.faultproxy import FaultProxy, Rule, access_denied, query_error
 
 ALWAYS_OK = ("config", "compression", "imds", "identity", "lifecycle hook",
@@ -231,3 +232,79 @@ def test_demo_detach_keeps_a_stand_in_for_the_operator_commands(tmp_path: Path) 
     while env_file.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not env_file.exists()  # the stand-in removed it as it stopped
+
+
+def _status_file(stack: Stack) -> Path:
+    [path] = [p for p in (stack.tmp / "run" / "watch-status.json",
+                          stack.tmp / "state" / "watch-status.json") if p.exists()]
+    return path
+
+
+def _shipping_state(stack: Stack) -> dict[str, Any]:
+    block: dict[str, Any] = json.loads(stack.run("status", "--json").stdout)["shipping"]
+    return block
+
+
+def _wait_shipping(stack: Stack, **want: Any) -> None:
+    deadline = time.monotonic() + 30
+    while any(_shipping_state(stack).get(k) != v for k, v in want.items()):
+        assert time.monotonic() < deadline, _shipping_state(stack)
+        time.sleep(0.3)
+
+
+def test_shipping_keeps_up(stack: Stack, tmp_path: Path) -> None:
+    src = tmp_path / "logs"
+    src.mkdir()
+    rotated = src / "app.log.1"
+    rotated.write_bytes(b"GET /health 200\n" * 65536)  # 1 MiB
+    os.utime(rotated, (time.time() - 3600,) * 2)
+    with watch(stack, "--source", str(src), "--ship") as w:
+        w.wait_for("segment shipped", timeout=30, path=str(rotated))
+        _wait_shipping(stack, shipped_files=1)
+        _, checks = doctor(stack, "--ship", "--source", str(src))
+    assert checks["shipping"]["result"] == "ok"
+    assert checks["shipping"]["message"] == ("keeping up: 1 files (1.0 MiB) shipped; 0 not "
+                                             "shipped yet (0.0 MiB, live files included)")
+    _, checks = doctor(stack, "--no-ship")
+    assert checks["shipping"]["result"] == "skip"
+    assert checks["shipping"]["message"].startswith("off (--ship ships files as they complete")
+
+
+def test_shipping_not_keeping_up(stack: Stack, tmp_path: Path) -> None:
+    src = tmp_path / "logs"
+    src.mkdir()
+    rotated = src / "app.log.1"
+    rotated.write_bytes(b"GET /health 200\n" * 65536)
+    os.utime(rotated, (time.time() - 3600,) * 2)
+    with FaultProxy(stack.s3_endpoint) as proxy:
+        # The instance role lost s3:PutObject: every segment is refused.
+        proxy.add_rule(Rule(method="POST", query=lambda q: "uploads" in q, fault=access_denied()))
+        env = stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint, INSTANCE_AGENT_LOG_LEVEL="info")
+        with watch(stack, "--source", str(src), "--ship", env=env) as w:
+            w.wait_for("segment failed; retrying later", timeout=30)
+            _wait_shipping(stack, pending_files=1)
+            assert "AccessDenied" in (_shipping_state(stack)["last_error"] or "")
+            # Behind for seconds only: still keeping up, and the error is shown.
+            _, checks = doctor(stack, "--ship", "--source", str(src))
+            w.proc.kill()
+            w.wait(10)
+    assert checks["shipping"]["result"] == "ok"
+    assert checks["shipping"]["message"].startswith("keeping up: 0 files (0.0 MiB) shipped; "
+                                                    "1 not shipped yet (1.0 MiB, live files "
+                                                    "included); last error: ")
+    # The same watcher's status a quarter of an hour on: the complete file still waits.
+    path = _status_file(stack)
+    doc = json.loads(path.read_text())
+    doc["shipping_backlog"]["behind_since"] -= 15 * 60
+    path.write_text(json.dumps(doc))
+    proc, checks = doctor(stack, "--ship", "--source", str(src))
+    out = human(stack, "--ship", "--source", str(src))
+    assert proc.returncode == 1
+    ship = checks["shipping"]
+    assert ship["result"] == "fail"
+    assert ship["message"].startswith("not keeping up: 1 complete files waiting for 15 min; "
+                                      "0 files (0.0 MiB) shipped; 1 not shipped yet")
+    assert "AccessDenied" in ship["message"]
+    assert ship["fix"].startswith("check the last error (S3 access?), or raise --ship-bandwidth")
+    line, fix = line_and_fix(out.stdout, "shipping")
+    assert line.startswith("✗ shipping") and fix.startswith("fix: check the last error")

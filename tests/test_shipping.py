@@ -159,3 +159,42 @@ def test_kill_9_mid_segment_restart_ships_once_and_aborts_the_upload(
     restored = _restore_latest(stack, tmp_path / "restored")
     assert restored["status"] == "verified"
     assert walk(tmp_path / "restored" / str(src).lstrip("/")) == walk(src)
+
+
+def test_many_small_files_ship_as_one_segment_and_restore_as_one_tree(
+        stack: Stack, tmp_path: Path) -> None:
+    src = tmp_path / "logs"
+    rng = random.Random(3)
+    for i in range(400):  # a job runner's per-job logs: many tiny files in a few dirs
+        d = src / "jobs" / f"{i // 100:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"job-{i:05d}.log").write_bytes(b"job %d done\n" % i * rng.randrange(1, 20))
+    big = src / "nginx" / "access.log.1"
+    big.parent.mkdir()
+    big.write_bytes(rng.randbytes(2 * 2**20))
+    for p in src.rglob("*"):
+        os.utime(p, (OLD, OLD))
+    with watch(stack, "--source", str(src), "--ship") as w:
+        _, shipped = w.wait_for("segment shipped", timeout=60)
+        assert shipped["files"] == 401
+        deadline = time.monotonic() + 30  # the status file follows at the next scan
+        while (state := json.loads(stack.run("status", "--json").stdout)["shipping"])[
+                "shipped_files"] != 401:
+            assert time.monotonic() < deadline, state
+            time.sleep(0.3)
+        assert state["pending_files"] == 0
+        assert len(_segments(stack)) == 1  # one object for all of them, not 401
+        # Rotated after it was shipped: restored under its new name, from the segment.
+        os.rename(src / "jobs" / "000" / "job-00000.log", src / "jobs" / "000" / "job-00000.log.1")
+        stack.scale_in()
+        _, done = w.wait_for("response finished", timeout=60)
+    assert done["status"] == "succeeded" and completions(stack) == [("CONTINUE", "ok")]
+    doc = _manifest(stack, done["key"])
+    assert doc["totals"]["files"] == 0 and doc["totals"]["held_files"] == 401
+    assert len(doc["segments"]) == 1
+
+    restored = _restore_latest(stack, tmp_path / "restored")
+    assert restored["status"] == "verified" and restored["differences"] == []
+    assert walk(tmp_path / "restored" / str(src).lstrip("/")) == walk(src)
+    listed = json.loads(stack.run("list", "--bucket", stack.bucket, "--json").stdout)
+    assert [(b["key"], b["files"]) for b in listed] == [(done["key"], 401)]

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from fakes import FakeClock
 
+from instance_agent.segment import Target
 from instance_agent.settle import Settler
-from instance_agent.shipstate import FileId, Ledger, Shipped, open_same, tail_digest
+from instance_agent.shipper import batch
+from instance_agent.shipstate import LEDGER_FILE, FileId, Ledger, Shipped, open_same, tail_digest
 
 INSTANCE = "i-0123456789abcdef0"
 
@@ -21,7 +23,8 @@ def _record(path: Path, key: str = "b/i/segments/x.tar.zst") -> Shipped:
         tail = tail_digest(fd, st.st_size)
     finally:
         os.close(fd)
-    return Shipped(FileId.of(st), os.fsencode(path), "ab" * 32, tail, key, 2048, 100)
+    return Shipped(FileId.of(st), os.fsencode(path), "ab" * 32, tail, key, 2048, 100,
+                   st.st_ctime_ns)
 
 
 def _held(ledger: Ledger, path: Path) -> str | None:
@@ -75,7 +78,7 @@ def test_empty_other_instance_or_garbage_ledger_means_full_archive(tmp_path: Pat
     assert _held(Ledger.load(str(state), INSTANCE), log) is None  # no ledger yet
     Ledger.load(str(state), "i-0fedcba9876543210").add(_record(log))
     assert _held(Ledger.load(str(state), INSTANCE), log) is None  # baked into an AMI
-    (state / "ship-ledger.json").write_text("{not json")
+    (state / "ship-ledger.jsonl").write_text("{not json")
     assert _held(Ledger.load(str(state), INSTANCE), log) is None
 
 
@@ -101,6 +104,77 @@ def test_open_same_refuses_a_symlink_or_another_file(tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.write_bytes(b"x")
     assert open_same(os.fsencode(other), None, fid) is None
+
+
+def test_the_ledger_grows_by_one_line_per_segment_and_survives_a_torn_line(
+        tmp_path: Path) -> None:
+    state = str(tmp_path / "state")
+    logs = []
+    for i in range(6):
+        p = tmp_path / f"job-{i}.log"
+        p.write_bytes(b"x" * (i + 1))
+        logs.append(p)
+    ledger = Ledger.load(state, INSTANCE)
+    ledger.add_segment([_record(p, "k/seg-1") for p in logs[:3]])  # one segment, three files
+    ledger.add_segment([_record(p, "k/seg-2") for p in logs[3:5]])
+    ledger.close()
+    path = Path(state) / LEDGER_FILE
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 3  # the header, then one line per segment: nothing rewritten
+    with open(path, "ab") as fh:  # a watcher killed in the middle of its next append
+        fh.write(b'{"key":"k/seg-3","tar_bytes":2048,"files":[{"fid"')
+
+    again = Ledger.load(state, INSTANCE)
+    assert again.totals() == (5, 1 + 2 + 3 + 4 + 5)
+    assert again.get(FileId.of(os.lstat(logs[5]))) is None  # the torn one: shipped again
+    assert _held(again, logs[4]) == "k/seg-2"
+    assert again.segments() == [{"key": "k/seg-2", "manifest_key": "k/seg-2.manifest.json",
+                                 "tar_bytes": 2048, "compressed_bytes": 100}]
+
+    st = os.lstat(logs[0])
+    again.keep_only({(os.lstat(p).st_dev, os.lstat(p).st_ino) for p in logs[1:]})
+    again.close()
+    assert len(path.read_bytes().splitlines()) == 5  # the torn line, then one "forget" line
+    compacted = Ledger.load(state, INSTANCE)
+    compacted.compact()  # what a starting shipper does
+    assert path.read_bytes().count(b"\n") == 3  # header and the two segments, whole
+    assert compacted.totals() == (4, 2 + 3 + 4 + 5)
+    assert Ledger.load(state, INSTANCE).get(FileId.of(st)) is None
+    assert (os.stat(state).st_mode & 0o777) == 0o700
+
+
+def test_the_ledger_never_follows_a_planted_symlink(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    (state / LEDGER_FILE).symlink_to(victim)
+    log = tmp_path / "a.log"
+    log.write_bytes(b"a")
+    ledger = Ledger.load(str(state), INSTANCE)
+    ledger.add(_record(log))  # the append fails (ELOOP): remembered in memory only
+    assert victim.read_bytes() == b"precious\n"
+    assert ledger.get(FileId.of(os.lstat(log))) is not None
+
+
+def _due(tmp_path: Path, sizes: list[int]) -> list[tuple[Target, os.stat_result]]:
+    out = []
+    for i, size in enumerate(sizes):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(b"x" * size)
+        os.utime(p, (1000 + i, 1000 + i))
+        out.append((Target(os.fsencode(tmp_path), os.fsencode(p.name)), os.lstat(p)))
+    return out
+
+
+def test_a_segment_packs_small_files_up_to_the_budget_and_a_big_one_goes_alone(
+        tmp_path: Path) -> None:
+    due = _due(tmp_path, [10, 20, 30, 500, 30, 5])
+    names = [t.rel for t in batch(due, max_bytes=100, max_files=10)]
+    assert names == [b"f0", b"f1", b"f2", b"f4", b"f5"]  # f3 is over the budget
+    assert [t.rel for t in batch(list(reversed(due)), max_bytes=100, max_files=10)] == names
+    assert [t.rel for t in batch(due, max_bytes=100, max_files=2)] == [b"f0", b"f1"]
+    assert [t.rel for t in batch(due[3:], max_bytes=100, max_files=10)] == [b"f3"]
 
 
 # --- settle -------------------------------------------------------------------------------
