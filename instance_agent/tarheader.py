@@ -10,6 +10,7 @@ caller in large blocks.
 from __future__ import annotations
 
 import struct
+import zlib
 
 BLOCK = 512
 REGTYPE = b"0"
@@ -72,7 +73,17 @@ def _ustar_block(
         b"ustar\x0000", uname[:31], gname[:31], _ZERO8, _ZERO8, prefix,
     ]
     header = _USTAR.pack(*fields)
-    return header[:148] + b"%06o\0 " % sum(header) + header[156:]
+    return header[:148] + b"%06o\0 " % _byte_sum(header) + header[156:]
+
+
+def _byte_sum(block: bytes) -> int:
+    """The ustar checksum: the plain sum of the block's 512 bytes.
+
+    `sum(block)` walks the bytes in the interpreter, about 4 µs a header, a third of the cost
+    of encoding one. Adler-32's low half is 1 + the byte sum modulo 65521, and 256 bytes
+    sum to at most 65280, so over each half of the block it is the exact sum, computed in C.
+    """
+    return ((zlib.adler32(block[:256]) & 0xFFFF) - 1) + ((zlib.adler32(block[256:]) & 0xFFFF) - 1)
 
 
 def encode(
