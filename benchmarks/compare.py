@@ -39,6 +39,7 @@ WORK = ROOT / "benchmarks" / "work"
 RESULTS = ROOT / "benchmarks" / "results"
 TOOLS = WORK / "tools"
 BUCKET = "bench"
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 @dataclass
@@ -119,29 +120,30 @@ def object_digests(client: Any, key: str, compression: str) -> dict[str, str]:
 
 
 def _tree_rss_kib(root: int) -> int:
-    """Sum of VmRSS over `root` and its descendants (one /proc scan)."""
-    parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
+    """Sum of VmRSS over `root` and its descendants. Only the parent links are read for every
+    process, and the RSS for the tree's: the harness's sampling takes CPU from the same 2
+    cores the pipelines compete for."""
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            status = Path(f"/proc/{entry}/status").read_text()
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
         except OSError:
             continue
-        parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                rss[int(entry)] = int(line.split()[1])
-    tree, frontier = {root}, [root]
+        parent = int(stat[stat.rindex(b")") + 2 :].split(maxsplit=2)[1])
+        children.setdefault(parent, []).append(int(entry))
+    total, frontier = 0, [root]
     while frontier:
         pid = frontier.pop()
-        for child, parent in parents.items():
-            if parent == pid and child not in tree:
-                tree.add(child)
-                frontier.append(child)
-    return sum(rss.get(pid, 0) for pid in tree)
+        frontier.extend(children.get(pid, ()))
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as fh:
+                total += int(fh.read().split()[1]) * PAGE_KIB  # resident pages
+        except OSError:
+            continue  # exited since the listing
+    return total
 
 
 @dataclass
