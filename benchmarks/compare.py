@@ -266,6 +266,14 @@ def main() -> None:
                      "rss": max(x.rss for x in got), "uploaded": up, "temp_disk": disk,
                      "correct": ok, "floor": c.floor})
     by = {r["name"]: r for r in rows}
+
+    def paired(x: str, y: str, metric: str) -> str:
+        """The ratio within each round, median (min–max): the rounds are interleaved, so a
+        round's two runs met about the same load from whatever else the machine was doing."""
+        each = [getattr(p, metric) / getattr(q, metric) for p, q in
+                zip(samples[x], samples[y], strict=True)]
+        return f"{statistics.median(each):.2f} ({min(each):.2f}–{max(each):.2f})"
+
     lines = [f"Corpus {args.size} ({size:,} bytes), {args.rounds} rounds interleaved, median "
              f"(min–max); {os.cpu_count()} cores; SeaweedFS on the same machine. CPU is user+sys "
              "of the pipeline's processes, the S3 server excluded.", "",
@@ -295,11 +303,14 @@ def main() -> None:
         if peers:
             fastest = min(peers, key=lambda r: r["wall"])
             ratios.append(f"A wall / fastest uploading peer ({fastest['name']}) = "
-                          f"{a / fastest['wall']:.2f} (target <= 1.0)")
-            ratios.append(f"A CPU / that peer's CPU = {by['A']['cpu'] / fastest['cpu']:.2f}")
+                          f"{a / fastest['wall']:.2f}, per round {paired('A', fastest['name'], 'wall')} "
+                          "(target <= 1.0)")
+            ratios.append(f"A CPU / that peer's CPU = {by['A']['cpu'] / fastest['cpu']:.2f}, "
+                          f"per round {paired('A', fastest['name'], 'cpu')}")
         if "F" in by:
             ratios.append(f"A CPU / F CPU (the compression-only reference) = "
-                          f"{by['A']['cpu'] / by['F']['cpu']:.2f} (target <= 1.15)")
+                          f"{by['A']['cpu'] / by['F']['cpu']:.2f}, per round "
+                          f"{paired('A', 'F', 'cpu')} (target <= 1.15)")
         if "N" in by and "2" in by:
             ratios.append(f"N / 2 = {by['N']['wall'] / by['2']['wall']:.2f} (target <= 1.0)")
         lines += ["", *[f"- {r}" for r in ratios]]
