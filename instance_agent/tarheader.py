@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from functools import lru_cache
 
 BLOCK = 512
 REGTYPE = b"0"
@@ -62,17 +63,25 @@ _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
 _ZERO8 = b"0000000\0"
 
 
+@lru_cache(maxsize=1024)
+def _owner_fields(mode: int, uid: int, gid: int, uname: bytes,
+                  gname: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    """mode, uid, gid, uname, gname as header fields: the same few owners and modes recur
+    across a whole tree, so they are formatted once each, not once per member."""
+    return (b"%07o\0" % (mode & 0o7777), b"%07o\0" % min(uid, _MAX_OCTAL_7),
+            b"%07o\0" % min(gid, _MAX_OCTAL_7), uname[:31], gname[:31])
+
+
 def _ustar_block(
     name: bytes, prefix: bytes, *, mode: int, uid: int, gid: int, size: int, mtime: int,
     typeflag: bytes, linkname: bytes, uname: bytes, gname: bytes,
 ) -> bytes:
-    fields = [
-        name, b"%07o\0" % (mode & 0o7777), b"%07o\0" % min(uid, _MAX_OCTAL_7),
-        b"%07o\0" % min(gid, _MAX_OCTAL_7), b"%011o\0" % min(size, _MAX_OCTAL_11),
+    mode_f, uid_f, gid_f, uname_f, gname_f = _owner_fields(mode, uid, gid, uname, gname)
+    header = _USTAR.pack(
+        name, mode_f, uid_f, gid_f, b"%011o\0" % min(size, _MAX_OCTAL_11),
         b"%011o\0" % min(max(mtime, 0), _MAX_OCTAL_11), b"        ", typeflag, linkname,
-        b"ustar\x0000", uname[:31], gname[:31], _ZERO8, _ZERO8, prefix,
-    ]
-    header = _USTAR.pack(*fields)
+        b"ustar\x0000", uname_f, gname_f, _ZERO8, _ZERO8, prefix,
+    )
     return header[:148] + b"%06o\0 " % _byte_sum(header) + header[156:]
 
 
