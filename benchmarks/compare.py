@@ -204,8 +204,9 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
                   [r[f"{metric}_max"] - r[metric] for r in rows]]
         axis.barh(labels, values, color=colours, xerr=spread, ecolor="#333", capsize=3)
         axis.set_xlabel(f"{title}, median and min–max (s)")
-        for i, v in enumerate(values):
-            axis.text(v, i, f"  {v:.2f} s", va="bottom")
+        for i, (v, r) in enumerate(zip(values, rows, strict=True)):
+            axis.text(r[f"{metric}_max"], i, f"  {v:.2f} s", va="center")  # beside the whisker
+        axis.set_xlim(0, max(r[f"{metric}_max"] for r in rows) * 1.25)
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
