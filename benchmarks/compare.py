@@ -3,9 +3,11 @@
     python benchmarks/compare.py --size 1GiB --rounds 3
 
 Each competitor runs as a whole process tree, rounds interleaved (A B C … A B C …), and the
-median wall time is quoted. Every uploaded object is checked: it is downloaded, decompressed
-and untarred as a stream, and every regular file must hash to the source's bytes. Writes a
-Markdown table and a PNG chart to benchmarks/results/. The AWS CLI (v1) and s5cmd live in their
+median wall time and CPU-seconds (user+sys of the pipeline's processes, the S3 server excluded)
+are quoted with their spread; `tar | zstd -T0 -3 > /dev/null` (F) is the CPU reference. Every
+uploaded object is checked: it is downloaded, decompressed and untarred as a stream, and every
+regular file must hash to the source's bytes. Writes a Markdown table and a PNG chart to
+benchmarks/results/. The AWS CLI (v1) and s5cmd live in their
 own venv under benchmarks/work/, since awscli pins a botocore older than the agent's.
 """
 
