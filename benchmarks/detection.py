@@ -42,12 +42,17 @@ def main() -> None:
     for name in list(os.environ):
         if name.startswith(("AWS_", "INSTANCE_AGENT_")):
             del os.environ[name]
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
+    )
     rng = random.Random(5)
     latencies = []
-    with tempfile.TemporaryDirectory() as tmp, MotoServer() as moto, \
-            SeaweedS3(Path(tmp) / "weed") as s3, FaultProxy(s3.endpoint) as proxy:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        MotoServer() as moto,
+        SeaweedS3(Path(tmp) / "weed") as s3,
+        FaultProxy(s3.endpoint) as proxy,
+    ):
         boto3.client("s3", endpoint_url=s3.endpoint).create_bucket(Bucket="bench")
         src = Path(tmp) / "src"
         src.mkdir()
@@ -55,17 +60,39 @@ def main() -> None:
         for run in range(args.runs):
             instance = make_group(moto, f"det-{run}", "hook")
             with IMDSStub(instance_id=instance, target_lifecycle_state="InService") as imds:
-                env = dict(os.environ, AWS_ENDPOINT_URL=moto.endpoint,
-                           AWS_ENDPOINT_URL_S3=proxy.endpoint,
-                           AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint)
-                started = proxy.add_rule(Rule(fault=Delay(0.0), method="POST",
-                                              query=lambda q: "uploads" in q, times=1))
+                env = dict(
+                    os.environ,
+                    AWS_ENDPOINT_URL=moto.endpoint,
+                    AWS_ENDPOINT_URL_S3=proxy.endpoint,
+                    AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint,
+                )
+                started = proxy.add_rule(
+                    Rule(fault=Delay(0.0), method="POST", query=lambda q: "uploads" in q, times=1)
+                )
                 watcher = subprocess.Popen(
-                    [sys.executable, "-m", "instance_agent", "watch", "--bucket", "bench",
-                     "--source", str(src), "--no-journal", "--poll-interval", str(args.poll_interval),
-                     "--state-dir", f"{tmp}/state-{run}", "--runtime-dir", f"{tmp}/run-{run}",
-                     "--log-level", "warning"],
-                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    [
+                        sys.executable,
+                        "-m",
+                        "instance_agent",
+                        "watch",
+                        "--bucket",
+                        "bench",
+                        "--source",
+                        str(src),
+                        "--no-journal",
+                        "--poll-interval",
+                        str(args.poll_interval),
+                        "--state-dir",
+                        f"{tmp}/state-{run}",
+                        "--runtime-dir",
+                        f"{tmp}/run-{run}",
+                        "--log-level",
+                        "warning",
+                    ],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 while imds.metadata_gets < 2:  # it is up and polling
                     time.sleep(0.01)
                 time.sleep(rng.uniform(0, args.poll_interval))
@@ -80,9 +107,11 @@ def main() -> None:
                 proxy.clear()
             print(f"run {run + 1}: {latencies[-1] * 1000:.0f} ms", flush=True)
     med, worst = statistics.median(latencies), max(latencies)
-    print(f"\ndetection to upload start over {len(latencies)} runs at a {args.poll_interval:g} s poll: "
-          f"median {med * 1000:.0f} ms, worst {worst * 1000:.0f} ms "
-          f"(target: median <= {(args.poll_interval + 0.3) * 1000:.0f} ms)")
+    print(
+        f"\ndetection to upload start over {len(latencies)} runs at a {args.poll_interval:g} s poll: "
+        f"median {med * 1000:.0f} ms, worst {worst * 1000:.0f} ms "
+        f"(target: median <= {(args.poll_interval + 0.3) * 1000:.0f} ms)"
+    )
 
 
 if __name__ == "__main__":

@@ -31,12 +31,32 @@ WORK = ROOT / "benchmarks" / "work"
 
 def run_backup(src: Path, endpoint: str, bucket: str, extra: list[str]) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "INSTANCE_AGENT_"))}
-    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-               AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL_S3=endpoint,
-               AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-    args = [sys.executable, "-m", "instance_agent", "backup", "--no-complete", "--no-journal",
-            "--instance-id", "i-0123456789abcdef0", "--region", "us-east-1", "--bucket", bucket,
-            "--source", str(src), "--json", *extra]
+    env.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL_S3=endpoint,
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "instance_agent",
+        "backup",
+        "--no-complete",
+        "--no-journal",
+        "--instance-id",
+        "i-0123456789abcdef0",
+        "--region",
+        "us-east-1",
+        "--bucket",
+        bucket,
+        "--source",
+        str(src),
+        "--json",
+        *extra,
+    ]
     started = time.monotonic()
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
@@ -46,8 +66,12 @@ def run_backup(src: Path, endpoint: str, bucket: str, extra: list[str]) -> dict[
     result = json.loads(out)
     if os.waitstatus_to_exitcode(status) != 0 or result["status"] != "succeeded":
         raise SystemExit(f"backup failed: {result}")
-    return {"wall_s": wall, "rss_mib": usage.ru_maxrss / 1024, "read": result["bytes_read"],
-            "uploaded": result["bytes_uploaded"]}
+    return {
+        "wall_s": wall,
+        "rss_mib": usage.ru_maxrss / 1024,
+        "read": result["bytes_read"],
+        "uploaded": result["bytes_uploaded"],
+    }
 
 
 def main() -> None:
@@ -60,8 +84,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="seaweed-") as tmp, SeaweedS3(tmp) as s3:
         import boto3
 
-        client = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client = boto3.client(
+            "s3",
+            endpoint_url=s3.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         client.create_bucket(Bucket="bench")
         for label, size in sizes:
             src = generate(WORK / f"corpus-{size}", size)
@@ -71,8 +100,10 @@ def main() -> None:
     print("| source | bytes read | uploaded | ratio | wall (best) | peak RSS (worst) |")
     print("|---|---|---|---|---|---|")
     for label, r, wall in rows:
-        print(f"| {label} | {r['read']:,} | {r['uploaded']:,} | {r['read'] / r['uploaded']:.2f}x | "
-              f"{wall:.2f} s | {r['rss_mib']:.1f} MiB |")
+        print(
+            f"| {label} | {r['read']:,} | {r['uploaded']:,} | {r['read'] / r['uploaded']:.2f}x | "
+            f"{wall:.2f} s | {r['rss_mib']:.1f} MiB |"
+        )
     growth = rows[-1][1]["rss_mib"] / rows[0][1]["rss_mib"]
     print(f"\npeak RSS {rows[-1][0]} / {rows[0][0]} = {growth:.2f}x (target <= 1.5x)")
 

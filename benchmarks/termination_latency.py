@@ -63,8 +63,9 @@ def _uploaded(proxy: FaultProxy) -> int:
     total = 0
     for req in proxy.requests:
         if req.method == "PUT" or (req.method == "POST" and "uploads" not in req.query):
-            length = req.headers.get("x-amz-decoded-content-length") or \
-                req.headers.get("content-length") or "0"
+            length = (
+                req.headers.get("x-amz-decoded-content-length") or req.headers.get("content-length") or "0"
+            )
             total += int(length)
     return total
 
@@ -86,19 +87,49 @@ def _shipped_all_but_live(run_dir: Path) -> bool:
     return bool(block.get("shipped_files")) and block.get("pending_files") == 1
 
 
-def one_run(mode: str, src: Path, tmp: Path, moto: MotoServer, proxy: FaultProxy,
-            args: argparse.Namespace, round_no: int) -> dict[str, Any]:
+def one_run(
+    mode: str,
+    src: Path,
+    tmp: Path,
+    moto: MotoServer,
+    proxy: FaultProxy,
+    args: argparse.Namespace,
+    round_no: int,
+) -> dict[str, Any]:
     group = f"lat-{mode}-{round_no}"
     instance = make_group(moto, group, "hook", heartbeat_timeout=600)
     run_dir, state = tmp / f"run-{group}", tmp / f"state-{group}"
     with IMDSStub(instance_id=instance, target_lifecycle_state="InService") as imds:
-        env = dict(os.environ, AWS_ENDPOINT_URL=moto.endpoint, AWS_ENDPOINT_URL_S3=proxy.endpoint,
-                   AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint)
-        argv = [sys.executable, "-m", "instance_agent", "watch", "--bucket", "bench",
-                "--source", str(src), "--no-journal", "--poll-interval", "0.5",
-                "--state-dir", str(state), "--runtime-dir", str(run_dir), "--log-level", args.log_level,
-                *(["--ship", "--ship-settle", str(args.ship_settle),
-                   "--ship-bandwidth", args.ship_bandwidth] if mode == "ship" else ["--no-ship"])]
+        env = dict(
+            os.environ,
+            AWS_ENDPOINT_URL=moto.endpoint,
+            AWS_ENDPOINT_URL_S3=proxy.endpoint,
+            AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint,
+        )
+        argv = [
+            sys.executable,
+            "-m",
+            "instance_agent",
+            "watch",
+            "--bucket",
+            "bench",
+            "--source",
+            str(src),
+            "--no-journal",
+            "--poll-interval",
+            "0.5",
+            "--state-dir",
+            str(state),
+            "--runtime-dir",
+            str(run_dir),
+            "--log-level",
+            args.log_level,
+            *(
+                ["--ship", "--ship-settle", str(args.ship_settle), "--ship-bandwidth", args.ship_bandwidth]
+                if mode == "ship"
+                else ["--no-ship"]
+            ),
+        ]
         log = open(tmp / f"watch-{group}.log", "w")  # noqa: SIM115  (closed below)
         watcher = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log)
         try:
@@ -116,8 +147,11 @@ def one_run(mode: str, src: Path, tmp: Path, moto: MotoServer, proxy: FaultProxy
             flipped = time.monotonic()
             imds.target_lifecycle_state = "Terminated"
             while True:
-                done = [c for c in autoscaling.calls() if c.group == group
-                        and c.action == "CompleteLifecycleAction"]
+                done = [
+                    c
+                    for c in autoscaling.calls()
+                    if c.group == group and c.action == "CompleteLifecycleAction"
+                ]
                 if done:
                     break
                 if time.monotonic() - flipped > 900:
@@ -130,17 +164,25 @@ def one_run(mode: str, src: Path, tmp: Path, moto: MotoServer, proxy: FaultProxy
             watcher.terminate()
             watcher.wait(timeout=60)
             log.close()
-    print(f"{mode}: {latency:.2f} s flip -> CompleteLifecycleAction, "
-          f"{after / 2**20:.1f} MiB uploaded after the flip"
-          + (f" (shipping took {shipping_s:.0f} s before)" if mode == "ship" else ""),
-          flush=True)
+    print(
+        f"{mode}: {latency:.2f} s flip -> CompleteLifecycleAction, "
+        f"{after / 2**20:.1f} MiB uploaded after the flip"
+        + (f" (shipping took {shipping_s:.0f} s before)" if mode == "ship" else ""),
+        flush=True,
+    )
     segments = (tmp / f"watch-{group}.log").read_text().count('"segment shipped"')
     if args.keep_logs:
         args.keep_logs.mkdir(parents=True, exist_ok=True)
         shutil.copy(tmp / f"watch-{group}.log", args.keep_logs)
-    return {"mode": mode, "round": round_no, "latency_s": round(latency, 3),
-            "bytes_after_flip": after, "result": done[0].result,
-            "shipping_before_s": round(shipping_s, 1), "segments": segments}
+    return {
+        "mode": mode,
+        "round": round_no,
+        "latency_s": round(latency, 3),
+        "bytes_after_flip": after,
+        "result": done[0].result,
+        "shipping_before_s": round(shipping_s, 1),
+        "segments": segments,
+    }
 
 
 def _median(values: list[float]) -> float:
@@ -157,48 +199,60 @@ def chart(summary: dict[str, Any], path: Path) -> None:
 
     runs = summary["runs"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.4))
-    for ax, field, scale, label in ((a, "latency_s", 1, "s, IMDS flip -> CompleteLifecycleAction"),
-                                    (b, "bytes_after_flip", 2**20, "MiB uploaded after the flip")):
+    for ax, field, scale, label in (
+        (a, "latency_s", 1, "s, IMDS flip -> CompleteLifecycleAction"),
+        (b, "bytes_after_flip", 2**20, "MiB uploaded after the flip"),
+    ):
         for x, mode, color in ((0, "ship", "tab:green"), (1, "full", "tab:gray")):
             vals = [r[field] / scale for r in runs if r["mode"] == mode]
             ax.bar(x, _median(vals), color=color, width=0.6)
             ax.scatter([x] * len(vals), vals, color="black", s=12, zorder=3)
         ax.set_xticks([0, 1], ["with shipping", "--no-ship (full)"])
         ax.set_ylabel(label)
-    fig.suptitle(f"termination, {summary['size']} rotated + 32 MiB live: time ratio "
-                 f"{summary['time_ratio']:.3f}, bytes ratio {summary['bytes_ratio']:.4f}",
-                 fontsize=9)
+    fig.suptitle(
+        f"termination, {summary['size']} rotated + 32 MiB live: time ratio "
+        f"{summary['time_ratio']:.3f}, bytes ratio {summary['bytes_ratio']:.4f}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    out = [f"# Termination latency: continuous shipping vs the full archive ({summary['size']})",
-           "",
-           f"`python benchmarks/termination_latency.py --size {summary['size']}` on "
-           f"{summary['cpus']} CPUs; {summary['size']} of rotated logs (benchmarks/corpus.py, "
-           f"{summary['corpus_files']:,} files) and one 32 MiB live file appended to every "
-           "0.2 s. Local SeaweedFS, moto and the IMDS stub. Shipping settings: "
-           f"`--ship-settle {summary['ship_settle']:g} --ship-bandwidth "
-           f"{summary['ship_bandwidth']}`.",
-           "",
-           "| round | mode | flip → CompleteLifecycleAction (s) | uploaded after the flip (MiB) "
-           "| shipping before the flip (s) | segments |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        f"# Termination latency: continuous shipping vs the full archive ({summary['size']})",
+        "",
+        f"`python benchmarks/termination_latency.py --size {summary['size']}` on "
+        f"{summary['cpus']} CPUs; {summary['size']} of rotated logs (benchmarks/corpus.py, "
+        f"{summary['corpus_files']:,} files) and one 32 MiB live file appended to every "
+        "0.2 s. Local SeaweedFS, moto and the IMDS stub. Shipping settings: "
+        f"`--ship-settle {summary['ship_settle']:g} --ship-bandwidth "
+        f"{summary['ship_bandwidth']}`.",
+        "",
+        "| round | mode | flip → CompleteLifecycleAction (s) | uploaded after the flip (MiB) "
+        "| shipping before the flip (s) | segments |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in summary["runs"]:
-        out.append(f"| {r['round']} | {r['mode']} | {r['latency_s']:.2f} | "
-                   f"{r['bytes_after_flip'] / 2**20:.2f} | "
-                   f"{r['shipping_before_s'] if r['mode'] == 'ship' else '-'} | "
-                   f"{r['segments'] if r['mode'] == 'ship' else '-'} |")
-    out += ["",
-            f"Medians: with shipping {summary['ship_latency_s']:.2f} s and "
-            f"{summary['ship_bytes'] / 2**20:.2f} MiB; full archive "
-            f"{summary['full_latency_s']:.2f} s and {summary['full_bytes'] / 2**20:.1f} MiB.",
-            "",
-            f"- time ratio **{summary['time_ratio']:.3f}** (target ≤ {TIME_TARGET})",
-            f"- bytes ratio **{summary['bytes_ratio']:.4f}** (target ≤ {BYTES_TARGET})",
-            f"- targets {'met' if summary['met'] else 'NOT met'}",
-            "", "![chart](" + summary["chart"] + ")", ""]
+        out.append(
+            f"| {r['round']} | {r['mode']} | {r['latency_s']:.2f} | "
+            f"{r['bytes_after_flip'] / 2**20:.2f} | "
+            f"{r['shipping_before_s'] if r['mode'] == 'ship' else '-'} | "
+            f"{r['segments'] if r['mode'] == 'ship' else '-'} |"
+        )
+    out += [
+        "",
+        f"Medians: with shipping {summary['ship_latency_s']:.2f} s and "
+        f"{summary['ship_bytes'] / 2**20:.2f} MiB; full archive "
+        f"{summary['full_latency_s']:.2f} s and {summary['full_bytes'] / 2**20:.1f} MiB.",
+        "",
+        f"- time ratio **{summary['time_ratio']:.3f}** (target ≤ {TIME_TARGET})",
+        f"- bytes ratio **{summary['bytes_ratio']:.4f}** (target ≤ {BYTES_TARGET})",
+        f"- targets {'met' if summary['met'] else 'NOT met'}",
+        "",
+        "![chart](" + summary["chart"] + ")",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -216,8 +270,9 @@ def main() -> None:
     for name in list(os.environ):
         if name.startswith(("AWS_", "INSTANCE_AGENT_")):
             del os.environ[name]
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
+    )
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         src = corpus.generate(args.corpus or tmp / "src", size)
@@ -236,8 +291,7 @@ def main() -> None:
         appender.start()
         results = []
         try:
-            with MotoServer() as moto, SeaweedS3(tmp / "weed") as s3, \
-                    FaultProxy(s3.endpoint) as proxy:
+            with MotoServer() as moto, SeaweedS3(tmp / "weed") as s3, FaultProxy(s3.endpoint) as proxy:
                 boto3.client("s3", endpoint_url=s3.endpoint).create_bucket(Bucket="bench")
                 for round_no in range(1, args.rounds + 1):
                     for mode in ("ship", "full"):
@@ -253,24 +307,35 @@ def main() -> None:
     time_ratio = med("ship", "latency_s") / med("full", "latency_s")
     bytes_ratio = med("ship", "bytes_after_flip") / max(med("full", "bytes_after_flip"), 1)
     stem = RESULTS / f"termination_latency-{args.size}"
-    summary = {"size": args.size, "rotated_bytes": size, "live_bytes": LIVE,
-               "corpus_files": files, "ship_settle": args.ship_settle,
-               "ship_bandwidth": args.ship_bandwidth, "runs": results,
-               "ship_latency_s": med("ship", "latency_s"),
-               "full_latency_s": med("full", "latency_s"),
-               "ship_bytes": med("ship", "bytes_after_flip"),
-               "full_bytes": med("full", "bytes_after_flip"),
-               "time_ratio": round(time_ratio, 3), "bytes_ratio": round(bytes_ratio, 4),
-               "time_target": TIME_TARGET, "bytes_target": BYTES_TARGET,
-               "met": time_ratio <= TIME_TARGET and bytes_ratio <= BYTES_TARGET,
-               "cpus": os.cpu_count(), "chart": stem.with_suffix(".png").name}
+    summary = {
+        "size": args.size,
+        "rotated_bytes": size,
+        "live_bytes": LIVE,
+        "corpus_files": files,
+        "ship_settle": args.ship_settle,
+        "ship_bandwidth": args.ship_bandwidth,
+        "runs": results,
+        "ship_latency_s": med("ship", "latency_s"),
+        "full_latency_s": med("full", "latency_s"),
+        "ship_bytes": med("ship", "bytes_after_flip"),
+        "full_bytes": med("full", "bytes_after_flip"),
+        "time_ratio": round(time_ratio, 3),
+        "bytes_ratio": round(bytes_ratio, 4),
+        "time_target": TIME_TARGET,
+        "bytes_target": BYTES_TARGET,
+        "met": time_ratio <= TIME_TARGET and bytes_ratio <= BYTES_TARGET,
+        "cpus": os.cpu_count(),
+        "chart": stem.with_suffix(".png").name,
+    }
     RESULTS.mkdir(exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(summary))
     chart(summary, stem.with_suffix(".png"))
-    print(f"time ratio {time_ratio:.3f} (target <= {TIME_TARGET}), bytes ratio "
-          f"{bytes_ratio:.4f} (target <= {BYTES_TARGET}): "
-          f"{'met' if summary['met'] else 'NOT met'}")
+    print(
+        f"time ratio {time_ratio:.3f} (target <= {TIME_TARGET}), bytes ratio "
+        f"{bytes_ratio:.4f} (target <= {BYTES_TARGET}): "
+        f"{'met' if summary['met'] else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

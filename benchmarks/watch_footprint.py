@@ -54,17 +54,29 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
 
-    with IMDSStub(target_lifecycle_state="InService") as stub, \
-            tempfile.TemporaryDirectory() as tmp:
+    with IMDSStub(target_lifecycle_state="InService") as stub, tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "INSTANCE_AGENT_"))}
-        env.update(AWS_EC2_METADATA_SERVICE_ENDPOINT=stub.endpoint,
-                   INSTANCE_AGENT_STATE_DIR=f"{tmp}/state", INSTANCE_AGENT_RUNTIME_DIR=f"{tmp}/run",
-                   INSTANCE_AGENT_LOG_FORMAT="json")
+        env.update(
+            AWS_EC2_METADATA_SERVICE_ENDPOINT=stub.endpoint,
+            INSTANCE_AGENT_STATE_DIR=f"{tmp}/state",
+            INSTANCE_AGENT_RUNTIME_DIR=f"{tmp}/run",
+            INSTANCE_AGENT_LOG_FORMAT="json",
+        )
         log = open(f"{tmp}/watch.log", "w+")  # noqa: SIM115 - read back at the end
-        proc = subprocess.Popen([*agent_command(), "watch", "--bucket", "footprint-bench",
-                                 "--poll-interval", str(args.poll_interval)],
-                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=log)
+        proc = subprocess.Popen(
+            [
+                *agent_command(),
+                "watch",
+                "--bucket",
+                "footprint-bench",
+                "--poll-interval",
+                str(args.poll_interval),
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
         try:
             time.sleep(args.warmup)
             if proc.poll() is not None:
@@ -105,10 +117,11 @@ def main() -> int:
     else:
         for name, value in figures.items():
             print(f"{name:22} {value}")
-        ok = figures["rss_peak_mb"] < RSS_TARGET_MB and \
-            figures["cpu_pct_of_one_core"] < CPU_TARGET_PCT
-        print(f"{'targets':22} {'met' if ok else 'MISSED'} (< {RSS_TARGET_MB:g} MB RSS, "
-              f"< {CPU_TARGET_PCT:g} % CPU)")
+        ok = figures["rss_peak_mb"] < RSS_TARGET_MB and figures["cpu_pct_of_one_core"] < CPU_TARGET_PCT
+        print(
+            f"{'targets':22} {'met' if ok else 'MISSED'} (< {RSS_TARGET_MB:g} MB RSS, "
+            f"< {CPU_TARGET_PCT:g} % CPU)"
+        )
     return 0
 
 

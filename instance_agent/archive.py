@@ -246,13 +246,20 @@ class Archiver:
             else:
                 self._add_entry(path, st, dir_fd, name)
 
-    def _push_dir(self, stack: list[tuple[bytes, int, Iterator[bytes]]], path: bytes,
-                  parent_fd: int | None, name: bytes, st: os.stat_result) -> None:
+    def _push_dir(
+        self,
+        stack: list[tuple[bytes, int, Iterator[bytes]]],
+        path: bytes,
+        parent_fd: int | None,
+        name: bytes,
+        st: os.stat_result,
+    ) -> None:
         """Open directory `name` (relative to `parent_fd`; a source root by its path, where a
         symlink is followed on purpose), check it is the one stat'ed, and list it."""
         try:
-            fd = os.open(name, _DIR_FLAGS if parent_fd is not None else _DIR_FLAGS & ~os.O_NOFOLLOW,
-                         dir_fd=parent_fd)
+            fd = os.open(
+                name, _DIR_FLAGS if parent_fd is not None else _DIR_FLAGS & ~os.O_NOFOLLOW, dir_fd=parent_fd
+            )
         except OSError as err:
             if err.errno in (errno.ELOOP, errno.ENOTDIR):
                 self._warn(path, _SWAPPED)
@@ -296,8 +303,7 @@ class Archiver:
             parent = os.path.dirname(parent)
         return False
 
-    def _add_entry(self, path: bytes, st: os.stat_result, dir_fd: int | None,
-                   name: bytes) -> None:
+    def _add_entry(self, path: bytes, st: os.stat_result, dir_fd: int | None, name: bytes) -> None:
         """`name` relative to `dir_fd` (None: a source given by its path) is at `path`."""
         member = path.lstrip(b"/")
         if self._root_files and member in self._root_files:
@@ -309,8 +315,9 @@ class Archiver:
                 self._warn(path, f"cannot read link: {err.strerror}")
                 return
             self._header(member, st, tarheader.SYMTYPE, linkname=target)
-            self.report.add(Entry(member, "symlink", 0, st.st_mtime_ns,
-                                  stat.S_IMODE(st.st_mode), target=target))
+            self.report.add(
+                Entry(member, "symlink", 0, st.st_mtime_ns, stat.S_IMODE(st.st_mode), target=target)
+            )
             return
         special = _special_kind(st.st_mode)
         if special:
@@ -321,19 +328,38 @@ class Archiver:
             if held is not None:
                 self.report.held_files += 1
                 self.report.held_bytes += st.st_size
-                self.report.add(Entry(member, "file", st.st_size, st.st_mtime_ns,
-                                      stat.S_IMODE(st.st_mode), sha256=held.sha256,
-                                      object=held.key, member=held.member))
+                self.report.add(
+                    Entry(
+                        member,
+                        "file",
+                        st.st_size,
+                        st.st_mtime_ns,
+                        stat.S_IMODE(st.st_mode),
+                        sha256=held.sha256,
+                        object=held.key,
+                        member=held.member,
+                    )
+                )
                 return
         self._add_file(path, member, dir_fd, name)
 
-    def _header(self, member: bytes, st: os.stat_result, typeflag: bytes, *, size: int = 0,
-                linkname: bytes = b"") -> None:
-        self._write(tarheader.encode(
-            member, typeflag=typeflag, size=size, mode=stat.S_IMODE(st.st_mode),
-            mtime=int(st.st_mtime), uid=st.st_uid, gid=st.st_gid, linkname=linkname,
-            uname=_uname(st.st_uid), gname=_gname(st.st_gid),
-        ))
+    def _header(
+        self, member: bytes, st: os.stat_result, typeflag: bytes, *, size: int = 0, linkname: bytes = b""
+    ) -> None:
+        self._write(
+            tarheader.encode(
+                member,
+                typeflag=typeflag,
+                size=size,
+                mode=stat.S_IMODE(st.st_mode),
+                mtime=int(st.st_mtime),
+                uid=st.st_uid,
+                gid=st.st_gid,
+                linkname=linkname,
+                uname=_uname(st.st_uid),
+                gname=_gname(st.st_gid),
+            )
+        )
 
     def _add_file(self, path: bytes, member: bytes, dir_fd: int | None, name: bytes) -> None:
         try:
@@ -361,8 +387,9 @@ class Archiver:
         finally:
             os.close(fd)
         self.report.files += 1
-        self.report.add(Entry(member, "file", st.st_size, st.st_mtime_ns,
-                              stat.S_IMODE(st.st_mode), sha256=digest))
+        self.report.add(
+            Entry(member, "file", st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), sha256=digest)
+        )
         if self._progress:
             self._progress(self.report)
 
@@ -388,14 +415,14 @@ class Archiver:
             try:
                 got = os.readv(fd, [view[start : start + want]])
             except OSError as err:
-                self._warn(path, f"read error after {size - left} bytes ({err.strerror}); "
-                                 "rest padded with zeros")
+                self._warn(
+                    path, f"read error after {size - left} bytes ({err.strerror}); rest padded with zeros"
+                )
                 self._pad(left, h)
                 eof_seen = True
                 break
             if got == 0:
-                self._warn(path, f"shrank during read from {size} to {size - left} bytes; "
-                                 "padded with zeros")
+                self._warn(path, f"shrank during read from {size} to {size - left} bytes; padded with zeros")
                 self._pad(left, h)
                 eof_seen = True
                 break

@@ -21,8 +21,9 @@ from instance_agent.listing import S3Reader
 from instance_agent.manifest import path_from_fields
 
 
-def holders(manifest: Mapping[str, Any],
-            select: restore.Selection | None) -> dict[str, list[tuple[str, str, int]]]:
+def holders(
+    manifest: Mapping[str, Any], select: restore.Selection | None
+) -> dict[str, list[tuple[str, str, int]]]:
     """Segment key -> (name, member name in the segment, size) of each file it holds
     (selected ones only). An entry names its member only when it was renamed since it was
     shipped (a one-file segment of an older agent may not name it even then)."""
@@ -50,10 +51,17 @@ def _only_file(tree: str) -> str:
     return found[0]
 
 
-def restore_assembled(s3: S3Reader, bucket: str, key: str, manifest: Mapping[str, Any],
-                      dest: str, *, allow_setuid: bool = False,
-                      select: restore.Selection | None = None,
-                      extra: Mapping[str, str] | None = None) -> restore.RestoreReport:
+def restore_assembled(
+    s3: S3Reader,
+    bucket: str,
+    key: str,
+    manifest: Mapping[str, Any],
+    dest: str,
+    *,
+    allow_setuid: bool = False,
+    select: restore.Selection | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> restore.RestoreReport:
     """The final archive `key` and its segments into `dest` (new or empty)."""
     restore.check_key(key)
     restore.check_destination(dest)
@@ -62,13 +70,27 @@ def restore_assembled(s3: S3Reader, bucket: str, key: str, manifest: Mapping[str
     totals = manifest.get("totals") or {}
     with restore.staged(dest, "tree") as staging:
         tree = os.path.join(staging, "tree")
-        report = restore.restore_s3(s3, bucket, key, tree, allow_setuid=allow_setuid,
-                                    select=select, expected_tar_bytes=totals.get("tar_bytes"),
-                                    extra=extra)
+        report = restore.restore_s3(
+            s3,
+            bucket,
+            key,
+            tree,
+            allow_setuid=allow_setuid,
+            select=select,
+            expected_tar_bytes=totals.get("tar_bytes"),
+            extra=extra,
+        )
         for i, (skey, files) in enumerate(sorted(wanted.items())):
             part = os.path.join(staging, f"segment-{i}")
-            restore.restore_s3(s3, bucket, skey, part, allow_setuid=allow_setuid,
-                               expected_tar_bytes=segments[skey].get("tar_bytes"), extra=extra)
+            restore.restore_s3(
+                s3,
+                bucket,
+                skey,
+                part,
+                allow_setuid=allow_setuid,
+                expected_tar_bytes=segments[skey].get("tar_bytes"),
+                extra=extra,
+            )
             # The last name of a member takes the file itself; any earlier (hard links, or
             # one content shipped once and found under two names) get copies.
             last = {m: n for n, (_, m, _) in enumerate(files)}

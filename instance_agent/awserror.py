@@ -11,13 +11,32 @@ from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
 # Codes that say "try again later"; anything else AWS refuses (AccessDenied, ValidationError,
 # …) is permanent: retrying cannot change the answer.
-RETRYABLE_CODES = frozenset({
-    "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
-    "RequestThrottled", "SlowDown", "ServiceUnavailable", "InternalFailure", "InternalError",
-    "ResourceContention", "RequestTimeout", "RequestTimeoutException",
-})
-DENIED_CODES = frozenset({"AccessDenied", "AccessDeniedException", "AuthorizationError",
-                          "UnauthorizedOperation", "403", "Forbidden"})
+RETRYABLE_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "RequestThrottled",
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalFailure",
+        "InternalError",
+        "ResourceContention",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
+DENIED_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AccessDeniedException",
+        "AuthorizationError",
+        "UnauthorizedOperation",
+        "403",
+        "Forbidden",
+    }
+)
 
 
 def code_of(err: Exception) -> str:

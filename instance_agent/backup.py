@@ -68,8 +68,10 @@ class Progress:
             return
         self.last = now
         rate = report.bytes_read / max(now - self.start, 1e-6)
-        log.info("progress", extra=fields(bytes_read=report.bytes_read, files=report.files,
-                                          mib_per_s=round(rate / 2**20, 1)))
+        log.info(
+            "progress",
+            extra=fields(bytes_read=report.bytes_read, files=report.files, mib_per_s=round(rate / 2**20, 1)),
+        )
 
 
 _s3_extra = s3args.write_args  # the name the pipeline and doctor use
@@ -87,9 +89,16 @@ class _CancellableSink:
         return self._inner.write(data)
 
 
-def _upload_stream(cfg: Config, s3: S3Client, key: str, produce: Callable[[Any], None],
-                   cancel: threading.Event | None = None, *, threads: int | None = None,
-                   wrap: Callable[[Any], Any] | None = None) -> tuple[int, int]:
+def _upload_stream(
+    cfg: Config,
+    s3: S3Client,
+    key: str,
+    produce: Callable[[Any], None],
+    cancel: threading.Event | None = None,
+    *,
+    threads: int | None = None,
+    wrap: Callable[[Any], Any] | None = None,
+) -> tuple[int, int]:
     """Run `produce(compressor)` into a multipart upload. Returns (raw bytes in, bytes sent).
 
     If `produce` raises, the upload is aborted by MultipartUpload.__exit__ and the error
@@ -99,8 +108,13 @@ def _upload_stream(cfg: Config, s3: S3Client, key: str, produce: Callable[[Any],
     """
     bucket = cfg.bucket or ""
     upload = MultipartUpload(
-        s3, bucket, key, sizer=PartSizer.for_max(cfg.max_archive_size),
-        workers=cfg.upload_workers, queue=cfg.upload_queue, extra=_s3_extra(cfg),
+        s3,
+        bucket,
+        key,
+        sizer=PartSizer.for_max(cfg.max_archive_size),
+        workers=cfg.upload_workers,
+        queue=cfg.upload_queue,
+        extra=_s3_extra(cfg),
     )
     with upload:
         # Both sides check the event: a multithreaded zstd can hold tens of MiB that only
@@ -114,8 +128,14 @@ def _upload_stream(cfg: Config, s3: S3Client, key: str, produce: Callable[[Any],
 
 
 def key_values(cfg: Config, ident: Identity, group: str | None) -> dict[str, str]:
-    return {"prefix": cfg.prefix, "group": group or "no-group", "instance_id": ident.instance_id,
-            "region": ident.region, "timestamp": keys.timestamp(), "hostname": ident.hostname}
+    return {
+        "prefix": cfg.prefix,
+        "group": group or "no-group",
+        "instance_id": ident.instance_id,
+        "region": ident.region,
+        "timestamp": keys.timestamp(),
+        "hostname": ident.hostname,
+    }
 
 
 def _free_key(cfg: Config, ident: Identity, s3: S3Client, group: str | None) -> str:
@@ -143,10 +163,19 @@ def _free_key(cfg: Config, ident: Identity, s3: S3Client, group: str | None) -> 
     return key
 
 
-def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: Result,
-                       *, group: str | None, started: float, clock: Callable[[], float],
-                       progress_interval: float, cancel: threading.Event | None = None,
-                       shipped: Ledger | None = None) -> None:
+def archive_and_upload(
+    cfg: Config,
+    ident: Identity,
+    clients: Clients,
+    result: Result,
+    *,
+    group: str | None,
+    started: float,
+    clock: Callable[[], float],
+    progress_interval: float,
+    cancel: threading.Event | None = None,
+    shipped: Ledger | None = None,
+) -> None:
     """Fill `result` with the archive, journal and manifest. Raises on failure.
 
     With `shipped` (continuous shipping), files unchanged since their segment was shipped
@@ -160,10 +189,17 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: R
     holder: dict[str, Archiver] = {}
 
     def produce_archive(comp: Any) -> None:
-        arch = Archiver(comp, excludes=cfg.exclude, deadline=deadline, clock=clock,
-                        hash_name=cfg.hash, progress=Progress(clock, progress_interval),
-                        max_file_size=cfg.max_file_size, one_file_system=cfg.one_file_system,
-                        skip=shipped.held if shipped is not None else None)
+        arch = Archiver(
+            comp,
+            excludes=cfg.exclude,
+            deadline=deadline,
+            clock=clock,
+            hash_name=cfg.hash,
+            progress=Progress(clock, progress_interval),
+            max_file_size=cfg.max_file_size,
+            one_file_system=cfg.one_file_system,
+            skip=shipped.held if shipped is not None else None,
+        )
         holder["arch"] = arch
         arch.add_sources(cfg.source)
         arch.finish()
@@ -172,8 +208,7 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: R
     report = holder["arch"].report
     result.bytes_read, result.bytes_uploaded, result.files = report.bytes_read, sent, report.files
     if report.held_files:
-        log.info("left out: shipped earlier", extra=fields(files=report.held_files,
-                                                            bytes=report.held_bytes))
+        log.info("left out: shipped earlier", extra=fields(files=report.held_files, bytes=report.held_bytes))
 
     journal_info: dict[str, Any] | None = None
     if cfg.journal_enabled():
@@ -193,23 +228,28 @@ def archive_and_upload(cfg: Config, ident: Identity, clients: Clients, result: R
         result.bytes_uploaded += jsent
 
     mkey = key + ".manifest.json"
-    doc = manifest.build(report, key=key, compression=cfg.compression,
-                         agent_version=__version__, compressed_bytes=sent, journal=journal_info,
-                         segments=shipped.segments() if shipped is not None else None,
-                         instance_id=ident.instance_id, region=ident.region, group=group,
-                         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                         sources=list(cfg.source), excludes=list(cfg.exclude))
+    doc = manifest.build(
+        report,
+        key=key,
+        compression=cfg.compression,
+        agent_version=__version__,
+        compressed_bytes=sent,
+        journal=journal_info,
+        segments=shipped.segments() if shipped is not None else None,
+        instance_id=ident.instance_id,
+        region=ident.region,
+        group=group,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        sources=list(cfg.source),
+        excludes=list(cfg.exclude),
+    )
     put_small(clients.s3, cfg.bucket or "", mkey, ChainBody(*doc), extra=_s3_extra(cfg))
     result.manifest_key = mkey
     result.warnings = len(report.warnings)
     for w in report.warnings[:50]:
-        log.warning("skipped or changed", extra=fields(**manifest.path_fields(w.path),
-                                                       reason=w.reason))
+        log.warning("skipped or changed", extra=fields(**manifest.path_fields(w.path), reason=w.reason))
     if report.stopped_early:
         result.status = PARTIAL
-        log.warning("deadline reached: archive closed early",
-                    extra=fields(omitted=len(report.omitted)))
+        log.warning("deadline reached: archive closed early", extra=fields(omitted=len(report.omitted)))
     else:
         result.status = SUCCEEDED
-
-

@@ -49,40 +49,71 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Back up an EC2 instance to S3 before its Auto "
-                     "Scaling group terminates it, report on SNS, complete the lifecycle action.")
+    parser = _Parser(
+        prog=PROG,
+        description="Back up an EC2 instance to S3 before its Auto "
+        "Scaling group terminates it, report on SNS, complete the lifecycle action.",
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("backup", help="back up now, report, and complete the lifecycle action",
-                       epilog=EXAMPLES_BACKUP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "backup",
+        help="back up now, report, and complete the lifecycle action",
+        epilog=EXAMPLES_BACKUP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     wiring.add_config_option(p)
     p.add_argument("--json", action="store_true", help="print the result object on stdout")
     wiring.add_schema_options(p, config.BACKUP)
     p.set_defaults(func=cmd_backup)
 
-    d = sub.add_parser("demo", help="run the whole story on a local emulated AWS (needs the "
-                       "`local` extra)", epilog=EXAMPLES_DEMO,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    d.add_argument("--source", metavar="DIR", help="back up DIR instead of generated sample logs "
-                   "(flag only; default: about --size-mib of generated logs)")
-    d.add_argument("--size-mib", type=int, default=64, help="size of the generated sample logs "
-                   "(flag only; default 64)")
-    d.add_argument("--trigger", choices=("direct", "lambda", "watch"), default="direct",
-                   help="who answers the termination: direct (the pipeline in this process, "
-                   "after IMDSv2 says Terminated), lambda (the Lambda trigger, then the SSM "
-                   "document run as the SSM agent would), watch (the `watch` daemon); "
-                   "flag only; default direct")
-    d.add_argument("--keep-running", action="store_true", help="afterwards keep the stand-in "
-                   "up, with a fresh InService instance, until Ctrl-C or SIGTERM (flag only; "
-                   "default off)")
-    d.add_argument("--env-file", metavar="FILE", help="with --keep-running or --detach: write "
-                   "the variables that point a shell at the stand-in to FILE (default with "
-                   "--detach: demo.env; flag only)")
-    d.add_argument("--detach", action="store_true", help="--keep-running in the background: "
-                   "return once the stand-in is ready; stop it with kill $DEMO_PID (flag only; "
-                   "default off)")
+    d = sub.add_parser(
+        "demo",
+        help="run the whole story on a local emulated AWS (needs the `local` extra)",
+        epilog=EXAMPLES_DEMO,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d.add_argument(
+        "--source",
+        metavar="DIR",
+        help="back up DIR instead of generated sample logs "
+        "(flag only; default: about --size-mib of generated logs)",
+    )
+    d.add_argument(
+        "--size-mib", type=int, default=64, help="size of the generated sample logs (flag only; default 64)"
+    )
+    d.add_argument(
+        "--trigger",
+        choices=("direct", "lambda", "watch"),
+        default="direct",
+        help="who answers the termination: direct (the pipeline in this process, "
+        "after IMDSv2 says Terminated), lambda (the Lambda trigger, then the SSM "
+        "document run as the SSM agent would), watch (the `watch` daemon); "
+        "flag only; default direct",
+    )
+    d.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="afterwards keep the stand-in "
+        "up, with a fresh InService instance, until Ctrl-C or SIGTERM (flag only; "
+        "default off)",
+    )
+    d.add_argument(
+        "--env-file",
+        metavar="FILE",
+        help="with --keep-running or --detach: write "
+        "the variables that point a shell at the stand-in to FILE (default with "
+        "--detach: demo.env; flag only)",
+    )
+    d.add_argument(
+        "--detach",
+        action="store_true",
+        help="--keep-running in the background: "
+        "return once the stand-in is ready; stop it with kill $DEMO_PID (flag only; "
+        "default off)",
+    )
     d.set_defaults(func=cmd_demo)
 
     watch_cli.register(sub)
@@ -107,8 +138,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
     finally:
         imds.close()
     clients = wiring.make_clients(cfg, ident.region)
-    opts = termination.Options(imds_state=imds_state, cancel=cancel,
-                               progress_interval=5.0 if sys.stderr.isatty() else 30.0)
+    opts = termination.Options(
+        imds_state=imds_state, cancel=cancel, progress_interval=5.0 if sys.stderr.isatty() else 30.0
+    )
     outcome = termination.run(cfg, ident, clients, opts)
     if args.json:
         sys.stdout.write(json.dumps(outcome.result.to_json()) + "\n")
@@ -120,14 +152,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         from instance_agent.local import demo
     except ImportError as err:  # moto missing
-        raise ConfigError(f"the demo needs the `local` extra: pip install "
-                          f"'instance-agent[local]' ({err})") from None
+        raise ConfigError(
+            f"the demo needs the `local` extra: pip install 'instance-agent[local]' ({err})"
+        ) from None
     logs.setup("info")
     if args.detach:
-        return demo.detach(source=args.source, size_mib=args.size_mib, trigger=args.trigger,
-                           env_file=args.env_file or "demo.env")
-    return demo.run(source=args.source, size_mib=args.size_mib, trigger=args.trigger,
-                    keep_running=args.keep_running, env_file=args.env_file)
+        return demo.detach(
+            source=args.source,
+            size_mib=args.size_mib,
+            trigger=args.trigger,
+            env_file=args.env_file or "demo.env",
+        )
+    return demo.run(
+        source=args.source,
+        size_mib=args.size_mib,
+        trigger=args.trigger,
+        keep_running=args.keep_running,
+        env_file=args.env_file,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

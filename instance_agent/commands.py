@@ -27,23 +27,33 @@ class Commands:
     def _env(self, result: Result | None) -> dict[str, str]:
         env = {"INSTANCE_AGENT_TRIGGER": self.trigger}
         if result is not None:
-            for name, value in (("status", result.status), ("key", result.key),
-                                ("bucket", result.bucket)):
+            for name, value in (("status", result.status), ("key", result.key), ("bucket", result.bucket)):
                 if value is not None:
                     env[f"INSTANCE_AGENT_{name.upper()}"] = str(value)
         return env
 
     def pre(self) -> bool:
         """Run the pre-commands; True when all succeeded."""
-        done = hooks.run_all(self.cfg.pre_command, "pre", timeout=self.cfg.command_timeout,
-                             env=self._env(None), cancel=self.cancel)
+        done = hooks.run_all(
+            self.cfg.pre_command,
+            "pre",
+            timeout=self.cfg.command_timeout,
+            env=self._env(None),
+            cancel=self.cancel,
+        )
         self.records.extend(done)
         return all(r.ok for r in done)
 
     def post(self, result: Result) -> None:
-        self.records.extend(hooks.run_all(self.cfg.post_command, "post",
-                                          timeout=self.cfg.command_timeout,
-                                          env=self._env(result), cancel=self.cancel))
+        self.records.extend(
+            hooks.run_all(
+                self.cfg.post_command,
+                "post",
+                timeout=self.cfg.command_timeout,
+                env=self._env(result),
+                cancel=self.cancel,
+            )
+        )
 
     def as_dicts(self) -> list[dict[str, Any]]:
         return [r.as_dict() for r in self.records]

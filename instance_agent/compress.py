@@ -68,8 +68,9 @@ class _Zstd:
         self._writer.close()  # type: ignore[no-untyped-call]  # ends the frame (with its checksum); the sink stays open
 
 
-def open_compressor(kind: str, sink: Sink, level: int | None = None,
-                    threads: int | None = None) -> Compressor:
+def open_compressor(
+    kind: str, sink: Sink, level: int | None = None, threads: int | None = None
+) -> Compressor:
     if kind == "none":
         return _Plain(sink)
     lvl = DEFAULT_LEVELS[kind] if level is None else level

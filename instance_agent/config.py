@@ -173,8 +173,11 @@ def check_dir(value: Any) -> str | None:
 
 def check_token(value: Any) -> str | None:
     # The value is a secret (redact.py): say what is wrong without echoing it.
-    return None if _UUID_RE.fullmatch(str(value)) else \
-        "invalid lifecycle action token: expected a UUID (the value is not shown)"
+    return (
+        None
+        if _UUID_RE.fullmatch(str(value))
+        else "invalid lifecycle action token: expected a UUID (the value is not shown)"
+    )
 
 
 def check_poll(value: Any) -> str | None:
@@ -188,109 +191,278 @@ def check_heartbeat(value: Any) -> str | None:
 # --- the schema ----------------------------------------------------------------------------
 
 OPTIONS: tuple[Option, ...] = (
-    Option("source", "pathlist", ("/var/log",), "directory or file to archive; repeatable, "
-           "order is priority", metavar="PATH"),
-    Option("exclude", "list", ("/var/log/journal/**",), "glob to leave out; repeatable. Setting "
-           "it replaces the default, which skips live binary journal files (they tear when "
-           "copied; --journal exports them instead)", metavar="GLOB"),
-    Option("journal", "bool", None, "also stream `journalctl -o export` (current and previous "
-           "boot) as a second object; default on where journalctl exists", negative_flag=True),
+    Option(
+        "source",
+        "pathlist",
+        ("/var/log",),
+        "directory or file to archive; repeatable, order is priority",
+        metavar="PATH",
+    ),
+    Option(
+        "exclude",
+        "list",
+        ("/var/log/journal/**",),
+        "glob to leave out; repeatable. Setting "
+        "it replaces the default, which skips live binary journal files (they tear when "
+        "copied; --journal exports them instead)",
+        metavar="GLOB",
+    ),
+    Option(
+        "journal",
+        "bool",
+        None,
+        "also stream `journalctl -o export` (current and previous "
+        "boot) as a second object; default on where journalctl exists",
+        negative_flag=True,
+    ),
     Option("bucket", "str", None, "S3 bucket for the archive (required)", check=check_bucket),
     Option("prefix", "str", "", "key prefix, e.g. 'backups/'", check=check_prefix),
-    Option("key_template", "str", "{prefix}{group}/{instance_id}/{timestamp}", "object key "
-           "template; variables: prefix group instance_id region timestamp hostname; the "
-           "extension is appended"),
+    Option(
+        "key_template",
+        "str",
+        "{prefix}{group}/{instance_id}/{timestamp}",
+        "object key "
+        "template; variables: prefix group instance_id region timestamp hostname; the "
+        "extension is appended",
+    ),
     Option("compression", "choice", "zstd", "archive compression", choices=("zstd", "gzip", "none")),
-    Option("level", "int", None, "compression level (zstd default 3, gzip default 6)",
-           check=check_level),
-    Option("max_archive_size", "size", 1024**4, "largest archive the upload can hold; part "
-           "sizes grow so that 10,000 parts reach it", check=check_archive_size),
-    Option("max_file_size", "size", None, "skip (with a warning) files larger than this; sparse "
-           "files are read by extent, so their holes cost no reads", check=check_positive),
-    Option("one_file_system", "bool", False, "do not descend into directories on other file "
-           "systems than their source (e.g. a /proc-like mount under a source)", negative_flag=True),
-    Option("max_duration", "float", None, "deadline in seconds: stop adding files then, close "
-           "the archive and upload it as 'partial'", check=check_positive),
-    Option("topic_arn", "str", None, "SNS topic for the report; none, no report",
-           check=_pattern_check(_ARN_TOPIC_RE, "SNS topic ARN")),
-    Option("asg_name", "str", None, "Auto Scaling group; discovered when absent",
-           check=check_asg_name),
-    Option("hook_name", "str", None, "terminating lifecycle hook; discovered when absent",
-           check=_pattern_check(_HOOK_RE, "lifecycle hook name")),
-    Option("lifecycle_token", "str", None, "LifecycleActionToken to complete by (else by "
-           "instance id)", commands=frozenset({BACKUP}),
-           check=check_token),
-    Option("instance_id", "str", None, "instance id; from IMDS when absent",
-           check=_pattern_check(_INSTANCE_RE, "instance id")),
-    Option("region", "str", None, "region; from IMDS when absent",
-           check=_pattern_check(_REGION_RE, "region")),
-    Option("on_success", "choice", "CONTINUE", "lifecycle result after a successful or partial "
-           "backup", choices=("CONTINUE", "ABANDON")),
-    Option("on_failure", "choice", "ABANDON", "lifecycle result after a failed backup",
-           choices=("CONTINUE", "ABANDON")),
-    Option("complete", "bool", True, "complete the lifecycle action (--no-complete: back up "
-           "only; such runs are never deduplicated)", negative_flag=True),
+    Option("level", "int", None, "compression level (zstd default 3, gzip default 6)", check=check_level),
+    Option(
+        "max_archive_size",
+        "size",
+        1024**4,
+        "largest archive the upload can hold; part sizes grow so that 10,000 parts reach it",
+        check=check_archive_size,
+    ),
+    Option(
+        "max_file_size",
+        "size",
+        None,
+        "skip (with a warning) files larger than this; sparse "
+        "files are read by extent, so their holes cost no reads",
+        check=check_positive,
+    ),
+    Option(
+        "one_file_system",
+        "bool",
+        False,
+        "do not descend into directories on other file "
+        "systems than their source (e.g. a /proc-like mount under a source)",
+        negative_flag=True,
+    ),
+    Option(
+        "max_duration",
+        "float",
+        None,
+        "deadline in seconds: stop adding files then, close the archive and upload it as 'partial'",
+        check=check_positive,
+    ),
+    Option(
+        "topic_arn",
+        "str",
+        None,
+        "SNS topic for the report; none, no report",
+        check=_pattern_check(_ARN_TOPIC_RE, "SNS topic ARN"),
+    ),
+    Option("asg_name", "str", None, "Auto Scaling group; discovered when absent", check=check_asg_name),
+    Option(
+        "hook_name",
+        "str",
+        None,
+        "terminating lifecycle hook; discovered when absent",
+        check=_pattern_check(_HOOK_RE, "lifecycle hook name"),
+    ),
+    Option(
+        "lifecycle_token",
+        "str",
+        None,
+        "LifecycleActionToken to complete by (else by instance id)",
+        commands=frozenset({BACKUP}),
+        check=check_token,
+    ),
+    Option(
+        "instance_id",
+        "str",
+        None,
+        "instance id; from IMDS when absent",
+        check=_pattern_check(_INSTANCE_RE, "instance id"),
+    ),
+    Option(
+        "region", "str", None, "region; from IMDS when absent", check=_pattern_check(_REGION_RE, "region")
+    ),
+    Option(
+        "on_success",
+        "choice",
+        "CONTINUE",
+        "lifecycle result after a successful or partial backup",
+        choices=("CONTINUE", "ABANDON"),
+    ),
+    Option(
+        "on_failure",
+        "choice",
+        "ABANDON",
+        "lifecycle result after a failed backup",
+        choices=("CONTINUE", "ABANDON"),
+    ),
+    Option(
+        "complete",
+        "bool",
+        True,
+        "complete the lifecycle action (--no-complete: back up only; such runs are never deduplicated)",
+        negative_flag=True,
+    ),
     Option("sse", "choice", None, "server-side encryption", choices=("AES256", "aws:kms")),
     Option("kms_key_id", "str", None, "KMS key for --sse aws:kms"),
-    Option("expected_bucket_owner", "str", None, "account id that must own the bucket",
-           check=_pattern_check(_ACCOUNT_RE, "account id")),
-    Option("storage_class", "choice", None, "S3 storage class", choices=(
-        "STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR",
-        "GLACIER", "DEEP_ARCHIVE", "REDUCED_REDUNDANCY")),
+    Option(
+        "expected_bucket_owner",
+        "str",
+        None,
+        "account id that must own the bucket",
+        check=_pattern_check(_ACCOUNT_RE, "account id"),
+    ),
+    Option(
+        "storage_class",
+        "choice",
+        None,
+        "S3 storage class",
+        choices=(
+            "STANDARD",
+            "STANDARD_IA",
+            "ONEZONE_IA",
+            "INTELLIGENT_TIERING",
+            "GLACIER_IR",
+            "GLACIER",
+            "DEEP_ARCHIVE",
+            "REDUCED_REDUNDANCY",
+        ),
+    ),
     Option("hash", "choice", "none", "per-file digest in the manifest", choices=("none", "sha256")),
     Option("upload_workers", "int", 3, "concurrent part uploads", check=check_positive),
     Option("upload_queue", "int", 1, "finished parts waiting for a worker", check=check_positive),
-    Option("state_dir", "str", "/var/lib/instance-agent", "lock and result records",
-           check=check_dir),
-    Option("runtime_dir", "str", "/run/instance-agent", "fallback for the lock when state_dir "
-           "is unusable", check=check_dir),
-    Option("lock_timeout", "float", 3600.0, "how long a second run waits for the first",
-           check=check_positive),
+    Option("state_dir", "str", "/var/lib/instance-agent", "lock and result records", check=check_dir),
+    Option(
+        "runtime_dir",
+        "str",
+        "/run/instance-agent",
+        "fallback for the lock when state_dir is unusable",
+        check=check_dir,
+    ),
+    Option(
+        "lock_timeout", "float", 3600.0, "how long a second run waits for the first", check=check_positive
+    ),
     # 3600 s is the longest deregistration delay an ELBv2 target group allows
     # (deregistration_delay.timeout_seconds, 0-3600); the rest is margin for Auto Scaling.
-    Option("wait_timeout", "float", 3900.0, "how long to wait for Auto Scaling to hold the "
-           "instance in Terminating:Wait once it is known to be leaving (covers a load "
-           "balancer's deregistration delay, up to 3600 s)", check=check_positive),
-    Option("complete_timeout", "float", 60.0, "deadline for CompleteLifecycleAction with its "
-           "retries", check=check_positive),
-    Option("heartbeat_interval", "float", None, "seconds between heartbeats; default "
-           "HeartbeatTimeout/3, at most 600", check=check_heartbeat),
+    Option(
+        "wait_timeout",
+        "float",
+        3900.0,
+        "how long to wait for Auto Scaling to hold the "
+        "instance in Terminating:Wait once it is known to be leaving (covers a load "
+        "balancer's deregistration delay, up to 3600 s)",
+        check=check_positive,
+    ),
+    Option(
+        "complete_timeout",
+        "float",
+        60.0,
+        "deadline for CompleteLifecycleAction with its retries",
+        check=check_positive,
+    ),
+    Option(
+        "heartbeat_interval",
+        "float",
+        None,
+        "seconds between heartbeats; default HeartbeatTimeout/3, at most 600",
+        check=check_heartbeat,
+    ),
     Option("log_level", "choice", "info", "log verbosity", choices=("debug", "info", "warning", "error")),
-    Option("metrics", "bool", True, "publish the run's CloudWatch metrics (namespace "
-           "InstanceAgent) when it ends; --no-metrics: don't", negative_flag=True),
+    Option(
+        "metrics",
+        "bool",
+        True,
+        "publish the run's CloudWatch metrics (namespace InstanceAgent) when it ends; --no-metrics: don't",
+        negative_flag=True,
+    ),
     # --- watch only -------------------------------------------------------------------
-    Option("poll_interval", "float", 2.0, "seconds between IMDS polls (minimum 0.5)",
-           commands=frozenset({WATCH}), check=check_poll),
-    Option("spot", "bool", True, "watch Spot interruption notices (--no-spot to ignore them)",
-           commands=frozenset({WATCH}), negative_flag=True),
-    Option("on_rebalance", "choice", "log", "on a rebalance recommendation: log it, or back up",
-           commands=frozenset({WATCH}), choices=("log", "backup")),
-    Option("drain_path", "pathlist", (), "before the backup, wait until this path is gone or an "
-           "empty directory; repeatable", metavar="PATH"),
-    Option("drain_timeout", "float", 600.0, "longest wait for the drain paths",
-           check=check_positive),
-    Option("pre_command", "list", (), "shell command run before the archive; repeatable",
-           metavar="CMD"),
-    Option("post_command", "list", (), "shell command run after the backup; repeatable",
-           metavar="CMD"),
-    Option("command_timeout", "float", 60.0, "timeout of each pre/post command",
-           check=check_positive),
-    Option("pre_command_fatal", "bool", False, "a failing pre-command fails the backup",
-           negative_flag=True),
-    Option("warm_pool_backup", "bool", False, "also back up when the instance returns to a "
-           "warm pool (the instance and its disks are kept, so by default only the commands "
-           "run and the hook is completed with CONTINUE)", negative_flag=True),
-    Option("stop_grace", "float", 90.0, "on SIGTERM during a backup, let it run this long "
-           "before aborting", commands=frozenset({WATCH}), check=check_positive),
+    Option(
+        "poll_interval",
+        "float",
+        2.0,
+        "seconds between IMDS polls (minimum 0.5)",
+        commands=frozenset({WATCH}),
+        check=check_poll,
+    ),
+    Option(
+        "spot",
+        "bool",
+        True,
+        "watch Spot interruption notices (--no-spot to ignore them)",
+        commands=frozenset({WATCH}),
+        negative_flag=True,
+    ),
+    Option(
+        "on_rebalance",
+        "choice",
+        "log",
+        "on a rebalance recommendation: log it, or back up",
+        commands=frozenset({WATCH}),
+        choices=("log", "backup"),
+    ),
+    Option(
+        "drain_path",
+        "pathlist",
+        (),
+        "before the backup, wait until this path is gone or an empty directory; repeatable",
+        metavar="PATH",
+    ),
+    Option("drain_timeout", "float", 600.0, "longest wait for the drain paths", check=check_positive),
+    Option("pre_command", "list", (), "shell command run before the archive; repeatable", metavar="CMD"),
+    Option("post_command", "list", (), "shell command run after the backup; repeatable", metavar="CMD"),
+    Option("command_timeout", "float", 60.0, "timeout of each pre/post command", check=check_positive),
+    Option("pre_command_fatal", "bool", False, "a failing pre-command fails the backup", negative_flag=True),
+    Option(
+        "warm_pool_backup",
+        "bool",
+        False,
+        "also back up when the instance returns to a "
+        "warm pool (the instance and its disks are kept, so by default only the commands "
+        "run and the hook is completed with CONTINUE)",
+        negative_flag=True,
+    ),
+    Option(
+        "stop_grace",
+        "float",
+        90.0,
+        "on SIGTERM during a backup, let it run this long before aborting",
+        commands=frozenset({WATCH}),
+        check=check_positive,
+    ),
     # --- continuous shipping (README "Continuous shipping") ------------------------------
-    Option("ship", "bool", False, "the watcher ships each complete file as a segment while "
-           "the instance runs, and the termination archive holds only what was not shipped",
-           negative_flag=True),
-    Option("ship_settle", "float", 60.0, "a file not modified for this many seconds is "
-           "complete and shipped (a renamed or closed file is at once)",
-           commands=frozenset({WATCH}), check=check_positive),
-    Option("ship_bandwidth", "size", None, "cap on the shipping upload rate, in bytes per "
-           "second; unset: no cap", commands=frozenset({WATCH}), check=check_positive),
+    Option(
+        "ship",
+        "bool",
+        False,
+        "the watcher ships each complete file as a segment while "
+        "the instance runs, and the termination archive holds only what was not shipped",
+        negative_flag=True,
+    ),
+    Option(
+        "ship_settle",
+        "float",
+        60.0,
+        "a file not modified for this many seconds is "
+        "complete and shipped (a renamed or closed file is at once)",
+        commands=frozenset({WATCH}),
+        check=check_positive,
+    ),
+    Option(
+        "ship_bandwidth",
+        "size",
+        None,
+        "cap on the shipping upload rate, in bytes per second; unset: no cap",
+        commands=frozenset({WATCH}),
+        check=check_positive,
+    ),
 )
 
 OPTION_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -376,6 +548,7 @@ _schema_matches_dataclass()
 
 # --- parsing one value from text (env) or from TOML ----------------------------------------
 
+
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).lower() not in _SIZE_UNITS:
@@ -454,6 +627,7 @@ def _validated(opt: Option, value: Any, origin: str) -> Any:
 
 # --- the file ------------------------------------------------------------------------------
 
+
 def config_path(flag_value: str | None, env: Mapping[str, str]) -> str | None:
     """The file to read, by the precedence in the module docstring; None means none."""
     if flag_value:
@@ -484,6 +658,7 @@ def read_file(path: str) -> dict[str, Any]:
 
 
 # --- resolution ----------------------------------------------------------------------------
+
 
 def load(
     flags: Mapping[str, Any],
@@ -525,8 +700,9 @@ def load(
 def check_consistency(cfg: Config, command: str) -> Config:
     """Rules that span several options."""
     if command in (BACKUP, WATCH) and not cfg.bucket:
-        raise ConfigError("no bucket: pass --bucket, set INSTANCE_AGENT_BUCKET or `bucket` in "
-                          "the config file")
+        raise ConfigError(
+            "no bucket: pass --bucket, set INSTANCE_AGENT_BUCKET or `bucket` in the config file"
+        )
     if cfg.kms_key_id and cfg.sse != "aws:kms":
         raise ConfigError("--kms-key-id needs --sse aws:kms")
     if not cfg.source:
@@ -536,15 +712,15 @@ def check_consistency(cfg: Config, command: str) -> Config:
             raise ConfigError(f"source {src!r} must be an absolute path")
     from instance_agent.keys import check_template
 
-    problem = check_template(cfg.key_template, prefix=cfg.prefix) or \
-        _template_collision(cfg.key_template, cfg.prefix)
+    problem = check_template(cfg.key_template, prefix=cfg.prefix) or _template_collision(
+        cfg.key_template, cfg.prefix
+    )
     if problem:
         raise ConfigError(f"key_template: {problem}")
     if cfg.level is not None and cfg.compression in CODEC_LEVELS:
         low, high = CODEC_LEVELS[cfg.compression]
         if not low <= cfg.level <= high:
-            raise ConfigError(f"level: {cfg.level} is outside {cfg.compression}'s range "
-                              f"{low}..{high}")
+            raise ConfigError(f"level: {cfg.level} is outside {cfg.compression}'s range {low}..{high}")
     return cfg
 
 
@@ -553,8 +729,13 @@ def check_consistency(cfg: Config, command: str) -> Config:
 _DISTINCT_IDS = (("i-0123456789abcdef0", "i-0123456789abcdef1"), ("i-0123abc0", "i-0123abc1"))
 # The longest values AWS and DNS allow (a group name is 1-255 characters, a host name at most
 # 253): a template whose key fits S3's limit with these fits it for every instance.
-_LONGEST = {"group": "g" * 255, "region": "ap-southeast-5", "timestamp": "20260101T000000Z",
-            "hostname": "h" * 253, "instance_id": "i-0123456789abcdef0"}
+_LONGEST = {
+    "group": "g" * 255,
+    "region": "ap-southeast-5",
+    "timestamp": "20260101T000000Z",
+    "hostname": "h" * 253,
+    "instance_id": "i-0123456789abcdef0",
+}
 
 
 def _template_collision(template: str, prefix: str) -> str | None:
@@ -566,8 +747,10 @@ def _template_collision(template: str, prefix: str) -> str | None:
         for first, second in _DISTINCT_IDS:
             one = render(template, {**sample, "instance_id": first}, "none")
             if one == render(template, {**sample, "instance_id": second}, "none"):
-                return (f"{template!r} renders the same key ({one!r}) for instances {first} "
-                        f"and {second}: their backups would collide")
+                return (
+                    f"{template!r} renders the same key ({one!r}) for instances {first} "
+                    f"and {second}: their backups would collide"
+                )
     except ValueError as err:
         return f"{err} with the longest group and host names"
     return None
@@ -580,11 +763,13 @@ def describe(options: Sequence[Option] = OPTIONS) -> list[dict[str, str]]:
         default = opt.default
         if isinstance(default, tuple):
             default = ", ".join(default)
-        rows.append({
-            "flag": opt.flag + (f" / --no-{opt.name.replace('_', '-')}" if opt.negative_flag else ""),
-            "env": opt.env,
-            "key": opt.name,
-            "default": "" if default is None else str(default),
-            "help": opt.help,
-        })
+        rows.append(
+            {
+                "flag": opt.flag + (f" / --no-{opt.name.replace('_', '-')}" if opt.negative_flag else ""),
+                "env": opt.env,
+                "key": opt.name,
+                "default": "" if default is None else str(default),
+                "help": opt.help,
+            }
+        )
     return rows

@@ -18,12 +18,21 @@ def _commands(opt: config.Option) -> str:
 
 
 def config_table() -> str:
-    lines = [START, "", "| flag | env | TOML key | default | used by | meaning |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        START,
+        "",
+        "| flag | env | TOML key | default | used by | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
     for opt, row in zip(config.OPTIONS, config.describe(), strict=True):
-        cells = [f"`{row['flag']}`", f"`{row['env']}`", f"`{row['key']}`",
-                 f"`{row['default']}`" if row["default"] else "", _commands(opt),
-                 row["help"].replace("|", "\\|")]
+        cells = [
+            f"`{row['flag']}`",
+            f"`{row['env']}`",
+            f"`{row['key']}`",
+            f"`{row['default']}`" if row["default"] else "",
+            _commands(opt),
+            row["help"].replace("|", "\\|"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", END]
     return "\n".join(lines)

@@ -60,8 +60,13 @@ class Check:
     fix: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "result": self.result, "symbol": SYMBOLS[self.result],
-                "message": self.message, "fix": self.fix}
+        return {
+            "name": self.name,
+            "result": self.result,
+            "symbol": SYMBOLS[self.result],
+            "message": self.message,
+            "fix": self.fix,
+        }
 
 
 _code, _describe, _denied = awserror.code_of, awserror.describe, awserror.denied
@@ -69,8 +74,7 @@ _code, _describe, _denied = awserror.code_of, awserror.describe, awserror.denied
 
 def _systemctl(args: list[str]) -> tuple[int, str]:
     try:
-        proc = subprocess.run(["systemctl", *args], capture_output=True, text=True,
-                              timeout=10, check=False)
+        proc = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
         return 1, str(err)
     return proc.returncode, proc.stdout.strip()
@@ -119,16 +123,28 @@ class Doctor:
         self.checks.append(Check(name, result, message, fix))
 
     def run(self) -> list[Check]:
-        for step in (self.check_config, self.check_compression, self.check_imds,
-                     self.check_identity, self.check_hook, self.check_lifecycle_permission,
-                     self.check_bucket_and_upload, self.check_topic, self.check_ssm_agent,
-                     self.check_systemd_unit, self.check_shipping):
+        for step in (
+            self.check_config,
+            self.check_compression,
+            self.check_imds,
+            self.check_identity,
+            self.check_hook,
+            self.check_lifecycle_permission,
+            self.check_bucket_and_upload,
+            self.check_topic,
+            self.check_ssm_agent,
+            self.check_systemd_unit,
+            self.check_shipping,
+        ):
             try:
                 step()
             except Exception as err:  # one broken check must not hide the others
-                self.add(step.__name__.removeprefix("check_").replace("_", " "), FAIL,
-                         f"the check itself failed: {type(err).__name__}: {err}",
-                         "report this as a bug, with the output of --json")
+                self.add(
+                    step.__name__.removeprefix("check_").replace("_", " "),
+                    FAIL,
+                    f"the check itself failed: {type(err).__name__}: {err}",
+                    "report this as a bug, with the output of --json",
+                )
         return self.checks
 
     @property
@@ -143,8 +159,10 @@ class Doctor:
     # -- local ------------------------------------------------------------------------------
     def check_config(self) -> None:
         where = self.cfg.config_file or "no config file"
-        fix = (f"correct it in {where if self.cfg.config_file else 'the flags or environment'}; "
-               "`instance-agent backup --help` lists every option with its variable")
+        fix = (
+            f"correct it in {where if self.cfg.config_file else 'the flags or environment'}; "
+            "`instance-agent backup --help` lists every option with its variable"
+        )
         if self.config_error:
             self.add("config", FAIL, self.config_error, fix)
             return
@@ -153,8 +171,12 @@ class Doctor:
         except ConfigError as err:
             self.add("config", FAIL, str(err), fix)
             return
-        self.add("config", OK, f"valid ({where}); bucket {self.cfg.bucket}, prefix "
-                 f"{self.cfg.prefix!r}, compression {self.cfg.compression}")
+        self.add(
+            "config",
+            OK,
+            f"valid ({where}); bucket {self.cfg.bucket}, prefix "
+            f"{self.cfg.prefix!r}, compression {self.cfg.compression}",
+        )
 
     def check_compression(self) -> None:
         kind = self.cfg.compression
@@ -171,64 +193,89 @@ class Doctor:
                 packed = zstandard.ZstdCompressor(level=self.cfg.level or 3).compress(sample)
                 ok = zstandard.ZstdDecompressor().decompress(packed) == sample
             except Exception as err:
-                self.add("compression", FAIL, f"cannot load zstandard: {err}",
-                         "install it into the agent's environment (/opt/instance-agent/bin/pip "
-                         "install zstandard), or set compression = \"gzip\"")
+                self.add(
+                    "compression",
+                    FAIL,
+                    f"cannot load zstandard: {err}",
+                    "install it into the agent's environment (/opt/instance-agent/bin/pip "
+                    'install zstandard), or set compression = "gzip"',
+                )
                 return
             lib = ".".join(str(v) for v in zstandard.ZSTD_VERSION)
-            self.add("compression", OK if ok else FAIL,
-                     f"zstandard {zstandard.__version__} (libzstd {lib})")
+            self.add("compression", OK if ok else FAIL, f"zstandard {zstandard.__version__} (libzstd {lib})")
 
     # -- instance metadata --------------------------------------------------------------
     def check_imds(self) -> None:
         endpoint = (os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT).rstrip("/")
         self.imds_endpoint = endpoint
-        fix_enable = ("on the instance: aws ec2 modify-instance-metadata-options --instance-id "
-                      "<id> --http-endpoint enabled --http-tokens required; off EC2, pass "
-                      f"--instance-id and --region (and check {ENDPOINT_ENV})")
+        fix_enable = (
+            "on the instance: aws ec2 modify-instance-metadata-options --instance-id "
+            "<id> --http-endpoint enabled --http-tokens required; off EC2, pass "
+            f"--instance-id and --region (and check {ENDPOINT_ENV})"
+        )
         session = requests.Session()
         session.trust_env = False  # never through a proxy, like the agent's own client
         started = time.monotonic()
         try:
-            resp = session.put(f"{endpoint}/latest/api/token", timeout=IMDS_TIMEOUT,
-                               headers={TTL_HEADER: str(PROBE_TOKEN_TTL)})
+            resp = session.put(
+                f"{endpoint}/latest/api/token",
+                timeout=IMDS_TIMEOUT,
+                headers={TTL_HEADER: str(PROBE_TOKEN_TTL)},
+            )
             token = resp.text if resp.status_code == 200 else None
             if token:
-                check = session.get(f"{endpoint}/latest/meta-data/instance-id",
-                                    headers={TOKEN_HEADER: token}, timeout=IMDS_TIMEOUT)
+                check = session.get(
+                    f"{endpoint}/latest/meta-data/instance-id",
+                    headers={TOKEN_HEADER: token},
+                    timeout=IMDS_TIMEOUT,
+                )
         except requests.ConnectTimeout:
-            self.add("imds", FAIL, f"no answer from IMDS at {endpoint} (connect timed out)",
-                     fix_enable)
+            self.add("imds", FAIL, f"no answer from IMDS at {endpoint} (connect timed out)", fix_enable)
             return
         except requests.ReadTimeout:
             # Connected, but the answer to the PUT never came back: the classic sign of a
             # response hop limit too low for this network namespace (e.g. a container).
-            self.add("imds", FAIL, f"IMDS at {endpoint} accepted the connection but its token "
-                     "answer never arrived: the response hop limit is too low for this "
-                     "process (a container needs 2)",
-                     "aws ec2 modify-instance-metadata-options --instance-id <id> "
-                     "--http-put-response-hop-limit 2 (the template's launch template sets 2)")
+            self.add(
+                "imds",
+                FAIL,
+                f"IMDS at {endpoint} accepted the connection but its token "
+                "answer never arrived: the response hop limit is too low for this "
+                "process (a container needs 2)",
+                "aws ec2 modify-instance-metadata-options --instance-id <id> "
+                "--http-put-response-hop-limit 2 (the template's launch template sets 2)",
+            )
             return
         except requests.RequestException as err:
-            self.add("imds", FAIL, f"IMDS at {endpoint} is unreachable ({type(err).__name__})",
-                     fix_enable)
+            self.add("imds", FAIL, f"IMDS at {endpoint} is unreachable ({type(err).__name__})", fix_enable)
             return
         finally:
             session.close()
         ms = (time.monotonic() - started) * 1000
         if resp.status_code == 403:
-            self.add("imds", FAIL, "IMDS refused the IMDSv2 token request (403): the metadata "
-                     "endpoint is disabled or the request is blocked", fix_enable)
+            self.add(
+                "imds",
+                FAIL,
+                "IMDS refused the IMDSv2 token request (403): the metadata "
+                "endpoint is disabled or the request is blocked",
+                fix_enable,
+            )
         elif not token:
-            self.add("imds", FAIL, f"IMDS token request answered HTTP {resp.status_code}",
-                     fix_enable)
+            self.add("imds", FAIL, f"IMDS token request answered HTTP {resp.status_code}", fix_enable)
         elif check.status_code != 200:
-            self.add("imds", FAIL, f"IMDS issued a token but refused a read with it (HTTP "
-                     f"{check.status_code})", fix_enable)
+            self.add(
+                "imds",
+                FAIL,
+                f"IMDS issued a token but refused a read with it (HTTP {check.status_code})",
+                fix_enable,
+            )
         else:
             self.imds_ok = True
-            self.add("imds", OK, f"IMDSv2 at {endpoint}: token and read in {ms:.0f} ms; the "
-                     "answer reached this process, so the hop limit is enough here")
+            self.add(
+                "imds",
+                OK,
+                f"IMDSv2 at {endpoint}: token and read in {ms:.0f} ms; the "
+                "answer reached this process, so the hop limit is enough here",
+            )
 
     def check_identity(self) -> None:
         cfg = self.cfg
@@ -241,18 +288,27 @@ class Doctor:
                 self.region = self.region or client.region(timeout=3.0)
                 source = "IMDS" if not (cfg.instance_id or cfg.region) else "config and IMDS"
             except IMDSError as err:
-                self.add("identity", FAIL, f"IMDS answered the token but not the identity: {err}",
-                         "pass --instance-id and --region")
+                self.add(
+                    "identity",
+                    FAIL,
+                    f"IMDS answered the token but not the identity: {err}",
+                    "pass --instance-id and --region",
+                )
                 return
             finally:
                 client.close()
         if not self.region:
             self.region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if not self.instance_id or not self.region:
-            missing = " and ".join(n for n, v in (("instance id", self.instance_id),
-                                                  ("region", self.region)) if not v)
-            self.add("identity", FAIL, f"no {missing}: IMDS cannot tell, and the config does "
-                     "not say", "fix IMDS (above), or pass --instance-id and --region")
+            missing = " and ".join(
+                n for n, v in (("instance id", self.instance_id), ("region", self.region)) if not v
+            )
+            self.add(
+                "identity",
+                FAIL,
+                f"no {missing}: IMDS cannot tell, and the config does not say",
+                "fix IMDS (above), or pass --instance-id and --region",
+            )
             return
         self.add("identity", OK, f"instance {self.instance_id}, region {self.region} (from {source})")
 
@@ -271,86 +327,146 @@ class Doctor:
             self.add(name, SKIP, "needs the instance id and region (see identity)")
             return
         client = self.clients.autoscaling
-        describe_fix = ("allow autoscaling:DescribeAutoScalingInstances and "
-                        "autoscaling:DescribeLifecycleHooks on \"*\" in the instance role "
-                        "(packaging/template.yaml, statement DiscoverHook)")
+        describe_fix = (
+            "allow autoscaling:DescribeAutoScalingInstances and "
+            'autoscaling:DescribeLifecycleHooks on "*" in the instance role '
+            "(packaging/template.yaml, statement DiscoverHook)"
+        )
         try:
             found = instance_state(client, self.instance_id)
         except AgentError as err:
-            self.add(name, FAIL, str(err), describe_fix if "AccessDenied" in str(err) else
-                     "check the network path to the Auto Scaling endpoint")
+            self.add(
+                name,
+                FAIL,
+                str(err),
+                describe_fix
+                if "AccessDenied" in str(err)
+                else "check the network path to the Auto Scaling endpoint",
+            )
             return
         if found is None:
-            self.add(name, FAIL, f"instance {self.instance_id} is in no Auto Scaling group: "
-                     "nothing will trigger a backup or wait for one",
-                     f"launch it from the group, or: aws autoscaling attach-instances "
-                     f"--instance-ids {self.instance_id} --auto-scaling-group-name <group>; on a "
-                     "host outside any group, set complete = false")
+            self.add(
+                name,
+                FAIL,
+                f"instance {self.instance_id} is in no Auto Scaling group: "
+                "nothing will trigger a backup or wait for one",
+                f"launch it from the group, or: aws autoscaling attach-instances "
+                f"--instance-ids {self.instance_id} --auto-scaling-group-name <group>; on a "
+                "host outside any group, set complete = false",
+            )
             return
         group, self.state = found
         if self.cfg.asg_name and self.cfg.asg_name != group:
-            self.add(name, FAIL, f"asg_name is {self.cfg.asg_name!r}, but the instance is in "
-                     f"{group!r}", f"set asg_name = \"{group}\", or remove it to discover it")
+            self.add(
+                name,
+                FAIL,
+                f"asg_name is {self.cfg.asg_name!r}, but the instance is in {group!r}",
+                f'set asg_name = "{group}", or remove it to discover it',
+            )
             return
         try:
-            target = discover(client, self.instance_id, group=group, hook=self.cfg.hook_name,
-                              token=None)
+            target = discover(client, self.instance_id, group=group, hook=self.cfg.hook_name, token=None)
         except AgentError as err:
-            self.add(name, FAIL, str(err), describe_fix if "AccessDenied" in str(err) else
-                     "set hook_name to the group's terminating hook")
+            self.add(
+                name,
+                FAIL,
+                str(err),
+                describe_fix
+                if "AccessDenied" in str(err)
+                else "set hook_name to the group's terminating hook",
+            )
             return
         if target is None:
-            self.add(name, FAIL, f"group {group} has no terminating lifecycle hook: the instance "
-                     "would be gone before any backup",
-                     f"aws autoscaling put-lifecycle-hook --auto-scaling-group-name {group} "
-                     f"--lifecycle-hook-name {HOOK_NAME_HINT} --lifecycle-transition "
-                     "autoscaling:EC2_INSTANCE_TERMINATING --heartbeat-timeout 900 "
-                     "--default-result ABANDON")
+            self.add(
+                name,
+                FAIL,
+                f"group {group} has no terminating lifecycle hook: the instance "
+                "would be gone before any backup",
+                f"aws autoscaling put-lifecycle-hook --auto-scaling-group-name {group} "
+                f"--lifecycle-hook-name {HOOK_NAME_HINT} --lifecycle-transition "
+                "autoscaling:EC2_INSTANCE_TERMINATING --heartbeat-timeout 900 "
+                "--default-result ABANDON",
+            )
             return
         self.target = target
         interval = self.cfg.heartbeat_interval or default_interval(target.heartbeat_timeout)
-        self.add(name, OK, f"group {group}, hook {target.hook}, heartbeat timeout "
-                 f"{target.heartbeat_timeout} s (heartbeats every {interval:g} s); the "
-                 f"instance is {self.state}")
+        self.add(
+            name,
+            OK,
+            f"group {group}, hook {target.hook}, heartbeat timeout "
+            f"{target.heartbeat_timeout} s (heartbeats every {interval:g} s); the "
+            f"instance is {self.state}",
+        )
 
     def check_lifecycle_permission(self) -> None:
         name = "lifecycle permission"
         if self.target is None:
-            self.add(name, SKIP, "needs the lifecycle hook (see lifecycle hook)"
-                     if self.cfg.complete else "complete = false")
+            self.add(
+                name,
+                SKIP,
+                "needs the lifecycle hook (see lifecycle hook)" if self.cfg.complete else "complete = false",
+            )
             return
         if self.launch:
             # The probe heartbeats the terminating hook, which has no action while the
             # instance launches; the user data's CompleteLifecycleAction of the launching
             # hook uses the same statement on the same group, and proves it right after.
-            self.add(name, SKIP, "--launch: no terminating action to probe; completing the "
-                     "launching hook proves CompleteLifecycleAction on the group")
+            self.add(
+                name,
+                SKIP,
+                "--launch: no terminating action to probe; completing the "
+                "launching hook proves CompleteLifecycleAction on the group",
+            )
             return
-        ids = {"AutoScalingGroupName": self.target.group,
-               "LifecycleHookName": self.target.hook, "InstanceId": self.target.instance_id}
-        fix = ("allow autoscaling:RecordLifecycleActionHeartbeat and "
-               "autoscaling:CompleteLifecycleAction on the group in the instance role "
-               "(packaging/template.yaml, statement CompleteOwnLifecycleAction)")
+        ids = {
+            "AutoScalingGroupName": self.target.group,
+            "LifecycleHookName": self.target.hook,
+            "InstanceId": self.target.instance_id,
+        }
+        fix = (
+            "allow autoscaling:RecordLifecycleActionHeartbeat and "
+            "autoscaling:CompleteLifecycleAction on the group in the instance role "
+            "(packaging/template.yaml, statement CompleteOwnLifecycleAction)"
+        )
         try:
             self.clients.autoscaling.record_lifecycle_action_heartbeat(**ids)
         except ClientError as err:
             msg = str(err.response.get("Error", {}).get("Message", ""))
             if _code(err) == "ValidationError" and msg.startswith("No active Lifecycle Action"):
-                self.add(name, OK, "RecordLifecycleActionHeartbeat is allowed (AWS found no "
-                         "active action, as expected while the instance is not terminating); "
-                         "CompleteLifecycleAction is not probed: it would end a real action")
+                self.add(
+                    name,
+                    OK,
+                    "RecordLifecycleActionHeartbeat is allowed (AWS found no "
+                    "active action, as expected while the instance is not terminating); "
+                    "CompleteLifecycleAction is not probed: it would end a real action",
+                )
             else:
-                self.add(name, FAIL, f"RecordLifecycleActionHeartbeat: {_describe(err)}",
-                         fix if _denied(err) else None)
+                self.add(
+                    name,
+                    FAIL,
+                    f"RecordLifecycleActionHeartbeat: {_describe(err)}",
+                    fix if _denied(err) else None,
+                )
             return
         except BotoCoreError as err:
-            self.add(name, FAIL, f"RecordLifecycleActionHeartbeat: {_describe(err)}",
-                     "check the network path to the Auto Scaling endpoint")
+            self.add(
+                name,
+                FAIL,
+                f"RecordLifecycleActionHeartbeat: {_describe(err)}",
+                "check the network path to the Auto Scaling endpoint",
+            )
             return
         waiting = self.state in TERMINATING_WAIT
-        self.add(name, OK, "RecordLifecycleActionHeartbeat works" + (
-            " (the instance is terminating: this heartbeat extended its hook's timeout)"
-            if waiting else ""))
+        self.add(
+            name,
+            OK,
+            "RecordLifecycleActionHeartbeat works"
+            + (
+                " (the instance is terminating: this heartbeat extended its hook's timeout)"
+                if waiting
+                else ""
+            ),
+        )
 
     def check_bucket_and_upload(self) -> None:
         cfg = self.cfg
@@ -369,12 +485,16 @@ class Doctor:
         key = f"{cfg.prefix}.instance-agent-doctor/{self.instance_id or 'unknown'}/{uuid.uuid4().hex}"
         extra = _s3_extra(cfg)
         owner = s3args.owner_args(cfg)
-        write_fix = (f"allow s3:PutObject and s3:AbortMultipartUpload on arn:aws:s3:::{cfg.bucket}/"
-                     f"{cfg.prefix}* in the instance role (packaging/template.yaml, statement "
-                     "WriteBackups)")
+        write_fix = (
+            f"allow s3:PutObject and s3:AbortMultipartUpload on arn:aws:s3:::{cfg.bucket}/"
+            f"{cfg.prefix}* in the instance role (packaging/template.yaml, statement "
+            "WriteBackups)"
+        )
         if cfg.expected_bucket_owner:
-            write_fix += (f"; S3 also answers AccessDenied when account "
-                          f"{cfg.expected_bucket_owner} does not own the bucket")
+            write_fix += (
+                f"; S3 also answers AccessDenied when account "
+                f"{cfg.expected_bucket_owner} does not own the bucket"
+            )
         if cfg.sse == "aws:kms":
             write_fix += "; with SSE-KMS the role needs kms:GenerateDataKey and kms:Decrypt on the key"
         try:
@@ -382,18 +502,30 @@ class Doctor:
         except (ClientError, BotoCoreError) as err:
             code = _code(err)
             if code == "NoSuchBucket":
-                self.add("bucket", FAIL, f"bucket {cfg.bucket} does not exist",
-                         f"create it (packaging/template.yaml makes one), or fix `bucket` in "
-                         f"{cfg.config_file or 'the flags or environment'}")
+                self.add(
+                    "bucket",
+                    FAIL,
+                    f"bucket {cfg.bucket} does not exist",
+                    f"create it (packaging/template.yaml makes one), or fix `bucket` in "
+                    f"{cfg.config_file or 'the flags or environment'}",
+                )
                 self.add("s3 permissions", SKIP, "no bucket to probe")
             elif _denied(err):
                 self.add("bucket", SKIP, "cannot tell: S3 refused the probe (see s3 permissions)")
-                self.add("s3 permissions", FAIL, f"CreateMultipartUpload under {where} was "
-                         f"denied ({_describe(err)}): the backup could not upload", write_fix)
+                self.add(
+                    "s3 permissions",
+                    FAIL,
+                    f"CreateMultipartUpload under {where} was "
+                    f"denied ({_describe(err)}): the backup could not upload",
+                    write_fix,
+                )
             else:
-                self.add("bucket", FAIL, f"CreateMultipartUpload under {where}: {_describe(err)}",
-                         "check the bucket's region and the network path to S3 (a VPC "
-                         "endpoint or NAT)")
+                self.add(
+                    "bucket",
+                    FAIL,
+                    f"CreateMultipartUpload under {where}: {_describe(err)}",
+                    "check the bucket's region and the network path to S3 (a VPC endpoint or NAT)",
+                )
                 self.add("s3 permissions", SKIP, "the bucket did not answer")
             return
         owned = f", owned by {cfg.expected_bucket_owner}" if cfg.expected_bucket_owner else ""
@@ -402,30 +534,47 @@ class Doctor:
         try:
             s3.abort_multipart_upload(Bucket=cfg.bucket, Key=key, UploadId=upload_id, **owner)
         except (ClientError, BotoCoreError) as err:
-            self.add("s3 permissions", FAIL, f"s3:PutObject works but AbortMultipartUpload was "
-                     f"refused ({_describe(err)}): a failed backup could not remove its partial "
-                     "upload (the probe's stays until the bucket's lifecycle rule expires it)",
-                     write_fix)
+            self.add(
+                "s3 permissions",
+                FAIL,
+                f"s3:PutObject works but AbortMultipartUpload was "
+                f"refused ({_describe(err)}): a failed backup could not remove its partial "
+                "upload (the probe's stays until the bucket's lifecycle rule expires it)",
+                write_fix,
+            )
             return
         try:
             # What a run after a crash does to find the killed run's upload and abort it.
             s3.list_multipart_uploads(Bucket=cfg.bucket, Prefix=cfg.prefix, MaxUploads=1, **owner)
         except (ClientError, BotoCoreError) as err:
-            self.add("s3 permissions", FAIL, "s3:PutObject and s3:AbortMultipartUpload work, but "
-                     f"ListMultipartUploads was refused ({_describe(err)}): after a crash the next "
-                     "run cannot find and abort the killed run's upload (the bucket's lifecycle "
-                     "rule still expires it)",
-                     f"allow s3:ListBucketMultipartUploads on arn:aws:s3:::{cfg.bucket} in the "
-                     "instance role (packaging/template.yaml, statement ListOwnUploads)")
+            self.add(
+                "s3 permissions",
+                FAIL,
+                "s3:PutObject and s3:AbortMultipartUpload work, but "
+                f"ListMultipartUploads was refused ({_describe(err)}): after a crash the next "
+                "run cannot find and abort the killed run's upload (the bucket's lifecycle "
+                "rule still expires it)",
+                f"allow s3:ListBucketMultipartUploads on arn:aws:s3:::{cfg.bucket} in the "
+                "instance role (packaging/template.yaml, statement ListOwnUploads)",
+            )
             return
         if kms_refused:
-            self.add("s3 permissions", FAIL, f"CreateMultipartUpload works but UploadPart with "
-                     f"SSE-KMS was refused ({kms_refused}): every backup would fail on its "
-                     "first part", f"{write_fix}")
+            self.add(
+                "s3 permissions",
+                FAIL,
+                f"CreateMultipartUpload works but UploadPart with "
+                f"SSE-KMS was refused ({kms_refused}): every backup would fail on its "
+                "first part",
+                f"{write_fix}",
+            )
             return
-        self.add("s3 permissions", OK, f"s3:PutObject, s3:AbortMultipartUpload and "
-                 f"s3:ListBucketMultipartUploads under {where} (a multipart upload was created "
-                 "and aborted; nothing stored)")
+        self.add(
+            "s3 permissions",
+            OK,
+            f"s3:PutObject, s3:AbortMultipartUpload and "
+            f"s3:ListBucketMultipartUploads under {where} (a multipart upload was created "
+            "and aborted; nothing stored)",
+        )
 
     def _probe_kms_part(self, key: str, upload_id: str, owner: dict[str, str]) -> str | None:
         """With SSE-KMS, upload one tiny part: CreateMultipartUpload needs only
@@ -436,8 +585,14 @@ class Doctor:
         if self.cfg.sse != "aws:kms":
             return None
         try:
-            self.clients.s3.upload_part(Bucket=self.cfg.bucket, Key=key, UploadId=upload_id,
-                                        PartNumber=1, Body=b"instance-agent doctor", **owner)
+            self.clients.s3.upload_part(
+                Bucket=self.cfg.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=1,
+                Body=b"instance-agent doctor",
+                **owner,
+            )
         except (ClientError, BotoCoreError) as err:
             return _describe(err)
         return None
@@ -450,30 +605,45 @@ class Doctor:
             return
         topic_region = topic.split(":")[3]
         if self.region and topic_region != self.region:
-            self.add(name, FAIL, f"the topic is in {topic_region}, the agent's clients use "
-                     f"{self.region}: the report would fail",
-                     f"use a topic in {self.region}, or set region = \"{topic_region}\"")
+            self.add(
+                name,
+                FAIL,
+                f"the topic is in {topic_region}, the agent's clients use "
+                f"{self.region}: the report would fail",
+                f'use a topic in {self.region}, or set region = "{topic_region}"',
+            )
             return
         if not self.publish_test:
-            self.add(name, SKIP, "not probed: the instance role grants only sns:Publish, so only "
-                     "a message proves the topic; `instance-agent doctor --publish-test` sends one")
+            self.add(
+                name,
+                SKIP,
+                "not probed: the instance role grants only sns:Publish, so only "
+                "a message proves the topic; `instance-agent doctor --publish-test` sends one",
+            )
             return
         if not self._clients() or self.clients.sns is None:
             self.add(name, SKIP, "needs the region (see identity)")
             return
-        body = {"event": "doctor_test", "instance_id": self.instance_id,
-                "agent_version": __version__}
+        body = {"event": "doctor_test", "instance_id": self.instance_id, "agent_version": __version__}
         try:
             resp = self.clients.sns.publish(
-                TopicArn=topic, Message=json.dumps(body),
-                Subject=f"instance-agent doctor: test message from {self.instance_id}")
+                TopicArn=topic,
+                Message=json.dumps(body),
+                Subject=f"instance-agent doctor: test message from {self.instance_id}",
+            )
         except (ClientError, BotoCoreError) as err:
             if _code(err) == "NotFound":
                 self.add(name, FAIL, f"topic {topic} does not exist", "create it, or fix topic_arn")
             else:
-                self.add(name, FAIL, f"Publish: {_describe(err)}",
-                         "allow sns:Publish on the topic in the instance role (packaging/"
-                         "template.yaml, statement Report)" if _denied(err) else None)
+                self.add(
+                    name,
+                    FAIL,
+                    f"Publish: {_describe(err)}",
+                    "allow sns:Publish on the topic in the instance role (packaging/"
+                    "template.yaml, statement Report)"
+                    if _denied(err)
+                    else None,
+                )
             return
         self.add(name, OK, f"published a test message to {topic} (id {resp.get('MessageId')})")
 
@@ -486,19 +656,26 @@ class Doctor:
         if systemd_booted():
             _, out = self.systemctl(["is-active", *SSM_UNITS])
             if "active" in out.split():
-                self.add(name, OK, "amazon-ssm-agent is active: the push path can reach this "
-                         "instance")
+                self.add(name, OK, "amazon-ssm-agent is active: the push path can reach this instance")
             else:
-                self.add(name, FAIL, "amazon-ssm-agent is not active: the push path cannot reach "
-                         "this instance (the watcher still works)",
-                         "sudo systemctl enable --now amazon-ssm-agent")
+                self.add(
+                    name,
+                    FAIL,
+                    "amazon-ssm-agent is not active: the push path cannot reach "
+                    "this instance (the watcher still works)",
+                    "sudo systemctl enable --now amazon-ssm-agent",
+                )
             return
         pid = _process_running(SSM_COMM)
         if pid:
             self.add(name, OK, f"amazon-ssm-agent runs (pid {pid}; no systemd)")
         else:
-            self.add(name, SKIP, "no systemd as PID 1 and no amazon-ssm-agent process: Run "
-                     "Command is not set up here (only the push path needs it)")
+            self.add(
+                name,
+                SKIP,
+                "no systemd as PID 1 and no amazon-ssm-agent process: Run "
+                "Command is not set up here (only the push path needs it)",
+            )
 
     def check_systemd_unit(self) -> None:
         name = "systemd unit"
@@ -506,8 +683,11 @@ class Doctor:
             self.add(name, SKIP, self._not_ec2())
             return
         if not systemd_booted():
-            self.add(name, SKIP, "PID 1 is not systemd (a container?): the watcher runs as a "
-                     "service only under systemd")
+            self.add(
+                name,
+                SKIP,
+                "PID 1 is not systemd (a container?): the watcher runs as a service only under systemd",
+            )
             return
         if not shutil.which("systemctl"):
             self.add(name, SKIP, "systemctl is not installed")
@@ -517,38 +697,57 @@ class Doctor:
         if enabled == "enabled" and active == "active":
             self.add(name, OK, f"{UNIT_NAME} is enabled and active")
         elif enabled in ("", "not-found") or "No such file" in enabled:
-            self.add(name, FAIL, f"{UNIT_NAME} is not installed: nothing watches for termination "
-                     "on this instance", "sudo instance-agent install-service")
+            self.add(
+                name,
+                FAIL,
+                f"{UNIT_NAME} is not installed: nothing watches for termination on this instance",
+                "sudo instance-agent install-service",
+            )
         else:
-            self.add(name, FAIL, f"{UNIT_NAME} is {enabled or 'not enabled'} and "
-                     f"{active or 'not active'}",
-                     f"sudo systemctl enable --now {UNIT_NAME}; journalctl -u {UNIT_NAME} says why "
-                     "it stopped")
-
+            self.add(
+                name,
+                FAIL,
+                f"{UNIT_NAME} is {enabled or 'not enabled'} and {active or 'not active'}",
+                f"sudo systemctl enable --now {UNIT_NAME}; journalctl -u {UNIT_NAME} says why it stopped",
+            )
 
     def check_shipping(self) -> None:
         """Whether continuous shipping keeps up: complete files should not wait long."""
         if not self.cfg.ship:
-            self.add("shipping", SKIP, "off (--ship ships files as they complete, so a "
-                     "termination archives only what is new)")
+            self.add(
+                "shipping",
+                SKIP,
+                "off (--ship ships files as they complete, so a termination archives only what is new)",
+            )
             return
         found = status.find_status((self.cfg.runtime_dir, self.cfg.state_dir))
         doc = found[1] if found else None
         if doc is None or not isinstance(doc.get("shipping"), dict):
-            self.add("shipping", SKIP, "on, but no running watcher has reported shipping yet",
-                     "start the watcher: sudo systemctl start " + UNIT_NAME)
+            self.add(
+                "shipping",
+                SKIP,
+                "on, but no running watcher has reported shipping yet",
+                "start the watcher: sudo systemctl start " + UNIT_NAME,
+            )
             return
         block, backlog = status.shipping_block(doc), doc.get("shipping_backlog") or {}
         since = backlog.get("behind_since")
         behind = time.time() - since if isinstance(since, (int, float)) else 0.0
-        shipped = (f"{block['shipped_files']} files ({block['shipped_bytes'] / 2**20:.1f} MiB) "
-                   f"shipped; {block['pending_files']} not shipped yet "
-                   f"({block['pending_bytes'] / 2**20:.1f} MiB, live files included)")
+        shipped = (
+            f"{block['shipped_files']} files ({block['shipped_bytes'] / 2**20:.1f} MiB) "
+            f"shipped; {block['pending_files']} not shipped yet "
+            f"({block['pending_bytes'] / 2**20:.1f} MiB, live files included)"
+        )
         if behind > SHIP_BEHIND_AFTER:
-            self.add("shipping", FAIL, f"not keeping up: {backlog.get('due_files')} complete "
-                     f"files waiting for {behind / 60:.0f} min; {shipped}; last error: "
-                     f"{block['last_error']}", "check the last error (S3 access?), or raise "
-                     "--ship-bandwidth; what is not shipped is archived at termination")
+            self.add(
+                "shipping",
+                FAIL,
+                f"not keeping up: {backlog.get('due_files')} complete "
+                f"files waiting for {behind / 60:.0f} min; {shipped}; last error: "
+                f"{block['last_error']}",
+                "check the last error (S3 access?), or raise "
+                "--ship-bandwidth; what is not shipped is archived at termination",
+            )
             return
         error = f"; last error: {block['last_error']}" if block["last_error"] else ""
         self.add("shipping", OK, f"keeping up: {shipped}{error}")
@@ -558,8 +757,14 @@ class Doctor:
 SHIP_BEHIND_AFTER = 600.0
 
 
-def run(cfg: Config, config_error: str | None, make_clients: Callable[[Config, str], Any], *,
-        publish_test: bool = False, launch: bool = False) -> list[Check]:
+def run(
+    cfg: Config,
+    config_error: str | None,
+    make_clients: Callable[[Config, str], Any],
+    *,
+    publish_test: bool = False,
+    launch: bool = False,
+) -> list[Check]:
     return Doctor(cfg, config_error, make_clients, publish_test=publish_test, launch=launch).run()
 
 
@@ -575,6 +780,9 @@ def render(checks: list[Check], *, symbols: bool = True) -> str:
         lines.append(f"{mark} {c.name.ljust(width)}  {c.message}")
         if c.result == FAIL and c.fix:
             lines.append(f"  {' ' * width}  fix: {c.fix}")
-    verdict = ("nothing is broken" if not failed(checks) else
-               f"{sum(c.result == FAIL for c in checks)} check(s) failed")
+    verdict = (
+        "nothing is broken"
+        if not failed(checks)
+        else f"{sum(c.result == FAIL for c in checks)} check(s) failed"
+    )
     return "\n".join(lines) + f"\n{verdict}\n"

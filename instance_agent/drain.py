@@ -65,8 +65,7 @@ class DrainOutcome:
 class DrainGate:
     """`DrainGate(paths).wait(timeout)`; `interrupt()` from another thread ends a wait early."""
 
-    def __init__(self, paths: Sequence[str], *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, paths: Sequence[str], *, clock: Callable[[], float] = time.monotonic) -> None:
         self.paths = [os.path.abspath(p) for p in paths]
         self._clock = clock
         self._changed = threading.Event()
@@ -106,12 +105,12 @@ class DrainGate:
                 observer.stop()
                 observer.join(timeout=2)
 
-    def _outcome(self, drained: bool, started: float, busy: list[str], *,
-                 cancelled: bool = False) -> DrainOutcome:
+    def _outcome(
+        self, drained: bool, started: float, busy: list[str], *, cancelled: bool = False
+    ) -> DrainOutcome:
         return DrainOutcome(drained, round(self._clock() - started, 3), tuple(busy), cancelled)
 
-    def _watch(self, observer: BaseObserver, watched: dict[str, ObservedWatch],
-               busy: list[str]) -> None:
+    def _watch(self, observer: BaseObserver, watched: dict[str, ObservedWatch], busy: list[str]) -> None:
         wanted = set()
         for path in busy:
             wanted.add(os.path.dirname(path) or "/")
@@ -124,12 +123,10 @@ class DrainGate:
             del watched[directory]
         for directory in sorted(wanted - set(watched)):
             try:
-                watched[directory] = observer.schedule(_poke(self._changed), directory,
-                                                       recursive=False)
+                watched[directory] = observer.schedule(_poke(self._changed), directory, recursive=False)
             except OSError as err:
                 # Gone meanwhile, or out of inotify watches: RECHECK still covers it.
-                log.debug("cannot watch drain directory", extra=fields(
-                    path=directory, error=str(err)))
+                log.debug("cannot watch drain directory", extra=fields(path=directory, error=str(err)))
 
 
 def _poke(changed: threading.Event) -> FileSystemEventHandler:
@@ -150,7 +147,9 @@ def _start_observer() -> BaseObserver | None:
         observer = Observer()
         observer.start()
     except (ImportError, OSError) as err:
-        log.warning("no file system events; re-checking drain paths every "
-                    f"{RECHECK:g} s instead", extra=fields(error=str(err)))
+        log.warning(
+            f"no file system events; re-checking drain paths every {RECHECK:g} s instead",
+            extra=fields(error=str(err)),
+        )
         return None
     return observer

@@ -55,16 +55,23 @@ class CommandRecord:
         return asdict(self)
 
 
-def run(command: str, phase: str, *, timeout: float, env: Mapping[str, str] | None = None,
-        cancel: threading.Event | None = None,
-        clock: Callable[[], float] = time.monotonic) -> CommandRecord:
+def run(
+    command: str,
+    phase: str,
+    *,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    cancel: threading.Event | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> CommandRecord:
     """Run one command to completion, timeout or cancel; log and return its record.
 
     `env` adds variables to this process's environment (minus the sd_notify ones)."""
     started = clock()
     if cancel is not None and cancel.is_set():
-        record = CommandRecord(phase, command, None, False, 0.0, "", False,
-                               error="skipped: the agent is stopping")
+        record = CommandRecord(
+            phase, command, None, False, 0.0, "", False, error="skipped: the agent is stopping"
+        )
         _log(record)
         return record
     child_env = child_environment()
@@ -72,36 +79,60 @@ def run(command: str, phase: str, *, timeout: float, env: Mapping[str, str] | No
     child_env["INSTANCE_AGENT_PHASE"] = phase
     try:
         with tempfile.TemporaryFile() as out:
-            proc = subprocess.Popen([SHELL, "-c", command], stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, env=child_env,
-                                    start_new_session=True, close_fds=True)
+            proc = subprocess.Popen(
+                [SHELL, "-c", command],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=child_env,
+                start_new_session=True,
+                close_fds=True,
+            )
             ended = _wait(proc, started + timeout, cancel, clock)
             output, truncated = _tail(out)
     except OSError as err:  # no temp file, no /bin/sh, no fork: a failed command
-        record = CommandRecord(phase, command, None, False, round(clock() - started, 3),
-                               "", False, error=f"could not run: {err.strerror or err}")
+        record = CommandRecord(
+            phase,
+            command,
+            None,
+            False,
+            round(clock() - started, 3),
+            "",
+            False,
+            error=f"could not run: {err.strerror or err}",
+        )
         _log(record)
         return record
     code = proc.returncode if ended == "exited" else None
-    error = {"exited": None, "timeout": f"timed out after {timeout:g} s",
-             "cancelled": "cancelled: the agent is stopping"}[ended]
+    error = {
+        "exited": None,
+        "timeout": f"timed out after {timeout:g} s",
+        "cancelled": "cancelled: the agent is stopping",
+    }[ended]
     if code is not None and code < 0:
         error = f"killed by {signal.Signals(-code).name}"
-    record = CommandRecord(phase, command, code, ended == "timeout",
-                           round(clock() - started, 3), output, truncated, error=error)
+    record = CommandRecord(
+        phase, command, code, ended == "timeout", round(clock() - started, 3), output, truncated, error=error
+    )
     _log(record)
     return record
 
 
-def run_all(commands: Sequence[str], phase: str, *, timeout: float,
-            env: Mapping[str, str] | None = None,
-            cancel: threading.Event | None = None) -> list[CommandRecord]:
+def run_all(
+    commands: Sequence[str],
+    phase: str,
+    *,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    cancel: threading.Event | None = None,
+) -> list[CommandRecord]:
     """Each command in order; a failure does not stop the next (the caller decides)."""
     return [run(c, phase, timeout=timeout, env=env, cancel=cancel) for c in commands]
 
 
-def _wait(proc: subprocess.Popen[bytes], deadline: float, cancel: threading.Event | None,
-          clock: Callable[[], float]) -> str:
+def _wait(
+    proc: subprocess.Popen[bytes], deadline: float, cancel: threading.Event | None, clock: Callable[[], float]
+) -> str:
     """Wait for the command: "exited", or "timeout"/"cancelled" after killing its group."""
     while True:
         remaining = deadline - clock()
@@ -139,8 +170,15 @@ def _tail(out: Any) -> tuple[str, bool]:
 
 def _log(record: CommandRecord) -> None:
     level = logging.INFO if record.ok else logging.WARNING
-    log.log(level, f"{record.phase}-command " + ("succeeded" if record.ok else "failed"),
-            extra=fields(command=record.command, exit_code=record.exit_code,
-                         duration_s=record.duration_s, error=record.error,
-                         output=record.output.strip() or None,
-                         output_truncated=record.output_truncated or None))
+    log.log(
+        level,
+        f"{record.phase}-command " + ("succeeded" if record.ok else "failed"),
+        extra=fields(
+            command=record.command,
+            exit_code=record.exit_code,
+            duration_s=record.duration_s,
+            error=record.error,
+            output=record.output.strip() or None,
+            output_truncated=record.output_truncated or None,
+        ),
+    )

@@ -95,12 +95,12 @@ class IMDS:
     # -- reads --------------------------------------------------------------------------
     def _get_once(self, path: str) -> requests.Response:
         url = f"{self.endpoint}/latest/meta-data/{path}"
-        resp = self._session.get(url, headers={TOKEN_HEADER: self._token_value()},
-                                 timeout=REQUEST_TIMEOUT)
+        resp = self._session.get(url, headers={TOKEN_HEADER: self._token_value()}, timeout=REQUEST_TIMEOUT)
         if resp.status_code == 401:
             # Expired or revoked: one fresh token, one retry (never a token-less read).
-            resp = self._session.get(url, headers={TOKEN_HEADER: self._token_value(refresh=True)},
-                                     timeout=REQUEST_TIMEOUT)
+            resp = self._session.get(
+                url, headers={TOKEN_HEADER: self._token_value(refresh=True)}, timeout=REQUEST_TIMEOUT
+            )
         return resp
 
     def get(self, path: str, *, timeout: float = 10.0) -> str | None:

@@ -50,8 +50,7 @@ def template_text() -> str:
     for path in candidates:
         if path.is_file():
             return path.read_text(encoding="utf-8")
-    raise InstallError("unit template not found; looked in "
-                       + ", ".join(str(p) for p in candidates))
+    raise InstallError("unit template not found; looked in " + ", ".join(str(p) for p in candidates))
 
 
 def default_exec_start() -> list[str]:
@@ -72,8 +71,14 @@ def _unit_quote(word: str) -> str:
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_unit(template: str, cfg: config.Config, *, exec_start: Sequence[str],
-                watchdog_sec: int, config_file: str = config.DEFAULT_CONFIG_FILE) -> str:
+def render_unit(
+    template: str,
+    cfg: config.Config,
+    *,
+    exec_start: Sequence[str],
+    watchdog_sec: int,
+    config_file: str = config.DEFAULT_CONFIG_FILE,
+) -> str:
     stop = math.ceil(cfg.stop_grace + cfg.complete_timeout + STOP_MARGIN)
     extra_paths = [p for p in (cfg.state_dir,) if p != "/var/lib/instance-agent"]
     values = {
@@ -93,6 +98,7 @@ def render_unit(template: str, cfg: config.Config, *, exec_start: Sequence[str],
 
 
 # --- the config file -----------------------------------------------------------------------
+
 
 def _toml_string(value: str) -> str:
     # JSON string escapes are valid TOML basic-string escapes; DEL is the one control
@@ -114,9 +120,11 @@ def _toml_value(opt: config.Option, value: Any) -> str:
 
 def render_config(flags: Mapping[str, Any]) -> str:
     """agent.toml holding the given flags (None means not given), in schema order."""
-    lines = ["# instance-agent configuration, written by `instance-agent install-service`.",
-             "# Read by `instance-agent watch` and `instance-agent backup`; see "
-             "`instance-agent watch --help`.", ""]
+    lines = [
+        "# instance-agent configuration, written by `instance-agent install-service`.",
+        "# Read by `instance-agent watch` and `instance-agent backup`; see `instance-agent watch --help`.",
+        "",
+    ]
     for opt in config.OPTIONS:
         value = flags.get(opt.name)
         if value is None:
@@ -138,6 +146,7 @@ def check_config(text: str) -> config.Config:
 
 
 # --- the plan ------------------------------------------------------------------------------
+
 
 @dataclass
 class Change:
@@ -169,8 +178,7 @@ class Installer:
         else:
             toml = config_path.read_text(encoding="utf-8")
         cfg = check_config(toml)
-        unit = render_unit(template_text(), cfg, exec_start=self.exec_start,
-                           watchdog_sec=self.watchdog_sec)
+        unit = render_unit(template_text(), cfg, exec_start=self.exec_start, watchdog_sec=self.watchdog_sec)
         unit_path = f"{UNIT_DIR}/{UNIT_NAME}"
         changes = [
             Change(config_path, toml, mode=0o644),
@@ -178,8 +186,9 @@ class Installer:
         ]
         if not self.start:
             # What `systemctl enable` would do: the [Install] WantedBy= symlink.
-            changes.append(Change(self._under_root(f"{UNIT_DIR}/{WANTED_BY}.wants/{UNIT_NAME}"),
-                                  None, target=unit_path))
+            changes.append(
+                Change(self._under_root(f"{UNIT_DIR}/{WANTED_BY}.wants/{UNIT_NAME}"), None, target=unit_path)
+            )
         for change in changes:
             change.state = _state(change)
         return changes
@@ -196,8 +205,7 @@ class Installer:
         changes = self.plan()
         verb = "would write" if self.dry_run else "wrote"
         for change in changes:
-            shown = change.path if change.content is not None else \
-                f"{change.path} -> {change.target}"
+            shown = change.path if change.content is not None else f"{change.path} -> {change.target}"
             if change.state == "unchanged":
                 self.out.write(f"unchanged  {shown}\n")
                 continue

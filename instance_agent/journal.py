@@ -31,9 +31,14 @@ def _drain(stream: IO[bytes], out: list[bytes]) -> None:
         pass
 
 
-def export(sink: Sink, *, deadline: float | None, clock: Callable[[], float] = time.monotonic,
-           journalctl: str | None = None,
-           cancel: threading.Event | None = None) -> tuple[int, list[str]]:
+def export(
+    sink: Sink,
+    *,
+    deadline: float | None,
+    clock: Callable[[], float] = time.monotonic,
+    journalctl: str | None = None,
+    cancel: threading.Event | None = None,
+) -> tuple[int, list[str]]:
     """Write the export stream into `sink`. Returns (bytes, warnings).
 
     A journalctl that prints nothing (a locked or corrupt journal, a hung disk) must not hold
@@ -47,9 +52,12 @@ def export(sink: Sink, *, deadline: float | None, clock: Callable[[], float] = t
         if deadline is not None and clock() >= deadline:
             warnings.append(f"journal boot {boot} not exported: past --max-duration")
             continue
-        proc = subprocess.Popen([exe, "-o", "export", "--no-pager", "-b", boot],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [exe, "-o", "export", "--no-pager", "-b", boot],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         assert proc.stdout is not None and proc.stderr is not None
         err_chunks: list[bytes] = []
         reader = threading.Thread(target=_drain, args=(proc.stderr, err_chunks), daemon=True)
@@ -86,6 +94,5 @@ def export(sink: Sink, *, deadline: float | None, clock: Callable[[], float] = t
             warnings.append(f"journal boot {boot} cut at --max-duration")
         elif rc != 0:
             text = b"".join(err_chunks).decode(errors="replace").strip().splitlines()
-            warnings.append(f"journalctl -b {boot} exited {rc}: "
-                            f"{text[0] if text else 'no message'}")
+            warnings.append(f"journalctl -b {boot} exited {rc}: {text[0] if text else 'no message'}")
     return total, warnings

@@ -72,10 +72,10 @@ def listing_prefix(template: str, values: Mapping[str, str]) -> str:
     """The longest key prefix shared by every run of this instance: the rendered template up
     to the first per-run variable (timestamp, hostname)."""
     probe = dict(values, timestamp="TIMESTAMPMARK", hostname="HOSTNAMEMARK")
-    rendered = template.format(**{k: (v if k == "prefix" else safe_component(v))
-                                  for k, v in probe.items()})
-    cut = min(i for i in (rendered.find("TIMESTAMPMARK"), rendered.find("HOSTNAMEMARK"),
-                          len(rendered)) if i >= 0)
+    rendered = template.format(**{k: (v if k == "prefix" else safe_component(v)) for k, v in probe.items()})
+    cut = min(
+        i for i in (rendered.find("TIMESTAMPMARK"), rendered.find("HOSTNAMEMARK"), len(rendered)) if i >= 0
+    )
     return rendered[:cut]
 
 
@@ -84,8 +84,7 @@ def listing_prefix(template: str, values: Mapping[str, str]) -> str:
 SEGMENT_DIR = "segments"
 
 
-def segment_key(template: str, values: Mapping[str, str], name: str, identity: str,
-                compression: str) -> str:
+def segment_key(template: str, values: Mapping[str, str], name: str, identity: str, compression: str) -> str:
     """The key of the segment holding one file: under the instance's listing prefix (with
     the instance id added when the template puts it after the timestamp), named for the
     file and its identity, so the same file always maps to the same key and a second

@@ -51,13 +51,13 @@ WARM_RETURN_WAIT = "Warmed:Pending:Wait"
 # On the way to a terminating wait: deregistration from load balancers runs here.
 ON_THE_WAY = ("Terminating", "Warmed:Terminating", "Warmed:Pending")
 # Past the wait: nothing is left to complete.
-PAST_WAIT = ("Terminating:Proceed", "Terminated", "Warmed:Terminating:Proceed",
-             "Warmed:Terminated")
+PAST_WAIT = ("Terminating:Proceed", "Terminated", "Warmed:Terminating:Proceed", "Warmed:Terminated")
 MAX_INTERVAL = 600.0  # AWS keeps a hook up to 100 x HeartbeatTimeout; no need to ping faster
 RECHECK = 2.0  # first pause between looks while waiting for a wait state
 RECHECK_MAX = 15.0  # a 3600 s deregistration delay costs about 250 calls, not 1,800
 MAX_BACKOFF = 10.0  # between retries of a failed call
 STOP_GRACE = 20.0  # completion retries left once the agent is told to stop
+
 
 class AutoScalingClient(Protocol):
     """The subset of the EC2 Auto Scaling API the agent uses."""
@@ -74,8 +74,7 @@ def translate(err: Exception, call: str, token: str | None = None) -> LifecycleE
     code = awserror.code_of(err)
     if code == "ValidationError" and msg.startswith("No active Lifecycle Action"):
         return NoActiveLifecycleAction(msg)
-    return LifecycleError(f"{call}: {code}: {msg}".rstrip(": "),
-                          retryable=awserror.retryable(err))
+    return LifecycleError(f"{call}: {code}: {msg}".rstrip(": "), retryable=awserror.retryable(err))
 
 
 @dataclass(frozen=True)
@@ -107,8 +106,9 @@ def instance_state(client: AutoScalingClient, instance_id: str) -> tuple[str, st
     return None
 
 
-def discover(client: AutoScalingClient, instance_id: str, *, group: str | None,
-             hook: str | None, token: str | None) -> HookTarget | None:
+def discover(
+    client: AutoScalingClient, instance_id: str, *, group: str | None, hook: str | None, token: str | None
+) -> HookTarget | None:
     """The terminating hook to heartbeat and complete, or None when there is none."""
     if group is None:
         found = instance_state(client, instance_id)
@@ -127,18 +127,23 @@ def discover(client: AutoScalingClient, instance_id: str, *, group: str | None,
         if not match:
             raise LifecycleError(f"lifecycle hook {hook!r} not found in group {group!r}")
     else:
-        match = sorted((h for h in hooks if h.get("LifecycleTransition") == TERMINATING),
-                       key=lambda h: str(h["LifecycleHookName"]))
+        match = sorted(
+            (h for h in hooks if h.get("LifecycleTransition") == TERMINATING),
+            key=lambda h: str(h["LifecycleHookName"]),
+        )
         if not match:
             return None
         if len(match) > 1:
             names = ", ".join(str(h["LifecycleHookName"]) for h in match)
-            raise LifecycleError(f"group {group!r} has several terminating hooks ({names}); "
-                                 "set --hook-name")
+            raise LifecycleError(f"group {group!r} has several terminating hooks ({names}); set --hook-name")
     chosen = match[0]
-    return HookTarget(group=group, hook=str(chosen["LifecycleHookName"]),
-                      heartbeat_timeout=int(chosen.get("HeartbeatTimeout", 3600)),
-                      instance_id=instance_id, token=token)
+    return HookTarget(
+        group=group,
+        hook=str(chosen["LifecycleHookName"]),
+        heartbeat_timeout=int(chosen.get("HeartbeatTimeout", 3600)),
+        instance_id=instance_id,
+        token=token,
+    )
 
 
 def default_interval(heartbeat_timeout: int) -> float:
@@ -224,8 +229,9 @@ class Lifecycle:
         else:
             self._sleep(seconds)
 
-    def locate(self, *, deadline: float, expect_termination: bool,
-               cancel: threading.Event | None = None) -> str:
+    def locate(
+        self, *, deadline: float, expect_termination: bool, cancel: threading.Event | None = None
+    ) -> str:
         """Wait until the instance's lifecycle is decided; returns ACTIVE, WARM_RETURN,
         NOT_TERMINATING or GONE.
 
@@ -244,10 +250,13 @@ class Lifecycle:
                     raise
                 failures += 1
                 state = "unknown"
-                log.warning("cannot read the lifecycle state; retrying", extra=fields(
-                    error=str(err), failures=failures))
-            if state in TERMINATING_WAIT or (self.target.token and state not in ON_THE_WAY
-                                             and state != "unknown"):
+                log.warning(
+                    "cannot read the lifecycle state; retrying",
+                    extra=fields(error=str(err), failures=failures),
+                )
+            if state in TERMINATING_WAIT or (
+                self.target.token and state not in ON_THE_WAY and state != "unknown"
+            ):
                 # With a token the probe is exact whatever the state says: Describe… is
                 # eventually consistent, the heartbeat is not. Without one, a wait state
                 # whose probe fails is another hook's, or ours completed a moment ago.
@@ -262,19 +271,25 @@ class Lifecycle:
                 return GONE if expect_termination or self.target.token else NOT_TERMINATING
             elif state in PAST_WAIT:
                 return GONE
-            elif not (state in ON_THE_WAY or state == "unknown" or (
-                    state == "InService" and (expect_termination or self.target.token))):
+            elif not (
+                state in ON_THE_WAY
+                or state == "unknown"
+                or (state == "InService" and (expect_termination or self.target.token))
+            ):
                 # InService with no sign of leaving (an ad-hoc run), Standby, Warmed:Stopped
                 # after its hooks, …: nothing of ours to wait for. InService *with* a sign is
                 # Auto Scaling's API lagging behind IMDS or the event: wait.
                 return NOT_TERMINATING
             if not announced:
-                log.info("waiting for Auto Scaling to hold the instance in a wait state",
-                         extra=fields(state=state, wait_timeout_s=round(deadline - self.clock())))
+                log.info(
+                    "waiting for Auto Scaling to hold the instance in a wait state",
+                    extra=fields(state=state, wait_timeout_s=round(deadline - self.clock())),
+                )
                 announced = True
             if self.clock() + pause > deadline:
-                raise WaitTimeout(f"instance still {state} after the wait timeout; no "
-                                  "lifecycle action to complete")
+                raise WaitTimeout(
+                    f"instance still {state} after the wait timeout; no lifecycle action to complete"
+                )
             self._pause(pause, cancel)
             if cancel is not None and cancel.is_set():
                 raise Cancelled("stopped while waiting for the lifecycle wait state")
@@ -293,8 +308,7 @@ class Lifecycle:
                 log.debug("heartbeat sent", extra=fields(count=self.heartbeats))
             except NoActiveLifecycleAction as err:
                 self.gone.set()
-                log.warning("heartbeats stop: no active lifecycle action",
-                            extra=fields(error=str(err)))
+                log.warning("heartbeats stop: no active lifecycle action", extra=fields(error=str(err)))
                 return
             except LifecycleError as err:
                 failures += 1
@@ -305,8 +319,7 @@ class Lifecycle:
         return Heartbeat(self)
 
     # -- completion ---------------------------------------------------------------------
-    def complete(self, result: str, timeout: float,
-                 stop: threading.Event | None = None) -> str | None:
+    def complete(self, result: str, timeout: float, stop: threading.Event | None = None) -> str | None:
         """CompleteLifecycleAction with retries; None on success, else the error.
 
         Only retryable errors are retried, within `timeout`; once `stop` is set (the agent is
@@ -317,10 +330,15 @@ class Lifecycle:
         failures = 0
         while True:
             try:
-                self._call("CompleteLifecycleAction", self.client.complete_lifecycle_action,
-                           LifecycleActionResult=result)
-                log.info("lifecycle action completed", extra=fields(result=result,
-                         group=self.target.group, hook=self.target.hook))
+                self._call(
+                    "CompleteLifecycleAction",
+                    self.client.complete_lifecycle_action,
+                    LifecycleActionResult=result,
+                )
+                log.info(
+                    "lifecycle action completed",
+                    extra=fields(result=result, group=self.target.group, hook=self.target.hook),
+                )
                 return None
             except NoActiveLifecycleAction as err:
                 last = str(err)
@@ -357,14 +375,16 @@ class Heartbeat:
     def __init__(self, lifecycle: Lifecycle) -> None:
         self._lifecycle = lifecycle
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=lifecycle.run_heartbeats, args=(self._stop,),
-                                        name="heartbeat", daemon=True)
+        self._thread = threading.Thread(
+            target=lifecycle.run_heartbeats, args=(self._stop,), name="heartbeat", daemon=True
+        )
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._stop.set()
         self._thread.join(timeout=30)

@@ -65,8 +65,10 @@ def s3_failure(err: Exception, what: str) -> AgentError:
         if code == "NoSuchBucket":
             return BackupNotFound(f"{what}: the bucket does not exist")
         if code in ("AccessDenied", "403", "Forbidden"):
-            return S3ReadError(f"{what}: access denied (the credentials lack s3:GetObject or "
-                               "s3:ListBucket there, or the bucket belongs to another account)")
+            return S3ReadError(
+                f"{what}: access denied (the credentials lack s3:GetObject or "
+                "s3:ListBucket there, or the bucket belongs to another account)"
+            )
         return S3ReadError(f"{what}: {code}: {msg}".rstrip(": "))
     return S3ReadError(f"{what}: {type(err).__name__}: {err}")
 
@@ -75,7 +77,7 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     """(bucket, key) of `s3://bucket/key`; ConfigError for anything else."""
     if not url.startswith("s3://"):
         raise ConfigError(f"not an s3:// URL: {url!r} (expected s3://bucket/key)")
-    bucket, _, key = url[len("s3://"):].partition("/")
+    bucket, _, key = url[len("s3://") :].partition("/")
     if not bucket or not key:
         raise ConfigError(f"{url!r} needs a bucket and a key: s3://bucket/key")
     return bucket, key
@@ -93,8 +95,9 @@ def is_archive(key: str) -> bool:
 # --- manifests --------------------------------------------------------------------------
 
 
-def _get(s3: S3Reader, bucket: str, key: str, extra: Mapping[str, str],
-         byte_range: str | None = None) -> bytes:
+def _get(
+    s3: S3Reader, bucket: str, key: str, extra: Mapping[str, str], byte_range: str | None = None
+) -> bytes:
     kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, **extra}
     if byte_range:
         kwargs["Range"] = byte_range
@@ -106,15 +109,17 @@ def _get(s3: S3Reader, bucket: str, key: str, extra: Mapping[str, str],
     return data
 
 
-def read_manifest(s3: S3Reader, bucket: str, key: str,
-                  extra: Mapping[str, str] | None = None) -> dict[str, Any]:
+def read_manifest(
+    s3: S3Reader, bucket: str, key: str, extra: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """The whole manifest at `key` (entries included)."""
     data = _get(s3, bucket, key, extra or {})
     return _parse(data, bucket, key)
 
 
-def read_manifest_head(s3: S3Reader, bucket: str, key: str,
-                       extra: Mapping[str, str] | None = None) -> dict[str, Any]:
+def read_manifest_head(
+    s3: S3Reader, bucket: str, key: str, extra: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """The manifest without its long lists, from a ranged GET when that is enough."""
     data = _get(s3, bucket, key, extra or {}, f"bytes=0-{HEAD_BYTES - 1}")
     cut = data.find(_HEAD_END)
@@ -178,8 +183,7 @@ class Backup:
             "group": self.group,
             "instance_id": self.instance_id,
             "raw_bytes": self.raw_bytes,
-            "compressed_bytes": self.compressed_bytes if self.compressed_bytes is not None
-            else self.size,
+            "compressed_bytes": self.compressed_bytes if self.compressed_bytes is not None else self.size,
             "files": self.files,
             "warnings": self.warnings,
             "status": self.status,
@@ -215,8 +219,10 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     try:
         when = datetime.fromisoformat(value)
     except ValueError:
-        raise ConfigError(f"--since: cannot read {text!r}: use 2026-01-31, "
-                          "2026-01-31T12:00Z, or a duration ago such as 12h or 7d") from None
+        raise ConfigError(
+            f"--since: cannot read {text!r}: use 2026-01-31, "
+            "2026-01-31T12:00Z, or a duration ago such as 12h or 7d"
+        ) from None
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
@@ -239,22 +245,27 @@ def narrow_prefix(template: str, prefix: str, filters: Filters) -> tuple[str, bo
     out, rest, pinned = prefix, template, False
     if not rest.startswith("{prefix}"):
         return out, False
-    rest = rest[len("{prefix}"):]
+    rest = rest[len("{prefix}") :]
     for var, value in (("group", filters.group), ("instance_id", filters.instance_id)):
         token = "{" + var + "}/"
         if value is None or not rest.startswith(token):
             break
         out += keys.safe_component(value) + "/"
-        rest = rest[len(token):]
+        rest = rest[len(token) :]
         pinned = pinned or var == "group"
     return out, pinned
 
 
-def iter_objects(s3: S3Reader, bucket: str, prefix: str, *, page_size: int = PAGE_SIZE,
-                 extra: Mapping[str, str] | None = None) -> Iterator[Mapping[str, Any]]:
+def iter_objects(
+    s3: S3Reader,
+    bucket: str,
+    prefix: str,
+    *,
+    page_size: int = PAGE_SIZE,
+    extra: Mapping[str, str] | None = None,
+) -> Iterator[Mapping[str, Any]]:
     """Every object under `prefix`, one ListObjectsV2 page at a time."""
-    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size,
-                              **(extra or {})}
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size, **(extra or {})}
     while True:
         try:
             page = s3.list_objects_v2(**kwargs)
@@ -267,10 +278,16 @@ def iter_objects(s3: S3Reader, bucket: str, prefix: str, *, page_size: int = PAG
         kwargs["ContinuationToken"] = token
 
 
-def find_backups(s3: S3Reader, bucket: str, prefix: str, filters: Filters, *,
-                 key_template: str = "{prefix}{group}/{instance_id}/{timestamp}",
-                 page_size: int = PAGE_SIZE,
-                 extra: Mapping[str, str] | None = None) -> list[Backup]:
+def find_backups(
+    s3: S3Reader,
+    bucket: str,
+    prefix: str,
+    filters: Filters,
+    *,
+    key_template: str = "{prefix}{group}/{instance_id}/{timestamp}",
+    page_size: int = PAGE_SIZE,
+    extra: Mapping[str, str] | None = None,
+) -> list[Backup]:
     """The backups under `prefix` that pass `filters`, oldest first."""
     extra = dict(extra or {})
     listed_prefix, group_pinned = narrow_prefix(key_template, prefix, filters)
@@ -293,9 +310,14 @@ def find_backups(s3: S3Reader, bucket: str, prefix: str, filters: Filters, *,
     for key, obj in archives.items():
         modified = obj["LastModified"]
         man = manifests.get(key)
-        backup = Backup(bucket, key, int(obj.get("Size", 0)), modified,
-                        key + MANIFEST_SUFFIX if man else None,
-                        "no manifest" if man is None else "unknown")
+        backup = Backup(
+            bucket,
+            key,
+            int(obj.get("Size", 0)),
+            modified,
+            key + MANIFEST_SUFFIX if man else None,
+            "no manifest" if man is None else "unknown",
+        )
         if filters.since and max(modified, man["LastModified"] if man else modified) < filters.since:
             continue
         if man is None:
@@ -303,7 +325,8 @@ def find_backups(s3: S3Reader, bucket: str, prefix: str, filters: Filters, *,
             # pinned the group, drop it when a group filter cannot be checked.
             _from_key(backup, key_template, prefix)
             if (filters.group is None or group_pinned) and not (
-                    filters.since and backup.time < filters.since):
+                filters.since and backup.time < filters.since
+            ):
                 found.append(backup)
             continue
         to_read.append(backup)
@@ -345,7 +368,7 @@ def _from_key(backup: Backup, template: str, prefix: str) -> None:
     if m:
         backup.created = datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
     if template.startswith("{prefix}{group}/{instance_id}/") and backup.key.startswith(prefix):
-        parts = backup.key[len(prefix):].split("/")
+        parts = backup.key[len(prefix) :].split("/")
         if len(parts) >= 3:
             backup.group, backup.instance_id = parts[0], parts[1]
 
@@ -402,19 +425,24 @@ def human_size(n: int | None) -> str:
 
 def render_table(backups: Sequence[Backup]) -> str:
     header = ("TIME", "GROUP", "INSTANCE", "RAW", "COMPRESSED", "FILES", "STATUS", "ARCHIVE")
-    rows = [header] + [(
-        b.time.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ"),
-        b.group or "-", b.instance_id or "-", human_size(b.raw_bytes),
-        human_size(b.compressed_bytes if b.compressed_bytes is not None else b.size),
-        "-" if b.files is None else str(b.files),
-        b.status + (f" ({b.warnings} warnings)" if b.warnings else ""), b.url,
-    ) for b in backups]
+    rows = [header] + [
+        (
+            b.time.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ"),
+            b.group or "-",
+            b.instance_id or "-",
+            human_size(b.raw_bytes),
+            human_size(b.compressed_bytes if b.compressed_bytes is not None else b.size),
+            "-" if b.files is None else str(b.files),
+            b.status + (f" ({b.warnings} warnings)" if b.warnings else ""),
+            b.url,
+        )
+        for b in backups
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     right = {3, 4, 5}  # sizes and counts line up on the right
     lines = []
     for row in rows:
-        cells = [c.rjust(widths[i]) if i in right else c.ljust(widths[i])
-                 for i, c in enumerate(row[:-1])]
+        cells = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(row[:-1])]
         lines.append("  ".join([*cells, row[-1]]))
     return "\n".join(lines) + "\n"
 
@@ -423,5 +451,4 @@ def render_json(backups: Sequence[Backup]) -> str:
     """A JSON array with one backup per line: valid JSON, and still greppable."""
     if not backups:
         return "[]\n"
-    return "[\n" + ",\n".join(json.dumps(b.to_json(), ensure_ascii=False)
-                              for b in backups) + "\n]\n"
+    return "[\n" + ",\n".join(json.dumps(b.to_json(), ensure_ascii=False) for b in backups) + "\n]\n"

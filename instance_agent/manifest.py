@@ -52,16 +52,20 @@ class Entry:
             path = '"path_b64":"' + base64.b64encode(self.path).decode("ascii") + '"'
         # A termination archive with shipping lists tens of thousands of held files, each
         # with its digest and segment: formatted here too, not through a dict.
-        tail = (f',"sha256":"{self.sha256}"' if self.sha256 else "") + \
-            (',"object":' + _encode_str(self.object) if self.object else "")
-        return (f'{{{path},"type":"{self.type}","size":{self.size},'
-                f'"mtime":{self.mtime_ns / 1e9!r},"mode":"{self.mode & 0o7777:04o}"'
-                f'{tail}}}').encode()
+        tail = (f',"sha256":"{self.sha256}"' if self.sha256 else "") + (
+            ',"object":' + _encode_str(self.object) if self.object else ""
+        )
+        return (
+            f'{{{path},"type":"{self.type}","size":{self.size},'
+            f'"mtime":{self.mtime_ns / 1e9!r},"mode":"{self.mode & 0o7777:04o}"'
+            f"{tail}}}"
+        ).encode()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = path_fields(self.path)
-        out.update(type=self.type, size=self.size, mtime=self.mtime_ns / 1e9,
-                   mode=f"{self.mode & 0o7777:04o}")
+        out.update(
+            type=self.type, size=self.size, mtime=self.mtime_ns / 1e9, mode=f"{self.mode & 0o7777:04o}"
+        )
         if self.target is not None:
             out.update(path_fields(self.target, "target"))
         if self.sha256:
@@ -123,10 +127,17 @@ class ArchiveReport:
         return parsed
 
 
-def build(report: ArchiveReport, *, key: str, compression: str, agent_version: str,
-          compressed_bytes: int, journal: dict[str, Any] | None,
-          segments: list[dict[str, Any]] | None = None,
-          **meta: Any) -> tuple[bytes, memoryview, bytes]:
+def build(
+    report: ArchiveReport,
+    *,
+    key: str,
+    compression: str,
+    agent_version: str,
+    compressed_bytes: int,
+    journal: dict[str, Any] | None,
+    segments: list[dict[str, Any]] | None = None,
+    **meta: Any,
+) -> tuple[bytes, memoryview, bytes]:
     """The manifest document as UTF-8 JSON, in three pieces (head, entries, tail) so the
     entries text — tens of MiB for a few hundred thousand files — is never copied to join
     them: the uploader reads the pieces in turn.
@@ -147,9 +158,15 @@ def build(report: ArchiveReport, *, key: str, compression: str, agent_version: s
             "compressed_bytes": compressed_bytes,
             "warnings": len(report.warnings),
             "omitted": len(report.omitted),
-            **({"held_files": report.held_files, "held_bytes": report.held_bytes,
-                "segment_bytes": sum(int(s.get("compressed_bytes", 0)) for s in segments)}
-               if segments is not None else {}),
+            **(
+                {
+                    "held_files": report.held_files,
+                    "held_bytes": report.held_bytes,
+                    "segment_bytes": sum(int(s.get("compressed_bytes", 0)) for s in segments),
+                }
+                if segments is not None
+                else {}
+            ),
         },
         "journal": journal,
         "warnings": [w.to_json() for w in report.warnings],

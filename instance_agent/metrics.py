@@ -54,8 +54,13 @@ def metric_data(result: Mapping[str, Any], *, now: datetime | None = None) -> li
     dimensions = [{"Name": DIMENSION, "Value": str(group)}]
 
     def datum(name: str, value: float, unit: str) -> dict[str, Any]:
-        return {"MetricName": name, "Dimensions": dimensions, "Timestamp": timestamp,
-                "Value": float(value), "Unit": unit}
+        return {
+            "MetricName": name,
+            "Dimensions": dimensions,
+            "Timestamp": timestamp,
+            "Value": float(value),
+            "Unit": unit,
+        }
 
     data = [datum(name, 1 if status == key else 0, "Count") for key, name in COUNTS.items()]
     data.append(datum(ABANDONED, 1 if result.get("lifecycle_result") == "ABANDON" else 0, "Count"))
@@ -70,15 +75,19 @@ def publish(cloudwatch: CloudWatchClient | None, result: Mapping[str, Any]) -> b
         return False
     data = metric_data(result)
     if not data:
-        log.debug("no metrics for this run", extra=fields(status=result.get("status"),
-                                                          group=result.get("group")))
+        log.debug(
+            "no metrics for this run", extra=fields(status=result.get("status"), group=result.get("group"))
+        )
         return False
     try:
         cloudwatch.put_metric_data(Namespace=NAMESPACE, MetricData=data)
     except Exception as err:  # any error at all: a metric must never change the outcome
-        log.warning("metrics not published", extra=fields(
-            namespace=NAMESPACE, error=f"{type(err).__name__}: {err}"))
+        log.warning(
+            "metrics not published", extra=fields(namespace=NAMESPACE, error=f"{type(err).__name__}: {err}")
+        )
         return False
-    log.info("metrics published", extra=fields(namespace=NAMESPACE, group=result.get("group"),
-                                               status=result.get("status")))
+    log.info(
+        "metrics published",
+        extra=fields(namespace=NAMESPACE, group=result.get("group"), status=result.get("status")),
+    )
     return True

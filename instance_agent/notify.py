@@ -39,8 +39,9 @@ def body_for(result: Mapping[str, Any], limit: int = MAX_BYTES - _ATTR_ROOM) -> 
         return body
     cut = dict(result)
     cut["truncated"] = True
-    longest = sorted((k for k, v in cut.items() if isinstance(v, str)),
-                     key=lambda k: len(str(cut[k])), reverse=True)
+    longest = sorted(
+        (k for k, v in cut.items() if isinstance(v, str)), key=lambda k: len(str(cut[k])), reverse=True
+    )
     for name in longest:
         over = len(json.dumps(cut, ensure_ascii=False).encode()) - limit
         if over <= 0:
@@ -59,8 +60,10 @@ def publish(client: SNSClient, topic_arn: str, result: Mapping[str, Any]) -> str
             Message=body_for(result),
             MessageAttributes={
                 "status": {"DataType": "String", "StringValue": str(result.get("status"))},
-                "instance_id": {"DataType": "String",
-                                "StringValue": str(result.get("instance_id") or "unknown")},
+                "instance_id": {
+                    "DataType": "String",
+                    "StringValue": str(result.get("instance_id") or "unknown"),
+                },
             },
         )
     except (ClientError, BotoCoreError) as err:

@@ -75,10 +75,15 @@ class Record:
             return None  # a record from before actions were told apart: ignore it
         try:
             return cls(
-                recorded_at=float(doc["recorded_at"]), exit_code=int(doc["exit_code"]),
-                result=dict(doc["result"]), backup_ok=bool(doc["backup_ok"]),
-                completed=bool(doc["completed"]), lifecycle_result=str(doc["lifecycle_result"]),
-                action=doc.get("action"), valid_for=float(doc.get("valid_for", 0.0)))
+                recorded_at=float(doc["recorded_at"]),
+                exit_code=int(doc["exit_code"]),
+                result=dict(doc["result"]),
+                backup_ok=bool(doc["backup_ok"]),
+                completed=bool(doc["completed"]),
+                lifecycle_result=str(doc["lifecycle_result"]),
+                action=doc.get("action"),
+                valid_for=float(doc.get("valid_for", 0.0)),
+            )
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -101,9 +106,14 @@ def decide(record: Record | None, *, live: bool, action: str | None, now: float)
 
 
 class TerminationLock:
-    def __init__(self, dirs: tuple[str, ...], name: str, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 cancel: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        dirs: tuple[str, ...],
+        name: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        cancel: threading.Event | None = None,
+    ) -> None:
         self.dirs = dirs
         self.name = name
         self.clock = clock
@@ -117,9 +127,14 @@ class TerminationLock:
                 statedir.usable(d)  # owned by us, not group/other-writable (statedir.py)
                 fd = statedir.open_or_create(d, self.name + ".lock")
             except OSError as err:
-                log.warning("lock directory unusable", extra=fields(
-                    dir=d, error=err.strerror, fallback=self.dirs[i + 1] if i + 1 < len(self.dirs)
-                    else None))
+                log.warning(
+                    "lock directory unusable",
+                    extra=fields(
+                        dir=d,
+                        error=err.strerror,
+                        fallback=self.dirs[i + 1] if i + 1 < len(self.dirs) else None,
+                    ),
+                )
                 continue
             self.fd, self.dir = fd, d
             return
@@ -137,13 +152,14 @@ class TerminationLock:
                 return self
             except BlockingIOError:
                 if not announced:
-                    log.info("another run holds the termination lock; waiting",
-                             extra=fields(lock=self.name, timeout_s=timeout))
+                    log.info(
+                        "another run holds the termination lock; waiting",
+                        extra=fields(lock=self.name, timeout_s=timeout),
+                    )
                     announced = True
                 if self.clock() >= deadline:
                     self.release()
-                    raise LockTimeout(f"another run still holds {self.name} after {timeout:g} s") \
-                        from None
+                    raise LockTimeout(f"another run still holds {self.name} after {timeout:g} s") from None
                 if self.cancel.wait(0.1):
                     self.release()
                     raise Cancelled("stopped while waiting for the termination lock") from None
@@ -169,8 +185,7 @@ class TerminationLock:
             except FileNotFoundError:
                 continue
             except (OSError, ValueError) as err:
-                log.warning("unreadable result record ignored", extra=fields(path=path,
-                            error=str(err)))
+                log.warning("unreadable result record ignored", extra=fields(path=path, error=str(err)))
                 continue
             rec = Record.from_json(doc) if isinstance(doc, dict) else None
             if rec is None or time.time() - rec.recorded_at > RECORD_MAX_AGE:
@@ -184,13 +199,15 @@ class TerminationLock:
         data = json.dumps(rec.to_json()).encode()
         # A full state dir still takes an empty lock file but not the record: fall back for
         # the record too, or the next run finds none and backs up again.
-        for d in self.dirs[self.dirs.index(self.dir):]:
+        for d in self.dirs[self.dirs.index(self.dir) :]:
             path = os.path.join(d, self.name + ".json")
             try:
                 statedir.usable(d)
                 statedir.write_atomic(d, self.name + ".json", data)
                 return
             except OSError as err:
-                log.warning("cannot record the result here; trying the next directory",
-                            extra=fields(path=path, error=err.strerror))
+                log.warning(
+                    "cannot record the result here; trying the next directory",
+                    extra=fields(path=path, error=err.strerror),
+                )
         log.warning("cannot record the result anywhere; a later run may back up again")

@@ -42,16 +42,20 @@ its upload), ARCHIVE. A table on a terminal, a JSON array (one backup per line) 
 exit codes: 0 listed (maybe nothing), 1 S3 refused, 2 usage or configuration error.
 """
 
-EXAMPLES_RESTORE = """\
+EXAMPLES_RESTORE = (
+    """\
 examples:
   instance-agent restore s3://my-backups/backups/web/i-0abc/20260131T120000Z.tar.zst ./restored
   instance-agent restore --verify --include 'var/log/nginx' s3://my-backups/…tar.zst ./nginx
   instance-agent restore --latest --instance-id i-0123456789abcdef0 --verify ./restored
 
-""" + RESTORE_DEST_HELP + """
+"""
+    + RESTORE_DEST_HELP
+    + """
 exit codes: 0 restored (and verified), 1 failed or differs from the manifest, 2 usage or
 configuration error (nothing was done).
 """
+)
 
 EXAMPLES_VERIFY = """\
 examples:
@@ -98,7 +102,7 @@ HELP = {
     "prefix": "key prefix of the backups, e.g. 'backups/'",
     "region": "region of the bucket; else the SDK's (AWS_REGION, ~/.aws/config)",
     "key_template": "the key template the backups were made with; when it starts "
-                    "{prefix}{group}/, --asg-name and --instance-id narrow the listing itself",
+    "{prefix}{group}/, --asg-name and --instance-id narrow the listing itself",
 }
 
 
@@ -109,93 +113,164 @@ def _common(parser: argparse.ArgumentParser, *names: str) -> None:
 
 
 def _filters(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--asg-name", dest="filter_group", metavar="NAME",
-                        help=f"only {what} of this Auto Scaling group (flag only; default: all)")
-    parser.add_argument("--instance-id", dest="filter_instance", metavar="ID",
-                        help=f"only {what} of this instance (flag only; default: all)")
+    parser.add_argument(
+        "--asg-name",
+        dest="filter_group",
+        metavar="NAME",
+        help=f"only {what} of this Auto Scaling group (flag only; default: all)",
+    )
+    parser.add_argument(
+        "--instance-id",
+        dest="filter_instance",
+        metavar="ID",
+        help=f"only {what} of this instance (flag only; default: all)",
+    )
 
 
 def _globs(parser: argparse.ArgumentParser, verb: str) -> None:
-    parser.add_argument("--include", action="append", default=[], metavar="GLOB",
-                        help=f"{verb} only members matching GLOB, or under a directory that "
-                        "does: the name as archived, without a leading '/', e.g. "
-                        "'var/log/nginx' or 'var/log/*.log'; repeatable (flag only; default: "
-                        "everything)")
-    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                        help=f"do not {verb} members matching GLOB, or under a directory that "
-                        "does; repeatable (flag only; default: none)")
+    parser.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help=f"{verb} only members matching GLOB, or under a directory that "
+        "does: the name as archived, without a leading '/', e.g. "
+        "'var/log/nginx' or 'var/log/*.log'; repeatable (flag only; default: "
+        "everything)",
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help=f"do not {verb} members matching GLOB, or under a directory that "
+        "does; repeatable (flag only; default: none)",
+    )
 
 
 def register(sub: Any) -> None:
     """Add the operator sub-commands to the CLI's sub-parser collection."""
     raw = argparse.RawDescriptionHelpFormatter
-    s3_options = ("bucket", "prefix", "region", "expected_bucket_owner", "key_template",
-                  "log_level")
+    s3_options = ("bucket", "prefix", "region", "expected_bucket_owner", "key_template", "log_level")
 
-    p = sub.add_parser("list", help="list backups with their size, file count and status",
-                       epilog=EXAMPLES_LIST, formatter_class=raw)
+    p = sub.add_parser(
+        "list",
+        help="list backups with their size, file count and status",
+        epilog=EXAMPLES_LIST,
+        formatter_class=raw,
+    )
     _common(p, *s3_options)
     _filters(p, "backups")
-    p.add_argument("--since", metavar="DATE", help="only backups created at or after DATE: "
-                   "2026-01-31, 2026-01-31T12:00Z, or a duration ago such as 12h or 7d (flag "
-                   "only; default: all)")
-    p.add_argument("--page-size", type=int, default=1000, metavar="N",
-                   help="keys per ListObjectsV2 request (flag only; default 1000, S3's maximum)")
-    p.add_argument("--json", action="store_true", help="JSON even on a terminal (flag only; "
-                   "default: a table on a terminal, JSON otherwise)")
+    p.add_argument(
+        "--since",
+        metavar="DATE",
+        help="only backups created at or after DATE: "
+        "2026-01-31, 2026-01-31T12:00Z, or a duration ago such as 12h or 7d (flag "
+        "only; default: all)",
+    )
+    p.add_argument(
+        "--page-size",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="keys per ListObjectsV2 request (flag only; default 1000, S3's maximum)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON even on a terminal (flag only; default: a table on a terminal, JSON otherwise)",
+    )
     p.set_defaults(func=cmd_list)
 
-    r = sub.add_parser("restore", help="stream a backup down and extract it safely",
-                       epilog=EXAMPLES_RESTORE, formatter_class=raw,
-                       usage="%(prog)s [options] (s3://BUCKET/KEY | --latest) DEST")
-    r.add_argument("paths", nargs="+", metavar="s3://BUCKET/KEY DEST",
-                   help="the archive (or its manifest) and a new or empty directory; with "
-                   "--latest, DEST only")
-    r.add_argument("--latest", action="store_true", help="restore the newest backup under the "
-                   "prefix, narrowed by --instance-id and --asg-name (flag only; default off)")
+    r = sub.add_parser(
+        "restore",
+        help="stream a backup down and extract it safely",
+        epilog=EXAMPLES_RESTORE,
+        formatter_class=raw,
+        usage="%(prog)s [options] (s3://BUCKET/KEY | --latest) DEST",
+    )
+    r.add_argument(
+        "paths",
+        nargs="+",
+        metavar="s3://BUCKET/KEY DEST",
+        help="the archive (or its manifest) and a new or empty directory; with --latest, DEST only",
+    )
+    r.add_argument(
+        "--latest",
+        action="store_true",
+        help="restore the newest backup under the "
+        "prefix, narrowed by --instance-id and --asg-name (flag only; default off)",
+    )
     _filters(r, "with --latest: backups")
-    r.add_argument("--verify", action="store_true", help="after extracting, check the tree "
-                   "against the manifest (as `verify` does); exit 1 on any difference (flag "
-                   "only; default off)")
+    r.add_argument(
+        "--verify",
+        action="store_true",
+        help="after extracting, check the tree "
+        "against the manifest (as `verify` does); exit 1 on any difference (flag "
+        "only; default off)",
+    )
     _globs(r, "restore")
-    r.add_argument("--allow-setuid", action="store_true", help="restore setuid/setgid files "
-                   "with those bits (flag only; default: refuse the archive)")
-    r.add_argument("--json", action="store_true", help="print the result as JSON (flag only; "
-                   "default off)")
+    r.add_argument(
+        "--allow-setuid",
+        action="store_true",
+        help="restore setuid/setgid files with those bits (flag only; default: refuse the archive)",
+    )
+    r.add_argument("--json", action="store_true", help="print the result as JSON (flag only; default off)")
     _common(r, *s3_options)
     r.set_defaults(func=cmd_restore)
 
-    v = sub.add_parser("verify", help="compare a restored tree with its backup's manifest",
-                       epilog=EXAMPLES_VERIFY, formatter_class=raw)
+    v = sub.add_parser(
+        "verify",
+        help="compare a restored tree with its backup's manifest",
+        epilog=EXAMPLES_VERIFY,
+        formatter_class=raw,
+    )
     v.add_argument("dest", metavar="DIR", help="the restored tree")
-    v.add_argument("--manifest", required=True, metavar="s3://BUCKET/KEY|FILE",
-                   help="the manifest, or its archive's key (the manifest beside it is read), "
-                   "or a local manifest file (flag only; required)")
+    v.add_argument(
+        "--manifest",
+        required=True,
+        metavar="s3://BUCKET/KEY|FILE",
+        help="the manifest, or its archive's key (the manifest beside it is read), "
+        "or a local manifest file (flag only; required)",
+    )
     _globs(v, "verify")
-    v.add_argument("--json", action="store_true", help="print the result as JSON (flag only; "
-                   "default off)")
+    v.add_argument("--json", action="store_true", help="print the result as JSON (flag only; default off)")
     _common(v, "region", "expected_bucket_owner", "log_level")
     v.set_defaults(func=cmd_verify)
 
-    d = sub.add_parser("doctor", help="check everything a backup will need, here and now",
-                       epilog=EXAMPLES_DOCTOR, formatter_class=raw)
+    d = sub.add_parser(
+        "doctor",
+        help="check everything a backup will need, here and now",
+        epilog=EXAMPLES_DOCTOR,
+        formatter_class=raw,
+    )
     wiring.add_config_option(d)
-    d.add_argument("--json", action="store_true", help="print the checks as JSON (flag only; "
-                   "default off)")
-    d.add_argument("--publish-test", action="store_true", help="publish one test message to "
-                   "the topic, the only way to prove it exists with the instance role (flag "
-                   "only; default: publish nothing)")
-    d.add_argument("--launch", action="store_true", help="the launching hook's gate (the user "
-                   "data runs it before CONTINUE): skip the checks that need a terminating "
-                   "action (flag only; default off)")
+    d.add_argument("--json", action="store_true", help="print the checks as JSON (flag only; default off)")
+    d.add_argument(
+        "--publish-test",
+        action="store_true",
+        help="publish one test message to "
+        "the topic, the only way to prove it exists with the instance role (flag "
+        "only; default: publish nothing)",
+    )
+    d.add_argument(
+        "--launch",
+        action="store_true",
+        help="the launching hook's gate (the user "
+        "data runs it before CONTINUE): skip the checks that need a terminating "
+        "action (flag only; default off)",
+    )
     wiring.add_schema_options(d, config.BACKUP)
     d.set_defaults(func=cmd_doctor)
 
-    s = sub.add_parser("status", help="what the watcher is doing, and whether it runs",
-                       epilog=EXAMPLES_STATUS, formatter_class=raw)
+    s = sub.add_parser(
+        "status",
+        help="what the watcher is doing, and whether it runs",
+        epilog=EXAMPLES_STATUS,
+        formatter_class=raw,
+    )
     _common(s, "state_dir", "runtime_dir")
-    s.add_argument("--json", action="store_true", help="print the status as JSON (flag only; "
-                   "default off)")
+    s.add_argument("--json", action="store_true", help="print the status as JSON (flag only; default off)")
     s.set_defaults(func=cmd_status)
 
 
@@ -210,8 +285,9 @@ def _load(args: argparse.Namespace) -> config.Config:
 
 def _need_bucket(cfg: config.Config) -> str:
     if not cfg.bucket:
-        raise ConfigError("no bucket: pass --bucket, set INSTANCE_AGENT_BUCKET or `bucket` in "
-                          "the config file")
+        raise ConfigError(
+            "no bucket: pass --bucket, set INSTANCE_AGENT_BUCKET or `bucket` in the config file"
+        )
     return cfg.bucket
 
 
@@ -229,8 +305,10 @@ def _check_filters(args: argparse.Namespace) -> Any:
     from instance_agent import listing
 
     group, instance = args.filter_group, args.filter_instance
-    for opt_name, value, flag in (("asg_name", group, "--asg-name"),
-                                  ("instance_id", instance, "--instance-id")):
+    for opt_name, value, flag in (
+        ("asg_name", group, "--asg-name"),
+        ("instance_id", instance, "--instance-id"),
+    ):
         check = config.OPTION_BY_NAME[opt_name].check
         problem = check(value) if value is not None and check else None
         if problem:
@@ -265,9 +343,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not 1 <= args.page_size <= 1000:
         raise ConfigError("--page-size must be 1-1000")
     filters = _check_filters(args)
-    backups = listing.find_backups(s3_client(cfg), bucket, cfg.prefix, filters,
-                                   key_template=cfg.key_template, page_size=args.page_size,
-                                   extra=_extra(cfg))
+    backups = listing.find_backups(
+        s3_client(cfg),
+        bucket,
+        cfg.prefix,
+        filters,
+        key_template=cfg.key_template,
+        page_size=args.page_size,
+        extra=_extra(cfg),
+    )
     if args.json or not sys.stdout.isatty():
         _print(listing.render_json(backups))
     elif backups:
@@ -288,23 +372,31 @@ def cmd_restore(args: argparse.Namespace) -> int:
             raise ConfigError("with --latest give only DEST")
         bucket = _need_bucket(cfg)
         filters = _check_filters(args)
-        backups = listing.find_backups(s3, bucket, cfg.prefix, filters,
-                                       key_template=cfg.key_template, extra=extra)
+        backups = listing.find_backups(
+            s3, bucket, cfg.prefix, filters, key_template=cfg.key_template, extra=extra
+        )
         if not backups:
-            narrowed = " ".join(f"{k} {v}" for k, v in (("of group", filters.group),
-                                ("of instance", filters.instance_id)) if v)
-            raise listing.BackupNotFound(f"no backup {narrowed + ' ' if narrowed else ''}under "
-                                         f"s3://{bucket}/{cfg.prefix}")
+            narrowed = " ".join(
+                f"{k} {v}"
+                for k, v in (("of group", filters.group), ("of instance", filters.instance_id))
+                if v
+            )
+            raise listing.BackupNotFound(
+                f"no backup {narrowed + ' ' if narrowed else ''}under s3://{bucket}/{cfg.prefix}"
+            )
         chosen = listing.latest(backups)
         bucket, key = chosen.bucket, chosen.key
-        sys.stderr.write(f"latest backup: {chosen.url} (created "
-                         f"{chosen.time.strftime('%Y-%m-%d %H:%M:%SZ')})\n")
+        sys.stderr.write(
+            f"latest backup: {chosen.url} (created {chosen.time.strftime('%Y-%m-%d %H:%M:%SZ')})\n"
+        )
     else:
         if args.filter_group or args.filter_instance:
             raise ConfigError("--asg-name and --instance-id choose a backup only with --latest")
         if len(args.paths) != 2:
-            raise ConfigError("give the archive and DEST: restore s3://bucket/key DEST (or "
-                              "restore --latest --instance-id ID DEST)")
+            raise ConfigError(
+                "give the archive and DEST: restore s3://bucket/key DEST (or "
+                "restore --latest --instance-id ID DEST)"
+            )
         bucket, key = listing.parse_s3_url(args.paths[0])
         key = listing.archive_key_of(key)
     dest = args.paths[-1]
@@ -331,30 +423,46 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     try:
         if shipped and manifest is not None:
-            report = assemble.restore_assembled(s3, bucket, key, manifest, dest,
-                                                allow_setuid=args.allow_setuid, select=select,
-                                                extra=extra)
+            report = assemble.restore_assembled(
+                s3, bucket, key, manifest, dest, allow_setuid=args.allow_setuid, select=select, extra=extra
+            )
         else:
             report = restore.restore_s3(
-                s3, bucket, key, dest, allow_setuid=args.allow_setuid, select=select,
+                s3,
+                bucket,
+                key,
+                dest,
+                allow_setuid=args.allow_setuid,
+                select=select,
                 expected_tar_bytes=tar_bytes if isinstance(tar_bytes, int) else None,
-                extra=extra)
+                extra=extra,
+            )
     except (restore.RestoreError, restore.UnsafeArchive) as err:
         raise type(err)(f"{err}; nothing was restored into {dest}") from None
-    result: dict[str, Any] = {"status": "restored", "url": url, "dest": os.path.abspath(dest),
-                              "files": report.files, "directories": report.dirs,
-                              "links": report.links, "bytes": report.bytes,
-                              "excluded": report.excluded}
-    summary = (f"restored {_count(report.files, 'file')}, "
-               f"{_count(report.dirs, 'directory', 'directories')} and "
-               f"{_count(report.links, 'link')} ({report.bytes:,} bytes) from {url} into {dest}\n")
+    result: dict[str, Any] = {
+        "status": "restored",
+        "url": url,
+        "dest": os.path.abspath(dest),
+        "files": report.files,
+        "directories": report.dirs,
+        "links": report.links,
+        "bytes": report.bytes,
+        "excluded": report.excluded,
+    }
+    summary = (
+        f"restored {_count(report.files, 'file')}, "
+        f"{_count(report.dirs, 'directory', 'directories')} and "
+        f"{_count(report.links, 'link')} ({report.bytes:,} bytes) from {url} into {dest}\n"
+    )
     verified = None
     if args.verify:
         assert manifest is not None
         verified = verify.compare(dest, manifest, select)
-        result.update(status="verified" if not verified.differences else "differs",
-                      checked=verified.checked,
-                      differences=[d.to_json() for d in verified.differences])
+        result.update(
+            status="verified" if not verified.differences else "differs",
+            checked=verified.checked,
+            differences=[d.to_json() for d in verified.differences],
+        )
         summary += _verify_text(verified)
     _print(json.dumps(result) + "\n" if args.json else summary)
     if verified is not None:
@@ -364,9 +472,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def _verify_text(report: Any) -> str:
     lines = [f"differs: {d.display()}" for d in report.differences]
-    verdict = (f"verified {report.checked} entries against the manifest: identical"
-               if not report.differences else
-               f"{len(report.differences)} difference(s) in {report.checked} entries")
+    verdict = (
+        f"verified {report.checked} entries against the manifest: identical"
+        if not report.differences
+        else f"{len(report.differences)} difference(s) in {report.checked} entries"
+    )
     return "".join(line + "\n" for line in [*lines, verdict])
 
 
@@ -378,9 +488,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     manifest = verify.load_manifest(args.manifest, s3, _extra(cfg))
     report = verify.compare(args.dest, manifest, _selection(args))
     if args.json:
-        _print(json.dumps({"status": "identical" if not report.differences else "differs",
-                           "checked": report.checked,
-                           "differences": [d.to_json() for d in report.differences]}) + "\n")
+        _print(
+            json.dumps(
+                {
+                    "status": "identical" if not report.differences else "differs",
+                    "checked": report.checked,
+                    "differences": [d.to_json() for d in report.differences],
+                }
+            )
+            + "\n"
+        )
     else:
         _print(_verify_text(report))
     report.raise_if_different()
@@ -396,11 +513,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except ConfigError as err:
         cfg, problem = config.Config.defaults(), str(err)
     logs.setup(cfg.log_level if problem is None else "info")
-    checks = doctor.run(cfg, problem, wiring.make_clients, publish_test=args.publish_test,
-                        launch=args.launch)
+    checks = doctor.run(cfg, problem, wiring.make_clients, publish_test=args.publish_test, launch=args.launch)
     if args.json:
-        _print(json.dumps({"ok": not doctor.failed(checks),
-                           "checks": [c.to_json() for c in checks]}) + "\n")
+        _print(json.dumps({"ok": not doctor.failed(checks), "checks": [c.to_json() for c in checks]}) + "\n")
     else:
         encoding = sys.stdout.encoding or "ascii"
         try:
@@ -425,18 +540,33 @@ def cmd_status(args: argparse.Namespace) -> int:
         verdict = status.assess(doc, now)
     elif private:
         # The daemon's directories are root's: say so, rather than "not running".
-        verdict = status.Assessment(False, f"unknown: cannot read {' or '.join(private)} "
-                                    "(permission denied); run `sudo instance-agent status`")
+        verdict = status.Assessment(
+            False,
+            f"unknown: cannot read {' or '.join(private)} "
+            "(permission denied); run `sudo instance-agent status`",
+        )
     else:
-        verdict = status.Assessment(False, f"not running: no {status.STATUS_FILE} in "
-                                    f"{' or '.join(dirs)} (is it installed? systemctl status "
-                                    "instance-agent)")
+        verdict = status.Assessment(
+            False,
+            f"not running: no {status.STATUS_FILE} in "
+            f"{' or '.join(dirs)} (is it installed? systemctl status "
+            "instance-agent)",
+        )
     record = status.latest_record(dirs)
     if args.json:
-        _print(json.dumps({"running": verdict.running, "reason": verdict.reason,
-                           "status_file": path, "status": doc,
-                           "termination_record": record,
-                           "shipping": status.shipping_block(doc)}) + "\n")
+        _print(
+            json.dumps(
+                {
+                    "running": verdict.running,
+                    "reason": verdict.reason,
+                    "status_file": path,
+                    "status": doc,
+                    "termination_record": record,
+                    "shipping": status.shipping_block(doc),
+                }
+            )
+            + "\n"
+        )
     else:
         _print(status.render(path, doc, verdict, record, now))
     if not verdict.running:

@@ -73,8 +73,14 @@ class Poller:
 
     ANSWERED = "answered"  # emitted once, when IMDS has answered any path
 
-    def __init__(self, imds: MetadataReader, cfg: Config, emit: Callable[[Notice | str], None], *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        imds: MetadataReader,
+        cfg: Config,
+        emit: Callable[[Notice | str], None],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.imds = imds
         self.emit = emit
         self.clock = clock
@@ -121,13 +127,13 @@ class Poller:
             state.due = started + backoff
             if state.failures == 1:
                 level = logging.ERROR if isinstance(err, IMDSRefused) else logging.WARNING
-                log.log(level, "IMDS request failed; backing off", extra=fields(
-                    path=state.path, error=str(err)))
+                log.log(
+                    level, "IMDS request failed; backing off", extra=fields(path=state.path, error=str(err))
+                )
             return
         state.due = started + self.interval
         if state.failures:
-            log.info("IMDS answers again", extra=fields(path=state.path,
-                                                       failed_polls=state.failures))
+            log.info("IMDS answers again", extra=fields(path=state.path, failed_polls=state.failures))
             state.failures = 0
         if not self._answered:
             self._answered = True
@@ -142,9 +148,13 @@ class Poller:
     def _changed(self, path: str, previous: str | None, value: str | None, first: bool) -> None:
         if path == LIFECYCLE_PATH:
             status.write_status(self.status_file, imds_state=value or "none")
-            log.info("target lifecycle state", extra=fields(
-                state=value or "none (404: no lifecycle transition yet)",
-                previous=None if first else (previous or "none")))
+            log.info(
+                "target lifecycle state",
+                extra=fields(
+                    state=value or "none (404: no lifecycle transition yet)",
+                    previous=None if first else (previous or "none"),
+                ),
+            )
             if value in TERMINAL_STATES and (first or previous not in TERMINAL_STATES):
                 self.emit(Notice(TERMINATION, value))
             elif value in WARM_STATES and (first or previous not in WARM_STATES):
@@ -156,8 +166,7 @@ class Poller:
                 return
             action, _, when = value.partition("@")
             log.warning("spot interruption notice", extra=fields(action=action, time=when))
-            kind = {"terminate": SPOT_TERMINATE, "stop": SPOT_STOP,
-                    "hibernate": SPOT_HIBERNATE}.get(action)
+            kind = {"terminate": SPOT_TERMINATE, "stop": SPOT_STOP, "hibernate": SPOT_HIBERNATE}.get(action)
             if kind is None:
                 log.warning("unknown spot action; ignored", extra=fields(action=action))
             else:

@@ -175,8 +175,7 @@ class _Info(tarfile.TarInfo):
                 tf.ended_cleanly = True
             raise
         except _TRUNCATED_HEADER:
-            raise RestoreError("archive is truncated: it ends before its end-of-archive "
-                               "marker") from None
+            raise RestoreError("archive is truncated: it ends before its end-of-archive marker") from None
         except _INVALID_HEADER as err:
             raise RestoreError(f"archive is corrupt: a tar header is invalid ({err})") from None
 
@@ -217,14 +216,17 @@ class _Staged:
         """A new descriptor of staged directory `parts`, never through a symlink."""
         for i in range(len(parts)):
             if parts[: i + 1] in self.links:
-                raise UnsafeArchive(f"refusing {'/'.join(parts)!r}: it passes through the "
-                                    f"symlink {'/'.join(parts[: i + 1])!r}")
+                raise UnsafeArchive(
+                    f"refusing {'/'.join(parts)!r}: it passes through the "
+                    f"symlink {'/'.join(parts[: i + 1])!r}"
+                )
         try:
             return open_below(self.fd, parts, create=create)
         except OSError as err:
             if err.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise UnsafeArchive(f"refusing {'/'.join(parts)!r}: {err.filename!r} is not a "
-                                    "directory") from None
+                raise UnsafeArchive(
+                    f"refusing {'/'.join(parts)!r}: {err.filename!r} is not a directory"
+                ) from None
             raise
 
     def parent(self, parts: Parts) -> int:
@@ -242,23 +244,29 @@ class _Staged:
         tree and passes through no other link (only its last component may be one)."""
         name = "/".join(parts)
         if target.startswith("/"):
-            raise UnsafeArchive(f"refusing symlink {name!r} -> {target!r}: absolute, so it "
-                                f"points outside the destination (leave it out with --exclude "
-                                f"{name!r})")
+            raise UnsafeArchive(
+                f"refusing symlink {name!r} -> {target!r}: absolute, so it "
+                f"points outside the destination (leave it out with --exclude "
+                f"{name!r})"
+            )
         where = list(parts[:-1])
         steps = [p for p in target.split("/") if p not in ("", ".")]
         for i, step in enumerate(steps):
             if step == "..":
                 if not where:
-                    raise UnsafeArchive(f"refusing symlink {name!r} -> {target!r}: points "
-                                        f"outside the destination (leave it out with --exclude "
-                                        f"{name!r})")
+                    raise UnsafeArchive(
+                        f"refusing symlink {name!r} -> {target!r}: points "
+                        f"outside the destination (leave it out with --exclude "
+                        f"{name!r})"
+                    )
                 where.pop()
                 continue
             where.append(step)
             if i < len(steps) - 1 and tuple(where) in self.links:
-                raise UnsafeArchive(f"refusing symlink {name!r} -> {target!r}: its target "
-                                    f"passes through the symlink {'/'.join(where)!r}")
+                raise UnsafeArchive(
+                    f"refusing symlink {name!r} -> {target!r}: its target "
+                    f"passes through the symlink {'/'.join(where)!r}"
+                )
 
     def make_links(self) -> None:
         for parts, target in self.links.items():
@@ -275,8 +283,10 @@ def check_destination(dest: str) -> bool:
     if not os.path.isdir(dest):
         raise ConfigError(f"destination {dest} exists and is not a directory")
     if os.listdir(dest):
-        raise ConfigError(f"destination {dest} is not empty: restore writes only into a new "
-                          "or empty directory, so that a failed restore leaves nothing behind")
+        raise ConfigError(
+            f"destination {dest} is not empty: restore writes only into a new "
+            "or empty directory, so that a failed restore leaves nothing behind"
+        )
     return True
 
 
@@ -325,15 +335,23 @@ def staged(dest: str, tree: str = "") -> Iterator[str]:
         raise
 
 
-def extract(stream: IO[bytes], dest: str, *, allow_setuid: bool = False,
-            select: Select | None = None, expected_tar_bytes: int | None = None) -> RestoreReport:
+def extract(
+    stream: IO[bytes],
+    dest: str,
+    *,
+    allow_setuid: bool = False,
+    select: Select | None = None,
+    expected_tar_bytes: int | None = None,
+) -> RestoreReport:
     """Extract the tar `stream` into `dest` (new or empty), all or nothing (module docstring)."""
     with staged(dest) as staging:
         report, dir_modes = _extract_into(stream, staging, allow_setuid, select)
         if expected_tar_bytes is not None and report.tar_bytes != expected_tar_bytes:
-            raise RestoreError(f"archive is truncated or corrupt: its tar stream is "
-                               f"{report.tar_bytes:,} bytes, the manifest says "
-                               f"{expected_tar_bytes:,}")
+            raise RestoreError(
+                f"archive is truncated or corrupt: its tar stream is "
+                f"{report.tar_bytes:,} bytes, the manifest says "
+                f"{expected_tar_bytes:,}"
+            )
     root = os.path.dirname(staging)
     # Last, and deepest first: a read-only directory could not have taken its members, and
     # renaming a directory into DEST needs write permission on it.
@@ -351,15 +369,22 @@ def extract(stream: IO[bytes], dest: str, *, allow_setuid: bool = False,
     return report
 
 
-def _extract_into(stream: IO[bytes], root: str, allow_setuid: bool,
-                  select: Select | None) -> tuple[RestoreReport, list[tuple[Parts, int]]]:
+def _extract_into(
+    stream: IO[bytes], root: str, allow_setuid: bool, select: Select | None
+) -> tuple[RestoreReport, list[tuple[Parts, int]]]:
     report = RestoreReport()
     dir_modes: list[tuple[Parts, int]] = []
     counted = _Counted(stream)
     tree = _Staged(root)
     try:
-        with _Tar.open(fileobj=cast(IO[bytes], counted), mode="r|", tarinfo=_Info,
-                       errorlevel=2, encoding="utf-8", errors="surrogateescape") as tar:
+        with _Tar.open(
+            fileobj=cast(IO[bytes], counted),
+            mode="r|",
+            tarinfo=_Info,
+            errorlevel=2,
+            encoding="utf-8",
+            errors="surrogateescape",
+        ) as tar:
             assert isinstance(tar, _Tar)
             while (member := tar.next()) is not None:
                 # Stream mode keeps every member in a list; nothing here needs them again.
@@ -369,8 +394,9 @@ def _extract_into(stream: IO[bytes], root: str, allow_setuid: bool,
                     continue
                 _extract_one(tar, member, tree, report, allow_setuid, dir_modes)
             if not tar.ended_cleanly:
-                raise RestoreError("archive is truncated or corrupt: the tar stream has no "
-                                   "end-of-archive marker")
+                raise RestoreError(
+                    "archive is truncated or corrupt: the tar stream has no end-of-archive marker"
+                )
             tree.make_links()
         # The rest is zero padding; decoding it to the end is what checks the compressed
         # stream's own checksum, and tells a cut frame from a complete one.
@@ -389,9 +415,14 @@ def _extract_into(stream: IO[bytes], root: str, allow_setuid: bool,
     return report, dir_modes
 
 
-def _extract_one(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: _Staged,
-                 report: RestoreReport, allow_setuid: bool,
-                 dir_modes: list[tuple[Parts, int]]) -> None:
+def _extract_one(
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    tree: _Staged,
+    report: RestoreReport,
+    allow_setuid: bool,
+    dir_modes: list[tuple[Parts, int]],
+) -> None:
     name = member.name.rstrip("/")
     parts = _parts(name)
     if member.isdir():
@@ -411,20 +442,26 @@ def _extract_one(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: _Staged,
         report.links += 1
     elif member.isreg():
         if member.mode & _SETID and not allow_setuid:
-            raise UnsafeArchive(f"refusing {name!r}: setuid/setgid file (mode "
-                                f"{member.mode & 0o7777:04o}); pass --allow-setuid to restore it")
-        _write_file(tar, member, tree, parts, member.mode & (0o6777 if allow_setuid else 0o777),
-                    report)
+            raise UnsafeArchive(
+                f"refusing {name!r}: setuid/setgid file (mode "
+                f"{member.mode & 0o7777:04o}); pass --allow-setuid to restore it"
+            )
+        _write_file(tar, member, tree, parts, member.mode & (0o6777 if allow_setuid else 0o777), report)
     else:
-        kind = "FIFO" if member.isfifo() else "device node" if member.isdev() else \
-            f"member of tar type {member.type!r}"
-        raise UnsafeArchive(f"refusing {kind} {name!r}: restore writes only files, directories "
-                            "and links")
+        kind = (
+            "FIFO"
+            if member.isfifo()
+            else "device node"
+            if member.isdev()
+            else f"member of tar type {member.type!r}"
+        )
+        raise UnsafeArchive(f"refusing {kind} {name!r}: restore writes only files, directories and links")
 
 
 def _hard_link(tree: _Staged, name: str, parts: Parts, linkname: str) -> None:
-    refused = UnsafeArchive(f"refusing hard link {name!r} -> {linkname!r}: its target is not "
-                            "a file restored before it")
+    refused = UnsafeArchive(
+        f"refusing hard link {name!r} -> {linkname!r}: its target is not a file restored before it"
+    )
     source = _parts(linkname.rstrip("/"))
     if source in tree.links:
         raise refused
@@ -439,19 +476,30 @@ def _hard_link(tree: _Staged, name: str, parts: Parts, linkname: str) -> None:
             raise refused from None
         if not stat.S_ISREG(st.st_mode):
             raise refused
-        os.link(source[-1], parts[-1], src_dir_fd=src_dir, dst_dir_fd=tree.parent(parts),
-                follow_symlinks=False)
+        os.link(
+            source[-1], parts[-1], src_dir_fd=src_dir, dst_dir_fd=tree.parent(parts), follow_symlinks=False
+        )
     finally:
         os.close(src_dir)
 
 
-def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: _Staged, parts: Parts,
-                mode: int, report: RestoreReport) -> None:
+def _write_file(
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    tree: _Staged,
+    parts: Parts,
+    mode: int,
+    report: RestoreReport,
+) -> None:
     src = tar.extractfile(member)
     if src is None:  # pragma: no cover - isreg() members always have data
         raise RestoreError(f"no data for {member.name!r}")
-    fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600, dir_fd=tree.parent(parts))
+    fd = os.open(
+        parts[-1],
+        os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+        dir_fd=tree.parent(parts),
+    )
     with os.fdopen(fd, "wb") as out:
         while chunk := src.read(COPY):
             out.write(chunk)
@@ -466,9 +514,17 @@ def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: _Staged, pa
 # --- from S3 ------------------------------------------------------------------------------
 
 
-def restore_s3(s3: S3Reader, bucket: str, key: str, dest: str, *, allow_setuid: bool = False,
-               select: Select | None = None, expected_tar_bytes: int | None = None,
-               extra: Mapping[str, str] | None = None) -> RestoreReport:
+def restore_s3(
+    s3: S3Reader,
+    bucket: str,
+    key: str,
+    dest: str,
+    *,
+    allow_setuid: bool = False,
+    select: Select | None = None,
+    expected_tar_bytes: int | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> RestoreReport:
     """Stream s3://bucket/key down, decompress and extract it into `dest`."""
     check_key(key)  # both fail before anything is fetched
     check_destination(dest)
@@ -477,8 +533,13 @@ def restore_s3(s3: S3Reader, bucket: str, key: str, dest: str, *, allow_setuid: 
     except (ClientError, BotoCoreError) as err:
         raise s3_failure(err, f"s3://{bucket}/{key}") from None
     try:
-        return extract(decompressed(body, key), dest, allow_setuid=allow_setuid, select=select,
-                       expected_tar_bytes=expected_tar_bytes)
+        return extract(
+            decompressed(body, key),
+            dest,
+            allow_setuid=allow_setuid,
+            select=select,
+            expected_tar_bytes=expected_tar_bytes,
+        )
     finally:
         with contextlib.suppress(Exception):
             body.close()
@@ -499,8 +560,12 @@ def place_file(root: str, member: str, src: str, *, move: bool) -> None:
                 os.rename(src, parts[-1], dst_dir_fd=fd)
                 return
             st = os.stat(src)
-            out = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
-                          os.O_CLOEXEC, 0o600, dir_fd=fd)
+            out = os.open(
+                parts[-1],
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=fd,
+            )
             with open(src, "rb") as fin, os.fdopen(out, "wb") as fout:
                 shutil.copyfileobj(fin, fout, COPY)
                 fout.flush()

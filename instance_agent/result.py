@@ -20,9 +20,25 @@ SKIPPED = "skipped"  # a warm-pool return with no backup asked for
 
 OK_STATUSES = (SUCCEEDED, PARTIAL)
 # Always present in the JSON, even when None: consumers (and the README) rely on them.
-_CORE = ("status", "instance_id", "group", "hook", "bucket", "key", "manifest_key",
-         "journal_key", "bytes_read", "bytes_uploaded", "files", "warnings", "lifecycle_result",
-         "lifecycle_error", "duration_s", "error", "agent_version")
+_CORE = (
+    "status",
+    "instance_id",
+    "group",
+    "hook",
+    "bucket",
+    "key",
+    "manifest_key",
+    "journal_key",
+    "bytes_read",
+    "bytes_uploaded",
+    "files",
+    "warnings",
+    "lifecycle_result",
+    "lifecycle_error",
+    "duration_s",
+    "error",
+    "agent_version",
+)
 
 
 @dataclass

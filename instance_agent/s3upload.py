@@ -63,8 +63,9 @@ class S3Client(Protocol):
 
 def describe_client_error(err: Exception) -> str:
     if awserror.code_of(err) in ("PreconditionFailed", "412"):
-        return ("PreconditionFailed: an object already exists at this key; an earlier "
-                "backup is never overwritten")
+        return (
+            "PreconditionFailed: an object already exists at this key; an earlier backup is never overwritten"
+        )
     return awserror.describe(err)
 
 
@@ -205,18 +206,23 @@ class MultipartUpload:
     def __enter__(self) -> MultipartUpload:
         try:
             resp = self._client.create_multipart_upload(
-                Bucket=self.bucket, Key=self.key, ChecksumAlgorithm="CRC32",
-                ContentType=self._content_type, **self._extra,
+                Bucket=self.bucket,
+                Key=self.key,
+                ChecksumAlgorithm="CRC32",
+                ContentType=self._content_type,
+                **self._extra,
             )
         except (ClientError, BotoCoreError) as err:
             self._pool.shutdown(wait=False)
-            raise UploadError(f"s3://{self.bucket}/{self.key}: CreateMultipartUpload failed: "
-                              f"{describe_client_error(err)}") from None
+            raise UploadError(
+                f"s3://{self.bucket}/{self.key}: CreateMultipartUpload failed: {describe_client_error(err)}"
+            ) from None
         self.upload_id = str(resp["UploadId"])
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc is not None:
             self.abort()
 
@@ -259,7 +265,8 @@ class MultipartUpload:
         if n > MAX_PARTS:
             raise ArchiveTooLarge(
                 f"archive exceeds --max-archive-size ({self._sizer.capacity()} bytes in "
-                f"{MAX_PARTS} parts); raise it")
+                f"{MAX_PARTS} parts); raise it"
+            )
         self._next += 1
         # Wait for a slot, but notice a failed part while waiting instead of blocking forever.
         while not self._slots.acquire(timeout=0.5):
@@ -281,8 +288,13 @@ class MultipartUpload:
             return  # another part failed: the upload will be aborted, don't add to it
         try:
             resp = self._client.upload_part(
-                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=n,
-                Body=ChainBody(body), ChecksumAlgorithm="CRC32", **self._owner,
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                PartNumber=n,
+                Body=ChainBody(body),
+                ChecksumAlgorithm="CRC32",
+                **self._owner,
             )
         except Exception as err:
             with self._lock:
@@ -290,8 +302,11 @@ class MultipartUpload:
                     self._error = UploadError(f"UploadPart {n} failed: {describe_client_error(err)}")
             return
         with self._lock:
-            self._parts[n] = {"PartNumber": n, "ETag": resp["ETag"],
-                              "ChecksumCRC32": resp.get("ChecksumCRC32")}
+            self._parts[n] = {
+                "PartNumber": n,
+                "ETag": resp["ETag"],
+                "ChecksumCRC32": resp.get("ChecksumCRC32"),
+            }
             self.bytes_uploaded += len(body)
 
     def _drain(self) -> None:
@@ -313,12 +328,17 @@ class MultipartUpload:
             parts.append(part)
         try:
             resp = self._client.complete_multipart_upload(
-                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                MultipartUpload={"Parts": parts}, **CREATE_ONLY, **self._owner,
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": parts},
+                **CREATE_ONLY,
+                **self._owner,
             )
         except (ClientError, BotoCoreError) as err:
-            raise UploadError(f"s3://{self.bucket}/{self.key}: CompleteMultipartUpload failed: "
-                              f"{describe_client_error(err)}") from None
+            raise UploadError(
+                f"s3://{self.bucket}/{self.key}: CompleteMultipartUpload failed: {describe_client_error(err)}"
+            ) from None
         return UploadedObject(self.key, self.bytes_written, len(parts), str(resp.get("ETag", "")))
 
     def abort(self) -> None:
@@ -332,28 +352,44 @@ class MultipartUpload:
         if self.upload_id is None:
             return
         try:
-            self._client.abort_multipart_upload(Bucket=self.bucket, Key=self.key,
-                                                UploadId=self.upload_id, **self._owner)
+            self._client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, **self._owner
+            )
             log.info("multipart upload aborted", extra={"fields": {"key": self.key}})
         except (ClientError, BotoCoreError) as err:
-            log.error("abort of multipart upload failed",
-                      extra={"fields": {"key": self.key, "error": describe_client_error(err)}})
+            log.error(
+                "abort of multipart upload failed",
+                extra={"fields": {"key": self.key, "error": describe_client_error(err)}},
+            )
 
 
-def put_small(client: S3Client, bucket: str, key: str, body: bytes | ChainBody, *,
-              extra: Mapping[str, Any] | None = None,
-              content_type: str = "application/json") -> None:
+def put_small(
+    client: S3Client,
+    bucket: str,
+    key: str,
+    body: bytes | ChainBody,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    content_type: str = "application/json",
+) -> None:
     """One PutObject, for the manifest."""
     try:
-        client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type,
-                          ChecksumAlgorithm="CRC32", **CREATE_ONLY, **extra_for(key, extra))
+        client.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=body,
+            ContentType=content_type,
+            ChecksumAlgorithm="CRC32",
+            **CREATE_ONLY,
+            **extra_for(key, extra),
+        )
     except (ClientError, BotoCoreError) as err:
-        raise UploadError(f"s3://{bucket}/{key}: PutObject failed: "
-                          f"{describe_client_error(err)}") from None
+        raise UploadError(f"s3://{bucket}/{key}: PutObject failed: {describe_client_error(err)}") from None
 
 
-def abort_stale_uploads(client: S3Client, bucket: str, prefix: str, must_contain: str, *,
-                        extra: Mapping[str, Any] | None = None) -> int:
+def abort_stale_uploads(
+    client: S3Client, bucket: str, prefix: str, must_contain: str, *, extra: Mapping[str, Any] | None = None
+) -> int:
     """Abort incomplete multipart uploads left by a killed run of this instance.
 
     Only keys under `prefix` that contain `must_contain` (the instance id) are touched, so
@@ -369,16 +405,20 @@ def abort_stale_uploads(client: S3Client, bucket: str, prefix: str, must_contain
             for up in resp.get("Uploads", []):
                 key = str(up["Key"])
                 if must_contain in key:
-                    client.abort_multipart_upload(Bucket=bucket, Key=key,
-                                                  UploadId=up["UploadId"], **owner)
+                    client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=up["UploadId"], **owner)
                     aborted += 1
-                    log.warning("aborted a stale multipart upload of an earlier run",
-                                extra={"fields": {"key": key}})
+                    log.warning(
+                        "aborted a stale multipart upload of an earlier run", extra={"fields": {"key": key}}
+                    )
             if not resp.get("IsTruncated"):
                 return aborted
-            marker = {"KeyMarker": str(resp.get("NextKeyMarker", "")),
-                      "UploadIdMarker": str(resp.get("NextUploadIdMarker", ""))}
+            marker = {
+                "KeyMarker": str(resp.get("NextKeyMarker", "")),
+                "UploadIdMarker": str(resp.get("NextUploadIdMarker", "")),
+            }
     except (ClientError, BotoCoreError) as err:
-        log.warning("cannot list or abort stale multipart uploads",
-                    extra={"fields": {"prefix": prefix, "error": describe_client_error(err)}})
+        log.warning(
+            "cannot list or abort stale multipart uploads",
+            extra={"fields": {"prefix": prefix, "error": describe_client_error(err)}},
+        )
         return aborted

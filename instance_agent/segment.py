@@ -86,13 +86,13 @@ def batch_key(cfg: Config, values: dict[str, str], files: list[tuple[Target, Fil
     after a restart and S3's create-only write refuses a second copy."""
     first = os.fsdecode(os.path.basename(files[0][0].rel))
     if len(files) == 1:
-        return keys.segment_key(cfg.key_template, values, first, files[0][1].token(),
-                                cfg.compression)
+        return keys.segment_key(cfg.key_template, values, first, files[0][1].token(), cfg.compression)
     h = hashlib.sha256()
     for target, fid in files:
         h.update(target.path + b"\0" + fid.token().encode() + b"\n")
-    return keys.segment_key(cfg.key_template, values, first,
-                            f"{len(files)}files-{h.hexdigest()[:24]}", cfg.compression)
+    return keys.segment_key(
+        cfg.key_template, values, first, f"{len(files)}files-{h.hexdigest()[:24]}", cfg.compression
+    )
 
 
 class _Dirs:
@@ -115,9 +115,16 @@ class _Dirs:
         self.fds.clear()
 
 
-def ship(cfg: Config, clients: Clients, ledger: Ledger, targets: list[Target],
-         values: dict[str, str], *, stop: threading.Event,
-         clock: Callable[[], float]) -> list[Shipped]:
+def ship(
+    cfg: Config,
+    clients: Clients,
+    ledger: Ledger,
+    targets: list[Target],
+    values: dict[str, str],
+    *,
+    stop: threading.Event,
+    clock: Callable[[], float],
+) -> list[Shipped]:
     """Upload `targets` as one segment and record the files that arrived whole (one ledger
     line). Raises Changed when none did, or an AgentError."""
     dirs = _Dirs()
@@ -126,8 +133,7 @@ def ship(cfg: Config, clients: Clients, ledger: Ledger, targets: list[Target],
         ctimes: dict[bytes, int] = {}
         for target in targets:
             try:
-                st = os.stat(os.path.basename(target.rel), dir_fd=dirs.parent(target),
-                             follow_symlinks=False)
+                st = os.stat(os.path.basename(target.rel), dir_fd=dirs.parent(target), follow_symlinks=False)
             except OSError:
                 continue  # gone since the scan: nothing to ship
             if stat.S_ISREG(st.st_mode):
@@ -161,16 +167,25 @@ def ship(cfg: Config, clients: Clients, ledger: Ledger, targets: list[Target],
             existed = True  # shipped by a run killed before it could record it
         report = holder["arch"].report
         sent = holder["counted"].count
-        doc = manifest.build(report, key=key, compression=cfg.compression,
-                             agent_version=__version__, compressed_bytes=sent, journal=None,
-                             instance_id=values["instance_id"], region=values["region"],
-                             group=values["group"], segment_of=values["instance_id"],
-                             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                             sources=sorted({os.fsdecode(t.root) for t, _ in files}),
-                             excludes=[])
+        doc = manifest.build(
+            report,
+            key=key,
+            compression=cfg.compression,
+            agent_version=__version__,
+            compressed_bytes=sent,
+            journal=None,
+            instance_id=values["instance_id"],
+            region=values["region"],
+            group=values["group"],
+            segment_of=values["instance_id"],
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            sources=sorted({os.fsdecode(t.root) for t, _ in files}),
+            excludes=[],
+        )
         try:
-            put_small(clients.s3, cfg.bucket or "", key + ".manifest.json", ChainBody(*doc),
-                      extra=_s3_extra(cfg))
+            put_small(
+                clients.s3, cfg.bucket or "", key + ".manifest.json", ChainBody(*doc), extra=_s3_extra(cfg)
+            )
         except UploadError as err:
             if _EXISTS not in str(err):
                 raise
@@ -190,15 +205,32 @@ def ship(cfg: Config, clients: Clients, ledger: Ledger, targets: list[Target],
                 tail = tail_digest(fd, fid.size)
             finally:
                 os.close(fd)
-            recs.append(Shipped(fid, target.path, str(entry["sha256"]), tail, key,
-                                report.tar_bytes, sent, ctimes[target.path]))
+            recs.append(
+                Shipped(
+                    fid,
+                    target.path,
+                    str(entry["sha256"]),
+                    tail,
+                    key,
+                    report.tar_bytes,
+                    sent,
+                    ctimes[target.path],
+                )
+            )
     finally:
         dirs.close()
     if not recs:
         raise Changed("; ".join(w.reason for w in report.warnings) or "changed while read")
     ledger.add_segment(recs)
-    log.info("segment shipped", extra=fields(
-        key=key, files=len(recs), bytes=sum(r.fid.size for r in recs), compressed_bytes=sent,
-        already_there=existed,
-        **({"path": os.fsdecode(recs[0].path)} if len(recs) == 1 else {})))
+    log.info(
+        "segment shipped",
+        extra=fields(
+            key=key,
+            files=len(recs),
+            bytes=sum(r.fid.size for r in recs),
+            compressed_bytes=sent,
+            already_there=existed,
+            **({"path": os.fsdecode(recs[0].path)} if len(recs) == 1 else {}),
+        ),
+    )
     return recs

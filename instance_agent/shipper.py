@@ -72,11 +72,13 @@ def lower_priority() -> None:
     if number is not None:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).syscall(
-                number, _IOPRIO_WHO_PROCESS, tid, (_IOPRIO_CLASS_BE << _IOPRIO_CLASS_SHIFT) | 7)
+                number, _IOPRIO_WHO_PROCESS, tid, (_IOPRIO_CLASS_BE << _IOPRIO_CLASS_SHIFT) | 7
+            )
 
 
-def scan(sources: tuple[str, ...], excluded: Excluder,
-         stop: threading.Event | None = None) -> Iterator[tuple[Target, os.stat_result]]:
+def scan(
+    sources: tuple[str, ...], excluded: Excluder, stop: threading.Event | None = None
+) -> Iterator[tuple[Target, os.stat_result]]:
     """Every regular file under the sources (symlinks not followed), with its lstat; it
     ends early once `stop` is set (a scan of tens of thousands of files must not hold up
     the termination that stops shipping)."""
@@ -100,8 +102,9 @@ def scan(sources: tuple[str, ...], excluded: Excluder,
                     yield Target(root, os.path.relpath(path, root)), st
 
 
-def batch(due: list[tuple[Target, os.stat_result]], max_bytes: int = SEGMENT_BYTES,
-          max_files: int = SEGMENT_FILES) -> list[Target]:
+def batch(
+    due: list[tuple[Target, os.stat_result]], max_bytes: int = SEGMENT_BYTES, max_files: int = SEGMENT_FILES
+) -> list[Target]:
     """The files of the next segment: oldest first (then by path, so a restarted watcher
     picks the same batch and its create-only key), as many as fit in `max_bytes` and
     `max_files`. A file larger than the budget goes alone, when it is the oldest."""
@@ -119,9 +122,14 @@ def batch(due: list[tuple[Target, os.stat_result]], max_bytes: int = SEGMENT_BYT
 
 
 class Shipper:
-    def __init__(self, cfg: Config, identity: Callable[[threading.Event], Identity],
-                 make_clients: Callable[[Config, str], Clients], *,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        identity: Callable[[threading.Event], Identity],
+        make_clients: Callable[[Config, str], Clients],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.cfg = cfg
         self._identity = identity
         self._make_clients = make_clients
@@ -134,9 +142,14 @@ class Shipper:
         self._excluded = Excluder(cfg.exclude)
         self._retry_at: dict[bytes, tuple[float, int]] = {}
         self._ledger: Ledger | None = None
-        self._block: dict[str, Any] = {"enabled": True, "pending_files": 0, "pending_bytes": 0,
-                                       "shipped_files": 0, "shipped_bytes": 0,
-                                       "last_error": None}
+        self._block: dict[str, Any] = {
+            "enabled": True,
+            "pending_files": 0,
+            "pending_bytes": 0,
+            "shipped_files": 0,
+            "shipped_bytes": 0,
+            "last_error": None,
+        }
         self._written: tuple[dict[str, Any], dict[str, Any]] | None = None  # last published
         self._behind_since: float | None = None
         self._thread = threading.Thread(target=self._main, name="shipper", daemon=True)
@@ -152,8 +165,10 @@ class Shipper:
         self._thread.join(wait)
         if not self._thread.is_alive():
             return True
-        log.warning("termination: the segment in flight is cancelled; its file is archived "
-                    "instead", extra=fields(waited_s=wait))
+        log.warning(
+            "termination: the segment in flight is cancelled; its file is archived instead",
+            extra=fields(waited_s=wait),
+        )
         self._cancel.set()
         self._thread.join(CANCEL_WAIT)
         return False
@@ -175,21 +190,29 @@ class Shipper:
             values = key_values(self.cfg, ident, self._group(clients, ident))
             self._ledger = Ledger.load(self.cfg.state_dir, ident.instance_id)
             self._ledger.compact()  # drops forgotten files and torn lines: the file stays small
-            prefix = keys.segment_key(self.cfg.key_template, values, "x", "x",
-                                      self.cfg.compression).rsplit("/", 1)[0] + "/"
+            prefix = (
+                keys.segment_key(self.cfg.key_template, values, "x", "x", self.cfg.compression).rsplit(
+                    "/", 1
+                )[0]
+                + "/"
+            )
             # A watcher killed mid-segment left its multipart upload; nothing else of ours
             # uploads under the segment prefix now.
-            abort_stale_uploads(clients.s3, self.cfg.bucket or "", prefix, ident.instance_id,
-                                extra=_s3_extra(self.cfg))
+            abort_stale_uploads(
+                clients.s3, self.cfg.bucket or "", prefix, ident.instance_id, extra=_s3_extra(self.cfg)
+            )
             observer = self._observe()
-            log.info("shipping", extra=fields(prefix=prefix, settle_s=self.cfg.ship_settle,
-                                              bandwidth=self.cfg.ship_bandwidth))
+            log.info(
+                "shipping",
+                extra=fields(prefix=prefix, settle_s=self.cfg.ship_settle, bandwidth=self.cfg.ship_bandwidth),
+            )
             self._loop(clients, self._ledger, values)
         except Cancelled:
             pass
         except Exception as err:  # shipping must never take the watcher down
-            log.exception("shipping stopped by an error; the termination archive holds "
-                          "everything not shipped")
+            log.exception(
+                "shipping stopped by an error; the termination archive holds everything not shipped"
+            )
             self._block["last_error"] = f"{type(err).__name__}: {err}"
             self._publish(None, [])
         finally:
@@ -239,8 +262,9 @@ class Shipper:
         observer = Observer()
         for source in self.cfg.source:
             if os.path.isdir(source):
-                observer.schedule(Handler(), source, recursive=True,
-                                  event_filter=[FileMovedEvent, FileClosedEvent])
+                observer.schedule(
+                    Handler(), source, recursive=True, event_filter=[FileMovedEvent, FileClosedEvent]
+                )
         observer.daemon = True
         observer.start()
         return observer
@@ -268,10 +292,10 @@ class Shipper:
                 return
             ledger.keep_only({(st.st_dev, st.st_ino) for _, st in files})
             pending = [(t, st) for t, st in files if ledger.get(FileId.of(st)) is None]
-            complete = [(t, st) for t, st in pending
-                        if self._settler.reason(t.path, st.st_mtime, now) is not None]
-            due = [(t, st) for t, st in complete
-                   if self._retry_at.get(t.path, (0.0, 0))[0] <= now]
+            complete = [
+                (t, st) for t, st in pending if self._settler.reason(t.path, st.st_mtime, now) is not None
+            ]
+            due = [(t, st) for t, st in complete if self._retry_at.get(t.path, (0.0, 0))[0] <= now]
             # The backlog doctor judges counts complete files waiting for a retry too: a
             # segment failing for good must read as "not keeping up".
             self._publish(pending, complete)
@@ -285,26 +309,30 @@ class Shipper:
             # the sources at most every SCAN_MIN seconds is enough (a stop still wakes it).
             self._stopping.wait(SCAN_MIN)
 
-    def _ship_batch(self, clients: Clients, ledger: Ledger, targets: list[Target],
-                    values: dict[str, str], now: float) -> None:
+    def _ship_batch(
+        self, clients: Clients, ledger: Ledger, targets: list[Target], values: dict[str, str], now: float
+    ) -> None:
         try:
-            ship(self.cfg, clients, ledger, targets, values, stop=self._cancel,
-                 clock=time.monotonic)
+            ship(self.cfg, clients, ledger, targets, values, stop=self._cancel, clock=time.monotonic)
         except Cancelled:
             raise
         except (Changed, FileNotFoundError) as err:
-            log.info("not shipped: changed while read; waits to settle again",
-                     extra=fields(path=os.fsdecode(targets[0].path), files=len(targets),
-                                  reason=str(err)))
+            log.info(
+                "not shipped: changed while read; waits to settle again",
+                extra=fields(path=os.fsdecode(targets[0].path), files=len(targets), reason=str(err)),
+            )
         except (AgentError, OSError) as err:
             for target in targets:
                 _, failures = self._retry_at.get(target.path, (0.0, 0))
                 delay = min(RETRY_FIRST * 2**failures, RETRY_MAX)
                 self._retry_at[target.path] = (now + delay, failures + 1)
             self._block["last_error"] = str(err)
-            log.warning("segment failed; retrying later", extra=fields(
-                path=os.fsdecode(targets[0].path), files=len(targets), error=str(err),
-                retry_in_s=delay))
+            log.warning(
+                "segment failed; retrying later",
+                extra=fields(
+                    path=os.fsdecode(targets[0].path), files=len(targets), error=str(err), retry_in_s=delay
+                ),
+            )
             return
         else:
             self._block["last_error"] = None
@@ -315,27 +343,29 @@ class Shipper:
         for target in targets:
             self._settler.forget(target.path)
 
-    def _publish(self, pending: list[tuple[Target, os.stat_result]] | None,
-                 due: list[tuple[Target, os.stat_result]]) -> None:
+    def _publish(
+        self, pending: list[tuple[Target, os.stat_result]] | None, due: list[tuple[Target, os.stat_result]]
+    ) -> None:
         """The `shipping` block (pending counts every file not shipped, the live ones
         included: what the termination archive would carry now), and beside it the backlog
         of complete files waiting, which `doctor` judges."""
         block = dict(self._block)
         if pending is not None:
-            block.update(pending_files=len(pending),
-                         pending_bytes=sum(st.st_size for _, st in pending))
+            block.update(pending_files=len(pending), pending_bytes=sum(st.st_size for _, st in pending))
         if self._ledger is not None:
             block["shipped_files"], block["shipped_bytes"] = self._ledger.totals()
         if not due:
             self._behind_since = None
         elif self._behind_since is None:
             self._behind_since = self._clock()
-        backlog = {"due_files": len(due), "due_bytes": sum(st.st_size for _, st in due),
-                   "behind_since": self._behind_since}
+        backlog = {
+            "due_files": len(due),
+            "due_bytes": sum(st.st_size for _, st in due),
+            "behind_since": self._behind_since,
+        }
         self._block = block
         # Against what was last written, not self._block: a failure sets last_error there
         # directly, and must still reach the file.
         if (block, backlog) != self._written:
             self._written = (dict(block), backlog)
-            status.write_status(status.status_path(self.cfg), shipping=block,
-                                shipping_backlog=backlog)
+            status.write_status(status.status_path(self.cfg), shipping=block, shipping_backlog=backlog)

@@ -86,19 +86,34 @@ class Shipped:
 
     def file_json(self) -> dict[str, Any]:
         """This file on its segment's ledger line (the segment's own fields are there once)."""
-        return {"fid": asdict(self.fid), "path": base64.b64encode(self.path).decode("ascii"),
-                "sha256": self.sha256, "tail_sha256": self.tail_sha256,
-                "ctime_ns": self.ctime_ns}
+        return {
+            "fid": asdict(self.fid),
+            "path": base64.b64encode(self.path).decode("ascii"),
+            "sha256": self.sha256,
+            "tail_sha256": self.tail_sha256,
+            "ctime_ns": self.ctime_ns,
+        }
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], segment: dict[str, Any]) -> Shipped:
-        return cls(FileId(**obj["fid"]), base64.b64decode(obj["path"]), str(obj["sha256"]),
-                   str(obj["tail_sha256"]), str(segment["key"]), int(segment["tar_bytes"]),
-                   int(segment["compressed_bytes"]), int(obj.get("ctime_ns", 0)))
+        return cls(
+            FileId(**obj["fid"]),
+            base64.b64decode(obj["path"]),
+            str(obj["sha256"]),
+            str(obj["tail_sha256"]),
+            str(segment["key"]),
+            int(segment["tar_bytes"]),
+            int(segment["compressed_bytes"]),
+            int(obj.get("ctime_ns", 0)),
+        )
 
     def segment_info(self) -> dict[str, Any]:
-        return {"key": self.key, "manifest_key": self.key + ".manifest.json",
-                "tar_bytes": self.tar_bytes, "compressed_bytes": self.compressed_bytes}
+        return {
+            "key": self.key,
+            "manifest_key": self.key + ".manifest.json",
+            "tar_bytes": self.tar_bytes,
+            "compressed_bytes": self.compressed_bytes,
+        }
 
 
 def tail_digest(fd: int, size: int) -> str:
@@ -126,7 +141,11 @@ def open_same(name: bytes, dir_fd: int | None, fid: FileId) -> int | None:
         os.close(fd)
         return None
     if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
-            fid.dev, fid.ino, fid.size, fid.mtime_ns):
+        fid.dev,
+        fid.ino,
+        fid.size,
+        fid.mtime_ns,
+    ):
         os.close(fd)
         return None
     return fd
@@ -135,12 +154,10 @@ def open_same(name: bytes, dir_fd: int | None, fid: FileId) -> int | None:
 class Ledger:
     """The shipped files of one instance, by (device, inode)."""
 
-    def __init__(self, state_dir: str | None, instance_id: str,
-                 records: Iterable[Shipped] = ()) -> None:
+    def __init__(self, state_dir: str | None, instance_id: str, records: Iterable[Shipped] = ()) -> None:
         self.state_dir = state_dir  # None: kept in memory only (an unusable state dir)
         self.instance_id = instance_id
-        self._by_inode: dict[tuple[int, int], Shipped] = {
-            (r.fid.dev, r.fid.ino): r for r in records}
+        self._by_inode: dict[tuple[int, int], Shipped] = {(r.fid.dev, r.fid.ino): r for r in records}
         self._lock = threading.Lock()
         self._fd: int | None = None  # the ledger opened for appending, once needed
         self.lines = 0  # lines read at load: compact() is worth it when many are stale
@@ -155,8 +172,10 @@ class Ledger:
             lines = statedir.read(state_dir, LEDGER_FILE).split(b"\n")
             head = json.loads(lines[0])
             if head.get("instance_id") != instance_id or head.get("format") != FORMAT:
-                log.warning("shipping ledger of another instance ignored",
-                            extra=fields(ledger_instance=head.get("instance_id")))
+                log.warning(
+                    "shipping ledger of another instance ignored",
+                    extra=fields(ledger_instance=head.get("instance_id")),
+                )
                 ledger = cls(state_dir, instance_id)
                 ledger._discard()
                 return ledger
@@ -169,19 +188,25 @@ class Ledger:
                 except (ValueError, KeyError, TypeError) as err:
                     # A torn last line (killed mid-append): its files are shipped again,
                     # and S3's create-only write makes that a record only.
-                    log.warning("shipping ledger line unreadable: its files are shipped "
-                                "again", extra=fields(line=n, error=str(err)))
+                    log.warning(
+                        "shipping ledger line unreadable: its files are shipped again",
+                        extra=fields(line=n, error=str(err)),
+                    )
             ledger.lines = len(lines)
             return ledger
         except FileNotFoundError:
             return cls(state_dir, instance_id)
         except statedir.Untrusted as err:
-            log.warning("state directory not trusted: shipping remembered in memory only",
-                        extra=fields(error=str(err)))
+            log.warning(
+                "state directory not trusted: shipping remembered in memory only",
+                extra=fields(error=str(err)),
+            )
             return cls(None, instance_id)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            log.warning("shipping ledger unreadable: everything is archived at termination",
-                        extra=fields(error=str(err)))
+            log.warning(
+                "shipping ledger unreadable: everything is archived at termination",
+                extra=fields(error=str(err)),
+            )
             ledger = cls(state_dir, instance_id)
             ledger._discard()
             return ledger
@@ -205,8 +230,7 @@ class Ledger:
         with self._lock:
             return len(self._by_inode), sum(r.fid.size for r in self._by_inode.values())
 
-    def held(self, path: bytes, st: os.stat_result, dir_fd: int | None,
-             name: bytes) -> Held | None:
+    def held(self, path: bytes, st: os.stat_result, dir_fd: int | None, name: bytes) -> Held | None:
         """archive.Skip: the segment holding this file, if it is unchanged since shipped."""
         # No lock: the archive runs with the shipper stopped (or on a view()), and this is
         # called once per file of the sources, tens of thousands of times.
@@ -228,8 +252,10 @@ class Ledger:
         finally:
             os.close(fd)
         if not same:
-            log.info("changed since shipped (same time, new content): archived",
-                     extra=fields(path=os.fsdecode(path)))
+            log.info(
+                "changed since shipped (same time, new content): archived",
+                extra=fields(path=os.fsdecode(path)),
+            )
             return None
         return self._use(rec, path)
 
@@ -262,9 +288,14 @@ class Ledger:
         with self._lock:
             for r in recs:
                 self._by_inode[(r.fid.dev, r.fid.ino)] = r
-        self._append({"key": first.key, "tar_bytes": first.tar_bytes,
-                      "compressed_bytes": first.compressed_bytes,
-                      "files": [r.file_json() for r in recs]})
+        self._append(
+            {
+                "key": first.key,
+                "tar_bytes": first.tar_bytes,
+                "compressed_bytes": first.compressed_bytes,
+                "files": [r.file_json() for r in recs],
+            }
+        )
 
     def keep_only(self, present: set[tuple[int, int]]) -> None:
         """Forget files that are gone (rotated away for good): the ledger stays small."""
@@ -287,9 +318,16 @@ class Ledger:
         out = [self._header()]
         for recs in by_key.values():
             first = recs[0]
-            out.append(_line({"key": first.key, "tar_bytes": first.tar_bytes,
-                              "compressed_bytes": first.compressed_bytes,
-                              "files": [r.file_json() for r in recs]}))
+            out.append(
+                _line(
+                    {
+                        "key": first.key,
+                        "tar_bytes": first.tar_bytes,
+                        "compressed_bytes": first.compressed_bytes,
+                        "files": [r.file_json() for r in recs],
+                    }
+                )
+            )
         self.close()
         try:
             statedir.write_atomic(self.state_dir, LEDGER_FILE, b"".join(out))
@@ -322,7 +360,7 @@ class Ledger:
             # kill leaves at most a torn last line, which load() ignores.
             view = memoryview(data)
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
             os.fsync(self._fd)
         except OSError as err:
             # Not fatal: what is not remembered is archived again at termination.
@@ -360,5 +398,7 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 
 def _warn_write(err: OSError) -> None:
-    log.warning("cannot write the shipping ledger", extra=fields(
-        error=err.strerror or errno.errorcode.get(err.errno or 0, str(err))))
+    log.warning(
+        "cannot write the shipping ledger",
+        extra=fields(error=err.strerror or errno.errorcode.get(err.errno or 0, str(err))),
+    )

@@ -51,6 +51,7 @@ FORMAT = 1
 STALE_AFTER = 120.0
 TIME_KEYS = frozenset({"started_at", "updated_at", "last_poll", "at"})
 
+
 class WatcherNotRunning(AgentError):
     """`status` found no live watcher."""
 
@@ -105,24 +106,37 @@ def write_status(path: str, **fields: Any) -> bool:
         doc = _read(path)
         if doc is None or doc.get("pid") != os.getpid():
             # A new watcher process starts a fresh file; nothing carries over from the last.
-            doc = {"format": FORMAT, "pid": os.getpid(), "agent_version": __version__,
-                   "started_at": _iso(now)}
+            doc = {
+                "format": FORMAT,
+                "pid": os.getpid(),
+                "agent_version": __version__,
+                "started_at": _iso(now),
+            }
         doc.update({k: _normal(k, v) for k, v in fields.items()})
         doc["updated_at"] = _iso(now)
         try:
-            statedir.write_atomic(os.path.dirname(path), os.path.basename(path),
-                                  json.dumps(doc, default=str).encode(), 0o644)
+            statedir.write_atomic(
+                os.path.dirname(path), os.path.basename(path), json.dumps(doc, default=str).encode(), 0o644
+            )
         except OSError as err:
             if path not in _warned:
                 _warned.add(path)
-                log.warning("cannot write the status file; `instance-agent status` will not "
-                            "see this watcher", extra=log_fields(path=path, error=err.strerror))
+                log.warning(
+                    "cannot write the status file; `instance-agent status` will not see this watcher",
+                    extra=log_fields(path=path, error=err.strerror),
+                )
             return False
     return True
 
 
-SHIPPING_OFF = {"enabled": False, "pending_files": 0, "pending_bytes": 0, "shipped_files": 0,
-                "shipped_bytes": 0, "last_error": None}
+SHIPPING_OFF = {
+    "enabled": False,
+    "pending_files": 0,
+    "pending_bytes": 0,
+    "shipped_files": 0,
+    "shipped_bytes": 0,
+    "last_error": None,
+}
 
 
 def shipping_block(doc: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -133,8 +147,9 @@ def shipping_block(doc: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: block.get(k, v) for k, v in SHIPPING_OFF.items()}
 
 
-def backup_summary(result: Mapping[str, Any] | None, exit_code: int | None,
-                   trigger: str | None = None) -> dict[str, Any]:
+def backup_summary(
+    result: Mapping[str, Any] | None, exit_code: int | None, trigger: str | None = None
+) -> dict[str, Any]:
     """The `last_backup` value for a finished backup's result object."""
     res = result or {}
     return {
@@ -226,11 +241,12 @@ def assess(doc: Mapping[str, Any], now: float) -> Assessment:
     if not isinstance(pid, int) or not pid_alive(pid):
         return Assessment(False, f"not running: pid {pid} is gone (last update {age})")
     interval = doc.get("poll_interval")
-    stale_after = max(STALE_AFTER, 5 * float(interval)) if isinstance(interval, (int, float)) \
-        else STALE_AFTER
+    stale_after = max(STALE_AFTER, 5 * float(interval)) if isinstance(interval, (int, float)) else STALE_AFTER
     if updated is None or now - updated > stale_after:
-        return Assessment(False, f"not responding: pid {pid} is alive but its last update was "
-                                 f"{age} (more than {stale_after:g} s)")
+        return Assessment(
+            False,
+            f"not responding: pid {pid} is alive but its last update was {age} (more than {stale_after:g} s)",
+        )
     return Assessment(True, f"running (pid {pid}, last update {age})")
 
 
@@ -261,8 +277,13 @@ def _backup_line(b: Mapping[str, Any], at: Any, now: float) -> str:
     return text
 
 
-def render(path: str | None, doc: Mapping[str, Any] | None, verdict: Assessment,
-           record: Mapping[str, Any] | None, now: float) -> str:
+def render(
+    path: str | None,
+    doc: Mapping[str, Any] | None,
+    verdict: Assessment,
+    record: Mapping[str, Any] | None,
+    now: float,
+) -> str:
     lines = [f"watcher: {verdict.reason}"]
     if doc is not None:
         interval = doc.get("poll_interval")
@@ -280,7 +301,8 @@ def render(path: str | None, doc: Mapping[str, Any] | None, verdict: Assessment,
             lines.append("last backup by the watcher: none")
     if record is not None:
         res = record.get("result", {})
-        lines.append(f"termination backup (either trigger path): "
-                     f"{_backup_line(res, record.get('recorded_at'), now)}")
+        lines.append(
+            f"termination backup (either trigger path): {_backup_line(res, record.get('recorded_at'), now)}"
+        )
     lines.append(f"status file: {path or 'none found'}")
     return "\n".join(lines) + "\n"

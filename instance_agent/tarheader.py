@@ -60,23 +60,51 @@ _ZERO8 = b"0000000\0"
 
 
 @lru_cache(maxsize=1024)
-def _owner_fields(mode: int, uid: int, gid: int, uname: bytes,
-                  gname: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+def _owner_fields(
+    mode: int, uid: int, gid: int, uname: bytes, gname: bytes
+) -> tuple[bytes, bytes, bytes, bytes, bytes]:
     """mode, uid, gid, uname, gname as header fields: the same few owners and modes recur
     across a whole tree, so they are formatted once each, not once per member."""
-    return (b"%07o\0" % (mode & 0o7777), b"%07o\0" % min(uid, _MAX_OCTAL_7),
-            b"%07o\0" % min(gid, _MAX_OCTAL_7), uname[:31], gname[:31])
+    return (
+        b"%07o\0" % (mode & 0o7777),
+        b"%07o\0" % min(uid, _MAX_OCTAL_7),
+        b"%07o\0" % min(gid, _MAX_OCTAL_7),
+        uname[:31],
+        gname[:31],
+    )
 
 
 def _ustar_block(
-    name: bytes, prefix: bytes, *, mode: int, uid: int, gid: int, size: int, mtime: int,
-    typeflag: bytes, linkname: bytes, uname: bytes, gname: bytes,
+    name: bytes,
+    prefix: bytes,
+    *,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    typeflag: bytes,
+    linkname: bytes,
+    uname: bytes,
+    gname: bytes,
 ) -> bytes:
     mode_f, uid_f, gid_f, uname_f, gname_f = _owner_fields(mode, uid, gid, uname, gname)
     header = _USTAR.pack(
-        name, mode_f, uid_f, gid_f, b"%011o\0" % min(size, _MAX_OCTAL_11),
-        b"%011o\0" % min(max(mtime, 0), _MAX_OCTAL_11), b"        ", typeflag, linkname,
-        b"ustar\x0000", uname_f, gname_f, _ZERO8, _ZERO8, prefix,
+        name,
+        mode_f,
+        uid_f,
+        gid_f,
+        b"%011o\0" % min(size, _MAX_OCTAL_11),
+        b"%011o\0" % min(max(mtime, 0), _MAX_OCTAL_11),
+        b"        ",
+        typeflag,
+        linkname,
+        b"ustar\x0000",
+        uname_f,
+        gname_f,
+        _ZERO8,
+        _ZERO8,
+        prefix,
     )
     return header[:148] + b"%06o\0 " % _byte_sum(header) + header[156:]
 
@@ -92,8 +120,17 @@ def _byte_sum(block: bytes) -> int:
 
 
 def encode(
-    name: bytes, *, typeflag: bytes, size: int = 0, mode: int = 0o644, mtime: int = 0,
-    uid: int = 0, gid: int = 0, linkname: bytes = b"", uname: str = "", gname: str = "",
+    name: bytes,
+    *,
+    typeflag: bytes,
+    size: int = 0,
+    mode: int = 0o644,
+    mtime: int = 0,
+    uid: int = 0,
+    gid: int = 0,
+    linkname: bytes = b"",
+    uname: str = "",
+    gname: str = "",
 ) -> bytes:
     """Header block(s) for one member: a pax extended header when ustar cannot hold it.
 
@@ -123,13 +160,31 @@ def encode(
         base = name.rstrip(b"/").rsplit(b"/", 1)[-1][:80]
         pax_name = b"PaxHeaders/" + (base if base.isascii() else b"entry")
         out = _ustar_block(
-            pax_name, b"", mode=0o644, uid=0, gid=0, size=len(records), mtime=max(mtime, 0),
-            typeflag=PAXTYPE, linkname=b"", uname=b"", gname=b"",
+            pax_name,
+            b"",
+            mode=0o644,
+            uid=0,
+            gid=0,
+            size=len(records),
+            mtime=max(mtime, 0),
+            typeflag=PAXTYPE,
+            linkname=b"",
+            uname=b"",
+            gname=b"",
         )
         out += records + b"\0" * padding(len(records))
     return out + _ustar_block(
-        split[1], split[0], mode=mode, uid=uid, gid=gid, size=size, mtime=mtime,
-        typeflag=typeflag, linkname=linkname, uname=uname_b, gname=gname_b,
+        split[1],
+        split[0],
+        mode=mode,
+        uid=uid,
+        gid=gid,
+        size=size,
+        mtime=mtime,
+        typeflag=typeflag,
+        linkname=linkname,
+        uname=uname_b,
+        gname=gname_b,
     )
 
 

@@ -134,9 +134,15 @@ class _Job:
         self.clock = opts.clock
         self.started = self.clock()
         self.cancel = opts.cancel
-        self.result = Result(instance_id=ident.instance_id, bucket=cfg.bucket,
-                             group=cfg.asg_name, hook=cfg.hook_name, trigger=opts.trigger,
-                             notice=opts.notice, lifecycle_action=_fingerprint(cfg.lifecycle_token))
+        self.result = Result(
+            instance_id=ident.instance_id,
+            bucket=cfg.bucket,
+            group=cfg.asg_name,
+            hook=cfg.hook_name,
+            trigger=opts.trigger,
+            notice=opts.notice,
+            lifecycle_action=_fingerprint(cfg.lifecycle_token),
+        )
         self.lc: Lifecycle | None = None
         self.commands = Commands(cfg, opts.trigger, self.cancel)
         self.duplicate_code: int | None = None
@@ -162,8 +168,7 @@ class _Job:
             # (AccessDenied, the wait state never came): a backup without a completion
             # still beats none. It is recorded as the termination.
             self.result.lifecycle_error = str(err)
-            log.error("cannot find the lifecycle action; backing up anyway",
-                      extra=fields(error=str(err)))
+            log.error("cannot find the lifecycle action; backing up anyway", extra=fields(error=str(err)))
             self.lc, kind = None, GONE
         self.result.action = kind
         if kind == NOT_TERMINATING or not self.opts.plan.termination:
@@ -172,8 +177,11 @@ class _Job:
             # backup must never stop the application.
             self._backup_only(commands=self.opts.plan.commands and self.opts.trigger != "command")
             return
-        lock = TerminationLock((self.cfg.state_dir, self.cfg.runtime_dir),
-                               f"{LOCK_NAME}-{self.ident.instance_id}", cancel=self.cancel)
+        lock = TerminationLock(
+            (self.cfg.state_dir, self.cfg.runtime_dir),
+            f"{LOCK_NAME}-{self.ident.instance_id}",
+            cancel=self.cancel,
+        )
         lock.acquire(self.cfg.lock_timeout)
         try:
             if kind == WARM_RETURN:
@@ -193,9 +201,16 @@ class _Job:
         expect = self._expected()
         deadline = self.started + cfg.wait_timeout
         autoscaling = self.clients.autoscaling
-        target = self._retrying(deadline, lambda: discover(
-            autoscaling, self.ident.instance_id, group=cfg.asg_name, hook=cfg.hook_name,
-            token=cfg.lifecycle_token))
+        target = self._retrying(
+            deadline,
+            lambda: discover(
+                autoscaling,
+                self.ident.instance_id,
+                group=cfg.asg_name,
+                hook=cfg.hook_name,
+                token=cfg.lifecycle_token,
+            ),
+        )
         if target is None:
             log.info("no terminating lifecycle hook for this instance; nothing to complete")
             return GONE if expect else NOT_TERMINATING
@@ -203,10 +218,18 @@ class _Job:
         self.lc = Lifecycle(autoscaling, target, interval=cfg.heartbeat_interval, clock=self.clock)
         kind = self.lc.locate(deadline=deadline, expect_termination=expect, cancel=self.cancel)
         if kind == GONE:
-            self.result.lifecycle_error = ("no active lifecycle action: it was completed "
-                                           "elsewhere or expired before this run")
-        log.info("lifecycle", extra=fields(action=kind, group=target.group, hook=target.hook,
-                                           lifecycle_action=self.result.lifecycle_action))
+            self.result.lifecycle_error = (
+                "no active lifecycle action: it was completed elsewhere or expired before this run"
+            )
+        log.info(
+            "lifecycle",
+            extra=fields(
+                action=kind,
+                group=target.group,
+                hook=target.hook,
+                lifecycle_action=self.result.lifecycle_action,
+            ),
+        )
         return kind
 
     def _name_group(self) -> None:
@@ -223,8 +246,11 @@ class _Job:
     def _expected(self) -> bool:
         """Something already said the instance is leaving: a Run Command with an action
         token, IMDS's `Terminated`, or a Spot reclaim."""
-        return (bool(self.cfg.lifecycle_token) or self.opts.imds_state in TERMINAL_IMDS_STATES
-                or (self.opts.plan.termination and self.opts.trigger != "command"))
+        return (
+            bool(self.cfg.lifecycle_token)
+            or self.opts.imds_state in TERMINAL_IMDS_STATES
+            or (self.opts.plan.termination and self.opts.trigger != "command")
+        )
 
     def _retrying(self, deadline: float, call: Callable[[], Any]) -> Any:
         """`call()`, retried with backoff on retryable Auto Scaling errors until `deadline`:
@@ -236,8 +262,7 @@ class _Job:
             except LifecycleError as err:
                 if not err.retryable or self.clock() + wait > deadline:
                     raise
-                log.warning("Auto Scaling unreachable; retrying", extra=fields(
-                    error=str(err), wait_s=wait))
+                log.warning("Auto Scaling unreachable; retrying", extra=fields(error=str(err), wait_s=wait))
             if self.cancel.wait(wait):
                 raise Cancelled("stopped while Auto Scaling was unreachable")
             wait = min(wait * 2, 30.0)
@@ -279,20 +304,27 @@ class _Job:
             # A Spot reclaim completes nothing: a lifecycle action that shows up within
             # SPOT_RECORD_VALID is completed by the next run, without a second archive.
             completed = False
-        lock.record(Record(
-            recorded_at=time.time(), exit_code=self.exit_code(), result=self.result.to_json(),
-            backup_ok=self.result.ok, completed=completed,
-            lifecycle_result=self._planned_result(),
-            action=_fingerprint(self.cfg.lifecycle_token),
-            valid_for=float(lc.target.heartbeat_timeout) if lc is not None else SPOT_RECORD_VALID))
+        lock.record(
+            Record(
+                recorded_at=time.time(),
+                exit_code=self.exit_code(),
+                result=self.result.to_json(),
+                backup_ok=self.result.ok,
+                completed=completed,
+                lifecycle_result=self._planned_result(),
+                action=_fingerprint(self.cfg.lifecycle_token),
+                valid_for=float(lc.target.heartbeat_timeout) if lc is not None else SPOT_RECORD_VALID,
+            )
+        )
 
     def _warm_return(self) -> None:
         """Back into the warm pool: the instance and its disks live on. Commands run (the
         application must let go), a backup only when asked, and the hook is completed
         promptly with CONTINUE. Nothing is recorded: the real termination comes later."""
         assert self.lc is not None
-        log.info("returning to the warm pool: not a termination",
-                 extra=fields(backup=self.cfg.warm_pool_backup))
+        log.info(
+            "returning to the warm pool: not a termination", extra=fields(backup=self.cfg.warm_pool_backup)
+        )
         with self.lc.heartbeats_while():
             if self.opts.plan.commands:
                 self._before_archive()
@@ -334,19 +366,25 @@ class _Job:
         if self.opts.plan.drain_cap is not None:
             timeout = min(timeout, self.opts.plan.drain_cap)
         gate = DrainGate(cfg.drain_path)
-        log.info("drain gate: waiting for the paths to clear", extra=fields(
-            paths=list(cfg.drain_path), timeout_s=timeout))
+        log.info(
+            "drain gate: waiting for the paths to clear",
+            extra=fields(paths=list(cfg.drain_path), timeout_s=timeout),
+        )
         self.opts.on_stage("draining: waiting for " + " ".join(cfg.drain_path))
         with _interrupt_on(self.cancel, gate.interrupt):
             out = gate.wait(timeout)
         if out.drained:
             log.info("drain paths clear", extra=fields(waited_s=out.waited_s))
         elif out.cancelled:
-            log.warning("drain wait cut short: the agent is stopping",
-                        extra=fields(busy=list(out.busy), waited_s=out.waited_s))
+            log.warning(
+                "drain wait cut short: the agent is stopping",
+                extra=fields(busy=list(out.busy), waited_s=out.waited_s),
+            )
         else:
-            log.warning("drain timeout reached; backing up anyway", extra=fields(
-                busy=list(out.busy), waited_s=out.waited_s, timeout_s=timeout))
+            log.warning(
+                "drain timeout reached; backing up anyway",
+                extra=fields(busy=list(out.busy), waited_s=out.waited_s, timeout_s=timeout),
+            )
         return {"drained": out.drained, "waited_s": out.waited_s, "busy": list(out.busy)}
 
     def _archive(self, *, abort_stale: bool, cancelled: bool) -> None:
@@ -354,10 +392,10 @@ class _Job:
         if abort_stale:
             # A run killed mid-upload (kill -9, power loss) leaves its multipart upload
             # behind; under the lock no other run of ours for this instance is uploading.
-            prefix = keys.listing_prefix(cfg.key_template,
-                                         key_values(cfg, self.ident, result.group))
-            abort_stale_uploads(self.clients.s3, cfg.bucket or "", prefix,
-                                self.ident.instance_id, extra=_s3_extra(cfg))
+            prefix = keys.listing_prefix(cfg.key_template, key_values(cfg, self.ident, result.group))
+            abort_stale_uploads(
+                self.clients.s3, cfg.bucket or "", prefix, self.ident.instance_id, extra=_s3_extra(cfg)
+            )
         self.opts.on_stage("backing up")
         # A fatal pre-command failure still goes through the pipeline, already cancelled:
         # that is what reports the failure and completes the hook with --on-failure.
@@ -369,12 +407,23 @@ class _Job:
             # an empty or unreadable ledger means the full archive, exactly as without.
             shipped = None
             if cfg.ship:
-                shipped = self.opts.shipped if self.opts.shipped is not None else \
-                    Ledger.load(cfg.state_dir, self.ident.instance_id)
-            archive_and_upload(cfg, self.ident, self.clients, result, group=result.group,
-                               started=self.started, clock=self.clock,
-                               progress_interval=self.opts.progress_interval, cancel=cancel,
-                               shipped=shipped)
+                shipped = (
+                    self.opts.shipped
+                    if self.opts.shipped is not None
+                    else Ledger.load(cfg.state_dir, self.ident.instance_id)
+                )
+            archive_and_upload(
+                cfg,
+                self.ident,
+                self.clients,
+                result,
+                group=result.group,
+                started=self.started,
+                clock=self.clock,
+                progress_interval=self.opts.progress_interval,
+                cancel=cancel,
+                shipped=shipped,
+            )
         except AgentError as err:
             result.status = FAILED
             result.error = result.error or str(err)
@@ -383,9 +432,18 @@ class _Job:
             result.status = FAILED
             result.error = f"{type(err).__name__}: {err}"
         level = logging.INFO if result.ok else logging.ERROR
-        log.log(level, "backup " + result.status, extra=fields(
-            key=result.key, bytes_read=result.bytes_read, bytes_uploaded=result.bytes_uploaded,
-            files=result.files, warnings=result.warnings, error=result.error))
+        log.log(
+            level,
+            "backup " + result.status,
+            extra=fields(
+                key=result.key,
+                bytes_read=result.bytes_read,
+                bytes_uploaded=result.bytes_uploaded,
+                files=result.files,
+                warnings=result.warnings,
+                error=result.error,
+            ),
+        )
 
     def _planned_result(self) -> str:
         return self.cfg.on_success if self.result.ok else self.cfg.on_failure
@@ -430,22 +488,30 @@ class _Job:
         res.first_status = first.get("status")
         res.first_exit_code = record.exit_code
         self.duplicate_code = record.exit_code
-        log.info("already handled for this lifecycle action; nothing to do",
-                 extra=fields(key=res.key, first_status=res.first_status))
+        log.info(
+            "already handled for this lifecycle action; nothing to do",
+            extra=fields(key=res.key, first_status=res.first_status),
+        )
 
     def _complete_recorded(self, lock: TerminationLock, record: Record) -> None:
         """The earlier run backed up but could not complete (AccessDenied, an outage):
         complete with its result now, with no second archive."""
         assert self.lc is not None
         self._duplicate(record)
-        log.info("completing the action an earlier run backed up",
-                 extra=fields(result=record.lifecycle_result))
+        log.info(
+            "completing the action an earlier run backed up", extra=fields(result=record.lifecycle_result)
+        )
         done = self._complete(self.lc, record.lifecycle_result, self.cfg.complete_timeout)
         if done:
             self.duplicate_code = EXIT_OK if record.backup_ok else record.exit_code
-            lock.record(dataclasses.replace(record, completed=True, recorded_at=time.time(),
-                                            result={**record.result,
-                                                    "lifecycle_result": record.lifecycle_result}))
+            lock.record(
+                dataclasses.replace(
+                    record,
+                    completed=True,
+                    recorded_at=time.time(),
+                    result={**record.result, "lifecycle_result": record.lifecycle_result},
+                )
+            )
         else:
             self.duplicate_code = EXIT_FAILED
         self._report(self.result)
@@ -499,5 +565,10 @@ def _set_event() -> threading.Event:
 def outcome_fields(outcome: Outcome) -> Mapping[str, Any]:
     """The fields the watcher's log line and status file take from an outcome."""
     r = outcome.result
-    return {"status": r.status, "key": r.key, "lifecycle_result": r.lifecycle_result,
-            "error": r.error, "exit_code": outcome.exit_code}
+    return {
+        "status": r.status,
+        "key": r.key,
+        "lifecycle_result": r.lifecycle_result,
+        "error": r.error,
+        "exit_code": outcome.exit_code,
+    }

@@ -15,8 +15,9 @@ from instance_agent.errors import Cancelled
 
 
 class Paced:
-    def __init__(self, inner: Sink, rate: int, clock: Callable[[], float],
-                 wait: Callable[[float], bool]) -> None:
+    def __init__(
+        self, inner: Sink, rate: int, clock: Callable[[], float], wait: Callable[[float], bool]
+    ) -> None:
         """`wait(seconds)` sleeps and returns True when stopped (threading.Event.wait)."""
         self._inner, self._rate, self._clock, self._wait = inner, rate, clock, wait
         self._start = clock()
@@ -31,6 +32,5 @@ class Paced:
         return out
 
 
-def paced(inner: Sink, rate: int | None, clock: Callable[[], float],
-          stop: threading.Event) -> Sink:
+def paced(inner: Sink, rate: int | None, clock: Callable[[], float], stop: threading.Event) -> Sink:
     return inner if rate is None else Paced(inner, rate, clock, stop.wait)

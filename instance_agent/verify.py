@@ -40,12 +40,15 @@ class Difference:
     problem: str
 
     def display(self) -> str:
-        return f"{os.fsdecode(self.path)!s}: {self.problem}".encode("utf-8", "backslashreplace") \
-            .decode("utf-8")
+        return f"{os.fsdecode(self.path)!s}: {self.problem}".encode("utf-8", "backslashreplace").decode(
+            "utf-8"
+        )
 
     def to_json(self) -> dict[str, str]:
-        return {"path": os.fsdecode(self.path).encode("utf-8", "backslashreplace").decode(),
-                "problem": self.problem}
+        return {
+            "path": os.fsdecode(self.path).encode("utf-8", "backslashreplace").decode(),
+            "problem": self.problem,
+        }
 
 
 @dataclass
@@ -57,12 +60,12 @@ class VerifyReport:
         if self.differences:
             first = self.differences[0]
             more = f" (and {len(self.differences) - 1} more)" if len(self.differences) > 1 else ""
-            raise VerifyFailed(f"{len(self.differences)} difference(s) against the manifest; "
-                               f"first: {first.display()}{more}")
+            raise VerifyFailed(
+                f"{len(self.differences)} difference(s) against the manifest; first: {first.display()}{more}"
+            )
 
 
-def load_manifest(where: str, s3: S3Reader | None,
-                  extra: Mapping[str, str] | None = None) -> dict[str, Any]:
+def load_manifest(where: str, s3: S3Reader | None, extra: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The manifest from `s3://bucket/key` (the archive's or the manifest's key) or a file."""
     if where.startswith("s3://"):
         if s3 is None:
@@ -111,12 +114,12 @@ def _entry_problem(full: bytes, entry: Mapping[str, Any]) -> str | None:
     if have != want:
         return f"is a {have}, the backup has a {want}"
     if want == "symlink":
-        target = path_from_fields(dict(entry), "target") if ("target" in entry or
-                                                             "target_b64" in entry) else None
+        target = (
+            path_from_fields(dict(entry), "target") if ("target" in entry or "target_b64" in entry) else None
+        )
         found = os.readlink(full)
         if target is not None and found != target:
-            return (f"points to {os.fsdecode(found)!r}, the backup has "
-                    f"{os.fsdecode(target)!r}")
+            return f"points to {os.fsdecode(found)!r}, the backup has {os.fsdecode(target)!r}"
         return None
     if want != "file":
         return None
@@ -132,8 +135,10 @@ def _entry_problem(full: bytes, entry: Mapping[str, Any]) -> str | None:
         return None if found_digest == digest else "content differs (sha256)"
     mtime = entry.get("mtime")
     if isinstance(mtime, (int, float)) and abs(int(st.st_mtime) - int(mtime)) > MTIME_SLACK:
-        return ("modified since the backup: its modification time differs, and the manifest "
-                "has no digest to compare the content (back up with --hash sha256 for one)")
+        return (
+            "modified since the backup: its modification time differs, and the manifest "
+            "has no digest to compare the content (back up with --hash sha256 for one)"
+        )
     return None
 
 

@@ -72,8 +72,7 @@ POLLER_STALE = 60.0
 IDENTITY_RETRY_MAX = 30.0
 
 # Lower runs first when several notices wait.
-PRIORITY = {TERMINATION: 0, WARM_RETURN: 0, SPOT_TERMINATE: 1, SPOT_STOP: 2,
-            SPOT_HIBERNATE: 2, REBALANCE: 3}
+PRIORITY = {TERMINATION: 0, WARM_RETURN: 0, SPOT_TERMINATE: 1, SPOT_STOP: 2, SPOT_HIBERNATE: 2, REBALANCE: 3}
 
 
 def plan_for(kind: str) -> Plan:
@@ -85,8 +84,13 @@ def plan_for(kind: str) -> Plan:
     if kind == SPOT_TERMINATE:
         # Recorded as the termination (so the SSM path does not back up again) with
         # nothing to complete: no hook holds a Spot reclaim.
-        return Plan(termination=True, complete=False, commands=True, drain_cap=SPOT_DRAIN_CAP,
-                    max_duration=SPOT_MAX_DURATION)
+        return Plan(
+            termination=True,
+            complete=False,
+            commands=True,
+            drain_cap=SPOT_DRAIN_CAP,
+            max_duration=SPOT_MAX_DURATION,
+        )
     # Spot stop/hibernate and rebalance: the instance comes back (or may not go at all);
     # a later real termination needs its own backup.
     return Plan(termination=False, complete=False, commands=True)
@@ -135,9 +139,16 @@ class IdentityCache:
 class Job:
     """The answer to one notice, in its own thread."""
 
-    def __init__(self, notice: Notice, cfg: Config, deps: Deps, identity: IdentityCache,
-                 notifier: Notifier, on_done: Callable[[], None],
-                 before: Callable[[], Ledger | None] | None = None) -> None:
+    def __init__(
+        self,
+        notice: Notice,
+        cfg: Config,
+        deps: Deps,
+        identity: IdentityCache,
+        notifier: Notifier,
+        on_done: Callable[[], None],
+        before: Callable[[], Ledger | None] | None = None,
+    ) -> None:
         self.notice = notice
         self.before = before  # run first, in the job's thread (stops shipping)
         self.cfg = cfg
@@ -149,8 +160,7 @@ class Job:
         self.exit_code: int | None = None
         self.result: dict[str, Any] | None = None
         self._finished = threading.Event()
-        self._thread = threading.Thread(target=self._main, name=f"job-{notice.kind}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._main, name=f"job-{notice.kind}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -165,16 +175,21 @@ class Job:
         try:
             self.exit_code = self._run()
         except AgentError as err:
-            log.error("response failed before the backup could run", extra=fields(
-                trigger=self.notice.kind, error=str(err)))
+            log.error(
+                "response failed before the backup could run",
+                extra=fields(trigger=self.notice.kind, error=str(err)),
+            )
             self.exit_code = EXIT_FAILED
         except Exception:
-            log.exception("response failed before the backup could run",
-                          extra=fields(trigger=self.notice.kind))
+            log.exception(
+                "response failed before the backup could run", extra=fields(trigger=self.notice.kind)
+            )
             self.exit_code = EXIT_FAILED
         finally:
-            status.write_status(status.status_path(self.cfg), last_backup=status.backup_summary(
-                self.result, self.exit_code, self.notice.kind))
+            status.write_status(
+                status.status_path(self.cfg),
+                last_backup=status.backup_summary(self.result, self.exit_code, self.notice.kind),
+            )
             self._finished.set()
             self.on_done()
 
@@ -183,19 +198,25 @@ class Job:
 
         cfg, kind = self.cfg, self.notice.kind
         shipped = self.before() if self.before is not None else None
-        ident = self.identity.get(cfg, deadline=time.monotonic() + cfg.wait_timeout,
-                                  cancel=self.cancel)
+        ident = self.identity.get(cfg, deadline=time.monotonic() + cfg.wait_timeout, cancel=self.cancel)
         clients = self.deps.make_clients(cfg, ident.region)
         opts = termination.Options(
-            trigger=kind, notice=self.notice.detail,
+            trigger=kind,
+            notice=self.notice.detail,
             imds_state=self.notice.detail if kind in (TERMINATION, WARM_RETURN) else None,
-            plan=plan_for(kind), cancel=self.cancel, on_stage=self.notifier.status,
-            shipped=shipped)
+            plan=plan_for(kind),
+            cancel=self.cancel,
+            on_stage=self.notifier.status,
+            shipped=shipped,
+        )
         outcome = termination.run(cfg, ident, clients, opts)
         self.result = outcome.result.to_json()
-        log.info("response finished", extra=fields(
-            trigger=kind, **termination.outcome_fields(outcome),
-            commands=len(outcome.result.commands)))
+        log.info(
+            "response finished",
+            extra=fields(
+                trigger=kind, **termination.outcome_fields(outcome), commands=len(outcome.result.commands)
+            ),
+        )
         return outcome.exit_code
 
 
@@ -203,9 +224,15 @@ class Job:
 
 
 class Watcher:
-    def __init__(self, cfg: Config, deps: Deps, *, imds: IMDS | None = None,
-                 notifier: Notifier | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        deps: Deps,
+        *,
+        imds: IMDS | None = None,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.cfg = cfg
         self.deps = deps
         self.clock = clock
@@ -240,11 +267,9 @@ class Watcher:
         # wakeup fd, and the loop reads it there. Nothing runs inside a handler, so nothing
         # can deadlock on a lock the interrupted code held.
         previous_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        previous = {s: signal.signal(s, _noop) for s in (signal.SIGTERM, signal.SIGINT,
-                                                        signal.SIGHUP)}
+        previous = {s: signal.signal(s, _noop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         stop_polling = threading.Event()
-        poller = threading.Thread(target=self.poller.run, args=(stop_polling,), name="poller",
-                                  daemon=True)
+        poller = threading.Thread(target=self.poller.run, args=(stop_polling,), name="poller", daemon=True)
         self.notifier.status("starting: waiting for IMDS")
         poller.start()
         self._start_shipping()
@@ -288,8 +313,9 @@ class Watcher:
                     log.info("stopped", extra=fields(exit_code=self.exit_code))
                     return self.exit_code
                 if now >= stop_at and not self.job.cancel.is_set():
-                    log.warning("stop grace over: cancelling the backup", extra=fields(
-                        grace_s=self.cfg.stop_grace))
+                    log.warning(
+                        "stop grace over: cancelling the backup", extra=fields(grace_s=self.cfg.stop_grace)
+                    )
                     self.job.stop_now()
             elif self.job is None and self.pending:
                 self._start_next()
@@ -302,16 +328,17 @@ class Watcher:
         name = signal.Signals(signum).name
         if stop_at is not None:
             if self.job is not None and not self.job.cancel.is_set():
-                log.warning("second stop signal: cancelling the backup now",
-                            extra=fields(signal=name))
+                log.warning("second stop signal: cancelling the backup now", extra=fields(signal=name))
                 self.job.stop_now()
             return stop_at
         self.notifier.stopping("stopping")
         if self.job is None:
             log.info("stop requested", extra=fields(signal=name))
             return now
-        log.warning("stop requested during a backup: letting it run", extra=fields(
-            signal=name, trigger=self.job.notice.kind, grace_s=self.cfg.stop_grace))
+        log.warning(
+            "stop requested during a backup: letting it run",
+            extra=fields(signal=name, trigger=self.job.notice.kind, grace_s=self.cfg.stop_grace),
+        )
         return now + self.cfg.stop_grace
 
     def _take_inbox(self, *, stopping: bool) -> None:
@@ -324,13 +351,19 @@ class Watcher:
                 if not self.ready:
                     self.ready = True
                     # Resolve the identity now, while IMDS answers; a job keeps it.
-                    threading.Thread(target=self.identity.prefetch, args=(self.cfg,),
-                                     name="identity", daemon=True).start()
+                    threading.Thread(
+                        target=self.identity.prefetch, args=(self.cfg,), name="identity", daemon=True
+                    ).start()
                     self.notifier.ready("watching")
-                    log.info("watching", extra=fields(
-                        poll_interval_s=self.cfg.poll_interval, spot=self.cfg.spot,
-                        on_rebalance=self.cfg.on_rebalance,
-                        watchdog_s=self.watchdog_every))
+                    log.info(
+                        "watching",
+                        extra=fields(
+                            poll_interval_s=self.cfg.poll_interval,
+                            spot=self.cfg.spot,
+                            on_rebalance=self.cfg.on_rebalance,
+                            watchdog_s=self.watchdog_every,
+                        ),
+                    )
             elif isinstance(item, Notice):
                 self._on_notice(item, stopping=stopping)
 
@@ -338,8 +371,7 @@ class Watcher:
         if notice.kind == REBALANCE and self.cfg.on_rebalance == "log":
             return  # the poller logged it; --on-rebalance log asks for nothing more
         if stopping:
-            log.warning("notice ignored: the agent is stopping", extra=fields(
-                trigger=notice.kind))
+            log.warning("notice ignored: the agent is stopping", extra=fields(trigger=notice.kind))
             return
         self.pending.append(notice)
 
@@ -351,8 +383,15 @@ class Watcher:
         # The termination archive must not race a segment: shipping stops first (a few
         # seconds at most), and what it did not finish is archived.
         last = notice.kind in (TERMINATION, SPOT_TERMINATE)
-        self.job = Job(notice, self.cfg, self.deps, self.identity, self.notifier,
-                       on_done=self._wake, before=self._stop_shipping if last else None)
+        self.job = Job(
+            notice,
+            self.cfg,
+            self.deps,
+            self.identity,
+            self.notifier,
+            on_done=self._wake,
+            before=self._stop_shipping if last else None,
+        )
         self.job.start()
 
     def _start_shipping(self) -> None:
@@ -361,8 +400,9 @@ class Watcher:
         from instance_agent.shipper import Shipper
 
         cfg = self.cfg
-        self.shipper = Shipper(cfg, lambda stop: self.identity.get(
-            cfg, deadline=math.inf, cancel=stop), self.deps.make_clients)
+        self.shipper = Shipper(
+            cfg, lambda stop: self.identity.get(cfg, deadline=math.inf, cancel=stop), self.deps.make_clients
+        )
         self.shipper.start()
 
     def _stop_shipping(self) -> Ledger | None:
@@ -391,11 +431,11 @@ class Watcher:
         try:
             new = self.deps.reload()
         except AgentError as err:
-            log.error("config reload failed; keeping the running config",
-                      extra=fields(error=str(err)))
+            log.error("config reload failed; keeping the running config", extra=fields(error=str(err)))
             return
-        changed = [f.name for f in dataclasses.fields(Config)
-                   if getattr(new, f.name) != getattr(self.cfg, f.name)]
+        changed = [
+            f.name for f in dataclasses.fields(Config) if getattr(new, f.name) != getattr(self.cfg, f.name)
+        ]
         self.cfg = new
         self.poller.configure(new)
         logging.getLogger().setLevel(new.log_level.upper())

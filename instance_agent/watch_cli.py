@@ -49,26 +49,49 @@ Running it again with the same flags changes nothing.
 
 def register(sub: Any) -> None:
     """Add the watcher's sub-commands to the CLI's sub-parser collection."""
-    w = sub.add_parser("watch", help="watch IMDS for termination and Spot notices, back up "
-                       "then (the systemd service)", epilog=EXAMPLES_WATCH,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    w = sub.add_parser(
+        "watch",
+        help="watch IMDS for termination and Spot notices, back up then (the systemd service)",
+        epilog=EXAMPLES_WATCH,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     wiring.add_config_option(w, ", re-read on SIGHUP")
     wiring.add_schema_options(w, config.WATCH)
     w.set_defaults(func=cmd_watch)
 
-    s = sub.add_parser("install-service", help="install the systemd unit and agent.toml",
-                       epilog=EXAMPLES_INSTALL,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--root", metavar="DIR", default="/", help="write under DIR instead of / "
-                   "(like systemctl --root); systemctl then only enables the unit there")
-    s.add_argument("--no-start", action="store_true", help="do not run systemctl; enable the "
-                   "unit with its WantedBy symlink instead (CI, AMI bakes)")
-    s.add_argument("--dry-run", action="store_true", help="print what would change and the "
-                   "rendered files; write nothing")
-    s.add_argument("--exec-path", metavar="PATH", help="the instance-agent executable for "
-                   "ExecStart (default: the one beside this Python)")
-    s.add_argument("--watchdog-sec", metavar="SECONDS", type=int, default=30,
-                   help="WatchdogSec= of the unit (default 30)")
+    s = sub.add_parser(
+        "install-service",
+        help="install the systemd unit and agent.toml",
+        epilog=EXAMPLES_INSTALL,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument(
+        "--root",
+        metavar="DIR",
+        default="/",
+        help="write under DIR instead of / "
+        "(like systemctl --root); systemctl then only enables the unit there",
+    )
+    s.add_argument(
+        "--no-start",
+        action="store_true",
+        help="do not run systemctl; enable the unit with its WantedBy symlink instead (CI, AMI bakes)",
+    )
+    s.add_argument(
+        "--dry-run", action="store_true", help="print what would change and the rendered files; write nothing"
+    )
+    s.add_argument(
+        "--exec-path",
+        metavar="PATH",
+        help="the instance-agent executable for ExecStart (default: the one beside this Python)",
+    )
+    s.add_argument(
+        "--watchdog-sec",
+        metavar="SECONDS",
+        type=int,
+        default=30,
+        help="WatchdogSec= of the unit (default 30)",
+    )
     wiring.add_schema_options(s, config.WATCH)
     s.set_defaults(func=cmd_install_service)
 
@@ -88,8 +111,10 @@ def run_watcher(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
     """The daemon with wiring.py's factories; `reload` returns a new Config (SIGHUP)."""
     from instance_agent import watch
 
-    return watch.serve(cfg, watch.Deps(resolve_identity=wiring.resolve_identity,
-                                       make_clients=wiring.make_clients, reload=reload))
+    return watch.serve(
+        cfg,
+        watch.Deps(resolve_identity=wiring.resolve_identity, make_clients=wiring.make_clients, reload=reload),
+    )
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
@@ -99,9 +124,13 @@ def cmd_install_service(args: argparse.Namespace) -> int:
 
     if args.watchdog_sec < 1:
         raise ConfigError("--watchdog-sec must be at least 1")
-    exec_start = [os.path.abspath(args.exec_path)] if args.exec_path else \
-        install_service.default_exec_start()
+    exec_start = [os.path.abspath(args.exec_path)] if args.exec_path else install_service.default_exec_start()
     installer = install_service.Installer(
-        root=Path(os.path.abspath(args.root)), flags=wiring.flags(args), exec_start=exec_start,
-        watchdog_sec=args.watchdog_sec, start=not args.no_start, dry_run=args.dry_run)
+        root=Path(os.path.abspath(args.root)),
+        flags=wiring.flags(args),
+        exec_start=exec_start,
+        watchdog_sec=args.watchdog_sec,
+        start=not args.no_start,
+        dry_run=args.dry_run,
+    )
     return installer.run()

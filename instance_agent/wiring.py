@@ -28,9 +28,13 @@ PROG = "instance-agent"
 
 def add_config_option(parser: argparse.ArgumentParser, note: str = "") -> None:
     """`--config FILE`, the same on every command that reads the config."""
-    parser.add_argument("--config", metavar="FILE", help=f"TOML config file{note} (env "
-                        f"INSTANCE_AGENT_CONFIG; default {config.DEFAULT_CONFIG_FILE} if it "
-                        "exists)")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"TOML config file{note} (env "
+        f"INSTANCE_AGENT_CONFIG; default {config.DEFAULT_CONFIG_FILE} if it "
+        "exists)",
+    )
 
 
 def add_option(parser: argparse.ArgumentParser, name: str, help_text: str | None = None) -> None:
@@ -44,17 +48,30 @@ def add_option(parser: argparse.ArgumentParser, name: str, help_text: str | None
         default = ":".join(default) if opt.kind == "pathlist" else ",".join(default)
     shown = "auto" if default is None and opt.name == "journal" else default
     text = f"{help_text or opt.help} (env {opt.env}" + (
-        f"; default {shown})" if shown not in (None, "") else ")")
+        f"; default {shown})" if shown not in (None, "") else ")"
+    )
     text = text.replace("%", "%%")  # argparse formats help with %
     if opt.kind == "bool":
-        parser.add_argument(opt.flag, dest=opt.name, default=None, help=text,
-                            action=argparse.BooleanOptionalAction)
+        parser.add_argument(
+            opt.flag, dest=opt.name, default=None, help=text, action=argparse.BooleanOptionalAction
+        )
     elif opt.kind in ("list", "pathlist"):
-        parser.add_argument(opt.flag, dest=opt.name, default=None, action="append",
-                            metavar=opt.metavar or opt.name.upper(), help=text)
+        parser.add_argument(
+            opt.flag,
+            dest=opt.name,
+            default=None,
+            action="append",
+            metavar=opt.metavar or opt.name.upper(),
+            help=text,
+        )
     else:
-        parser.add_argument(opt.flag, dest=opt.name, default=None,
-                            metavar=opt.metavar or "|".join(opt.choices) or None, help=text)
+        parser.add_argument(
+            opt.flag,
+            dest=opt.name,
+            default=None,
+            metavar=opt.metavar or "|".join(opt.choices) or None,
+            help=text,
+        )
 
 
 def add_schema_options(parser: argparse.ArgumentParser, command: str) -> None:
@@ -88,15 +105,19 @@ def resolve_identity(cfg: config.Config, imds: IMDS | None = None) -> Identity:
                 region = imds.region()
                 if not config.REGION_RE.match(region):
                     # An HTML error page from a proxy or a broken IMDS is not a region.
-                    raise IdentityError(f"IMDS answered placement/region with {region[:40]!r}, "
-                                        "which is not a region name; pass --region")
+                    raise IdentityError(
+                        f"IMDS answered placement/region with {region[:40]!r}, "
+                        "which is not a region name; pass --region"
+                    )
             except IMDSError:
                 region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
                 if not region:
                     raise
     except IMDSError as err:
-        raise IdentityError(f"cannot get the instance identity from IMDS at {imds.endpoint} "
-                            f"({err}); pass --instance-id and --region") from None
+        raise IdentityError(
+            f"cannot get the instance identity from IMDS at {imds.endpoint} "
+            f"({err}); pass --instance-id and --region"
+        ) from None
     finally:
         if own:
             imds.close()
@@ -120,11 +141,13 @@ def _boto_config(max_pool_connections: int) -> BotoConfig:
     (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, …)."""
     from botocore.config import Config as BotoConfig
 
-
-    return BotoConfig(retries={"mode": "standard", "max_attempts": 5},
-                      connect_timeout=5, read_timeout=60,
-                      max_pool_connections=max_pool_connections,
-                      user_agent_extra=f"{PROG}/{__version__}")
+    return BotoConfig(
+        retries={"mode": "standard", "max_attempts": 5},
+        connect_timeout=5,
+        read_timeout=60,
+        max_pool_connections=max_pool_connections,
+        user_agent_extra=f"{PROG}/{__version__}",
+    )
 
 
 def _client_factory(region: str | None) -> Any:
@@ -147,10 +170,16 @@ def make_clients(cfg: config.Config, region: str) -> Clients:
         s3=client("s3", config=base),
         # The report comes before the completion and after the heartbeats: a black-holed
         # Publish may hold the hook ~24 s at most (3 x (3 + 5) s), not 6 x 65 s.
-        sns=client("sns", config=base.merge(BotoConfig(
-            connect_timeout=3, read_timeout=5,
-            retries={"mode": "standard", "total_max_attempts": 3})))
-        if cfg.topic_arn else None,
+        sns=client(
+            "sns",
+            config=base.merge(
+                BotoConfig(
+                    connect_timeout=3, read_timeout=5, retries={"mode": "standard", "total_max_attempts": 3}
+                )
+            ),
+        )
+        if cfg.topic_arn
+        else None,
         autoscaling=client("autoscaling", config=base) if cfg.complete else None,
         cloudwatch=make_cloudwatch(cfg, region),
     )
@@ -162,13 +191,17 @@ def make_cloudwatch(cfg: config.Config, region: str) -> Any:
         return None
     from botocore.config import Config as BotoConfig
 
-
     # After the lifecycle action is complete, so nothing waits on it; still short, so a
     # black-holed endpoint costs the process seconds, not minutes.
     return _client_factory(region)(
-        "cloudwatch", config=BotoConfig(connect_timeout=3, read_timeout=5,
-                                        retries={"mode": "standard", "total_max_attempts": 3},
-                                        user_agent_extra=f"{PROG}/{__version__}"))
+        "cloudwatch",
+        config=BotoConfig(
+            connect_timeout=3,
+            read_timeout=5,
+            retries={"mode": "standard", "total_max_attempts": 3},
+            user_agent_extra=f"{PROG}/{__version__}",
+        ),
+    )
 
 
 def s3_reader(cfg: config.Config, connections: int) -> Any:

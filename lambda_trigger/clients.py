@@ -30,10 +30,15 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-THROTTLING = frozenset({
-    "ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded",
-    "Throttled",
-})
+THROTTLING = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "Throttled",
+    }
+)
 BACKOFF_BASE = 0.05  # seconds; doubles per attempt
 BACKOFF_CAP = 5.0
 # Kept back from Lambda's remaining time so the final log line and return always happen.
@@ -72,12 +77,18 @@ def _boto3_clients() -> Clients:
     from botocore.config import Config
 
     # One attempt per call: the retry policy is Caller's (module docstring).
-    config = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=5,
-                    read_timeout=15, user_agent_extra=f"instance-agent-trigger/{__version__}")
+    config = Config(
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=15,
+        user_agent_extra=f"instance-agent-trigger/{__version__}",
+    )
     session = boto3.session.Session()
-    return Clients(ssm=session.client("ssm", config=config),
-                   autoscaling=session.client("autoscaling", config=config),
-                   sns=session.client("sns", config=config))
+    return Clients(
+        ssm=session.client("ssm", config=config),
+        autoscaling=session.client("autoscaling", config=config),
+        sns=session.client("sns", config=config),
+    )
 
 
 def deadline(context: object, clock: Callable[[], float]) -> float:
@@ -109,8 +120,9 @@ class Caller:
                 delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))  # noqa: S311
                 if self.clock() + delay > self.deadline:
                     raise
-                log.info("throttled; retrying", extra=fields(call=name, attempt=attempt,
-                                                             wait_s=round(delay, 3)))
+                log.info(
+                    "throttled; retrying", extra=fields(call=name, attempt=attempt, wait_s=round(delay, 3))
+                )
                 self.sleep(delay)
 
 

@@ -44,20 +44,20 @@ STDERR_TAIL_CHARS = 300
 # could not run it at all (126, 127: POSIX's "not executable" and "not found").
 EXIT_HINTS = {
     127: "exit 127: instance-agent is not installed (command not found); see "
-         "/var/log/instance-agent-install.log on the instance, and its launch hook result",
+    "/var/log/instance-agent-install.log on the instance, and its launch hook result",
     126: "exit 126: instance-agent is there but cannot be executed; reinstall it",
     2: "exit 2: usage or configuration error; `sudo instance-agent doctor` on the instance "
-       "names it (config: /etc/instance-agent/agent.toml)",
+    "names it (config: /etc/instance-agent/agent.toml)",
     1: "exit 1: the backup failed; the agent's own SNS report carries the error",
 }
 STATUS_HINTS = {
     "Delivery Timed Out": "the SSM agent did not pick the command up in time: the instance "
-                          "stopped, its agent is down, or it has no route to SSM",
+    "stopped, its agent is down, or it has no route to SSM",
     "Execution Timed Out": "the backup ran longer than the document's executionTimeout "
-                           "(the stack's BackupTimeout)",
+    "(the stack's BackupTimeout)",
     "TimedOut": "the command timed out before it finished",
     "Undeliverable": "the command could not be delivered: the instance is gone, or its "
-                     "SSM agent is not registered",
+    "SSM agent is not registered",
     "Cancelled": "the command was cancelled: by an operator, or the instance ended first",
     "Failed": "the command failed",
 }
@@ -78,33 +78,49 @@ def handler(event: object, context: object) -> dict[str, Any]:
         return handle(event, context, settings=settings.load(StatusSettings.from_env))
 
 
-def handle(event: object, context: object, *, settings: StatusSettings,
-           clients: Clients | None = None, sleep: Callable[[float], None] = time.sleep,
-           clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+def handle(
+    event: object,
+    context: object,
+    *,
+    settings: StatusSettings,
+    clients: Clients | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
     """Report the event's invocation if it failed: {"status": reported, ignored or malformed, …}."""
     parsed = parse(event)
     if isinstance(parsed, str):
         log.error("malformed event", extra=fields(reason=parsed))
         return {"status": "malformed", "reason": parsed}
     if not _same_document(parsed.document, settings.document):
-        log.info("event ignored", extra=fields(reason="another document",
-                                               document=parsed.document))
+        log.info("event ignored", extra=fields(reason="another document", document=parsed.document))
         return {"status": "ignored", "reason": "another document"}
     if parsed.status not in REPORTED:
-        log.info("event ignored", extra=fields(reason=f"status {parsed.status}",
-                                               command_id=parsed.command_id))
+        log.info(
+            "event ignored", extra=fields(reason=f"status {parsed.status}", command_id=parsed.command_id)
+        )
         return {"status": "ignored", "reason": f"status {parsed.status}"}
     caller = Caller(deadline(context, clock), clock, sleep)
     aws = clients or get_clients()
-    report = {"event": "backup command not successful", "instance_id": parsed.instance_id,
-              "command_id": parsed.command_id, "document": parsed.document,
-              "status": parsed.status, "requested_at": parsed.requested_at,
-              **_details(caller, aws, parsed), "agent_version": __version__}
+    report = {
+        "event": "backup command not successful",
+        "instance_id": parsed.instance_id,
+        "command_id": parsed.command_id,
+        "document": parsed.document,
+        "status": parsed.status,
+        "requested_at": parsed.requested_at,
+        **_details(caller, aws, parsed),
+        "agent_version": __version__,
+    }
     log.warning("backup command not successful", extra=fields(**report))
-    notify_error = publish(caller, aws.sns, settings.topic_arn,
-                           f"instance-agent: backup command {parsed.status} on "
-                           f"{parsed.instance_id}", report,
-                           {"status": parsed.status, "instance_id": parsed.instance_id})
+    notify_error = publish(
+        caller,
+        aws.sns,
+        settings.topic_arn,
+        f"instance-agent: backup command {parsed.status} on {parsed.instance_id}",
+        report,
+        {"status": parsed.status, "instance_id": parsed.instance_id},
+    )
     return {"status": "reported", "notify_error": notify_error, "report": report}
 
 
@@ -117,8 +133,7 @@ def parse(event: object) -> Invocation | str:
     detail = event.get("detail")
     if not isinstance(detail, dict):
         return "detail is not a JSON object"
-    values = {key: detail.get(key) for key in ("command-id", "instance-id", "document-name",
-                                               "status")}
+    values = {key: detail.get(key) for key in ("command-id", "instance-id", "document-name", "status")}
     for key, value in values.items():
         if not isinstance(value, str) or not value:
             return f"detail.{key} is missing or not a string"
@@ -127,9 +142,13 @@ def parse(event: object) -> Invocation | str:
     if not _INSTANCE_ID.fullmatch(str(values["instance-id"])):
         return "detail.instance-id is not an instance id"
     requested = detail.get("requested-date-time")
-    return Invocation(str(values["command-id"]), str(values["instance-id"]),
-                      str(values["document-name"]), str(values["status"]),
-                      requested if isinstance(requested, str) else None)
+    return Invocation(
+        str(values["command-id"]),
+        str(values["instance-id"]),
+        str(values["document-name"]),
+        str(values["status"]),
+        requested if isinstance(requested, str) else None,
+    )
 
 
 def _same_document(name: str, document: str) -> bool:
@@ -139,21 +158,29 @@ def _same_document(name: str, document: str) -> bool:
 
 def _details(caller: Caller, clients: Clients, inv: Invocation) -> dict[str, Any]:
     """Exit code, status details, the last line of stderr and a hint at the cause."""
-    details: dict[str, Any] = {"response_code": None, "status_details": None,
-                               "stderr_tail": None, "details_error": None}
+    details: dict[str, Any] = {
+        "response_code": None,
+        "status_details": None,
+        "stderr_tail": None,
+        "details_error": None,
+    }
     try:
-        resp = caller.call("GetCommandInvocation", clients.ssm.get_command_invocation,
-                           CommandId=inv.command_id, InstanceId=inv.instance_id)
+        resp = caller.call(
+            "GetCommandInvocation",
+            clients.ssm.get_command_invocation,
+            CommandId=inv.command_id,
+            InstanceId=inv.instance_id,
+        )
     except ClientError as err:
         details["details_error"] = describe_error(err)
-        log.warning("no invocation details", extra=fields(command_id=inv.command_id,
-                                                          error=describe_error(err)))
+        log.warning(
+            "no invocation details", extra=fields(command_id=inv.command_id, error=describe_error(err))
+        )
     else:
         code = resp.get("ResponseCode")
         details["response_code"] = code if isinstance(code, int) and code >= 0 else None
         details["status_details"] = resp.get("StatusDetails") or None
-        lines = [line for line in str(resp.get("StandardErrorContent") or "").splitlines()
-                 if line.strip()]
+        lines = [line for line in str(resp.get("StandardErrorContent") or "").splitlines() if line.strip()]
         # The command line carried the lifecycle token; nothing echoes it, but be sure.
         details["stderr_tail"] = redact_uuids(lines[-1])[:STDERR_TAIL_CHARS] if lines else None
     details["hint"] = hint(inv.status, details["response_code"], details["status_details"])
@@ -164,5 +191,4 @@ def hint(status: str, response_code: int | None, status_details: str | None) -> 
     """One sentence on the likely cause, most specific first."""
     if status == "Failed" and response_code in EXIT_HINTS:
         return EXIT_HINTS[response_code]
-    return (STATUS_HINTS.get(status_details or "") or STATUS_HINTS.get(status)
-            or f"the command ended {status}")
+    return STATUS_HINTS.get(status_details or "") or STATUS_HINTS.get(status) or f"the command ended {status}"

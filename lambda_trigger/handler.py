@@ -40,21 +40,30 @@ def handler(event: object, context: object) -> dict[str, Any]:
         return handle(event, context, settings=settings.load(Settings.from_env))
 
 
-def handle(event: object, context: object, *, settings: Settings, clients: Clients | None = None,
-           sleep: Callable[[float], None] = time.sleep,
-           clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+def handle(
+    event: object,
+    context: object,
+    *,
+    settings: Settings,
+    clients: Clients | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
     """Handle every message of one invocation; returns {"results": [one dict per message]}."""
     results: list[dict[str, Any]] = []
     for item in events.parse(event):
         if isinstance(item, events.Malformed):
             # Retrying cannot fix it: one line, and a normal return. The excerpt is raw
             # input, so any token in it is redacted.
-            log.error("malformed event", extra=fields(reason=item.reason, via=item.via,
-                                                      excerpt=redact_uuids(item.excerpt)))
+            log.error(
+                "malformed event",
+                extra=fields(reason=item.reason, via=item.via, excerpt=redact_uuids(item.excerpt)),
+            )
             results.append({"status": "malformed", "reason": item.reason})
         elif isinstance(item, events.Ignored):
-            log.info("event ignored", extra=fields(reason=item.reason, via=item.via,
-                                                   instance_id=item.instance_id))
+            log.info(
+                "event ignored", extra=fields(reason=item.reason, via=item.via, instance_id=item.instance_id)
+            )
             results.append({"status": "ignored", "reason": item.reason})
         else:
             caller = Caller(deadline(context, clock), clock, sleep)

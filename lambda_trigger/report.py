@@ -20,16 +20,23 @@ if TYPE_CHECKING:
 SUBJECT_LIMIT = 99  # SNS: under 100 characters, no line breaks
 
 
-def publish(caller: Caller, sns: SNSClient, topic: str, subject: str, body: dict[str, Any],
-            attributes: dict[str, str]) -> str | None:
+def publish(
+    caller: Caller, sns: SNSClient, topic: str, subject: str, body: dict[str, Any], attributes: dict[str, str]
+) -> str | None:
     """Publish `body` as JSON; None when sent, else the one-line error (also logged)."""
     try:
-        resp = caller.call("Publish", sns.publish, TopicArn=topic,
-                           Subject=" ".join(subject.split())[:SUBJECT_LIMIT],
-                           Message=json.dumps(body),
-                           MessageAttributes={
-                               name: {"DataType": "String", "StringValue": value}
-                               for name, value in attributes.items() if value})
+        resp = caller.call(
+            "Publish",
+            sns.publish,
+            TopicArn=topic,
+            Subject=" ".join(subject.split())[:SUBJECT_LIMIT],
+            Message=json.dumps(body),
+            MessageAttributes={
+                name: {"DataType": "String", "StringValue": value}
+                for name, value in attributes.items()
+                if value
+            },
+        )
     except ClientError as err:
         log.error("report not published", extra=fields(topic_arn=topic, error=describe_error(err)))
         return describe_error(err)

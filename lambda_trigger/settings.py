@@ -47,8 +47,7 @@ class Settings:
             raise ConfigurationError(f"ON_UNREACHABLE must be leave or complete, not {mode!r}")
         low, high = EXECUTION_RANGE
         execution = _number(env, "EXECUTION_TIMEOUT", int, DEFAULT_EXECUTION_TIMEOUT, low, high)
-        confirm = _number(env, "CONFIRM_TIMEOUT", float, DEFAULT_CONFIRM_TIMEOUT, 0,
-                          MAX_CONFIRM_TIMEOUT)
+        confirm = _number(env, "CONFIRM_TIMEOUT", float, DEFAULT_CONFIRM_TIMEOUT, 0, MAX_CONFIRM_TIMEOUT)
         return cls(document, mode, env.get("TOPIC_ARN", "").strip() or None, execution, confirm)
 
 
@@ -86,8 +85,7 @@ def _required(env: Mapping[str, str], name: str) -> str:
 N = TypeVar("N", int, float)
 
 
-def _number(env: Mapping[str, str], name: str, kind: type[N], default: N, low: float,
-            high: float) -> N:
+def _number(env: Mapping[str, str], name: str, kind: type[N], default: N, low: float, high: float) -> N:
     text = env.get(name, "").strip()
     if not text:
         return default

@@ -66,8 +66,9 @@ def process(run: Run, action: events.LifecycleAction) -> dict[str, Any]:
     log.info("terminate lifecycle action", extra=fields(**action.log_fields()))
     document = run.settings.document
     if not SAFE_NAME.fullmatch(action.hook):
-        return _unreachable(run, action, f"hook name {action.hook!r} is outside the document's "
-                            "allowed pattern")
+        return _unreachable(
+            run, action, f"hook name {action.hook!r} is outside the document's allowed pattern"
+        )
     if not _document_exists(run):
         return _unreachable(run, action, f"SSM document {document!r} does not exist")
     ping = _ping_status(run, action.instance_id)
@@ -78,8 +79,7 @@ def process(run: Run, action: events.LifecycleAction) -> dict[str, Any]:
     ids = {"instance_id": action.instance_id, "token_sha256": fingerprint(action.token)}
     existing = _existing_command(run, action)
     if existing is not None:
-        log.info("duplicate delivery: the command was sent before",
-                 extra=fields(command_id=existing, **ids))
+        log.info("duplicate delivery: the command was sent before", extra=fields(command_id=existing, **ids))
         return {"status": "duplicate", "command_id": existing, **ids}
     try:
         command_id = _send(run, action)
@@ -91,8 +91,10 @@ def process(run: Run, action: events.LifecycleAction) -> dict[str, Any]:
             return _unreachable(run, action, f"SSM document {document!r} does not exist")
         raise
     delivery = _confirm(run, command_id, action.instance_id)
-    log.info("backup command sent", extra=fields(command_id=command_id, delivery=delivery,
-                                                 document=document, **ids))
+    log.info(
+        "backup command sent",
+        extra=fields(command_id=command_id, delivery=delivery, document=document, **ids),
+    )
     return {"status": "sent", "command_id": command_id, "delivery": delivery, **ids}
 
 
@@ -113,9 +115,11 @@ def _document_exists(run: Run) -> bool:
 def _ping_status(run: Run, instance_id: str) -> str | None:
     """The SSM agent's PingStatus (Online, ConnectionLost, Inactive), None if unmanaged."""
     try:
-        resp = run.caller.call("DescribeInstanceInformation",
-                               run.clients.ssm.describe_instance_information,
-                               Filters=[{"Key": "InstanceIds", "Values": [instance_id]}])
+        resp = run.caller.call(
+            "DescribeInstanceInformation",
+            run.clients.ssm.describe_instance_information,
+            Filters=[{"Key": "InstanceIds", "Values": [instance_id]}],
+        )
     except ClientError as err:
         # AWS answers InvalidInstanceId when the node is not in a valid state for SSM.
         if error_code(err) == "InvalidInstanceId":
@@ -151,12 +155,19 @@ def _send(run: Run, action: events.LifecycleAction) -> str:
     if SAFE_NAME.fullmatch(action.group):
         parameters["AutoScalingGroupName"] = [action.group]
     else:
-        log.info("group name outside the document's pattern; the agent will discover it",
-                 extra=fields(group=action.group, instance_id=action.instance_id))
-    resp = run.caller.call("SendCommand", run.clients.ssm.send_command,
-                           DocumentName=run.settings.document, InstanceIds=[action.instance_id],
-                           Parameters=parameters, Comment=comment_for(action.token),
-                           TimeoutSeconds=DELIVERY_TIMEOUT)
+        log.info(
+            "group name outside the document's pattern; the agent will discover it",
+            extra=fields(group=action.group, instance_id=action.instance_id),
+        )
+    resp = run.caller.call(
+        "SendCommand",
+        run.clients.ssm.send_command,
+        DocumentName=run.settings.document,
+        InstanceIds=[action.instance_id],
+        Parameters=parameters,
+        Comment=comment_for(action.token),
+        TimeoutSeconds=DELIVERY_TIMEOUT,
+    )
     return str(resp["Command"]["CommandId"])
 
 
@@ -170,14 +181,19 @@ def _confirm(run: Run, command_id: str, instance_id: str) -> str | None:
     status: str | None = None
     while True:
         try:
-            resp = caller.call("GetCommandInvocation", run.clients.ssm.get_command_invocation,
-                               CommandId=command_id, InstanceId=instance_id)
+            resp = caller.call(
+                "GetCommandInvocation",
+                run.clients.ssm.get_command_invocation,
+                CommandId=command_id,
+                InstanceId=instance_id,
+            )
             status = str(resp.get("Status", ""))
         except ClientError as err:
             # Eventually consistent: "does not exist" right after SendCommand is normal.
             if error_code(err) != "InvocationDoesNotExist":
-                log.warning("cannot confirm delivery", extra=fields(
-                    command_id=command_id, error=describe_error(err)))
+                log.warning(
+                    "cannot confirm delivery", extra=fields(command_id=command_id, error=describe_error(err))
+                )
                 return status
         if status is not None and status not in NOT_YET:
             return status
@@ -202,10 +218,14 @@ def _unreachable(run: Run, action: events.LifecycleAction, reason: str) -> dict[
     }
     if mode == COMPLETE:
         try:
-            run.caller.call("CompleteLifecycleAction",
-                            run.clients.autoscaling.complete_lifecycle_action,
-                            AutoScalingGroupName=action.group, LifecycleHookName=action.hook,
-                            LifecycleActionToken=action.token, LifecycleActionResult="ABANDON")
+            run.caller.call(
+                "CompleteLifecycleAction",
+                run.clients.autoscaling.complete_lifecycle_action,
+                AutoScalingGroupName=action.group,
+                LifecycleHookName=action.hook,
+                LifecycleActionToken=action.token,
+                LifecycleActionResult="ABANDON",
+            )
             result["lifecycle_result"] = "ABANDON"
         except ClientError as err:
             # Typically "No active Lifecycle Action": expired, or completed by a duplicate.
@@ -217,14 +237,21 @@ def _unreachable(run: Run, action: events.LifecycleAction, reason: str) -> dict[
         outcome = "left to the on-instance watcher"
     else:
         outcome = "completion failed"
-    log.warning("instance unreachable: %s", outcome, extra=fields(
-        reason=reason, lifecycle_error=result["lifecycle_error"], **action.log_fields()))
+    log.warning(
+        "instance unreachable: %s",
+        outcome,
+        extra=fields(reason=reason, lifecycle_error=result["lifecycle_error"], **action.log_fields()),
+    )
     topic = run.settings.topic_arn
     if topic:
         notify_error = publish(
-            run.caller, run.clients.sns, topic,
-            f"instance-agent: {action.instance_id} unreachable for its backup", result,
-            {"status": result["status"], "instance_id": action.instance_id})
+            run.caller,
+            run.clients.sns,
+            topic,
+            f"instance-agent: {action.instance_id} unreachable for its backup",
+            result,
+            {"status": result["status"], "instance_id": action.instance_id},
+        )
         if notify_error:
             result["notify_error"] = notify_error
     return result

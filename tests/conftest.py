@@ -125,14 +125,26 @@ class Stack:
         env.update(overrides)
         return env
 
-    def run(self, *args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*(prefix or []), *AGENT, *args], env=env or self.env(),
-                              capture_output=True, text=True, timeout=timeout, check=False)
+    def run(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*(prefix or []), *AGENT, *args],
+            env=env or self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def backup(self, *args: str, **kw: Any) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-        proc = self.run("backup", "--bucket", self.bucket, "--topic-arn", self.topic_arn,
-                        "--json", *args, **kw)
+        proc = self.run(
+            "backup", "--bucket", self.bucket, "--topic-arn", self.topic_arn, "--json", *args, **kw
+        )
         result = json.loads(proc.stdout) if proc.stdout.strip() else {}
         return proc, result
 
@@ -142,8 +154,11 @@ class Stack:
     def lifecycle_calls(self, action: str | None = None) -> list[autoscaling.LifecycleCall]:
         from instance_agent.local import autoscaling
 
-        return [c for c in autoscaling.calls(ACCOUNT, REGION)
-                if c.group == self.group and (action is None or c.action == action)]
+        return [
+            c
+            for c in autoscaling.calls(ACCOUNT, REGION)
+            if c.group == self.group and (action is None or c.action == action)
+        ]
 
     def outcomes(self) -> list[autoscaling.LifecycleOutcome]:
         from instance_agent.local import autoscaling
@@ -161,8 +176,9 @@ class Stack:
         out = tmp / "restore"
         out.mkdir()
         flags = ["--zstd"] if key.endswith(".zst") else []
-        tar = subprocess.run(["tar", *flags, "-xf", str(archive), "-C", str(out)],
-                             capture_output=True, text=True, check=False)
+        tar = subprocess.run(
+            ["tar", *flags, "-xf", str(archive), "-C", str(out)], capture_output=True, text=True, check=False
+        )
         assert tar.returncode == 0 and tar.stderr == "", tar.stderr
         archive.unlink()
         return walk(out / str(src).lstrip("/"))
@@ -173,8 +189,9 @@ class Stack:
     def scale_in(self, wait_delay: float = 0.0) -> None:
         from instance_agent.local import autoscaling
 
-        autoscaling.begin_termination(self.group, self.instance_id, wait_delay=wait_delay,
-                                      account_id=ACCOUNT, region=REGION)
+        autoscaling.begin_termination(
+            self.group, self.instance_id, wait_delay=wait_delay, account_id=ACCOUNT, region=REGION
+        )
         self.imds.target_lifecycle_state = "Terminated"
 
     def state(self) -> str | None:
@@ -191,14 +208,19 @@ def make_group(moto: MotoServer, name: str, hook: str, heartbeat_timeout: int = 
         LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "t3.micro"},
     )
     asg.create_auto_scaling_group(
-        AutoScalingGroupName=name, MinSize=0, MaxSize=2, DesiredCapacity=1,
+        AutoScalingGroupName=name,
+        MinSize=0,
+        MaxSize=2,
+        DesiredCapacity=1,
         LaunchTemplate={"LaunchTemplateId": lt["LaunchTemplate"]["LaunchTemplateId"]},
         AvailabilityZones=[f"{REGION}a"],
     )
     asg.put_lifecycle_hook(
-        AutoScalingGroupName=name, LifecycleHookName=hook,
+        AutoScalingGroupName=name,
+        LifecycleHookName=hook,
         LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
-        HeartbeatTimeout=heartbeat_timeout, DefaultResult="ABANDON",
+        HeartbeatTimeout=heartbeat_timeout,
+        DefaultResult="ABANDON",
     )
     group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
     return str(group["Instances"][0]["InstanceId"])
@@ -210,10 +232,20 @@ def stack(moto: MotoServer, seaweed: SeaweedS3, imds: IMDSStub, tmp_path: Path) 
     bucket, group, hook = f"bk-{suffix}", f"asg-{suffix}", f"hook-{suffix}"
     boto3.client("s3", region_name=REGION, endpoint_url=seaweed.endpoint).create_bucket(Bucket=bucket)
     topic = boto3.client("sns", region_name=REGION, endpoint_url=moto.endpoint).create_topic(
-        Name=f"topic-{suffix}")["TopicArn"]
+        Name=f"topic-{suffix}"
+    )["TopicArn"]
     instance_id = make_group(moto, group, hook)
     imds.instance_id = instance_id
     imds.region = REGION
     imds.target_lifecycle_state = "InService"
-    return Stack(moto=moto, s3_endpoint=seaweed.endpoint, imds=imds, bucket=bucket, topic_arn=topic,
-                 group=group, hook=hook, instance_id=instance_id, tmp=tmp_path)
+    return Stack(
+        moto=moto,
+        s3_endpoint=seaweed.endpoint,
+        imds=imds,
+        bucket=bucket,
+        topic_arn=topic,
+        group=group,
+        hook=hook,
+        instance_id=instance_id,
+        tmp=tmp_path,
+    )

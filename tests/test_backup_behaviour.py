@@ -36,8 +36,16 @@ def test_instance_outside_any_group_backs_up_with_lifecycle_none(stack: Stack) -
 def test_completion_by_lifecycle_token(stack: Stack) -> None:
     stack.scale_in()
     token = next(a.token for a in autoscaling.active_actions() if a.instance_id == stack.instance_id)
-    proc, result = stack.backup("--source", str(_src(stack.tmp)), "--lifecycle-token", token,
-                                "--hook-name", stack.hook, "--asg-name", stack.group)
+    proc, result = stack.backup(
+        "--source",
+        str(_src(stack.tmp)),
+        "--lifecycle-token",
+        token,
+        "--hook-name",
+        stack.hook,
+        "--asg-name",
+        stack.group,
+    )
     assert proc.returncode == 0 and result["lifecycle_result"] == "CONTINUE"
     calls = stack.lifecycle_calls("CompleteLifecycleAction")
     assert [(c.token, c.instance_id, c.outcome) for c in calls] == [(token, None, "ok")]
@@ -47,8 +55,9 @@ def test_completion_by_lifecycle_token(stack: Stack) -> None:
 def test_sns_failure_is_recorded_and_never_blocks_completion(stack: Stack) -> None:
     stack.scale_in()
     missing = stack.topic_arn + "-missing"
-    proc = stack.run("backup", "--bucket", stack.bucket, "--topic-arn", missing, "--json",
-                     "--source", str(_src(stack.tmp)))
+    proc = stack.run(
+        "backup", "--bucket", stack.bucket, "--topic-arn", missing, "--json", "--source", str(_src(stack.tmp))
+    )
     result = json.loads(proc.stdout)
     assert proc.returncode == 0 and result["status"] == "succeeded"
     assert result["notify_error"].startswith("SNS publish failed")
@@ -64,8 +73,12 @@ def test_crashed_run_is_backed_up_again(stack: Stack) -> None:
     with FaultProxy(stack.s3_endpoint) as proxy:
         held = proxy.add_rule(Rule(query=upload_part, fault=HoldUntil(release, timeout=30), times=1))
         env = stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint)
-        first = subprocess.Popen([*AGENT, "backup", "--bucket", stack.bucket, "--source", str(src)],
-                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        first = subprocess.Popen(
+            [*AGENT, "backup", "--bucket", stack.bucket, "--source", str(src)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         assert held.fired.wait(30)
         first.send_signal(signal.SIGKILL)  # no finally runs: no record, no completion
         first.wait(timeout=30)
@@ -112,8 +125,9 @@ def test_max_duration_gives_partial_with_omitted_paths(stack: Stack) -> None:
     proc, result = stack.backup("--source", str(src), "--max-duration", "0.000001")
     assert proc.returncode == 0 and result["status"] == "partial"
     assert result["lifecycle_result"] == "CONTINUE"
-    man = json.loads(stack.client("s3").get_object(Bucket=stack.bucket,
-                                                   Key=result["manifest_key"])["Body"].read())
+    man = json.loads(
+        stack.client("s3").get_object(Bucket=stack.bucket, Key=result["manifest_key"])["Body"].read()
+    )
     assert man["totals"]["omitted"] >= 1
     assert any(o["path"].startswith(str(src)) for o in man["omitted"])
 
@@ -122,7 +136,8 @@ def test_sha256_digests_in_manifest(stack: Stack) -> None:
     src = _src(stack.tmp, 300_000)
     proc, result = stack.backup("--source", str(src), "--hash", "sha256", "--no-complete")
     assert proc.returncode == 0
-    man = json.loads(stack.client("s3").get_object(Bucket=stack.bucket,
-                                                   Key=result["manifest_key"])["Body"].read())
+    man = json.loads(
+        stack.client("s3").get_object(Bucket=stack.bucket, Key=result["manifest_key"])["Body"].read()
+    )
     files = [e for e in man["entries"] if e["type"] == "file"]
     assert [e["sha256"] for e in files] == [hashlib.sha256((src / "app.log").read_bytes()).hexdigest()]

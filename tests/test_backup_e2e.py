@@ -17,8 +17,12 @@ from support.trees import build_odd_tree, walk
 
 from instance_agent.local import autoscaling
 
-NO_DAC = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
-          "--bounding-set=-dac_override,-dac_read_search", "--"]
+NO_DAC = [
+    "setpriv",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+    "--",
+]
 
 
 def download(stack: Stack, key: str, dest: Path) -> Path:
@@ -29,8 +33,9 @@ def download(stack: Stack, key: str, dest: Path) -> Path:
 
 def gnu_extract(archive: Path, out: Path) -> subprocess.CompletedProcess[str]:
     out.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["tar", "--zstd", "-xf", str(archive), "-C", str(out)],
-                          capture_output=True, text=True, check=False)
+    return subprocess.run(
+        ["tar", "--zstd", "-xf", str(archive), "-C", str(out)], capture_output=True, text=True, check=False
+    )
 
 
 @pytest.fixture
@@ -47,8 +52,7 @@ def test_success_path_odd_tree(stack: Stack, tiny_tmpfs: Path, tmp_path: Path) -
     src = tmp_path / "src"
     skipped = build_odd_tree(src, text_bytes=200 * 1000 * 1000, random_bytes=40 * 1000 * 1000)
     stack.scale_in()
-    proc, result = stack.backup("--source", str(src), prefix=NO_DAC,
-                                env=stack.env(TMPDIR=str(tiny_tmpfs)))
+    proc, result = stack.backup("--source", str(src), prefix=NO_DAC, env=stack.env(TMPDIR=str(tiny_tmpfs)))
 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert result["status"] == "succeeded"
@@ -73,8 +77,9 @@ def test_success_path_odd_tree(stack: Stack, tiny_tmpfs: Path, tmp_path: Path) -
     assert set(restored) == set(original) - unreadable - specials
 
     # The skipped entries are warnings, in the result and in the manifest.
-    man = json.loads(stack.client("s3").get_object(Bucket=stack.bucket,
-                                                   Key=result["manifest_key"])["Body"].read())
+    man = json.loads(
+        stack.client("s3").get_object(Bucket=stack.bucket, Key=result["manifest_key"])["Body"].read()
+    )
     reasons = {w.get("path", ""): w["reason"] for w in man["warnings"]}
     assert result["warnings"] == len(man["warnings"]) == 3
     assert reasons[f"{src}/a-fifo"] == "skipped fifo"
@@ -87,7 +92,7 @@ def test_success_path_odd_tree(stack: Stack, tiny_tmpfs: Path, tmp_path: Path) -
     for e in man["entries"]:
         path = e["path"].encode() if "path" in e else __import__("base64").b64decode(e["path_b64"])
         if path.startswith(prefix + b"/"):
-            entries[path[len(prefix) + 1:]] = e
+            entries[path[len(prefix) + 1 :]] = e
     assert set(entries) == set(restored)
     for rel, (kind, content) in restored.items():
         assert entries[rel]["type"] == kind
@@ -113,8 +118,7 @@ def test_failure_path_aborts_and_reports(stack: Stack, tmp_path: Path) -> None:
     with FaultProxy(stack.s3_endpoint) as proxy:
         proxy.add_rule(Rule(query=upload_part, fault=internal_error()))
         stack.scale_in()
-        proc, result = stack.backup("--source", str(src),
-                                    env=stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint))
+        proc, result = stack.backup("--source", str(src), env=stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint))
         assert any(r.faulted for r in proxy.requests)
     assert proc.returncode == 1
     assert result["status"] == "failed" and "UploadPart" in result["error"]
@@ -135,8 +139,17 @@ def test_two_overlapping_runs_back_up_once(stack: Stack, tmp_path: Path) -> None
         held = proxy.add_rule(Rule(query=upload_part, fault=HoldUntil(release), times=1))
         env = stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint)
         stack.scale_in()
-        args = [*__import__("conftest").AGENT, "backup", "--bucket", stack.bucket, "--topic-arn",
-                stack.topic_arn, "--json", "--source", str(src)]
+        args = [
+            *__import__("conftest").AGENT,
+            "backup",
+            "--bucket",
+            stack.bucket,
+            "--topic-arn",
+            stack.topic_arn,
+            "--json",
+            "--source",
+            str(src),
+        ]
         first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert held.fired.wait(30), "first run never reached the upload"
         second = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -164,9 +177,13 @@ def test_heartbeats_keep_a_slow_backup_alive_and_stop_after(stack: Stack, tmp_pa
     autoscaling.set_clock(autoscaling.scaled_clock(10))
     try:
         asg = stack.client("autoscaling")
-        asg.put_lifecycle_hook(AutoScalingGroupName=stack.group, LifecycleHookName=stack.hook,
-                               LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
-                               HeartbeatTimeout=30, DefaultResult="ABANDON")
+        asg.put_lifecycle_hook(
+            AutoScalingGroupName=stack.group,
+            LifecycleHookName=stack.hook,
+            LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+            HeartbeatTimeout=30,
+            DefaultResult="ABANDON",
+        )
         src = tmp_path / "src"
         src.mkdir()
         (src / "data.bin").write_bytes(os.urandom(40 * 1024 * 1024))
@@ -175,9 +192,17 @@ def test_heartbeats_keep_a_slow_backup_alive_and_stop_after(stack: Stack, tmp_pa
         with FaultProxy(stack.s3_endpoint) as proxy:
             proxy.add_rule(Rule(query=upload_part, fault=Delay(1.5)))
             stack.scale_in()
-            proc, _ = stack.backup("--source", str(src), "--heartbeat-interval", "0.5",
-                                        "--upload-workers", "1", "--compression", "none",
-                                        env=stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint))
+            proc, _ = stack.backup(
+                "--source",
+                str(src),
+                "--heartbeat-interval",
+                "0.5",
+                "--upload-workers",
+                "1",
+                "--compression",
+                "none",
+                env=stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint),
+            )
         assert proc.returncode == 0, proc.stderr[-2000:]
         beats = [c for c in stack.lifecycle_calls("RecordLifecycleActionHeartbeat") if c.outcome == "ok"]
         assert len(beats) >= 5
@@ -203,16 +228,20 @@ def test_terminated_before_wait_is_completed_not_lost(stack: Stack, tmp_path: Pa
     assert [(o.result, o.how) for o in stack.outcomes()] == [("CONTINUE", "completed")]
 
 
-@pytest.mark.parametrize(("args", "toml", "message"), [
-    ([], None, "no bucket"),
-    (["--bucket", "Bad_Bucket"], None, "invalid bucket name"),
-    (["--bucket", "good-bucket", "--frobnicate"], None, "unrecognized arguments: --frobnicate"),
-    (["--bucket", "good-bucket"], 'bucket = "b"\nfrobnicate = 1\n', "unknown key 'frobnicate'"),
-    ([], "bucket = [unclosed\n", "invalid TOML"),
-    (["--bucket", "good-bucket", "--compression", "lz4"], None, "expected one of zstd, gzip, none"),
-])
-def test_bad_configuration_is_one_line_and_exit_2(stack: Stack, args: list[str], toml: str | None,
-                                                  message: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "toml", "message"),
+    [
+        ([], None, "no bucket"),
+        (["--bucket", "Bad_Bucket"], None, "invalid bucket name"),
+        (["--bucket", "good-bucket", "--frobnicate"], None, "unrecognized arguments: --frobnicate"),
+        (["--bucket", "good-bucket"], 'bucket = "b"\nfrobnicate = 1\n', "unknown key 'frobnicate'"),
+        ([], "bucket = [unclosed\n", "invalid TOML"),
+        (["--bucket", "good-bucket", "--compression", "lz4"], None, "expected one of zstd, gzip, none"),
+    ],
+)
+def test_bad_configuration_is_one_line_and_exit_2(
+    stack: Stack, args: list[str], toml: str | None, message: str
+) -> None:
     env = stack.env()
     if toml is not None:
         path = stack.tmp / "agent.toml"
@@ -230,9 +259,14 @@ def test_bad_configuration_is_one_line_and_exit_2(stack: Stack, args: list[str],
 
 
 def test_imds_unreachable_without_instance_id_is_exit_2(stack: Stack) -> None:
-    proc = stack.run("backup", "--bucket", "good-bucket",
-                     env=stack.env(AWS_EC2_METADATA_SERVICE_ENDPOINT="http://127.0.0.1:9",
-                                   INSTANCE_AGENT_LOG_LEVEL="info"))
+    proc = stack.run(
+        "backup",
+        "--bucket",
+        "good-bucket",
+        env=stack.env(
+            AWS_EC2_METADATA_SERVICE_ENDPOINT="http://127.0.0.1:9", INSTANCE_AGENT_LOG_LEVEL="info"
+        ),
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot get the instance identity from IMDS" in lines[0]

@@ -42,8 +42,12 @@ from support.trees import text_log, walk
 from test_faults import drop_bucket
 from test_watch import POLL, WatchProc
 
-NO_DAC = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
-          "--bounding-set=-dac_override,-dac_read_search", "--"]
+NO_DAC = [
+    "setpriv",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+    "--",
+]
 # More than the held pipeline can buffer: 3 upload parts of 8 MiB with one worker and a queue
 # of one. Held runs archive without compression, because multithreaded zstd soaks up tens of
 # MiB of input of its own and the stall would no longer fall inside the victim.
@@ -86,7 +90,7 @@ def warnings_under(doc: dict[str, Any], src: Path) -> dict[bytes, str]:
     for w in doc["warnings"]:
         path = _path(w)
         assert path == base or path.startswith(base + b"/"), path
-        out[path[len(base) + 1:]] = w["reason"]
+        out[path[len(base) + 1 :]] = w["reason"]
     return out
 
 
@@ -148,10 +152,18 @@ class Run:
     offset: int  # where the archiver stood in the victim when the tree was changed
 
 
-def chaos_backup(stack: Stack, src: Path, tmp: Path, *, victim: Path | None = None,
-                 during: Callable[[int], None] = lambda _pos: None, args: tuple[str, ...] = (),
-                 prefix: list[str] | None = None, sources: tuple[Path, ...] = (),
-                 terminating: bool = True) -> Run:
+def chaos_backup(
+    stack: Stack,
+    src: Path,
+    tmp: Path,
+    *,
+    victim: Path | None = None,
+    during: Callable[[int], None] = lambda _pos: None,
+    args: tuple[str, ...] = (),
+    prefix: list[str] | None = None,
+    sources: tuple[Path, ...] = (),
+    terminating: bool = True,
+) -> Run:
     """`instance-agent backup` of `src` for a termination (or `--no-complete`); with a
     victim, `during(offset)` runs while the archiver is stalled inside it. Output goes to
     files, so a full pipe never stalls the agent."""
@@ -161,17 +173,32 @@ def chaos_backup(stack: Stack, src: Path, tmp: Path, *, victim: Path | None = No
         args = ("--no-complete", *args)
     release = threading.Event()
     out_path, err_path = tmp / "agent.out", tmp / "agent.err"
-    with FaultProxy(stack.s3_endpoint) as proxy, out_path.open("wb") as out, \
-            err_path.open("wb") as err:
+    with FaultProxy(stack.s3_endpoint) as proxy, out_path.open("wb") as out, err_path.open("wb") as err:
         if victim is not None:
             proxy.add_rule(Rule(query=upload_part, fault=HoldUntil(release, timeout=120)))
             args = ("--compression", "none", *args)
-        argv = [*(prefix or []), *AGENT, "backup", "--bucket", stack.bucket, "--topic-arn",
-                stack.topic_arn, "--json", "--upload-workers", "1", "--upload-queue", "1",
-                "--source", str(src), *(a for s in sources for a in ("--source", str(s))), *args]
+        argv = [
+            *(prefix or []),
+            *AGENT,
+            "backup",
+            "--bucket",
+            stack.bucket,
+            "--topic-arn",
+            stack.topic_arn,
+            "--json",
+            "--upload-workers",
+            "1",
+            "--upload-queue",
+            "1",
+            "--source",
+            str(src),
+            *(a for s in sources for a in ("--source", str(s))),
+            *args,
+        ]
         started = time.monotonic()
-        proc = subprocess.Popen(argv, env=stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint),
-                                stdout=out, stderr=err)
+        proc = subprocess.Popen(
+            argv, env=stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint), stdout=out, stderr=err
+        )
         offset = 0
         try:
             if victim is not None:
@@ -186,8 +213,16 @@ def chaos_backup(stack: Stack, src: Path, tmp: Path, *, victim: Path | None = No
     return Run(code, result, err_path.read_text(errors="replace"), took, offset)
 
 
-def finish(stack: Stack, run: Run, row: scoreboard.Row, src: Path, tmp: Path, before: Tree,
-           expected: dict[bytes, str], after: Tree | None = None) -> tuple[dict[str, Any], Tree]:
+def finish(
+    stack: Stack,
+    run: Run,
+    row: scoreboard.Row,
+    src: Path,
+    tmp: Path,
+    before: Tree,
+    expected: dict[bytes, str],
+    after: Tree | None = None,
+) -> tuple[dict[str, Any], Tree]:
     """The checks every chaos case shares; returns the manifest and the restored tree.
     `after` defaults to the source as it is now (pass it when the source holds files too
     big to read whole: a 1 TiB hole)."""
@@ -202,12 +237,12 @@ def finish(stack: Stack, run: Run, row: scoreboard.Row, src: Path, tmp: Path, be
     assert [d["status"] for d in sns_docs(stack)] == ["succeeded"]
     assert completions(stack) == [("CONTINUE", "ok")]
     restored = stack.gnu_restore(run.result["key"], src, tmp)
-    row.bytes_lost = scoreboard.lost_bytes(before, walk(src) if after is None else after,
-                                           restored, warned)
+    row.bytes_lost = scoreboard.lost_bytes(before, walk(src) if after is None else after, restored, warned)
     row.seconds = run.seconds
     reasons = sorted({re.sub(r"\d+", "N", r) for r in warned.values()})
-    row.outcome = f"succeeded; {len(warned)} manifest warning(s)" + \
-        (": " + "; ".join(reasons) if reasons else "")
+    row.outcome = f"succeeded; {len(warned)} manifest warning(s)" + (
+        ": " + "; ".join(reasons) if reasons else ""
+    )
     row.retried = "0"
     assert row.bytes_lost == 0
     return doc, restored
@@ -238,8 +273,7 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
 # -- crash safety --------------------------------------------------------------------------
 
 
-def test_watcher_killed_mid_upload_then_restarted_backs_up_once(stack: Stack,
-                                                                tmp_path: Path) -> None:
+def test_watcher_killed_mid_upload_then_restarted_backs_up_once(stack: Stack, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     random_file(src / "data.bin", 20, seed=1)  # three parts
@@ -248,18 +282,32 @@ def test_watcher_killed_mid_upload_then_restarted_backs_up_once(stack: Stack,
     s3 = stack.client("s3")
     # Uploads in flight that are not the killed run's: another instance of the group, and this
     # instance under another prefix. The restarted run must leave both alone.
-    others = {f"{stack.group}/i-0aaaaaaaaaaaaaaaa/20260101T000000Z.tar.zst",
-              f"elsewhere/{stack.instance_id}/20260101T000000Z.tar.zst"}
-    other_ids = {k: s3.create_multipart_upload(Bucket=stack.bucket, Key=k)["UploadId"]
-                 for k in others}
+    others = {
+        f"{stack.group}/i-0aaaaaaaaaaaaaaaa/20260101T000000Z.tar.zst",
+        f"elsewhere/{stack.instance_id}/20260101T000000Z.tar.zst",
+    }
+    other_ids = {k: s3.create_multipart_upload(Bucket=stack.bucket, Key=k)["UploadId"] for k in others}
     release = threading.Event()
-    argv = [*AGENT, "watch", "--bucket", stack.bucket, "--topic-arn", stack.topic_arn,
-            "--poll-interval", str(POLL), "--heartbeat-interval", "0.5", "--source", str(src)]
+    argv = [
+        *AGENT,
+        "watch",
+        "--bucket",
+        stack.bucket,
+        "--topic-arn",
+        stack.topic_arn,
+        "--poll-interval",
+        str(POLL),
+        "--heartbeat-interval",
+        "0.5",
+        "--source",
+        str(src),
+    ]
     try:
-        with scoreboard.scenario("Crash: watcher killed (SIGKILL) mid-upload, then restarted") \
-                as row, FaultProxy(stack.s3_endpoint) as proxy:
-            held = proxy.add_rule(Rule(query=upload_part, fault=HoldUntil(release, timeout=60),
-                                       times=1))
+        with (
+            scoreboard.scenario("Crash: watcher killed (SIGKILL) mid-upload, then restarted") as row,
+            FaultProxy(stack.s3_endpoint) as proxy,
+        ):
+            held = proxy.add_rule(Rule(query=upload_part, fault=HoldUntil(release, timeout=60), times=1))
             env = stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint, INSTANCE_AGENT_LOG_LEVEL="info")
             with WatchProc(argv, env) as first:
                 first.wait_for("watching")
@@ -294,8 +342,7 @@ def test_watcher_killed_mid_upload_then_restarted_backs_up_once(stack: Stack,
             assert archives == [done["key"]]
             restored = stack.gnu_restore(done["key"], src, tmp_path)
             row.bytes_lost = scoreboard.lost_bytes(before, walk(src), restored, [])
-            row.outcome = ("stale upload aborted (2 others' kept); backed up again; "
-                           "1 SNS, 1 CONTINUE")
+            row.outcome = "stale upload aborted (2 others' kept); backed up again; 1 SNS, 1 CONTINUE"
             assert row.bytes_lost == 0
 
             # A third start, by Run Command this time, finds the record and does nothing.
@@ -308,12 +355,16 @@ def test_watcher_killed_mid_upload_then_restarted_backs_up_once(stack: Stack,
     assert stack.incomplete_uploads() == []
 
 
-@pytest.mark.parametrize("kind", [
-    "read-only",
-    "full",
-])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "read-only",
+        "full",
+    ],
+)
 def test_unusable_state_dir_warns_once_and_two_racing_runs_back_up_once(
-        stack: Stack, tmp_path: Path, tmpfs: Callable[..., Path], kind: str) -> None:
+    stack: Stack, tmp_path: Path, tmpfs: Callable[..., Path], kind: str
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     random_file(src / "data.bin", 12, seed=3)
@@ -322,20 +373,36 @@ def test_unusable_state_dir_warns_once_and_two_racing_runs_back_up_once(
     else:
         state = tmpfs(tmp_path / "statefs", "size=256k") / "state"
         state.mkdir()
-        with (state.parent / "filler").open("wb", buffering=0) as fh, \
-                pytest.raises(OSError, match="No space left"):
+        with (
+            (state.parent / "filler").open("wb", buffering=0) as fh,
+            pytest.raises(OSError, match="No space left"),
+        ):
             while True:  # to the last block
                 fh.write(b"\0" * 65536)
     runtime = tmp_path / "run"
     release = threading.Event()
-    with scoreboard.scenario(f"State dir on a {kind} file system: two runs race") as row, \
-            FaultProxy(stack.s3_endpoint) as proxy:
-        held = proxy.add_rule(Rule(query=upload_part, fault=HoldUntil(release, timeout=60),
-                                   times=1))
-        env = stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint, INSTANCE_AGENT_STATE_DIR=str(state),
-                        INSTANCE_AGENT_RUNTIME_DIR=str(runtime), INSTANCE_AGENT_LOG_LEVEL="info")
-        argv = [*AGENT, "backup", "--bucket", stack.bucket, "--topic-arn", stack.topic_arn,
-                "--json", "--source", str(src)]
+    with (
+        scoreboard.scenario(f"State dir on a {kind} file system: two runs race") as row,
+        FaultProxy(stack.s3_endpoint) as proxy,
+    ):
+        held = proxy.add_rule(Rule(query=upload_part, fault=HoldUntil(release, timeout=60), times=1))
+        env = stack.env(
+            AWS_ENDPOINT_URL_S3=proxy.endpoint,
+            INSTANCE_AGENT_STATE_DIR=str(state),
+            INSTANCE_AGENT_RUNTIME_DIR=str(runtime),
+            INSTANCE_AGENT_LOG_LEVEL="info",
+        )
+        argv = [
+            *AGENT,
+            "backup",
+            "--bucket",
+            stack.bucket,
+            "--topic-arn",
+            stack.topic_arn,
+            "--json",
+            "--source",
+            str(src),
+        ]
         stack.scale_in()
         started = time.monotonic()
         with WatchProc(argv, env) as first:
@@ -346,11 +413,11 @@ def test_unusable_state_dir_warns_once_and_two_racing_runs_back_up_once(
                 codes = (first.wait(120), second.wait(120))
                 results = (json.loads(first.stdout()), json.loads(second.stdout()))
         row.seconds = time.monotonic() - started
-        row.faults = (f"state dir on a {kind} tmpfs; a second run started while the first "
-                      "uploaded")
+        row.faults = f"state dir on a {kind} tmpfs; a second run started while the first uploaded"
         statuses = sorted(r["status"] for r in results)
-        row.outcome = f"{' + '.join(statuses)}; {len(stack.sns())} SNS; " \
-                      f"{len(completions(stack))} completion call(s)"
+        row.outcome = (
+            f"{' + '.join(statuses)}; {len(stack.sns())} SNS; {len(completions(stack))} completion call(s)"
+        )
         row.retried = "0"
         row.bytes_lost = 0 if stack.objects().get(results[0]["key"]) else 12 * 2**20
         if kind == "full":
@@ -366,15 +433,16 @@ def test_unusable_state_dir_warns_once_and_two_racing_runs_back_up_once(
         assert list(runtime.glob(f"termination-{stack.instance_id}.json"))
         # One clear warning: it names the directory and the error; no run repeats it.
         for run in (first, second):
-            about = [r for _, r in run.records if r.get("level") == "warning"
-                     and str(state) in json.dumps(r)]
+            about = [r for _, r in run.records if r.get("level") == "warning" and str(state) in json.dumps(r)]
             assert len(about) <= 1, run.text()
         worker = first if results[0]["status"] == "succeeded" else second
-        warnings = [r for _, r in worker.records if r.get("level") == "warning"
-                    and str(state) in json.dumps(r)]
+        warnings = [
+            r for _, r in worker.records if r.get("level") == "warning" and str(state) in json.dumps(r)
+        ]
         assert len(warnings) == 1, worker.text()
-        assert re.search(r"read-only|no space|writable by group or others",
-                         json.dumps(warnings[0]), re.IGNORECASE)
+        assert re.search(
+            r"read-only|no space|writable by group or others", json.dumps(warnings[0]), re.IGNORECASE
+        )
 
 
 # -- filesystem chaos ------------------------------------------------------------------------
@@ -408,8 +476,9 @@ def test_chaos_file_appended_at_high_rate(stack: Stack, tmp_path: Path) -> None:
             stop.set()
             appender.join(10)
         row.faults = f"{appended[0] / 2**20:.0f} MiB appended while the backup ran"
-        doc, restored = finish(stack, run, row, src, tmp_path, before,
-                               {b"a-hot.log": r"grew during read; cut at \d+ bytes"})
+        doc, restored = finish(
+            stack, run, row, src, tmp_path, before, {b"a-hot.log": r"grew during read; cut at \d+ bytes"}
+        )
         # The archive holds exactly the bytes the file had when it was opened: a clean cut.
         size = entry(doc, src, b"a-hot.log")["size"]
         assert size >= VICTIM_MIB * 2**20
@@ -423,24 +492,32 @@ def test_chaos_file_truncated_during_its_read(stack: Stack, tmp_path: Path) -> N
     original = random_file(victim, VICTIM_MIB, seed=6)
     (src / "b.log").write_text("after the victim\n")
     before = walk(src)
-    with scoreboard.scenario("Chaos: a file truncated to 1 MiB in the middle of its read") \
-            as row:
+    with scoreboard.scenario("Chaos: a file truncated to 1 MiB in the middle of its read") as row:
         row.faults = "truncate(1 MiB) while the read stood past it"
-        run = chaos_backup(stack, src, tmp_path, victim=victim,
-                           during=lambda _pos: os.truncate(victim, 2**20))
+        run = chaos_backup(
+            stack, src, tmp_path, victim=victim, during=lambda _pos: os.truncate(victim, 2**20)
+        )
         size = VICTIM_MIB * 2**20
-        _, restored = finish(stack, run, row, src, tmp_path, before, {
-            b"a-big.log": rf"shrank during read from {size} to {run.offset} bytes; padded "
-                          "with zeros"})
+        _, restored = finish(
+            stack,
+            run,
+            row,
+            src,
+            tmp_path,
+            before,
+            {
+                b"a-big.log": rf"shrank during read from {size} to {run.offset} bytes; padded "
+                "with zeros"
+            },
+        )
         # What was read before the cut is intact; the rest of the declared size is zeros.
         data = restored[b"a-big.log"][1] or b""
         assert len(data) == size
-        assert data[:run.offset] == original[:run.offset]
-        assert not data[run.offset:].strip(b"\0")
+        assert data[: run.offset] == original[: run.offset]
+        assert not data[run.offset :].strip(b"\0")
 
 
-def test_chaos_files_deleted_and_directories_replaced_by_files(stack: Stack,
-                                                               tmp_path: Path) -> None:
+def test_chaos_files_deleted_and_directories_replaced_by_files(stack: Stack, tmp_path: Path) -> None:
     src = tmp_path / "src"
     (src / "d" / "c").mkdir(parents=True)
     (src / "e-dir").mkdir()
@@ -465,9 +542,17 @@ def test_chaos_files_deleted_and_directories_replaced_by_files(stack: Stack,
     with scoreboard.scenario("Chaos: files deleted, directories replaced by files") as row:
         row.faults = "1 file deleted, 2 directories replaced by files"
         run = chaos_backup(stack, src, tmp_path, victim=victim, during=chaos)
-        doc, restored = finish(stack, run, row, src, tmp_path, before, {
-            b"z.log": "vanished before it was read",
-        })
+        doc, restored = finish(
+            stack,
+            run,
+            row,
+            src,
+            tmp_path,
+            before,
+            {
+                b"z.log": "vanished before it was read",
+            },
+        )
         assert restored[b"e-dir"] == ("file", b"was a directory\n")
         assert entry(doc, src, b"e-dir")["type"] == "file"
 
@@ -489,15 +574,24 @@ def test_chaos_permissions_changed_during_backup(stack: Stack, tmp_path: Path) -
         (src / "d-mode.log").chmod(0o600)
         victim.chmod(0)  # already open: the read goes on
 
-    with scoreboard.scenario("Chaos: permissions changed during the backup (agent without "
-                             "CAP_DAC_OVERRIDE)") as row:
+    with scoreboard.scenario(
+        "Chaos: permissions changed during the backup (agent without CAP_DAC_OVERRIDE)"
+    ) as row:
         row.faults = "chmod 000 on a file, a directory and the open file; chmod 600 on one"
         try:
             run = chaos_backup(stack, src, tmp_path, victim=victim, during=chaos, prefix=NO_DAC)
-            doc, _ = finish(stack, run, row, src, tmp_path, before, {
-                b"b-secret.log": "cannot open: Permission denied",
-                b"c-private": "directory not listable: Permission denied",
-            })
+            doc, _ = finish(
+                stack,
+                run,
+                row,
+                src,
+                tmp_path,
+                before,
+                {
+                    b"b-secret.log": "cannot open: Permission denied",
+                    b"c-private": "directory not listable: Permission denied",
+                },
+            )
         finally:
             for p in (victim, src / "b-secret.log", src / "c-private"):
                 p.chmod(0o700)
@@ -522,10 +616,16 @@ def test_chaos_non_utf8_names(stack: Stack, tmp_path: Path) -> None:
     before = walk(src)
     with scoreboard.scenario("Chaos: non-UTF-8 names, one deleted during the backup") as row:
         row.faults = "1 file with a non-UTF-8 name deleted mid-backup"
-        run = chaos_backup(stack, src, tmp_path, victim=Path(os.fsdecode(victim)),
-                           during=lambda _pos: os.unlink(base + b"/b-\xe9.log"))
-        doc, restored = finish(stack, run, row, src, tmp_path, before,
-                               {b"b-\xe9.log": "vanished before it was read"})
+        run = chaos_backup(
+            stack,
+            src,
+            tmp_path,
+            victim=Path(os.fsdecode(victim)),
+            during=lambda _pos: os.unlink(base + b"/b-\xe9.log"),
+        )
+        doc, restored = finish(
+            stack, run, row, src, tmp_path, before, {b"b-\xe9.log": "vanished before it was read"}
+        )
         assert any("path_b64" in w for w in doc["warnings"])
         assert restored == walk(src)  # every other name came back byte for byte
 
@@ -544,13 +644,21 @@ def test_chaos_symlink_loops(stack: Stack, tmp_path: Path) -> None:
         row.faults = "5 looping links; --source on a link loop"
         # The looping link is also a source of its own: it must be refused, not followed.
         run = chaos_backup(stack, src, tmp_path, sources=(src / "loop-a",))
-        _, restored = finish(stack, run, row, src, tmp_path, before, {
-            b"loop-a": "source not readable: Too many levels of symbolic links"})
+        _, restored = finish(
+            stack,
+            run,
+            row,
+            src,
+            tmp_path,
+            before,
+            {b"loop-a": "source not readable: Too many levels of symbolic links"},
+        )
         assert restored == before  # links stored as links, never followed
 
 
-def test_chaos_proc_like_mount_with_one_file_system(stack: Stack, tmp_path: Path,
-                                                    tmpfs: Callable[..., Path]) -> None:
+def test_chaos_proc_like_mount_with_one_file_system(
+    stack: Stack, tmp_path: Path, tmpfs: Callable[..., Path]
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     text_log(src / "app.log", 500_000, seed=10)
@@ -565,13 +673,19 @@ def test_chaos_proc_like_mount_with_one_file_system(stack: Stack, tmp_path: Path
         fh.truncate(2**40)  # 1 TiB, all hole
     (proc / "sys" / "kernel").mkdir(parents=True)
     (proc / "sys" / "kernel" / "hostname").write_text("ip-10-0-0-1\n")
-    with scoreboard.scenario("Chaos: a /proc-like tmpfs mounted inside the source, "
-                             "--one-file-system") as row:
+    with scoreboard.scenario("Chaos: a /proc-like tmpfs mounted inside the source, --one-file-system") as row:
         row.faults = "tmpfs with a 1 TiB kcore and self-links mounted at src/proc"
         run = chaos_backup(stack, src, tmp_path, args=("--one-file-system",))
-        doc, restored = finish(stack, run, row, src, tmp_path, before, {
-            b"proc": r"on another file system \(--one-file-system\); not descended"},
-            after=before)
+        doc, restored = finish(
+            stack,
+            run,
+            row,
+            src,
+            tmp_path,
+            before,
+            {b"proc": r"on another file system \(--one-file-system\); not descended"},
+            after=before,
+        )
         assert restored[b"proc"] == ("dir", None)
         assert not [k for k in restored if k.startswith(b"proc/")]
     # Without the flag the mount's content is archived: it really is another file system.
@@ -600,17 +714,23 @@ def _sparse(src: Path) -> Tree:
     return small
 
 
-def test_chaos_10gb_sparse_file_over_max_file_size_is_skipped(stack: Stack,
-                                                              tmp_path: Path) -> None:
+def test_chaos_10gb_sparse_file_over_max_file_size_is_skipped(stack: Stack, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     before = _sparse(src)
     with scoreboard.scenario("Chaos: a 10 GB sparse file, --max-file-size 1GiB") as row:
         row.faults = "10 GB file (3 data extents) over the limit"
         run = chaos_backup(stack, src, tmp_path, args=("--max-file-size", "1GiB"))
-        finish(stack, run, row, src, tmp_path, before,
-               {b"disk.img": rf"{SPARSE_SIZE} bytes is over --max-file-size; skipped"},
-               after=before)
+        finish(
+            stack,
+            run,
+            row,
+            src,
+            tmp_path,
+            before,
+            {b"disk.img": rf"{SPARSE_SIZE} bytes is over --max-file-size; skipped"},
+            after=before,
+        )
         assert run.result["bytes_read"] < 2**20
 
 
@@ -629,13 +749,14 @@ def test_chaos_10gb_sparse_file_is_archived_by_extent(stack: Stack, tmp_path: Pa
         body = stack.client("s3").get_object(Bucket=stack.bucket, Key=run.result["key"])["Body"]
         archive = tmp_path / "a.tar.zst"
         archive.write_bytes(body.read())
-        mismatch = _compare_member(archive, os.fsencode(src / "disk.img").lstrip(b"/"),
-                                   src / "disk.img")
+        mismatch = _compare_member(archive, os.fsencode(src / "disk.img").lstrip(b"/"), src / "disk.img")
         row.seconds = run.seconds
         row.bytes_lost = mismatch
         row.retried = "0"
-        row.outcome = (f"succeeded; {run.result['bytes_read'] / 2**20:.0f} MiB read of 10 GB; "
-                       f"archive {archive.stat().st_size / 1000:.0f} kB; restore identical")
+        row.outcome = (
+            f"succeeded; {run.result['bytes_read'] / 2**20:.0f} MiB read of 10 GB; "
+            f"archive {archive.stat().st_size / 1000:.0f} kB; restore identical"
+        )
         assert mismatch == 0
 
 
@@ -659,8 +780,11 @@ def _compare_member(archive: Path, member: bytes, original: Path) -> int:
     The original's holes are compared with zeros rather than read: reading 10 GB of hole
     fills the page cache with zero pages and takes many times longer."""
     chunk = 8 << 20
-    with archive.open("rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as raw, \
-            tarfile.open(fileobj=raw, mode="r|") as tf:
+    with (
+        archive.open("rb") as fh,
+        zstandard.ZstdDecompressor().stream_reader(fh) as raw,
+        tarfile.open(fileobj=raw, mode="r|") as tf,
+    ):
         info = next(m for m in tf if os.fsencode(m.name) == member)
         start, size = info.offset_data, info.size
     assert size == original.stat().st_size
@@ -675,12 +799,12 @@ def _compare_member(archive: Path, member: bytes, original: Path) -> int:
                 lo, hi = max(pos, start), min(pos + n, start + size)
                 if lo < hi:
                     a, b = lo - start, hi - start  # the same range in the original
-                    want[:b - a] = zeros[:b - a]
+                    want[: b - a] = zeros[: b - a]
                     for x, y in extents:
                         x, y = max(x, a), min(y, b)
                         if x < y:
-                            os.preadv(src, [memoryview(want)[x - a:y - a]], x)
-                    if got[lo - pos:hi - pos] != want[:b - a]:
+                            os.preadv(src, [memoryview(want)[x - a : y - a]], x)
+                    if got[lo - pos : hi - pos] != want[: b - a]:
                         bad += b - a
                 pos += n
     finally:
@@ -689,8 +813,7 @@ def _compare_member(archive: Path, member: bytes, original: Path) -> int:
 
 
 @pytest.mark.slow
-def test_chaos_100000_small_files_some_deleted_during_the_backup(stack: Stack,
-                                                                 tmp_path: Path) -> None:
+def test_chaos_100000_small_files_some_deleted_during_the_backup(stack: Stack, tmp_path: Path) -> None:
     src = tmp_path / "src"
     names = []
     for d in range(100):
@@ -712,8 +835,7 @@ def test_chaos_100000_small_files_some_deleted_during_the_backup(stack: Stack,
             deleted[0] += 1
             time.sleep(0.002)
 
-    with scoreboard.scenario("Chaos: 100,000 small files, 1,000 deleted during the backup") \
-            as row:
+    with scoreboard.scenario("Chaos: 100,000 small files, 1,000 deleted during the backup") as row:
         deleter = threading.Thread(target=delete, daemon=True)
         deleter.start()
         try:
@@ -725,7 +847,7 @@ def test_chaos_100000_small_files_some_deleted_during_the_backup(stack: Stack,
         assert run.code == 0, run.stderr[-3000:]
         doc = manifest_of(stack, run.result)
         warned = warnings_under(doc, src)
-        gone = {os.fsencode(p.relative_to(src)) for p in victims[:deleted[0]]}
+        gone = {os.fsencode(p.relative_to(src)) for p in victims[: deleted[0]]}
         # Only deleted files may be warned about, and only as vanished.
         assert set(warned) <= gone
         assert set(warned.values()) <= {"vanished before it was read"}

@@ -7,8 +7,13 @@ import sys
 
 
 def test_demo_passes_end_to_end() -> None:
-    proc = subprocess.run([sys.executable, "-m", "instance_agent", "demo", "--size-mib", "8"],
-                          capture_output=True, text=True, timeout=180, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "instance_agent", "demo", "--size-mib", "8"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     out = proc.stdout
     assert "target-lifecycle-state=Terminated" in out

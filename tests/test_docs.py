@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_readme_config_table_matches_the_schema() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = readme[readme.index(START): readme.index(END) + len(END)]
+    table = readme[readme.index(START) : readme.index(END) + len(END)]
     assert table == config_table(), "run: python -m instance_agent.docs, and paste into README.md"
 
 

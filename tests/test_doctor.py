@@ -16,16 +16,34 @@ from conftest import Stack
 from support.agentproc import watch
 from support.faultproxy import FaultProxy, Rule, access_denied, query_error
 
-ALWAYS_OK = ("config", "compression", "imds", "identity", "lifecycle hook",
-             "lifecycle permission", "bucket", "s3 permissions", "topic")
+ALWAYS_OK = (
+    "config",
+    "compression",
+    "imds",
+    "identity",
+    "lifecycle hook",
+    "lifecycle permission",
+    "bucket",
+    "s3 permissions",
+    "topic",
+)
 
 
 def doctor(stack: Stack, *args: str, **env: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     """`doctor --json` with the stack's bucket and topic; (process, {check name: check})."""
     empty = stack.tmp / "agent.toml"
     empty.touch()  # never the host's /etc/instance-agent/agent.toml
-    proc = stack.run("doctor", "--json", "--bucket", stack.bucket, "--topic-arn", stack.topic_arn,
-                     *args, env=stack.env(INSTANCE_AGENT_CONFIG=str(empty), **env), timeout=120)
+    proc = stack.run(
+        "doctor",
+        "--json",
+        "--bucket",
+        stack.bucket,
+        "--topic-arn",
+        stack.topic_arn,
+        *args,
+        env=stack.env(INSTANCE_AGENT_CONFIG=str(empty), **env),
+        timeout=120,
+    )
     doc = json.loads(proc.stdout)
     assert doc["ok"] == (proc.returncode == 0)
     return proc, {c["name"]: c for c in doc["checks"]}
@@ -34,8 +52,16 @@ def doctor(stack: Stack, *args: str, **env: str) -> tuple[subprocess.CompletedPr
 def human(stack: Stack, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     empty = stack.tmp / "agent.toml"
     empty.touch()
-    return stack.run("doctor", "--bucket", stack.bucket, "--topic-arn", stack.topic_arn, *args,
-                     env=stack.env(INSTANCE_AGENT_CONFIG=str(empty), **env), timeout=120)
+    return stack.run(
+        "doctor",
+        "--bucket",
+        stack.bucket,
+        "--topic-arn",
+        stack.topic_arn,
+        *args,
+        env=stack.env(INSTANCE_AGENT_CONFIG=str(empty), **env),
+        timeout=120,
+    )
 
 
 def line_and_fix(output: str, name: str) -> tuple[str, str]:
@@ -53,10 +79,13 @@ def test_all_checks_pass_on_a_correct_setup(stack: Stack) -> None:
     # Not applicable off EC2, and it says why.
     for name in ("ssm agent", "systemd unit"):
         assert checks[name]["result"] == "skip"
-        assert checks[name]["message"] == (f"not an EC2 instance: IMDS at {stack.imds.endpoint} is a "
-                                           "stand-in")
-    assert f"group {stack.group}, hook {stack.hook}, heartbeat timeout 300 s" in \
-        checks["lifecycle hook"]["message"]
+        assert checks[name]["message"] == (
+            f"not an EC2 instance: IMDS at {stack.imds.endpoint} is a stand-in"
+        )
+    assert (
+        f"group {stack.group}, hook {stack.hook}, heartbeat timeout 300 s"
+        in checks["lifecycle hook"]["message"]
+    )
     assert checks["identity"]["message"].startswith(f"instance {stack.instance_id}, region us-east-1")
 
     # Harmless: the upload probe left nothing behind, the hook was not touched, and the one
@@ -64,7 +93,8 @@ def test_all_checks_pass_on_a_correct_setup(stack: Stack) -> None:
     assert stack.objects() == {} and stack.incomplete_uploads() == []
     assert stack.state() == "InService" and stack.outcomes() == []
     assert [m["subject"] for m in stack.sns()] == [
-        f"instance-agent doctor: test message from {stack.instance_id}"]
+        f"instance-agent doctor: test message from {stack.instance_id}"
+    ]
 
     # The same, as a person reads it.
     out = human(stack).stdout
@@ -76,8 +106,7 @@ def test_all_checks_pass_on_a_correct_setup(stack: Stack) -> None:
 
 def test_bucket_missing(stack: Stack) -> None:
     # SeaweedFS creates a bucket on first write, so this check runs against moto's S3.
-    proc, checks = doctor(stack, "--bucket", "no-such-bucket-here",
-                          AWS_ENDPOINT_URL_S3=stack.moto.endpoint)
+    proc, checks = doctor(stack, "--bucket", "no-such-bucket-here", AWS_ENDPOINT_URL_S3=stack.moto.endpoint)
     assert proc.returncode == 1
     assert checks["bucket"]["result"] == "fail"
     assert checks["bucket"]["message"] == "bucket no-such-bucket-here does not exist"
@@ -90,15 +119,17 @@ def test_bucket_missing(stack: Stack) -> None:
 
 
 def test_hook_missing(stack: Stack) -> None:
-    stack.client("autoscaling").delete_lifecycle_hook(AutoScalingGroupName=stack.group,
-                                                      LifecycleHookName=stack.hook)
+    stack.client("autoscaling").delete_lifecycle_hook(
+        AutoScalingGroupName=stack.group, LifecycleHookName=stack.hook
+    )
     proc, checks = doctor(stack)
     assert proc.returncode == 1
     hook = checks["lifecycle hook"]
     assert hook["result"] == "fail"
     assert hook["message"].startswith(f"group {stack.group} has no terminating lifecycle hook")
-    assert hook["fix"].startswith(f"aws autoscaling put-lifecycle-hook --auto-scaling-group-name "
-                                  f"{stack.group}")
+    assert hook["fix"].startswith(
+        f"aws autoscaling put-lifecycle-hook --auto-scaling-group-name {stack.group}"
+    )
     assert checks["lifecycle permission"]["result"] == "skip"
     line, fix = line_and_fix(human(stack).stdout, "lifecycle hook")
     assert line.startswith("✗ lifecycle hook") and "put-lifecycle-hook" in fix
@@ -112,8 +143,10 @@ def test_s3_write_denied(stack: Stack) -> None:
     assert proc.returncode == 1
     s3 = checks["s3 permissions"]
     assert s3["result"] == "fail" and "was denied (AccessDenied: Access Denied)" in s3["message"]
-    assert s3["fix"].startswith(f"allow s3:PutObject and s3:AbortMultipartUpload on "
-                                f"arn:aws:s3:::{stack.bucket}/* in the instance role")
+    assert s3["fix"].startswith(
+        f"allow s3:PutObject and s3:AbortMultipartUpload on "
+        f"arn:aws:s3:::{stack.bucket}/* in the instance role"
+    )
     assert checks["bucket"]["result"] == "skip"
     line, fix = line_and_fix(out.stdout, "s3 permissions")
     assert line.startswith("✗ s3 permissions") and fix.startswith("fix: allow s3:PutObject")
@@ -133,9 +166,16 @@ def test_listing_uploads_denied(stack: Stack) -> None:
 
 def test_lifecycle_heartbeat_denied(stack: Stack) -> None:
     with FaultProxy(stack.moto.endpoint) as proxy:
-        proxy.add_rule(Rule(api_action="RecordLifecycleActionHeartbeat", fault=query_error(
-            "AccessDenied", "User is not authorized to perform: "
-            "autoscaling:RecordLifecycleActionHeartbeat", 403)))
+        proxy.add_rule(
+            Rule(
+                api_action="RecordLifecycleActionHeartbeat",
+                fault=query_error(
+                    "AccessDenied",
+                    "User is not authorized to perform: autoscaling:RecordLifecycleActionHeartbeat",
+                    403,
+                ),
+            )
+        )
         proc, checks = doctor(stack, AWS_ENDPOINT_URL=proxy.endpoint)
     assert proc.returncode == 1
     check = checks["lifecycle permission"]
@@ -154,8 +194,9 @@ def test_imds_unreachable(stack: Stack) -> None:
     assert "modify-instance-metadata-options" in checks["imds"]["fix"]
     assert checks["identity"]["result"] == "fail"
     assert checks["lifecycle hook"]["result"] == "skip"
-    line, fix = line_and_fix(human(stack, AWS_EC2_METADATA_SERVICE_ENDPOINT="http://127.0.0.1:9")
-                             .stdout, "imds")
+    line, fix = line_and_fix(
+        human(stack, AWS_EC2_METADATA_SERVICE_ENDPOINT="http://127.0.0.1:9").stdout, "imds"
+    )
     assert line.startswith("✗ imds") and "--http-endpoint enabled" in fix
 
 
@@ -183,9 +224,13 @@ def test_bad_config_is_a_failed_check(stack: Stack) -> None:
 
 @pytest.mark.parametrize("trigger", ["lambda", "watch"])
 def test_the_demo_runs_doctor_and_each_trigger_path(trigger: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "instance_agent", "demo", "--size-mib", "4",
-                           "--trigger", trigger], capture_output=True, text=True, timeout=240,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "instance_agent", "demo", "--size-mib", "4", "--trigger", trigger],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "doctor, against the stand-in:" in out and "  nothing is broken" in out
@@ -204,9 +249,24 @@ def test_the_demo_runs_doctor_and_each_trigger_path(trigger: str) -> None:
 
 def test_demo_detach_keeps_a_stand_in_for_the_operator_commands(tmp_path: Path) -> None:
     env_file = tmp_path / "demo.env"
-    proc = subprocess.run([sys.executable, "-m", "instance_agent", "demo", "--size-mib", "2",
-                           "--detach", "--env-file", str(env_file)], capture_output=True,
-                          text=True, timeout=240, check=False, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "instance_agent",
+            "demo",
+            "--size-mib",
+            "2",
+            "--detach",
+            "--env-file",
+            str(env_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     env: dict[str, str] = {}
     for line in env_file.read_text().splitlines():
@@ -217,13 +277,20 @@ def test_demo_detach_keeps_a_stand_in_for_the_operator_commands(tmp_path: Path) 
         run_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "INSTANCE_AGENT_"))}
         run_env.update(env)
         agent = [sys.executable, "-m", "instance_agent"]
-        listed = subprocess.run([*agent, "list"], env=run_env, capture_output=True, text=True,
-                                timeout=60, check=False)
+        listed = subprocess.run(
+            [*agent, "list"], env=run_env, capture_output=True, text=True, timeout=60, check=False
+        )
         assert listed.returncode == 0, listed.stderr
         [row] = json.loads(listed.stdout)
         assert row["instance_id"] == env["DEMO_INSTANCE_ID"] and row["group"] == "demo-asg"
-        checked = subprocess.run([*agent, "doctor", "--publish-test"], env=run_env,
-                                 capture_output=True, text=True, timeout=120, check=False)
+        checked = subprocess.run(
+            [*agent, "doctor", "--publish-test"],
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert checked.returncode == 0, checked.stdout
         assert "✗" not in checked.stdout and "✓ topic" in checked.stdout
     finally:
@@ -235,8 +302,11 @@ def test_demo_detach_keeps_a_stand_in_for_the_operator_commands(tmp_path: Path) 
 
 
 def _status_file(stack: Stack) -> Path:
-    [path] = [p for p in (stack.tmp / "run" / "watch-status.json",
-                          stack.tmp / "state" / "watch-status.json") if p.exists()]
+    [path] = [
+        p
+        for p in (stack.tmp / "run" / "watch-status.json", stack.tmp / "state" / "watch-status.json")
+        if p.exists()
+    ]
     return path
 
 
@@ -263,8 +333,9 @@ def test_shipping_keeps_up(stack: Stack, tmp_path: Path) -> None:
         _wait_shipping(stack, shipped_files=1)
         _, checks = doctor(stack, "--ship", "--source", str(src))
     assert checks["shipping"]["result"] == "ok"
-    assert checks["shipping"]["message"] == ("keeping up: 1 files (1.0 MiB) shipped; 0 not "
-                                             "shipped yet (0.0 MiB, live files included)")
+    assert checks["shipping"]["message"] == (
+        "keeping up: 1 files (1.0 MiB) shipped; 0 not shipped yet (0.0 MiB, live files included)"
+    )
     _, checks = doctor(stack, "--no-ship")
     assert checks["shipping"]["result"] == "skip"
     assert checks["shipping"]["message"].startswith("off (--ship ships files as they complete")
@@ -289,9 +360,11 @@ def test_shipping_not_keeping_up(stack: Stack, tmp_path: Path) -> None:
             w.proc.kill()
             w.wait(10)
     assert checks["shipping"]["result"] == "ok"
-    assert checks["shipping"]["message"].startswith("keeping up: 0 files (0.0 MiB) shipped; "
-                                                    "1 not shipped yet (1.0 MiB, live files "
-                                                    "included); last error: ")
+    assert checks["shipping"]["message"].startswith(
+        "keeping up: 0 files (0.0 MiB) shipped; "
+        "1 not shipped yet (1.0 MiB, live files "
+        "included); last error: "
+    )
     # The same watcher's status a quarter of an hour on: the complete file still waits.
     path = _status_file(stack)
     doc = json.loads(path.read_text())
@@ -302,8 +375,9 @@ def test_shipping_not_keeping_up(stack: Stack, tmp_path: Path) -> None:
     assert proc.returncode == 1
     ship = checks["shipping"]
     assert ship["result"] == "fail"
-    assert ship["message"].startswith("not keeping up: 1 complete files waiting for 15 min; "
-                                      "0 files (0.0 MiB) shipped; 1 not shipped yet")
+    assert ship["message"].startswith(
+        "not keeping up: 1 complete files waiting for 15 min; 0 files (0.0 MiB) shipped; 1 not shipped yet"
+    )
     assert "AccessDenied" in ship["message"]
     assert ship["fix"].startswith("check the last error (S3 access?), or raise --ship-bandwidth")
     line, fix = line_and_fix(out.stdout, "shipping")

@@ -103,8 +103,9 @@ def retried(log: list[LoggedRequest]) -> int:
     return sum(n - 1 for n in seen.values())
 
 
-def backup(stack: Stack, *args: str, env: dict[str, str] | None = None,
-           timeout: float = 300) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], float]:
+def backup(
+    stack: Stack, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], float]:
     started = time.monotonic()
     proc, result = stack.backup(*args, env=env or stack.env(), timeout=timeout)
     return proc, result, time.monotonic() - started
@@ -132,8 +133,11 @@ def source(tmp: Path, *, random_mib: int, text_mb: int = 0) -> Path:
 def reported_failure(stack: Stack) -> bool:
     """The operator heard of the failure: on SNS, and through the hook's failure result."""
     docs = sns_docs(stack)
-    return bool(docs) and all(d["status"] == "failed" for d in docs) and \
-        completions(stack) == [("ABANDON", "ok")]
+    return (
+        bool(docs)
+        and all(d["status"] == "failed" for d in docs)
+        and completions(stack) == [("ABANDON", "ok")]
+    )
 
 
 def size_of(tree: dict[bytes, tuple[str, bytes | None]]) -> int:
@@ -146,24 +150,29 @@ def size_of(tree: dict[bytes, tuple[str, bytes | None]]) -> int:
 def test_s3_503s_and_resets_still_give_a_byte_identical_backup(stack: Stack, tmp_path: Path) -> None:
     src = source(tmp_path, random_mib=72, text_mb=24)  # about 10 parts of 8 MiB
     before = walk(src)
-    with scoreboard.scenario("S3: 10 % of UploadPart answer 503 SlowDown, 5 % of all "
-                             "requests reset mid-body") as row, \
-            FaultProxy(stack.s3_endpoint, seed=6) as proxy:
+    with (
+        scoreboard.scenario(
+            "S3: 10 % of UploadPart answer 503 SlowDown, 5 % of all requests reset mid-body"
+        ) as row,
+        FaultProxy(stack.s3_endpoint, seed=6) as proxy,
+    ):
         # One of each for certain (the percentages alone might not fire on ten parts) ...
         proxy.add_rule(Rule(query=upload_part, fault=slow_down(), times=1, name="503"))
-        proxy.add_rule(Rule(query=upload_part, fault=Reset(after_bytes=256 * 1024), times=1,
-                            name="reset"))
+        proxy.add_rule(Rule(query=upload_part, fault=Reset(after_bytes=256 * 1024), times=1, name="reset"))
         # ... then the table's rates.
         proxy.add_rule(Rule(query=upload_part, fault=slow_down(), probability=0.10, name="503"))
         proxy.add_rule(Rule(fault=Reset(after_bytes=64 * 1024), probability=0.05, name="reset"))
         stack.scale_in()
-        proc, result, took = backup(stack, "--source", str(src),
-                                    env=stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint))
+        proc, result, took = backup(
+            stack, "--source", str(src), env=stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint)
+        )
         log = proxy.requests
         faulted = [r for r in log if r.faulted]
-        row.faults = (f"{sum(r.rule == '503' for r in faulted)} × 503 SlowDown, "
-                      f"{sum(r.rule == 'reset' for r in faulted)} × TCP reset "
-                      f"(of {len(log)} S3 requests)")
+        row.faults = (
+            f"{sum(r.rule == '503' for r in faulted)} × 503 SlowDown, "
+            f"{sum(r.rule == 'reset' for r in faulted)} × TCP reset "
+            f"(of {len(log)} S3 requests)"
+        )
         row.retried = str(retried(log))
         row.seconds = took
 
@@ -188,19 +197,27 @@ def test_s3_503s_and_resets_still_give_a_byte_identical_backup(stack: Stack, tmp
 
 
 @pytest.mark.parametrize("scope", ["every request", "every UploadPart"])
-def test_s3_403_fails_fast_reports_abandons_and_leaves_no_upload(stack: Stack, tmp_path: Path,
-                                                                 scope: str) -> None:
+def test_s3_403_fails_fast_reports_abandons_and_leaves_no_upload(
+    stack: Stack, tmp_path: Path, scope: str
+) -> None:
     src = source(tmp_path, random_mib=20)  # three parts: some are in flight when refused
     total = size_of(walk(src))
-    label = ("S3: every request answers 403 AccessDenied" if scope == "every request" else
-             "S3: every UploadPart answers 403 (write access revoked after the upload began)")
+    label = (
+        "S3: every request answers 403 AccessDenied"
+        if scope == "every request"
+        else "S3: every UploadPart answers 403 (write access revoked after the upload began)"
+    )
     with scoreboard.scenario(label) as row, FaultProxy(stack.s3_endpoint) as proxy:
-        rule = Rule(fault=access_denied()) if scope == "every request" else \
-            Rule(query=upload_part, fault=access_denied())
+        rule = (
+            Rule(fault=access_denied())
+            if scope == "every request"
+            else Rule(query=upload_part, fault=access_denied())
+        )
         proxy.add_rule(rule)
         stack.scale_in()
-        proc, result, took = backup(stack, "--source", str(src),
-                                    env=stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint))
+        proc, result, took = backup(
+            stack, "--source", str(src), env=stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint)
+        )
         log = proxy.requests
         row.faults = f"{rule.hits} × 403 (of {len(log)} S3 requests)"
         row.retried = str(retried(log))
@@ -234,12 +251,15 @@ def test_sns_black_hole_never_holds_the_hook(stack: Stack, tmp_path: Path) -> No
     before = walk(src)
     # Publish is never answered; after 1 s the proxy drops the connection unanswered (the
     # pure no-answer variant is bounded by the client's read timeout: see the next test).
-    with scoreboard.scenario("SNS: Publish black-holed (no answer, connection dropped after "
-                             "1 s)") as row, FaultProxy(stack.moto.endpoint) as proxy:
+    with (
+        scoreboard.scenario("SNS: Publish black-holed (no answer, connection dropped after 1 s)") as row,
+        FaultProxy(stack.moto.endpoint) as proxy,
+    ):
         hole = proxy.add_rule(Rule(api_action="Publish", fault=Hold(timeout=1.0)))
         stack.scale_in()
-        proc, result, took = backup(stack, "--source", str(src),
-                                    env=stack.env(AWS_ENDPOINT_URL_SNS=proxy.endpoint))
+        proc, result, took = backup(
+            stack, "--source", str(src), env=stack.env(AWS_ENDPOINT_URL_SNS=proxy.endpoint)
+        )
         row.faults = f"{hole.hits} × Publish unanswered"
         row.retried = str(hole.hits - 1)
         row.seconds = took
@@ -247,8 +267,11 @@ def test_sns_black_hole_never_holds_the_hook(stack: Stack, tmp_path: Path) -> No
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert result["status"] == "succeeded"
         assert result["notify_error"].startswith("SNS publish failed")
-        assert any(json.loads(line).get("msg") == "report not published"
-                   for line in proc.stderr.splitlines() if line.startswith("{"))
+        assert any(
+            json.loads(line).get("msg") == "report not published"
+            for line in proc.stderr.splitlines()
+            if line.startswith("{")
+        )
         assert hole.hits >= 2  # retried, then given up
         assert stack.sns() == []
         assert completions(stack) == [("CONTINUE", "ok")]
@@ -263,15 +286,16 @@ def test_sns_black_hole_worst_case_fits_the_bound() -> None:
     # The worst case of a never-answered Publish is what the CLI's SNS client allows: every
     # attempt waits out connect and read timeouts, plus botocore's largest backoffs
     # (50 ms x 2^i for non-throttling errors, botocore.retries.standard).
-    cfg = config.load({"bucket": "ok-bucket",
-                       "topic_arn": f"arn:aws:sns:{REGION}:{ACCOUNT}:t"}, {})
+    cfg = config.load({"bucket": "ok-bucket", "topic_arn": f"arn:aws:sns:{REGION}:{ACCOUNT}:t"}, {})
     sns = wiring.make_clients(cfg, REGION).sns
     meta = sns.meta.config
     attempts = int(meta.retries["total_max_attempts"])
-    worst = attempts * (meta.connect_timeout + meta.read_timeout) + \
-        sum(min(0.05 * 2**i, 20) for i in range(attempts - 1))
-    assert worst <= SNS_BOUND, f"{attempts} attempts x ({meta.connect_timeout} + " \
-                               f"{meta.read_timeout}) s = {worst:.0f} s"
+    worst = attempts * (meta.connect_timeout + meta.read_timeout) + sum(
+        min(0.05 * 2**i, 20) for i in range(attempts - 1)
+    )
+    assert worst <= SNS_BOUND, (
+        f"{attempts} attempts x ({meta.connect_timeout} + {meta.read_timeout}) s = {worst:.0f} s"
+    )
 
 
 # -- Auto Scaling ---------------------------------------------------------------------
@@ -281,8 +305,9 @@ def _throttled(stack: Stack, action: str) -> int:
     return sum(1 for c in stack.lifecycle_calls(action) if c.outcome == "Rate exceeded")
 
 
-def _throttling_run(stack: Stack, tmp_path: Path, heartbeats: int, completes: int,
-                    row: scoreboard.Row) -> list[dict[str, Any]]:
+def _throttling_run(
+    stack: Stack, tmp_path: Path, heartbeats: int, completes: int, row: scoreboard.Row
+) -> list[dict[str, Any]]:
     """One backup under injected throttling; returns the agent's log records."""
     src = source(tmp_path, random_mib=10)
     release = threading.Event()
@@ -291,17 +316,39 @@ def _throttling_run(stack: Stack, tmp_path: Path, heartbeats: int, completes: in
         # while the backup runs (heartbeats stop with it).
         proxy.add_rule(Rule(query=upload_part, fault=HoldUntil(release, timeout=60)))
         stack.scale_in()
-        autoscaling.inject_error("RecordLifecycleActionHeartbeat", "Throttling", "Rate exceeded",
-                                 times=heartbeats, account_id=ACCOUNT, region=REGION)
-        autoscaling.inject_error("CompleteLifecycleAction", "Throttling", "Rate exceeded",
-                                 times=completes, account_id=ACCOUNT, region=REGION)
-        args = [*AGENT, "backup", "--bucket", stack.bucket, "--topic-arn", stack.topic_arn,
-                "--json", "--source", str(src), "--heartbeat-interval", "0.5"]
+        autoscaling.inject_error(
+            "RecordLifecycleActionHeartbeat",
+            "Throttling",
+            "Rate exceeded",
+            times=heartbeats,
+            account_id=ACCOUNT,
+            region=REGION,
+        )
+        autoscaling.inject_error(
+            "CompleteLifecycleAction",
+            "Throttling",
+            "Rate exceeded",
+            times=completes,
+            account_id=ACCOUNT,
+            region=REGION,
+        )
+        args = [
+            *AGENT,
+            "backup",
+            "--bucket",
+            stack.bucket,
+            "--topic-arn",
+            stack.topic_arn,
+            "--json",
+            "--source",
+            str(src),
+            "--heartbeat-interval",
+            "0.5",
+        ]
         started = time.monotonic()
         with WatchProc(args, stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint)) as agent:
             deadline = time.monotonic() + 60
-            while not any(c.outcome == "ok" for c in
-                          stack.lifecycle_calls("RecordLifecycleActionHeartbeat")):
+            while not any(c.outcome == "ok" for c in stack.lifecycle_calls("RecordLifecycleActionHeartbeat")):
                 assert time.monotonic() < deadline and agent.proc.poll() is None, agent.text()
                 time.sleep(0.05)
             release.set()
@@ -310,10 +357,13 @@ def _throttling_run(stack: Stack, tmp_path: Path, heartbeats: int, completes: in
             row.seconds = time.monotonic() - started
             text = agent.text()
             records = [r for _, r in agent.records]
-    row.faults = (f"{heartbeats} × Throttling on RecordLifecycleActionHeartbeat, "
-                  f"{completes} × on CompleteLifecycleAction")
-    row.retried = str(_throttled(stack, "RecordLifecycleActionHeartbeat") +
-                      _throttled(stack, "CompleteLifecycleAction"))
+    row.faults = (
+        f"{heartbeats} × Throttling on RecordLifecycleActionHeartbeat, "
+        f"{completes} × on CompleteLifecycleAction"
+    )
+    row.retried = str(
+        _throttled(stack, "RecordLifecycleActionHeartbeat") + _throttled(stack, "CompleteLifecycleAction")
+    )
     result = json.loads(out)
     assert code == 0, text
     assert result["status"] == "succeeded" and result["lifecycle_result"] == "CONTINUE"
@@ -331,19 +381,20 @@ def _throttling_run(stack: Stack, tmp_path: Path, heartbeats: int, completes: in
 
 
 def test_autoscaling_throttling_is_retried_and_completion_lands(stack: Stack, tmp_path: Path) -> None:
-    with scoreboard.scenario("Auto Scaling: Throttling on heartbeat and completion "
-                             "(the SDK's retries absorb it)") as row:
+    with scoreboard.scenario(
+        "Auto Scaling: Throttling on heartbeat and completion (the SDK's retries absorb it)"
+    ) as row:
         _throttling_run(stack, tmp_path, heartbeats=2, completes=3, row=row)
         assert row.bytes_lost == 0
 
 
 @pytest.mark.slow
-def test_sustained_completion_throttling_outlasts_the_sdk_retries(stack: Stack,
-                                                                  tmp_path: Path) -> None:
+def test_sustained_completion_throttling_outlasts_the_sdk_retries(stack: Stack, tmp_path: Path) -> None:
     # botocore makes 6 attempts with throttling backoff (up to 1, 2, 4, 8, 16 s); the 7th
     # error reaches the agent, which backs off 2 s and calls again.
-    with scoreboard.scenario("Auto Scaling: Throttling on 7 completion calls in a row "
-                             "(beyond the SDK's 6 attempts)") as row:
+    with scoreboard.scenario(
+        "Auto Scaling: Throttling on 7 completion calls in a row (beyond the SDK's 6 attempts)"
+    ) as row:
         records = _throttling_run(stack, tmp_path, heartbeats=1, completes=7, row=row)
         failed = [r for r in records if r.get("msg") == "completion failed; retrying"]
         done = [r for r in records if r.get("msg") == "lifecycle action completed"]
@@ -360,16 +411,16 @@ def _seconds(ts: str) -> float:
 # -- IMDS --------------------------------------------------------------------------------
 
 
-def test_imds_token_expiring_between_identity_reads_is_refreshed(stack: Stack,
-                                                                tmp_path: Path) -> None:
+def test_imds_token_expiring_between_identity_reads_is_refreshed(stack: Stack, tmp_path: Path) -> None:
     src = source(tmp_path, random_mib=1)
     between = threading.Event()
-    with scoreboard.scenario("IMDS: the session token expires between the two identity reads "
-                             "(401)") as row, FaultProxy(stack.imds.endpoint) as proxy:
+    with (
+        scoreboard.scenario("IMDS: the session token expires between the two identity reads (401)") as row,
+        FaultProxy(stack.imds.endpoint) as proxy,
+    ):
         # The region read waits at the proxy while the stub forgets every token, then goes
         # on with the stale token and meets a real 401.
-        held = proxy.add_rule(Rule(path="placement/region", fault=HoldUntil(between, timeout=30),
-                                   times=1))
+        held = proxy.add_rule(Rule(path="placement/region", fault=HoldUntil(between, timeout=30), times=1))
         stack.scale_in()
 
         def expire_then_release() -> None:
@@ -378,8 +429,9 @@ def test_imds_token_expiring_between_identity_reads_is_refreshed(stack: Stack,
                 between.set()
 
         threading.Thread(target=expire_then_release, daemon=True).start()
-        proc, result, took = backup(stack, "--source", str(src),
-                                    env=stack.env(AWS_EC2_METADATA_SERVICE_ENDPOINT=proxy.endpoint))
+        proc, result, took = backup(
+            stack, "--source", str(src), env=stack.env(AWS_EC2_METADATA_SERVICE_ENDPOINT=proxy.endpoint)
+        )
         imds = stack.imds
         rejected = [r for r in imds.requests if r[2] == 401]
         row.faults = f"token expired once; {len(rejected)} × 401"
@@ -414,13 +466,25 @@ def expiring_tokens(stack: Stack) -> Iterator[threading.Event]:
     thread.join(5)
 
 
-def test_watcher_survives_tokens_expiring_all_the_time(stack: Stack, tmp_path: Path,
-                                                      expiring_tokens: threading.Event) -> None:
+def test_watcher_survives_tokens_expiring_all_the_time(
+    stack: Stack, tmp_path: Path, expiring_tokens: threading.Event
+) -> None:
     src = source(tmp_path, random_mib=1)
-    with scoreboard.scenario("IMDS: every token expires within 0.2 s, while the watcher polls "
-                             "and backs up") as row:
-        argv = [*AGENT, "watch", "--bucket", stack.bucket, "--topic-arn", stack.topic_arn,
-                "--poll-interval", str(POLL), "--source", str(src)]
+    with scoreboard.scenario(
+        "IMDS: every token expires within 0.2 s, while the watcher polls and backs up"
+    ) as row:
+        argv = [
+            *AGENT,
+            "watch",
+            "--bucket",
+            stack.bucket,
+            "--topic-arn",
+            stack.topic_arn,
+            "--poll-interval",
+            str(POLL),
+            "--source",
+            str(src),
+        ]
         with WatchProc(argv, stack.env(INSTANCE_AGENT_LOG_LEVEL="info")) as w:
             w.wait_for("watching")
             time.sleep(2.0)  # several poll rounds across expiries before anything happens
@@ -448,13 +512,19 @@ def test_watcher_survives_tokens_expiring_all_the_time(stack: Stack, tmp_path: P
 
 def test_imds_black_hole_at_start_is_exit_2_within_bound(stack: Stack, tmp_path: Path) -> None:
     src = source(tmp_path, random_mib=1)
-    with scoreboard.scenario("IMDS: black hole at start, no --instance-id") as row, \
-            FaultProxy(stack.imds.endpoint) as proxy:
+    with (
+        scoreboard.scenario("IMDS: black hole at start, no --instance-id") as row,
+        FaultProxy(stack.imds.endpoint) as proxy,
+    ):
         proxy.add_rule(Rule(fault=Hold()))
         stack.scale_in()
         before_aws = len(stack.moto.api_calls())
-        proc, _, took = backup(stack, "--source", str(src), env=stack.env(
-            AWS_EC2_METADATA_SERVICE_ENDPOINT=proxy.endpoint, INSTANCE_AGENT_LOG_LEVEL="info"))
+        proc, _, took = backup(
+            stack,
+            "--source",
+            str(src),
+            env=stack.env(AWS_EC2_METADATA_SERVICE_ENDPOINT=proxy.endpoint, INSTANCE_AGENT_LOG_LEVEL="info"),
+        )
         row.seconds = took
         proxy.stop()  # releases the held requests, which then appear in the log
         time.sleep(0.3)
@@ -480,9 +550,15 @@ def test_imds_black_hole_at_start_is_exit_2_within_bound(stack: Stack, tmp_path:
     # The way out the message names works with IMDS still black-holed.
     with FaultProxy(stack.imds.endpoint) as proxy:
         proxy.add_rule(Rule(fault=Hold()))
-        proc, result, _ = backup(stack, "--source", str(src), "--instance-id", stack.instance_id,
-                                 "--region", REGION,
-                                 env=stack.env(AWS_EC2_METADATA_SERVICE_ENDPOINT=proxy.endpoint))
+        proc, result, _ = backup(
+            stack,
+            "--source",
+            str(src),
+            "--instance-id",
+            stack.instance_id,
+            "--region",
+            REGION,
+            env=stack.env(AWS_EC2_METADATA_SERVICE_ENDPOINT=proxy.endpoint),
+        )
     assert proc.returncode == 0 and result["status"] == "succeeded", proc.stderr[-2000:]
     assert completions(stack) == [("CONTINUE", "ok")]
-

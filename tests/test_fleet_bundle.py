@@ -14,22 +14,45 @@ PACKAGING = Path(__file__).resolve().parents[1] / "packaging"
 
 def test_bundle_installs_offline_and_runs(tmp_path: Path) -> None:
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    build = subprocess.run([sys.executable, str(PACKAGING / "bundle.py"), "--out", str(tmp_path)],
-                           capture_output=True, text=True, timeout=600, check=False)
+    build = subprocess.run(
+        [sys.executable, str(PACKAGING / "bundle.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert build.returncode == 0, build.stderr
     bundle = Path(build.stdout.strip())
     assert bundle.name == f"instance-agent-py{version}-{platform.machine()}.tar.gz"
 
     # The user data's install_bundle, run as the instance runs it; pip may reach no index.
     prefix = tmp_path / "opt"
-    env = {"PATH": "/usr/bin:/bin", "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
-           "PIP_NO_INDEX": "1", "HOME": str(tmp_path)}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+        "PIP_NO_INDEX": "1",
+        "HOME": str(tmp_path),
+    }
     install = subprocess.run(
-        ["bash", "-c", f'INSTANCE_AGENT_USER_DATA_LIB=1 source {PACKAGING / "user-data.sh"} && '
-         f'PREFIX={prefix} PYTHON={sys.executable} install_bundle {bundle}'],
-        capture_output=True, text=True, timeout=600, env=env, check=False)
+        [
+            "bash",
+            "-c",
+            f"INSTANCE_AGENT_USER_DATA_LIB=1 source {PACKAGING / 'user-data.sh'} && "
+            f"PREFIX={prefix} PYTHON={sys.executable} install_bundle {bundle}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
     assert install.returncode == 0, install.stderr
 
-    agent = subprocess.run([str(prefix / "bin" / "instance-agent"), "--version"],
-                           capture_output=True, text=True, timeout=60, check=False)
+    agent = subprocess.run(
+        [str(prefix / "bin" / "instance-agent"), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert (agent.returncode, agent.stdout.strip()) == (0, "instance-agent 0.1.0")

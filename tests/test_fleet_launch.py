@@ -21,8 +21,12 @@ USER_DATA = Path(__file__).resolve().parents[1] / "packaging" / "user-data.sh"
 def launch_hook(stack: Stack) -> str:
     hook = f"launch-{uuid.uuid4().hex[:8]}"
     stack.client("autoscaling").put_lifecycle_hook(
-        AutoScalingGroupName=stack.group, LifecycleHookName=hook,
-        LifecycleTransition=launching.LAUNCHING, HeartbeatTimeout=600, DefaultResult="ABANDON")
+        AutoScalingGroupName=stack.group,
+        LifecycleHookName=hook,
+        LifecycleTransition=launching.LAUNCHING,
+        HeartbeatTimeout=600,
+        DefaultResult="ABANDON",
+    )
     return hook
 
 
@@ -32,12 +36,17 @@ def run_gate(stack: Stack, hook: str, tmp_path: Path, **env: str) -> subprocess.
     (prefix / "bin").mkdir(parents=True)
     (prefix / "bin" / "python").symlink_to(sys.executable)
     (prefix / "bin" / "instance-agent").symlink_to(Path(sys.executable).parent / "instance-agent")
-    script = (f'INSTANCE_AGENT_USER_DATA_LIB=1 source {USER_DATA} && PREFIX={prefix} '
-              f'LAUNCH_HOOK={hook} launch_gate')
-    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300,
-                          check=False, env=stack.env(INSTANCE_AGENT_BUCKET=stack.bucket,
-                                                     INSTANCE_AGENT_TOPIC_ARN=stack.topic_arn,
-                                                     **env))
+    script = (
+        f"INSTANCE_AGENT_USER_DATA_LIB=1 source {USER_DATA} && PREFIX={prefix} LAUNCH_HOOK={hook} launch_gate"
+    )
+    return subprocess.run(
+        ["bash", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=stack.env(INSTANCE_AGENT_BUCKET=stack.bucket, INSTANCE_AGENT_TOPIC_ARN=stack.topic_arn, **env),
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -46,11 +55,11 @@ def _launching() -> None:
 
 
 @pytest.mark.parametrize("warm_pool", [False, True], ids=["pending-wait", "warmed-pending-wait"])
-def test_launch_whose_doctor_passes_completes_continue(stack: Stack, tmp_path: Path,
-                                                       warm_pool: bool) -> None:
+def test_launch_whose_doctor_passes_completes_continue(stack: Stack, tmp_path: Path, warm_pool: bool) -> None:
     hook = launch_hook(stack)
-    launching.begin_launch(stack.group, stack.instance_id, hook, warm_pool=warm_pool,
-                           account_id=ACCOUNT, region=REGION)
+    launching.begin_launch(
+        stack.group, stack.instance_id, hook, warm_pool=warm_pool, account_id=ACCOUNT, region=REGION
+    )
     assert stack.state() == ("Warmed:Pending:Wait" if warm_pool else "Pending:Wait")
 
     proc = run_gate(stack, hook, tmp_path)

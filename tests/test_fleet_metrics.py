@@ -27,13 +27,23 @@ def sums(stack: Stack) -> dict[str, float]:
     cloudwatch = stack.client("cloudwatch")
     now = datetime.now(timezone.utc)
     found: dict[str, float] = {}
-    for name in ("BackupSucceeded", "BackupPartial", "BackupFailed", "LifecycleAbandoned",
-                 "BackupDurationSeconds", "BytesUploaded"):
+    for name in (
+        "BackupSucceeded",
+        "BackupPartial",
+        "BackupFailed",
+        "LifecycleAbandoned",
+        "BackupDurationSeconds",
+        "BytesUploaded",
+    ):
         points = cloudwatch.get_metric_statistics(
-            Namespace="InstanceAgent", MetricName=name,
+            Namespace="InstanceAgent",
+            MetricName=name,
             Dimensions=[{"Name": "AutoScalingGroupName", "Value": stack.group}],
-            StartTime=now - timedelta(hours=1), EndTime=now + timedelta(minutes=5),
-            Period=3600, Statistics=["Sum"])["Datapoints"]
+            StartTime=now - timedelta(hours=1),
+            EndTime=now + timedelta(minutes=5),
+            Period=3600,
+            Statistics=["Sum"],
+        )["Datapoints"]
         if points:
             found[name] = sum(p["Sum"] for p in points)
     return found
@@ -47,8 +57,9 @@ def test_failed_backup_counts_one_failure_and_one_abandon(stack: Stack, tmp_path
     stack.scale_in()
     with FaultProxy(stack.s3_endpoint) as proxy:  # the role may not write: every S3 call 403
         proxy.add_rule(Rule(fault=access_denied()))
-        proc, result = stack.backup("--source", str(small_source(tmp_path)),
-                                    env=stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint))
+        proc, result = stack.backup(
+            "--source", str(small_source(tmp_path)), env=stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint)
+        )
 
     assert proc.returncode == 1 and result["status"] == "failed"
     assert result["lifecycle_result"] == "ABANDON"
@@ -85,17 +96,29 @@ def test_unreachable_cloudwatch_changes_nothing_but_a_warning(stack: Stack, tmp_
 
     assert proc.returncode == 0 and result["status"] == "succeeded"
     assert [(c.result, c.outcome) for c in stack.lifecycle_calls("CompleteLifecycleAction")] == [
-        ("CONTINUE", "ok")]
+        ("CONTINUE", "ok")
+    ]
     [warning] = [line for line in log_lines(proc.stderr) if line.get("msg") == "metrics not published"]
     assert warning["level"].lower() == "warning" and "127.0.0.1:9" in warning["error"]
     assert sums(stack) == {}
 
 
 def test_a_duplicate_run_or_a_run_without_group_is_not_counted() -> None:
-    base = {"status": "succeeded", "group": "web", "lifecycle_result": "CONTINUE",
-            "duration_s": 2.5, "bytes_uploaded": 10}
+    base = {
+        "status": "succeeded",
+        "group": "web",
+        "lifecycle_result": "CONTINUE",
+        "duration_s": 2.5,
+        "bytes_uploaded": 10,
+    }
     assert metrics.metric_data({**base, "status": "duplicate"}) == []
     assert metrics.metric_data({**base, "group": None}) == []
     data = {d["MetricName"]: d["Value"] for d in metrics.metric_data(base)}
-    assert data == {"BackupSucceeded": 1, "BackupPartial": 0, "BackupFailed": 0,
-                    "LifecycleAbandoned": 0, "BackupDurationSeconds": 2.5, "BytesUploaded": 10}
+    assert data == {
+        "BackupSucceeded": 1,
+        "BackupPartial": 0,
+        "BackupFailed": 0,
+        "LifecycleAbandoned": 0,
+        "BackupDurationSeconds": 2.5,
+        "BytesUploaded": 10,
+    }

@@ -68,19 +68,55 @@ VALID = {
     "Origin": "EC2",
     "Destination": "AutoScalingGroup",
 }
-FIELDS = [*VALID, "Event", "Service", "detail-type", "source", "detail", "Records", "Type",
-          "Message", "body", "Sns"]
+FIELDS = [
+    *VALID,
+    "Event",
+    "Service",
+    "detail-type",
+    "source",
+    "detail",
+    "Records",
+    "Type",
+    "Message",
+    "body",
+    "Sns",
+]
 HOSTILE_TEXT = st.one_of(
     st.text(max_size=40),
     st.text(min_size=250, max_size=300),  # around AWS's 255-character name limit
-    st.sampled_from(["", " ", "../../etc", "i-1234567890abcdef0\n", TOKEN + "\n", TOKEN.upper(),
-                     "\x00", "\u2028", "\ud800", "null", "{}", "[]", "1e999", "NaN",
-                     events.TERMINATING, events.LAUNCHING, events.TEST_NOTIFICATION,
-                     events.TERMINATE_ACTION, events.SOURCE]),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "../../etc",
+            "i-1234567890abcdef0\n",
+            TOKEN + "\n",
+            TOKEN.upper(),
+            "\x00",
+            "\u2028",
+            "\ud800",
+            "null",
+            "{}",
+            "[]",
+            "1e999",
+            "NaN",
+            events.TERMINATING,
+            events.LAUNCHING,
+            events.TEST_NOTIFICATION,
+            events.TERMINATE_ACTION,
+            events.SOURCE,
+        ]
+    ),
 )
 SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | HOSTILE_TEXT
-JSON_VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-    st.text(max_size=12) | st.sampled_from(FIELDS), inner, max_size=5), max_leaves=12)
+JSON_VALUES = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=12) | st.sampled_from(FIELDS), inner, max_size=5)
+    ),
+    max_leaves=12,
+)
 
 
 @st.composite
@@ -97,11 +133,13 @@ def lifecycle_messages(draw: st.DrawFn) -> dict[str, Any]:
 
 @st.composite
 def eventbridge(draw: st.DrawFn) -> dict[str, Any]:
-    return {"version": "0", "id": str(uuid.uuid4()),
-            "source": draw(st.sampled_from([events.SOURCE, "aws.ec2"]) | HOSTILE_TEXT),
-            "detail-type": draw(st.sampled_from([events.TERMINATE_ACTION, events.LAUNCH_ACTION])
-                                | HOSTILE_TEXT),
-            "detail": draw(lifecycle_messages() | JSON_VALUES)}
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "source": draw(st.sampled_from([events.SOURCE, "aws.ec2"]) | HOSTILE_TEXT),
+        "detail-type": draw(st.sampled_from([events.TERMINATE_ACTION, events.LAUNCH_ACTION]) | HOSTILE_TEXT),
+        "detail": draw(lifecycle_messages() | JSON_VALUES),
+    }
 
 
 def as_text(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -113,8 +151,7 @@ MESSAGES = lifecycle_messages() | eventbridge()
 SNS_NOTIFICATIONS = MESSAGES.map(lambda m: {"Type": "Notification", "Message": json.dumps(m)})
 RECORDS = st.one_of(
     st.builds(lambda m: {"EventSource": "aws:sns", "Sns": {"Message": m}}, as_text(MESSAGES)),
-    st.builds(lambda b: {"eventSource": "aws:sqs", "body": b},
-              as_text(MESSAGES | SNS_NOTIFICATIONS)),
+    st.builds(lambda b: {"eventSource": "aws:sqs", "body": b}, as_text(MESSAGES | SNS_NOTIFICATIONS)),
     JSON_VALUES,
 )
 EVENTS = st.one_of(
@@ -136,8 +173,26 @@ def expected_count(event: object) -> int:
 
 @settings(max_examples=1000, deadline=None)
 @given(EVENTS)
-@example({"Records": [{"body": json.dumps({"Type": "Notification", "Message": json.dumps(
-    {"source": "aws.autoscaling", "detail-type": events.TERMINATE_ACTION, "detail": VALID})})}]})
+@example(
+    {
+        "Records": [
+            {
+                "body": json.dumps(
+                    {
+                        "Type": "Notification",
+                        "Message": json.dumps(
+                            {
+                                "source": "aws.autoscaling",
+                                "detail-type": events.TERMINATE_ACTION,
+                                "detail": VALID,
+                            }
+                        ),
+                    }
+                )
+            }
+        ]
+    }
+)
 @example({"Records": []})
 @example({"detail-type": events.TERMINATE_ACTION, "source": events.SOURCE, "detail": None})
 def test_event_parser_never_raises_and_accepts_only_well_formed_actions(event: object) -> None:
@@ -202,15 +257,17 @@ def fake_trigger(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSSM]:
 @example("not even an object")
 @example({"Records": [None, {"Sns": {"Message": "{"}}, {"body": "[]"}]})
 def test_handler_never_raises_and_logs_each_bad_message_once(
-        fake_trigger: FakeSSM, capsys: pytest.CaptureFixture[str], event: object) -> None:
+    fake_trigger: FakeSSM, capsys: pytest.CaptureFixture[str], event: object
+) -> None:
     capsys.readouterr()
     response = trigger.handler(event, FakeContext())
     out = capsys.readouterr().out
     lines = [json.loads(line) for line in out.splitlines() if line]
     parsed = events.parse(event)
     bad = [p for p in parsed if isinstance(p, events.Malformed)]
-    assert [r["status"] for r in response["results"] if r["status"] == "malformed"] == \
-        ["malformed"] * len(bad)
+    assert [r["status"] for r in response["results"] if r["status"] == "malformed"] == ["malformed"] * len(
+        bad
+    )
     assert len(response["results"]) == len(parsed)
     malformed = [ln for ln in lines if ln["message"] == "malformed event"]
     assert len(malformed) == len(bad)  # one line per bad message: never zero, never a flood
@@ -222,15 +279,41 @@ def test_handler_never_raises_and_logs_each_bad_message_once(
 
 OPTION_NAMES = [o.name for o in config.OPTIONS]
 TOML_SCALARS = st.one_of(
-    st.text(max_size=30), st.integers(), st.integers(min_value=2**63, max_value=2**80),
-    st.floats(), st.booleans(), st.dates(), st.times(),
+    st.text(max_size=30),
+    st.integers(),
+    st.integers(min_value=2**63, max_value=2**80),
+    st.floats(),
+    st.booleans(),
+    st.dates(),
+    st.times(),
     st.datetimes(timezones=st.none() | st.just(timezone.utc)),
-    st.sampled_from(["1TiB", "5 GiB", "-1", "0", "nan", "inf", "1e999", "9" * 400, "/var/log",
-                     "relative/path", "{instance_id}", "{group}/{bad}", "../x", "CONTINUE"]),
+    st.sampled_from(
+        [
+            "1TiB",
+            "5 GiB",
+            "-1",
+            "0",
+            "nan",
+            "inf",
+            "1e999",
+            "9" * 400,
+            "/var/log",
+            "relative/path",
+            "{instance_id}",
+            "{group}/{bad}",
+            "../x",
+            "CONTINUE",
+        ]
+    ),
 )
-TOML_VALUES = st.recursive(TOML_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-    st.sampled_from(OPTION_NAMES) | st.text(min_size=1, max_size=8), inner, max_size=2),
-    max_leaves=6)
+TOML_VALUES = st.recursive(
+    TOML_SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(OPTION_NAMES) | st.text(min_size=1, max_size=8), inner, max_size=2)
+    ),
+    max_leaves=6,
+)
 
 
 def toml_value(value: Any) -> str:
@@ -255,14 +338,28 @@ def toml_value(value: Any) -> str:
 
 
 TOML_DOCS = st.one_of(
-    st.dictionaries(st.sampled_from(OPTION_NAMES) | st.text(min_size=1, max_size=8), TOML_VALUES,
-                    max_size=6).map(lambda d: "".join(f"{json.dumps(k)} = {toml_value(v)}\n"
-                                                      for k, v in d.items())),
+    st.dictionaries(
+        st.sampled_from(OPTION_NAMES) | st.text(min_size=1, max_size=8), TOML_VALUES, max_size=6
+    ).map(lambda d: "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in d.items())),
     st.text(max_size=200),  # mostly not TOML at all
 )
-ENV_TEXT = st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=40) | \
-    st.sampled_from(["1", "0", "true", "yes", "1TiB", "9" * 400, "1e999", "nan", "-5", "/a:/b",
-                     "", "arn:aws:sns:us-east-1:123456789012:t", "i-0123456789abcdef0"])
+ENV_TEXT = st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=40) | st.sampled_from(
+    [
+        "1",
+        "0",
+        "true",
+        "yes",
+        "1TiB",
+        "9" * 400,
+        "1e999",
+        "nan",
+        "-5",
+        "/a:/b",
+        "",
+        "arn:aws:sns:us-east-1:123456789012:t",
+        "i-0123456789abcdef0",
+    ]
+)
 
 
 def _flag_value(opt: config.Option) -> st.SearchStrategy[Any]:
@@ -276,7 +373,8 @@ def _flag_value(opt: config.Option) -> st.SearchStrategy[Any]:
 
 
 FLAGS = st.lists(st.sampled_from(config.OPTIONS), max_size=5, unique_by=lambda o: o.name).flatmap(
-    lambda opts: st.fixed_dictionaries({o.name: _flag_value(o) for o in opts}))
+    lambda opts: st.fixed_dictionaries({o.name: _flag_value(o) for o in opts})
+)
 ENVS = st.dictionaries(st.sampled_from([o.env for o in config.OPTIONS]), ENV_TEXT, max_size=6)
 
 
@@ -291,15 +389,21 @@ def _load(flags: dict[str, Any], env: dict[str, str], path: str | None, command:
 
 @settings(max_examples=300, deadline=None, report_multiple_bugs=False)
 @given(flags=FLAGS, env=ENVS, command=st.sampled_from([config.BACKUP, config.WATCH]))
-@example(flags={"bucket": "ok-bucket"}, env={"INSTANCE_AGENT_MAX_ARCHIVE_SIZE": "9" * 400},
-         command=config.BACKUP)
-def test_config_flags_and_env_raise_config_error_only(flags: dict[str, Any], env: dict[str, str],
-                                                      command: str) -> None:
+@example(
+    flags={"bucket": "ok-bucket"}, env={"INSTANCE_AGENT_MAX_ARCHIVE_SIZE": "9" * 400}, command=config.BACKUP
+)
+def test_config_flags_and_env_raise_config_error_only(
+    flags: dict[str, Any], env: dict[str, str], command: str
+) -> None:
     _load(flags, env, None, command)
 
 
-@settings(max_examples=300, deadline=None, report_multiple_bugs=False,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300,
+    deadline=None,
+    report_multiple_bugs=False,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(doc=TOML_DOCS, command=st.sampled_from([config.BACKUP, config.WATCH]))
 @example(doc='bucket = "ok-bucket"\nlevel = [1]\n', command=config.BACKUP)
 def test_config_file_raises_config_error_only(tmp_path: Path, doc: str, command: str) -> None:
@@ -311,31 +415,41 @@ def test_config_file_raises_config_error_only(tmp_path: Path, doc: str, command:
 # -- the key template --------------------------------------------------------------------------
 
 VARIABLE = st.sampled_from([f"{{{v}}}" for v in keys.VARIABLES])
-LITERAL = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs"),
-                                         blacklist_characters="{}"), max_size=6)
+LITERAL = st.text(
+    alphabet=st.characters(blacklist_categories=("Cc", "Cs"), blacklist_characters="{}"), max_size=6
+)
 TEMPLATES = st.lists(VARIABLE | LITERAL | st.sampled_from(["/", ".", "..", "-"]), max_size=8).map(
-    lambda parts: "{prefix}" + "".join(parts) + "/{instance_id}/{timestamp}")
+    lambda parts: "{prefix}" + "".join(parts) + "/{instance_id}/{timestamp}"
+)
 # The prefix is operator config, validated by `check_prefix`; every other value is anything.
 # (C1 controls such as U+0085 pass `check_prefix`; that gap is reported, not tested here.)
-PREFIXES = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")),
-                   max_size=20).filter(lambda p: config.check_prefix(p) is None)
-VALUES = st.fixed_dictionaries({
-    "group": st.text(max_size=255) | st.sampled_from(["..", "../..", "/", ".", "a/../b", "\x00"]),
-    "instance_id": st.text(max_size=40) | st.sampled_from(["..", "/etc/passwd", "i-1\n"]),
-    "region": st.text(max_size=20),
-    "hostname": st.text(max_size=64) | st.sampled_from(["..", "localhost\r\n", "."]),
-    "timestamp": st.text(max_size=20) | st.just(keys.timestamp()),
-})
+PREFIXES = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), max_size=20).filter(
+    lambda p: config.check_prefix(p) is None
+)
+VALUES = st.fixed_dictionaries(
+    {
+        "group": st.text(max_size=255) | st.sampled_from(["..", "../..", "/", ".", "a/../b", "\x00"]),
+        "instance_id": st.text(max_size=40) | st.sampled_from(["..", "/etc/passwd", "i-1\n"]),
+        "region": st.text(max_size=20),
+        "hostname": st.text(max_size=64) | st.sampled_from(["..", "localhost\r\n", "."]),
+        "timestamp": st.text(max_size=20) | st.just(keys.timestamp()),
+    }
+)
 
 
 @settings(max_examples=1000, deadline=None)
-@given(template=TEMPLATES, prefix=PREFIXES, values=VALUES,
-       compression=st.sampled_from(sorted(keys.EXTENSIONS)))
-@example(template="{prefix}.{group}./{instance_id}/{timestamp}", prefix="a/",
-         values={"group": "..", "instance_id": "..", "region": "", "hostname": "",
-                 "timestamp": ".."}, compression="none")
-def test_rendered_key_is_safe_whatever_the_values(template: str, prefix: str,
-                                                  values: dict[str, str], compression: str) -> None:
+@given(
+    template=TEMPLATES, prefix=PREFIXES, values=VALUES, compression=st.sampled_from(sorted(keys.EXTENSIONS))
+)
+@example(
+    template="{prefix}.{group}./{instance_id}/{timestamp}",
+    prefix="a/",
+    values={"group": "..", "instance_id": "..", "region": "", "hostname": "", "timestamp": ".."},
+    compression="none",
+)
+def test_rendered_key_is_safe_whatever_the_values(
+    template: str, prefix: str, values: dict[str, str], compression: str
+) -> None:
     if keys.check_template(template) is not None:
         return  # refused at config load: never rendered
     try:
@@ -352,20 +466,35 @@ def test_rendered_key_is_safe_whatever_the_values(template: str, prefix: str,
 
 
 @settings(max_examples=300, deadline=None, report_multiple_bugs=False)
-@given(template=TEMPLATES, prefix=PREFIXES.filter(lambda p: len(p) <= 100),
-       group=st.text(min_size=1, max_size=255), hostname=st.text(max_size=64))
-@example(template="{prefix}/{group}/{instance_id}/{timestamp}", prefix="", group="web",
-         hostname="ip-10-0-0-1")
+@given(
+    template=TEMPLATES,
+    prefix=PREFIXES.filter(lambda p: len(p) <= 100),
+    group=st.text(min_size=1, max_size=255),
+    hostname=st.text(max_size=64),
+)
+@example(
+    template="{prefix}/{group}/{instance_id}/{timestamp}", prefix="", group="web", hostname="ip-10-0-0-1"
+)
 def test_a_template_the_config_accepts_renders_for_every_instance(
-        template: str, prefix: str, group: str, hostname: str) -> None:
+    template: str, prefix: str, group: str, hostname: str
+) -> None:
     try:
         cfg = config.load({"bucket": "ok-bucket", "key_template": template, "prefix": prefix}, {})
     except ConfigError:
         return  # refused up front, where an operator sees it at once
     # Accepted: then no instance of the fleet may fail its backup over its key.
-    keys.render(cfg.key_template, {"prefix": cfg.prefix, "group": group,
-                                   "instance_id": "i-0123456789abcdef0", "region": REGION,
-                                   "timestamp": keys.timestamp(), "hostname": hostname}, "zstd")
+    keys.render(
+        cfg.key_template,
+        {
+            "prefix": cfg.prefix,
+            "group": group,
+            "instance_id": "i-0123456789abcdef0",
+            "region": REGION,
+            "timestamp": keys.timestamp(),
+            "hostname": hostname,
+        },
+        "zstd",
+    )
 
 
 # -- secrets never reach a log -------------------------------------------------------------
@@ -378,22 +507,31 @@ class Secrets:
     session_token: str = field(default_factory=lambda: secrets.token_urlsafe(90))
 
     def env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_SESSION_TOKEN": self.session_token}
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_SESSION_TOKEN": self.session_token,
+        }
 
 
 def leaked(texts: dict[str, str], secret_values: dict[str, str]) -> list[tuple[str, str]]:
     """(secret name, where) for every secret found in any captured text."""
-    return [(name, where) for name, value in secret_values.items()
-            for where, text in texts.items() if value in text]
+    return [
+        (name, where)
+        for name, value in secret_values.items()
+        for where, text in texts.items()
+        if value in text
+    ]
 
 
-def test_no_token_or_credential_in_any_log_even_at_debug(stack: Stack, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_token_or_credential_in_any_log_even_at_debug(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     creds = Secrets()
     # S3 on moto here: it takes any credentials, so the agent can run on ones of our own.
     boto3.client("s3", region_name=REGION, endpoint_url=stack.moto.endpoint).create_bucket(
-        Bucket=stack.bucket)
+        Bucket=stack.bucket
+    )
     src = tmp_path / "src"
     src.mkdir()
     (src / "app.log").write_bytes(os.urandom(9 * 2**20))  # two parts
@@ -401,17 +539,31 @@ def test_no_token_or_credential_in_any_log_even_at_debug(stack: Stack, tmp_path:
     bindir.mkdir()
     (bindir / "journalctl").write_text(FAKE_JOURNALCTL)
     (bindir / "journalctl").chmod(0o755)
-    base = dict(AWS_ENDPOINT_URL_S3=stack.moto.endpoint, INSTANCE_AGENT_LOG_LEVEL="debug",
-                INSTANCE_AGENT_JOURNAL="1", PATH=f"{bindir}:{os.environ['PATH']}", **creds.env())
+    base = dict(
+        AWS_ENDPOINT_URL_S3=stack.moto.endpoint,
+        INSTANCE_AGENT_LOG_LEVEL="debug",
+        INSTANCE_AGENT_JOURNAL="1",
+        PATH=f"{bindir}:{os.environ['PATH']}",
+        **creds.env(),
+    )
     texts: dict[str, str] = {}
 
     # 1. `backup` completing by the lifecycle token it was given.
     stack.scale_in()
-    token_a = next(a.token for a in autoscaling.active_actions(ACCOUNT, REGION)
-                   if a.instance_id == stack.instance_id)
-    proc, result = stack.backup("--source", str(src), "--lifecycle-token", token_a,
-                                "--hook-name", stack.hook, "--asg-name", stack.group,
-                                env=stack.env(**base))
+    token_a = next(
+        a.token for a in autoscaling.active_actions(ACCOUNT, REGION) if a.instance_id == stack.instance_id
+    )
+    proc, result = stack.backup(
+        "--source",
+        str(src),
+        "--lifecycle-token",
+        token_a,
+        "--hook-name",
+        stack.hook,
+        "--asg-name",
+        stack.group,
+        env=stack.env(**base),
+    )
     assert proc.returncode == 0 and result["lifecycle_result"] == "CONTINUE", proc.stderr[-2000:]
     assert [c.token for c in stack.lifecycle_calls("CompleteLifecycleAction")] == [token_a]
     texts["backup stdout"], texts["backup stderr"] = proc.stdout, proc.stderr
@@ -419,8 +571,12 @@ def test_no_token_or_credential_in_any_log_even_at_debug(stack: Stack, tmp_path:
     # 2. A failing `backup`: error paths log the most detail.
     with FaultProxy(stack.moto.endpoint) as proxy:
         proxy.add_rule(Rule(query=upload_part, fault=access_denied()))
-        proc, result = stack.backup("--source", str(src), "--no-complete",
-                                    env=stack.env(**{**base, "AWS_ENDPOINT_URL_S3": proxy.endpoint}))
+        proc, result = stack.backup(
+            "--source",
+            str(src),
+            "--no-complete",
+            env=stack.env(**{**base, "AWS_ENDPOINT_URL_S3": proxy.endpoint}),
+        )
     assert proc.returncode == 1 and "AccessDenied" in result["error"]
     texts["failed backup stdout"], texts["failed backup stderr"] = proc.stdout, proc.stderr
 
@@ -431,15 +587,31 @@ def test_no_token_or_credential_in_any_log_even_at_debug(stack: Stack, tmp_path:
     imds_b = IMDSStub(instance_id=instance_b, region=REGION, target_lifecycle_state="InService")
     imds_b.start()
     try:
-        env_b = stack.env(**base, AWS_EC2_METADATA_SERVICE_ENDPOINT=imds_b.endpoint,
-                          INSTANCE_AGENT_STATE_DIR=str(tmp_path / "state-b"))
-        argv = [*AGENT, "watch", "--bucket", stack.bucket, "--topic-arn", stack.topic_arn,
-                "--poll-interval", str(POLL), "--heartbeat-interval", "0.5", "--source", str(src)]
+        env_b = stack.env(
+            **base,
+            AWS_EC2_METADATA_SERVICE_ENDPOINT=imds_b.endpoint,
+            INSTANCE_AGENT_STATE_DIR=str(tmp_path / "state-b"),
+        )
+        argv = [
+            *AGENT,
+            "watch",
+            "--bucket",
+            stack.bucket,
+            "--topic-arn",
+            stack.topic_arn,
+            "--poll-interval",
+            str(POLL),
+            "--heartbeat-interval",
+            "0.5",
+            "--source",
+            str(src),
+        ]
         with WatchProc(argv, env_b) as w:
             w.wait_for("watching")
             autoscaling.begin_termination(group_b, instance_b, account_id=ACCOUNT, region=REGION)
-            token_b = next(a.token for a in autoscaling.active_actions(ACCOUNT, REGION)
-                           if a.instance_id == instance_b)
+            token_b = next(
+                a.token for a in autoscaling.active_actions(ACCOUNT, REGION) if a.instance_id == instance_b
+            )
             imds_b.target_lifecycle_state = "Terminated"
             _, done = w.wait_for("response finished", timeout=60)
             imds_b.expire_tokens()  # a token refresh while polling, too
@@ -462,9 +634,13 @@ def test_no_token_or_credential_in_any_log_even_at_debug(stack: Stack, tmp_path:
 
     imds_tokens = stack.imds.issued_tokens + imds_b.issued_tokens
     assert len(imds_tokens) >= 4
-    secret_values = {"access key id": creds.access_key, "secret key": creds.secret_key,
-                     "session token": creds.session_token, "lifecycle token A": token_a,
-                     "lifecycle token B": token_b}
+    secret_values = {
+        "access key id": creds.access_key,
+        "secret key": creds.secret_key,
+        "session token": creds.session_token,
+        "lifecycle token A": token_a,
+        "lifecycle token B": token_b,
+    }
     secret_values.update({f"IMDS token {i}": t for i, t in enumerate(imds_tokens)})
     assert leaked(texts, secret_values) == []
     # Every capture holds something to search (the watcher prints nothing on stdout).
@@ -472,8 +648,9 @@ def test_no_token_or_credential_in_any_log_even_at_debug(stack: Stack, tmp_path:
 
     # The control: the same grep finds the secrets once botocore's wire log is on, as the
     # README warns. Without this, a grep that could never match would pass too.
-    proc, _ = stack.backup("--source", str(src), "--no-complete",
-                           env=stack.env(**base, INSTANCE_AGENT_BOTOCORE_DEBUG="1"))
+    proc, _ = stack.backup(
+        "--source", str(src), "--no-complete", env=stack.env(**base, INSTANCE_AGENT_BOTOCORE_DEBUG="1")
+    )
     assert proc.returncode == 0, [ln for ln in proc.stderr.splitlines() if '"error"' in ln][-3:]
     found = {name for name, _ in leaked({"wire log": proc.stderr}, secret_values)}
     assert {"access key id", "session token"} <= found
@@ -489,12 +666,20 @@ def _in_process_backup(stack: Stack, src: Path, tmp_path: Path) -> str:
         logs.setup("debug", stream=buffer, human=False)
         handler = root.handlers[0]
         # The stand-ins (moto, the IMDS stub) share this process: their records are not ours.
-        handler.addFilter(lambda r: not r.name.startswith(("instance_agent.local", "moto",
-                                                           "werkzeug")))
-        cfg = config.load({"bucket": stack.bucket, "topic_arn": stack.topic_arn,
-                           "source": [str(src)], "complete": False, "journal": False,
-                           "state_dir": str(tmp_path / "state-in"),
-                           "runtime_dir": str(tmp_path / "run-in")}, {}, command=config.BACKUP)
+        handler.addFilter(lambda r: not r.name.startswith(("instance_agent.local", "moto", "werkzeug")))
+        cfg = config.load(
+            {
+                "bucket": stack.bucket,
+                "topic_arn": stack.topic_arn,
+                "source": [str(src)],
+                "complete": False,
+                "journal": False,
+                "state_dir": str(tmp_path / "state-in"),
+                "runtime_dir": str(tmp_path / "run-in"),
+            },
+            {},
+            command=config.BACKUP,
+        )
         ident = wiring.resolve_identity(cfg)
         outcome = termination.run(cfg, ident, wiring.make_clients(cfg, ident.region))
         assert outcome.exit_code == 0, buffer.getvalue()[-2000:]
@@ -523,27 +708,36 @@ def test_expected_bucket_owner_rides_on_every_s3_call(stack: Stack, tmp_path: Pa
     (bindir / "journalctl").chmod(0o755)
     # A stale upload of this instance, so the start-of-run clean-up lists and aborts.
     s3 = stack.client("s3")
-    s3.create_multipart_upload(Bucket=stack.bucket,
-                               Key=f"{stack.group}/{stack.instance_id}/20260101T000000Z.tar.zst")
+    s3.create_multipart_upload(
+        Bucket=stack.bucket, Key=f"{stack.group}/{stack.instance_id}/20260101T000000Z.tar.zst"
+    )
     stack.scale_in()
     with FaultProxy(stack.s3_endpoint) as proxy:
-        env = stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint, INSTANCE_AGENT_JOURNAL="1",
-                        PATH=f"{bindir}:{os.environ['PATH']}")
-        proc, result = stack.backup("--source", str(src), "--expected-bucket-owner", owner,
-                                    env=env)
+        env = stack.env(
+            AWS_ENDPOINT_URL_S3=proxy.endpoint,
+            INSTANCE_AGENT_JOURNAL="1",
+            PATH=f"{bindir}:{os.environ['PATH']}",
+        )
+        proc, result = stack.backup("--source", str(src), "--expected-bucket-owner", owner, env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert result["journal_key"]
         # And a failing run, for the abort-on-failure path.
         proxy.add_rule(Rule(query=upload_part, fault=internal_error()))
-        proc, result = stack.backup("--source", str(src), "--no-complete",
-                                    "--expected-bucket-owner", owner, env=env)
+        proc, result = stack.backup(
+            "--source", str(src), "--no-complete", "--expected-bucket-owner", owner, env=env
+        )
         assert proc.returncode == 1
         log = proxy.requests
     ops = {_s3_op(r) for r in log}
-    assert ops >= {"ListMultipartUploads", "AbortMultipartUpload", "CreateMultipartUpload",
-                   "UploadPart", "CompleteMultipartUpload", "PutObject"}, ops
-    missing = [(_s3_op(r), r.path) for r in log
-               if r.headers.get("x-amz-expected-bucket-owner") != owner]
+    assert ops >= {
+        "ListMultipartUploads",
+        "AbortMultipartUpload",
+        "CreateMultipartUpload",
+        "UploadPart",
+        "CompleteMultipartUpload",
+        "PutObject",
+    }, ops
+    missing = [(_s3_op(r), r.path) for r in log if r.headers.get("x-amz-expected-bucket-owner") != owner]
     assert missing == []
     assert stack.incomplete_uploads() == []
 
@@ -557,4 +751,3 @@ def _s3_op(req: faultproxy.LoggedRequest) -> str:
     if m == "DELETE":
         return "AbortMultipartUpload"
     return "ListMultipartUploads" if "uploads" in q else f"{m} {req.path}"
-

@@ -31,7 +31,8 @@ def modules() -> dict[str, Path]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
@@ -67,8 +68,7 @@ def import_graph() -> dict[str, dict[str, int]]:
                     anchor = anchor[: len(anchor) - node.level + (1 if is_package else 0)]
                     base = ".".join([*anchor, *([base] if base else [])])
                 # `from pkg import mod` imports the module mod; `from mod import name` the module.
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base
-                           for a in node.names]
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
             for target in targets:
                 # `import a.b.c` of a non-module name resolves to its longest module prefix.
                 while target and target not in known:
@@ -117,8 +117,9 @@ def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
 def describe(component: list[str], graph: dict[str, dict[str, int]]) -> str:
     """Each import inside the cycle, as `a.py:LINE imports b`."""
     members = set(component)
-    lines = [f"  {a}:{line} imports {b}" for a in component
-             for b, line in sorted(graph[a].items()) if b in members]
+    lines = [
+        f"  {a}:{line} imports {b}" for a in component for b, line in sorted(graph[a].items()) if b in members
+    ]
     return "cycle among " + ", ".join(component) + ":\n" + "\n".join(lines)
 
 
@@ -136,9 +137,11 @@ def f():
         def g(self):
             import d.e
 """
-    found = sorted(alias.name if isinstance(node, ast.Import) else str(node.module)
-                   for node in _runtime_imports(ast.parse(source))
-                   for alias in node.names)
+    found = sorted(
+        alias.name if isinstance(node, ast.Import) else str(node.module)
+        for node in _runtime_imports(ast.parse(source))
+        for alias in node.names
+    )
     assert found == ["a", "b", "d.e", "fallback", "typing"]
     # In the real graph: ops_cli imports doctor only inside cmd_doctor.
     assert "instance_agent.doctor" in import_graph()["instance_agent.ops_cli"]
@@ -152,16 +155,22 @@ def test_no_module_is_part_of_an_import_cycle() -> None:
 
 def test_nothing_imports_the_cli() -> None:
     # cli.py is the top: every command module imports downward, from wiring.py.
-    importers = [m for m, edges in import_graph().items() if "instance_agent.cli" in edges
-                 and m != "instance_agent.__main__"]
+    importers = [
+        m
+        for m, edges in import_graph().items()
+        if "instance_agent.cli" in edges and m != "instance_agent.__main__"
+    ]
     assert importers == []
 
 
 def test_the_lambda_stands_alone() -> None:
     # lambda_trigger is deployed without instance_agent (see its __init__).
     graph = import_graph()
-    leaks = {m: sorted(e for e in edges if e.startswith("instance_agent"))
-             for m, edges in graph.items() if m.startswith("lambda_trigger")}
+    leaks = {
+        m: sorted(e for e in edges if e.startswith("instance_agent"))
+        for m, edges in graph.items()
+        if m.startswith("lambda_trigger")
+    }
     assert {m: e for m, e in leaks.items() if e} == {}
 
 
@@ -178,14 +187,12 @@ def module_map() -> dict[str, set[str]]:
     for package, table in re.findall(r"^### `(\w+)`\n(.*?)(?=^#|\Z)", text, re.M | re.S):
         for row in re.findall(r"^\| `([\w.]+)` \|.*\| (.*) \|$", table, re.M):
             name, deps = row
-            allowed[resolve(package, name)] = {resolve(package, d)
-                                               for d in re.findall(r"`([\w.]+)`", deps)}
+            allowed[resolve(package, name)] = {resolve(package, d) for d in re.findall(r"`([\w.]+)`", deps)}
     return allowed
 
 
 def test_the_module_map_names_every_module_and_allows_every_import() -> None:
     graph, allowed = import_graph(), module_map()
     assert sorted(allowed) == sorted(graph), "modules missing from (or stale in) the map"
-    beyond = {m: sorted(edges.keys() - allowed[m]) for m, edges in graph.items()
-              if edges.keys() - allowed[m]}
+    beyond = {m: sorted(edges.keys() - allowed[m]) for m, edges in graph.items() if edges.keys() - allowed[m]}
     assert beyond == {}, "imports the module map in docs/architecture.md does not allow"

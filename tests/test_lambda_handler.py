@@ -79,8 +79,11 @@ class Trigger:
         return [json.loads(line) for line in self.capsys.readouterr().out.splitlines() if line]
 
     def commands(self, instance_id: str | None = None) -> list[ssm.SentCommand]:
-        return [c for c in ssm.sent_commands(ACCOUNT, REGION) if c.document == self.document
-                and (instance_id is None or instance_id in c.instance_ids)]
+        return [
+            c
+            for c in ssm.sent_commands(ACCOUNT, REGION)
+            if c.document == self.document and (instance_id is None or instance_id in c.instance_ids)
+        ]
 
     def sns(self) -> list[dict[str, Any]]:
         return self.moto.sns_messages(self.topic_arn, ACCOUNT, REGION)
@@ -106,15 +109,17 @@ def fake_aws(monkeypatch: pytest.MonkeyPatch, moto: MotoServer) -> None:
 
 
 @pytest.fixture
-def trigger(moto: MotoServer, monkeypatch: pytest.MonkeyPatch,
-            capsys: pytest.CaptureFixture[str]) -> Iterator[Trigger]:
+def trigger(
+    moto: MotoServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Trigger]:
     ssm.install()
     ssm.reset()
     suffix = uuid.uuid4().hex[:10]
     document = f"instance-agent-backup-{suffix}"
     create_document(moto, document)
     topic = boto3.client("sns", region_name=REGION, endpoint_url=moto.endpoint).create_topic(
-        Name=f"trigger-{suffix}")["TopicArn"]
+        Name=f"trigger-{suffix}"
+    )["TopicArn"]
     for name in ("ON_UNREACHABLE", "EXECUTION_TIMEOUT", "CONFIRM_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DOCUMENT_NAME", document)
@@ -127,14 +132,19 @@ def trigger(moto: MotoServer, monkeypatch: pytest.MonkeyPatch,
 
 def create_document(moto: MotoServer, name: str) -> None:
     boto3.client("ssm", region_name=REGION, endpoint_url=moto.endpoint).create_document(
-        Name=name, Content=DOCUMENT.read_text(), DocumentType="Command", DocumentFormat="YAML")
+        Name=name, Content=DOCUMENT.read_text(), DocumentType="Command", DocumentFormat="YAML"
+    )
 
 
 def terminate_event(token: str, group: str, hook: str, instance_id: str) -> dict[str, Any]:
     """AWS's sample terminate event, for this lifecycle action."""
     event = sample("asg-eb-terminate-lifecycle-action.awsdocs-2023.json")
-    event["detail"].update(LifecycleActionToken=token, AutoScalingGroupName=group,
-                           LifecycleHookName=hook, EC2InstanceId=instance_id)
+    event["detail"].update(
+        LifecycleActionToken=token,
+        AutoScalingGroupName=group,
+        LifecycleHookName=hook,
+        EC2InstanceId=instance_id,
+    )
     return event
 
 
@@ -177,8 +187,9 @@ def real_action(moto: MotoServer) -> RealAction:
 
 
 def completions(group: str) -> list[autoscaling.LifecycleCall]:
-    return [c for c in autoscaling.calls(ACCOUNT, REGION)
-            if c.group == group and c.action == autoscaling.COMPLETE]
+    return [
+        c for c in autoscaling.calls(ACCOUNT, REGION) if c.group == group and c.action == autoscaling.COMPLETE
+    ]
 
 
 # -- the normal path ------------------------------------------------------------------------------
@@ -191,19 +202,28 @@ def test_sends_one_command_carrying_the_lifecycle_action(trigger: Trigger, moto:
     [result] = trigger.invoke(action.event())
 
     [command] = trigger.commands(action.instance_id)
-    assert result == {"status": "sent", "command_id": command.command_id, "delivery": "InProgress",
-                      "instance_id": action.instance_id, "token_sha256": sha8(action.token)}
+    assert result == {
+        "status": "sent",
+        "command_id": command.command_id,
+        "delivery": "InProgress",
+        "instance_id": action.instance_id,
+        "token_sha256": sha8(action.token),
+    }
     assert command.parameters == {
-        "LifecycleActionToken": [action.token], "LifecycleHookName": [action.hook],
-        "AutoScalingGroupName": [action.group], "executionTimeout": ["3600"]}
+        "LifecycleActionToken": [action.token],
+        "LifecycleHookName": [action.hook],
+        "AutoScalingGroupName": [action.group],
+        "executionTimeout": ["3600"],
+    }
     assert command.instance_ids == (action.instance_id,)
     # The comment marks the command as this action's by the token's fingerprint only.
     assert sha8(action.token) in command.comment and action.token not in command.comment
     assert len(command.comment) <= 100
     # The trigger never completes the action itself on this path: the agent does.
     assert completions(action.group) == []
-    assert [a.token for a in autoscaling.active_actions(ACCOUNT, REGION)
-            if a.instance_id == action.instance_id] == [action.token]
+    assert [
+        a.token for a in autoscaling.active_actions(ACCOUNT, REGION) if a.instance_id == action.instance_id
+    ] == [action.token]
 
     logs = trigger.logs()
     assert all(line["version"] == lambda_trigger.__version__ for line in logs)
@@ -238,8 +258,9 @@ def test_group_name_outside_the_pattern_is_left_for_the_agent_to_discover(trigge
 
 
 def test_injected_clients_are_used(trigger: Trigger, moto: MotoServer) -> None:
-    clients = trigger.module.Clients(ssm=trigger.client("ssm"), autoscaling=trigger.client("autoscaling"),
-                                     sns=trigger.client("sns"))
+    clients = trigger.module.Clients(
+        ssm=trigger.client("ssm"), autoscaling=trigger.client("autoscaling"), sns=trigger.client("sns")
+    )
     trigger.module.use_clients(clients)
     trigger.env(AWS_ENDPOINT_URL="http://127.0.0.1:9")  # unused: the injected clients are
 
@@ -266,8 +287,12 @@ def test_duplicate_delivery_sends_one_command_across_containers(trigger: Trigger
 
     assert len(trigger.commands(action.instance_id)) == 1
     assert first["status"] == "sent"
-    assert second == {"status": "duplicate", "command_id": first["command_id"],
-                      "instance_id": action.instance_id, "token_sha256": sha8(action.token)}
+    assert second == {
+        "status": "duplicate",
+        "command_id": first["command_id"],
+        "instance_id": action.instance_id,
+        "token_sha256": sha8(action.token),
+    }
 
 
 def test_duplicate_found_on_a_later_page_and_new_token_after_all_pages(trigger: Trigger) -> None:
@@ -289,11 +314,14 @@ def test_duplicate_found_on_a_later_page_and_new_token_after_all_pages(trigger: 
 # -- ignored and malformed events ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [
-    "asg-test-notification.captured-2015.json",
-    "asg-eb-launch-lifecycle-action.awsdocs-current.json",
-    "asg-eb-terminate-successful.awsdocs-2023.json",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "asg-test-notification.captured-2015.json",
+        "asg-eb-launch-lifecycle-action.awsdocs-current.json",
+        "asg-eb-terminate-successful.awsdocs-2023.json",
+    ],
+)
 def test_ignored_events_cost_one_log_line_and_no_aws_call(trigger: Trigger, name: str) -> None:
     event = sample(name)
     calls = ssm.call_count()
@@ -309,7 +337,7 @@ def test_ignored_events_cost_one_log_line_and_no_aws_call(trigger: Trigger, name
 
 def test_malformed_event_logs_one_error_line_and_returns(trigger: Trigger) -> None:
     calls = ssm.call_count()
-    event = {"Records": [{"eventSource": "aws:sqs", "body": "{\"LifecycleActionToken\": "}]}
+    event = {"Records": [{"eventSource": "aws:sqs", "body": '{"LifecycleActionToken": '}]}
 
     [result] = trigger.invoke(event)
 
@@ -334,8 +362,11 @@ def test_unreachable_with_complete_abandons_once_and_reports(trigger: Trigger, m
     assert result["reason"] == "the instance is not managed by SSM"
     [call] = completions(action.group)
     assert (call.result, call.token, call.hook, call.outcome) == ("ABANDON", action.token, action.hook, "ok")
-    assert [(o.result, o.how) for o in autoscaling.outcomes(ACCOUNT, REGION)
-            if o.instance_id == action.instance_id] == [("ABANDON", "completed")]
+    assert [
+        (o.result, o.how)
+        for o in autoscaling.outcomes(ACCOUNT, REGION)
+        if o.instance_id == action.instance_id
+    ] == [("ABANDON", "completed")]
     [message] = trigger.sns()
     body = json.loads(message["message"])
     assert body["status"] == "unreachable" and body["instance_id"] == action.instance_id
@@ -352,8 +383,9 @@ def test_unreachable_with_leave_only_reports(trigger: Trigger, moto: MotoServer)
 
     assert result["status"] == "unreachable" and result["lifecycle_result"] is None
     assert completions(action.group) == []
-    assert [a.token for a in autoscaling.active_actions(ACCOUNT, REGION)
-            if a.instance_id == action.instance_id] == [action.token]
+    assert [
+        a.token for a in autoscaling.active_actions(ACCOUNT, REGION) if a.instance_id == action.instance_id
+    ] == [action.token]
     [message] = trigger.sns()
     assert json.loads(message["message"])["on_unreachable"] == "leave"
     assert any("left to the on-instance watcher" in line["message"] for line in trigger.logs())
@@ -363,8 +395,11 @@ def test_completion_that_fails_is_reported(trigger: Trigger, moto: MotoServer) -
     trigger.env(ON_UNREACHABLE="complete")
     action = real_action(moto)
     trigger.client("autoscaling").complete_lifecycle_action(
-        AutoScalingGroupName=action.group, LifecycleHookName=action.hook,
-        LifecycleActionToken=action.token, LifecycleActionResult="CONTINUE")
+        AutoScalingGroupName=action.group,
+        LifecycleHookName=action.hook,
+        LifecycleActionToken=action.token,
+        LifecycleActionResult="CONTINUE",
+    )
 
     [result] = trigger.invoke(action.event())
 
@@ -471,8 +506,9 @@ def test_throttling_past_the_deadline_raises_for_lambda_to_retry(trigger: Trigge
     assert trigger.commands() == []
 
 
-@pytest.mark.parametrize("action", ["DescribeDocument", "DescribeInstanceInformation", "ListCommands",
-                                    "SendCommand"])
+@pytest.mark.parametrize(
+    "action", ["DescribeDocument", "DescribeInstanceInformation", "ListCommands", "SendCommand"]
+)
 def test_other_errors_raise_for_lambda_to_retry(trigger: Trigger, action: str) -> None:
     ssm.inject_error(action, "AccessDeniedException", "not authorized", account_id=ACCOUNT, region=REGION)
     with pytest.raises(ClientError, match="AccessDeniedException"):
@@ -481,13 +517,15 @@ def test_other_errors_raise_for_lambda_to_retry(trigger: Trigger, action: str) -
 
 
 def test_delivery_confirmation_tolerates_invocation_does_not_exist(trigger: Trigger) -> None:
-    ssm.inject_error("GetCommandInvocation", "InvocationDoesNotExist", times=2,
-                     account_id=ACCOUNT, region=REGION)
+    ssm.inject_error(
+        "GetCommandInvocation", "InvocationDoesNotExist", times=2, account_id=ACCOUNT, region=REGION
+    )
     slept: list[float] = []
     settings = trigger.module.Settings.from_env(os.environ)
 
-    [result] = trigger.module.handle(managed_event(), LambdaContext(), settings=settings,
-                                     sleep=slept.append)["results"]
+    [result] = trigger.module.handle(managed_event(), LambdaContext(), settings=settings, sleep=slept.append)[
+        "results"
+    ]
 
     assert result["delivery"] == "InProgress"
     assert slept == [trigger.module.CONFIRM_POLL] * 2
@@ -495,16 +533,18 @@ def test_delivery_confirmation_tolerates_invocation_does_not_exist(trigger: Trig
 
 def test_delivery_not_confirmed_in_time_is_still_sent(trigger: Trigger) -> None:
     trigger.env(CONFIRM_TIMEOUT="2.5")
-    ssm.inject_error("GetCommandInvocation", "InvocationDoesNotExist", times=100,
-                     account_id=ACCOUNT, region=REGION)
+    ssm.inject_error(
+        "GetCommandInvocation", "InvocationDoesNotExist", times=100, account_id=ACCOUNT, region=REGION
+    )
     now = [0.0]
     settings = trigger.module.Settings.from_env(os.environ)
 
     def sleep(seconds: float) -> None:
         now[0] += seconds
 
-    [result] = trigger.module.handle(managed_event(), LambdaContext(), settings=settings,
-                                     sleep=sleep, clock=lambda: now[0])["results"]
+    [result] = trigger.module.handle(
+        managed_event(), LambdaContext(), settings=settings, sleep=sleep, clock=lambda: now[0]
+    )["results"]
 
     assert result["status"] == "sent" and result["delivery"] is None
     assert now[0] == 2.0  # polled at 0, 1 and 2 s; a poll at 3 s would pass the 2.5 s bound
@@ -520,15 +560,19 @@ def test_delivery_check_failure_is_logged_not_raised(trigger: Trigger) -> None:
 # -- configuration -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "value", "error"), [
-    ("DOCUMENT_NAME", None, "DOCUMENT_NAME is not set"),
-    ("ON_UNREACHABLE", "abandon", "ON_UNREACHABLE must be leave or complete"),
-    ("EXECUTION_TIMEOUT", "1h", "EXECUTION_TIMEOUT must be a number"),
-    ("EXECUTION_TIMEOUT", "172801", "EXECUTION_TIMEOUT must be within 1-172800"),
-    ("CONFIRM_TIMEOUT", "-1", "CONFIRM_TIMEOUT must be within 0-300"),
-])
-def test_bad_configuration_raises_with_one_error_line(trigger: Trigger, name: str, value: str | None,
-                                                      error: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("DOCUMENT_NAME", None, "DOCUMENT_NAME is not set"),
+        ("ON_UNREACHABLE", "abandon", "ON_UNREACHABLE must be leave or complete"),
+        ("EXECUTION_TIMEOUT", "1h", "EXECUTION_TIMEOUT must be a number"),
+        ("EXECUTION_TIMEOUT", "172801", "EXECUTION_TIMEOUT must be within 1-172800"),
+        ("CONFIRM_TIMEOUT", "-1", "CONFIRM_TIMEOUT must be within 0-300"),
+    ],
+)
+def test_bad_configuration_raises_with_one_error_line(
+    trigger: Trigger, name: str, value: str | None, error: str
+) -> None:
     trigger.env(**{name: value})
     with pytest.raises(ConfigurationError, match=error):
         trigger.invoke(managed_event())
@@ -540,8 +584,7 @@ def test_bad_configuration_raises_with_one_error_line(trigger: Trigger, name: st
 # -- burst ---------------------------------------------------------------------------------------------------
 
 
-def test_burst_of_200_events_with_every_third_call_throttled(trigger: Trigger,
-                                                             record_property: Any) -> None:
+def test_burst_of_200_events_with_every_third_call_throttled(trigger: Trigger, record_property: Any) -> None:
     events = [managed_event() for _ in range(200)]
     calls_before = ssm.call_count()
     ssm.inject_throttling(3, account_id=ACCOUNT, region=REGION)
@@ -583,16 +626,22 @@ def test_token_is_in_no_log_line_sns_message_or_result(trigger: Trigger, moto: M
     unreachable = real_action(moto)  # never registered: completed with ABANDON and reported
     expired = real_action(moto)
     trigger.client("autoscaling").complete_lifecycle_action(
-        AutoScalingGroupName=expired.group, LifecycleHookName=expired.hook,
-        LifecycleActionToken=expired.token, LifecycleActionResult="CONTINUE")
+        AutoScalingGroupName=expired.group,
+        LifecycleHookName=expired.hook,
+        LifecycleActionToken=expired.token,
+        LifecycleActionResult="CONTINUE",
+    )
     malformed = {"Records": [{"body": json.dumps({"LifecycleActionToken": sent.token})[:-1]}]}
 
-    results = [*trigger.invoke(sent.event()), *trigger.invoke(sent.event()),
-               *trigger.invoke(unreachable.event()), *trigger.invoke(expired.event()),
-               *trigger.invoke(malformed)]
+    results = [
+        *trigger.invoke(sent.event()),
+        *trigger.invoke(sent.event()),
+        *trigger.invoke(unreachable.event()),
+        *trigger.invoke(expired.event()),
+        *trigger.invoke(malformed),
+    ]
 
-    assert [r["status"] for r in results] == ["sent", "duplicate", "unreachable", "unreachable",
-                                              "malformed"]
+    assert [r["status"] for r in results] == ["sent", "duplicate", "unreachable", "unreachable", "malformed"]
     logs = trigger.capsys.readouterr().out
     messages = json.dumps(trigger.sns())
     returned = json.dumps(results)

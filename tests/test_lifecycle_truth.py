@@ -23,9 +23,11 @@ from support.agentproc import WatchProc, archives, completions, sns_docs, source
 
 from instance_agent.local import autoscaling
 
-DENIED = ("User: arn:aws:sts::123456789012:assumed-role/agent/i-0 is not authorized to perform: "
-          "autoscaling:CompleteLifecycleAction on resource: arn:aws:autoscaling:us-east-1:"
-          "123456789012:autoScalingGroup:*")
+DENIED = (
+    "User: arn:aws:sts::123456789012:assumed-role/agent/i-0 is not authorized to perform: "
+    "autoscaling:CompleteLifecycleAction on resource: arn:aws:autoscaling:us-east-1:"
+    "123456789012:autoScalingGroup:*"
+)
 
 
 def token_of(stack: Stack) -> str:
@@ -44,8 +46,7 @@ def restored_text(stack: Stack, key: str, src: Path, tmp: Path, rel: bytes) -> b
 
 def agent(stack: Stack, *args: str, env: dict[str, str] | None = None) -> WatchProc:
     """`instance-agent backup` as a background process whose log lines we can wait for."""
-    argv = [*AGENT, "backup", "--bucket", stack.bucket, "--topic-arn", stack.topic_arn,
-            "--json", *args]
+    argv = [*AGENT, "backup", "--bucket", stack.bucket, "--topic-arn", stack.topic_arn, "--json", *args]
     return WatchProc(argv, env or stack.env(INSTANCE_AGENT_LOG_LEVEL="info"))
 
 
@@ -60,8 +61,7 @@ def one_json_line(stdout: str) -> dict[str, Any]:
 # --- 1. one action, one backup; a completed action is never the current one --------------
 
 
-def test_adhoc_run_then_real_termination_two_archives_one_continue(stack: Stack,
-                                                                  tmp_path: Path) -> None:
+def test_adhoc_run_then_real_termination_two_archives_one_continue(stack: Stack, tmp_path: Path) -> None:
     src = source_tree(tmp_path / "src")
     # The README's own example: no --no-complete, on an instance in service.
     started = time.monotonic()
@@ -83,16 +83,13 @@ def test_adhoc_run_then_real_termination_two_archives_one_continue(stack: Stack,
     assert stack.state() is None  # the instance went on to terminate
 
 
-def test_two_actions_on_one_instance_two_archives_two_continues(stack: Stack,
-                                                                tmp_path: Path) -> None:
+def test_two_actions_on_one_instance_two_archives_two_continues(stack: Stack, tmp_path: Path) -> None:
     src = source_tree(tmp_path / "src")
     # First action: a return to the warm pool, with a backup asked for.
-    autoscaling.return_to_warm_pool(stack.group, stack.instance_id, account_id=ACCOUNT,
-                                    region=REGION)
+    autoscaling.return_to_warm_pool(stack.group, stack.instance_id, account_id=ACCOUNT, region=REGION)
     stack.imds.target_lifecycle_state = "Warmed:Stopped"
     token = token_of(stack)
-    proc, first = stack.backup("--source", str(src), "--lifecycle-token", token,
-                               "--warm-pool-backup")
+    proc, first = stack.backup("--source", str(src), "--lifecycle-token", token, "--warm-pool-backup")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert first["action"] == "warm-pool-return" and first["lifecycle_result"] == "CONTINUE"
     assert stack.state() == "Warmed:Stopped"
@@ -100,8 +97,7 @@ def test_two_actions_on_one_instance_two_archives_two_continues(stack: Stack,
 
     # Back in service, then a real scale-in: a new action, with no token (the watcher's
     # way) — the completed first action must not make it a duplicate.
-    autoscaling.leave_warm_pool(stack.group, stack.instance_id, account_id=ACCOUNT,
-                                region=REGION)
+    autoscaling.leave_warm_pool(stack.group, stack.instance_id, account_id=ACCOUNT, region=REGION)
     time.sleep(1.1)
     stack.scale_in()
     proc, second = stack.backup("--source", str(src))
@@ -112,13 +108,13 @@ def test_two_actions_on_one_instance_two_archives_two_continues(stack: Stack,
 
 
 def test_warm_pool_return_runs_commands_completes_and_is_not_the_termination(
-        stack: Stack, tmp_path: Path) -> None:
+    stack: Stack, tmp_path: Path
+) -> None:
     src = source_tree(tmp_path / "src")
     marker = tmp_path / "pre-ran"
     with watch(stack, "--source", str(src), "--pre-command", f"echo x >> {marker}") as w:
         w.wait_for("watching")
-        autoscaling.return_to_warm_pool(stack.group, stack.instance_id, account_id=ACCOUNT,
-                                        region=REGION)
+        autoscaling.return_to_warm_pool(stack.group, stack.instance_id, account_id=ACCOUNT, region=REGION)
         stack.imds.target_lifecycle_state = "Warmed:Stopped"
         _, warm = w.wait_for("response finished", timeout=60, trigger="warm-pool")
         assert warm["status"] == "skipped" and warm["lifecycle_result"] == "CONTINUE"
@@ -127,8 +123,7 @@ def test_warm_pool_return_runs_commands_completes_and_is_not_the_termination(
         assert marker.read_text() == "x\n"
 
         # Later the instance serves again, and is really terminated: that gets its backup.
-        autoscaling.leave_warm_pool(stack.group, stack.instance_id, account_id=ACCOUNT,
-                                    region=REGION)
+        autoscaling.leave_warm_pool(stack.group, stack.instance_id, account_id=ACCOUNT, region=REGION)
         stack.imds.target_lifecycle_state = "InService"
         time.sleep(1.5)
         stack.scale_in()
@@ -144,7 +139,8 @@ def test_warm_pool_return_runs_commands_completes_and_is_not_the_termination(
 
 
 def test_deregistration_delay_logs_are_archived_and_completion_follows_wait(
-        stack: Stack, tmp_path: Path) -> None:
+    stack: Stack, tmp_path: Path
+) -> None:
     src = source_tree(tmp_path / "src")
     log = src / "app" / "app.log"
     with watch(stack, "--source", str(src)) as w:
@@ -173,9 +169,11 @@ def test_run_command_waits_behind_the_watchers_drain_gate(stack: Stack, tmp_path
     busy = tmp_path / "busy"
     busy.write_text("job 42\n")
     # One configuration for both paths, as the instance's agent.toml gives it.
-    stack.extra_env.update(INSTANCE_AGENT_DRAIN_PATH=str(busy),
-                           INSTANCE_AGENT_PRE_COMMAND=f"echo stopped > {src}/app/pre-command.txt",
-                           INSTANCE_AGENT_SOURCE=str(src))
+    stack.extra_env.update(
+        INSTANCE_AGENT_DRAIN_PATH=str(busy),
+        INSTANCE_AGENT_PRE_COMMAND=f"echo stopped > {src}/app/pre-command.txt",
+        INSTANCE_AGENT_SOURCE=str(src),
+    )
     with watch(stack) as w:
         w.wait_for("watching")
         stack.scale_in()
@@ -199,13 +197,14 @@ def test_run_command_waits_behind_the_watchers_drain_gate(stack: Stack, tmp_path
     assert len(stack.sns()) == 1
 
 
-def test_run_command_first_drains_and_runs_the_pre_command_itself(stack: Stack,
-                                                                 tmp_path: Path) -> None:
+def test_run_command_first_drains_and_runs_the_pre_command_itself(stack: Stack, tmp_path: Path) -> None:
     src = source_tree(tmp_path / "src")
     busy = tmp_path / "busy"
     busy.write_text("job 7\n")
-    stack.extra_env.update(INSTANCE_AGENT_DRAIN_PATH=str(busy),
-                           INSTANCE_AGENT_PRE_COMMAND=f"echo stopped > {src}/app/pre-command.txt")
+    stack.extra_env.update(
+        INSTANCE_AGENT_DRAIN_PATH=str(busy),
+        INSTANCE_AGENT_PRE_COMMAND=f"echo stopped > {src}/app/pre-command.txt",
+    )
     stack.scale_in()
     with agent(stack, "--source", str(src), "--lifecycle-token", token_of(stack)) as ssm:
         ssm.wait_for("drain gate: waiting for the paths to clear", timeout=30)
@@ -232,9 +231,14 @@ def test_autoscaling_outage_after_the_flip_still_completes(stack: Stack, tmp_pat
     with watch(stack, "--source", str(src)) as w:
         w.wait_for("watching")
         time.sleep(1.0)  # the watcher has resolved its identity while IMDS answers
-        autoscaling.inject_error("DescribeAutoScalingInstances", "ServiceUnavailable",
-                                 "Service is unavailable", times=6, account_id=ACCOUNT,
-                                 region=REGION)
+        autoscaling.inject_error(
+            "DescribeAutoScalingInstances",
+            "ServiceUnavailable",
+            "Service is unavailable",
+            times=6,
+            account_id=ACCOUNT,
+            region=REGION,
+        )
         stack.scale_in()
         w.wait_for("starting the backup", trigger="termination")
         stack.imds.fail_status = 500  # and IMDS fails too, for 10 s
@@ -250,10 +254,12 @@ def test_autoscaling_outage_after_the_flip_still_completes(stack: Stack, tmp_pat
 
 
 def test_access_denied_ends_fast_and_a_rerun_completes_without_a_second_archive(
-        stack: Stack, tmp_path: Path) -> None:
+    stack: Stack, tmp_path: Path
+) -> None:
     src = source_tree(tmp_path / "src")
-    autoscaling.inject_error("CompleteLifecycleAction", "AccessDenied", DENIED, times=1000,
-                             account_id=ACCOUNT, region=REGION)
+    autoscaling.inject_error(
+        "CompleteLifecycleAction", "AccessDenied", DENIED, times=1000, account_id=ACCOUNT, region=REGION
+    )
     stack.scale_in()
     started = time.monotonic()
     proc, first = stack.backup("--source", str(src), "--complete-timeout", "5")
@@ -278,8 +284,7 @@ def test_access_denied_ends_fast_and_a_rerun_completes_without_a_second_archive(
 # --- 7. deadlines are upper bounds ------------------------------------------------------------
 
 
-def test_silent_journalctl_cannot_carry_the_run_past_max_duration(stack: Stack,
-                                                                 tmp_path: Path) -> None:
+def test_silent_journalctl_cannot_carry_the_run_past_max_duration(stack: Stack, tmp_path: Path) -> None:
     src = source_tree(tmp_path / "src")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -288,14 +293,12 @@ def test_silent_journalctl_cannot_carry_the_run_past_max_duration(stack: Stack,
     fake.chmod(0o755)
     env = stack.env(PATH=f"{bin_dir}:{os.environ['PATH']}", INSTANCE_AGENT_JOURNAL="1")
     started = time.monotonic()
-    proc, result = stack.backup("--source", str(src), "--max-duration", "3", "--no-complete",
-                                env=env)
+    proc, result = stack.backup("--source", str(src), "--max-duration", "3", "--no-complete", env=env)
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert elapsed < 3 + 8, elapsed
     assert result["journal_key"] is not None
-    leftover = subprocess.run(["pgrep", "-f", "sleep 6001"], capture_output=True, text=True,
-                              check=False)
+    leftover = subprocess.run(["pgrep", "-f", "sleep 6001"], capture_output=True, text=True, check=False)
     assert leftover.stdout == "", "journalctl left running"
 
 
@@ -344,8 +347,9 @@ def test_sigterm_during_the_drain_completes_with_on_failure(stack: Stack, tmp_pa
     busy = tmp_path / "busy"
     busy.write_text("job\n")
     stack.scale_in()
-    with agent(stack, "--source", str(src), "--drain-path", str(busy),
-               "--lifecycle-token", token_of(stack)) as run:
+    with agent(
+        stack, "--source", str(src), "--drain-path", str(busy), "--lifecycle-token", token_of(stack)
+    ) as run:
         run.wait_for("drain gate: waiting for the paths to clear", timeout=30)
         run.send(signal.SIGTERM)
         result = _stopped_cleanly(run)
@@ -355,8 +359,7 @@ def test_sigterm_during_the_drain_completes_with_on_failure(stack: Stack, tmp_pa
     assert [d["status"] for d in sns_docs(stack)] == ["failed"]
 
 
-def test_imds_region_that_is_an_html_page_is_one_line_exit_2(stack: Stack,
-                                                             tmp_path: Path) -> None:
+def test_imds_region_that_is_an_html_page_is_one_line_exit_2(stack: Stack, tmp_path: Path) -> None:
     stack.imds.region = "<html><body>502 Bad Gateway</body></html>"
     proc = stack.run("backup", "--bucket", stack.bucket, "--source", str(tmp_path))
     assert proc.returncode == 2
@@ -372,16 +375,17 @@ def test_lifecycle_token_never_leaves_the_agent(stack: Stack, tmp_path: Path) ->
     proc, result = stack.backup("--source", str(src), "--lifecycle-token", token)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert result["lifecycle_result"] == "none"  # what happened: this run completed nothing
-    assert any(c.token == token and c.outcome.startswith("No active Lifecycle Action")
-               for c in stack.lifecycle_calls())
+    assert any(
+        c.token == token and c.outcome.startswith("No active Lifecycle Action")
+        for c in stack.lifecycle_calls()
+    )
     records = "".join(p.read_text() for p in (stack.tmp / "state").glob("*.json"))
     everything = proc.stdout + proc.stderr + json.dumps(sns_docs(stack)) + records
     assert token not in everything
     assert result["lifecycle_action"] and result["lifecycle_action"] in proc.stderr
 
 
-def test_a_huge_sparse_file_cannot_carry_the_run_past_max_duration(stack: Stack,
-                                                                   tmp_path: Path) -> None:
+def test_a_huge_sparse_file_cannot_carry_the_run_past_max_duration(stack: Stack, tmp_path: Path) -> None:
     src = source_tree(tmp_path / "src")
     with (src / "sparse.img").open("wb") as fh:
         fh.truncate(6 * 1024**3)  # 6 GiB of hole: nothing on disk, all of it in the tar

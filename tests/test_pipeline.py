@@ -28,6 +28,7 @@ from instance_agent.s3upload import MAX_PARTS, MultipartUpload, PartSizer
 
 # -- tar writer -------------------------------------------------------------------------
 
+
 def _archive(tree: Path, **kw: Any) -> tuple[bytes, Any]:
     buf = io.BytesIO()
     arch = Archiver(buf, clock=time.monotonic, **kw)
@@ -50,12 +51,15 @@ def test_gnu_tar_reads_long_and_non_utf8_names_without_warnings(tmp_path: Path) 
     (tmp_path / "a.tar").write_bytes(data)
     out = tmp_path / "out"
     out.mkdir()
-    proc = subprocess.run(["tar", "-xf", str(tmp_path / "a.tar"), "-C", str(out)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["tar", "-xf", str(tmp_path / "a.tar"), "-C", str(out)], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0 and proc.stderr == ""
     base = os.fsencode(out) + os.fsencode(str(tree))
-    assert Path(os.fsdecode(base + b"/" + b"d" * 120 + b"/" + b"e" * 120 + b"/" + b"f" * 200)
-                ).read_bytes() == b"long path\n"
+    assert (
+        Path(os.fsdecode(base + b"/" + b"d" * 120 + b"/" + b"e" * 120 + b"/" + b"f" * 200)).read_bytes()
+        == b"long path\n"
+    )
     with open(base + b"/\xff\xfename", "rb") as fh:
         assert fh.read() == b"raw name\n"
     assert os.readlink(base + b"/long-link") == b"x" * 150
@@ -115,13 +119,17 @@ def test_deadline_closes_archive_early_and_lists_what_was_left(tmp_path: Path) -
     assert b"/etc/hostname" in omitted
 
 
-@pytest.mark.parametrize(("kind", "tar_flag", "check"), [
-    ("zstd", "--zstd", ["zstd", "-t", "-q"]),
-    ("gzip", "-z", ["gzip", "-t"]),
-    ("none", "", None),
-])
-def test_every_compression_opens_with_standard_tools(tmp_path: Path, kind: str, tar_flag: str,
-                                                     check: list[str] | None) -> None:
+@pytest.mark.parametrize(
+    ("kind", "tar_flag", "check"),
+    [
+        ("zstd", "--zstd", ["zstd", "-t", "-q"]),
+        ("gzip", "-z", ["gzip", "-t"]),
+        ("none", "", None),
+    ],
+)
+def test_every_compression_opens_with_standard_tools(
+    tmp_path: Path, kind: str, tar_flag: str, check: list[str] | None
+) -> None:
     tree = tmp_path / "t"
     tree.mkdir()
     (tree / "log").write_bytes(b"line\n" * 100_000)
@@ -143,6 +151,7 @@ def test_every_compression_opens_with_standard_tools(tmp_path: Path, kind: str, 
 
 
 # -- multipart upload against SeaweedFS -------------------------------------------------
+
 
 def test_part_sizes_reach_the_maximum_in_10000_parts() -> None:
     for max_size in (5 * 2**20, 80 * 2**30, 2**40, 5 * 2**40):
@@ -188,6 +197,7 @@ def test_access_denied_is_one_clear_error(stack: Stack) -> None:
 
 # -- IMDS client against the stub ------------------------------------------------------
 
+
 def test_imds_client_uses_tokens_only_and_refreshes_on_401(imds: IMDSStub) -> None:
     imds.instance_id = "i-0123456789abcdef0"
     client = IMDS(imds.endpoint)
@@ -214,10 +224,12 @@ def test_imds_client_ignores_proxy_variables(imds: IMDSStub, monkeypatch: pytest
 
 # -- config -----------------------------------------------------------------------------
 
+
 def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
-    path.write_text('bucket = "from-file"\nprefix = "file/"\nlevel = 5\nsource = ["/srv"]\n'
-                    'poll_interval = 1.0\n')
+    path.write_text(
+        'bucket = "from-file"\nprefix = "file/"\nlevel = 5\nsource = ["/srv"]\npoll_interval = 1.0\n'
+    )
     env = {"INSTANCE_AGENT_PREFIX": "env/", "INSTANCE_AGENT_LEVEL": "7"}
     cfg = config.load({"level": "9"}, env, config_file=str(path))
     assert (cfg.bucket, cfg.prefix, cfg.level, cfg.source) == ("from-file", "env/", 9, ("/srv",))
@@ -226,15 +238,18 @@ def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None
     assert config.load({}, env, config_file=str(path)).source == ("/a", "/b")
 
 
-@pytest.mark.parametrize(("flags", "env", "message"), [
-    ({"bucket": "ok-bucket", "max_duration": "-1"}, {}, "must be greater than 0"),
-    ({"bucket": "ok-bucket"}, {"INSTANCE_AGENT_COMPLETE": "maybe"}, "expected 1/0/true/false"),
-    ({"bucket": "ok-bucket", "key_template": "{group}/{bad}"}, {}, "unknown variable {bad}"),
-    ({"bucket": "ok-bucket", "key_template": "{group}"}, {}, "must contain {instance_id}"),
-    ({"bucket": "ok-bucket", "prefix": "../up"}, {}, "invalid prefix"),
-    ({"bucket": "ok-bucket", "lifecycle_token": "x\n"}, {}, "invalid lifecycle action token"),
-    ({"bucket": "192.168.1.1"}, {}, "must not look like an IP address"),
-])
+@pytest.mark.parametrize(
+    ("flags", "env", "message"),
+    [
+        ({"bucket": "ok-bucket", "max_duration": "-1"}, {}, "must be greater than 0"),
+        ({"bucket": "ok-bucket"}, {"INSTANCE_AGENT_COMPLETE": "maybe"}, "expected 1/0/true/false"),
+        ({"bucket": "ok-bucket", "key_template": "{group}/{bad}"}, {}, "unknown variable {bad}"),
+        ({"bucket": "ok-bucket", "key_template": "{group}"}, {}, "must contain {instance_id}"),
+        ({"bucket": "ok-bucket", "prefix": "../up"}, {}, "invalid prefix"),
+        ({"bucket": "ok-bucket", "lifecycle_token": "x\n"}, {}, "invalid lifecycle action token"),
+        ({"bucket": "192.168.1.1"}, {}, "must not look like an IP address"),
+    ],
+)
 def test_bad_values_name_their_source(flags: dict[str, str], env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
         config.load(flags, env)
@@ -242,19 +257,33 @@ def test_bad_values_name_their_source(flags: dict[str, str], env: dict[str, str]
 
 # -- keys -------------------------------------------------------------------------------
 
+
 @settings(max_examples=300, deadline=None)
-@given(group=st.text(min_size=1, max_size=255), instance=st.text(max_size=40),
-       host=st.text(max_size=64), prefix=st.sampled_from(["", "backups/", "a/b/"]))
+@given(
+    group=st.text(min_size=1, max_size=255),
+    instance=st.text(max_size=40),
+    host=st.text(max_size=64),
+    prefix=st.sampled_from(["", "backups/", "a/b/"]),
+)
 def test_rendered_keys_are_always_safe(group: str, instance: str, host: str, prefix: str) -> None:
-    key = keys.render(config.Config.defaults().key_template + "/{hostname}",
-                      {"prefix": prefix, "group": group, "instance_id": instance or "i-1",
-                       "region": "us-east-1", "timestamp": keys.timestamp(), "hostname": host},
-                      "zstd")
+    key = keys.render(
+        config.Config.defaults().key_template + "/{hostname}",
+        {
+            "prefix": prefix,
+            "group": group,
+            "instance_id": instance or "i-1",
+            "region": "us-east-1",
+            "timestamp": keys.timestamp(),
+            "hostname": host,
+        },
+        "zstd",
+    )
     assert not key.startswith("/") and ".." not in key
     assert not any(ord(c) < 32 or ord(c) == 127 for c in key)
 
 
 # -- notify -----------------------------------------------------------------------------
+
 
 def test_sns_body_and_subject_stay_within_limits() -> None:
     result = {"status": "failed", "instance_id": "i-1\nwith newline", "error": "e" * 400_000}
@@ -301,7 +330,8 @@ def test_journal_is_streamed_beside_the_archive(stack: Stack, tmp_path: Path) ->
     assert result["journal_key"].endswith(".journal.export.zst")
     body = _s3(stack).get_object(Bucket=stack.bucket, Key=result["journal_key"])["Body"].read()
     assert zstandard.ZstdDecompressor().decompressobj().decompress(body) == (
-        b"__CURSOR=s=1\nMESSAGE=hello from the journal\n\n")
+        b"__CURSOR=s=1\nMESSAGE=hello from the journal\n\n"
+    )
     man = json.loads(_s3(stack).get_object(Bucket=stack.bucket, Key=result["manifest_key"])["Body"].read())
     assert man["journal"]["key"] == result["journal_key"]
     assert any("-b -1 exited 1: Data from the specified boot" in w for w in man["journal"]["warnings"])
@@ -326,8 +356,10 @@ def test_sparse_file_is_archived_by_extent_and_restores_identical(tmp_path: Path
     assert report.bytes_read <= 2 * 1024**2  # the holes were never read
     import zstandard
 
-    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(buf.getvalue())) as raw, \
-            tarfile.open(fileobj=raw, mode="r|") as tf:
+    with (
+        zstandard.ZstdDecompressor().stream_reader(io.BytesIO(buf.getvalue())) as raw,
+        tarfile.open(fileobj=raw, mode="r|") as tf,
+    ):
         member = next(m for m in tf if m.name.endswith("sparse.img"))
         assert member.size == 2 * 1024**3
         data = tf.extractfile(member)
@@ -357,7 +389,13 @@ def test_max_file_size_and_one_file_system_skip_with_warnings(tmp_path: Path) ->
 
 
 def test_listing_prefix_stops_at_the_first_per_run_variable() -> None:
-    values = {"prefix": "fleet/", "group": "web asg", "instance_id": "i-1", "region": "r",
-              "timestamp": "T", "hostname": "h"}
+    values = {
+        "prefix": "fleet/",
+        "group": "web asg",
+        "instance_id": "i-1",
+        "region": "r",
+        "timestamp": "T",
+        "hostname": "h",
+    }
     assert keys.listing_prefix(config.Config.defaults().key_template, values) == "fleet/web_asg/i-1/"
     assert keys.listing_prefix("{prefix}{timestamp}/{instance_id}", values) == "fleet/"

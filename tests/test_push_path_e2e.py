@@ -91,8 +91,10 @@ def make_source(root: Path) -> dict[str, bytes]:
 def extract(archive: bytes) -> dict[str, bytes]:
     """Regular files of a tar.zst, by archive name, with Python's tarfile and zstandard."""
     out: dict[str, bytes] = {}
-    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(archive)) as raw, \
-            tarfile.open(fileobj=raw, mode="r|") as tar:
+    with (
+        zstandard.ZstdDecompressor().stream_reader(io.BytesIO(archive)) as raw,
+        tarfile.open(fileobj=raw, mode="r|") as tar,
+    ):
         for member in tar:
             if member.isfile():
                 handle = tar.extractfile(member)
@@ -109,8 +111,9 @@ def test_push_path_end_to_end(stack: Stack, tmp_path: Path, monkeypatch: pytest.
     ssm.install()
     ssm_client = stack.client("ssm")
     document = f"instance-agent-backup-{uuid.uuid4().hex[:10]}"
-    ssm_client.create_document(Name=document, Content=DOCUMENT.read_text(), DocumentType="Command",
-                               DocumentFormat="YAML")
+    ssm_client.create_document(
+        Name=document, Content=DOCUMENT.read_text(), DocumentType="Command", DocumentFormat="YAML"
+    )
     ssm.register(stack.instance_id, account_id=ACCOUNT, region=REGION)
 
     # A real scale-in: the instance waits in Terminating:Wait for its hook.
@@ -119,8 +122,12 @@ def test_push_path_end_to_end(stack: Stack, tmp_path: Path, monkeypatch: pytest.
     [action] = [a for a in autoscaling.active_actions(ACCOUNT, REGION) if a.instance_id == stack.instance_id]
     event = sample("asg-eb-terminate-lifecycle-action.awsdocs-2023.json")
     event["region"] = REGION
-    event["detail"].update(LifecycleActionToken=action.token, AutoScalingGroupName=stack.group,
-                           LifecycleHookName=stack.hook, EC2InstanceId=stack.instance_id)
+    event["detail"].update(
+        LifecycleActionToken=action.token,
+        AutoScalingGroupName=stack.group,
+        LifecycleHookName=stack.hook,
+        EC2InstanceId=stack.instance_id,
+    )
 
     # The Lambda, in a fresh container, against the local AWS.
     monkeypatch.setenv("AWS_ENDPOINT_URL", stack.moto.endpoint)
@@ -144,19 +151,37 @@ def test_push_path_end_to_end(stack: Stack, tmp_path: Path, monkeypatch: pytest.
         f'source = ["{source}"]\n'
         f'state_dir = "{tmp_path / "state"}"\n'
         f'runtime_dir = "{tmp_path / "run"}"\n'
-        "journal = false\n")
+        "journal = false\n"
+    )
     script, timeout = render_like_the_ssm_agent(ssm_client, command)
     (tmp_path / "_script.sh").write_text(script)
     env = {k: v for k, v in os.environ.items() if not k.startswith("INSTANCE_AGENT_")}
-    env.update(PATH=f"{agent.parent}:{os.environ['PATH']}", AWS_ENDPOINT_URL=stack.moto.endpoint,
-               AWS_ENDPOINT_URL_S3=stack.s3_endpoint,
-               AWS_EC2_METADATA_SERVICE_ENDPOINT=stack.imds.endpoint,
-               INSTANCE_AGENT_CONFIG=str(config))
-    proc = subprocess.run(["bash", str(tmp_path / "_script.sh")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=min(timeout, 300), check=False)
-    ssm.finish(command.command_id, stack.instance_id, "Success" if proc.returncode == 0 else "Failed",
-               response_code=proc.returncode, stdout=proc.stdout, stderr=proc.stderr,
-               account_id=ACCOUNT, region=REGION)
+    env.update(
+        PATH=f"{agent.parent}:{os.environ['PATH']}",
+        AWS_ENDPOINT_URL=stack.moto.endpoint,
+        AWS_ENDPOINT_URL_S3=stack.s3_endpoint,
+        AWS_EC2_METADATA_SERVICE_ENDPOINT=stack.imds.endpoint,
+        INSTANCE_AGENT_CONFIG=str(config),
+    )
+    proc = subprocess.run(
+        ["bash", str(tmp_path / "_script.sh")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=min(timeout, 300),
+        check=False,
+    )
+    ssm.finish(
+        command.command_id,
+        stack.instance_id,
+        "Success" if proc.returncode == 0 else "Failed",
+        response_code=proc.returncode,
+        stdout=proc.stdout,
+        stderr=proc.stderr,
+        account_id=ACCOUNT,
+        region=REGION,
+    )
 
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
@@ -179,7 +204,6 @@ def test_push_path_end_to_end(stack: Stack, tmp_path: Path, monkeypatch: pytest.
     assert stack.state() is None  # terminated and gone from the group
 
     # What an operator sees in SSM afterwards.
-    invocation = ssm_client.get_command_invocation(CommandId=command.command_id,
-                                                   InstanceId=stack.instance_id)
+    invocation = ssm_client.get_command_invocation(CommandId=command.command_id, InstanceId=stack.instance_id)
     assert invocation["Status"] == "Success"
     assert json.loads(invocation["StandardOutputContent"])["key"] == result["key"]

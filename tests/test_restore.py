@@ -72,8 +72,7 @@ def test_backup_list_restore_verify_round_trip(stack: Stack, tmp_path: Path) -> 
     # `list` shows it, with what the manifest says.
     [row] = list_json(stack)
     assert row["url"] == f"s3://{stack.bucket}/{result['key']}"
-    assert (row["group"], row["instance_id"], row["status"]) == (stack.group, stack.instance_id,
-                                                                 "succeeded")
+    assert (row["group"], row["instance_id"], row["status"]) == (stack.group, stack.instance_id, "succeeded")
     assert (row["files"], row["raw_bytes"]) == (result["files"], result["bytes_read"])
     assert 0 < row["compressed_bytes"] < row["raw_bytes"]
 
@@ -99,8 +98,8 @@ def test_backup_list_restore_verify_round_trip(stack: Stack, tmp_path: Path) -> 
     assert proc.returncode == 1
     assert f"{rel}: content differs (sha256)" in proc.stdout
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"instance-agent: error: 1 difference(s) against the manifest; first: {rel}: content "
-        "differs (sha256)")
+        f"instance-agent: error: 1 difference(s) against the manifest; first: {rel}: content differs (sha256)"
+    )
 
     # A file that is not in the backup is a difference too; so is a missing one.
     (restored_root(dest, src) / "stray.txt").write_text("added later\n")
@@ -109,14 +108,13 @@ def test_backup_list_restore_verify_round_trip(stack: Stack, tmp_path: Path) -> 
     doc = json.loads(proc.stdout)
     assert proc.returncode == 1 and doc["status"] == "differs"
     problems = {d["path"]: d["problem"] for d in doc["differences"]}
-    assert problems[str(restored_root(dest, src).relative_to(dest) / "stray.txt")] == \
-        "not in the backup"
-    assert problems[str(restored_root(dest, src).relative_to(dest) / "nginx" / "error.log")] == \
-        "missing"
+    assert problems[str(restored_root(dest, src).relative_to(dest) / "stray.txt")] == "not in the backup"
+    assert problems[str(restored_root(dest, src).relative_to(dest) / "nginx" / "error.log")] == "missing"
 
 
 def test_without_digests_a_changed_byte_is_caught_by_its_modification_time(
-        stack: Stack, tmp_path: Path) -> None:
+    stack: Stack, tmp_path: Path
+) -> None:
     src = tmp_path / "src"
     build_tree(src)
     stack.scale_in()
@@ -181,8 +179,7 @@ DAMAGE: dict[str, tuple[Callable[[bytes], bytes], bool, str]] = {
     "truncated-no-manifest": (lambda a: a[: len(a) // 2], False, "truncated"),
     "truncated-last-bytes": (lambda a: a[:-7], False, "truncated"),
     "cut-at-a-member": (lambda a: cut_at_member(a, 3), False, "end-of-archive marker"),
-    "shortened-with-end-marker": (lambda a: cut_at_member(a, 3, end_marker=True), True,
-                                  "the manifest says"),
+    "shortened-with-end-marker": (lambda a: cut_at_member(a, 3, end_marker=True), True, "the manifest says"),
     "corrupted": (flip_middle, True, "corrupt"),
 }
 
@@ -200,15 +197,19 @@ def good_backup(stack: Stack, tmp_path: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize("case", sorted(DAMAGE))
 def test_a_damaged_archive_fails_clearly_and_leaves_no_tree(
-        stack: Stack, good_backup: dict[str, Any], tmp_path: Path, case: str) -> None:
+    stack: Stack, good_backup: dict[str, Any], tmp_path: Path, case: str
+) -> None:
     damage, with_manifest, words = DAMAGE[case]
     s3 = stack.client("s3")
     archive = s3.get_object(Bucket=stack.bucket, Key=good_backup["key"])["Body"].read()
     key = f"damaged/{case}.tar.zst"
     s3.put_object(Bucket=stack.bucket, Key=key, Body=damage(archive))
     if with_manifest:
-        s3.copy_object(Bucket=stack.bucket, Key=key + ".manifest.json",
-                       CopySource={"Bucket": stack.bucket, "Key": good_backup["manifest_key"]})
+        s3.copy_object(
+            Bucket=stack.bucket,
+            Key=key + ".manifest.json",
+            CopySource={"Bucket": stack.bucket, "Key": good_backup["manifest_key"]},
+        )
 
     for dest in (tmp_path / "new-dir", tmp_path / "empty-dir"):
         if dest.name == "empty-dir":
@@ -229,8 +230,9 @@ def test_a_damaged_archive_fails_clearly_and_leaves_no_tree(
 # --- hostile archives ------------------------------------------------------------------------
 
 
-def member(name: str, *, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "",
-           mode: int = 0o644) -> tuple[tarfile.TarInfo, bytes]:
+def member(
+    name: str, *, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "", mode: int = 0o644
+) -> tuple[tarfile.TarInfo, bytes]:
     info = tarfile.TarInfo(name)
     info.type, info.linkname, info.mode = kind, link, mode
     info.size = len(data) if kind == tarfile.REGTYPE else 0
@@ -252,21 +254,32 @@ def evil_archive(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
 HOSTILE: dict[str, tuple[list[tuple[tarfile.TarInfo, bytes]], str]] = {
     "absolute": ([member("/tmp/ia-evil-absolute", data=b"x")], "absolute or contains '..'"),
     "dotdot": ([member("logs/../../ia-evil-dotdot", data=b"x")], "absolute or contains '..'"),
-    "symlink-absolute": ([member("passwd", kind=tarfile.SYMTYPE, link="/etc/passwd")],
-                         "absolute, so it points outside the destination"),
-    "symlink-out": ([member("up", kind=tarfile.SYMTYPE, link="../../outside")],
-                    "points outside the destination"),
-    "symlink-then-write-through": ([member("d", kind=tarfile.SYMTYPE, link=".."),
-                                    member("d/ia-evil-through", data=b"x")],
-                                   "points outside the destination"),
-    "hardlink-out": ([member("h", kind=tarfile.LNKTYPE, link="../../outside/secret")],
-                     "absolute or contains '..'"),
-    "hardlink-absolute": ([member("h", kind=tarfile.LNKTYPE, link="/etc/passwd")],
-                          "absolute or contains '..'"),
+    "symlink-absolute": (
+        [member("passwd", kind=tarfile.SYMTYPE, link="/etc/passwd")],
+        "absolute, so it points outside the destination",
+    ),
+    "symlink-out": (
+        [member("up", kind=tarfile.SYMTYPE, link="../../outside")],
+        "points outside the destination",
+    ),
+    "symlink-then-write-through": (
+        [member("d", kind=tarfile.SYMTYPE, link=".."), member("d/ia-evil-through", data=b"x")],
+        "points outside the destination",
+    ),
+    "hardlink-out": (
+        [member("h", kind=tarfile.LNKTYPE, link="../../outside/secret")],
+        "absolute or contains '..'",
+    ),
+    "hardlink-absolute": (
+        [member("h", kind=tarfile.LNKTYPE, link="/etc/passwd")],
+        "absolute or contains '..'",
+    ),
     "device-node": ([member("dev/null", kind=tarfile.CHRTYPE)], "refusing device node"),
     "fifo": ([member("pipe", kind=tarfile.FIFOTYPE)], "refusing FIFO"),
-    "setuid": ([member("bin/su", data=b"#!/bin/sh\n", mode=0o4755)],
-               "setuid/setgid file (mode 4755); pass --allow-setuid"),
+    "setuid": (
+        [member("bin/su", data=b"#!/bin/sh\n", mode=0o4755)],
+        "setuid/setgid file (mode 4755); pass --allow-setuid",
+    ),
     "setgid": ([member("bin/wall", data=b"#!/bin/sh\n", mode=0o2755)], "setuid/setgid file"),
 }
 
@@ -296,8 +309,9 @@ def test_hostile_archives_are_refused(stack: Stack, tmp_path: Path, case: str) -
 
 def test_allow_setuid_restores_the_bit(stack: Stack, tmp_path: Path) -> None:
     key = "evil/setuid-allowed.tar.zst"
-    stack.client("s3").put_object(Bucket=stack.bucket, Key=key, Body=evil_archive(
-        member("bin/tool", data=b"#!/bin/sh\n", mode=0o4755)))
+    stack.client("s3").put_object(
+        Bucket=stack.bucket, Key=key, Body=evil_archive(member("bin/tool", data=b"#!/bin/sh\n", mode=0o4755))
+    )
     dest = tmp_path / "dest"
     proc = stack.run("restore", f"s3://{stack.bucket}/{key}", str(dest), "--allow-setuid")
     assert proc.returncode == 0, proc.stderr
@@ -312,17 +326,32 @@ def test_list_filters_pages_and_restore_latest(stack: Stack, tmp_path: Path) -> 
     build_tree(src)
     made = []
     # Ad-hoc backups (--no-complete) name their group and instance from the flags.
-    for group, instance in (("web", "i-0aaaaaaaaaaaaaaaa"), ("web", "i-0bbbbbbbbbbbbbbbb"),
-                            ("db", "i-0aaaaaaaaaaaaaaaa")):
-        proc, result = stack.backup("--source", str(src), "--no-complete", "--asg-name", group,
-                                    "--instance-id", instance, "--region", "us-east-1")
+    for group, instance in (
+        ("web", "i-0aaaaaaaaaaaaaaaa"),
+        ("web", "i-0bbbbbbbbbbbbbbbb"),
+        ("db", "i-0aaaaaaaaaaaaaaaa"),
+    ):
+        proc, result = stack.backup(
+            "--source",
+            str(src),
+            "--no-complete",
+            "--asg-name",
+            group,
+            "--instance-id",
+            instance,
+            "--region",
+            "us-east-1",
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         made.append(result)
         time.sleep(1.1)  # manifests record `created` to the second: keep the order certain
     # An archive whose run died before its manifest: still listed, flagged.
     s3 = stack.client("s3")
-    s3.copy_object(Bucket=stack.bucket, Key="web/i-0ccccccccccccccccc/20200101T000000Z.tar.zst",
-                   CopySource={"Bucket": stack.bucket, "Key": made[0]["key"]})
+    s3.copy_object(
+        Bucket=stack.bucket,
+        Key="web/i-0ccccccccccccccccc/20200101T000000Z.tar.zst",
+        CopySource={"Bucket": stack.bucket, "Key": made[0]["key"]},
+    )
 
     rows = list_json(stack)
     assert [r["key"] for r in rows[1:]] == [m["key"] for m in made]  # oldest first
@@ -330,13 +359,19 @@ def test_list_filters_pages_and_restore_latest(stack: Stack, tmp_path: Path) -> 
     assert (rows[0]["status"], rows[0]["time"]) == ("no manifest", "2020-01-01T00:00:00Z")
     assert (rows[0]["group"], rows[0]["instance_id"]) == ("web", "i-0ccccccccccccccccc")
     assert {(r["group"], r["instance_id"]) for r in rows[1:]} == {
-        ("web", "i-0aaaaaaaaaaaaaaaa"), ("web", "i-0bbbbbbbbbbbbbbbb"), ("db", "i-0aaaaaaaaaaaaaaaa")}
+        ("web", "i-0aaaaaaaaaaaaaaaa"),
+        ("web", "i-0bbbbbbbbbbbbbbbb"),
+        ("db", "i-0aaaaaaaaaaaaaaaa"),
+    }
     assert [r["key"] for r in list_json(stack, "--asg-name", "db")] == [made[2]["key"]]
     assert len(list_json(stack, "--asg-name", "web")) == 3  # the key pins the orphan's group
-    assert {r["key"] for r in list_json(stack, "--instance-id", "i-0aaaaaaaaaaaaaaaa")} == \
-        {made[0]["key"], made[2]["key"]}
-    assert [r["key"] for r in list_json(stack, "--asg-name", "web", "--instance-id",
-                                        "i-0bbbbbbbbbbbbbbbb")] == [made[1]["key"]]
+    assert {r["key"] for r in list_json(stack, "--instance-id", "i-0aaaaaaaaaaaaaaaa")} == {
+        made[0]["key"],
+        made[2]["key"],
+    }
+    assert [
+        r["key"] for r in list_json(stack, "--asg-name", "web", "--instance-id", "i-0bbbbbbbbbbbbbbbb")
+    ] == [made[1]["key"]]
     assert len(list_json(stack, "--since", "1h")) == 3  # not the one from 2020
     assert list_json(stack, "--since", "2999-01-01") == []
 
@@ -350,28 +385,46 @@ def test_list_filters_pages_and_restore_latest(stack: Stack, tmp_path: Path) -> 
 
     # On a terminal it is a table.
     main, sub = pty.openpty()
-    proc = subprocess.run([*AGENT, "list", "--bucket", stack.bucket, "--asg-name", "web"],
-                          env=stack.env(), stdout=sub, stderr=subprocess.PIPE, timeout=60,
-                          check=False)
+    proc = subprocess.run(
+        [*AGENT, "list", "--bucket", stack.bucket, "--asg-name", "web"],
+        env=stack.env(),
+        stdout=sub,
+        stderr=subprocess.PIPE,
+        timeout=60,
+        check=False,
+    )
     os.close(sub)
     table = os.read(main, 65536).decode()
     os.close(main)
     assert proc.returncode == 0, proc.stderr
     header, *lines = table.splitlines()
-    assert header.split() == ["TIME", "GROUP", "INSTANCE", "RAW", "COMPRESSED", "FILES",
-                              "STATUS", "ARCHIVE"]
+    assert header.split() == ["TIME", "GROUP", "INSTANCE", "RAW", "COMPRESSED", "FILES", "STATUS", "ARCHIVE"]
     assert len(lines) == 3 and all(" web " in line for line in lines)
     assert ["no manifest" in lines[0], "succeeded" in lines[1], "succeeded" in lines[2]] == [True] * 3
 
     # restore --latest picks the newest backup of the instance.
     dest = tmp_path / "latest"
-    proc = stack.run("restore", "--latest", "--instance-id", "i-0aaaaaaaaaaaaaaaa", str(dest),
-                     "--verify", "--bucket", stack.bucket)
+    proc = stack.run(
+        "restore",
+        "--latest",
+        "--instance-id",
+        "i-0aaaaaaaaaaaaaaaa",
+        str(dest),
+        "--verify",
+        "--bucket",
+        stack.bucket,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"latest backup: s3://{stack.bucket}/{made[2]['key']}" in proc.stderr
     assert walk(restored_root(dest, src)) == walk(src)
-    proc = stack.run("restore", "--latest", "--instance-id", "i-0dddddddddddddddd",
-                     str(tmp_path / "x"), env=stack.env(INSTANCE_AGENT_BUCKET=stack.bucket))
+    proc = stack.run(
+        "restore",
+        "--latest",
+        "--instance-id",
+        "i-0dddddddddddddddd",
+        str(tmp_path / "x"),
+        env=stack.env(INSTANCE_AGENT_BUCKET=stack.bucket),
+    )
     assert proc.returncode == 1
     assert "no backup of instance i-0dddddddddddddddd under" in proc.stderr
 

@@ -83,18 +83,24 @@ def receiver(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Receive
     rx.close()
 
 
-def test_watch_notifies_ready_status_watchdog_stopping(stack: Stack, receiver: Receiver,
-                                                       tmp_path: Path) -> None:
+def test_watch_notifies_ready_status_watchdog_stopping(
+    stack: Stack, receiver: Receiver, tmp_path: Path
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "data.bin").write_bytes(os.urandom(24 * 1024 * 1024))  # 3 parts of 8 MiB
     stack.imds.fail_status = 500  # IMDS not answering yet: no READY=1
     with FaultProxy(stack.s3_endpoint) as proxy:
         proxy.add_rule(Rule(query=upload_part, fault=Delay(1.0)))
-        env = stack.env(NOTIFY_SOCKET=receiver.env_value, WATCHDOG_USEC=str(WATCHDOG_USEC),
-                        AWS_ENDPOINT_URL_S3=proxy.endpoint, INSTANCE_AGENT_LOG_LEVEL="info")
-        with watch(stack, "--source", str(src), "--compression", "none",
-                   "--upload-workers", "1", env=env) as w:
+        env = stack.env(
+            NOTIFY_SOCKET=receiver.env_value,
+            WATCHDOG_USEC=str(WATCHDOG_USEC),
+            AWS_ENDPOINT_URL_S3=proxy.endpoint,
+            INSTANCE_AGENT_LOG_LEVEL="info",
+        )
+        with watch(
+            stack, "--source", str(src), "--compression", "none", "--upload-workers", "1", env=env
+        ) as w:
             receiver.wait_for("WATCHDOG=1")
             time.sleep(1.0)
             assert receiver.first("READY=1") is None, "READY=1 before IMDS answered"
@@ -115,7 +121,7 @@ def test_watch_notifies_ready_status_watchdog_stopping(stack: Stack, receiver: R
             assert w.wait(5) == 0
             stopping = receiver.wait_for("STOPPING=1", timeout=2)
     assert ready < started < stopping and stopping >= sent
-    statuses = [a[len("STATUS="):] for a in receiver.assignments() if a.startswith("STATUS=")]
+    statuses = [a[len("STATUS=") :] for a in receiver.assignments() if a.startswith("STATUS=")]
     for expected in ("watching", "backing up (termination)", "backing up", "completing"):
         assert expected in statuses, statuses
     assert statuses.index("backing up (termination)") < statuses.index("completing")

@@ -24,8 +24,7 @@ from instance_agent.s3upload import PartSizer
 BAD = [
     ('max_archive_size = "6TiB"', "max_archive_size"),
     ('key_template = "{prefix}{group}/{instance_id:.2}/{timestamp}"', "key_template"),
-    ('key_template = "{prefix}{group}/{group}/{group}/{group}/{instance_id}/{timestamp}"',
-     "key_template"),
+    ('key_template = "{prefix}{group}/{group}/{group}/{group}/{instance_id}/{timestamp}"', "key_template"),
     ("poll_interval = inf", "poll_interval"),
     ("poll_interval = nan", "poll_interval"),
     ("lock_timeout = inf", "lock_timeout"),
@@ -39,7 +38,8 @@ BAD = [
 
 @pytest.mark.parametrize(("toml", "key"), BAD)
 def test_each_config_error_is_exit_2_with_one_line_naming_the_key(
-        stack: Stack, tmp_path: Path, toml: str, key: str) -> None:
+    stack: Stack, tmp_path: Path, toml: str, key: str
+) -> None:
     path = tmp_path / "agent.toml"
     path.write_text(toml + "\n")
     src = tmp_path / "src"
@@ -48,8 +48,18 @@ def test_each_config_error_is_exit_2_with_one_line_naming_the_key(
     env.pop("INSTANCE_AGENT_STATE_DIR")  # the file's state_dir must count
     # --no-complete: a config wrongly accepted fails this test at once instead of waiting for
     # Terminating:Wait.
-    proc = stack.run("backup", "--bucket", stack.bucket, "--config", str(path),
-                     "--source", str(src), "--json", "--no-complete", env=env)
+    proc = stack.run(
+        "backup",
+        "--bucket",
+        stack.bucket,
+        "--config",
+        str(path),
+        "--source",
+        str(src),
+        "--json",
+        "--no-complete",
+        env=env,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0], lines
@@ -60,8 +70,7 @@ def test_each_config_error_is_exit_2_with_one_line_naming_the_key(
 def test_doctor_reports_the_same_error(stack: Stack, tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     path.write_text('compression = "gzip"\nlevel = 12\n')
-    proc = stack.run("doctor", "--json", "--bucket", stack.bucket, "--config", str(path),
-                     timeout=120)
+    proc = stack.run("doctor", "--json", "--bucket", stack.bucket, "--config", str(path), timeout=120)
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
     assert proc.returncode == 1
     assert checks["config"]["result"] == "fail"
@@ -77,36 +86,70 @@ def test_an_invalid_token_is_refused_without_being_echoed() -> None:
 
 # -- property: what load accepts, a backup can use --------------------------------------
 
-_PIECES = ["{prefix}", "{group}", "{instance_id}", "{instance_id:.2}", "{instance_id:.40}",
-           "{instance_id!r}", "{instance_id:>30}", "{region}", "{timestamp}", "{hostname}",
-           "{hostname:.3}", "/", "-", "x", ".", "..", "{{", "}}", "{bad}", "{"]
-_NUMBERS = st.one_of(st.integers(-10, 10**14), st.floats(allow_nan=True, allow_infinity=True),
-                     st.text(string.digits + ".eE+-infa", max_size=6))
+_PIECES = [
+    "{prefix}",
+    "{group}",
+    "{instance_id}",
+    "{instance_id:.2}",
+    "{instance_id:.40}",
+    "{instance_id!r}",
+    "{instance_id:>30}",
+    "{region}",
+    "{timestamp}",
+    "{hostname}",
+    "{hostname:.3}",
+    "/",
+    "-",
+    "x",
+    ".",
+    "..",
+    "{{",
+    "}}",
+    "{bad}",
+    "{",
+]
+_NUMBERS = st.one_of(
+    st.integers(-10, 10**14),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(string.digits + ".eE+-infa", max_size=6),
+)
 
-_OVERRIDES = st.fixed_dictionaries({}, optional={
-    "key_template": st.lists(st.sampled_from(_PIECES), max_size=8).map("".join),
-    "prefix": st.text(string.ascii_letters + "/._-", max_size=20),
-    "compression": st.sampled_from(["zstd", "gzip", "none"]),
-    "level": _NUMBERS,
-    "max_archive_size": st.one_of(st.integers(-1, 2**44),
-                                  st.sampled_from(["5TiB", "6TiB", "1.5GiB", "100MiB", "0"])),
-    "max_duration": _NUMBERS,
-    "lock_timeout": _NUMBERS,
-    "wait_timeout": _NUMBERS,
-    "complete_timeout": _NUMBERS,
-    "heartbeat_interval": _NUMBERS,
-    "poll_interval": _NUMBERS,
-    "stop_grace": _NUMBERS,
-    "upload_workers": st.integers(-2, 64),
-    "exclude": st.lists(st.text(string.printable, max_size=12), max_size=3),
-    "state_dir": st.sampled_from(["", " ", "/var/lib/x", "rel", "/"]),
-})
+_OVERRIDES = st.fixed_dictionaries(
+    {},
+    optional={
+        "key_template": st.lists(st.sampled_from(_PIECES), max_size=8).map("".join),
+        "prefix": st.text(string.ascii_letters + "/._-", max_size=20),
+        "compression": st.sampled_from(["zstd", "gzip", "none"]),
+        "level": _NUMBERS,
+        "max_archive_size": st.one_of(
+            st.integers(-1, 2**44), st.sampled_from(["5TiB", "6TiB", "1.5GiB", "100MiB", "0"])
+        ),
+        "max_duration": _NUMBERS,
+        "lock_timeout": _NUMBERS,
+        "wait_timeout": _NUMBERS,
+        "complete_timeout": _NUMBERS,
+        "heartbeat_interval": _NUMBERS,
+        "poll_interval": _NUMBERS,
+        "stop_grace": _NUMBERS,
+        "upload_workers": st.integers(-2, 64),
+        "exclude": st.lists(st.text(string.printable, max_size=12), max_size=3),
+        "state_dir": st.sampled_from(["", " ", "/var/lib/x", "rel", "/"]),
+    },
+)
 _GROUPS = st.text(min_size=1, max_size=255).filter(lambda s: not any(ord(c) < 32 for c in s))
 _HOSTS = st.text(string.ascii_lowercase + string.digits + ".-", min_size=1, max_size=253)
 _IDS = st.from_regex(r"i-[0-9a-f]{8}|i-[0-9a-f]{17}", fullmatch=True)
-_TIMEOUTS = ("max_duration", "lock_timeout", "wait_timeout", "complete_timeout",
-             "heartbeat_interval", "poll_interval", "stop_grace", "drain_timeout",
-             "command_timeout")
+_TIMEOUTS = (
+    "max_duration",
+    "lock_timeout",
+    "wait_timeout",
+    "complete_timeout",
+    "heartbeat_interval",
+    "poll_interval",
+    "stop_grace",
+    "drain_timeout",
+    "command_timeout",
+)
 
 
 class _Null:
@@ -117,7 +160,8 @@ class _Null:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_OVERRIDES, _GROUPS, _HOSTS, _IDS, _IDS)
 def test_a_config_accepted_by_load_never_fails_a_backup_by_itself(
-        flags: dict[str, Any], group: str, host: str, one: str, two: str) -> None:
+    flags: dict[str, Any], group: str, host: str, one: str, two: str
+) -> None:
     try:
         cfg = config.load({"bucket": "ok-bucket", **flags}, {}, config_file="/dev/null")
     except ConfigError as err:
@@ -125,14 +169,19 @@ def test_a_config_accepted_by_load_never_fails_a_backup_by_itself(
         return
     # Keys: every instance, group and host name renders a valid key, and distinct instances
     # never share one.
-    values = {"prefix": cfg.prefix, "group": group, "instance_id": one, "region": "eu-west-1",
-              "timestamp": keys.timestamp(), "hostname": host}
+    values = {
+        "prefix": cfg.prefix,
+        "group": group,
+        "instance_id": one,
+        "region": "eu-west-1",
+        "timestamp": keys.timestamp(),
+        "hostname": host,
+    }
     key = keys.render(cfg.key_template, values, cfg.compression)
     assert keys.check_key(key + ".manifest.json") is None
     keys.listing_prefix(cfg.key_template, values)
     if one != two:
-        assert key != keys.render(cfg.key_template, {**values, "instance_id": two},
-                                  cfg.compression)
+        assert key != keys.render(cfg.key_template, {**values, "instance_id": two}, cfg.compression)
     # The compressor takes the level, the part sizes reach the maximum, globs compile.
     comp = open_compressor(cfg.compression, _Null(), cfg.level, threads=1)
     comp.write(b"instance-agent\n" * 64)

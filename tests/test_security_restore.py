@@ -25,8 +25,12 @@ def _tar(members: list[Member]) -> io.BytesIO:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data.encode()))
                 continue
-            info.type = {"dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "lnk": tarfile.LNKTYPE,
-                         "chr": tarfile.CHRTYPE}[kind]
+            info.type = {
+                "dir": tarfile.DIRTYPE,
+                "sym": tarfile.SYMTYPE,
+                "lnk": tarfile.LNKTYPE,
+                "chr": tarfile.CHRTYPE,
+            }[kind]
             info.linkname = data
             tar.addfile(info)
     out.seek(0)
@@ -35,16 +39,17 @@ def _tar(members: list[Member]) -> io.BytesIO:
 
 HOSTILE = {
     "symlink chain (passwd through b -> .)": [
-        ("d", "dir", ""), ("d/passwd", "sym", "b/b/b/../../../../etc/passwd"),
-        ("d/b", "sym", ".")],
+        ("d", "dir", ""),
+        ("d/passwd", "sym", "b/b/b/../../../../etc/passwd"),
+        ("d/b", "sym", "."),
+    ],
     "absolute name": [("/etc/cron.d/x", "file", "* * * * * root sh\n")],
     "'..' in a name": [("a/../../x", "file", "x")],
     "hard link to outside": [("a", "dir", ""), ("a/h", "lnk", "../../etc/passwd")],
     "hard link to a file not in the archive": [("h", "lnk", "etc/passwd")],
     "device file": [("null", "chr", "")],
     "absolute symlink": [("l", "sym", "/etc")],
-    "symlink then a file through it": [("sub", "dir", ""), ("l", "sym", "sub"),
-                                       ("l/x", "file", "x")],
+    "symlink then a file through it": [("sub", "dir", ""), ("l", "sym", "sub"), ("l/x", "file", "x")],
 }
 
 
@@ -59,8 +64,9 @@ def test_hostile_archives_are_refused_and_leave_nothing(tmp_path: Path, case: st
 
 
 def test_refused_into_an_existing_empty_dest_leaves_it_empty(tmp_path: Path) -> None:
-    with scoreboard.scenario("Restore: the link chain passwd -> b/b/b/../../../../etc/passwd, "
-                             "then b -> .") as row:
+    with scoreboard.scenario(
+        "Restore: the link chain passwd -> b/b/b/../../../../etc/passwd, then b -> ."
+    ) as row:
         row.faults = "hostile archive; DEST exists and is empty"
         dest = tmp_path / "dest"
         dest.mkdir()
@@ -73,8 +79,18 @@ def test_refused_into_an_existing_empty_dest_leaves_it_empty(tmp_path: Path) -> 
 
 def test_links_inside_the_tree_still_restore(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
-    extract(_tar([("a", "dir", ""), ("a/f", "file", "data"), ("a/l", "sym", "f"),
-                  ("up", "sym", "a/../a/f"), ("h", "lnk", "a/f")]), str(dest))
+    extract(
+        _tar(
+            [
+                ("a", "dir", ""),
+                ("a/f", "file", "data"),
+                ("a/l", "sym", "f"),
+                ("up", "sym", "a/../a/f"),
+                ("h", "lnk", "a/f"),
+            ]
+        ),
+        str(dest),
+    )
     assert (dest / "a" / "l").read_text() == "data" and os.readlink(dest / "a" / "l") == "f"
     assert (dest / "up").read_text() == "data" and (dest / "h").read_text() == "data"
 

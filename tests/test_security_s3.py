@@ -27,14 +27,18 @@ def test_a_colliding_key_fails_clearly_and_keeps_the_earlier_backup(stack: Stack
     with scoreboard.scenario("S3: a second backup renders the key of an earlier one") as row:
         row.faults = "key_template without {timestamp}; two runs of one instance"
         s3 = stack.client("s3")
-        proc, first = stack.backup("--source", str(_src(stack.tmp, "a", os.urandom(4096))),
-                                   "--key-template", FIXED, "--no-complete")
+        proc, first = stack.backup(
+            "--source", str(_src(stack.tmp, "a", os.urandom(4096))), "--key-template", FIXED, "--no-complete"
+        )
         assert proc.returncode == 0 and first["status"] == "succeeded", proc.stderr[-2000:]
-        kept = {k: s3.get_object(Bucket=stack.bucket, Key=k)["Body"].read()
-                for k in (first["key"], first["manifest_key"])}
+        kept = {
+            k: s3.get_object(Bucket=stack.bucket, Key=k)["Body"].read()
+            for k in (first["key"], first["manifest_key"])
+        }
 
-        proc, second = stack.backup("--source", str(_src(stack.tmp, "b", os.urandom(8192))),
-                                    "--key-template", FIXED, "--no-complete")
+        proc, second = stack.backup(
+            "--source", str(_src(stack.tmp, "b", os.urandom(8192))), "--key-template", FIXED, "--no-complete"
+        )
 
         assert proc.returncode == 1 and second["status"] == "failed"
         assert second["key"] == first["key"]
@@ -43,8 +47,10 @@ def test_a_colliding_key_fails_clearly_and_keeps_the_earlier_backup(stack: Stack
             assert s3.get_object(Bucket=stack.bucket, Key=key)["Body"].read() == body
         assert stack.incomplete_uploads() == []  # the refused upload was aborted
         assert '"status": "failed"' in stack.sns()[-1]["message"]  # reported as a failure
-        row.outcome = ("exit 1, one-line error 'already exists'; earlier archive and manifest "
-                       "byte-identical; upload aborted")
+        row.outcome = (
+            "exit 1, one-line error 'already exists'; earlier archive and manifest "
+            "byte-identical; upload aborted"
+        )
         row.bytes_lost = 0
 
 
@@ -94,20 +100,21 @@ def test_storage_class_applies_to_the_archive_only() -> None:
     extra = {"StorageClass": "GLACIER", "ServerSideEncryption": "AES256"}
     client = _Recorder()
     for key in ("b/i-1/t.tar.zst", "b/i-1/t.journal.export.zst"):
-        with MultipartUpload(client, "bk", key, sizer=PartSizer.for_max(1 << 30),
-                             extra=extra) as up:
+        with MultipartUpload(client, "bk", key, sizer=PartSizer.for_max(1 << 30), extra=extra) as up:
             up.write(b"data")
             up.complete()
     put_small(client, "bk", "b/i-1/t.tar.zst.manifest.json", b"{}", extra=extra)
-    classes = {kw["Key"]: kw.get("StorageClass") for name, kw in client.calls
-               if name in ("create", "put")}
-    assert classes == {"b/i-1/t.tar.zst": "GLACIER", "b/i-1/t.journal.export.zst": None,
-                       "b/i-1/t.tar.zst.manifest.json": None}
+    classes = {kw["Key"]: kw.get("StorageClass") for name, kw in client.calls if name in ("create", "put")}
+    assert classes == {
+        "b/i-1/t.tar.zst": "GLACIER",
+        "b/i-1/t.journal.export.zst": None,
+        "b/i-1/t.tar.zst.manifest.json": None,
+    }
     # Encryption still applies to everything, and creation is conditional everywhere.
-    assert all(kw.get("ServerSideEncryption") == "AES256" for name, kw in client.calls
-               if name in ("create", "put"))
-    assert all(kw.get("IfNoneMatch") == "*" for name, kw in client.calls
-               if name in ("complete", "put"))
+    assert all(
+        kw.get("ServerSideEncryption") == "AES256" for name, kw in client.calls if name in ("create", "put")
+    )
+    assert all(kw.get("IfNoneMatch") == "*" for name, kw in client.calls if name in ("complete", "put"))
 
 
 def test_doctor_probes_kms_decrypt_with_one_part(stack: Stack) -> None:
@@ -116,9 +123,16 @@ def test_doctor_probes_kms_decrypt_with_one_part(stack: Stack) -> None:
     empty.touch()
     with FaultProxy(stack.s3_endpoint) as proxy:
         proxy.add_rule(Rule(method="PUT", query=upload_part, fault=denied))
-        proc = stack.run("doctor", "--json", "--bucket", stack.bucket, "--sse", "aws:kms",
-                         env=stack.env(INSTANCE_AGENT_CONFIG=str(empty),
-                                       AWS_ENDPOINT_URL_S3=proxy.endpoint), timeout=120)
+        proc = stack.run(
+            "doctor",
+            "--json",
+            "--bucket",
+            stack.bucket,
+            "--sse",
+            "aws:kms",
+            env=stack.env(INSTANCE_AGENT_CONFIG=str(empty), AWS_ENDPOINT_URL_S3=proxy.endpoint),
+            timeout=120,
+        )
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
     assert proc.returncode == 1
     s3 = checks["s3 permissions"]

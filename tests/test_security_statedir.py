@@ -73,8 +73,7 @@ def test_planted_state_dir_is_refused_and_the_runtime_dir_used(stack: Stack) -> 
         src.mkdir()
         (src / "app.log").write_bytes(os.urandom(2048))
         stack.scale_in()
-        proc, result = stack.backup("--source", str(src),
-                                    env=stack.env(INSTANCE_AGENT_STATE_DIR=str(state)))
+        proc, result = stack.backup("--source", str(src), env=stack.env(INSTANCE_AGENT_STATE_DIR=str(state)))
 
         assert proc.returncode == 0 and result["status"] == "succeeded", proc.stderr[-2000:]
         assert victim.read_text() == "root-owned file that must not be truncated"
@@ -82,6 +81,8 @@ def test_planted_state_dir_is_refused_and_the_runtime_dir_used(stack: Stack) -> 
         assert sorted(p.name for p in state.iterdir()) == before  # nothing written there
         assert "lock directory unusable" in proc.stderr and reason in proc.stderr
         assert list((stack.tmp / "run").glob("termination-*.json"))  # the fallback holds it
-        row.outcome = ("succeeded; state dir refused with a warning, lock and record in the "
-                       "runtime dir; planted targets untouched")
+        row.outcome = (
+            "succeeded; state dir refused with a warning, lock and record in the "
+            "runtime dir; planted targets untouched"
+        )
         row.bytes_lost = 0

@@ -28,31 +28,49 @@ def test_scrub_replaces_the_token_by_its_fingerprint() -> None:
 
 
 def test_token_of_a_gone_action_appears_nowhere(stack: Stack) -> None:
-    with scoreboard.scenario("Token: backup with --lifecycle-token after the action was "
-                             "completed elsewhere") as row:
+    with scoreboard.scenario(
+        "Token: backup with --lifecycle-token after the action was completed elsewhere"
+    ) as row:
         row.faults = "action completed before the agent ran; AWS's error text quotes the token"
         stack.scale_in()
-        token = next(a.token for a in autoscaling.active_actions(ACCOUNT, REGION)
-                     if a.instance_id == stack.instance_id)
+        token = next(
+            a.token for a in autoscaling.active_actions(ACCOUNT, REGION) if a.instance_id == stack.instance_id
+        )
         stack.client("autoscaling").complete_lifecycle_action(
-            AutoScalingGroupName=stack.group, LifecycleHookName=stack.hook,
-            LifecycleActionToken=token, LifecycleActionResult="CONTINUE")
+            AutoScalingGroupName=stack.group,
+            LifecycleHookName=stack.hook,
+            LifecycleActionToken=token,
+            LifecycleActionResult="CONTINUE",
+        )
         src = stack.tmp / "src"
         src.mkdir()
         (src / "app.log").write_bytes(os.urandom(4096))
-        proc, result = stack.backup("--source", str(src), "--lifecycle-token", token,
-                                    "--hook-name", stack.hook, "--asg-name", stack.group)
+        proc, result = stack.backup(
+            "--source",
+            str(src),
+            "--lifecycle-token",
+            token,
+            "--hook-name",
+            stack.hook,
+            "--asg-name",
+            stack.group,
+        )
         assert result["status"] == "succeeded", proc.stderr[-2000:]
         # The run did meet AWS's refusal, and said so (by fingerprint).
         assert result["lifecycle_error"], result
-        records = [p.read_text() for d in ("state", "run") for p in (stack.tmp / d).glob("*")
-                   if p.is_file()]
+        records = [p.read_text() for d in ("state", "run") for p in (stack.tmp / d).glob("*") if p.is_file()]
         assert records, "the run left no result record"
         messages = [json.dumps(m) for m in stack.sns()]
         assert messages
-        for where, text in (("stderr", proc.stderr), ("stdout", proc.stdout),
-                            *(("sns", m) for m in messages), *(("record", r) for r in records)):
+        for where, text in (
+            ("stderr", proc.stderr),
+            ("stdout", proc.stdout),
+            *(("sns", m) for m in messages),
+            *(("record", r) for r in records),
+        ):
             assert token not in text, f"token leaked into {where}"
-        row.outcome = (f"succeeded; token in 0 of {len(messages)} SNS message(s), stdout, "
-                       f"stderr and {len(records)} record(s)")
+        row.outcome = (
+            f"succeeded; token in 0 of {len(messages)} SNS message(s), stdout, "
+            f"stderr and {len(records)} record(s)"
+        )
         row.bytes_lost = 0

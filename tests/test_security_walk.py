@@ -26,8 +26,11 @@ def _archive(src: Path, hook: Callable[[bytes], None]) -> tuple[dict[str, bytes]
     report = arch.finish()
     out.seek(0)
     with tarfile.open(fileobj=out) as tar:
-        files = {m.name: tar.extractfile(m).read()  # type: ignore[union-attr]
-                 for m in tar.getmembers() if m.isfile()}
+        files = {
+            m.name: tar.extractfile(m).read()  # type: ignore[union-attr]
+            for m in tar.getmembers()
+            if m.isfile()
+        }
     return files, [f"{os.fsdecode(w.path)}: {w.reason}" for w in report.warnings]
 
 
@@ -44,16 +47,19 @@ def _tree(tmp: Path) -> tuple[Path, Path]:
 
 def _swap_sub_when(at: Path, src: Path, etc: Path) -> Callable[[bytes], None]:
     """The hook: when the walker reaches `at`, app/sub becomes a symlink to the secret dir."""
+
     def swap(path: bytes) -> None:
         if path == os.fsencode(at):
             os.rename(src / "app" / "sub", src.parent / "moved")
             os.symlink(etc, src / "app" / "sub")
+
     return swap
 
 
 def test_a_directory_swapped_for_a_symlink_before_it_is_opened_is_skipped(tmp_path: Path) -> None:
-    with scoreboard.scenario("Walk: a directory under a source swapped for a symlink to "
-                             "/etc between listing and opening") as row:
+    with scoreboard.scenario(
+        "Walk: a directory under a source swapped for a symlink to /etc between listing and opening"
+    ) as row:
         row.faults = "app/sub renamed away and replaced by a symlink to a secret directory"
         src, etc = _tree(tmp_path)
         files, warnings = _archive(src, _swap_sub_when(src / "app" / "sub", src, etc))

@@ -25,8 +25,17 @@ def _segments(stack: Stack) -> list[str]:
 
 
 def _restore_latest(stack: Stack, dest: Path) -> dict[str, Any]:
-    proc = stack.run("restore", "--bucket", stack.bucket, "--latest", "--instance-id",
-                     stack.instance_id, "--verify", "--json", str(dest))
+    proc = stack.run(
+        "restore",
+        "--bucket",
+        stack.bucket,
+        "--latest",
+        "--instance-id",
+        stack.instance_id,
+        "--verify",
+        "--json",
+        str(dest),
+    )
     assert proc.returncode == 0, proc.stderr
     out: dict[str, Any] = json.loads(proc.stdout)
     return out
@@ -89,8 +98,14 @@ def test_ship_rotations_then_terminate_restores_whole_tree(stack: Stack, tmp_pat
             assert state["shipping"]["shipped_files"] == 3
             assert state["shipping"]["pending_files"] == 1  # the live app.log
             assert state["shipping"]["last_error"] is None
-            assert set(state["shipping"]) == {"enabled", "pending_files", "pending_bytes",
-                                              "shipped_files", "shipped_bytes", "last_error"}
+            assert set(state["shipping"]) == {
+                "enabled",
+                "pending_files",
+                "pending_bytes",
+                "shipped_files",
+                "shipped_bytes",
+                "last_error",
+            }
             lines = writer.stop()
             stack.scale_in()  # right after the last line: the live file is the tail
             _, done = w.wait_for("response finished", timeout=60)
@@ -102,8 +117,11 @@ def test_ship_rotations_then_terminate_restores_whole_tree(stack: Stack, tmp_pat
     # The final archive read only the live file; the rotated ones were left out.
     doc = _manifest(stack, done["key"])
     held = {e["path"]: e["object"] for e in doc["entries"] if e.get("object")}
-    assert set(held) == {str(old).lstrip("/"), str(src / "app.log.1").lstrip("/"),
-                         str(src / "app.log.2").lstrip("/")}
+    assert set(held) == {
+        str(old).lstrip("/"),
+        str(src / "app.log.1").lstrip("/"),
+        str(src / "app.log.2").lstrip("/"),
+    }
     assert doc["totals"]["files"] == 1 and doc["totals"]["held_files"] == 3
     assert sorted(held.values()) == _segments(stack)
 
@@ -117,13 +135,11 @@ def test_ship_rotations_then_terminate_restores_whole_tree(stack: Stack, tmp_pat
     listed = json.loads(proc.stdout)
     assert [b["key"] for b in listed] == [done["key"]]
     sizes = stack.objects()
-    assert listed[0]["compressed_bytes"] == sizes[done["key"]] + sum(
-        sizes[k] for k in _segments(stack))
+    assert listed[0]["compressed_bytes"] == sizes[done["key"]] + sum(sizes[k] for k in _segments(stack))
     assert listed[0]["files"] == 4
 
 
-def test_kill_9_mid_segment_restart_ships_once_and_aborts_the_upload(
-        stack: Stack, tmp_path: Path) -> None:
+def test_kill_9_mid_segment_restart_ships_once_and_aborts_the_upload(stack: Stack, tmp_path: Path) -> None:
     src = tmp_path / "logs"
     src.mkdir()
     big = src / "big.log.1"  # 12 MiB of random bytes: two parts
@@ -131,8 +147,7 @@ def test_kill_9_mid_segment_restart_ships_once_and_aborts_the_upload(
     os.utime(big, (OLD, OLD))
     release = threading.Event()
     with FaultProxy(stack.s3_endpoint) as proxy:
-        held = proxy.add_rule(Rule(query=upload_part, fault=HoldUntil(release, timeout=60),
-                                   times=1))
+        held = proxy.add_rule(Rule(query=upload_part, fault=HoldUntil(release, timeout=60), times=1))
         env = stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint, INSTANCE_AGENT_LOG_LEVEL="info")
         with watch(stack, "--source", str(src), "--ship", env=env) as w:
             assert held.fired.wait(30), w.text()
@@ -161,8 +176,7 @@ def test_kill_9_mid_segment_restart_ships_once_and_aborts_the_upload(
     assert walk(tmp_path / "restored" / str(src).lstrip("/")) == walk(src)
 
 
-def test_many_small_files_ship_as_one_segment_and_restore_as_one_tree(
-        stack: Stack, tmp_path: Path) -> None:
+def test_many_small_files_ship_as_one_segment_and_restore_as_one_tree(stack: Stack, tmp_path: Path) -> None:
     src = tmp_path / "logs"
     rng = random.Random(3)
     for i in range(400):  # a job runner's per-job logs: many tiny files in a few dirs
@@ -178,8 +192,7 @@ def test_many_small_files_ship_as_one_segment_and_restore_as_one_tree(
         _, shipped = w.wait_for("segment shipped", timeout=60)
         assert shipped["files"] == 401
         deadline = time.monotonic() + 30  # the status file follows at the next scan
-        while (state := json.loads(stack.run("status", "--json").stdout)["shipping"])[
-                "shipped_files"] != 401:
+        while (state := json.loads(stack.run("status", "--json").stdout)["shipping"])["shipped_files"] != 401:
             assert time.monotonic() < deadline, state
             time.sleep(0.3)
         assert state["pending_files"] == 0

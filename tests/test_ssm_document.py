@@ -43,8 +43,11 @@ def admitted(name: str, value: str, semantics: str) -> bool:
 
 def shared_values() -> dict[str, set[str]]:
     """Token, hook and group values from AWS's sample events."""
-    found: dict[str, set[str]] = {"LifecycleActionToken": set(), "LifecycleHookName": set(),
-                                  "AutoScalingGroupName": set()}
+    found: dict[str, set[str]] = {
+        "LifecycleActionToken": set(),
+        "LifecycleHookName": set(),
+        "AutoScalingGroupName": set(),
+    }
     for path in sorted(EVENTS_DIR.glob("asg-*.json")):
         data = json.loads(path.read_text())
         for source in (data, data.get("detail") or {}):
@@ -59,28 +62,91 @@ def shared_values() -> dict[str, set[str]]:
 SHARED = shared_values()
 REALISTIC: dict[str, list[str]] = {
     "LifecycleActionToken": [
-        *sorted(SHARED["LifecycleActionToken"]), str(uuid.uuid4()), str(uuid.uuid4()).upper(),
-        "00000000-0000-0000-0000-000000000000"],
+        *sorted(SHARED["LifecycleActionToken"]),
+        str(uuid.uuid4()),
+        str(uuid.uuid4()).upper(),
+        "00000000-0000-0000-0000-000000000000",
+    ],
     "LifecycleHookName": [
-        *sorted(SHARED["LifecycleHookName"]), "instance-agent-backup", "backup_before_terminate",
-        "Hook1", "a", "ops/backup-hook", "h" * 255],
+        *sorted(SHARED["LifecycleHookName"]),
+        "instance-agent-backup",
+        "backup_before_terminate",
+        "Hook1",
+        "a",
+        "ops/backup-hook",
+        "h" * 255,
+    ],
     "AutoScalingGroupName": [
-        *sorted(SHARED["AutoScalingGroupName"]), "", "mystack-group",
-        "eks-ng-1a2b3c4d-5e6f-7a8b-9c0d-1e2f3a4b5c6d", "web_tier_blue", "g" * 255],
-    "executionTimeout": ["1", "30", "60", "600", "3600", "7200", "86400", "100000", "169999",
-                         "171999", "172799", "172800"],
+        *sorted(SHARED["AutoScalingGroupName"]),
+        "",
+        "mystack-group",
+        "eks-ng-1a2b3c4d-5e6f-7a8b-9c0d-1e2f3a4b5c6d",
+        "web_tier_blue",
+        "g" * 255,
+    ],
+    "executionTimeout": [
+        "1",
+        "30",
+        "60",
+        "600",
+        "3600",
+        "7200",
+        "86400",
+        "100000",
+        "169999",
+        "171999",
+        "172799",
+        "172800",
+    ],
 }
 
 # Each is refused for every parameter: shell metacharacters, quoting, line breaks (a
 # trailing one too, which Java's `$` would let through), globs, option-looking values,
 # blanks, expansions, and non-ASCII look-alikes.
 INJECTIONS = [
-    "{v};reboot", "{v}; reboot", "$(reboot)", "{v}$(id)", "`reboot`", "{v}`id`",
-    "{v}\nreboot", "{v}\n", "{v}\r\n", "{v}\r", "\n{v}", "{v}\u2028", "{v}\x85", "{v}\x00",
-    "'{v}'", "{v}'", '"{v}"', '{v}"', "{v}&&reboot", "{v}||reboot", "{v}|sh", "{v}&",
-    "*", "{v}*", "{v}?", "[{v}]", "{{a,b}}", "-{v}", "--help", "{v} x", " {v}", "{v} ",
-    "{v}\tx", "{v}>/etc/passwd", "{v}<x", "~root", "$HOME", "${{IFS}}", "{v}#", "\\{v}",
-    "!{v}", "{v}\uff1b", "",
+    "{v};reboot",
+    "{v}; reboot",
+    "$(reboot)",
+    "{v}$(id)",
+    "`reboot`",
+    "{v}`id`",
+    "{v}\nreboot",
+    "{v}\n",
+    "{v}\r\n",
+    "{v}\r",
+    "\n{v}",
+    "{v}\u2028",
+    "{v}\x85",
+    "{v}\x00",
+    "'{v}'",
+    "{v}'",
+    '"{v}"',
+    '{v}"',
+    "{v}&&reboot",
+    "{v}||reboot",
+    "{v}|sh",
+    "{v}&",
+    "*",
+    "{v}*",
+    "{v}?",
+    "[{v}]",
+    "{{a,b}}",
+    "-{v}",
+    "--help",
+    "{v} x",
+    " {v}",
+    "{v} ",
+    "{v}\tx",
+    "{v}>/etc/passwd",
+    "{v}<x",
+    "~root",
+    "$HOME",
+    "${{IFS}}",
+    "{v}#",
+    "\\{v}",
+    "!{v}",
+    "{v}\uff1b",
+    "",
 ]
 
 
@@ -164,11 +230,14 @@ def test_names_the_document_admits_are_what_the_trigger_sends(name: str) -> None
         assert document_says == bool(SAFE_NAME.fullmatch(value)), repr(value)
 
 
-@pytest.mark.parametrize(("name", "option"), [
-    ("LifecycleActionToken", "lifecycle_token"),
-    ("LifecycleHookName", "hook_name"),
-    ("AutoScalingGroupName", "asg_name"),
-])
+@pytest.mark.parametrize(
+    ("name", "option"),
+    [
+        ("LifecycleActionToken", "lifecycle_token"),
+        ("LifecycleHookName", "hook_name"),
+        ("AutoScalingGroupName", "asg_name"),
+    ],
+)
 def test_the_agent_accepts_whatever_the_document_admits(name: str, option: str) -> None:
     check = config.OPTION_BY_NAME[option].check
     assert check is not None
@@ -226,12 +295,16 @@ EDGE_CASES = [
 
 @pytest.mark.parametrize("shell", ["sh", "bash"])
 @pytest.mark.parametrize(("token", "hook", "group"), EDGE_CASES)
-def test_rendered_script_passes_exactly_the_parameters(tmp_path: Path, shell: str, token: str,
-                                                       hook: str, group: str) -> None:
+def test_rendered_script_passes_exactly_the_parameters(
+    tmp_path: Path, shell: str, token: str, hook: str, group: str
+) -> None:
     if shutil.which(shell) is None:
         pytest.skip(f"no {shell}")
-    for name, value in (("LifecycleActionToken", token), ("LifecycleHookName", hook),
-                        ("AutoScalingGroupName", group)):
+    for name, value in (
+        ("LifecycleActionToken", token),
+        ("LifecycleHookName", hook),
+        ("AutoScalingGroupName", group),
+    ):
         assert admitted(name, value, "go") and admitted(name, value, "java")
     # A stand-in `instance-agent` that prints the argv it was given.
     bindir = tmp_path / "bin"
@@ -240,11 +313,19 @@ def test_rendered_script_passes_exactly_the_parameters(tmp_path: Path, shell: st
     fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
     fake.chmod(0o755)
     script = tmp_path / "_script.sh"
-    script.write_text(render({"LifecycleActionToken": token, "LifecycleHookName": hook,
-                              "AutoScalingGroupName": group}))
+    script.write_text(
+        render({"LifecycleActionToken": token, "LifecycleHookName": hook, "AutoScalingGroupName": group})
+    )
 
-    proc = subprocess.run([shell, str(script)], capture_output=True, text=True, timeout=30,
-                          env={"PATH": f"{bindir}:/usr/bin:/bin"}, cwd=tmp_path, check=False)
+    proc = subprocess.run(
+        [shell, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": f"{bindir}:/usr/bin:/bin"},
+        cwd=tmp_path,
+        check=False,
+    )
 
     assert proc.returncode == 0, proc.stderr
     expected = ["backup", "--json", "--lifecycle-token", token, "--hook-name", hook]

@@ -42,16 +42,22 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
 def run_status(dirs: tuple[Path, Path], *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INSTANCE_AGENT_")}
     env["INSTANCE_AGENT_CONFIG"] = os.devnull
-    return subprocess.run([*AGENT, "status", "--runtime-dir", str(dirs[0]), "--state-dir",
-                           str(dirs[1]), *args], env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [*AGENT, "status", "--runtime-dir", str(dirs[0]), "--state-dir", str(dirs[1]), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.fixture
 def watcher(dirs: tuple[Path, Path]) -> Iterator[subprocess.Popen[str]]:
     dirs[0].mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", WATCHER, str(dirs[0] / status.STATUS_FILE)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WATCHER, str(dirs[0] / status.STATUS_FILE)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     yield proc
     if proc.poll() is None:
@@ -86,8 +92,11 @@ def test_a_dead_watcher(dirs: tuple[Path, Path], watcher: subprocess.Popen[str])
     assert proc.returncode == 1
     assert proc.stdout.startswith(f"watcher: not running: pid {watcher.pid} is gone")
     assert "IMDS target-lifecycle-state: InService" in proc.stdout  # what it saw last
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        f"instance-agent: error: the watcher is not running: pid {watcher.pid} is gone")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"instance-agent: error: the watcher is not running: pid {watcher.pid} is gone")
+    )
 
 
 def test_a_hung_watcher(dirs: tuple[Path, Path], watcher: subprocess.Popen[str]) -> None:
@@ -103,8 +112,7 @@ def test_a_hung_watcher(dirs: tuple[Path, Path], watcher: subprocess.Popen[str])
 def test_no_watcher_ever_ran(dirs: tuple[Path, Path]) -> None:
     proc = run_status(dirs)
     assert proc.returncode == 1
-    assert proc.stdout.startswith(f"watcher: not running: no {status.STATUS_FILE} in {dirs[0]} "
-                                  f"or {dirs[1]}")
+    assert proc.stdout.startswith(f"watcher: not running: no {status.STATUS_FILE} in {dirs[0]} or {dirs[1]}")
     assert "systemctl status instance-agent" in proc.stderr
 
 
@@ -141,16 +149,21 @@ def test_write_status_merges_and_falls_back(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/cmdline"), reason="needs /proc")
 def test_the_real_watcher_reports_its_status(stack: Stack) -> None:
-    proc = subprocess.Popen([*AGENT, "watch", "--bucket", stack.bucket, "--poll-interval", "0.5"],
-                            env=stack.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*AGENT, "watch", "--bucket", stack.bucket, "--poll-interval", "0.5"],
+        env=stack.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         dirs = (stack.tmp / "run", stack.tmp / "state")
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and status.find_status(dirs) is None:
             time.sleep(0.2)
         if status.find_status(dirs) is None:
-            pytest.skip("the watcher does not write its status file yet "
-                        "(watch.py should call status.write_status)")
+            pytest.skip(
+                "the watcher does not write its status file yet (watch.py should call status.write_status)"
+            )
         out = run_status(dirs)
         assert out.returncode == 0, out.stdout + out.stderr
         assert f"watcher: running (pid {proc.pid}" in out.stdout

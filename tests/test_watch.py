@@ -36,8 +36,15 @@ from instance_agent.local.imds import IMDSStub
 
 def test_termination_detected_backed_up_reported_completed(stack: Stack, tmp_path: Path) -> None:
     src = source_tree(tmp_path / "src")
-    with watch(stack, "--source", str(src), "--pre-command", "echo pre-ran",
-               "--post-command", "echo post-ran; exit 3") as w:
+    with watch(
+        stack,
+        "--source",
+        str(src),
+        "--pre-command",
+        "echo pre-ran",
+        "--post-command",
+        "echo post-ran; exit 3",
+    ) as w:
         w.wait_for("watching")
         flipped = time.monotonic()
         stack.scale_in()  # Terminating:Wait in the group, `Terminated` in IMDS
@@ -45,9 +52,11 @@ def test_termination_detected_backed_up_reported_completed(stack: Stack, tmp_pat
         archiving, _ = w.wait_for("backup started")
         _, done = w.wait_for("response finished", timeout=60)
         latency = started - flipped
-        print(f"\ndetection latency: {latency:.3f} s at a {POLL} s poll; archive started "
-              f"{archiving - flipped:.3f} s after the flip (boto3 import, hook discovery and "
-              "the pre-command in between)")
+        print(
+            f"\ndetection latency: {latency:.3f} s at a {POLL} s poll; archive started "
+            f"{archiving - flipped:.3f} s after the flip (boto3 import, hook discovery and "
+            "the pre-command in between)"
+        )
         assert latency <= POLL + 0.5
 
         assert done["status"] == "succeeded" and done["lifecycle_result"] == "CONTINUE"
@@ -60,7 +69,9 @@ def test_termination_detected_backed_up_reported_completed(stack: Stack, tmp_pat
         assert doc["group"] == stack.group and doc["hook"] == stack.hook
         # Pre- and post-command exit codes and output travel in the report.
         assert [(c["phase"], c["exit_code"], c["output"]) for c in doc["commands"]] == [
-            ("pre", 0, "pre-ran\n"), ("post", 3, "post-ran\n")]
+            ("pre", 0, "pre-ran\n"),
+            ("post", 3, "post-ran\n"),
+        ]
         assert completions(stack) == [("CONTINUE", "ok")]
         assert stack.state() is None  # the instance left the group
 
@@ -101,8 +112,9 @@ def test_spot_terminate_backs_up_at_once_and_completes_nothing(stack: Stack, tmp
     assert proc.returncode == 0 and result["status"] == "duplicate", proc.stderr[-2000:]
     assert result["key"] == done["key"] and result["lifecycle_result"] == "CONTINUE"
     assert archives(stack) == [done["key"]]
-    assert [(c.result, c.outcome) for c in stack.lifecycle_calls("CompleteLifecycleAction")] \
-        == [("CONTINUE", "ok")]
+    assert [(c.result, c.outcome) for c in stack.lifecycle_calls("CompleteLifecycleAction")] == [
+        ("CONTINUE", "ok")
+    ]
     assert token not in proc.stdout + proc.stderr
 
 
@@ -141,22 +153,41 @@ def _race_round(stack: Stack, proxy: FaultProxy, src: Path, n: int) -> dict[str,
     group, hook = f"race-{suffix}", f"hook-{suffix}"
     instance_id = make_group(stack.moto, group, hook)
     release = threading.Event()
-    proxy.add_rule(Rule(method="POST", path=instance_id, query=lambda q: "uploads" in q,
-                        fault=HoldUntil(release, timeout=30), times=1, name=instance_id))
+    proxy.add_rule(
+        Rule(
+            method="POST",
+            path=instance_id,
+            query=lambda q: "uploads" in q,
+            fault=HoldUntil(release, timeout=30),
+            times=1,
+            name=instance_id,
+        )
+    )
     stub = IMDSStub(instance_id=instance_id, region=REGION, target_lifecycle_state="InService")
     stub.start()
     try:
         autoscaling.begin_termination(group, instance_id, account_id=ACCOUNT, region=REGION)
         stub.target_lifecycle_state = "Terminated"
-        env = stack.env(AWS_EC2_METADATA_SERVICE_ENDPOINT=stub.endpoint,
-                        AWS_ENDPOINT_URL_S3=proxy.endpoint, INSTANCE_AGENT_LOG_LEVEL="info",
-                        INSTANCE_AGENT_STATE_DIR=str(stack.tmp / f"state-{n}"),
-                        INSTANCE_AGENT_RUNTIME_DIR=str(stack.tmp / f"run-{n}"),
-                        INSTANCE_AGENT_SOURCE=str(src), INSTANCE_AGENT_HEARTBEAT_INTERVAL="0.5")
-        backup_argv = [*AGENT, "backup", "--bucket", stack.bucket, "--topic-arn",
-                       stack.topic_arn, "--json"]
-        watch_argv = [*AGENT, "watch", "--bucket", stack.bucket, "--topic-arn",
-                      stack.topic_arn, "--poll-interval", str(POLL)]
+        env = stack.env(
+            AWS_EC2_METADATA_SERVICE_ENDPOINT=stub.endpoint,
+            AWS_ENDPOINT_URL_S3=proxy.endpoint,
+            INSTANCE_AGENT_LOG_LEVEL="info",
+            INSTANCE_AGENT_STATE_DIR=str(stack.tmp / f"state-{n}"),
+            INSTANCE_AGENT_RUNTIME_DIR=str(stack.tmp / f"run-{n}"),
+            INSTANCE_AGENT_SOURCE=str(src),
+            INSTANCE_AGENT_HEARTBEAT_INTERVAL="0.5",
+        )
+        backup_argv = [*AGENT, "backup", "--bucket", stack.bucket, "--topic-arn", stack.topic_arn, "--json"]
+        watch_argv = [
+            *AGENT,
+            "watch",
+            "--bucket",
+            stack.bucket,
+            "--topic-arn",
+            stack.topic_arn,
+            "--poll-interval",
+            str(POLL),
+        ]
         # Alternate who is launched first; both start within milliseconds anyway.
         order = [backup_argv, watch_argv] if n % 2 else [watch_argv, backup_argv]
         procs = [WatchProc(argv, env) for argv in order]
@@ -175,8 +206,12 @@ def _race_round(stack: Stack, proxy: FaultProxy, src: Path, n: int) -> dict[str,
             assert watcher.wait(10) in (0, 1)
     finally:
         stub.stop()
-    return {"instance_id": instance_id, "group": group, "direct": direct_result["status"],
-            "watcher": finished["status"]}
+    return {
+        "instance_id": instance_id,
+        "group": group,
+        "direct": direct_result["status"],
+        "watcher": finished["status"],
+    }
 
 
 def test_race_with_run_command_backs_up_once_per_termination(stack: Stack, tmp_path: Path) -> None:
@@ -197,11 +232,16 @@ def test_race_with_run_command_backs_up_once_per_termination(stack: Stack, tmp_p
         assert [(c.result, c.outcome) for c in completes] == [("CONTINUE", "ok")], r
         rejected += len([c for c in mine if c.outcome != "ok"])
     won = sum(1 for r in rounds if r["watcher"] == "succeeded")
-    print(f"\nrace: {ROUNDS} rounds, watcher first {won}, Run Command first {ROUNDS - won}, "
-          f"rejected lifecycle calls {rejected}")
+    print(
+        f"\nrace: {ROUNDS} rounds, watcher first {won}, Run Command first {ROUNDS - won}, "
+        f"rejected lifecycle calls {rejected}"
+    )
     # A rejected call here could only be a heartbeat racing the other run's completion.
-    assert all(c.action != "CompleteLifecycleAction" or c.outcome == "ok"
-               for c in calls if c.group.startswith("race-"))
+    assert all(
+        c.action != "CompleteLifecycleAction" or c.outcome == "ok"
+        for c in calls
+        if c.group.startswith("race-")
+    )
 
 
 # --- 4. the drain gate -------------------------------------------------------------------
@@ -214,8 +254,17 @@ def test_drain_gate_waits_with_heartbeats_and_opens_on_removal(stack: Stack, tmp
     inflight = tmp_path / "inflight"
     inflight.mkdir()
     (inflight / "job-43").write_text("running\n")
-    with watch(stack, "--source", str(src), "--drain-path", str(marker),
-               "--drain-path", str(inflight), "--drain-timeout", "60") as w:
+    with watch(
+        stack,
+        "--source",
+        str(src),
+        "--drain-path",
+        str(marker),
+        "--drain-path",
+        str(inflight),
+        "--drain-timeout",
+        "60",
+    ) as w:
         w.wait_for("watching")
         stack.scale_in()
         w.wait_for("waiting for drain paths")
@@ -223,8 +272,7 @@ def test_drain_gate_waits_with_heartbeats_and_opens_on_removal(stack: Stack, tmp
         (inflight / "job-43").unlink()  # an empty in-flight dir counts as drained ...
         time.sleep(2.0)  # ... but the marker still holds the backup back
         assert not w.find("backup started")
-        beats = [c for c in stack.lifecycle_calls("RecordLifecycleActionHeartbeat")
-                 if c.outcome == "ok"]
+        beats = [c for c in stack.lifecycle_calls("RecordLifecycleActionHeartbeat") if c.outcome == "ok"]
         assert len(beats) - beats_before >= 3, "heartbeats must continue while draining"
         removed = time.monotonic()
         marker.unlink()
@@ -242,8 +290,7 @@ def test_drain_gate_gives_up_at_timeout_with_a_warning(stack: Stack, tmp_path: P
     src = source_tree(tmp_path / "src")
     marker = tmp_path / "worker.busy"
     marker.write_text("stuck\n")
-    with watch(stack, "--source", str(src), "--drain-path", str(marker),
-               "--drain-timeout", "1.5") as w:
+    with watch(stack, "--source", str(src), "--drain-path", str(marker), "--drain-timeout", "1.5") as w:
         w.wait_for("watching")
         stack.scale_in()
         t_wait, _ = w.wait_for("waiting for drain paths")
@@ -253,8 +300,7 @@ def test_drain_gate_gives_up_at_timeout_with_a_warning(stack: Stack, tmp_path: P
     assert 1.5 <= warning["waited_s"] < 2.5 and 1.3 <= t_warn - t_wait < 2.5
     assert done["status"] == "succeeded" and done["lifecycle_result"] == "CONTINUE"
     doc = sns_docs(stack)[0]
-    assert doc["drain"] == {"drained": False, "waited_s": warning["waited_s"],
-                            "busy": [str(marker)]}
+    assert doc["drain"] == {"drained": False, "waited_s": warning["waited_s"], "busy": [str(marker)]}
     assert marker.exists()
 
 
@@ -263,8 +309,16 @@ def test_drain_gate_gives_up_at_timeout_with_a_warning(stack: Stack, tmp_path: P
 
 def test_fatal_pre_command_fails_reports_and_abandons(stack: Stack, tmp_path: Path) -> None:
     src = source_tree(tmp_path / "src")
-    with watch(stack, "--source", str(src), "--pre-command", "echo cannot stop app; exit 4",
-               "--pre-command-fatal", "--post-command", "echo post") as w:
+    with watch(
+        stack,
+        "--source",
+        str(src),
+        "--pre-command",
+        "echo cannot stop app; exit 4",
+        "--pre-command-fatal",
+        "--post-command",
+        "echo post",
+    ) as w:
         w.wait_for("watching")
         stack.scale_in()
         _, done = w.wait_for("response finished", timeout=60)
@@ -272,7 +326,9 @@ def test_fatal_pre_command_fails_reports_and_abandons(stack: Stack, tmp_path: Pa
     doc = sns_docs(stack)[0]
     assert doc["error"] == "pre-command failed (--pre-command-fatal)"
     assert [(c["phase"], c["exit_code"], c["output"]) for c in doc["commands"]] == [
-        ("pre", 4, "cannot stop app\n"), ("post", 0, "post\n")]
+        ("pre", 4, "cannot stop app\n"),
+        ("post", 0, "post\n"),
+    ]
     assert archives(stack) == [] and stack.incomplete_uploads() == []
     assert completions(stack) == [("ABANDON", "ok")]
 
@@ -294,8 +350,7 @@ def test_sighup_reloads_config_and_keeps_it_when_invalid(stack: Stack, tmp_path:
         assert "expected one of log, backup" in failed["error"] and failed["level"] == "error"
         assert w.proc.poll() is None
 
-        conf.write_text(f'bucket = "{stack.bucket}"\nsource = ["{src}"]\n'
-                        'on_rebalance = "backup"\n')
+        conf.write_text(f'bucket = "{stack.bucket}"\nsource = ["{src}"]\non_rebalance = "backup"\n')
         w.send(signal.SIGHUP)
         _, reloaded = w.wait_for("config reloaded")
         assert reloaded["changed"] == ["on_rebalance"]
@@ -318,8 +373,7 @@ def test_stop_signal_while_idle_exits_0_within_1s(stack: Stack, sig: int) -> Non
     assert stack.lifecycle_calls() == [] and stack.objects() == {}
 
 
-def test_sigterm_mid_backup_past_stop_grace_aborts_reports_completes(stack: Stack,
-                                                                     tmp_path: Path) -> None:
+def test_sigterm_mid_backup_past_stop_grace_aborts_reports_completes(stack: Stack, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "data.bin").write_bytes(os.urandom(40 * 1024 * 1024))  # 5 parts, incompressible
@@ -329,8 +383,20 @@ def test_sigterm_mid_backup_past_stop_grace_aborts_reports_completes(stack: Stac
         # --compression none: the pipeline checks the cancel event as it writes into the
         # compressor, and multithreaded zstd would swallow these 40 MiB whole and flush
         # them at close, where nothing checks it (reported to the pipeline's owner).
-        with watch(stack, "--source", str(src), "--stop-grace", "1", "--upload-workers", "1",
-                   "--upload-queue", "1", "--compression", "none", env=env) as w:
+        with watch(
+            stack,
+            "--source",
+            str(src),
+            "--stop-grace",
+            "1",
+            "--upload-workers",
+            "1",
+            "--upload-queue",
+            "1",
+            "--compression",
+            "none",
+            env=env,
+        ) as w:
             w.wait_for("watching")
             stack.scale_in()
             w.wait_for("backup started")
@@ -372,9 +438,15 @@ def test_bad_imds_errors_then_404_then_inservice(stack: Stack) -> None:
     env = stack.env(INSTANCE_AGENT_LOG_LEVEL="info", INSTANCE_AGENT_BUCKET=stack.bucket)
 
     def lifecycle_polls(status: int | None = None) -> int:
-        return len([r for r in imds.requests if r[0] == "GET"
-                    and r[1].endswith("target-lifecycle-state")
-                    and (status is None or r[2] == status)])
+        return len(
+            [
+                r
+                for r in imds.requests
+                if r[0] == "GET"
+                and r[1].endswith("target-lifecycle-state")
+                and (status is None or r[2] == status)
+            ]
+        )
 
     def until(count: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -162,9 +162,12 @@ def _write_agent_toml(path: Path, topic: str, source: Path, tmp: Path) -> None:
     def q(value: str) -> str:
         return json.dumps(value)  # a JSON string is a valid TOML basic string
 
-    path.write_text(f"bucket = {q(BUCKET)}\ntopic_arn = {q(topic)}\nsource = [{q(str(source))}]\n"
-                    f"state_dir = {q(str(tmp / 'state'))}\nruntime_dir = {q(str(tmp / 'run'))}\n"
-                    "journal = false\n", encoding="utf-8")
+    path.write_text(
+        f"bucket = {q(BUCKET)}\ntopic_arn = {q(topic)}\nsource = [{q(str(source))}]\n"
+        f"state_dir = {q(str(tmp / 'state'))}\nruntime_dir = {q(str(tmp / 'run'))}\n"
+        "journal = false\n",
+        encoding="utf-8",
+    )
 
 
 # --- the three trigger paths --------------------------------------------------------------
@@ -176,12 +179,18 @@ def _direct(stand: Stand) -> dict[str, Any]:
     t0 = time.monotonic()
     state = client.get("autoscaling/target-lifecycle-state")
     client.close()
-    say(f"detected via IMDSv2: target-lifecycle-state={state} "
-        f"({(time.monotonic() - t0) * 1000:.0f} ms; token-less reads: {stand.imds.tokenless_reads})")
+    say(
+        f"detected via IMDSv2: target-lifecycle-state={state} "
+        f"({(time.monotonic() - t0) * 1000:.0f} ms; token-less reads: {stand.imds.tokenless_reads})"
+    )
     cfg = config.load({}, os.environ, config_file=str(stand.agent_toml))
     ident = resolve_identity(cfg)
-    outcome = termination.run(cfg, ident, make_clients(cfg, ident.region),
-                              termination.Options(imds_state=state, progress_interval=5.0))
+    outcome = termination.run(
+        cfg,
+        ident,
+        make_clients(cfg, ident.region),
+        termination.Options(imds_state=state, progress_interval=5.0),
+    )
     return outcome.result.to_json()
 
 
@@ -209,8 +218,12 @@ def _render_like_the_ssm_agent(document: dict[str, Any], parameters: dict[str, l
         values[name] = value
     [step] = document["mainSteps"]
     lines = step["inputs"]["runCommand"]
-    return "\n".join(re.sub(r"\{\{\s*([A-Za-z0-9]+)\s*\}\}", lambda m: values[m.group(1)], line)
-                     for line in lines) + "\n"
+    return (
+        "\n".join(
+            re.sub(r"\{\{\s*([A-Za-z0-9]+)\s*\}\}", lambda m: values[m.group(1)], line) for line in lines
+        )
+        + "\n"
+    )
 
 
 def _via_lambda(stand: Stand) -> dict[str, Any]:
@@ -222,25 +235,38 @@ def _via_lambda(stand: Stand) -> dict[str, Any]:
         raise ConfigError(f"--trigger lambda needs the source checkout ({doc_path} is missing)")
     ssm.install()
     ssm_client = boto3.client("ssm", region_name=REGION)
-    ssm_client.create_document(Name=DOCUMENT, Content=doc_path.read_text(encoding="utf-8"),
-                               DocumentType="Command", DocumentFormat="YAML")
+    ssm_client.create_document(
+        Name=DOCUMENT,
+        Content=doc_path.read_text(encoding="utf-8"),
+        DocumentType="Command",
+        DocumentFormat="YAML",
+    )
     ssm.register(stand.instance_id)
     stand.scale_in()
     [action] = [a for a in autoscaling.active_actions() if a.instance_id == stand.instance_id]
     event = {
-        "version": "0", "id": str(uuid.uuid4()), "source": "aws.autoscaling",
-        "detail-type": "EC2 Instance-terminate Lifecycle Action", "account": "123456789012",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "region": REGION,
-        "resources": [], "detail": {
-            "LifecycleActionToken": action.token, "AutoScalingGroupName": stand.group,
-            "LifecycleHookName": stand.hook, "EC2InstanceId": stand.instance_id,
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "source": "aws.autoscaling",
+        "detail-type": "EC2 Instance-terminate Lifecycle Action",
+        "account": "123456789012",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "region": REGION,
+        "resources": [],
+        "detail": {
+            "LifecycleActionToken": action.token,
+            "AutoScalingGroupName": stand.group,
+            "LifecycleHookName": stand.hook,
+            "EC2InstanceId": stand.instance_id,
             "LifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING",
         },
     }
     os.environ.update(DOCUMENT_NAME=DOCUMENT, TOPIC_ARN=stand.topic)
     [sent] = trigger.handler(event, _LambdaContext(str(uuid.uuid4())))["results"]
-    say(f"Lambda trigger: {sent['status']} command {sent.get('command_id')} to "
-        f"{stand.instance_id} (delivery {sent.get('delivery')})")
+    say(
+        f"Lambda trigger: {sent['status']} command {sent.get('command_id')} to "
+        f"{stand.instance_id} (delivery {sent.get('delivery')})"
+    )
     if sent["status"] != "sent":
         raise ConfigError(f"the Lambda trigger did not send the command: {sent}")
     [command] = [c for c in ssm.sent_commands() if c.command_id == sent["command_id"]]
@@ -251,11 +277,17 @@ def _via_lambda(stand: Stand) -> dict[str, Any]:
     # the agent under demonstration runs unless one is installed there.
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     say("SSM agent (played by the demo): running the document's runCommand with bash")
-    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
-                          timeout=BACKUP_TIMEOUT, check=False)
-    ssm.finish(command.command_id, stand.instance_id,
-               "Success" if proc.returncode == 0 else "Failed", response_code=proc.returncode,
-               stdout=proc.stdout, stderr=proc.stderr)
+    proc = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=BACKUP_TIMEOUT, check=False
+    )
+    ssm.finish(
+        command.command_id,
+        stand.instance_id,
+        "Success" if proc.returncode == 0 else "Failed",
+        response_code=proc.returncode,
+        stdout=proc.stdout,
+        stderr=proc.stderr,
+    )
     if not proc.stdout.strip():
         raise ConfigError(f"`instance-agent backup` printed no result: {proc.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(proc.stdout)
@@ -267,16 +299,27 @@ def _via_watch(stand: Stand) -> dict[str, Any]:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "instance_agent", "watch", "--poll-interval", "0.5"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        if not wait_until(lambda: any(p.endswith("target-lifecycle-state") for _, p, _ in
-                                 stand.imds.requests) or proc.poll() is not None,
-                     WATCH_START_TIMEOUT) or proc.poll() is not None:
+        if (
+            not wait_until(
+                lambda: (
+                    any(p.endswith("target-lifecycle-state") for _, p, _ in stand.imds.requests)
+                    or proc.poll() is not None
+                ),
+                WATCH_START_TIMEOUT,
+            )
+            or proc.poll() is not None
+        ):
             raise ConfigError(f"the watcher did not start polling: {tail(log_path)}")
         say(f"watcher (pid {proc.pid}) polls IMDSv2 every 0.5 s")
         stand.scale_in()
-        if not wait_until(lambda: bool(_backup_messages(stand)) or proc.poll() is not None,
-                     BACKUP_TIMEOUT) or not _backup_messages(stand):
+        if not wait_until(
+            lambda: bool(_backup_messages(stand)) or proc.poll() is not None, BACKUP_TIMEOUT
+        ) or not _backup_messages(stand):
             raise ConfigError(f"the watcher reported no backup: {tail(log_path)}")
     finally:
         stop_process(proc, WATCH_STOP_TIMEOUT)
@@ -286,8 +329,11 @@ def _via_watch(stand: Stand) -> dict[str, Any]:
 
 
 def _backup_messages(stand: Stand) -> list[dict[str, Any]]:
-    return [m for m in stand.moto.sns_messages(stand.topic)
-            if str(m["subject"]).startswith("instance-agent: backup")]
+    return [
+        m
+        for m in stand.moto.sns_messages(stand.topic)
+        if str(m["subject"]).startswith("instance-agent: backup")
+    ]
 
 
 # --- the story ----------------------------------------------------------------------------
@@ -302,8 +348,14 @@ def _run_doctor(stand: Stand) -> bool:
     return not doctor.failed(checks)
 
 
-def run(source: str | None = None, size_mib: int = 64, trigger: str = "direct", *,
-        keep_running: bool = False, env_file: str | None = None) -> int:
+def run(
+    source: str | None = None,
+    size_mib: int = 64,
+    trigger: str = "direct",
+    *,
+    keep_running: bool = False,
+    env_file: str | None = None,
+) -> int:
     if trigger not in TRIGGERS:
         raise ConfigError(f"unknown trigger {trigger!r}; one of {', '.join(TRIGGERS)}")
     started = time.monotonic()
@@ -370,8 +422,9 @@ def _restore_and_compare(s3: Any, r: dict[str, Any], src: Path, dest: Path) -> l
     """Restore the archive into `dest`, check it against its manifest and the source; the
     paths that differ."""
     manifest = listing.read_manifest(s3, r["bucket"], r["manifest_key"])
-    report = restore_s3(s3, r["bucket"], r["key"], str(dest),
-                        expected_tar_bytes=manifest["totals"]["tar_bytes"])
+    report = restore_s3(
+        s3, r["bucket"], r["key"], str(dest), expected_tar_bytes=manifest["totals"]["tar_bytes"]
+    )
     checked = verify.compare(str(dest), manifest)
     diffs = _same_tree(src, dest / str(src).lstrip("/"))
     diffs += [d.display() for d in checked.differences]
@@ -391,14 +444,20 @@ def _serve(stand: Stand, env_file: str | None) -> None:
     and wait for SIGINT or SIGTERM."""
     backed_up = stand.instance_id
     boto3.client("autoscaling", region_name=REGION).set_desired_capacity(
-        AutoScalingGroupName=stand.group, DesiredCapacity=1)
+        AutoScalingGroupName=stand.group, DesiredCapacity=1
+    )
     fresh = _in_service(stand.group)
     stand.imds.instance_id, stand.imds.target_lifecycle_state = fresh, "InService"
-    env = {**_stand_in_env(stand.moto.endpoint, stand.imds.endpoint, stand.agent_toml),
-           "DEMO_INSTANCE_ID": backed_up, "DEMO_PID": str(os.getpid())}
+    env = {
+        **_stand_in_env(stand.moto.endpoint, stand.imds.endpoint, stand.agent_toml),
+        "DEMO_INSTANCE_ID": backed_up,
+        "DEMO_PID": str(os.getpid()),
+    }
     text = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
-    say(f"stand-in kept running (pid {os.getpid()}); this machine now plays {fresh}, a fresh "
-        f"InService instance of {stand.group}; the backup above is {backed_up}'s")
+    say(
+        f"stand-in kept running (pid {os.getpid()}); this machine now plays {fresh}, a fresh "
+        f"InService instance of {stand.group}; the backup above is {backed_up}'s"
+    )
     if env_file:
         tmp = f"{env_file}.tmp"
         Path(tmp).write_text(text, encoding="utf-8")
@@ -406,8 +465,10 @@ def _serve(stand: Stand, env_file: str | None) -> None:
         say(f"point a shell at it: . {env_file}")
     else:
         say("point a shell at it:\n" + text.rstrip())
-    say("then: instance-agent list; instance-agent restore --latest --instance-id "
-        "\"$DEMO_INSTANCE_ID\" --verify restored/; instance-agent doctor")
+    say(
+        "then: instance-agent list; instance-agent restore --latest --instance-id "
+        '"$DEMO_INSTANCE_ID" --verify restored/; instance-agent doctor'
+    )
     stop = threading.Event()
 
     def handler(signum: int, _frame: FrameType | None) -> None:
@@ -431,13 +492,25 @@ def detach(*, source: str | None, size_mib: int, trigger: str, env_file: str) ->
     with contextlib.suppress(FileNotFoundError):
         env_path.unlink()
     log_path = env_path.with_name(env_path.name + ".log")
-    args = [sys.executable, "-m", "instance_agent", "demo", "--keep-running", "--env-file",
-            str(env_path), "--size-mib", str(size_mib), "--trigger", trigger]
+    args = [
+        sys.executable,
+        "-m",
+        "instance_agent",
+        "demo",
+        "--keep-running",
+        "--env-file",
+        str(env_path),
+        "--size-mib",
+        str(size_mib),
+        "--trigger",
+        trigger,
+    ]
     if source:
         args += ["--source", str(Path(source).resolve())]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     ready = wait_until(lambda: env_path.exists() or proc.poll() is not None, DETACH_TIMEOUT)
     story = [line for line in tail(log_path, chars=None).splitlines() if not line.startswith("{")]
     sys.stdout.write("".join(line + "\n" for line in story))

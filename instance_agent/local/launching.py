@@ -77,16 +77,21 @@ def install() -> None:
                 launch = _match(self)
                 if launch is None:
                     return terminating_complete(self)  # type: ignore[no-any-return]
-                _complete(self.autoscaling_backend, launch,
-                          str(self._get_param("LifecycleActionResult")))
+                _complete(self.autoscaling_backend, launch, str(self._get_param("LifecycleActionResult")))
                 return EmptyResult()
 
         AutoScalingResponse.complete_lifecycle_action = complete_lifecycle_action  # type: ignore[attr-defined]
 
 
-def begin_launch(group: str, instance_id: str, hook: str, *, warm_pool: bool = False,
-                 account_id: str = autoscaling.DEFAULT_ACCOUNT,
-                 region: str = autoscaling.DEFAULT_REGION) -> str:
+def begin_launch(
+    group: str,
+    instance_id: str,
+    hook: str,
+    *,
+    warm_pool: bool = False,
+    account_id: str = autoscaling.DEFAULT_ACCOUNT,
+    region: str = autoscaling.DEFAULT_REGION,
+) -> str:
     """Put the instance in (Warmed:)Pending:Wait under `hook`; returns the action's token."""
     with _lock:
         backend = autoscaling_backends[account_id][region]
@@ -95,14 +100,16 @@ def begin_launch(group: str, instance_id: str, hook: str, *, warm_pool: bool = F
         if backend.lifecycle_hooks[f"{group}_{hook}"].lifecycle_transition != LAUNCHING:
             raise ValueError(f"hook {hook} is not a launching hook")
         _state(backend, group, instance_id).lifecycle_state = (
-            WARMED_PENDING_WAIT if warm_pool else PENDING_WAIT)
+            WARMED_PENDING_WAIT if warm_pool else PENDING_WAIT
+        )
         launch = _Launch(str(uuid.uuid4()), group, hook, instance_id, warm_pool)
         _book(backend).active.append(launch)
         return launch.token
 
 
-def outcomes(account_id: str = autoscaling.DEFAULT_ACCOUNT,
-             region: str = autoscaling.DEFAULT_REGION) -> list[LaunchOutcome]:
+def outcomes(
+    account_id: str = autoscaling.DEFAULT_ACCOUNT, region: str = autoscaling.DEFAULT_REGION
+) -> list[LaunchOutcome]:
     with _lock:
         return list(_book(autoscaling_backends[account_id][region]).outcomes)
 
@@ -125,15 +132,18 @@ def _match(response: AutoScalingResponse) -> _Launch | None:
     instance_id = response._get_param("InstanceId")
     for launch in _book(response.autoscaling_backend).active:
         if (launch.group, launch.hook) == (group, hook) and (
-                launch.token == token or (not token and launch.instance_id == instance_id)):
+            launch.token == token or (not token and launch.instance_id == instance_id)
+        ):
             return launch
     return None
 
 
 def _complete(backend: AutoScalingBackend, launch: _Launch, result: str) -> None:
     if result not in autoscaling.RESULTS:
-        raise ValidationError(f"Value '{result}' at 'lifecycleActionResult' failed to satisfy "
-                              "constraint: Member must be one of CONTINUE, ABANDON")
+        raise ValidationError(
+            f"Value '{result}' at 'lifecycleActionResult' failed to satisfy "
+            "constraint: Member must be one of CONTINUE, ABANDON"
+        )
     if result == "CONTINUE":
         state = "Warmed:Stopped" if launch.warm_pool else "InService"
     else:

@@ -42,8 +42,9 @@ class Background:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -53,9 +54,15 @@ class ServerThread(Background):
     `stopping` is set when stop() begins, so request handlers that hold a request (a
     simulated slow service) can give up at once instead of delaying the shutdown."""
 
-    def __init__(self, make: Callable[[str, int], socketserver.BaseServer], *, name: str,
-                 host: str = "127.0.0.1", port: int = 0,
-                 poll_interval: float = POLL_SECONDS) -> None:
+    def __init__(
+        self,
+        make: Callable[[str, int], socketserver.BaseServer],
+        *,
+        name: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        poll_interval: float = POLL_SECONDS,
+    ) -> None:
         self._make = make
         self._name = name
         self._host = host
@@ -77,8 +84,9 @@ class ServerThread(Background):
         self.stopping.clear()
         server = self._make(self._host, self._port)
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, args=(self._poll_interval,),
-                                        name=self._name, daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(self._poll_interval,), name=self._name, daemon=True
+        )
         self._thread.start()
         return self.endpoint
 
@@ -126,6 +134,7 @@ def tail(path: str | os.PathLike[str], chars: int | None = LOG_TAIL_CHARS) -> st
 def stop_process(process: subprocess.Popen[Any], timeout: float, *, group: bool = False) -> None:
     """SIGTERM, then SIGKILL if it has not exited after `timeout` s. With `group`, signal
     its whole process group (started with start_new_session=True), so its children go too."""
+
     def send(sig: signal.Signals) -> None:
         try:
             if group:

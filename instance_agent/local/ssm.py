@@ -42,10 +42,15 @@ from instance_agent.local.faults import Fault, FaultQueues, Patches, attached
 DEFAULT_ACCOUNT = "123456789012"
 DEFAULT_REGION = "us-east-1"
 # The actions the trigger uses; the ones `inject_throttling` counts.
-PATCHED = frozenset({
-    "DescribeDocument", "DescribeInstanceInformation", "ListCommands", "SendCommand",
-    "GetCommandInvocation",
-})
+PATCHED = frozenset(
+    {
+        "DescribeDocument",
+        "DescribeInstanceInformation",
+        "ListCommands",
+        "SendCommand",
+        "GetCommandInvocation",
+    }
+)
 DEFAULT_PAGE_SIZE = 50  # AWS's default MaxResults for both paged actions
 AGENT_VERSION = "3.3.1142.0"
 _STATE_KEY = "_instance_agent_ssm"
@@ -103,16 +108,18 @@ def install() -> None:
     _patches.install()
 
 
-def register(instance_id: str, online: bool = True, *, account_id: str = DEFAULT_ACCOUNT,
-             region: str = DEFAULT_REGION) -> None:
+def register(
+    instance_id: str, online: bool = True, *, account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION
+) -> None:
     """Make `instance_id` a managed instance whose agent is Online (or ConnectionLost)."""
     with _lock:
         now = datetime.now(timezone.utc)
         _book(_backend(account_id, region)).instances[instance_id] = _Managed(instance_id, online, now)
 
 
-def set_online(instance_id: str, online: bool, *, account_id: str = DEFAULT_ACCOUNT,
-               region: str = DEFAULT_REGION) -> None:
+def set_online(
+    instance_id: str, online: bool, *, account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION
+) -> None:
     with _lock:
         managed = _book(_backend(account_id, region)).instances.get(instance_id)
         if managed is None:
@@ -125,25 +132,38 @@ def sent_commands(account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGIO
         return list(_book(_backend(account_id, region)).sent)
 
 
-def finish(command_id: str, instance_id: str, status: str = "Success", *, response_code: int = 0,
-           stdout: str = "", stderr: str = "", status_details: str | None = None,
-           account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION) -> None:
+def finish(
+    command_id: str,
+    instance_id: str,
+    status: str = "Success",
+    *,
+    response_code: int = 0,
+    stdout: str = "",
+    stderr: str = "",
+    status_details: str | None = None,
+    account_id: str = DEFAULT_ACCOUNT,
+    region: str = DEFAULT_REGION,
+) -> None:
     """Record what running the command gave, as the SSM agent reports it (outputs are cut to
     the 24,000/8,000 characters GetCommandInvocation returns). `status_details` is the finer
     status AWS gives beside a TimedOut one ("Delivery Timed Out", "Execution Timed Out")."""
     with _lock:
         command = _backend(account_id, region).get_command_by_id(command_id)
         invocation = command.get_invocation(instance_id, None)
-        invocation.update(Status=status, StatusDetails=status_details or status,
-                          ResponseCode=response_code,
-                          StandardOutputContent=stdout[:24_000],
-                          StandardErrorContent=stderr[:8_000])
+        invocation.update(
+            Status=status,
+            StatusDetails=status_details or status,
+            ResponseCode=response_code,
+            StandardOutputContent=stdout[:24_000],
+            StandardErrorContent=stderr[:8_000],
+        )
         command.status = status
         command.status_details = status_details or status
 
 
-def inject_throttling(every_nth: int, *, account_id: str = DEFAULT_ACCOUNT,
-                      region: str = DEFAULT_REGION) -> None:
+def inject_throttling(
+    every_nth: int, *, account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION
+) -> None:
     """From now on every `every_nth` call of the PATCHED actions fails with
     ThrottlingException (0 turns it off)."""
     if every_nth < 0:
@@ -154,15 +174,23 @@ def inject_throttling(every_nth: int, *, account_id: str = DEFAULT_ACCOUNT,
         book.throttle_seen = 0
 
 
-def inject_error(action: str, code: str, message: str = "", times: int = 1, *,
-                 account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION) -> None:
+def inject_error(
+    action: str,
+    code: str,
+    message: str = "",
+    times: int = 1,
+    *,
+    account_id: str = DEFAULT_ACCOUNT,
+    region: str = DEFAULT_REGION,
+) -> None:
     """Make the next `times` calls of SSM `action` fail with `code` (HTTP 400)."""
     with _lock:
         _book(_backend(account_id, region)).faults.add(action, code, message or code, times)
 
 
-def call_count(action: str | None = None, *, account_id: str = DEFAULT_ACCOUNT,
-               region: str = DEFAULT_REGION) -> int:
+def call_count(
+    action: str | None = None, *, account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION
+) -> int:
     """SSM calls answered so far (of one action, or all), failed ones included."""
     with _lock:
         calls = _book(_backend(account_id, region)).calls
@@ -290,8 +318,9 @@ def _information_filters(response: SimpleSystemManagerResponse) -> dict[str, set
         wanted.setdefault(str(item.get("Key")), set()).update(item.get("Values") or [])
     for key in wanted:
         if key not in ("InstanceIds", "PingStatus"):
-            raise SSMError("InvalidFilterKey", f"the stand-in filters only by InstanceIds and "
-                           f"PingStatus, not {key}")
+            raise SSMError(
+                "InvalidFilterKey", f"the stand-in filters only by InstanceIds and PingStatus, not {key}"
+            )
     return wanted
 
 
@@ -314,26 +343,32 @@ def _ec2_state(account_id: str, region: str, instance_id: str) -> str | None:
 def _check_instances(backend: SimpleSystemManagerBackend, instance_ids: list[str]) -> None:
     book = _book(backend)
     refused = [
-        i for i in instance_ids
-        if i not in book.instances or not book.instances[i].online
+        i
+        for i in instance_ids
+        if i not in book.instances
+        or not book.instances[i].online
         or _ec2_state(backend.account_id, backend.region_name, i) in _GONE
     ]
     if refused:
         listed = ", ".join(refused)
-        raise SSMError("InvalidInstanceId",
-                       f"Instances [[{listed}]] not in a valid state for account {backend.account_id}")
+        raise SSMError(
+            "InvalidInstanceId",
+            f"Instances [[{listed}]] not in a valid state for account {backend.account_id}",
+        )
 
 
-def _check_parameters(backend: SimpleSystemManagerBackend, document_name: str,
-                      parameters: dict[str, list[str]]) -> None:
+def _check_parameters(
+    backend: SimpleSystemManagerBackend, document_name: str, parameters: dict[str, list[str]]
+) -> None:
     documents = backend._documents.get(document_name)
     if not documents:
         raise SSMError("InvalidDocument", f"Document {document_name} does not exist")
     declared: dict[str, Any] = documents.get_default_version().content_json.get("parameters") or {}
     unknown = sorted(set(parameters) - set(declared))
     if unknown:
-        raise SSMError("InvalidParameters", f"Document {document_name} does not support "
-                       f"parameters: {', '.join(unknown)}")
+        raise SSMError(
+            "InvalidParameters", f"Document {document_name} does not support parameters: {', '.join(unknown)}"
+        )
     for name, spec in declared.items():
         values = parameters.get(name)
         if values is None:
@@ -348,8 +383,10 @@ def _check_parameters(backend: SimpleSystemManagerBackend, document_name: str,
         regex = compile_pattern(str(pattern), "go")
         for value in values:
             if not regex.search(value):
-                raise SSMError("InvalidParameters", f"Parameter \"{name}\" value failed to "
-                               f"satisfy constraint: allowedPattern {pattern}")
+                raise SSMError(
+                    "InvalidParameters",
+                    f'Parameter "{name}" value failed to satisfy constraint: allowedPattern {pattern}',
+                )
 
 
 # -- patching --------------------------------------------------------------------------
@@ -382,10 +419,16 @@ def _patch() -> None:
         command.completed_count = 0
         for invocation in command.invocations:
             invocation.update(Status="InProgress", StatusDetails="InProgress", ResponseCode=-1)
-        _book(self).sent.append(SentCommand(
-            command_id=command.command_id, document=document, parameters=dict(parameters),
-            instance_ids=tuple(instance_ids), comment=str(kwargs.get("comment") or ""),
-            timeout_seconds=kwargs.get("timeout_seconds")))
+        _book(self).sent.append(
+            SentCommand(
+                command_id=command.command_id,
+                document=document,
+                parameters=dict(parameters),
+                instance_ids=tuple(instance_ids),
+                comment=str(kwargs.get("comment") or ""),
+                timeout_seconds=kwargs.get("timeout_seconds"),
+            )
+        )
         return command
 
     def describe_instance_information(self: SimpleSystemManagerResponse) -> ActionResult:
@@ -393,8 +436,7 @@ def _patch() -> None:
         wanted = _information_filters(self)
         rows = [_information(m) for m in book.instances.values()]
         rows = [r for r in rows if all(r.get(_FILTER_FIELD[k]) in v for k, v in wanted.items())]
-        page, token = _page(rows, self._get_param("MaxResults"), self._get_param("NextToken"),
-                            book.page_size)
+        page, token = _page(rows, self._get_param("MaxResults"), self._get_param("NextToken"), book.page_size)
         result: dict[str, Any] = {"InstanceInformationList": page}
         if token:
             result["NextToken"] = token
@@ -409,8 +451,9 @@ def _patch() -> None:
                 commands = [c for c in commands if c.document_name == value]
             elif key == "Status":
                 commands = [c for c in commands if c.status == value]
-        page, token = _page(commands, self._get_param("MaxResults"), self._get_param("NextToken"),
-                            _book(backend).page_size)
+        page, token = _page(
+            commands, self._get_param("MaxResults"), self._get_param("NextToken"), _book(backend).page_size
+        )
         result: dict[str, Any] = {"Commands": [c.response_object() for c in page]}
         if token:
             result["NextToken"] = token

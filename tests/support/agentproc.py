@@ -23,8 +23,9 @@ class WatchProc:
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.argv = argv
-        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         self.records: list[tuple[float, dict[str, Any]]] = []
         self.eof = False
         self._cond = threading.Condition()
@@ -48,8 +49,11 @@ class WatchProc:
 
     def find(self, msg: str, **match: Any) -> list[tuple[float, dict[str, Any]]]:
         with self._cond:
-            return [(t, r) for t, r in self.records if r.get("msg") == msg
-                    and all(r.get(k) == v for k, v in match.items())]
+            return [
+                (t, r)
+                for t, r in self.records
+                if r.get("msg") == msg and all(r.get(k) == v for k, v in match.items())
+            ]
 
     def wait_for(self, msg: str, timeout: float = 20.0, **match: Any) -> tuple[float, dict[str, Any]]:
         deadline = time.monotonic() + timeout
@@ -88,18 +92,29 @@ class WatchProc:
     def __enter__(self) -> WatchProc:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self._reader.join(timeout=5)
 
 
-def watch(stack: Stack, *args: str, env: dict[str, str] | None = None,
-          poll: float = POLL) -> WatchProc:
-    argv = [*AGENT, "watch", "--bucket", stack.bucket, "--topic-arn", stack.topic_arn,
-            "--poll-interval", str(poll), "--heartbeat-interval", "0.5", *args]
+def watch(stack: Stack, *args: str, env: dict[str, str] | None = None, poll: float = POLL) -> WatchProc:
+    argv = [
+        *AGENT,
+        "watch",
+        "--bucket",
+        stack.bucket,
+        "--topic-arn",
+        stack.topic_arn,
+        "--poll-interval",
+        str(poll),
+        "--heartbeat-interval",
+        "0.5",
+        *args,
+    ]
     return WatchProc(argv, env or stack.env(INSTANCE_AGENT_LOG_LEVEL="info"))
 
 

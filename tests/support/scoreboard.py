@@ -31,8 +31,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ENV = "INSTANCE_AGENT_SCOREBOARD"
-COMMAND = ("INSTANCE_AGENT_SCOREBOARD=docs/reliability.md .venv/bin/python -m pytest "
-           "tests/test_faults.py tests/test_crash_and_chaos.py tests/test_security_*.py")
+COMMAND = (
+    "INSTANCE_AGENT_SCOREBOARD=docs/reliability.md .venv/bin/python -m pytest "
+    "tests/test_faults.py tests/test_crash_and_chaos.py tests/test_security_*.py"
+)
 
 # Read once, at import (collection): conftest's guard clears every INSTANCE_AGENT_* variable
 # before each test runs.

@@ -150,10 +150,10 @@ class SeaweedS3(Background):
         process = self._process
         assert process is not None
         url = f"http://127.0.0.1:{self.ports['s3.port']}/"
-        if not wait_until(lambda: process.poll() is not None or _answers(url),
-                          self._startup_timeout, interval=0.2):
-            raise RuntimeError(f"S3 did not answer within {self._startup_timeout} s: "
-                               f"{tail(self.log_path)}")
+        if not wait_until(
+            lambda: process.poll() is not None or _answers(url), self._startup_timeout, interval=0.2
+        ):
+            raise RuntimeError(f"S3 did not answer within {self._startup_timeout} s: {tail(self.log_path)}")
         if process.poll() is not None:
             raise RuntimeError(f"weed exited with {process.returncode}: {tail(self.log_path)}")
 

@@ -26,8 +26,9 @@ class FakeClock:
 
 
 def client_error(code: str, message: str, status: int = 400) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": message},
-                        "ResponseMetadata": {"HTTPStatusCode": status}}, "op")
+    return ClientError(
+        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}, "op"
+    )
 
 
 @dataclass
@@ -42,9 +43,15 @@ class FakeAutoScaling:
     live: bool = True
     errors: dict[str, list[Exception]] = field(default_factory=dict)
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    hooks: list[dict[str, Any]] = field(default_factory=lambda: [{
-        "LifecycleHookName": "drain", "LifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING",
-        "HeartbeatTimeout": 300}])
+    hooks: list[dict[str, Any]] = field(
+        default_factory=lambda: [
+            {
+                "LifecycleHookName": "drain",
+                "LifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING",
+                "HeartbeatTimeout": 300,
+            }
+        ]
+    )
 
     def _enter(self, name: str, kwargs: dict[str, Any]) -> None:
         self.calls.append((name, kwargs))
@@ -60,9 +67,11 @@ class FakeAutoScaling:
         state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
         if state is None:
             return {"AutoScalingInstances": []}
-        return {"AutoScalingInstances": [{"InstanceId": self.instance_id,
-                                          "AutoScalingGroupName": self.group,
-                                          "LifecycleState": state}]}
+        return {
+            "AutoScalingInstances": [
+                {"InstanceId": self.instance_id, "AutoScalingGroupName": self.group, "LifecycleState": state}
+            ]
+        }
 
     def describe_lifecycle_hooks(self, **kwargs: Any) -> Mapping[str, Any]:
         self._enter("DescribeLifecycleHooks", kwargs)

@@ -18,9 +18,13 @@ from instance_agent.errors import EXIT_USAGE, ConfigError
 BUCKET = {"INSTANCE_AGENT_BUCKET": "my-backups"}
 
 
-def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-         toml: str | None = None, tmp_path: Path | None = None, command: str = config.BACKUP,
-         ) -> config.Config:
+def load(
+    flags: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    toml: str | None = None,
+    tmp_path: Path | None = None,
+    command: str = config.BACKUP,
+) -> config.Config:
     file = None
     if toml is not None:
         assert tmp_path is not None
@@ -29,8 +33,12 @@ def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None,
     # The guard's default path (in this test's tmp dir) rides along, unless a test sets its own:
     # an in-memory environment must not fall back to the host's /etc/instance-agent.
     base = {"INSTANCE_AGENT_DEFAULT_CONFIG": os.environ["INSTANCE_AGENT_DEFAULT_CONFIG"]}
-    return config.load(flags or {}, {**base, **(env if env is not None else BUCKET)},
-                       config_file=str(file) if file else None, command=command)
+    return config.load(
+        flags or {},
+        {**base, **(env if env is not None else BUCKET)},
+        config_file=str(file) if file else None,
+        command=command,
+    )
 
 
 def refused(**kw: Any) -> str:
@@ -44,21 +52,28 @@ def test_defaults_are_what_the_readme_documents() -> None:
     cfg = load()
     assert cfg.source == ("/var/log",)
     assert (cfg.compression, cfg.upload_workers, cfg.on_success, cfg.on_failure) == (
-        "zstd", 3, "CONTINUE", "ABANDON")
+        "zstd",
+        3,
+        "CONTINUE",
+        "ABANDON",
+    )
     assert cfg.key_template == "{prefix}{group}/{instance_id}/{timestamp}"
 
 
 def test_a_flag_beats_the_environment_which_beats_the_file(tmp_path: Path) -> None:
     toml = 'bucket = "from-file"\nprefix = "file/"\nupload_workers = 5\n'
-    cfg = load({"bucket": "from-flag"}, {"INSTANCE_AGENT_BUCKET": "from-env",
-                                         "INSTANCE_AGENT_PREFIX": "env/"}, toml, tmp_path)
+    cfg = load(
+        {"bucket": "from-flag"},
+        {"INSTANCE_AGENT_BUCKET": "from-env", "INSTANCE_AGENT_PREFIX": "env/"},
+        toml,
+        tmp_path,
+    )
     assert (cfg.bucket, cfg.prefix, cfg.upload_workers) == ("from-flag", "env/", 5)
     assert cfg.config_file == str(tmp_path / "agent.toml")
 
 
 def test_a_flag_list_replaces_the_file_list_rather_than_adding(tmp_path: Path) -> None:
-    cfg = load({"source": ["/srv/app"]}, toml='source = ["/var/log", "/etc"]\n',
-               tmp_path=tmp_path)
+    cfg = load({"source": ["/srv/app"]}, toml='source = ["/var/log", "/etc"]\n', tmp_path=tmp_path)
     assert cfg.source == ("/srv/app",)
 
 
@@ -68,14 +83,18 @@ def test_an_empty_variable_counts_as_unset(tmp_path: Path) -> None:
 
 
 def test_environment_lists_split_on_colons_for_paths_and_commas_otherwise() -> None:
-    cfg = load(env={**BUCKET, "INSTANCE_AGENT_SOURCE": "/var/log:/srv/app logs",
-                    "INSTANCE_AGENT_EXCLUDE": "*.tmp, *.swp"})
+    cfg = load(
+        env={
+            **BUCKET,
+            "INSTANCE_AGENT_SOURCE": "/var/log:/srv/app logs",
+            "INSTANCE_AGENT_EXCLUDE": "*.tmp, *.swp",
+        }
+    )
     assert cfg.source == ("/var/log", "/srv/app logs")
     assert cfg.exclude == ("*.tmp", "*.swp")
 
 
-@pytest.mark.parametrize(("text", "expected"), [("1", True), ("true", True), ("FALSE", False),
-                                                ("0", False)])
+@pytest.mark.parametrize(("text", "expected"), [("1", True), ("true", True), ("FALSE", False), ("0", False)])
 def test_environment_booleans(text: str, expected: bool) -> None:
     assert load(env={**BUCKET, "INSTANCE_AGENT_COMPLETE": text}).complete is expected
 
@@ -85,8 +104,9 @@ def test_an_unclear_boolean_is_refused_naming_the_variable() -> None:
     assert message.startswith("$INSTANCE_AGENT_COMPLETE:") and "'yes'" in message
 
 
-@pytest.mark.parametrize(("text", "size"), [("500MiB", 500 * 1024**2), ("1TiB", 1024**4),
-                                            ("2 GB", 2 * 1000**3), ("4096", 4096)])
+@pytest.mark.parametrize(
+    ("text", "size"), [("500MiB", 500 * 1024**2), ("1TiB", 1024**4), ("2 GB", 2 * 1000**3), ("4096", 4096)]
+)
 def test_sizes_take_binary_and_decimal_units(text: str, size: int) -> None:
     assert load(env={**BUCKET, "INSTANCE_AGENT_MAX_ARCHIVE_SIZE": text}).max_archive_size == size
 
@@ -119,8 +139,7 @@ def test_toml_types_are_strict(tmp_path: Path) -> None:
 
 def test_the_file_refuses_unknown_keys_and_tables(tmp_path: Path) -> None:
     assert "unknown key 'buckett'" in refused(toml='buckett = "x"\n', tmp_path=tmp_path)
-    assert "must be a value, not a table" in refused(toml="[bucket]\nname = 'x'\n",
-                                                     tmp_path=tmp_path)
+    assert "must be a value, not a table" in refused(toml="[bucket]\nname = 'x'\n", tmp_path=tmp_path)
     assert "invalid TOML" in refused(toml="bucket = \n", tmp_path=tmp_path)
 
 
@@ -132,8 +151,7 @@ def test_a_missing_config_file_named_on_the_command_line_is_an_error(tmp_path: P
 def test_rules_across_options() -> None:
     assert "needs --sse aws:kms" in refused(flags={"kms_key_id": "alias/backups"})
     assert "must be an absolute path" in refused(flags={"source": ["var/log"]})
-    assert refused(flags={"key_template": "{group}/{timestamp}"}).startswith(
-        "key_template: template")
+    assert refused(flags={"key_template": "{group}/{timestamp}"}).startswith("key_template: template")
 
 
 def test_the_config_variable_and_the_default_path(tmp_path: Path) -> None:

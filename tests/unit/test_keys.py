@@ -13,16 +13,23 @@ import pytest
 from instance_agent import keys
 
 DEFAULT = "{prefix}{group}/{instance_id}/{timestamp}"
-VALUES = {"prefix": "backups/", "group": "web", "instance_id": "i-0abc", "region": "eu-west-1",
-          "timestamp": "20260131T120000Z", "hostname": "ip-10-0-0-1"}
+VALUES = {
+    "prefix": "backups/",
+    "group": "web",
+    "instance_id": "i-0abc",
+    "region": "eu-west-1",
+    "timestamp": "20260131T120000Z",
+    "hostname": "ip-10-0-0-1",
+}
 
 
 def test_the_default_template_gives_the_documented_layout() -> None:
     assert keys.render(DEFAULT, VALUES, "zstd") == "backups/web/i-0abc/20260131T120000Z.tar.zst"
 
 
-@pytest.mark.parametrize(("compression", "extension"),
-                         [("zstd", ".tar.zst"), ("gzip", ".tar.gz"), ("none", ".tar")])
+@pytest.mark.parametrize(
+    ("compression", "extension"), [("zstd", ".tar.zst"), ("gzip", ".tar.gz"), ("none", ".tar")]
+)
 def test_the_extension_follows_the_compression(compression: str, extension: str) -> None:
     assert keys.render("{instance_id}", VALUES, compression) == "i-0abc" + extension
 
@@ -61,11 +68,14 @@ def test_timestamps_are_utc_and_sort_in_time_order() -> None:
     assert sorted([later, earlier]) == [earlier, later]
 
 
-@pytest.mark.parametrize(("template", "message"), [
-    ("{prefix}{group}/{timestamp}", "must contain {instance_id}"),
-    ("{prefix}{colour}/{instance_id}", "unknown variable {colour}"),
-    ("{prefix}{instance_id", "invalid template"),
-])
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{prefix}{group}/{timestamp}", "must contain {instance_id}"),
+        ("{prefix}{colour}/{instance_id}", "unknown variable {colour}"),
+        ("{prefix}{instance_id", "invalid template"),
+    ],
+)
 def test_a_bad_template_is_refused_with_its_reason(template: str, message: str) -> None:
     problem = keys.check_template(template)
     assert problem is not None and message in problem

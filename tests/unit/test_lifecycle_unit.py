@@ -30,8 +30,7 @@ def make(fake: FakeAutoScaling, clock: FakeClock, token: str | None = None) -> L
 
 def test_in_service_without_a_sign_of_leaving_is_ad_hoc_at_once() -> None:
     fake, clock = FakeAutoScaling(states=["InService"]), FakeClock()
-    assert make(fake, clock).locate(deadline=clock() + 3900, expect_termination=False) \
-        == NOT_TERMINATING
+    assert make(fake, clock).locate(deadline=clock() + 3900, expect_termination=False) == NOT_TERMINATING
     assert clock.sleeps == [] and fake.count("RecordLifecycleActionHeartbeat") == 0
 
 
@@ -60,8 +59,7 @@ def test_warm_pool_return_is_told_from_a_launch_into_the_pool() -> None:
     ours = FakeAutoScaling(states=["Warmed:Pending:Wait"], live=True)
     assert make(ours, clock).locate(deadline=clock() + 60, expect_termination=False) == WARM_RETURN
     launch = FakeAutoScaling(states=["Warmed:Pending:Wait"], live=False)  # a launching hook's
-    assert make(launch, clock).locate(deadline=clock() + 60, expect_termination=False) \
-        == NOT_TERMINATING
+    assert make(launch, clock).locate(deadline=clock() + 60, expect_termination=False) == NOT_TERMINATING
 
 
 def test_wait_state_without_a_live_action_of_ours_is_gone() -> None:
@@ -77,12 +75,17 @@ def test_with_a_token_the_probe_decides_even_when_describe_lags() -> None:
 
 
 def test_transient_describe_errors_are_retried_permanent_ones_raise() -> None:
-    fake = FakeAutoScaling(states=["Terminating:Wait"], errors={"DescribeAutoScalingInstances": [
-        client_error("Throttling", "Rate exceeded"), connection_error()]})
+    fake = FakeAutoScaling(
+        states=["Terminating:Wait"],
+        errors={
+            "DescribeAutoScalingInstances": [client_error("Throttling", "Rate exceeded"), connection_error()]
+        },
+    )
     clock = FakeClock()
     assert make(fake, clock).locate(deadline=clock() + 60, expect_termination=True) == ACTIVE
-    denied = FakeAutoScaling(errors={"DescribeAutoScalingInstances": [
-        client_error("AccessDenied", "not authorized", 403)]})
+    denied = FakeAutoScaling(
+        errors={"DescribeAutoScalingInstances": [client_error("AccessDenied", "not authorized", 403)]}
+    )
     with pytest.raises(LifecycleError) as info:
         make(denied, clock).locate(deadline=clock() + 60, expect_termination=True)
     assert not info.value.retryable
@@ -97,8 +100,9 @@ def test_cancel_ends_the_wait() -> None:
 
 
 def test_access_denied_on_completion_is_not_retried() -> None:
-    fake = FakeAutoScaling(errors={"CompleteLifecycleAction": [
-        client_error("AccessDenied", "User is not authorized", 403)] * 50})
+    fake = FakeAutoScaling(
+        errors={"CompleteLifecycleAction": [client_error("AccessDenied", "User is not authorized", 403)] * 50}
+    )
     clock = FakeClock()
     lc = make(fake, clock)
     lc.confirmed.set()
@@ -108,8 +112,9 @@ def test_access_denied_on_completion_is_not_retried() -> None:
 
 
 def test_throttled_completion_is_retried_within_complete_timeout() -> None:
-    fake = FakeAutoScaling(errors={"CompleteLifecycleAction": [
-        client_error("Throttling", "Rate exceeded")] * 100})
+    fake = FakeAutoScaling(
+        errors={"CompleteLifecycleAction": [client_error("Throttling", "Rate exceeded")] * 100}
+    )
     clock = FakeClock()
     lc = make(fake, clock)
     lc.confirmed.set()
@@ -119,8 +124,14 @@ def test_throttled_completion_is_retried_within_complete_timeout() -> None:
 
 
 def test_throttled_then_accepted_completion_succeeds() -> None:
-    fake = FakeAutoScaling(errors={"CompleteLifecycleAction": [
-        client_error("Throttling", "Rate exceeded"), client_error("InternalFailure", "x", 500)]})
+    fake = FakeAutoScaling(
+        errors={
+            "CompleteLifecycleAction": [
+                client_error("Throttling", "Rate exceeded"),
+                client_error("InternalFailure", "x", 500),
+            ]
+        }
+    )
     clock = FakeClock()
     lc = make(fake, clock)
     lc.confirmed.set()
@@ -157,8 +168,9 @@ def test_no_active_action_after_confirmation_is_final() -> None:
 
 
 def test_stop_shortens_completion_retries() -> None:
-    fake = FakeAutoScaling(errors={"CompleteLifecycleAction": [
-        client_error("Throttling", "Rate exceeded")] * 1000})
+    fake = FakeAutoScaling(
+        errors={"CompleteLifecycleAction": [client_error("Throttling", "Rate exceeded")] * 1000}
+    )
     clock = FakeClock()
     lc = make(fake, clock)
     lc.confirmed.set()
@@ -169,8 +181,11 @@ def test_stop_shortens_completion_retries() -> None:
 
 
 def test_token_never_appears_in_an_error_text() -> None:
-    err = translate(client_error("ValidationError", f"No active Lifecycle Action found with "
-                                 f"token {TOKEN}"), "CompleteLifecycleAction", TOKEN)
+    err = translate(
+        client_error("ValidationError", f"No active Lifecycle Action found with token {TOKEN}"),
+        "CompleteLifecycleAction",
+        TOKEN,
+    )
     assert TOKEN not in str(err) and "<token " in str(err)
 
 
@@ -182,8 +197,10 @@ def test_heartbeat_interval_is_a_third_of_the_timeout_within_bounds() -> None:
 
 def test_discover_refuses_two_terminating_hooks_without_a_name() -> None:
     fake = FakeAutoScaling()
-    fake.hooks = [*fake.hooks, {"LifecycleHookName": "other",
-                                "LifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING"}]
+    fake.hooks = [
+        *fake.hooks,
+        {"LifecycleHookName": "other", "LifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING"},
+    ]
     with pytest.raises(LifecycleError, match="several terminating hooks"):
         discover(fake, fake.instance_id, group="web", hook=None, token=None)
     assert discover(fake, fake.instance_id, group="web", hook="other", token=None) is not None

@@ -45,8 +45,9 @@ class FakeIMDS:
 
 @pytest.fixture
 def setup(tmp_path: Path) -> tuple[FakeIMDS, FakeClock, list[Notice | str], Callable[[], None]]:
-    cfg = config.Config.defaults(poll_interval=2.0, state_dir=str(tmp_path / "s"),
-                                 runtime_dir=str(tmp_path / "r"))
+    cfg = config.Config.defaults(
+        poll_interval=2.0, state_dir=str(tmp_path / "s"), runtime_dir=str(tmp_path / "r")
+    )
     imds, clock, seen = FakeIMDS(), FakeClock(), []
     poller = Poller(imds, cfg, seen.append, clock=clock)
 

@@ -23,8 +23,7 @@ def _record(path: Path, key: str = "b/i/segments/x.tar.zst") -> Shipped:
         tail = tail_digest(fd, st.st_size)
     finally:
         os.close(fd)
-    return Shipped(FileId.of(st), os.fsencode(path), "ab" * 32, tail, key, 2048, 100,
-                   st.st_ctime_ns)
+    return Shipped(FileId.of(st), os.fsencode(path), "ab" * 32, tail, key, 2048, 100, st.st_ctime_ns)
 
 
 def _held(ledger: Ledger, path: Path) -> str | None:
@@ -106,8 +105,7 @@ def test_open_same_refuses_a_symlink_or_another_file(tmp_path: Path) -> None:
     assert open_same(os.fsencode(other), None, fid) is None
 
 
-def test_the_ledger_grows_by_one_line_per_segment_and_survives_a_torn_line(
-        tmp_path: Path) -> None:
+def test_the_ledger_grows_by_one_line_per_segment_and_survives_a_torn_line(tmp_path: Path) -> None:
     state = str(tmp_path / "state")
     logs = []
     for i in range(6):
@@ -128,8 +126,14 @@ def test_the_ledger_grows_by_one_line_per_segment_and_survives_a_torn_line(
     assert again.totals() == (5, 1 + 2 + 3 + 4 + 5)
     assert again.get(FileId.of(os.lstat(logs[5]))) is None  # the torn one: shipped again
     assert _held(again, logs[4]) == "k/seg-2"
-    assert again.segments() == [{"key": "k/seg-2", "manifest_key": "k/seg-2.manifest.json",
-                                 "tar_bytes": 2048, "compressed_bytes": 100}]
+    assert again.segments() == [
+        {
+            "key": "k/seg-2",
+            "manifest_key": "k/seg-2.manifest.json",
+            "tar_bytes": 2048,
+            "compressed_bytes": 100,
+        }
+    ]
 
     st = os.lstat(logs[0])
     again.keep_only({(os.lstat(p).st_dev, os.lstat(p).st_ino) for p in logs[1:]})
@@ -167,8 +171,7 @@ def _due(tmp_path: Path, sizes: list[int]) -> list[tuple[Target, os.stat_result]
     return out
 
 
-def test_a_segment_packs_small_files_up_to_the_budget_and_a_big_one_goes_alone(
-        tmp_path: Path) -> None:
+def test_a_segment_packs_small_files_up_to_the_budget_and_a_big_one_goes_alone(tmp_path: Path) -> None:
     due = _due(tmp_path, [10, 20, 30, 500, 30, 5])
     names = [t.rel for t in batch(due, max_bytes=100, max_files=10)]
     assert names == [b"f0", b"f1", b"f2", b"f4", b"f5"]  # f3 is over the budget
