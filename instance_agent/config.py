@@ -408,6 +408,8 @@ OPTIONS: tuple[Option, ...] = (
         commands=frozenset({WATCH}),
         choices=("log", "backup"),
     ),
+    # --- the termination job's gate and commands: both commands read them (one agent.toml),
+    # so Run Command waits behind the same drain gate as the watcher ------------------------
     Option(
         "drain_path",
         "pathlist",
