@@ -131,12 +131,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
     logs.setup(cfg.log_level)
     cancel = threading.Event()
     signals.cancel_on_signals(cancel)
-    imds = IMDS()  # one IMDSv2 session: identity, then the lifecycle state
+    wants_state = wiring.wants_lifecycle_state(cfg)
+    # One IMDSv2 session for the identity and the lifecycle state, and none at all when the
+    # config names the instance and no state is wanted.
+    imds = IMDS() if wants_state or not (cfg.instance_id and cfg.region) else None
     try:
         ident = wiring.resolve_identity(cfg, imds)
-        imds_state = wiring.read_lifecycle_state(cfg, imds)
+        imds_state = wiring.read_lifecycle_state(imds) if imds is not None and wants_state else None
     finally:
-        imds.close()
+        if imds is not None:
+            imds.close()
     clients = wiring.make_clients(cfg, ident.region)
     opts = termination.Options(
         imds_state=imds_state, cancel=cancel, progress_interval=5.0 if sys.stderr.isatty() else 30.0

@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _noop(signum: int, frame: FrameType | None) -> None:
-    """The wakeup fd carries the signal; see the module docstring."""
+def wakeup_only(signum: int, frame: FrameType | None) -> None:
+    """A Python-level handler that does nothing: the C-level handler has already written
+    the signal number to the wakeup fd, where the signal is really handled."""
 
 
 def cancel_on_signals(cancel: threading.Event) -> None:
@@ -34,7 +35,7 @@ def cancel_on_signals(cancel: threading.Event) -> None:
     os.set_blocking(write_fd, False)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     for sig in STOP_SIGNALS:
-        signal.signal(sig, _noop)
+        signal.signal(sig, wakeup_only)
 
     def watch() -> None:
         while True:

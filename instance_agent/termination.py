@@ -56,7 +56,7 @@ from instance_agent.lifecycle import (
     instance_state,
 )
 from instance_agent.logs import fields
-from instance_agent.once import COMPLETE_ONLY, DUPLICATE, Record, TerminationLock, decide
+from instance_agent.once import COMPLETE_ONLY, DUPLICATE, RUN, Record, TerminationLock, decide
 from instance_agent.redact import fingerprint
 from instance_agent.result import DUPLICATE as STATUS_DUPLICATE
 from instance_agent.result import FAILED, SKIPPED, Result
@@ -274,12 +274,11 @@ class _Job:
             # We may have waited for the lock while the other path finished this very action:
             # ask again now.
             live = self.lc.probe(self.clock() + self.cfg.complete_timeout, self.cancel)
-        action = _fingerprint(self.cfg.lifecycle_token)
         if record is not None and self.lc is None and not self.opts.plan.complete:
             # A Spot reclaim: no Auto Scaling to ask; one backup per reclaim notice window.
-            verdict = DUPLICATE if time.time() - record.recorded_at < SPOT_RECORD_VALID else "run"
+            verdict = DUPLICATE if time.time() - record.recorded_at < SPOT_RECORD_VALID else RUN
         else:
-            verdict = decide(record, live=live, action=action, now=time.time())
+            verdict = decide(record, live=live, action=self.result.lifecycle_action, now=time.time())
         if verdict == DUPLICATE:
             assert record is not None
             self._duplicate(record)
@@ -312,7 +311,7 @@ class _Job:
                 backup_ok=self.result.ok,
                 completed=completed,
                 lifecycle_result=self._planned_result(),
-                action=_fingerprint(self.cfg.lifecycle_token),
+                action=self.result.lifecycle_action,
                 valid_for=float(lc.target.heartbeat_timeout) if lc is not None else SPOT_RECORD_VALID,
             )
         )

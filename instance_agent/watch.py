@@ -34,10 +34,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from instance_agent import status
+from instance_agent import signals, status
 from instance_agent.config import Config
 from instance_agent.errors import EXIT_FAILED, EXIT_OK, AgentError, Cancelled
 from instance_agent.imds import IMDS
@@ -267,7 +266,9 @@ class Watcher:
         # wakeup fd, and the loop reads it there. Nothing runs inside a handler, so nothing
         # can deadlock on a lock the interrupted code held.
         previous_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        previous = {s: signal.signal(s, _noop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        previous = {
+            s: signal.signal(s, signals.wakeup_only) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
         stop_polling = threading.Event()
         poller = threading.Thread(target=self.poller.run, args=(stop_polling,), name="poller", daemon=True)
         self.notifier.status("starting: waiting for IMDS")
@@ -440,10 +441,6 @@ class Watcher:
         self.poller.configure(new)
         logging.getLogger().setLevel(new.log_level.upper())
         log.info("config reloaded", extra=fields(changed=changed, file=new.config_file))
-
-
-def _noop(signum: int, frame: FrameType | None) -> None:
-    """See Watcher.run: the wakeup fd carries the signal."""
 
 
 def _read_wake(sock: socket.socket) -> list[int]:

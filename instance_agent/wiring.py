@@ -124,11 +124,15 @@ def resolve_identity(cfg: config.Config, imds: IMDS | None = None) -> Identity:
     return Identity(instance_id, region)
 
 
-def read_lifecycle_state(cfg: config.Config, imds: IMDS) -> str | None:
+def wants_lifecycle_state(cfg: config.Config) -> bool:
+    """Whether a run should read IMDS's target-lifecycle-state: only when it may complete an
+    action and has no token (a token already says the instance is leaving)."""
+    return cfg.complete and not cfg.lifecycle_token
+
+
+def read_lifecycle_state(imds: IMDS) -> str | None:
     """IMDS's target-lifecycle-state, best effort: `Terminated` tells a run that Auto Scaling
     is about to hold the instance, even while its own API still says InService."""
-    if not cfg.complete or cfg.lifecycle_token:
-        return None  # nothing to complete, or the token already says so
     try:
         value = imds.get("autoscaling/target-lifecycle-state", timeout=0)
     except IMDSError:
