@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    import gc
     import threading
 
     from instance_agent import signals, termination
@@ -132,16 +133,24 @@ def cmd_backup(args: argparse.Namespace) -> int:
     cancel = threading.Event()
     signals.cancel_on_signals(cancel)
     wants_state = wiring.wants_lifecycle_state(cfg)
-    # One IMDSv2 session for the identity and the lifecycle state, and none at all when the
-    # config names the instance and no state is wanted.
-    imds = IMDS() if wants_state or not (cfg.instance_id and cfg.region) else None
+    # Building the clients allocates botocore's models, objects that live as long as the
+    # process: collections while they are built find nothing to free (about 0.03 CPU-s), and
+    # frozen afterwards they are left out of every later pass.
+    gc.disable()
     try:
-        ident = wiring.resolve_identity(cfg, imds)
-        imds_state = wiring.read_lifecycle_state(imds) if imds is not None and wants_state else None
+        # One IMDSv2 session for the identity and the lifecycle state, and none at all when
+        # the config names the instance and no state is wanted.
+        imds = IMDS() if wants_state or not (cfg.instance_id and cfg.region) else None
+        try:
+            ident = wiring.resolve_identity(cfg, imds)
+            imds_state = wiring.read_lifecycle_state(imds) if imds is not None and wants_state else None
+        finally:
+            if imds is not None:
+                imds.close()
+        clients = wiring.make_clients(cfg, ident.region)
     finally:
-        if imds is not None:
-            imds.close()
-    clients = wiring.make_clients(cfg, ident.region)
+        gc.freeze()
+        gc.enable()
     opts = termination.Options(
         imds_state=imds_state, cancel=cancel, progress_interval=5.0 if sys.stderr.isatty() else 30.0
     )

@@ -20,10 +20,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-
-import requests
+from typing import TYPE_CHECKING
 
 from instance_agent.errors import ConfigError, IMDSError
+
+if TYPE_CHECKING:
+    # Imported where a session is opened: a run whose config names the instance and region
+    # reads no IMDS, and requests (with charset_normalizer and idna) costs it ~30 ms of CPU.
+    import requests
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,8 @@ class IMDS:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        import requests
+
         self.endpoint = (endpoint or default_endpoint(os.environ)).rstrip("/")
         self._session = session or requests.Session()
         self._session.trust_env = False
@@ -105,6 +111,8 @@ class IMDS:
 
     def get(self, path: str, *, timeout: float = 10.0) -> str | None:
         """Text at /latest/meta-data/<path>, None on 404. Retries until `timeout` seconds."""
+        import requests
+
         deadline = self._clock() + timeout
         delay = 0.1
         last = "no attempt"
