@@ -5,7 +5,10 @@ plant `termination-….json.tmp -> /etc/shadow` and root truncates it, or `….l
 root creates a file wherever they like. So, like sshd's StrictModes:
 
 - a directory is used only when it is owned by the agent's effective user and is not
-  writable by group or others (`usable`); otherwise the caller falls back with a warning;
+  writable by group or others, and every directory above it is owned by root or by that
+  user and is not writable by group or others unless sticky, like /tmp (`usable`);
+  otherwise the caller falls back with a warning. A parent somebody else may write lets
+  them rename our directory away and put their own in its place between two runs;
 - every file in it is opened relative to the directory's descriptor with O_NOFOLLOW, so a
   symlink in its place fails (ELOOP) instead of being followed, and created with O_EXCL where
   it is new;
@@ -33,7 +36,8 @@ class Untrusted(OSError):
 
 def usable(path: str, *, mode: int = 0o700) -> None:
     """Create `path` (with `mode`) if absent, then raise Untrusted unless it is a directory
-    owned by the effective user with no group or other write permission."""
+    owned by the effective user with no group or other write permission, below parents that
+    only root or that user may change (module docstring)."""
     os.makedirs(path, mode=mode, exist_ok=True)
     st = os.stat(path)
     if not stat.S_ISDIR(st.st_mode):
@@ -42,6 +46,31 @@ def usable(path: str, *, mode: int = 0o700) -> None:
         raise Untrusted(path, f"owned by uid {st.st_uid}, not by the agent's uid {os.geteuid()}")
     if st.st_mode & 0o022:
         raise Untrusted(path, f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})")
+    # The parents both as written and as resolved: a symlink on the way is only as safe as
+    # the directory holding it, and its target's parents are the ones the kernel walks.
+    for parent in sorted(_parents(os.path.abspath(path)) | _parents(os.path.realpath(path))):
+        _check_parent(path, parent)
+
+
+def _parents(path: str) -> set[str]:
+    """'/a/b/c' -> {'/', '/a', '/a/b'}."""
+    out = set()
+    while (up := os.path.dirname(path)) != path:
+        out.add(up)
+        path = up
+    return out
+
+
+def _check_parent(path: str, parent: str) -> None:
+    st = os.stat(parent)
+    if st.st_uid not in (0, os.geteuid()):
+        raise Untrusted(path, f"its parent {parent} is owned by uid {st.st_uid}, not by root or the agent")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise Untrusted(
+            path,
+            f"its parent {parent} is writable by group or others without the sticky bit "
+            f"(mode {stat.S_IMODE(st.st_mode):04o})",
+        )
 
 
 def _dir_fd(path: str) -> int:

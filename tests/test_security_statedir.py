@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,35 @@ def test_usable_refuses_other_owners_and_group_or_other_write(tmp_path: Path) ->
     (tmp_path / "wide").chmod(0o775)
     with pytest.raises(statedir.Untrusted, match="writable by group or others"):
         statedir.usable(str(tmp_path / "wide"))
+
+
+def test_usable_refuses_a_dir_below_a_parent_others_may_change(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anybody may rename our directory away and put theirs in its place
+    with pytest.raises(
+        statedir.Untrusted, match=re.escape(f"its parent {shared} is writable by group or others")
+    ):
+        statedir.usable(str(shared / "state"))
+    shared.chmod(0o1777)  # sticky, like /tmp: only the owner may rename or remove an entry
+    statedir.usable(str(shared / "state"))
+    # A symlink is only as safe as the directory holding it, wherever it points.
+    links = tmp_path / "links"
+    links.mkdir()
+    links.chmod(0o777)
+    target = tmp_path / "real"
+    target.mkdir(mode=0o700)
+    (links / "state").symlink_to(target)
+    with pytest.raises(statedir.Untrusted, match=re.escape(f"its parent {links} is writable")):
+        statedir.usable(str(links / "state"))
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o755)
+        os.chown(theirs, NOBODY, NOBODY)
+        with pytest.raises(
+            statedir.Untrusted, match=re.escape(f"its parent {theirs} is owned by uid {NOBODY}")
+        ):
+            statedir.usable(str(theirs / "state"))
 
 
 def test_files_are_never_opened_through_a_symlink(tmp_path: Path) -> None:
