@@ -402,7 +402,8 @@ def main() -> None:
         lines += ["", *[f"- {r}" for r in ratios]]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
-    stem = f"compare-{args.size}"
+    # A run of some competitors (--only) gets its own files: it must not replace the full table.
+    stem = f"compare-{args.size}" + (f"-only-{args.only}" if args.only else "")
     (RESULTS / f"{stem}.md").write_text(text)
     (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2))
     chart(rows, RESULTS / f"{stem}.png")
