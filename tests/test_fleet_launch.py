@@ -85,3 +85,66 @@ def test_launch_whose_doctor_fails_completes_abandon(stack: Stack, tmp_path: Pat
     [outcome] = [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == stack.instance_id]
     assert (outcome.hook, outcome.result) == (hook, "ABANDON")
     assert stack.state() == "Terminating:Proceed"
+
+
+# A stand-in for the AWS CLI: the two calls the user data's fallback makes, through boto3 to
+# the local stand-in, each refusing any other form (so a changed flag fails the test).
+FAKE_AWS = """#!{python}
+import sys
+
+import boto3
+
+args = sys.argv[1:]
+opts = dict(zip(args[2::2], args[3::2]))
+client = boto3.client("autoscaling", region_name=opts["--region"])
+if args[:2] == ["autoscaling", "describe-auto-scaling-instances"]:
+    assert opts["--query"] == "AutoScalingInstances[0].AutoScalingGroupName", opts
+    assert opts["--output"] == "text", opts
+    found = client.describe_auto_scaling_instances(InstanceIds=[opts["--instance-ids"]])
+    print(found["AutoScalingInstances"][0]["AutoScalingGroupName"])
+elif args[:2] == ["autoscaling", "complete-lifecycle-action"]:
+    client.complete_lifecycle_action(
+        AutoScalingGroupName=opts["--auto-scaling-group-name"],
+        LifecycleHookName=opts["--lifecycle-hook-name"],
+        InstanceId=opts["--instance-id"],
+        LifecycleActionResult=opts["--lifecycle-action-result"],
+    )
+else:
+    sys.exit(f"fake aws: unexpected {{args}}")
+"""
+
+
+def test_failed_install_gives_the_launch_back_through_the_aws_cli(stack: Stack, tmp_path: Path) -> None:
+    """The install died before the agent existed (no venv under the prefix): the exit trap
+    completes the launching action ABANDON at once, with the AWS CLI and IMDSv2 through curl,
+    instead of leaving the instance in Pending:Wait until the hook times out."""
+    hook = launch_hook(stack)
+    launching.begin_launch(stack.group, stack.instance_id, hook, account_id=ACCOUNT, region=REGION)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "aws").write_text(FAKE_AWS.format(python=sys.executable))
+    (bin_dir / "aws").chmod(0o755)
+    env = stack.env()
+    script = (
+        f"INSTANCE_AGENT_USER_DATA_LIB=1 source {USER_DATA} && "
+        f"IMDS={env['AWS_EC2_METADATA_SERVICE_ENDPOINT']} PREFIX={tmp_path / 'missing'} "
+        f"LAUNCH_HOOK={hook} on_exit"
+    )
+    proc = subprocess.run(
+        ["bash", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**env, "PATH": f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}"},
+    )
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "install failed: launching lifecycle action ABANDON" in proc.stderr
+    assert "attempt" not in proc.stderr  # the first try went through
+    [outcome] = [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == stack.instance_id]
+    assert (outcome.hook, outcome.result) == (hook, "ABANDON")
+    assert stack.state() == "Terminating:Proceed"
+    # The instance id and region came from IMDS, with a session token and never without.
+    assert stack.imds.token_puts >= 2 and stack.imds.metadata_gets >= 2
+    assert stack.imds.tokenless_reads == 0
