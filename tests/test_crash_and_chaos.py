@@ -37,10 +37,10 @@ import pytest
 import zstandard
 from conftest import AGENT, Stack
 from support import scoreboard
+from support.agentproc import WatchProc, watch_argv
 from support.faultproxy import FaultProxy, HoldUntil, Rule, upload_part
 from support.trees import text_log, walk
 from test_faults import drop_bucket
-from test_watch import POLL, WatchProc
 
 NO_DAC = [
     "setpriv",
@@ -288,20 +288,7 @@ def test_watcher_killed_mid_upload_then_restarted_backs_up_once(stack: Stack, tm
     }
     other_ids = {k: s3.create_multipart_upload(Bucket=stack.bucket, Key=k)["UploadId"] for k in others}
     release = threading.Event()
-    argv = [
-        *AGENT,
-        "watch",
-        "--bucket",
-        stack.bucket,
-        "--topic-arn",
-        stack.topic_arn,
-        "--poll-interval",
-        str(POLL),
-        "--heartbeat-interval",
-        "0.5",
-        "--source",
-        str(src),
-    ]
+    argv = watch_argv(stack, "--source", str(src))
     try:
         with (
             scoreboard.scenario("Crash: watcher killed (SIGKILL) mid-upload, then restarted") as row,

@@ -25,6 +25,7 @@ import pytest
 from botocore.exceptions import ClientError
 from conftest import ACCOUNT, AGENT, REGION, Stack
 from support import scoreboard
+from support.agentproc import WatchProc, watch_argv
 from support.faultproxy import (
     FaultProxy,
     Hold,
@@ -37,7 +38,6 @@ from support.faultproxy import (
     upload_part,
 )
 from support.trees import text_log, walk
-from test_watch import POLL, WatchProc
 
 from instance_agent import config, wiring
 from instance_agent.local import autoscaling
@@ -473,18 +473,7 @@ def test_watcher_survives_tokens_expiring_all_the_time(
     with scoreboard.scenario(
         "IMDS: every token expires within 0.2 s, while the watcher polls and backs up"
     ) as row:
-        argv = [
-            *AGENT,
-            "watch",
-            "--bucket",
-            stack.bucket,
-            "--topic-arn",
-            stack.topic_arn,
-            "--poll-interval",
-            str(POLL),
-            "--source",
-            str(src),
-        ]
+        argv = watch_argv(stack, "--source", str(src), heartbeat=None)
         with WatchProc(argv, stack.env(INSTANCE_AGENT_LOG_LEVEL="info")) as w:
             w.wait_for("watching")
             time.sleep(2.0)  # several poll rounds across expiries before anything happens

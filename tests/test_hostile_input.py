@@ -31,14 +31,14 @@ from typing import Any
 
 import boto3
 import pytest
-from conftest import ACCOUNT, AGENT, REGION, Stack, make_group
+from conftest import ACCOUNT, REGION, Stack, make_group
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from support import faultproxy
+from support.agentproc import POLL, WatchProc, watch_argv
 from support.faultproxy import FaultProxy, Rule, access_denied, internal_error, upload_part
 from test_faults import drop_bucket
 from test_pipeline import FAKE_JOURNALCTL
-from test_watch import POLL, WatchProc
 
 import lambda_trigger.handler as trigger
 from instance_agent import config, keys, logs, termination, wiring
@@ -592,20 +592,7 @@ def test_no_token_or_credential_in_any_log_even_at_debug(
             AWS_EC2_METADATA_SERVICE_ENDPOINT=imds_b.endpoint,
             INSTANCE_AGENT_STATE_DIR=str(tmp_path / "state-b"),
         )
-        argv = [
-            *AGENT,
-            "watch",
-            "--bucket",
-            stack.bucket,
-            "--topic-arn",
-            stack.topic_arn,
-            "--poll-interval",
-            str(POLL),
-            "--heartbeat-interval",
-            "0.5",
-            "--source",
-            str(src),
-        ]
+        argv = watch_argv(stack, "--source", str(src))
         with WatchProc(argv, env_b) as w:
             w.wait_for("watching")
             autoscaling.begin_termination(group_b, instance_b, account_id=ACCOUNT, region=REGION)

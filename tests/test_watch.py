@@ -24,6 +24,7 @@ from support.agentproc import (
     sns_docs,
     source_tree,
     watch,
+    watch_argv,
 )
 from support.faultproxy import Delay, FaultProxy, HoldUntil, Rule, upload_part
 from support.trees import walk
@@ -178,18 +179,9 @@ def _race_round(stack: Stack, proxy: FaultProxy, src: Path, n: int) -> dict[str,
             INSTANCE_AGENT_HEARTBEAT_INTERVAL="0.5",
         )
         backup_argv = [*AGENT, "backup", "--bucket", stack.bucket, "--topic-arn", stack.topic_arn, "--json"]
-        watch_argv = [
-            *AGENT,
-            "watch",
-            "--bucket",
-            stack.bucket,
-            "--topic-arn",
-            stack.topic_arn,
-            "--poll-interval",
-            str(POLL),
-        ]
+        watch_cmd = watch_argv(stack, heartbeat=None)
         # Alternate who is launched first; both start within milliseconds anyway.
-        order = [backup_argv, watch_argv] if n % 2 else [watch_argv, backup_argv]
+        order = [backup_argv, watch_cmd] if n % 2 else [watch_cmd, backup_argv]
         procs = [WatchProc(argv, env) for argv in order]
         direct, watcher = (procs[0], procs[1]) if n % 2 else (procs[1], procs[0])
         with direct, watcher:

@@ -101,8 +101,11 @@ class WatchProc:
         self._reader.join(timeout=5)
 
 
-def watch(stack: Stack, *args: str, env: dict[str, str] | None = None, poll: float = POLL) -> WatchProc:
-    argv = [
+def watch_argv(stack: Stack, *args: str, poll: float = POLL, heartbeat: float | None = 0.5) -> list[str]:
+    """`instance-agent watch` on the stack's bucket and topic, polling fast; heartbeats every
+    `heartbeat` s (None: the config's)."""
+    beat = ["--heartbeat-interval", str(heartbeat)] if heartbeat is not None else []
+    return [
         *AGENT,
         "watch",
         "--bucket",
@@ -111,11 +114,13 @@ def watch(stack: Stack, *args: str, env: dict[str, str] | None = None, poll: flo
         stack.topic_arn,
         "--poll-interval",
         str(poll),
-        "--heartbeat-interval",
-        "0.5",
+        *beat,
         *args,
     ]
-    return WatchProc(argv, env or stack.env(INSTANCE_AGENT_LOG_LEVEL="info"))
+
+
+def watch(stack: Stack, *args: str, env: dict[str, str] | None = None, poll: float = POLL) -> WatchProc:
+    return WatchProc(watch_argv(stack, *args, poll=poll), env or stack.env(INSTANCE_AGENT_LOG_LEVEL="info"))
 
 
 def source_tree(root: Path, size: int = 256 * 1024) -> Path:
