@@ -141,6 +141,11 @@ class Stack:
             check=False,
         )
 
+    def backup_argv(self, *args: str) -> list[str]:
+        """`instance-agent backup --json` on the stack's bucket and topic, for a test that
+        starts the process itself (to hold it, race it or signal it)."""
+        return [*AGENT, "backup", "--bucket", self.bucket, "--topic-arn", self.topic_arn, "--json", *args]
+
     def backup(self, *args: str, **kw: Any) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
         proc = self.run(
             "backup", "--bucket", self.bucket, "--topic-arn", self.topic_arn, "--json", *args, **kw

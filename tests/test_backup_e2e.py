@@ -139,17 +139,7 @@ def test_two_overlapping_runs_back_up_once(stack: Stack, tmp_path: Path) -> None
         held = proxy.add_rule(Rule(query=upload_part, fault=HoldUntil(release), times=1))
         env = stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint)
         stack.scale_in()
-        args = [
-            *__import__("conftest").AGENT,
-            "backup",
-            "--bucket",
-            stack.bucket,
-            "--topic-arn",
-            stack.topic_arn,
-            "--json",
-            "--source",
-            str(src),
-        ]
+        args = stack.backup_argv("--source", str(src))
         first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert held.fired.wait(30), "first run never reached the upload"
         second = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

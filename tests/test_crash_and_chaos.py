@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 import zstandard
-from conftest import AGENT, Stack
+from conftest import Stack
 from support import scoreboard
 from support.agentproc import WatchProc, watch_argv
 from support.faultproxy import FaultProxy, HoldUntil, Rule, upload_part
@@ -179,13 +179,7 @@ def chaos_backup(
             args = ("--compression", "none", *args)
         argv = [
             *(prefix or []),
-            *AGENT,
-            "backup",
-            "--bucket",
-            stack.bucket,
-            "--topic-arn",
-            stack.topic_arn,
-            "--json",
+            *stack.backup_argv(),
             "--upload-workers",
             "1",
             "--upload-queue",
@@ -379,17 +373,7 @@ def test_unusable_state_dir_warns_once_and_two_racing_runs_back_up_once(
             INSTANCE_AGENT_RUNTIME_DIR=str(runtime),
             INSTANCE_AGENT_LOG_LEVEL="info",
         )
-        argv = [
-            *AGENT,
-            "backup",
-            "--bucket",
-            stack.bucket,
-            "--topic-arn",
-            stack.topic_arn,
-            "--json",
-            "--source",
-            str(src),
-        ]
+        argv = stack.backup_argv("--source", str(src))
         stack.scale_in()
         started = time.monotonic()
         with WatchProc(argv, env) as first:

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from conftest import ACCOUNT, AGENT, REGION, Stack
+from conftest import ACCOUNT, REGION, Stack
 from support import scoreboard
 from support.agentproc import WatchProc, watch_argv
 from support.faultproxy import (
@@ -333,15 +333,7 @@ def _throttling_run(
             region=REGION,
         )
         args = [
-            *AGENT,
-            "backup",
-            "--bucket",
-            stack.bucket,
-            "--topic-arn",
-            stack.topic_arn,
-            "--json",
-            "--source",
-            str(src),
+            *stack.backup_argv("--source", str(src)),
             "--heartbeat-interval",
             "0.5",
         ]

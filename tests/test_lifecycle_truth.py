@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import ACCOUNT, AGENT, REGION, Stack
+from conftest import ACCOUNT, REGION, Stack
 from support.agentproc import WatchProc, archives, completions, sns_docs, source_tree, watch
 
 from instance_agent.local import autoscaling
@@ -46,7 +46,7 @@ def restored_text(stack: Stack, key: str, src: Path, tmp: Path, rel: bytes) -> b
 
 def agent(stack: Stack, *args: str, env: dict[str, str] | None = None) -> WatchProc:
     """`instance-agent backup` as a background process whose log lines we can wait for."""
-    argv = [*AGENT, "backup", "--bucket", stack.bucket, "--topic-arn", stack.topic_arn, "--json", *args]
+    argv = stack.backup_argv(*args)
     return WatchProc(argv, env or stack.env(INSTANCE_AGENT_LOG_LEVEL="info"))
 
 

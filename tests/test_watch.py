@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ACCOUNT, AGENT, REGION, Stack, make_group
+from conftest import ACCOUNT, REGION, Stack, make_group
 from support.agentproc import (
     POLL,
     WatchProc,
@@ -178,7 +178,7 @@ def _race_round(stack: Stack, proxy: FaultProxy, src: Path, n: int) -> dict[str,
             INSTANCE_AGENT_SOURCE=str(src),
             INSTANCE_AGENT_HEARTBEAT_INTERVAL="0.5",
         )
-        backup_argv = [*AGENT, "backup", "--bucket", stack.bucket, "--topic-arn", stack.topic_arn, "--json"]
+        backup_argv = stack.backup_argv()
         watch_cmd = watch_argv(stack, heartbeat=None)
         # Alternate who is launched first; both start within milliseconds anyway.
         order = [backup_argv, watch_cmd] if n % 2 else [watch_cmd, backup_argv]
