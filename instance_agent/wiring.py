@@ -161,9 +161,9 @@ def _client_factory(region: str | None) -> Any:
     # botocore's session, not boto3's: the same clients, credential chain and endpoint
     # settings, without importing boto3's resource layer and s3transfer (about 0.05 CPU-s of
     # a one-shot run). boto3 stays the declared dependency: it brings botocore, and the demo
-    # uses it. One
-    # session per call: the clients it builds share its loader, so the endpoint, partition and
-    # retry data are parsed once and the model directories listed once, not per client.
+    # uses it. One session per call: the clients it builds share its loader, so the
+    # endpoint, partition and retry data are parsed once and the model directories listed
+    # once, not per client.
     session = botocore.session.Session()
 
     def client(name: str, **kwargs: Any) -> Any:
