@@ -212,9 +212,9 @@ class _LazyCloudWatch:
         self._built: Any = None
 
     def put_metric_data(self, **kwargs: Any) -> Mapping[str, Any]:
-        from botocore.config import Config as BotoConfig
-
         if self._built is None:
+            from botocore.config import Config as BotoConfig
+
             # After the lifecycle action is complete, so nothing waits on it; still short, so
             # a black-holed endpoint costs the process seconds, not minutes.
             self._built = self._client(

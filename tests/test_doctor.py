@@ -29,27 +29,8 @@ ALWAYS_OK = (
 )
 
 
-def doctor(stack: Stack, *args: str, **env: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    """`doctor --json` with the stack's bucket and topic; (process, {check name: check})."""
-    empty = stack.tmp / "agent.toml"
-    empty.touch()  # never the host's /etc/instance-agent/agent.toml
-    proc = stack.run(
-        "doctor",
-        "--json",
-        "--bucket",
-        stack.bucket,
-        "--topic-arn",
-        stack.topic_arn,
-        *args,
-        env=stack.env(INSTANCE_AGENT_CONFIG=str(empty), **env),
-        timeout=120,
-    )
-    doc = json.loads(proc.stdout)
-    assert doc["ok"] == (proc.returncode == 0)
-    return proc, {c["name"]: c for c in doc["checks"]}
-
-
 def human(stack: Stack, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`doctor` with the stack's bucket and topic, never the host's agent.toml."""
     empty = stack.tmp / "agent.toml"
     empty.touch()
     return stack.run(
@@ -62,6 +43,14 @@ def human(stack: Stack, *args: str, **env: str) -> subprocess.CompletedProcess[s
         env=stack.env(INSTANCE_AGENT_CONFIG=str(empty), **env),
         timeout=120,
     )
+
+
+def doctor(stack: Stack, *args: str, **env: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """`doctor --json`; (process, {check name: check})."""
+    proc = human(stack, "--json", *args, **env)
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] == (proc.returncode == 0)
+    return proc, {c["name"]: c for c in doc["checks"]}
 
 
 def line_and_fix(output: str, name: str) -> tuple[str, str]:
