@@ -29,6 +29,8 @@ from conftest import make_group  # noqa: E402
 from support.faultproxy import Delay, FaultProxy, Rule  # noqa: E402
 from support.seaweed import SeaweedS3  # noqa: E402
 
+from benchmarks.watcher import argv as watcher_argv  # noqa: E402
+from benchmarks.watcher import env as watcher_env  # noqa: E402
 from instance_agent.local import autoscaling  # noqa: E402
 from instance_agent.local.imds import IMDSStub  # noqa: E402
 from instance_agent.local.moto_server import MotoServer  # noqa: E402
@@ -60,36 +62,18 @@ def main() -> None:
         for run in range(args.runs):
             instance = make_group(moto, f"det-{run}", "hook")
             with IMDSStub(instance_id=instance, target_lifecycle_state="InService") as imds:
-                env = dict(
-                    os.environ,
-                    AWS_ENDPOINT_URL=moto.endpoint,
-                    AWS_ENDPOINT_URL_S3=proxy.endpoint,
-                    AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint,
-                )
                 started = proxy.add_rule(
                     Rule(fault=Delay(0.0), method="POST", query=lambda q: "uploads" in q, times=1)
                 )
                 watcher = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "instance_agent",
-                        "watch",
-                        "--bucket",
-                        "bench",
-                        "--source",
-                        str(src),
-                        "--no-journal",
-                        "--poll-interval",
-                        str(args.poll_interval),
-                        "--state-dir",
-                        f"{tmp}/state-{run}",
-                        "--runtime-dir",
-                        f"{tmp}/run-{run}",
-                        "--log-level",
-                        "warning",
-                    ],
-                    env=env,
+                    watcher_argv(
+                        src,
+                        state=Path(tmp) / f"state-{run}",
+                        run_dir=Path(tmp) / f"run-{run}",
+                        poll=args.poll_interval,
+                        log_level="warning",
+                    ),
+                    env=watcher_env(moto.endpoint, proxy.endpoint, imds.endpoint),
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )

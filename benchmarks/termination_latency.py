@@ -49,6 +49,8 @@ from support.faultproxy import FaultProxy  # noqa: E402
 from support.seaweed import SeaweedS3  # noqa: E402
 
 from benchmarks import corpus  # noqa: E402
+from benchmarks.watcher import argv as watcher_argv  # noqa: E402
+from benchmarks.watcher import env as watcher_env  # noqa: E402
 from instance_agent.config import parse_size  # noqa: E402
 from instance_agent.local import autoscaling  # noqa: E402
 from instance_agent.local.imds import IMDSStub  # noqa: E402
@@ -100,36 +102,19 @@ def one_run(
     instance = make_group(moto, group, "hook", heartbeat_timeout=600)
     run_dir, state = tmp / f"run-{group}", tmp / f"state-{group}"
     with IMDSStub(instance_id=instance, target_lifecycle_state="InService") as imds:
-        env = dict(
-            os.environ,
-            AWS_ENDPOINT_URL=moto.endpoint,
-            AWS_ENDPOINT_URL_S3=proxy.endpoint,
-            AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint,
-        )
-        argv = [
-            sys.executable,
-            "-m",
-            "instance_agent",
-            "watch",
-            "--bucket",
-            "bench",
-            "--source",
-            str(src),
-            "--no-journal",
-            "--poll-interval",
-            "0.5",
-            "--state-dir",
-            str(state),
-            "--runtime-dir",
-            str(run_dir),
-            "--log-level",
-            args.log_level,
-            *(
-                ["--ship", "--ship-settle", str(args.ship_settle), "--ship-bandwidth", args.ship_bandwidth]
+        env = watcher_env(moto.endpoint, proxy.endpoint, imds.endpoint)
+        argv = watcher_argv(
+            src,
+            state=state,
+            run_dir=run_dir,
+            poll=0.5,
+            log_level=args.log_level,
+            extra=(
+                ("--ship", "--ship-settle", str(args.ship_settle), "--ship-bandwidth", args.ship_bandwidth)
                 if mode == "ship"
-                else ["--no-ship"]
+                else ("--no-ship",)
             ),
-        ]
+        )
         log = open(tmp / f"watch-{group}.log", "w")  # noqa: SIM115  (closed below)
         watcher = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log)
         try:
