@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from instance_agent import awserror
+from instance_agent import awserror, states
 from instance_agent.errors import (
     Cancelled,
     LifecycleError,
@@ -45,13 +45,14 @@ log = logging.getLogger(__name__)
 TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
 # Where a terminating hook holds an instance. `Warmed:Pending:Wait` is the return to a warm
 # pool under an instance reuse policy: the terminating hook fires, but the instance is kept
-# ("Use lifecycle hooks with a warm pool", Auto Scaling user guide).
-TERMINATING_WAIT = ("Terminating:Wait", "Warmed:Terminating:Wait")
+# ("Use lifecycle hooks with a warm pool", Auto Scaling user guide). Every state's meaning
+# lives in one table, instance_agent/states.py.
+TERMINATING_WAIT = states.states_of(states.TERMINATING_WAIT)
 WARM_RETURN_WAIT = "Warmed:Pending:Wait"
 # On the way to a terminating wait: deregistration from load balancers runs here.
-ON_THE_WAY = ("Terminating", "Warmed:Terminating", "Warmed:Pending")
+ON_THE_WAY = states.states_of(states.ON_THE_WAY)
 # Past the wait: nothing is left to complete.
-PAST_WAIT = ("Terminating:Proceed", "Terminated", "Warmed:Terminating:Proceed", "Warmed:Terminated")
+PAST_WAIT = states.states_of(states.PAST_WAIT)
 MAX_INTERVAL = 600.0  # AWS keeps a hook up to 100 x HeartbeatTimeout; no need to ping faster
 RECHECK = 2.0  # first pause between looks while waiting for a wait state
 RECHECK_MAX = 15.0  # a 3600 s deregistration delay costs about 250 calls, not 1,800
@@ -156,6 +157,8 @@ ACTIVE = "termination"  # a terminating action is live: back up, then complete
 WARM_RETURN = "warm-pool-return"  # the instance goes back to the warm pool, disks kept
 NOT_TERMINATING = "none"  # in service (an ad-hoc run), or the live action is not ours
 GONE = "gone"  # past the wait: the action ended (completed elsewhere, or expired)
+RETAINED = "retained"  # a terminating action ended in ABANDON and the group keeps the instance
+ROOT_VOLUME = "root-volume"  # a root-volume replacement, which this agent does not yet handle
 
 
 class Lifecycle:
@@ -254,6 +257,19 @@ class Lifecycle:
                     "cannot read the lifecycle state; retrying",
                     extra=fields(error=str(err), failures=failures),
                 )
+            kind = states.classify(state) if state is not None and state != "unknown" else None
+            if kind == states.RETAINED:
+                # The action already ended in ABANDON; a heartbeat cannot revive it, and
+                # there is nothing to complete (instance-lifecycle-policy.html).
+                return RETAINED
+            if kind == states.ROOT_VOLUME:
+                log.warning(
+                    "root-volume replacement is not yet supported by this agent; no lifecycle action taken",
+                    extra=fields(state=state),
+                )
+                return ROOT_VOLUME
+            if kind == states.UNKNOWN:
+                log.warning("unknown lifecycle state; treated as in service", extra=fields(state=state))
             if state in TERMINATING_WAIT or (
                 self.target.token and state not in ON_THE_WAY and state != "unknown"
             ):

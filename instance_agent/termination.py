@@ -50,6 +50,8 @@ from instance_agent.lifecycle import (
     ACTIVE,
     GONE,
     NOT_TERMINATING,
+    RETAINED,
+    ROOT_VOLUME,
     WARM_RETURN,
     Lifecycle,
     discover,
@@ -62,6 +64,7 @@ from instance_agent.result import DUPLICATE as STATUS_DUPLICATE
 from instance_agent.result import FAILED, SKIPPED, Result
 from instance_agent.s3upload import abort_stale_uploads
 from instance_agent.shipstate import Ledger
+from instance_agent.states import WARMED, classify
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +174,9 @@ class _Job:
             log.error("cannot find the lifecycle action; backing up anyway", extra=fields(error=str(err)))
             self.lc, kind = None, GONE
         self.result.action = kind
-        if kind == NOT_TERMINATING or not self.opts.plan.termination:
+        if self._nothing_to_do(kind):
+            return
+        if kind in (NOT_TERMINATING, RETAINED, ROOT_VOLUME) or not self.opts.plan.termination:
             # An ad-hoc run, or a Spot stop/rebalance notice: back up, nothing more. Only
             # the watcher's notices run the drain gate and commands: an operator's ad-hoc
             # backup must never stop the application.
@@ -190,6 +195,26 @@ class _Job:
                 self._termination(lock, kind)
         finally:
             lock.release()
+
+    def _nothing_to_do(self, kind: str) -> bool:
+        """A watcher notice with no live terminating action of ours behind it: no backup,
+        no commands, no report, no metric. A launch into the warm pool reads `Warmed:*` in
+        IMDS (the target state) while a launching hook holds it in `Warmed:Pending:Wait`
+        (https://docs.aws.amazon.com/autoscaling/ec2/userguide/warm-pool-instance-lifecycle.html);
+        a retained instance's action already ended in ABANDON
+        (https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html).
+        Run Command is an explicit ask and still backs up (the operator's recovery path)."""
+        if self.opts.trigger == "command":
+            return False
+        warmed = self.opts.imds_state is not None and classify(self.opts.imds_state) == WARMED
+        if not (kind in (RETAINED, ROOT_VOLUME) or (kind == NOT_TERMINATING and warmed)):
+            return False
+        log.info(
+            "no terminating action of ours is live; nothing to do",
+            extra=fields(action=kind, imds_state=self.opts.imds_state),
+        )
+        self.result.status = SKIPPED
+        return True
 
     def _find_action(self) -> str:
         """ACTIVE, WARM_RETURN, GONE or NOT_TERMINATING, after waiting out a deregistration

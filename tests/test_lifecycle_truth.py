@@ -15,13 +15,14 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from conftest import ACCOUNT, REGION, Stack
 from support.agentproc import WatchProc, archives, completions, sns_docs, source_tree, watch
 
-from instance_agent.local import autoscaling
+from instance_agent.local import autoscaling, launching
 
 DENIED = (
     "User: arn:aws:sts::123456789012:assumed-role/agent/i-0 is not authorized to perform: "
@@ -406,3 +407,39 @@ def test_two_runs_within_one_second_both_keep_their_backup(stack: Stack, tmp_pat
         keys.append(result["key"])
     assert len(set(keys)) == 3
     assert archives(stack) == sorted(keys)
+
+
+# --- a fresh launch into the warm pool is not a termination ------------------------------
+# A launching hook holds a new instance in Warmed:Pending:Wait on its way into the pool, and
+# IMDS already says the target, Warmed:Stopped ("Use lifecycle hooks with a warm pool",
+# https://docs.aws.amazon.com/autoscaling/ec2/userguide/warm-pool-instance-lifecycle.html).
+
+
+def test_launch_into_the_warm_pool_backs_up_nothing_and_leaves_the_launch_alone(
+    stack: Stack, tmp_path: Path
+) -> None:
+    launching.install()
+    hook = f"launch-{uuid.uuid4().hex[:8]}"
+    stack.client("autoscaling").put_lifecycle_hook(
+        AutoScalingGroupName=stack.group,
+        LifecycleHookName=hook,
+        LifecycleTransition=launching.LAUNCHING,
+        HeartbeatTimeout=600,
+        DefaultResult="ABANDON",
+    )
+    src = source_tree(tmp_path / "src")
+    marker = tmp_path / "pre-ran"
+    with watch(stack, "--source", str(src), "--pre-command", f"echo x >> {marker}") as w:
+        w.wait_for("watching")
+        launching.begin_launch(
+            stack.group, stack.instance_id, hook, warm_pool=True, account_id=ACCOUNT, region=REGION
+        )
+        stack.imds.target_lifecycle_state = "Warmed:Stopped"
+        _, done = w.wait_for("response finished", timeout=60, trigger="warm-pool")
+    assert done["status"] == "skipped" and done["lifecycle_result"] == "none"
+    assert archives(stack) == []
+    assert sns_docs(stack) == []
+    assert not marker.exists()
+    # The launch is still held for whoever answers it, not completed by the watcher.
+    assert stack.state() == "Warmed:Pending:Wait"
+    assert [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == stack.instance_id] == []

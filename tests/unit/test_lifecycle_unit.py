@@ -7,11 +7,14 @@ import threading
 import pytest
 from fakes import FakeAutoScaling, FakeClock, client_error, connection_error
 
+from instance_agent import states
 from instance_agent.errors import Cancelled, LifecycleError, WaitTimeout
 from instance_agent.lifecycle import (
     ACTIVE,
     GONE,
     NOT_TERMINATING,
+    RETAINED,
+    ROOT_VOLUME,
     WARM_RETURN,
     HookTarget,
     Lifecycle,
@@ -204,3 +207,90 @@ def test_discover_refuses_two_terminating_hooks_without_a_name() -> None:
     with pytest.raises(LifecycleError, match="several terminating hooks"):
         discover(fake, fake.instance_id, group="web", hook=None, token=None)
     assert discover(fake, fake.instance_id, group="web", hook="other", token=None) is not None
+
+
+# --- every LifecycleState of the botocore model, classified on purpose --------------------
+
+
+def _botocore_lifecycle_states() -> list[str]:
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("autoscaling")
+    return list(model.shape_for("LifecycleState").enum)
+
+
+def test_the_state_table_knows_every_state_of_the_botocore_model() -> None:
+    # Fails when botocore gains a state that instance_agent/states.py does not classify.
+    assert sorted(_botocore_lifecycle_states()) == sorted(states.TABLE)
+
+
+EXPECTED_KIND = {
+    "Pending": states.LAUNCHING,
+    "Pending:Wait": states.LAUNCHING,
+    "Pending:Proceed": states.LAUNCHING,
+    "Quarantined": states.SERVING,
+    "InService": states.SERVING,
+    "Terminating": states.ON_THE_WAY,
+    "Terminating:Wait": states.TERMINATING_WAIT,
+    "Terminating:Proceed": states.PAST_WAIT,
+    "Terminating:Retained": states.RETAINED,
+    "Terminated": states.PAST_WAIT,
+    "Detaching": states.SERVING,
+    "Detached": states.SERVING,
+    "EnteringStandby": states.SERVING,
+    "Standby": states.SERVING,
+    "ReplacingRootVolume": states.ROOT_VOLUME,
+    "ReplacingRootVolume:Wait": states.ROOT_VOLUME,
+    "ReplacingRootVolume:Proceed": states.ROOT_VOLUME,
+    "RootVolumeReplaced": states.ROOT_VOLUME,
+    "Warmed:Pending": states.ON_THE_WAY,
+    "Warmed:Pending:Wait": states.POOL_ENTRY_WAIT,
+    "Warmed:Pending:Proceed": states.WARMED,
+    "Warmed:Pending:Retained": states.RETAINED,
+    "Warmed:Terminating": states.ON_THE_WAY,
+    "Warmed:Terminating:Wait": states.TERMINATING_WAIT,
+    "Warmed:Terminating:Proceed": states.PAST_WAIT,
+    "Warmed:Terminating:Retained": states.RETAINED,
+    "Warmed:Terminated": states.PAST_WAIT,
+    "Warmed:Stopped": states.WARMED,
+    "Warmed:Running": states.WARMED,
+    "Warmed:Hibernated": states.WARMED,
+}
+
+
+@pytest.mark.parametrize("state", sorted(EXPECTED_KIND))
+def test_each_state_is_classified(state: str) -> None:
+    assert states.classify(state) == EXPECTED_KIND[state]
+
+
+def test_a_state_newer_than_the_table_is_unknown() -> None:
+    assert states.classify("Warmed:Something:New") == states.UNKNOWN
+
+
+# What locate() answers in each state, with no sign of leaving (an ad-hoc look) and no live
+# action of ours: retained and root-volume states are never "in service", so no later
+# trigger takes them for an ad-hoc run.
+LOCATE_NO_ACTION = {
+    states.SERVING: NOT_TERMINATING,
+    states.LAUNCHING: NOT_TERMINATING,
+    states.POOL_ENTRY_WAIT: NOT_TERMINATING,
+    states.TERMINATING_WAIT: GONE,
+    states.PAST_WAIT: GONE,
+    states.WARMED: NOT_TERMINATING,
+    states.RETAINED: RETAINED,
+    states.ROOT_VOLUME: ROOT_VOLUME,
+}
+
+
+@pytest.mark.parametrize("state", sorted(s for s, k in EXPECTED_KIND.items() if k != states.ON_THE_WAY))
+def test_locate_answers_every_settled_state_deliberately(state: str) -> None:
+    fake, clock = FakeAutoScaling(states=[state], live=False), FakeClock()
+    found = make(fake, clock).locate(deadline=clock() + 60, expect_termination=False)
+    assert found == LOCATE_NO_ACTION[states.classify(state)]
+
+
+@pytest.mark.parametrize("state", states.states_of(states.RETAINED))
+def test_retained_is_retained_even_with_a_token_and_completes_nothing(state: str) -> None:
+    fake, clock = FakeAutoScaling(states=[state], live=False), FakeClock()
+    assert make(fake, clock, TOKEN).locate(deadline=clock() + 60, expect_termination=True) == RETAINED
+    assert fake.count("CompleteLifecycleAction") == 0 and fake.count("RecordLifecycleActionHeartbeat") == 0
