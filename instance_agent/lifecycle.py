@@ -1,6 +1,7 @@
 """Auto Scaling adapter: find this instance's lifecycle action, keep it alive, complete it.
 
-Three facts of real deployments shape this module (see aws-facts.md for the sources):
+Three facts of real deployments shape this module (sources: the Auto Scaling user guide's
+"Amazon EC2 Auto Scaling lifecycle hooks" and "Use lifecycle hooks with a warm pool"):
 
 - IMDS says `Terminated` before the instance is in `Terminating:Wait`: behind a load
   balancer the group first deregisters it, and that lasts the target group's deregistration

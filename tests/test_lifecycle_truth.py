@@ -443,3 +443,59 @@ def test_launch_into_the_warm_pool_backs_up_nothing_and_leaves_the_launch_alone(
     # The launch is still held for whoever answers it, not completed by the watcher.
     assert stack.state() == "Warmed:Pending:Wait"
     assert [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == stack.instance_id] == []
+
+
+# --- retained and root-volume states: never an ad-hoc run of the watcher -----------------
+# A retained instance's terminating action ended in ABANDON; the group keeps the instance
+# until TerminateInstanceInAutoScalingGroup
+# (https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html).
+
+
+def test_watcher_on_a_retained_instance_backs_up_nothing(stack: Stack, tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src")
+    marker = tmp_path / "pre-ran"
+    with watch(stack, "--source", str(src), "--pre-command", f"echo x >> {marker}") as w:
+        w.wait_for("watching")
+        autoscaling.hold_in_state(
+            stack.group, stack.instance_id, "Terminating:Retained", account_id=ACCOUNT, region=REGION
+        )
+        stack.imds.target_lifecycle_state = "Terminated"
+        _, done = w.wait_for("response finished", timeout=60, trigger="termination")
+    assert done["status"] == "skipped" and done["lifecycle_result"] == "none"
+    assert archives(stack) == []
+    assert sns_docs(stack) == []
+    assert not marker.exists()
+    assert completions(stack) == []
+    assert stack.state() == "Terminating:Retained"
+
+
+def test_run_command_on_a_retained_instance_backs_up_and_completes_nothing(
+    stack: Stack, tmp_path: Path
+) -> None:
+    src = source_tree(tmp_path / "src")
+    autoscaling.hold_in_state(
+        stack.group, stack.instance_id, "Warmed:Terminating:Retained", account_id=ACCOUNT, region=REGION
+    )
+    proc, result = stack.backup("--source", str(src))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["status"] == "succeeded" and result["action"] == "retained"
+    assert result["lifecycle_result"] == "none"
+    assert archives(stack) == [result["key"]]
+    assert [d["action"] for d in sns_docs(stack)] == ["retained"]
+    assert completions(stack) == []
+    assert stack.state() == "Warmed:Terminating:Retained"
+
+
+def test_run_command_during_root_volume_replacement_warns_and_completes_nothing(
+    stack: Stack, tmp_path: Path
+) -> None:
+    src = source_tree(tmp_path / "src")
+    autoscaling.hold_in_state(
+        stack.group, stack.instance_id, "ReplacingRootVolume:Wait", account_id=ACCOUNT, region=REGION
+    )
+    proc, result = stack.backup("--source", str(src))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "root-volume replacement is not yet supported by this agent" in proc.stderr
+    assert result["status"] == "succeeded" and result["action"] == "root-volume"
+    assert archives(stack) == [result["key"]]
+    assert completions(stack) == []

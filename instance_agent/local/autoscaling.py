@@ -210,7 +210,8 @@ def return_to_warm_pool(
 
     The group's terminating hooks fire and hold it in `Warmed:Pending:Wait`; once they are
     done it is `Warmed:Stopped`, still in the group (the EventBridge event says
-    `"Destination": "WarmPool"`; aws-facts.md, "Warm pools")."""
+    `"Destination": "WarmPool"`; "Use lifecycle hooks with a warm pool",
+    https://docs.aws.amazon.com/autoscaling/ec2/userguide/warm-pool-instance-lifecycle.html)."""
     install()
     with _lock:
         backend, _asg, _state = _in_service(group, instance_id, account_id, region)
@@ -405,6 +406,48 @@ def _enter_wait(
                 destination=destination,
             )
         )
+
+
+# States the stand-in does not reach on its own yet, which a test may put an instance in.
+# Retained: a terminating action ended in ABANDON under an instance lifecycle policy; the
+# instance stays until TerminateInstanceInAutoScalingGroup, with no action left to complete
+# (https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html).
+# Root volume: an instance refresh with the ReplaceRootVolume strategy
+# (https://docs.aws.amazon.com/autoscaling/ec2/userguide/replace-root-volume.html).
+HELD_STATES = (
+    "Terminating:Retained",
+    "Warmed:Terminating:Retained",
+    "Warmed:Pending:Retained",
+    "ReplacingRootVolume",
+    "ReplacingRootVolume:Wait",
+    "ReplacingRootVolume:Proceed",
+    "RootVolumeReplaced",
+)
+
+
+def hold_in_state(
+    group: str,
+    instance_id: str,
+    state_name: str,
+    *,
+    account_id: str = DEFAULT_ACCOUNT,
+    region: str = DEFAULT_REGION,
+) -> None:
+    """Put an instance of `group` in one of HELD_STATES, with no lifecycle action live:
+    a heartbeat or completion for it fails as it would on AWS."""
+    if state_name not in HELD_STATES:
+        raise ValueError(f"{state_name} is not one of {HELD_STATES}")
+    install()
+    with _lock:
+        backend = _backend(account_id, region)
+        _tick(backend)
+        asg = backend.autoscaling_groups.get(group)
+        state = _find_state(asg, instance_id) if asg is not None else None
+        if state is None:
+            raise ValidationError(f"Instance {instance_id} is not in {group}")
+        book = _book(backend)
+        book.actions = [a for a in book.actions if a.instance_id != instance_id]
+        state.lifecycle_state = state_name
 
 
 def _global_timeout(heartbeat_timeout: int) -> int:
