@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
+import zstandard
+from conftest import Stack
 from support import scoreboard
 
 from instance_agent.restore import RestoreError, UnsafeArchive, extract
@@ -121,3 +125,69 @@ def test_a_truncated_archive_is_still_a_restore_error(tmp_path: Path) -> None:
     with pytest.raises(RestoreError):
         extract(io.BytesIO(data), str(tmp_path / "dest"))
     assert not (tmp_path / "dest").exists()
+
+
+# --- a hostile manifest of an assembled (continuous-shipping) backup ---------------------
+
+INSTANCE = "i-0123456789abcdef0"
+PREFIX = f"logs/web/{INSTANCE}/"
+FINAL = f"{PREFIX}20260101T000000Z.tar.zst"
+SEGMENT = f"{PREFIX}segments/app.log.1-2-3.tar.zst"
+
+
+def _zst(members: list[Member]) -> bytes:
+    return zstandard.ZstdCompressor().compress(_tar(members).getvalue())
+
+
+def _hostile_manifest(member: str | None, obj: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"path": "app.log", "type": "file", "size": 4, "mode": "0644", "object": obj}
+    if member is not None:
+        entry["member"] = member
+    return {
+        "format": 1,
+        "key": FINAL,
+        "instance_id": INSTANCE,
+        "totals": {"held_files": 1},
+        "segments": [{"key": obj}],
+        "entries": [{"path": "keep.log", "type": "file", "size": 2, "mode": "0644"}, entry],
+    }
+
+
+HOSTILE_MANIFESTS: dict[str, tuple[str | None, str]] = {
+    # (member, object); "SENTINEL" is replaced by the sentinel's absolute path.
+    "absolute member": ("SENTINEL", SEGMENT),
+    "member with '..'": ("../" * 30 + "SENTINEL_REL", SEGMENT),
+    "object of another instance": (None, "logs/web/i-0fedcba9876543210/segments/app.log.1-2-3.tar.zst"),
+    "object not of segment form": (None, f"{PREFIX}20251231T000000Z.tar.zst"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_MANIFESTS))
+def test_a_hostile_manifest_fails_the_restore_and_touches_nothing_outside(
+    stack: Stack, tmp_path: Path, case: str
+) -> None:
+    secret = tmp_path / "home" / ".aws" / "credentials"
+    secret.parent.mkdir(parents=True)
+    secret.write_bytes(b"aws_secret_access_key = hunter2\n")
+    member, obj = HOSTILE_MANIFESTS[case]
+    if member is not None:
+        member = member.replace("SENTINEL_REL", str(secret).lstrip("/")).replace("SENTINEL", str(secret))
+    s3 = stack.client("s3")
+    s3.put_object(Bucket=stack.bucket, Key=FINAL, Body=_zst([("keep.log", "file", "ok")]))
+    # What the object names exists and holds a file, so only validation can stop it.
+    s3.put_object(Bucket=stack.bucket, Key=obj, Body=_zst([("app.log", "file", "evil")]))
+    s3.put_object(
+        Bucket=stack.bucket,
+        Key=FINAL + ".manifest.json",
+        Body=json.dumps(_hostile_manifest(member, obj)).encode(),
+    )
+    dest = tmp_path / "dest"
+
+    proc = stack.run("restore", f"s3://{stack.bucket}/{FINAL}", str(dest))
+
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("instance-agent: error: refusing the manifest"), line
+    assert "'app.log'" in line
+    assert secret.read_bytes() == b"aws_secret_access_key = hunter2\n"
+    assert not dest.exists() or list(dest.iterdir()) == []
