@@ -182,12 +182,21 @@ def test_a_hostile_manifest_fails_the_restore_and_touches_nothing_outside(
         Body=json.dumps(_hostile_manifest(member, obj)).encode(),
     )
     dest = tmp_path / "dest"
+    shown = (HOSTILE_MANIFESTS[case][0] or "(none)").replace("../" * 30, "../…/")
+    shown = shown.replace("SENTINEL_REL", "home/.aws/credentials").replace(
+        "SENTINEL", "/home/.aws/credentials"
+    )
 
-    proc = stack.run("restore", f"s3://{stack.bucket}/{FINAL}", str(dest))
+    with scoreboard.scenario(f"Restore: a hostile manifest of a shipped backup, {case}") as row:
+        row.faults = f"entry 'app.log': member {shown}, object {obj}"
+        proc = stack.run("restore", f"s3://{stack.bucket}/{FINAL}", str(dest))
 
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("instance-agent: error: refusing the manifest"), line
-    assert "'app.log'" in line
-    assert secret.read_bytes() == b"aws_secret_access_key = hunter2\n"
-    assert not dest.exists() or list(dest.iterdir()) == []
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith("instance-agent: error: refusing the manifest"), line
+        assert "'app.log'" in line
+        assert secret.read_bytes() == b"aws_secret_access_key = hunter2\n"
+        assert not dest.exists() or list(dest.iterdir()) == []
+        row.outcome = (
+            "exit 1, refused in one line naming the entry; the host's file untouched; DEST left empty"
+        )
