@@ -30,7 +30,8 @@ class UnsafeManifest(AgentError):
     """The manifest names a path outside the tree or an object that is not this backup's."""
 
 
-def _relative_inside(value: bytes) -> bool:
+def relative_inside(value: bytes) -> bool:
+    """Whether a manifest path, joined to a directory, stays below it."""
     if not value or b"\0" in value or value.startswith(b"/"):
         return False
     return b".." not in value.split(b"/")
@@ -50,7 +51,7 @@ def segment_key_problem(final_key: str, instance_id: str, key: str) -> str | Non
         return "it is not of the form of a segment key"
     if not instance or instance not in final_key:
         return "the manifest's instance is not the backup's"
-    if final_key.startswith(head) and instance in head and (head == "" or head[-1] in "/-"):
+    if final_key.startswith(head) and instance in head:
         return None
     tail = f"{instance}-"
     if head.endswith(tail) and final_key.startswith(head[: -len(tail)]):
@@ -70,7 +71,7 @@ def check(final_key: str, manifest: Mapping[str, Any]) -> None:
         except (KeyError, ValueError) as err:
             raise UnsafeManifest(f"refusing the manifest: an entry has no valid path ({err})") from None
         label = repr(os.fsdecode(path))
-        if not _relative_inside(path):
+        if not relative_inside(path):
             raise UnsafeManifest(f"refusing the manifest: entry {label} has an unsafe path")
         # Link targets are not checked here: links come from the archives themselves,
         # whose extraction refuses one that leaves the tree (restore.py).
@@ -79,7 +80,7 @@ def check(final_key: str, manifest: Mapping[str, Any]) -> None:
                 member = path_from_fields(entry, "member")
             except ValueError:
                 raise UnsafeManifest(f"refusing the manifest: entry {label} has an invalid member") from None
-            if not _relative_inside(member):
+            if not relative_inside(member):
                 raise UnsafeManifest(
                     f"refusing the manifest: entry {label} has member {os.fsdecode(member)!r} "
                     "outside the segment's tree"

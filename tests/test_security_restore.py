@@ -14,6 +14,7 @@ import zstandard
 from conftest import Stack
 from support import scoreboard
 
+from instance_agent import keys, manifest_check
 from instance_agent.restore import RestoreError, UnsafeArchive, extract
 
 Member = tuple[str, str, str]  # (name, kind: file|dir|sym|lnk|chr, data or link target)
@@ -200,3 +201,36 @@ def test_a_hostile_manifest_fails_the_restore_and_touches_nothing_outside(
         row.outcome = (
             "exit 1, refused in one line naming the entry; the host's file untouched; DEST left empty"
         )
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{prefix}{group}/{instance_id}/{timestamp}",
+        "{prefix}{timestamp}-{instance_id}",
+        "{prefix}{instance_id}",
+    ],
+)
+def test_the_segment_keys_the_shipper_writes_are_accepted_and_a_neighbours_are_not(template: str) -> None:
+    values = {"prefix": "logs/", "group": "web", "instance_id": INSTANCE, "region": "r", "hostname": "h"}
+    final = keys.render(template, dict(values, timestamp="20260101T000000Z"), "zstd")
+    mine = keys.segment_key(template, values, "app.log", "1-2-3", "zstd")
+    other = keys.segment_key(
+        template, dict(values, instance_id="i-0fedcba9876543210"), "app.log", "1-2-3", "zstd"
+    )
+    assert manifest_check.segment_key_problem(final, INSTANCE, mine) is None
+    assert manifest_check.segment_key_problem(final, INSTANCE, other) is not None
+    assert manifest_check.segment_key_problem(final, "i-0fedcba9876543210", other) is not None
+
+
+def test_verify_refuses_a_manifest_path_that_leaves_the_tree(stack: Stack, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tmp_path / "secret").write_bytes(b"x")
+    doc = tmp_path / "m.manifest.json"
+    entry = {"path": "../secret", "type": "file", "size": 1, "mode": "0600"}
+    doc.write_text(json.dumps({"format": 1, "entries": [entry]}))
+    proc = stack.run("verify", str(tree), "--manifest", str(doc))
+    assert proc.returncode == 1, proc.stdout
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line == "instance-agent: error: refusing the manifest: entry '../secret' has an unsafe path"
