@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from instance_agent import restore
+from instance_agent import manifest_check, restore
 from instance_agent.listing import S3Reader
 from instance_agent.manifest import path_from_fields
 
@@ -65,6 +65,7 @@ def restore_assembled(
     """The final archive `key` and its segments into `dest` (new or empty)."""
     restore.check_key(key)
     restore.check_destination(dest)
+    manifest_check.check(key, manifest)  # before anything is downloaded or moved
     segments = {str(s["key"]): s for s in manifest.get("segments") or []}
     wanted = holders(manifest, select)
     totals = manifest.get("totals") or {}

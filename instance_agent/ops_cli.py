@@ -148,6 +148,24 @@ def _globs(parser: argparse.ArgumentParser, verb: str) -> None:
     )
 
 
+def _intermixed(parser: argparse.ArgumentParser) -> None:
+    """Let options follow the positional arguments (`restore URL --verify DEST`), as with
+    any ordinary command. The top-level parser holds sub-parsers, which
+    parse_intermixed_args does not support, so each sub-command's own parser (called by
+    the sub-parsers action through parse_known_args) parses intermixed instead."""
+    plain = parser.parse_known_args
+
+    def parse(args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        # parse_known_intermixed_args calls parse_known_args itself: the plain one then.
+        setattr(parser, "parse_known_args", plain)  # noqa: B010
+        try:
+            return parser.parse_known_intermixed_args(args, namespace)
+        finally:
+            setattr(parser, "parse_known_args", parse)  # noqa: B010
+
+    setattr(parser, "parse_known_args", parse)  # noqa: B010
+
+
 def register(sub: Any) -> None:
     """Add the operator sub-commands to the CLI's sub-parser collection."""
     raw = argparse.RawDescriptionHelpFormatter
@@ -181,6 +199,7 @@ def register(sub: Any) -> None:
         help="JSON even on a terminal (flag only; default: a table on a terminal, JSON otherwise)",
     )
     p.set_defaults(func=cmd_list)
+    _intermixed(p)
 
     r = sub.add_parser(
         "restore",
@@ -218,6 +237,7 @@ def register(sub: Any) -> None:
     r.add_argument("--json", action="store_true", help="print the result as JSON (flag only; default off)")
     _common(r, *s3_options)
     r.set_defaults(func=cmd_restore)
+    _intermixed(r)
 
     v = sub.add_parser(
         "verify",
@@ -237,6 +257,7 @@ def register(sub: Any) -> None:
     v.add_argument("--json", action="store_true", help="print the result as JSON (flag only; default off)")
     _common(v, "region", "expected_bucket_owner", "log_level")
     v.set_defaults(func=cmd_verify)
+    _intermixed(v)
 
     d = sub.add_parser(
         "doctor",
@@ -262,6 +283,7 @@ def register(sub: Any) -> None:
     )
     wiring.add_schema_options(d, config.BACKUP)
     d.set_defaults(func=cmd_doctor)
+    _intermixed(d)
 
     s = sub.add_parser(
         "status",
@@ -272,6 +294,7 @@ def register(sub: Any) -> None:
     _common(s, "state_dir", "runtime_dir")
     s.add_argument("--json", action="store_true", help="print the status as JSON (flag only; default off)")
     s.set_defaults(func=cmd_status)
+    _intermixed(s)
 
 
 # --- shared wiring --------------------------------------------------------------------------

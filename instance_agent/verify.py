@@ -24,6 +24,7 @@ from typing import Any
 from instance_agent.errors import AgentError, ConfigError
 from instance_agent.listing import S3Reader, archive_key_of, parse_s3_url, read_manifest
 from instance_agent.manifest import path_from_fields
+from instance_agent.manifest_check import UnsafeManifest, relative_inside
 from instance_agent.restore import Selection
 
 READ = 1 << 20
@@ -174,6 +175,8 @@ def compare(dest: str, manifest: Mapping[str, Any], select: Selection | None = N
         rel = path_from_fields(entry).strip(b"/")
         if not rel or (select and not select(os.fsdecode(rel))):
             continue
+        if not relative_inside(rel):  # the manifest is the instance's: never look outside root
+            raise UnsafeManifest(f"refusing the manifest: entry {os.fsdecode(rel)!r} has an unsafe path")
         expected.add(rel)
         checked += 1
         problem = _entry_problem(os.path.join(root, rel), entry)

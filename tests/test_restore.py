@@ -87,6 +87,12 @@ def test_backup_list_restore_verify_round_trip(stack: Stack, tmp_path: Path) -> 
     assert os.stat(restored_root(dest, src) / "nginx" / "access.log").st_mtime == OLD
     assert not [n for n in leftovers(dest) if n.startswith(".instance-agent-partial")]
 
+    # Options may follow the positional arguments, as with any ordinary command.
+    again = tmp_path / "restored-again"
+    proc = stack.run("restore", row["url"], "--verify", str(again), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert walk(restored_root(again, src)) == walk(src)
+
     # One byte changed in the restored tree: `verify` names that file.
     victim = restored_root(dest, src) / "app" / "deep" / "deeper" / "state.bin"
     data = bytearray(victim.read_bytes())

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
+import zstandard
+from conftest import Stack
 from support import scoreboard
 
+from instance_agent import keys, manifest_check
 from instance_agent.restore import RestoreError, UnsafeArchive, extract
 
 Member = tuple[str, str, str]  # (name, kind: file|dir|sym|lnk|chr, data or link target)
@@ -121,3 +126,111 @@ def test_a_truncated_archive_is_still_a_restore_error(tmp_path: Path) -> None:
     with pytest.raises(RestoreError):
         extract(io.BytesIO(data), str(tmp_path / "dest"))
     assert not (tmp_path / "dest").exists()
+
+
+# --- a hostile manifest of an assembled (continuous-shipping) backup ---------------------
+
+INSTANCE = "i-0123456789abcdef0"
+PREFIX = f"logs/web/{INSTANCE}/"
+FINAL = f"{PREFIX}20260101T000000Z.tar.zst"
+SEGMENT = f"{PREFIX}segments/app.log.1-2-3.tar.zst"
+
+
+def _zst(members: list[Member]) -> bytes:
+    return zstandard.ZstdCompressor().compress(_tar(members).getvalue())
+
+
+def _hostile_manifest(member: str | None, obj: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"path": "app.log", "type": "file", "size": 4, "mode": "0644", "object": obj}
+    if member is not None:
+        entry["member"] = member
+    return {
+        "format": 1,
+        "key": FINAL,
+        "instance_id": INSTANCE,
+        "totals": {"held_files": 1},
+        "segments": [{"key": obj}],
+        "entries": [{"path": "keep.log", "type": "file", "size": 2, "mode": "0644"}, entry],
+    }
+
+
+HOSTILE_MANIFESTS: dict[str, tuple[str | None, str]] = {
+    # (member, object); "SENTINEL" is replaced by the sentinel's absolute path.
+    "absolute member": ("SENTINEL", SEGMENT),
+    "member with '..'": ("../" * 30 + "SENTINEL_REL", SEGMENT),
+    "object of another instance": (None, "logs/web/i-0fedcba9876543210/segments/app.log.1-2-3.tar.zst"),
+    "object not of segment form": (None, f"{PREFIX}20251231T000000Z.tar.zst"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_MANIFESTS))
+def test_a_hostile_manifest_fails_the_restore_and_touches_nothing_outside(
+    stack: Stack, tmp_path: Path, case: str
+) -> None:
+    secret = tmp_path / "home" / ".aws" / "credentials"
+    secret.parent.mkdir(parents=True)
+    secret.write_bytes(b"aws_secret_access_key = hunter2\n")
+    member, obj = HOSTILE_MANIFESTS[case]
+    if member is not None:
+        member = member.replace("SENTINEL_REL", str(secret).lstrip("/")).replace("SENTINEL", str(secret))
+    s3 = stack.client("s3")
+    s3.put_object(Bucket=stack.bucket, Key=FINAL, Body=_zst([("keep.log", "file", "ok")]))
+    # What the object names exists and holds a file, so only validation can stop it.
+    s3.put_object(Bucket=stack.bucket, Key=obj, Body=_zst([("app.log", "file", "evil")]))
+    s3.put_object(
+        Bucket=stack.bucket,
+        Key=FINAL + ".manifest.json",
+        Body=json.dumps(_hostile_manifest(member, obj)).encode(),
+    )
+    dest = tmp_path / "dest"
+    shown = (HOSTILE_MANIFESTS[case][0] or "(none)").replace("../" * 30, "../…/")
+    shown = shown.replace("SENTINEL_REL", "home/.aws/credentials").replace(
+        "SENTINEL", "/home/.aws/credentials"
+    )
+
+    with scoreboard.scenario(f"Restore: a hostile manifest of a shipped backup, {case}") as row:
+        row.faults = f"entry 'app.log': member {shown}, object {obj}"
+        proc = stack.run("restore", f"s3://{stack.bucket}/{FINAL}", str(dest))
+
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith("instance-agent: error: refusing the manifest"), line
+        assert "'app.log'" in line
+        assert secret.read_bytes() == b"aws_secret_access_key = hunter2\n"
+        assert not dest.exists() or list(dest.iterdir()) == []
+        row.outcome = (
+            "exit 1, refused in one line naming the entry; the host's file untouched; DEST left empty"
+        )
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{prefix}{group}/{instance_id}/{timestamp}",
+        "{prefix}{timestamp}-{instance_id}",
+        "{prefix}{instance_id}",
+    ],
+)
+def test_the_segment_keys_the_shipper_writes_are_accepted_and_a_neighbours_are_not(template: str) -> None:
+    values = {"prefix": "logs/", "group": "web", "instance_id": INSTANCE, "region": "r", "hostname": "h"}
+    final = keys.render(template, dict(values, timestamp="20260101T000000Z"), "zstd")
+    mine = keys.segment_key(template, values, "app.log", "1-2-3", "zstd")
+    other = keys.segment_key(
+        template, dict(values, instance_id="i-0fedcba9876543210"), "app.log", "1-2-3", "zstd"
+    )
+    assert manifest_check.segment_key_problem(final, INSTANCE, mine) is None
+    assert manifest_check.segment_key_problem(final, INSTANCE, other) is not None
+    assert manifest_check.segment_key_problem(final, "i-0fedcba9876543210", other) is not None
+
+
+def test_verify_refuses_a_manifest_path_that_leaves_the_tree(stack: Stack, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tmp_path / "secret").write_bytes(b"x")
+    doc = tmp_path / "m.manifest.json"
+    entry = {"path": "../secret", "type": "file", "size": 1, "mode": "0600"}
+    doc.write_text(json.dumps({"format": 1, "entries": [entry]}))
+    proc = stack.run("verify", str(tree), "--manifest", str(doc))
+    assert proc.returncode == 1, proc.stdout
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line == "instance-agent: error: refusing the manifest: entry '../secret' has an unsafe path"
