@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import string
 import threading
 from pathlib import Path
@@ -198,3 +199,54 @@ def test_a_config_accepted_by_load_never_fails_a_backup_by_itself(
             assert probe.acquire(timeout=value)  # free: returns at once, but checks the range
             probe.release()
     assert cfg.state_dir.startswith("/") and cfg.runtime_dir.startswith("/")
+
+
+def _refused_config(stack: Stack, tmp_path: Path, path: str, command: str) -> str:
+    """`command` with `--config path` exits promptly with 2 and one line; the timeout makes a
+    hang fail the test instead of blocking it."""
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    args = ["--config", path, "--bucket", stack.bucket, "--json", "--source", str(src), "--no-complete"]
+    proc = stack.run(command, *args, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "config file" in lines[0], lines
+    assert stack.objects() == {} and stack.lifecycle_calls() == []
+    return lines[0]
+
+
+def test_a_fifo_as_the_config_file_is_refused_at_once(stack: Stack, tmp_path: Path) -> None:
+    fifo = tmp_path / "agent.toml"
+    os.mkfifo(fifo, 0o600)
+    assert "regular file" in _refused_config(stack, tmp_path, str(fifo), "backup")
+
+
+def test_doctor_reports_a_fifo_config_file_at_once(stack: Stack, tmp_path: Path) -> None:
+    fifo = tmp_path / "agent.toml"
+    os.mkfifo(fifo, 0o600)
+    proc = stack.run("doctor", "--json", "--bucket", stack.bucket, "--config", str(fifo), timeout=60)
+    checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+    assert proc.returncode == 1
+    assert checks["config"]["result"] == "fail"
+    assert "not a regular file" in checks["config"]["message"]
+
+
+def test_dev_zero_as_the_config_file_is_refused(stack: Stack, tmp_path: Path) -> None:
+    assert "regular file" in _refused_config(stack, tmp_path, "/dev/zero", "backup")
+
+
+def test_a_group_writable_config_file_is_refused(stack: Stack, tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('pre_command = ["true"]\n')
+    path.chmod(0o664)
+    assert "writable" in _refused_config(stack, tmp_path, str(path), "backup")
+
+
+def test_a_config_file_in_a_world_writable_directory_is_refused(stack: Stack, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # not sticky: anyone may swap the file for their own
+    path = shared / "agent.toml"
+    path.write_text('pre_command = ["true"]\n')
+    path.chmod(0o600)
+    assert "writable" in _refused_config(stack, tmp_path, str(path), "backup")
