@@ -14,6 +14,7 @@ import pytest
 from conftest import Stack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import scoreboard
 
 from instance_agent import config, keys
 from instance_agent.archive import Excluder
@@ -216,9 +217,19 @@ def _refused_config(stack: Stack, tmp_path: Path, path: str, command: str) -> st
 
 
 def test_a_fifo_as_the_config_file_is_refused_at_once(stack: Stack, tmp_path: Path) -> None:
-    fifo = tmp_path / "agent.toml"
-    os.mkfifo(fifo, 0o600)
-    assert "regular file" in _refused_config(stack, tmp_path, str(fifo), "backup")
+    with scoreboard.scenario(
+        "Config: the config file is a FIFO (or /dev/zero, or writable by others)"
+    ) as row:
+        row.faults = "--config names a FIFO with no writer; /dev/zero; a 0664 file; a file in a 0777 dir"
+        row.retried = "0"
+        fifo = tmp_path / "agent.toml"
+        os.mkfifo(fifo, 0o600)
+        line = _refused_config(stack, tmp_path, str(fifo), "backup")
+        assert "regular file" in line
+        row.outcome = (
+            "exit 2 at once, one line ('not a regular file' / 'writable by group or others'); nothing done"
+        )
+        row.bytes_lost = 0
 
 
 def test_doctor_reports_a_fifo_config_file_at_once(stack: Stack, tmp_path: Path) -> None:
@@ -250,3 +261,31 @@ def test_a_config_file_in_a_world_writable_directory_is_refused(stack: Stack, tm
     path.write_text('pre_command = ["true"]\n')
     path.chmod(0o600)
     assert "writable" in _refused_config(stack, tmp_path, str(path), "backup")
+
+
+# (a value, the key its one-line error must name): issue 19 item 15.
+ODD_VALUES = [
+    ({"prefix": "./"}, "prefix"),
+    ({"prefix": "a/./b/"}, "prefix"),
+    ({"prefix": "a//b/"}, "prefix"),
+    ({"key_template": "{prefix}{group!r}/{instance_id}/{timestamp}"}, "key_template"),
+    ({"key_template": "{prefix}{group:/>30}/{instance_id}/{timestamp}"}, "key_template"),
+    ({"bucket": "xn--backups"}, "bucket"),
+    ({"bucket": "backups--ol-s3"}, "bucket"),
+]
+
+
+def test_odd_prefixes_templates_and_reserved_bucket_names_are_refused_at_load() -> None:
+    with scoreboard.scenario("Config: prefix './', template '{group:/>30}', bucket 'xn--…'") as row:
+        row.faults = (
+            f"{len(ODD_VALUES)} values: ./ and a//b prefixes, format spec and conversion, "
+            "reserved bucket names"
+        )
+        row.retried = "0"
+        for flags, key in ODD_VALUES:
+            with pytest.raises(ConfigError) as info:
+                config.load({"bucket": "ok-bucket", **flags}, {})
+            message = str(info.value)
+            assert key in message and "\n" not in message, message
+        row.outcome = "each refused at load in one line naming the key; exit 2"
+        row.bytes_lost = 0
