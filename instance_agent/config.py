@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from instance_agent import configfile, namerules
 from instance_agent.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -105,7 +106,7 @@ def check_bucket(value: str) -> str | None:
     try:
         ipaddress.IPv4Address(value)
     except ValueError:
-        return None
+        return namerules.reserved_bucket(value)
     return f"invalid bucket name {value!r}: must not look like an IP address"
 
 
@@ -126,7 +127,7 @@ def check_asg_name(value: str) -> str | None:
 def check_prefix(value: str) -> str | None:
     if value.startswith("/") or ".." in value or _CONTROL_RE.search(value):
         return f"invalid prefix {value!r}: no leading '/', no '..', no control characters"
-    return None
+    return namerules.prefix_components(value) if value else None
 
 
 def check_positive(value: Any) -> str | None:
@@ -643,8 +644,11 @@ def config_path(flag_value: str | None, env: Mapping[str, str]) -> str | None:
 
 def read_file(path: str) -> dict[str, Any]:
     try:
-        with open(path, "rb") as fh:
-            data: dict[str, Any] = tomllib.load(fh)
+        data: dict[str, Any] = tomllib.loads(configfile.read_trusted(path).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
+    except configfile.Refused as err:
+        raise ConfigError(f"config file {path}: {err}") from None
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: not found") from None
     except OSError as err:
@@ -714,8 +718,10 @@ def check_consistency(cfg: Config, command: str) -> Config:
             raise ConfigError(f"source {src!r} must be an absolute path")
     from instance_agent.keys import check_template
 
-    problem = check_template(cfg.key_template, prefix=cfg.prefix) or _template_collision(
-        cfg.key_template, cfg.prefix
+    problem = (
+        check_template(cfg.key_template, prefix=cfg.prefix)
+        or namerules.template_format_spec(cfg.key_template)
+        or _template_collision(cfg.key_template, cfg.prefix)
     )
     if problem:
         raise ConfigError(f"key_template: {problem}")

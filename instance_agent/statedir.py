@@ -46,6 +46,12 @@ def usable(path: str, *, mode: int = 0o700) -> None:
         raise Untrusted(path, f"owned by uid {st.st_uid}, not by the agent's uid {os.geteuid()}")
     if st.st_mode & 0o022:
         raise Untrusted(path, f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})")
+    check_parents(path)
+
+
+def check_parents(path: str) -> None:
+    """Raise Untrusted unless every directory above `path` is owned by root or the effective
+    user and is not writable by group or others unless sticky (also used for the config file)."""
     # The parents both as written and as resolved: a symlink on the way is only as safe as
     # the directory holding it, and its target's parents are the ones the kernel walks.
     for parent in sorted(_parents(os.path.abspath(path)) | _parents(os.path.realpath(path))):

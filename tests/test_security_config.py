@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import string
 import threading
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from conftest import Stack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import scoreboard
 
 from instance_agent import config, keys
 from instance_agent.archive import Excluder
@@ -198,3 +200,92 @@ def test_a_config_accepted_by_load_never_fails_a_backup_by_itself(
             assert probe.acquire(timeout=value)  # free: returns at once, but checks the range
             probe.release()
     assert cfg.state_dir.startswith("/") and cfg.runtime_dir.startswith("/")
+
+
+def _refused_config(stack: Stack, tmp_path: Path, path: str, command: str) -> str:
+    """`command` with `--config path` exits promptly with 2 and one line; the timeout makes a
+    hang fail the test instead of blocking it."""
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    args = ["--config", path, "--bucket", stack.bucket, "--json", "--source", str(src), "--no-complete"]
+    proc = stack.run(command, *args, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "config file" in lines[0], lines
+    assert stack.objects() == {} and stack.lifecycle_calls() == []
+    return lines[0]
+
+
+def test_a_fifo_as_the_config_file_is_refused_at_once(stack: Stack, tmp_path: Path) -> None:
+    with scoreboard.scenario(
+        "Config: the config file is a FIFO (or /dev/zero, or writable by others)"
+    ) as row:
+        row.faults = "--config names a FIFO with no writer; /dev/zero; a 0664 file; a file in a 0777 dir"
+        row.retried = "0"
+        fifo = tmp_path / "agent.toml"
+        os.mkfifo(fifo, 0o600)
+        line = _refused_config(stack, tmp_path, str(fifo), "backup")
+        assert "regular file" in line
+        row.outcome = (
+            "exit 2 at once, one line ('not a regular file' / 'writable by group or others'); nothing done"
+        )
+        row.bytes_lost = 0
+
+
+def test_doctor_reports_a_fifo_config_file_at_once(stack: Stack, tmp_path: Path) -> None:
+    fifo = tmp_path / "agent.toml"
+    os.mkfifo(fifo, 0o600)
+    proc = stack.run("doctor", "--json", "--bucket", stack.bucket, "--config", str(fifo), timeout=60)
+    checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+    assert proc.returncode == 1
+    assert checks["config"]["result"] == "fail"
+    assert "not a regular file" in checks["config"]["message"]
+
+
+def test_dev_zero_as_the_config_file_is_refused(stack: Stack, tmp_path: Path) -> None:
+    assert "regular file" in _refused_config(stack, tmp_path, "/dev/zero", "backup")
+
+
+def test_a_group_writable_config_file_is_refused(stack: Stack, tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('pre_command = ["true"]\n')
+    path.chmod(0o664)
+    assert "writable" in _refused_config(stack, tmp_path, str(path), "backup")
+
+
+def test_a_config_file_in_a_world_writable_directory_is_refused(stack: Stack, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # not sticky: anyone may swap the file for their own
+    path = shared / "agent.toml"
+    path.write_text('pre_command = ["true"]\n')
+    path.chmod(0o600)
+    assert "writable" in _refused_config(stack, tmp_path, str(path), "backup")
+
+
+# (a value, the key its one-line error must name): issue 19 item 15.
+ODD_VALUES = [
+    ({"prefix": "./"}, "prefix"),
+    ({"prefix": "a/./b/"}, "prefix"),
+    ({"prefix": "a//b/"}, "prefix"),
+    ({"key_template": "{prefix}{group!r}/{instance_id}/{timestamp}"}, "key_template"),
+    ({"key_template": "{prefix}{group:/>30}/{instance_id}/{timestamp}"}, "key_template"),
+    ({"bucket": "xn--backups"}, "bucket"),
+    ({"bucket": "backups--ol-s3"}, "bucket"),
+]
+
+
+def test_odd_prefixes_templates_and_reserved_bucket_names_are_refused_at_load() -> None:
+    with scoreboard.scenario("Config: prefix './', template '{group:/>30}', bucket 'xn--…'") as row:
+        row.faults = (
+            f"{len(ODD_VALUES)} values: ./ and a//b prefixes, format spec and conversion, "
+            "reserved bucket names"
+        )
+        row.retried = "0"
+        for flags, key in ODD_VALUES:
+            with pytest.raises(ConfigError) as info:
+                config.load({"bucket": "ok-bucket", **flags}, {})
+            message = str(info.value)
+            assert key in message and "\n" not in message, message
+        row.outcome = "each refused at load in one line naming the key; exit 2"
+        row.bytes_lost = 0

@@ -164,3 +164,35 @@ def test_the_config_variable_and_the_default_path(tmp_path: Path) -> None:
     env = {"INSTANCE_AGENT_DEFAULT_CONFIG": str(default)}
     assert load(env=env).bucket == "default"
     assert load(env={**env, "INSTANCE_AGENT_CONFIG": str(named)}).bucket == "named"
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('prefix = "./"', "prefix"),
+        ('prefix = "a/./b/"', "prefix"),
+        ('prefix = "a//b/"', "prefix"),
+        ('prefix = "a/../b/"', "prefix"),
+        ('key_template = "{prefix}{group:/>30}/{instance_id}/{timestamp}"', "key_template"),
+        ('key_template = "{prefix}{group!r}/{instance_id}/{timestamp}"', "key_template"),
+        ('bucket = "xn--backups"', "bucket"),
+        ('bucket = "sthree-backups"', "bucket"),
+        ('bucket = "amzn-s3-demo-backups"', "bucket"),
+        ('bucket = "backups-s3alias"', "bucket"),
+        ('bucket = "backups--ol-s3"', "bucket"),
+        ('bucket = "backups.mrap"', "bucket"),
+        ('bucket = "backups--x-s3"', "bucket"),
+        ('bucket = "backups--table-s3"', "bucket"),
+    ],
+)
+def test_values_that_would_make_odd_keys_or_name_a_reserved_bucket_are_refused(
+    tmp_path: Path, toml: str, key: str
+) -> None:
+    # The bucket from the file, not the environment's, must be the one checked.
+    message = refused(toml=toml + "\n", tmp_path=tmp_path, env={} if key == "bucket" else None)
+    assert key in message and "\n" not in message
+
+
+def test_ordinary_prefixes_and_buckets_still_load(tmp_path: Path) -> None:
+    cfg = load(toml='prefix = "backups/web/"\nbucket = "my.backups-2"\n', tmp_path=tmp_path, env={})
+    assert (cfg.prefix, cfg.bucket) == ("backups/web/", "my.backups-2")
