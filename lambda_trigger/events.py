@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from lambda_trigger.logs import fingerprint
+from lambda_trigger.logs import fingerprint, redact_uuids
 
 SOURCE = "aws.autoscaling"
 TERMINATE_ACTION = "EC2 Instance-terminate Lifecycle Action"
@@ -77,7 +77,7 @@ class Ignored:
 
 @dataclass(frozen=True)
 class Malformed:
-    """A message that cannot be understood; `excerpt` is the start of it, for the log."""
+    """A message that cannot be understood; `excerpt` is the start of it, UUIDs redacted, for the log."""
 
     reason: str
     via: str
@@ -198,4 +198,6 @@ def _malformed(reason: str, via: str, raw: object) -> Malformed:
         text = json.dumps(raw, default=repr, ensure_ascii=False)
     except ValueError:  # a circular structure: only possible in a direct call from Python
         text = repr(raw)
-    return Malformed(reason, via, text[:EXCERPT_CHARS])
+    # Redact before the cut: a token that straddles the cut is no longer UUID-shaped after it,
+    # and its first characters would reach the log unredacted.
+    return Malformed(reason, via, redact_uuids(text)[:EXCERPT_CHARS])

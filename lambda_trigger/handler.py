@@ -15,7 +15,7 @@ from typing import Any
 
 from lambda_trigger import events, settings, ssm_flow
 from lambda_trigger.clients import SAFETY_MARGIN, Caller, Clients, deadline, get_clients, use_clients
-from lambda_trigger.logs import fields, invocation, log, redact_uuids
+from lambda_trigger.logs import fields, invocation, log
 from lambda_trigger.settings import EXECUTION_RANGE, Settings
 from lambda_trigger.ssm_flow import CONFIRM_POLL, SAFE_NAME, comment_for
 
@@ -54,11 +54,8 @@ def handle(
     for item in events.parse(event):
         if isinstance(item, events.Malformed):
             # Retrying cannot fix it: one line, and a normal return. The excerpt is raw
-            # input, so any token in it is redacted.
-            log.error(
-                "malformed event",
-                extra=fields(reason=item.reason, via=item.via, excerpt=redact_uuids(item.excerpt)),
-            )
+            # input, redacted by `events` before it was cut.
+            log.error("malformed event", extra=fields(reason=item.reason, via=item.via, excerpt=item.excerpt))
             results.append({"status": "malformed", "reason": item.reason})
         elif isinstance(item, events.Ignored):
             log.info(
