@@ -8,7 +8,9 @@ Notification" events of the backup document (source `aws.ssm`, detail `command-i
 `document-name`, `instance-id`, `requested-date-time`, `status`; see
 https://docs.aws.amazon.com/systems-manager/latest/userguide/monitoring-systems-manager-event-examples.html).
 
-For each `Failed`, `TimedOut`, `Cancelled` or `Undeliverable` invocation of DOCUMENT_NAME it
+For each `Failed`, `TimedOut` or `Cancelled` invocation of DOCUMENT_NAME (the
+CommandInvocationStatus values that end badly; there is no `Undeliverable` status: an
+undeliverable invocation is `Failed`, with StatusDetails `Undeliverable`) it
 publishes one SNS message to TOPIC_ARN naming the instance, the command id and the status,
 with a hint at the cause. The hint uses the invocation's exit code and status details from
 GetCommandInvocation; without them (not allowed, or not visible yet) it goes by the status
@@ -35,7 +37,7 @@ from lambda_trigger.settings import StatusSettings
 
 SOURCE = "aws.ssm"
 DETAIL_TYPE = "EC2 Command Invocation Status-change Notification"
-REPORTED = ("Failed", "TimedOut", "Cancelled", "Undeliverable")
+REPORTED = ("Failed", "TimedOut", "Cancelled")
 _INSTANCE_ID = re.compile(r"(?:i-[0-9a-f]{8,17}|mi-[0-9a-f]{17})")
 _COMMAND_ID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 STDERR_TAIL_CHARS = 300
@@ -50,11 +52,21 @@ EXIT_HINTS = {
     "names it (config: /etc/instance-agent/agent.toml)",
     1: "exit 1: the backup failed; the agent's own SNS report carries the error",
 }
+# Keyed by GetCommandInvocation's StatusDetails (botocore's SSM model, service-2.json; see
+# https://docs.aws.amazon.com/systems-manager/latest/userguide/monitor-commands.html), which the
+# API spells without spaces; the spaced spellings of older stand-ins are kept, harmlessly.
+_DELIVERY_TIMED_OUT = (
+    "the SSM agent did not pick the command up in time: the instance "
+    "stopped, its agent is down, or it has no route to SSM"
+)
+_EXECUTION_TIMED_OUT = (
+    "the backup ran longer than the document's executionTimeout (the stack's BackupTimeout)"
+)
 STATUS_HINTS = {
-    "Delivery Timed Out": "the SSM agent did not pick the command up in time: the instance "
-    "stopped, its agent is down, or it has no route to SSM",
-    "Execution Timed Out": "the backup ran longer than the document's executionTimeout "
-    "(the stack's BackupTimeout)",
+    "DeliveryTimedOut": _DELIVERY_TIMED_OUT,
+    "Delivery Timed Out": _DELIVERY_TIMED_OUT,
+    "ExecutionTimedOut": _EXECUTION_TIMED_OUT,
+    "Execution Timed Out": _EXECUTION_TIMED_OUT,
     "TimedOut": "the command timed out before it finished",
     "Undeliverable": "the command could not be delivered: the instance is gone, or its "
     "SSM agent is not registered",

@@ -122,10 +122,12 @@ def test_failed_invocation_is_one_sns_message_naming_instance_status_and_cause(r
 @pytest.mark.parametrize(
     ("status", "details", "words"),
     [
-        ("TimedOut", "Execution Timed Out", "executionTimeout"),
-        ("TimedOut", "Delivery Timed Out", "did not pick the command up"),
+        # StatusDetails as GetCommandInvocation returns them (no spaces); an undeliverable
+        # invocation's Status is Failed, as CommandInvocationStatus has no Undeliverable.
+        ("TimedOut", "ExecutionTimedOut", "executionTimeout"),
+        ("TimedOut", "DeliveryTimedOut", "did not pick the command up"),
         ("Cancelled", "Cancelled", "cancelled"),
-        ("Undeliverable", "Undeliverable", "could not be delivered"),
+        ("Failed", "Undeliverable", "could not be delivered"),
     ],
 )
 def test_each_unsuccessful_status_is_reported_with_its_hint(

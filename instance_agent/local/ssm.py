@@ -146,7 +146,8 @@ def finish(
 ) -> None:
     """Record what running the command gave, as the SSM agent reports it (outputs are cut to
     the 24,000/8,000 characters GetCommandInvocation returns). `status_details` is the finer
-    status AWS gives beside a TimedOut one ("Delivery Timed Out", "Execution Timed Out")."""
+    status AWS gives beside a TimedOut one, spelled as the API does ("DeliveryTimedOut",
+    "ExecutionTimedOut"), or beside a Failed one ("Undeliverable")."""
     with _lock:
         command = _backend(account_id, region).get_command_by_id(command_id)
         invocation = command.get_invocation(instance_id, None)
