@@ -27,6 +27,9 @@ def read_trusted(path: str) -> bytes:
     try:
         # fstat of what was opened, not stat of the name: the name may be swapped in between.
         st = os.fstat(fd)
+        if _is_dev_null(st):
+            # `--config /dev/null` is the usual way to say "no file"; it reads as empty.
+            return b""
         if not stat.S_ISREG(st.st_mode):
             raise Refused("not a regular file")
         if st.st_uid not in (0, os.geteuid()):
@@ -41,6 +44,14 @@ def read_trusted(path: str) -> bytes:
     finally:
         os.close(fd)
     return data
+
+
+def _is_dev_null(st: os.stat_result) -> bool:
+    try:
+        null = os.stat(os.devnull)
+    except OSError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == null.st_rdev
 
 
 def _read_bounded(fd: int) -> bytes:
