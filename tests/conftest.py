@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import boto3
 import pytest
 
+from instance_agent.local import launching
 from instance_agent.local.imds import IMDSStub
 
 # moto takes seconds to import: only the tests that start it pay for it (tests/unit does not).
@@ -105,6 +106,18 @@ class Stack:
     instance_id: str
     tmp: Path
     extra_env: dict[str, str] = field(default_factory=dict)
+
+    def launch_hook(self) -> str:
+        """A launching hook on the stack's group (ABANDON by default, as AWS's default)."""
+        hook = f"launch-{uuid.uuid4().hex[:8]}"
+        self.client("autoscaling").put_lifecycle_hook(
+            AutoScalingGroupName=self.group,
+            LifecycleHookName=hook,
+            LifecycleTransition=launching.LAUNCHING,
+            HeartbeatTimeout=600,
+            DefaultResult="ABANDON",
+        )
+        return hook
 
     def client(self, service: str) -> Any:
         endpoint = self.s3_endpoint if service == "s3" else self.moto.endpoint

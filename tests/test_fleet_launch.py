@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -16,18 +15,6 @@ from support.faultproxy import FaultProxy, Rule, access_denied
 from instance_agent.local import launching
 
 USER_DATA = Path(__file__).resolve().parents[1] / "packaging" / "user-data.sh"
-
-
-def launch_hook(stack: Stack) -> str:
-    hook = f"launch-{uuid.uuid4().hex[:8]}"
-    stack.client("autoscaling").put_lifecycle_hook(
-        AutoScalingGroupName=stack.group,
-        LifecycleHookName=hook,
-        LifecycleTransition=launching.LAUNCHING,
-        HeartbeatTimeout=600,
-        DefaultResult="ABANDON",
-    )
-    return hook
 
 
 def run_gate(stack: Stack, hook: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -56,7 +43,7 @@ def _launching() -> None:
 
 @pytest.mark.parametrize("warm_pool", [False, True], ids=["pending-wait", "warmed-pending-wait"])
 def test_launch_whose_doctor_passes_completes_continue(stack: Stack, tmp_path: Path, warm_pool: bool) -> None:
-    hook = launch_hook(stack)
+    hook = stack.launch_hook()
     launching.begin_launch(
         stack.group, stack.instance_id, hook, warm_pool=warm_pool, account_id=ACCOUNT, region=REGION
     )
@@ -72,7 +59,7 @@ def test_launch_whose_doctor_passes_completes_continue(stack: Stack, tmp_path: P
 
 
 def test_launch_whose_doctor_fails_completes_abandon(stack: Stack, tmp_path: Path) -> None:
-    hook = launch_hook(stack)
+    hook = stack.launch_hook()
     launching.begin_launch(stack.group, stack.instance_id, hook, account_id=ACCOUNT, region=REGION)
 
     with FaultProxy(stack.s3_endpoint) as proxy:  # the role may not write to the bucket
@@ -118,7 +105,7 @@ def test_failed_install_gives_the_launch_back_through_the_aws_cli(stack: Stack, 
     """The install died before the agent existed (no venv under the prefix): the exit trap
     completes the launching action ABANDON at once, with the AWS CLI and IMDSv2 through curl,
     instead of leaving the instance in Pending:Wait until the hook times out."""
-    hook = launch_hook(stack)
+    hook = stack.launch_hook()
     launching.begin_launch(stack.group, stack.instance_id, hook, account_id=ACCOUNT, region=REGION)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -419,14 +418,7 @@ def test_launch_into_the_warm_pool_backs_up_nothing_and_leaves_the_launch_alone(
     stack: Stack, tmp_path: Path
 ) -> None:
     launching.install()
-    hook = f"launch-{uuid.uuid4().hex[:8]}"
-    stack.client("autoscaling").put_lifecycle_hook(
-        AutoScalingGroupName=stack.group,
-        LifecycleHookName=hook,
-        LifecycleTransition=launching.LAUNCHING,
-        HeartbeatTimeout=600,
-        DefaultResult="ABANDON",
-    )
+    hook = stack.launch_hook()
     src = source_tree(tmp_path / "src")
     marker = tmp_path / "pre-ran"
     with watch(stack, "--source", str(src), "--pre-command", f"echo x >> {marker}") as w:
