@@ -32,20 +32,23 @@ UNIT_NAME = "instance-agent.service"
 UNIT_DIR = "/etc/systemd/system"
 WANTED_BY = "multi-user.target"
 TEMPLATE_NAME = "instance-agent.service"
+# The oneshot launch gate, run on every boot (launch_gate.py says why); enabled, not
+# started: on the first boot the user data runs the same gate itself.
+LAUNCH_UNIT_NAME = "instance-agent-launch.service"
 # After --stop-grace the agent aborts the upload and reports (bounded by botocore's 60 s
 # read timeout), then completes the hook within --complete-timeout.
 STOP_MARGIN = 60.0
 DEFAULT_WATCHDOG_SEC = 30
 
 
-def template_text() -> str:
-    """The unit template: next to the package in a checkout (or an editable install), or
+def template_text(name: str = TEMPLATE_NAME) -> str:
+    """A unit template: next to the package in a checkout (or an editable install), or
     where a wheel's data files land (`<prefix>/share/instance-agent/`)."""
     here = Path(__file__).resolve().parent
     candidates = [
-        here / TEMPLATE_NAME,
-        here.parent / "systemd" / TEMPLATE_NAME,
-        Path(sys.prefix) / "share" / "instance-agent" / TEMPLATE_NAME,
+        here / name,
+        here.parent / "systemd" / name,
+        Path(sys.prefix) / "share" / "instance-agent" / name,
     ]
     for path in candidates:
         if path.is_file():
@@ -179,16 +182,23 @@ class Installer:
             toml = config_path.read_text(encoding="utf-8")
         cfg = check_config(toml)
         unit = render_unit(template_text(), cfg, exec_start=self.exec_start, watchdog_sec=self.watchdog_sec)
+        launch = render_unit(
+            template_text(LAUNCH_UNIT_NAME), cfg, exec_start=self.exec_start, watchdog_sec=self.watchdog_sec
+        )
         unit_path = f"{UNIT_DIR}/{UNIT_NAME}"
+        launch_path = f"{UNIT_DIR}/{LAUNCH_UNIT_NAME}"
         changes = [
             Change(config_path, toml, mode=0o644),
             Change(self._under_root(unit_path), unit, mode=0o644),
+            Change(self._under_root(launch_path), launch, mode=0o644),
         ]
+        # The launch unit is enabled by symlink in every mode: `enable --now` would start it
+        # mid-install, beside the user data's own run of the gate.
+        wants = f"{UNIT_DIR}/{WANTED_BY}.wants"
+        changes.append(Change(self._under_root(f"{wants}/{LAUNCH_UNIT_NAME}"), None, target=launch_path))
         if not self.start:
             # What `systemctl enable` would do: the [Install] WantedBy= symlink.
-            changes.append(
-                Change(self._under_root(f"{UNIT_DIR}/{WANTED_BY}.wants/{UNIT_NAME}"), None, target=unit_path)
-            )
+            changes.append(Change(self._under_root(f"{wants}/{UNIT_NAME}"), None, target=unit_path))
         for change in changes:
             change.state = _state(change)
         return changes

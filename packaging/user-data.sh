@@ -1,13 +1,14 @@
 #!/bin/bash
 # EC2 user data: install instance-agent from its bundle in S3 and start its watcher; with a
 # launching lifecycle hook, put the instance in service only if `instance-agent doctor
-# --launch` passes. Runs once, as root, at first boot. Edit the settings, then paste this
+# --launch` passes (instance-agent launch-gate; its unit repeats it on later boots, for a
+# warm pool). Runs once, as root, at first boot. Edit the settings, then paste this
 # file as the launch template's user data. packaging/template.yaml carries the same script
 # with its own settings (python3 packaging/sync_user_data.py keeps the two identical).
 #
 # The instance role needs what the agent uses (packaging/template.yaml, InstanceRole) plus
 # s3:GetObject on the bundles under AGENT_BUNDLE_S3, and, with LAUNCH_HOOK,
-# autoscaling:CompleteLifecycleAction on the group. No package index, NAT or pre-signed
+# autoscaling:CompleteLifecycleAction on the group (and DescribeAutoScalingInstances). No package index, NAT or pre-signed
 # URL is needed: only the role and a route to S3 (a gateway endpoint is enough).
 # --- settings ------------------------------------------------------------------------------
 # Where `python3 packaging/bundle.py` bundles were uploaded (ending in /); this script
@@ -150,16 +151,14 @@ PY
 }
 
 launch_gate() {
-  # In service only if a backup would work here: doctor --launch, then CONTINUE; else
-  # ABANDON, and Auto Scaling replaces the instance. Warm pools too: the same hook fires for
-  # Warmed:Pending:Wait (into the pool) and Pending:Wait (out of it).
-  local result=ABANDON
-  if "$PREFIX/bin/instance-agent" doctor --launch; then
-    result=CONTINUE
-  fi
-  echo "launching lifecycle action: $result"
-  retry complete_launch "$result"
+  # In service only if a backup would work here: `instance-agent launch-gate` runs
+  # doctor --launch, then completes CONTINUE, else ABANDON (Auto Scaling replaces it).
+  # It answers a live launching action once; instance-agent-launch.service runs it again on
+  # every later boot, as user data runs on the first boot only and a warm pool's instance
+  # waits in Pending:Wait again when it leaves the pool.
+  [[ -n "$LAUNCH_HOOK" ]] || return 0
   LAUNCH_DONE=1
+  retry "$PREFIX/bin/instance-agent" launch-gate --hook "$LAUNCH_HOOK"
 }
 
 on_exit() {

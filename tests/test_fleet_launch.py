@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 from conftest import ACCOUNT, REGION, Stack
+from support.agentproc import archives
 from support.faultproxy import FaultProxy, Rule, access_denied
 
-from instance_agent.local import launching
+from instance_agent.local import autoscaling, launching
 
+AGENT = str(Path(sys.executable).parent / "instance-agent")
 USER_DATA = Path(__file__).resolve().parents[1] / "packaging" / "user-data.sh"
 
 
@@ -52,7 +55,7 @@ def test_launch_whose_doctor_passes_completes_continue(stack: Stack, tmp_path: P
     proc = run_gate(stack, hook, tmp_path)
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "launching lifecycle action: CONTINUE" in proc.stdout
+    assert "launching lifecycle action: CONTINUE" in proc.stderr
     [outcome] = [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == stack.instance_id]
     assert (outcome.hook, outcome.result) == (hook, "CONTINUE")
     assert stack.state() == ("Warmed:Stopped" if warm_pool else "InService")
@@ -68,10 +71,83 @@ def test_launch_whose_doctor_fails_completes_abandon(stack: Stack, tmp_path: Pat
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "AccessDenied" in proc.stdout  # doctor's report, in the install log
-    assert "launching lifecycle action: ABANDON" in proc.stdout
+    assert "launching lifecycle action: ABANDON" in proc.stderr
     [outcome] = [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == stack.instance_id]
     assert (outcome.hook, outcome.result) == (hook, "ABANDON")
     assert stack.state() == "Terminating:Proceed"
+
+
+class Instance:
+    """One instance's boots. cloud-init runs user data once per instance, on the first boot
+    only (its scripts-user module); on every boot systemd starts instance-agent-launch.service,
+    whose command is `instance-agent launch-gate`. Each boot has a new boot id."""
+
+    def __init__(self, stack: Stack, hook: str, tmp_path: Path) -> None:
+        self.stack, self.hook, self.tmp, self.boots = stack, hook, tmp_path, 0
+
+    def boot(self) -> list[subprocess.CompletedProcess[str]]:
+        self.boots += 1
+        boot_id = self.tmp / f"boot-id-{self.boots}"
+        boot_id.write_text(str(uuid.uuid4()) + "\n")
+        ran = []
+        if self.boots == 1:
+            ran.append(run_gate(self.stack, self.hook, self.tmp / "user-data"))
+        ran.append(
+            subprocess.run(
+                [
+                    str(Path(sys.executable).parent / "instance-agent"),
+                    "launch-gate",
+                    "--boot-id-file",
+                    str(boot_id),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+                env=self.stack.env(
+                    INSTANCE_AGENT_BUCKET=self.stack.bucket, INSTANCE_AGENT_TOPIC_ARN=self.stack.topic_arn
+                ),
+            )
+        )
+        for proc in ran:
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        return ran
+
+
+def test_leaving_a_stopped_warm_pool_is_completed_continue_on_the_second_boot(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Into the pool (Warmed:Pending:Wait, first boot: user data), stopped, then out of it
+    (Pending:Wait, second boot: only the unit). Each launching action gets one CONTINUE;
+    neither launch backs anything up or reports on SNS."""
+    hook = stack.launch_hook()
+    instance = Instance(stack, hook, tmp_path)
+    launching.begin_launch(
+        stack.group, stack.instance_id, hook, warm_pool=True, account_id=ACCOUNT, region=REGION
+    )
+
+    first = instance.boot()
+    assert stack.state() == "Warmed:Stopped"
+    assert "launching lifecycle action" not in first[-1].stderr  # the unit answered nothing more
+
+    autoscaling.leave_warm_pool(stack.group, stack.instance_id, account_id=ACCOUNT, region=REGION)
+    assert stack.state() == "Pending:Wait"  # held by the launching hook on its way out
+    [second] = instance.boot()
+
+    assert "launching lifecycle action: CONTINUE" in second.stderr
+    mine = [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == stack.instance_id]
+    assert [(o.hook, o.result, o.state) for o in mine] == [
+        (hook, "CONTINUE", "Warmed:Stopped"),
+        (hook, "CONTINUE", "InService"),
+    ]
+    assert stack.state() == "InService"
+    assert archives(stack) == []
+    assert stack.sns() == []
+
+    # A third boot with no launching action live: one log line, nothing completed.
+    [third] = instance.boot()
+    assert "no launching action to answer" in third.stderr
+    assert len([o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == stack.instance_id]) == 2
 
 
 # A stand-in for the AWS CLI: the two calls the user data's fallback makes, through boto3 to

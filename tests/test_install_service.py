@@ -3,6 +3,7 @@ the user-data script checked by shellcheck."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from instance_agent import config
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = "etc/systemd/system/instance-agent.service"
+LAUNCH_UNIT = "etc/systemd/system/instance-agent-launch.service"
 TOML = "etc/instance-agent/agent.toml"
 WANTS = "etc/systemd/system/multi-user.target.wants/instance-agent.service"
 FLAGS = [
@@ -104,11 +106,25 @@ def test_second_run_changes_nothing(tmp_path: Path) -> None:
     second = install(tmp_path, "--no-start", *FLAGS)
     assert second.returncode == 0, second.stderr
     assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in paths] == before
-    assert [line.split()[0] for line in second.stdout.splitlines()] == ["unchanged"] * 3
+    assert [line.split()[0] for line in second.stdout.splitlines()] == ["unchanged"] * 5
     # Without any config flag the existing agent.toml is kept, not emptied.
     bare = install(tmp_path, "--no-start")
     assert bare.returncode == 0, bare.stderr
     assert (tmp_path / TOML).read_bytes() == before[1][0]
+
+
+def test_the_launch_gate_unit_is_installed_and_enabled_for_every_boot(tmp_path: Path) -> None:
+    """User data runs on the first boot only: the launch gate's oneshot unit answers a
+    launching action on the later ones (a warm pool's instance leaving the pool)."""
+    proc = install(tmp_path, "--no-start", *FLAGS)
+    assert proc.returncode == 0, proc.stderr
+    unit = (tmp_path / LAUNCH_UNIT).read_text()
+    assert "Type=oneshot" in unit and "After=network-online.target" in unit
+    [exec_start] = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    assert exec_start.endswith(" launch-gate --config /etc/instance-agent/agent.toml")
+    assert "ProtectSystem=strict" in unit and "NoNewPrivileges=yes" in unit
+    wants = tmp_path / "etc/systemd/system/multi-user.target.wants/instance-agent-launch.service"
+    assert os.readlink(wants) == "/etc/systemd/system/instance-agent-launch.service"
 
 
 def test_dry_run_writes_nothing_and_shows_the_plan(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ and, for a group whose warm pool has an instance reuse policy (`return_to_warm_p
 
     InService -> Warmed:Pending:Wait (the *terminating* hooks fire, Destination WarmPool)
               -> Warmed:Stopped (the instance stays, with its disks)
-              -> InService again (`leave_warm_pool`): the next termination is a new action
+              -> InService again (`leave_warm_pool`; Pending:Wait first under a launching
+                 hook, launching.py): the next termination is a new action
 
 An action ends when it is completed, or when its heartbeat deadline passes and the hook's
 DefaultResult applies. ABANDON ends the instance's other actions too. The instance proceeds
@@ -233,6 +234,9 @@ def _in_service(
     return backend, asg, state
 
 
+LEAVING_WARM_POOL: list[Callable[..., object]] = []
+
+
 def leave_warm_pool(
     group: str,
     instance_id: str,
@@ -249,6 +253,10 @@ def leave_warm_pool(
         if state is None or state.lifecycle_state != WARM_PARKED:
             raise ValidationError(f"Instance {instance_id} is not in the warm pool of {group}")
         state.lifecycle_state = "InService"
+    # A launching hook holds it in Pending:Wait on its way out of the pool: launching.py,
+    # which builds on this module, registers that here.
+    for hold in LEAVING_WARM_POOL:
+        hold(group, instance_id, account_id=account_id, region=region)
 
 
 def clear_errors(

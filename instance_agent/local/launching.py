@@ -9,10 +9,11 @@ that the user data's launch gate answers:
     CompleteLifecycleAction ABANDON            -> Terminating:Proceed (AWS replaces it)
 
 On AWS a launching hook on a warm-pool group fires twice, into the pool and out of it
-(Auto Scaling user guide, "Use lifecycle hooks with a warm pool"); a test calls
-`begin_launch` once per transition. A CompleteLifecycleAction that matches no launching
-action goes on to `autoscaling`'s handler unchanged. State lives on moto's backend objects,
-so moto's reset clears it.
+(https://docs.aws.amazon.com/autoscaling/ec2/userguide/warm-pool-instance-lifecycle.html):
+a test calls `begin_launch(warm_pool=True)` for the way in, and `autoscaling.leave_warm_pool`
+calls `hold_leaving` for the way out, which begins a new action in Pending:Wait. A
+CompleteLifecycleAction that matches no launching action goes on to `autoscaling`'s
+handler unchanged. State lives on moto's backend objects, so moto's reset clears it.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def install() -> None:
         if _installed:
             return
         _installed = True
+        autoscaling.LEAVING_WARM_POOL.append(hold_leaving)
         terminating_complete = AutoScalingResponse.complete_lifecycle_action  # type: ignore[attr-defined]
 
         def complete_lifecycle_action(self: AutoScalingResponse) -> ActionResult:
@@ -105,6 +107,23 @@ def begin_launch(
         launch = _Launch(str(uuid.uuid4()), group, hook, instance_id, warm_pool)
         _book(backend).active.append(launch)
         return launch.token
+
+
+def hold_leaving(
+    group: str,
+    instance_id: str,
+    *,
+    account_id: str = autoscaling.DEFAULT_ACCOUNT,
+    region: str = autoscaling.DEFAULT_REGION,
+) -> str | None:
+    """An instance leaving the warm pool: under the group's launching hook it waits in
+    Pending:Wait for a new action; returns its token (None: the group has no such hook)."""
+    with _lock:
+        backend = autoscaling_backends[account_id][region]
+        for hook in backend.lifecycle_hooks.values():
+            if hook.auto_scaling_group_name == group and hook.lifecycle_transition == LAUNCHING:
+                return begin_launch(group, instance_id, hook.name, account_id=account_id, region=region)
+        return None
 
 
 def outcomes(
