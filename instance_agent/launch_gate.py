@@ -3,9 +3,8 @@
 A launching hook holds an instance twice in a warm-pooled group: in `Warmed:Pending:Wait`
 on its way into the pool, and in `Pending:Wait` when it leaves the pool for the group
 (https://docs.aws.amazon.com/autoscaling/ec2/userguide/warm-pool-instance-lifecycle.html).
-cloud-init runs user data once per instance, on the first boot only
-(https://cloudinit.readthedocs.io/en/latest/reference/modules.html, module scripts-user,
-frequency once-per-instance), so the instance's later boots need this command, run by the
+"By default, cloud-init runs user data only on the first boot" (the same page; cloud-init's
+scripts-user module runs once per instance), so the instance's later boots need this command, run by the
 oneshot unit instance-agent-launch.service: it asks Auto Scaling for the instance's
 LifecycleState (DescribeAutoScalingInstances), and while it is a launching wait it runs
 `doctor --launch` and completes the action by InstanceId with CONTINUE or ABANDON
