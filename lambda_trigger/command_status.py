@@ -27,10 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from lambda_trigger import __version__, settings
-from lambda_trigger.clients import Caller, Clients, deadline, describe_error, get_clients
+from lambda_trigger.clients import AWS_ERRORS, Caller, Clients, deadline, describe_error, get_clients
 from lambda_trigger.logs import fields, invocation, log, redact_uuids
 from lambda_trigger.report import publish
 from lambda_trigger.settings import StatusSettings
@@ -183,7 +181,7 @@ def _details(caller: Caller, clients: Clients, inv: Invocation) -> dict[str, Any
             CommandId=inv.command_id,
             InstanceId=inv.instance_id,
         )
-    except ClientError as err:
+    except AWS_ERRORS as err:
         details["details_error"] = describe_error(err)
         log.warning(
             "no invocation details", extra=fields(command_id=inv.command_id, error=describe_error(err))
