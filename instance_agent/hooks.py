@@ -75,6 +75,9 @@ def run(
         _log(record)
         return record
     child_env = child_environment()
+    # The SSM document passes the lifecycle token in our environment (never argv); the
+    # commands have no business with it.
+    child_env.pop("INSTANCE_AGENT_LIFECYCLE_TOKEN", None)
     child_env.update(env or {})
     child_env["INSTANCE_AGENT_PHASE"] = phase
     try:

@@ -536,7 +536,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except ConfigError as err:
         cfg, problem = config.Config.defaults(), str(err)
     logs.setup(cfg.log_level if problem is None else "info")
-    checks = doctor.run(cfg, problem, wiring.make_clients, publish_test=args.publish_test, launch=args.launch)
+    checks = doctor.run(
+        cfg, problem, wiring.make_probe_clients, publish_test=args.publish_test, launch=args.launch
+    )
     if args.json:
         _print(json.dumps({"ok": not doctor.failed(checks), "checks": [c.to_json() for c in checks]}) + "\n")
     else:

@@ -174,7 +174,14 @@ def _client_factory(region: str | None) -> Any:
     return client
 
 
-def make_clients(cfg: config.Config, region: str) -> Clients:
+def make_probe_clients(cfg: config.Config, region: str) -> Clients:
+    """`doctor`'s clients: each probe call answers or fails within 2 x (3 + 10) s, so a
+    black-holed endpoint fails `doctor --launch` in well under a minute, not after 5 x 65 s
+    per call (the launching hook's timeout is 900 s)."""
+    return make_clients(cfg, region, probe=True)
+
+
+def make_clients(cfg: config.Config, region: str, *, probe: bool = False) -> Clients:
     """The pipeline's clients: S3 always, SNS with a topic, Auto Scaling when completing, and
     CloudWatch (unless --no-metrics) built on its first call."""
     from botocore.config import Config as BotoConfig
@@ -182,6 +189,12 @@ def make_clients(cfg: config.Config, region: str) -> Clients:
     from instance_agent.backup import Clients
 
     base = _boto_config(cfg.upload_workers + 4)
+    if probe:
+        base = base.merge(
+            BotoConfig(
+                connect_timeout=3, read_timeout=10, retries={"mode": "standard", "total_max_attempts": 2}
+            )
+        )
     client = _client_factory(region)
     return Clients(
         s3=client("s3", config=base),

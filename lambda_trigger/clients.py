@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from lambda_trigger import __version__
 from lambda_trigger.logs import fields, log
@@ -29,6 +29,12 @@ if TYPE_CHECKING:
     from mypy_boto3_ssm import SSMClient
 
 T = TypeVar("T")
+
+# Every error a botocore call can raise: AWS's answers (ClientError) and the ones that never
+# got an answer (BotoCoreError: ReadTimeoutError, EndpointConnectionError, ...). Code that
+# is documented as never raising catches both.
+AWS_ERRORS = (ClientError, BotoCoreError)
+AwsError = ClientError | BotoCoreError
 
 THROTTLING = frozenset(
     {
@@ -130,6 +136,8 @@ def error_code(err: ClientError) -> str:
     return str(err.response.get("Error", {}).get("Code", ""))
 
 
-def describe_error(err: ClientError) -> str:
+def describe_error(err: AwsError) -> str:
+    if not isinstance(err, ClientError):
+        return f"{type(err).__name__}: {err}"
     error = err.response.get("Error", {})
     return f"{error.get('Code', '')}: {error.get('Message', '')}"

@@ -17,20 +17,26 @@ GetCommandInvocation; without them (not allowed, or not visible yet) it goes by 
 alone. Every other status and every other document is ignored with one log line: the rule
 filters the same way, this is the second line of defence. A duplicate delivery of one event
 publishes twice; a report, unlike a command, may repeat.
+
+No false failure: after a successful backup and CONTINUE the group ends the instance, often
+before its SSM agent reports, and the invocation then ends badly. When the command's output
+holds the agent's recorded result (`backup --json`) with status succeeded or partial and
+lifecycle_result CONTINUE, nothing is published; the log line and the return value name what
+was checked (the result's status, the lifecycle result, the archive and manifest keys). The
+manifest object itself is not read: this function has no access to the bucket.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from lambda_trigger import __version__, settings
-from lambda_trigger.clients import Caller, Clients, deadline, describe_error, get_clients
+from lambda_trigger.clients import AWS_ERRORS, Caller, Clients, deadline, describe_error, get_clients
 from lambda_trigger.logs import fields, invocation, log, redact_uuids
 from lambda_trigger.report import publish
 from lambda_trigger.settings import StatusSettings
@@ -41,6 +47,9 @@ REPORTED = ("Failed", "TimedOut", "Cancelled")
 _INSTANCE_ID = re.compile(r"(?:i-[0-9a-f]{8,17}|mi-[0-9a-f]{17})")
 _COMMAND_ID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 STDERR_TAIL_CHARS = 300
+# The agent's result statuses that mean a backup landed (instance_agent.result.OK_STATUSES;
+# the Lambda package does not import the agent).
+OK_RESULTS = ("succeeded", "partial")
 # What the exit code of the document's one shell step says: the step runs
 # `exec instance-agent backup`, so the code is the agent's own (0, 1, 2) unless the shell
 # could not run it at all (126, 127: POSIX's "not executable" and "not found").
@@ -114,6 +123,22 @@ def handle(
         return {"status": "ignored", "reason": f"status {parsed.status}"}
     caller = Caller(deadline(context, clock), clock, sleep)
     aws = clients or get_clients()
+    details = _details(caller, aws, parsed)
+    checked = details.pop("recorded", None)
+    if checked is not None:
+        # The backup succeeded and the action was completed with CONTINUE: the group then
+        # ends the instance, often before its SSM agent reports, so the invocation ends
+        # Failed, TimedOut or Cancelled. That is no failed backup, and no report is sent.
+        log.info(
+            "command status ignored: the backup succeeded",
+            extra=fields(
+                command_id=parsed.command_id,
+                instance_id=parsed.instance_id,
+                status=parsed.status,
+                checked=checked,
+            ),
+        )
+        return {"status": "ignored", "reason": "the backup succeeded", "checked": checked}
     report = {
         "event": "backup command not successful",
         "instance_id": parsed.instance_id,
@@ -121,7 +146,7 @@ def handle(
         "document": parsed.document,
         "status": parsed.status,
         "requested_at": parsed.requested_at,
-        **_details(caller, aws, parsed),
+        **details,
         "agent_version": __version__,
     }
     log.warning("backup command not successful", extra=fields(**report))
@@ -183,7 +208,7 @@ def _details(caller: Caller, clients: Clients, inv: Invocation) -> dict[str, Any
             CommandId=inv.command_id,
             InstanceId=inv.instance_id,
         )
-    except ClientError as err:
+    except AWS_ERRORS as err:
         details["details_error"] = describe_error(err)
         log.warning(
             "no invocation details", extra=fields(command_id=inv.command_id, error=describe_error(err))
@@ -195,8 +220,32 @@ def _details(caller: Caller, clients: Clients, inv: Invocation) -> dict[str, Any
         lines = [line for line in str(resp.get("StandardErrorContent") or "").splitlines() if line.strip()]
         # The command line carried the lifecycle token; nothing echoes it, but be sure.
         details["stderr_tail"] = redact_uuids(lines[-1])[:STDERR_TAIL_CHARS] if lines else None
+        details["recorded"] = recorded_success(str(resp.get("StandardOutputContent") or ""))
     details["hint"] = hint(inv.status, details["response_code"], details["status_details"])
     return details
+
+
+def recorded_success(stdout: str) -> dict[str, Any] | None:
+    """What was checked, when the agent's recorded result (`backup --json`'s one object, the
+    last JSON line of the command's output) says the backup succeeded and the lifecycle
+    action was completed with CONTINUE; None otherwise (no result, or not a success)."""
+    for line in reversed(stdout.splitlines()):
+        try:
+            doc = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if not isinstance(doc, dict):
+            continue
+        if doc.get("status") in OK_RESULTS and doc.get("lifecycle_result") == "CONTINUE":
+            return {
+                "agent_result": doc.get("status"),
+                "lifecycle_result": "CONTINUE",
+                "bucket": doc.get("bucket"),
+                "key": doc.get("key"),
+                "manifest_key": doc.get("manifest_key"),
+            }
+        return None
+    return None
 
 
 def hint(status: str, response_code: int | None, status_details: str | None) -> str:

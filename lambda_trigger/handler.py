@@ -14,7 +14,17 @@ from collections.abc import Callable
 from typing import Any
 
 from lambda_trigger import events, settings, ssm_flow
-from lambda_trigger.clients import SAFETY_MARGIN, Caller, Clients, deadline, get_clients, use_clients
+from lambda_trigger.clients import (
+    AWS_ERRORS,
+    SAFETY_MARGIN,
+    AwsError,
+    Caller,
+    Clients,
+    deadline,
+    describe_error,
+    get_clients,
+    use_clients,
+)
 from lambda_trigger.logs import fields, invocation, log
 from lambda_trigger.settings import EXECUTION_RANGE, Settings
 from lambda_trigger.ssm_flow import CONFIRM_POLL, SAFE_NAME, comment_for
@@ -49,9 +59,22 @@ def handle(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, Any]:
-    """Handle every message of one invocation; returns {"results": [one dict per message]}."""
+    """Handle every message of one invocation; returns {"results": [one dict per message]}.
+
+    An AWS error on one message does not stop the others. From an SQS batch, the failed
+    messages are returned as `batchItemFailures`, so that only they become visible again
+    (Lambda's partial batch response, with the event source mapping's FunctionResponseTypes
+    set to ReportBatchItemFailures:
+    https://docs.aws.amazon.com/lambda/latest/dg/services-sqs-errorhandling.html#services-sqs-batchfailurereporting).
+    From any other source the first such error is raised once every message was tried, for
+    Lambda's async retry to run the invocation again; the ListCommands check (`ssm_flow`)
+    keeps that retry from sending a second command.
+    """
     results: list[dict[str, Any]] = []
-    for item in events.parse(event):
+    failures: list[dict[str, str]] = []
+    first_error: AwsError | None = None
+    message_ids = _sqs_message_ids(event)
+    for index, item in enumerate(events.parse(event)):
         if isinstance(item, events.Malformed):
             # Retrying cannot fix it: one line, and a normal return. The excerpt is raw
             # input, redacted by `events` before it was cut.
@@ -65,5 +88,30 @@ def handle(
         else:
             caller = Caller(deadline(context, clock), clock, sleep)
             run = ssm_flow.Run(settings, clients or get_clients(), caller)
-            results.append(ssm_flow.process(run, item))
+            try:
+                results.append(ssm_flow.process(run, item))
+            except AWS_ERRORS as err:
+                log.error(
+                    "lifecycle action failed", extra=fields(error=describe_error(err), **item.log_fields())
+                )
+                results.append({"status": "error", "error": describe_error(err), **item.log_fields()})
+                first_error = first_error or err
+                if index < len(message_ids):
+                    failures.append({"itemIdentifier": message_ids[index]})
+    if message_ids:
+        return {"results": results, "batchItemFailures": failures}
+    if first_error is not None:
+        raise first_error
     return {"results": results}
+
+
+def _sqs_message_ids(event: object) -> list[str]:
+    """The messageId of each record when `event` is an SQS batch (all records from SQS), else []."""
+    records = event.get("Records") if isinstance(event, dict) else None
+    if not isinstance(records, list) or not records:
+        return []
+    ids = [
+        r.get("messageId") if isinstance(r, dict) and r.get("eventSource") == "aws:sqs" else None
+        for r in records
+    ]
+    return [str(i) for i in ids] if all(isinstance(i, str) for i in ids) else []

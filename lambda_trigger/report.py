@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import ClientError
-
-from lambda_trigger.clients import Caller, describe_error
+from lambda_trigger.clients import AWS_ERRORS, Caller, describe_error
 from lambda_trigger.logs import fields, log
 
 if TYPE_CHECKING:
@@ -37,7 +35,7 @@ def publish(
                 if value
             },
         )
-    except ClientError as err:
+    except AWS_ERRORS as err:
         log.error("report not published", extra=fields(topic_arn=topic, error=describe_error(err)))
         return describe_error(err)
     log.info("report published", extra=fields(topic_arn=topic, message_id=resp.get("MessageId")))

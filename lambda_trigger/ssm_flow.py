@@ -27,7 +27,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from lambda_trigger import __version__, events
-from lambda_trigger.clients import Caller, Clients, describe_error, error_code
+from lambda_trigger.clients import AWS_ERRORS, Caller, Clients, describe_error, error_code
 from lambda_trigger.logs import fields, fingerprint, log
 from lambda_trigger.report import publish
 from lambda_trigger.settings import COMPLETE, LEAVE, Settings
@@ -188,9 +188,9 @@ def _confirm(run: Run, command_id: str, instance_id: str) -> str | None:
                 InstanceId=instance_id,
             )
             status = str(resp.get("Status", ""))
-        except ClientError as err:
+        except AWS_ERRORS as err:
             # Eventually consistent: "does not exist" right after SendCommand is normal.
-            if error_code(err) != "InvocationDoesNotExist":
+            if not isinstance(err, ClientError) or error_code(err) != "InvocationDoesNotExist":
                 log.warning(
                     "cannot confirm delivery", extra=fields(command_id=command_id, error=describe_error(err))
                 )
@@ -227,7 +227,7 @@ def _unreachable(run: Run, action: events.LifecycleAction, reason: str) -> dict[
                 LifecycleActionResult="ABANDON",
             )
             result["lifecycle_result"] = "ABANDON"
-        except ClientError as err:
+        except AWS_ERRORS as err:
             # Typically "No active Lifecycle Action": expired, or completed by a duplicate.
             # AWS's message names the token; keep only the code and a redacted message.
             result["lifecycle_error"] = describe_error(err).replace(action.token, "<token>")

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 from conftest import Stack
+from support import scoreboard
 from support.agentproc import watch
-from support.faultproxy import FaultProxy, Rule, access_denied, query_error
+from support.faultproxy import FaultProxy, Hold, Rule, access_denied, query_error
 
 ALWAYS_OK = (
     "config",
@@ -122,6 +123,24 @@ def test_hook_missing(stack: Stack) -> None:
     assert checks["lifecycle permission"]["result"] == "skip"
     line, fix = line_and_fix(human(stack).stdout, "lifecycle hook")
     assert line.startswith("✗ lifecycle hook") and "put-lifecycle-hook" in fix
+
+
+def test_launch_gate_with_s3_black_holed_fails_within_a_minute(stack: Stack) -> None:
+    with (
+        scoreboard.scenario("doctor --launch: S3 black-holed (no answer at all)") as row,
+        FaultProxy(stack.s3_endpoint) as proxy,
+    ):
+        hole = proxy.add_rule(Rule(fault=Hold()))
+        started = time.monotonic()
+        proc, checks = doctor(stack, "--launch", AWS_ENDPOINT_URL_S3=proxy.endpoint)
+        took = time.monotonic() - started
+        row.faults = f"{hole.hits} × S3 request unanswered"
+        assert proc.returncode == 1
+        assert checks["bucket"]["result"] == "fail"
+        # A correctness bound, not a speed target: the launching hook waits at most 900 s,
+        # and a slow boot has already spent part of it.
+        assert took < 60, f"doctor --launch took {took:.0f} s"
+        row.outcome = "bucket check fails (launch ABANDONed by the gate) within the bound, not after ~6 min"
 
 
 def test_s3_write_denied(stack: Stack) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import boto3
 import pytest
+from support import scoreboard
 
 import lambda_trigger.clients
 from instance_agent.local import ssm
@@ -38,7 +39,7 @@ class Reporter:
         return boto3.client("ssm", region_name=REGION, endpoint_url=self.moto.endpoint)
 
     def failed_command(
-        self, status: str = "Failed", response_code: int = 1, stderr: str = ""
+        self, status: str = "Failed", response_code: int = 1, stderr: str = "", stdout: str = ""
     ) -> tuple[str, str]:
         """A backup command sent to a managed instance and finished with `status`."""
         instance_id = "i-" + uuid.uuid4().hex[:17]
@@ -54,6 +55,7 @@ class Reporter:
             status,
             response_code=response_code,
             stderr=stderr,
+            stdout=stdout,
             account_id=ACCOUNT,
             region=REGION,
         )
@@ -216,3 +218,51 @@ def test_missing_topic_is_a_configuration_error(reporter: Reporter, monkeypatch:
     monkeypatch.delenv("TOPIC_ARN")
     with pytest.raises(ConfigurationError, match="TOPIC_ARN is not set"):
         reporter.invoke(status_event(str(uuid.uuid4()), "i-0123456789abcdef0", reporter.document, "Failed"))
+
+
+def agent_result(status: str, lifecycle_result: str) -> str:
+    """What `instance-agent backup --json` prints: its one result object, after any log noise."""
+    return "starting\n" + json.dumps(
+        {
+            "status": status,
+            "instance_id": "i-0123456789abcdef0",
+            "bucket": "logs",
+            "key": "backups/x.tar.zst",
+            "manifest_key": "backups/x.tar.zst.manifest.json",
+            "lifecycle_result": lifecycle_result,
+            "error": None,
+        }
+    )
+
+
+@pytest.mark.parametrize("status", ["Failed", "TimedOut", "Cancelled"])
+def test_instance_gone_after_a_successful_backup_is_no_failure_report(
+    reporter: Reporter, status: str
+) -> None:
+    with scoreboard.scenario(
+        f"Command status Lambda: instance gone after CONTINUE, invocation {status}"
+    ) as row:
+        row.faults = f"invocation ends {status} after the agent printed succeeded + CONTINUE"
+        command_id, instance_id = reporter.failed_command(
+            status, response_code=-1, stdout=agent_result("succeeded", "CONTINUE")
+        )
+
+        result = reporter.invoke(status_event(command_id, instance_id, reporter.document, status))
+
+        assert result["status"] == "ignored"
+        assert result["checked"]["agent_result"] == "succeeded"
+        assert result["checked"]["lifecycle_result"] == "CONTINUE"
+        assert result["checked"]["manifest_key"] == "backups/x.tar.zst.manifest.json"
+        assert reporter.sns() == []
+        row.outcome = (
+            "no SNS failure report; the log line says what was checked (recorded result, manifest key)"
+        )
+
+
+def test_a_recorded_failed_backup_is_still_reported(reporter: Reporter) -> None:
+    command_id, instance_id = reporter.failed_command(
+        "Failed", response_code=1, stdout=agent_result("failed", "ABANDON")
+    )
+    result = reporter.invoke(status_event(command_id, instance_id, reporter.document, "Failed"))
+    assert result["status"] == "reported"
+    assert len(reporter.sns()) == 1

@@ -22,8 +22,9 @@ from typing import Any
 
 import boto3
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 from conftest import make_group
+from support import scoreboard
 from support.events import sample
 
 import lambda_trigger
@@ -671,3 +672,122 @@ def test_token_is_in_no_log_line_sns_message_or_result(trigger: Trigger, moto: M
     # What stands for it instead: the fingerprint an operator can compute from the event.
     assert sha8(sent.token) in logs and sha8(unreachable.token) in messages
     assert len(trigger.sns()) == 2  # both unreachable ones, the expired one with its error
+
+
+# -- errors without an answer (BotoCoreError) -------------------------------------------------------
+
+
+class Unanswered:
+    """A real boto3 client whose `method` raises `error` (no answer from AWS) while `when` holds."""
+
+    def __init__(self, client: Any, method: str, error: Exception, when: Any = None) -> None:
+        self._client, self._method, self._error = client, method, error
+        self._when = when or (lambda kwargs: True)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if name != self._method:
+            return attr
+
+        def call(**kwargs: Any) -> Any:
+            if self._when(kwargs):
+                raise self._error
+            return attr(**kwargs)
+
+        return call
+
+
+def clients_with(trigger: Trigger, service: str, method: str, error: Exception, when: Any = None) -> Any:
+    real = {name: trigger.client(name) for name in ("ssm", "autoscaling", "sns")}
+    real[service] = Unanswered(real[service], method, error, when)
+    return lambda_trigger.clients.Clients(**real)
+
+
+def read_timeout() -> Exception:
+    return ReadTimeoutError(endpoint_url="https://ssm.us-east-1.amazonaws.com/")
+
+
+def sqs_batch(*events: dict[str, Any]) -> dict[str, Any]:
+    """An SQS batch whose bodies are these EventBridge events (Lambda's SQS event shape)."""
+    return {
+        "Records": [
+            {
+                "messageId": str(uuid.uuid4()),
+                "receiptHandle": "AQEB" + uuid.uuid4().hex,
+                "body": json.dumps(event),
+                "attributes": {},
+                "messageAttributes": {},
+                "eventSource": "aws:sqs",
+                "eventSourceARN": f"arn:aws:sqs:{REGION}:{ACCOUNT}:trigger",
+                "awsRegion": REGION,
+            }
+            for event in events
+        ]
+    }
+
+
+def test_read_timeout_after_send_command_is_still_sent_and_never_raises(trigger: Trigger) -> None:
+    with scoreboard.scenario("Trigger Lambda: GetCommandInvocation read timeout after SendCommand") as row:
+        row.faults = "ReadTimeoutError on the delivery check"
+        event = managed_event()
+        clients = clients_with(trigger, "ssm", "get_command_invocation", read_timeout())
+        settings = trigger.module.Settings.from_env(os.environ)
+
+        [result] = trigger.module.handle(event, LambdaContext(), settings=settings, clients=clients)[
+            "results"
+        ]
+
+        assert result["status"] == "sent" and result["delivery"] is None
+        assert len(trigger.commands(event["detail"]["EC2InstanceId"])) == 1
+        row.outcome = "command sent once, reported as sent; no exception, no retry that could resend"
+
+
+def test_connection_error_on_abandon_and_publish_never_raises(trigger: Trigger) -> None:
+    trigger.env(ON_UNREACHABLE="complete")
+    error = EndpointConnectionError(endpoint_url="https://autoscaling.us-east-1.amazonaws.com/")
+    real = {name: trigger.client(name) for name in ("ssm", "autoscaling", "sns")}
+    clients = lambda_trigger.clients.Clients(
+        ssm=real["ssm"],
+        autoscaling=Unanswered(real["autoscaling"], "complete_lifecycle_action", error),
+        sns=Unanswered(real["sns"], "publish", error),
+    )
+    settings = trigger.module.Settings.from_env(os.environ)
+
+    [result] = trigger.module.handle(
+        managed_event(hook="-x"), LambdaContext(), settings=settings, clients=clients
+    )["results"]
+
+    assert result["status"] == "unreachable" and result["lifecycle_result"] is None
+    assert result["lifecycle_error"].startswith("EndpointConnectionError")
+    assert result["notify_error"].startswith("EndpointConnectionError")
+
+
+def test_sqs_batch_reports_only_the_failed_record(trigger: Trigger) -> None:
+    with scoreboard.scenario("Trigger Lambda: SQS batch of 3, one record's SSM call unanswered") as row:
+        good1, bad, good2 = managed_event(), managed_event(), managed_event()
+        bad_id = bad["detail"]["EC2InstanceId"]
+        row.faults = "EndpointConnectionError on DescribeInstanceInformation for record 2"
+        clients = clients_with(
+            trigger,
+            "ssm",
+            "describe_instance_information",
+            EndpointConnectionError(endpoint_url="https://ssm.us-east-1.amazonaws.com/"),
+            when=lambda kwargs: kwargs["Filters"][0]["Values"] == [bad_id],
+        )
+        batch = sqs_batch(good1, bad, good2)
+        settings = trigger.module.Settings.from_env(os.environ)
+
+        response = trigger.module.handle(batch, LambdaContext(), settings=settings, clients=clients)
+
+        assert response["batchItemFailures"] == [{"itemIdentifier": batch["Records"][1]["messageId"]}]
+        assert [r["status"] for r in response["results"]] == ["sent", "error", "sent"]
+        for event in (good1, good2):
+            assert len(trigger.commands(event["detail"]["EC2InstanceId"])) == 1
+        assert trigger.commands(bad_id) == []
+        row.outcome = "records 1 and 3 sent once; only record 2 returned in batchItemFailures"
+
+
+def test_sqs_batch_without_failures_returns_an_empty_list(trigger: Trigger) -> None:
+    response = trigger.module.handler(sqs_batch(managed_event()), LambdaContext())
+    assert response["batchItemFailures"] == []
+    assert [r["status"] for r in response["results"]] == ["sent"]

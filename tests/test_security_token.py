@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from conftest import ACCOUNT, REGION, Stack
 from support import scoreboard
 
+from instance_agent import config, hooks
 from instance_agent.local import autoscaling
 from instance_agent.redact import fingerprint, scrub, scrub_tokens
 
@@ -74,3 +76,21 @@ def test_token_of_a_gone_action_appears_nowhere(stack: Stack) -> None:
             f"stderr and {len(records)} record(s)"
         )
         row.bytes_lost = 0
+
+
+TOKEN_ENV = "INSTANCE_AGENT_LIFECYCLE_TOKEN"
+
+
+def test_the_token_comes_from_the_environment_and_no_command_inherits_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with scoreboard.scenario("Local user reads the lifecycle token in /proc/PID/cmdline") as row:
+        row.faults = "the SSM document's command line"
+        token = "0b1e2c3d-4a5b-4c6d-8e7f-901234567890"
+        cfg = config.load({}, {TOKEN_ENV: token, "INSTANCE_AGENT_BUCKET": "my-backups"})
+        assert cfg.lifecycle_token == token
+        # A pre- or post-command must not see it either.
+        monkeypatch.setenv(TOKEN_ENV, token)
+        record = hooks.run(f'printf "%s" "${{{TOKEN_ENV}:-absent}}"', "pre", timeout=10)
+        assert record.output == "absent"
+        row.outcome = "token passed in the root-only environment; not inherited by pre/post commands"

@@ -258,7 +258,10 @@ def test_document_shape() -> None:
     assert step["inputs"]["timeoutSeconds"] == "{{ executionTimeout }}"
     script = "\n".join(step["inputs"]["runCommand"])
     assert "instance-agent backup" in script
-    assert "--lifecycle-token '{{ LifecycleActionToken }}'" in script
+    # Not on the command line, where any local user reads it in /proc/PID/cmdline: the
+    # environment, whose /proc/PID/environ only the process's owner (root) can read.
+    assert "{{ LifecycleActionToken }}" not in script.split("exec ", 1)[1]
+    assert "export INSTANCE_AGENT_LIFECYCLE_TOKEN='{{ LifecycleActionToken }}'" in script
     assert "--hook-name '{{ LifecycleHookName }}'" in script
 
 
@@ -310,7 +313,10 @@ def test_rendered_script_passes_exactly_the_parameters(
     bindir = tmp_path / "bin"
     bindir.mkdir()
     fake = bindir / "instance-agent"
-    fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        "print(json.dumps([sys.argv[1:], os.environ.get('INSTANCE_AGENT_LIFECYCLE_TOKEN')]))\n"
+    )
     fake.chmod(0o755)
     script = tmp_path / "_script.sh"
     script.write_text(
@@ -328,7 +334,9 @@ def test_rendered_script_passes_exactly_the_parameters(
     )
 
     assert proc.returncode == 0, proc.stderr
-    expected = ["backup", "--json", "--lifecycle-token", token, "--hook-name", hook]
+    expected = ["backup", "--json", "--hook-name", hook]
     if group:
         expected += ["--asg-name", group]
-    assert json.loads(proc.stdout) == expected
+    argv, token_from_env = json.loads(proc.stdout)
+    assert argv == expected and token not in " ".join(argv)
+    assert token_from_env == token
