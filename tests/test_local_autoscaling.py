@@ -287,6 +287,8 @@ def retain_on_abandon(env: Env, value: str = "retain") -> None:
 
 def test_retain_policy_keeps_an_abandoned_instance_until_terminated(env: Env) -> None:
     retain_on_abandon(env)
+    [described] = env.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[env.group])["AutoScalingGroups"]
+    assert described["InstanceLifecyclePolicy"] == {"RetentionTriggers": {"TerminateHookAbandon": "retain"}}
     put_hook(env)
     waiting = scale_in(env)
     complete(env, result="ABANDON", InstanceId=waiting)

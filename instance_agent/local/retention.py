@@ -60,7 +60,12 @@ def record(backend: AutoScalingBackend, action: str, params: dict[str, Any]) -> 
     if not group or (policy is None and action != "CreateAutoScalingGroup"):
         return
     triggers = (policy or {}).get("RetentionTriggers") or {}
-    _policies(backend)[group] = str(triggers.get("TerminateHookAbandon") or TERMINATE)
+    value = str(triggers.get("TerminateHookAbandon") or TERMINATE)
+    _policies(backend)[group] = value
+    asg = backend.autoscaling_groups.get(group)
+    if asg is not None and policy is not None:
+        # DescribeAutoScalingGroups renders the attribute named for the API's member.
+        asg.instance_lifecycle_policy = {"RetentionTriggers": {"TerminateHookAbandon": value}}  # type: ignore[attr-defined]
 
 
 def policy_of(backend: AutoScalingBackend, group: str) -> str:
