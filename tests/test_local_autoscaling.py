@@ -331,21 +331,17 @@ def test_retain_policy_applies_to_an_abandon_timeout(env: Env) -> None:
     assert outcomes(env) == [LifecycleOutcome(waiting, HOOK, "ABANDON", "expired")]
 
 
-def test_retain_policy_never_applies_to_continue(env: Env) -> None:
+@pytest.mark.parametrize(
+    ("policy", "result"),
+    [("retain", "CONTINUE"), ("terminate", "ABANDON")],
+    ids=["retain-never-applies-to-continue", "terminate-policy-abandon-terminates-as-before"],
+)
+def test_no_retention_terminates(env: Env, policy: str, result: str) -> None:
     retain_on_abandon(env)
-    put_hook(env, timeout=60, default="CONTINUE")
-    waiting = scale_in(env)
-    complete(env, result="CONTINUE", InstanceId=waiting)
-    assert waiting not in states(env)
-    assert ec2_state(env, waiting) == "terminated"
-
-
-def test_terminate_policy_abandon_terminates_as_before(env: Env) -> None:
-    retain_on_abandon(env)
-    retain_on_abandon(env, "terminate")
+    retain_on_abandon(env, policy)  # an update replaces the policy
     put_hook(env)
     waiting = scale_in(env)
-    complete(env, result="ABANDON", InstanceId=waiting)
+    complete(env, result=result, InstanceId=waiting)
     assert waiting not in states(env)
     assert ec2_state(env, waiting) == "terminated"
 
