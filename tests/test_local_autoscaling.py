@@ -278,6 +278,84 @@ def test_abandon_skips_the_remaining_hooks(env: Env) -> None:
     assert active(env) == []
 
 
+def retain_on_abandon(env: Env, value: str = "retain") -> None:
+    env.asg.update_auto_scaling_group(
+        AutoScalingGroupName=env.group,
+        InstanceLifecyclePolicy={"RetentionTriggers": {"TerminateHookAbandon": value}},
+    )
+
+
+def test_retain_policy_keeps_an_abandoned_instance_until_terminated(env: Env) -> None:
+    retain_on_abandon(env)
+    [described] = env.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[env.group])["AutoScalingGroups"]
+    assert described["InstanceLifecyclePolicy"] == {"RetentionTriggers": {"TerminateHookAbandon": "retain"}}
+    put_hook(env)
+    waiting = scale_in(env)
+    complete(env, result="ABANDON", InstanceId=waiting)
+    # Retained, still running, out of the capacity (desired 1, one InService besides it).
+    assert states(env)[waiting] == "Terminating:Retained"
+    assert sorted(states(env).values()) == ["InService", "Terminating:Retained"]
+    assert ec2_state(env, waiting) == "running"
+    assert outcomes(env) == [LifecycleOutcome(waiting, HOOK, "ABANDON", "completed")]
+    assert active(env) == []
+    assert error_of(complete, env, InstanceId=waiting) == (
+        "ValidationError",
+        f"No active Lifecycle Action found with instance ID {waiting}",
+    )
+
+    env.asg.terminate_instance_in_auto_scaling_group(InstanceId=waiting, ShouldDecrementDesiredCapacity=False)
+    assert waiting not in states(env)
+    assert ec2_state(env, waiting) == "terminated"
+    assert list(states(env).values()) == ["InService"]
+    group = env.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[env.group])
+    assert group["AutoScalingGroups"][0]["DesiredCapacity"] == 1
+
+
+def test_retained_instance_is_replaced_when_capacity_was_kept(env: Env) -> None:
+    retain_on_abandon(env)
+    put_hook(env)
+    first, _second = states(env)
+    env.asg.terminate_instance_in_auto_scaling_group(InstanceId=first, ShouldDecrementDesiredCapacity=False)
+    complete(env, result="ABANDON", InstanceId=first)
+    # Both are billed: two InService for the desired 2, and the retained one.
+    assert sorted(states(env).values()) == ["InService", "InService", "Terminating:Retained"]
+    assert ec2_state(env, first) == "running"
+
+
+def test_retain_policy_applies_to_an_abandon_timeout(env: Env) -> None:
+    retain_on_abandon(env)
+    put_hook(env, timeout=60, default="ABANDON")
+    waiting = scale_in(env)
+    env.clock.now += 61
+    assert states(env)[waiting] == "Terminating:Retained"
+    assert outcomes(env) == [LifecycleOutcome(waiting, HOOK, "ABANDON", "expired")]
+
+
+@pytest.mark.parametrize(
+    ("policy", "result"),
+    [("retain", "CONTINUE"), ("terminate", "ABANDON")],
+    ids=["retain-never-applies-to-continue", "terminate-policy-abandon-terminates-as-before"],
+)
+def test_no_retention_terminates(env: Env, policy: str, result: str) -> None:
+    retain_on_abandon(env)
+    retain_on_abandon(env, policy)  # an update replaces the policy
+    put_hook(env)
+    waiting = scale_in(env)
+    complete(env, result=result, InstanceId=waiting)
+    assert waiting not in states(env)
+    assert ec2_state(env, waiting) == "terminated"
+
+
+def test_retain_policy_on_a_return_to_the_warm_pool(env: Env) -> None:
+    retain_on_abandon(env)
+    put_hook(env)
+    first, _second = states(env)
+    autoscaling.return_to_warm_pool(env.group, first)
+    assert states(env)[first] == "Warmed:Pending:Wait"
+    complete(env, result="ABANDON", InstanceId=first)
+    assert states(env)[first] == "Warmed:Pending:Retained"
+
+
 def test_terminate_instance_in_group(env: Env) -> None:
     put_hook(env)
     first, second = states(env)

@@ -19,7 +19,9 @@ and, for a group whose warm pool has an instance reuse policy (`return_to_warm_p
 
 An action ends when it is completed, or when its heartbeat deadline passes and the hook's
 DefaultResult applies. ABANDON ends the instance's other actions too. The instance proceeds
-once it has no action left. Deadlines are checked lazily, on every Auto Scaling request and
+once it has no action left; under a group's instance lifecycle policy `retain`, an
+instance whose last action ended in ABANDON is retained instead (local/retention.py).
+Deadlines are checked lazily, on every Auto Scaling request and
 every accessor call, against a clock tests can replace (`set_clock`).
 
 Every CompleteLifecycleAction and RecordLifecycleActionHeartbeat call is recorded, rejected
@@ -54,6 +56,7 @@ from moto.autoscaling.responses import AutoScalingResponse
 from moto.core.responses import ActionResult, EmptyResult
 from moto.core.utils import camelcase_to_underscores
 
+from instance_agent.local import retention
 from instance_agent.local.faults import Fault, FaultQueues, Patches, attached
 
 DEFAULT_ACCOUNT = "123456789012"
@@ -473,7 +476,11 @@ def _finish(backend: AutoScalingBackend, action: _Action, result: str, how: str)
             book.actions.remove(other)
         same_instance = []
     if not same_instance:
-        _proceed(backend, action.group, action.instance_id, action.destination)
+        group = backend.autoscaling_groups.get(action.group)
+        if group is not None and retention.retains(backend, action.group, result):
+            retention.retain(backend, group, action.instance_id, action.destination)
+        else:
+            _proceed(backend, action.group, action.instance_id, action.destination)
 
 
 def _proceed(
@@ -664,6 +671,8 @@ def _patch() -> None:
                 ),
                 None,
             )
+            if state is not None and state.lifecycle_state in retention.RETAINED_STATES:
+                return _terminate_retained(self, state, should_decrement)
             if state is None or not _terminating_hooks(self, state.auto_scaling_group_name):
                 return original_terminate(self, instance_id, should_decrement)
             group = self.autoscaling_groups[state.auto_scaling_group_name]
@@ -690,6 +699,7 @@ def _patch() -> None:
             book = _book(self)
             book.actions = [a for a in book.actions if a.group != group_name]
             book.pending = [p for p in book.pending if p.group != group_name]
+            retention.forget(self, group_name)
 
     def call_action(self: AutoScalingResponse) -> Any:
         with _lock:
@@ -705,7 +715,10 @@ def _patch() -> None:
                 # moto warns when an error code (e.g. an injected Throttling) is not in the
                 # service model; the error is still rendered the way AWS renders it.
                 warnings.filterwarnings("ignore", message=_UNMODELLED_ERROR, category=UserWarning)
-                return original_call_action(self)
+                response = original_call_action(self)
+            if action in ("CreateAutoScalingGroup", "UpdateAutoScalingGroup"):
+                retention.record(backend, action, self._get_params())
+            return response
 
     def complete_lifecycle_action(self: AutoScalingResponse) -> ActionResult:
         result = str(self._get_param("LifecycleActionResult"))
@@ -743,6 +756,21 @@ def _backend_begin_termination(
         account_id=self.account_id,
         region=self.region_name,
     )
+
+
+def _terminate_retained(
+    backend: AutoScalingBackend, state: InstanceState, should_decrement: bool
+) -> TerminateInstanceActivity:
+    """TerminateInstanceInAutoScalingGroup on a retained instance: it has no lifecycle
+    action left, so it terminates now (see retention.py for ShouldDecrementDesiredCapacity)."""
+    group = backend.autoscaling_groups[state.auto_scaling_group_name]
+    original_size = group.desired_capacity or 0
+    if should_decrement:
+        group.desired_capacity = max(0, original_size - 1)
+    activity = TerminateInstanceActivity(state.instance, original_size)
+    _proceed(backend, group.name, state.instance.id)
+    group.set_desired_capacity(group.desired_capacity)
+    return activity
 
 
 def _raiser(fault: Fault) -> Callable[[], ActionResult]:
