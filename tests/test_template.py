@@ -567,3 +567,21 @@ def test_dashboard_shows_every_metric_the_agent_publishes() -> None:
     body, _ = RESOURCES["BackupDashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
     names = {*metrics.COUNTS.values(), metrics.ABANDONED, metrics.DURATION, metrics.BYTES}
     assert all(f'"{name}"' in body for name in names)
+
+
+def test_subnets_description_names_every_endpoint_the_instances_call() -> None:
+    # Followed literally in a private subnet, a text without Auto Scaling and CloudWatch
+    # leaves CompleteLifecycleAction and PutMetricData unreachable: every launch ABANDONs.
+    text = TPL["Parameters"]["Subnets"]["Description"]
+    for service in ("SSM", "S3", "SNS", "Auto Scaling", "CloudWatch"):
+        assert service in text, service
+
+
+def test_root_volume_mapping_names_the_amis_root_device() -> None:
+    # A fixed /dev/xvda on an Ubuntu AMI (root /dev/sda1) adds a second, empty volume
+    # instead of encrypting the root one: the device name is the operator's to give.
+    param = TPL["Parameters"]["RootDeviceName"]
+    assert param["Default"] == "/dev/xvda"
+    assert "/dev/sda1" in param["AllowedValues"]
+    mappings = TPL["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["BlockDeviceMappings"]
+    assert [m["DeviceName"] for m in mappings] == [{"Ref": "RootDeviceName"}]
