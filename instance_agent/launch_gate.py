@@ -139,7 +139,7 @@ def cmd_launch_gate(args: argparse.Namespace) -> int:
             return EXIT_OK
         group = instances[0]["AutoScalingGroupName"]
         hook = args.hook or _find_hook(client, group)
-        checks = doctor.run(cfg, problem, wiring.make_clients, launch=True)
+        checks = doctor.run(cfg, problem, wiring.make_probe_clients, launch=True)
         sys.stdout.write(doctor.render(checks, symbols=False))
         sys.stdout.flush()
         result = "ABANDON" if doctor.failed(checks) else "CONTINUE"
