@@ -340,7 +340,7 @@ class Doctor:
                 FAIL,
                 str(err),
                 describe_fix
-                if "AccessDenied" in str(err)
+                if err.code in awserror.DENIED_CODES
                 else "check the network path to the Auto Scaling endpoint",
             )
             return
@@ -372,7 +372,7 @@ class Doctor:
                 FAIL,
                 str(err),
                 describe_fix
-                if "AccessDenied" in str(err)
+                if err.code in awserror.DENIED_CODES
                 else "set hook_name to the group's terminating hook",
             )
             return

@@ -12,9 +12,15 @@ EXIT_USAGE = 2
 
 
 class AgentError(Exception):
-    """Base of every error the agent raises on purpose. `str(err)` is the one-line message."""
+    """Base of every error the agent raises on purpose. `str(err)` is the one-line message,
+    for people; `code` is AWS's error code when an AWS answer caused it ("" otherwise), for
+    code: callers decide on the code or the type, never on the text."""
 
     exit_code = EXIT_FAILED
+
+    def __init__(self, message: str = "", *, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class ConfigError(AgentError):
@@ -41,6 +47,11 @@ class UploadError(BackupError):
     """S3 refused or failed the multipart upload."""
 
 
+class ObjectExists(UploadError):
+    """A create-only write found an object at its key (S3 answered 412 PreconditionFailed):
+    an earlier run wrote it, and it is never overwritten."""
+
+
 class ArchiveTooLarge(BackupError):
     """The archive outgrew --max-archive-size (10,000 parts of the chosen sizes)."""
 
@@ -49,8 +60,8 @@ class LifecycleError(AgentError):
     """An Auto Scaling call failed. `retryable` says whether trying again can help:
     throttling, 5xx and connection errors can; AccessDenied and other refusals cannot."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, retryable: bool = False, code: str = "") -> None:
+        super().__init__(message, code=code)
         self.retryable = retryable
 
 

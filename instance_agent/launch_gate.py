@@ -26,6 +26,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from instance_agent import awserror, config, logs, statedir, wiring
 from instance_agent.errors import EXIT_OK, AgentError, ConfigError
 
@@ -127,8 +129,10 @@ def cmd_launch_gate(args: argparse.Namespace) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             found = client.describe_auto_scaling_instances(InstanceIds=[identity.instance_id])
-        except Exception as err:
-            raise AgentError(f"DescribeAutoScalingInstances failed: {awserror.describe(err)}") from None
+        except (ClientError, BotoCoreError) as err:
+            raise AgentError(
+                f"DescribeAutoScalingInstances failed: {awserror.describe(err)}", code=awserror.code_of(err)
+            ) from None
         instances = found["AutoScalingInstances"]
         state = instances[0]["LifecycleState"] if instances else None
         key = action_key(boot_id, state)
@@ -150,8 +154,11 @@ def cmd_launch_gate(args: argparse.Namespace) -> int:
                 InstanceId=identity.instance_id,
                 LifecycleActionResult=result,
             )
-        except Exception as err:
-            raise AgentError(f"CompleteLifecycleAction {result} failed: {awserror.describe(err)}") from None
+        except (ClientError, BotoCoreError) as err:
+            raise AgentError(
+                f"CompleteLifecycleAction {result} failed: {awserror.describe(err)}",
+                code=awserror.code_of(err),
+            ) from None
         record = {"answered": ([*answered, key])[-KEEP:], "last": {"key": key, "result": result}}
         statedir.write_atomic(cfg.state_dir, RECORD, json.dumps(record).encode())
         log.info(f"launching lifecycle action: {result}", extra=logs.fields(hook=hook, state=state))

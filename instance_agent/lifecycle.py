@@ -75,8 +75,10 @@ def translate(err: Exception, call: str, token: str | None = None) -> LifecycleE
     msg = scrub_tokens(scrub(awserror.message_of(err), token))
     code = awserror.code_of(err)
     if code == "ValidationError" and msg.startswith("No active Lifecycle Action"):
-        return NoActiveLifecycleAction(msg)
-    return LifecycleError(f"{call}: {code}: {msg}".rstrip(": "), retryable=awserror.retryable(err))
+        # AWS gives this refusal no code of its own (it is one of many ValidationErrors),
+        # so its documented message is the only way to tell it apart.
+        return NoActiveLifecycleAction(msg, code=code)
+    return LifecycleError(f"{call}: {code}: {msg}".rstrip(": "), retryable=awserror.retryable(err), code=code)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from botocore.exceptions import BotoCoreError, ClientError
 
 from instance_agent import awserror, s3args
-from instance_agent.errors import ArchiveTooLarge, UploadError
+from instance_agent.errors import ArchiveTooLarge, ObjectExists, UploadError
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,22 @@ class S3Client(Protocol):
     def list_multipart_uploads(self, **kwargs: Any) -> Mapping[str, Any]: ...
 
 
+_EXISTS_CODES = ("PreconditionFailed", "412")  # a create-only write met an existing object
+
+
 def describe_client_error(err: Exception) -> str:
-    if awserror.code_of(err) in ("PreconditionFailed", "412"):
+    if awserror.code_of(err) in _EXISTS_CODES:
         return (
             "PreconditionFailed: an object already exists at this key; an earlier backup is never overwritten"
         )
     return awserror.describe(err)
+
+
+def upload_error(what: str, err: Exception) -> UploadError:
+    """Our error for a failed S3 call: ObjectExists for a create-only conflict, so that a
+    caller that expects one (a segment shipped again) tests the type, never the text."""
+    kind = ObjectExists if awserror.code_of(err) in _EXISTS_CODES else UploadError
+    return kind(f"{what}: {describe_client_error(err)}", code=awserror.code_of(err))
 
 
 def extra_for(key: str, extra: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -196,7 +206,7 @@ class MultipartUpload:
         self._next = 1
         self._parts: dict[int, dict[str, Any]] = {}
         self._futures: list[Future[None]] = []
-        self._error: Exception | None = None
+        self._error: UploadError | None = None
         self._lock = threading.Lock()
         self.upload_id: str | None = None
         self.bytes_written = 0
@@ -214,9 +224,7 @@ class MultipartUpload:
             )
         except (ClientError, BotoCoreError) as err:
             self._pool.shutdown(wait=False)
-            raise UploadError(
-                f"s3://{self.bucket}/{self.key}: CreateMultipartUpload failed: {describe_client_error(err)}"
-            ) from None
+            raise upload_error(f"s3://{self.bucket}/{self.key}: CreateMultipartUpload failed", err) from None
         self.upload_id = str(resp["UploadId"])
         return self
 
@@ -258,7 +266,8 @@ class MultipartUpload:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise UploadError(f"s3://{self.bucket}/{self.key}: {self._error}")
+            err = self._error
+            raise type(err)(f"s3://{self.bucket}/{self.key}: {err}", code=err.code)
 
     def _submit(self, buf: bytearray, length: int) -> None:
         n = self._next
@@ -299,7 +308,7 @@ class MultipartUpload:
         except Exception as err:
             with self._lock:
                 if self._error is None:
-                    self._error = UploadError(f"UploadPart {n} failed: {describe_client_error(err)}")
+                    self._error = upload_error(f"UploadPart {n} failed", err)
             return
         with self._lock:
             self._parts[n] = {
@@ -336,8 +345,8 @@ class MultipartUpload:
                 **self._owner,
             )
         except (ClientError, BotoCoreError) as err:
-            raise UploadError(
-                f"s3://{self.bucket}/{self.key}: CompleteMultipartUpload failed: {describe_client_error(err)}"
+            raise upload_error(
+                f"s3://{self.bucket}/{self.key}: CompleteMultipartUpload failed", err
             ) from None
         return UploadedObject(self.key, self.bytes_written, len(parts), str(resp.get("ETag", "")))
 
@@ -384,7 +393,7 @@ def put_small(
             **extra_for(key, extra),
         )
     except (ClientError, BotoCoreError) as err:
-        raise UploadError(f"s3://{bucket}/{key}: PutObject failed: {describe_client_error(err)}") from None
+        raise upload_error(f"s3://{bucket}/{key}: PutObject failed", err) from None
 
 
 def abort_stale_uploads(

@@ -17,6 +17,7 @@ recorded, never stored twice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -31,7 +32,7 @@ from instance_agent import __version__, keys, manifest
 from instance_agent.archive import Archiver, Sink
 from instance_agent.backup import Clients, _s3_extra, _upload_stream
 from instance_agent.config import Config
-from instance_agent.errors import UploadError
+from instance_agent.errors import ObjectExists
 from instance_agent.fsdir import open_below
 from instance_agent.logs import fields
 from instance_agent.manifest import path_from_fields
@@ -42,7 +43,6 @@ from instance_agent.throttle import paced
 log = logging.getLogger(__name__)
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_EXISTS = "PreconditionFailed"  # s3upload.describe_client_error's words for a create-only refusal
 
 
 class Changed(Exception):
@@ -161,9 +161,7 @@ def ship(
         existed = False
         try:
             _upload_stream(one, clients.s3, key, produce, stop, threads=0, wrap=wrap)
-        except UploadError as err:
-            if _EXISTS not in str(err):
-                raise
+        except ObjectExists:
             existed = True  # shipped by a run killed before it could record it
         report = holder["arch"].report
         sent = holder["counted"].count
@@ -182,13 +180,10 @@ def ship(
             sources=sorted({os.fsdecode(t.root) for t, _ in files}),
             excludes=[],
         )
-        try:
+        with contextlib.suppress(ObjectExists):  # the manifest too was written by that run
             put_small(
                 clients.s3, cfg.bucket or "", key + ".manifest.json", ChainBody(*doc), extra=_s3_extra(cfg)
             )
-        except UploadError as err:
-            if _EXISTS not in str(err):
-                raise
         # Only a file read whole, warning-free and unchanged since is recorded; the others
         # wait to settle again (their bytes in this segment are simply not used).
         warned = {w.path for w in report.warnings}
