@@ -14,15 +14,18 @@ without a group (an instance outside any Auto Scaling group) publishes nothing e
 alarm and dashboard are per group. One call: the six data fit in one request (even the
 oldest limit was 20 per call), and requests are what CloudWatch bills.
 
-A metric never changes a backup's outcome: any failure is one warning in the log, and the
-exit code and SNS report stay what the backup made them. IAM: PutMetricData has no
-resource-level permissions; the template scopes it with the `cloudwatch:namespace`
-condition key instead (https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/iam-cw-condition-keys-namespace.html).
+A run that completes a lifecycle action publishes before completing it (`publish_bounded`,
+at most `PUBLISH_BOUND` seconds): after CompleteLifecycleAction the group shuts the instance
+down, and a metric sent afterwards is lost. A metric never changes a backup's outcome: any
+failure is one warning in the log, and the exit code and SNS report stay what the backup
+made them. IAM: PutMetricData has no resource-level permissions; the template scopes it
+with the `cloudwatch:namespace` condition key instead (https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/iam-cw-condition-keys-namespace.html).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -37,6 +40,10 @@ COUNTS = {"succeeded": "BackupSucceeded", "partial": "BackupPartial", "failed": 
 ABANDONED = "LifecycleAbandoned"
 DURATION = "BackupDurationSeconds"
 BYTES = "BytesUploaded"
+# The wall-clock bound a publish may hold up the lifecycle completion: metrics go out
+# before CompleteLifecycleAction (after it the group shuts the instance down, and a
+# metric still in flight is lost), but a hanging endpoint must not delay the completion.
+PUBLISH_BOUND = 3.0
 
 
 class CloudWatchClient(Protocol):
@@ -91,3 +98,24 @@ def publish(cloudwatch: CloudWatchClient | None, result: Mapping[str, Any]) -> b
         extra=fields(namespace=NAMESPACE, group=result.get("group"), status=result.get("status")),
     )
     return True
+
+
+def publish_bounded(
+    cloudwatch: CloudWatchClient | None, result: Mapping[str, Any], bound: float = PUBLISH_BOUND
+) -> bool:
+    """`publish` in a daemon worker thread, waited on for at most `bound` seconds: True when
+    the metrics were sent within it. A publish still running is left behind (it cannot
+    change the outcome, and a daemon thread does not hold the process's exit)."""
+    if cloudwatch is None:
+        return False
+    sent: list[bool] = []
+    worker = threading.Thread(
+        target=lambda: sent.append(publish(cloudwatch, result)), name="metrics", daemon=True
+    )
+    worker.start()
+    worker.join(bound)
+    if worker.is_alive():
+        log.warning("metrics not published within the bound", extra=fields(bound_s=bound))
+        return False
+    return bool(sent and sent[0])
+

@@ -126,8 +126,10 @@ def run(cfg: Config, ident: Identity, clients: Clients, opts: Options | None = N
         log.error("run failed", extra=fields(error=str(err)))
     if not job.result.duration_s:
         job.result.duration_s = round(opts.clock() - job.started, 3)
-    # After everything: a metric can neither delay the completion nor change the outcome.
-    metrics.publish(clients.cloudwatch, job.result.to_json())
+    # A run that completed an action published before completing (_report_and_complete);
+    # any other run publishes now. A metric can neither delay the completion nor change the outcome.
+    if not job.metrics_sent:
+        metrics.publish(clients.cloudwatch, job.result.to_json())
     return Outcome(job.result, job.exit_code())
 
 
@@ -150,6 +152,7 @@ class _Job:
         self.commands = Commands(cfg, opts.trigger, self.cancel)
         self.duplicate_code: int | None = None
         self.completion_failed = False  # a live action this run could not complete
+        self.metrics_sent = False  # published before the completion (bounded)
 
     def exit_code(self) -> int:
         """0 when the backup is in S3 and the action (if any) was completed; 1 otherwise.
@@ -484,6 +487,12 @@ class _Job:
             self.result.lifecycle_result = "none"
             self.result.lifecycle_error = "lifecycle action expired or was completed elsewhere"
             return True
+        # Metrics before completing: after it the group shuts the instance down. They
+        # describe the result about to be sent, and wait at most metrics.PUBLISH_BOUND.
+        # The duration is the backup's, up to the completion, in the metric and the result alike.
+        self.result.duration_s = self.result.duration_s or round(self.clock() - self.started, 3)
+        metrics.publish_bounded(self.clients.cloudwatch, self.result.to_json())
+        self.metrics_sent = True
         done = self._complete(lc, self.result.lifecycle_result, self.cfg.complete_timeout)
         if not done and not lc.gone.is_set():
             self.completion_failed = True

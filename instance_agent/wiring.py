@@ -228,8 +228,9 @@ class _LazyCloudWatch:
         if self._built is None:
             from botocore.config import Config as BotoConfig
 
-            # After the lifecycle action is complete, so nothing waits on it; still short, so
-            # a black-holed endpoint costs the process seconds, not minutes.
+            # Built before the lifecycle completion, which waits on it at most
+            # metrics.PUBLISH_BOUND (a worker thread); short timeouts still, so a
+            # black-holed endpoint's worker gives up in seconds, not minutes.
             self._built = self._client(
                 "cloudwatch",
                 config=BotoConfig(

@@ -122,3 +122,76 @@ def test_a_duplicate_run_or_a_run_without_group_is_not_counted() -> None:
         "BackupDurationSeconds": 2.5,
         "BytesUploaded": 10,
     }
+
+
+class HangingServer:
+    """A TCP server on 127.0.0.1 that accepts, reads the request and never answers: a
+    black-holed CloudWatch endpoint. Records when each request's first bytes arrived."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.arrived: list[float] = []
+        self.conns: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        import time
+
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.conns.append(conn)
+            conn.settimeout(2)
+            try:
+                if conn.recv(65536):
+                    self.arrived.append(time.monotonic())
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for conn in self.conns:
+            conn.close()
+        self.sock.close()
+
+
+def test_hanging_cloudwatch_is_tried_before_completion_and_delays_it_by_at_most_the_bound(
+    stack: Stack, tmp_path: Path
+) -> None:
+    import time
+
+    stack.scale_in()
+    server = HangingServer()
+    try:
+        env = stack.env(AWS_ENDPOINT_URL_CLOUDWATCH=server.endpoint)
+        started = time.monotonic()
+        proc, result = stack.backup("--source", str(small_source(tmp_path)), env=env)
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+
+    assert proc.returncode == 0 and result["status"] == "succeeded"
+    [complete] = stack.lifecycle_calls("CompleteLifecycleAction")
+    assert (complete.result, complete.outcome) == ("CONTINUE", "ok")
+    # The metric datum went out before the completion (after it, the instance is gone)...
+    assert server.arrived and server.arrived[0] < complete.at
+    # ...and the completion waited on the hanging endpoint no longer than the bound. The
+    # whole run, with a generous margin for a loaded machine, stays well under what the
+    # client's own retries against a black hole would take (3 attempts x 5 s read timeout).
+    assert complete.at - server.arrived[0] < 4 * metrics.PUBLISH_BOUND
+    assert elapsed < 60
