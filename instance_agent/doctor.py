@@ -738,6 +738,15 @@ class Doctor:
             f"shipped; {block['pending_files']} not shipped yet "
             f"({block['pending_bytes'] / 2**20:.1f} MiB, live files included)"
         )
+        if block["state"] == "restarting":
+            self.add(
+                "shipping",
+                FAIL,
+                f"stalled: the shipping thread is restarting after an error "
+                f"({block['restarts']} restarts); {shipped}; last error: {block['last_error']}",
+                f"journalctl -u {UNIT_NAME} shows the error; what is not shipped is archived at termination",
+            )
+            return
         if behind > SHIP_BEHIND_AFTER:
             self.add(
                 "shipping",
@@ -750,7 +759,9 @@ class Doctor:
             )
             return
         error = f"; last error: {block['last_error']}" if block["last_error"] else ""
-        self.add("shipping", OK, f"keeping up: {shipped}{error}")
+        scan = "; inotify unavailable, scanning the sources instead" if block["watch"] == "scan" else ""
+        restarts = f"; restarted {block['restarts']} times" if block["restarts"] else ""
+        self.add("shipping", OK, f"keeping up: {shipped}{scan}{restarts}{error}")
 
 
 # Complete files waiting longer than this mean shipping is not keeping up with the logs.

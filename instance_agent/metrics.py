@@ -119,3 +119,28 @@ def publish_bounded(
         return False
     return bool(sent and sent[0])
 
+
+STALLED = "ShippingStalled"
+
+
+def publish_shipping_stalled(cloudwatch: CloudWatchClient | None, group: str | None, stalled: bool) -> bool:
+    """`ShippingStalled` (1 when the shipping thread is restarting after an error, 0 once it
+    runs again), per group. Sent only on those transitions, so at most one call per restart
+    of a backoff that is at least a second; never raises."""
+    if cloudwatch is None or not group:
+        return False
+    datum = {
+        "MetricName": STALLED,
+        "Dimensions": [{"Name": DIMENSION, "Value": group}],
+        "Timestamp": datetime.now(timezone.utc),
+        "Value": 1.0 if stalled else 0.0,
+        "Unit": "Count",
+    }
+    try:
+        cloudwatch.put_metric_data(Namespace=NAMESPACE, MetricData=[datum])
+    except Exception as err:  # a metric must never stop shipping
+        log.warning(
+            "metrics not published", extra=fields(namespace=NAMESPACE, error=f"{type(err).__name__}: {err}")
+        )
+        return False
+    return True

@@ -13,6 +13,11 @@ SEGMENT_BYTES or SEGMENT_FILES), at the lowest CPU and best-effort I/O priority:
 - `stop()` (before a termination job): no new segment starts; the one in flight gets a few
   seconds, then is cancelled (its upload aborted). Whatever is not recorded in the ledger is
   archived by the final backup: nothing is lost either way.
+- Supervised: an unexpected error in the loop (or before it) restarts it with backoff (1 s
+  doubling to 5 min); when inotify cannot start (the instance limit reached, a source it
+  cannot watch) the loop runs on its periodic scan alone. `state` (running | restarting),
+  `watch` (inotify | scan) and `restarts` in the status block, `doctor` and the
+  `ShippingStalled` metric say so.
 - `snapshot()` is the `shipping` block of `status --json`; the block is written into the
   watcher's status file as it changes.
 """
@@ -29,9 +34,9 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
-from instance_agent import keys, status
+from instance_agent import keys, metrics, status
 from instance_agent.archive import Excluder
 from instance_agent.backup import Clients, Identity, _s3_extra, key_values
 from instance_agent.config import Config
@@ -56,6 +61,7 @@ RETRY_FIRST, RETRY_MAX = 5.0, 300.0
 # segment cut short by a termination wastes little.
 SEGMENT_BYTES, SEGMENT_FILES = 64 * 2**20, 4096
 GROUP_RETRY_MAX = 60.0
+RESTART_FIRST, RESTART_MAX = 1.0, 300.0  # the supervisor's backoff after an unexpected error
 # ioprio_set(2): IOPRIO_WHO_PROCESS with a thread id sets that thread's I/O priority;
 # class 2 (best effort) level 7 is the lowest that still makes progress on a busy disk.
 _IOPRIO_SYSCALL = {"x86_64": 251, "aarch64": 30}
@@ -121,6 +127,54 @@ def batch(
     return out
 
 
+class Observing(Protocol):
+    """A running file-event source (watchdog's observer satisfies it)."""
+
+    def stop(self) -> None: ...
+
+
+# (sources, post) -> a started observer that calls post(kind, path) for each rename
+# ("moved_from", "moved_to") and close-after-write ("closed"); it raises when it cannot start.
+ObserverFactory = Callable[[tuple[str, ...], Callable[[str, bytes], None]], Observing]
+Scanner = Callable[
+    [tuple[str, ...], Excluder, "threading.Event | None"], Iterator[tuple[Target, os.stat_result]]
+]
+
+
+def watchdog_observer(sources: tuple[str, ...], post: Callable[[str, bytes], None]) -> Observing:
+    """inotify through watchdog: renames and closes-after-write."""
+    from watchdog.events import (
+        FileClosedEvent,
+        FileMovedEvent,
+        FileSystemEvent,
+        FileSystemEventHandler,
+    )
+    from watchdog.observers import Observer
+
+    class Handler(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            if isinstance(event, FileMovedEvent):
+                post("moved_from", os.fsencode(event.src_path))
+                post("moved_to", os.fsencode(event.dest_path))
+            elif isinstance(event, FileClosedEvent):
+                post("closed", os.fsencode(event.src_path))
+
+    observer = Observer()
+    for source in sources:
+        if os.path.isdir(source):
+            observer.schedule(
+                Handler(), source, recursive=True, event_filter=[FileMovedEvent, FileClosedEvent]
+            )
+    observer.daemon = True
+    try:
+        observer.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            observer.stop()
+        raise
+    return observer
+
+
 class Shipper:
     def __init__(
         self,
@@ -129,8 +183,18 @@ class Shipper:
         make_clients: Callable[[Config, str], Clients],
         *,
         clock: Callable[[], float] = time.time,
+        observe: ObserverFactory = watchdog_observer,
+        scanner: Scanner = scan,
     ) -> None:
         self.cfg = cfg
+        self._observe_with = observe
+        self._scan = scanner
+        self._restarts = 0
+        self._stalled_since: float | None = None
+        self._ran = False  # the current attempt made a full pass of the loop
+        self._in_flight = False  # a segment is being shipped
+        self._group_name: str | None = None
+        self._cloudwatch: metrics.CloudWatchClient | None = None
         self._identity = identity
         self._make_clients = make_clients
         self._clock = clock
@@ -149,6 +213,10 @@ class Shipper:
             "shipped_files": 0,
             "shipped_bytes": 0,
             "last_error": None,
+            "state": "starting",
+            "watch": None,
+            "restarts": 0,
+            "stalled_since": None,
         }
         self._written: tuple[dict[str, Any], dict[str, Any]] | None = None  # last published
         self._behind_since: float | None = None
@@ -159,19 +227,34 @@ class Shipper:
         self._thread.start()
 
     def stop(self, wait: float = STOP_WAIT) -> bool:
-        """Stop shipping: True when no segment was left in flight (it finished in time)."""
+        """Stop shipping: True when no segment was left in flight (it finished in time).
+        `wait` 0 (the watcher itself stopping, SIGTERM while idle) cancels the segment in
+        flight at once: its upload is aborted and nothing is recorded, so the next start
+        ships it again; the only wait left is for that abort (at most CANCEL_WAIT)."""
         self._stopping.set()
         self._wake.set()
-        self._thread.join(wait)
-        if not self._thread.is_alive():
-            return True
-        log.warning(
-            "termination: the segment in flight is cancelled; its file is archived instead",
-            extra=fields(waited_s=wait),
-        )
-        self._cancel.set()
+        if wait > 0:
+            self._thread.join(wait)
+        if self._thread.is_alive() and (wait > 0 or self._in_flight):
+            self._cancel_segment(wait)
         self._thread.join(CANCEL_WAIT)
-        return False
+        if self._thread.is_alive() and not self._cancel.is_set():
+            self._cancel_segment(wait)  # a segment began just as the stop came
+            self._thread.join(CANCEL_WAIT)
+        return not self._cancel.is_set()
+
+    def _cancel_segment(self, waited: float) -> None:
+        if waited > 0:
+            log.warning(
+                "termination: the segment in flight is cancelled; its file is archived instead",
+                extra=fields(waited_s=waited),
+            )
+        else:
+            log.info(
+                "stop: the segment in flight is cancelled; it ships again at the next start",
+                extra=fields(waited_s=0),
+            )
+        self._cancel.set()
 
     def ledger(self) -> Ledger | None:
         """What was shipped, for the termination archive (None before the ledger is read)."""
@@ -182,14 +265,55 @@ class Shipper:
 
     # -- the thread -----------------------------------------------------------------------
     def _main(self) -> None:
+        """The supervisor: runs the loop, and after an unexpected error logs it, says so in
+        the status block and the metric, waits (backoff, capped) and starts it again."""
         lower_priority()
-        observer: Any = None
+        delay = RESTART_FIRST
+        try:
+            while not self._stopping.is_set():
+                self._ran = False
+                try:
+                    self._attempt()
+                    return
+                except Cancelled:
+                    return
+                except Exception as err:  # shipping must never take the watcher down, nor stop
+                    if self._ran:
+                        delay = RESTART_FIRST  # it had recovered: a new failure starts the backoff again
+                    self._restarts += 1
+                    if self._stalled_since is None:
+                        self._stalled_since = self._clock()
+                    log.exception(
+                        "shipping stopped by an error; restarting it",
+                        extra=fields(restarts=self._restarts, retry_in_s=delay),
+                    )
+                    self._block.update(
+                        last_error=f"{type(err).__name__}: {err}",
+                        state="restarting",
+                        restarts=self._restarts,
+                        stalled_since=self._stalled_since,
+                    )
+                    self._publish(None, [])
+                    self._stalled_metric(True)
+                    if self._stopping.wait(delay):
+                        return
+                    delay = min(delay * 2, RESTART_MAX)
+        finally:
+            if self._ledger is not None:
+                self._ledger.close()
+
+    def _attempt(self) -> None:
+        observer: Observing | None = None
         try:
             ident = self._identity(self._stopping)
             clients = self._make_clients(self.cfg, ident.region)
-            values = key_values(self.cfg, ident, self._group(clients, ident))
-            self._ledger = Ledger.load(self.cfg.state_dir, ident.instance_id)
-            self._ledger.compact()  # drops forgotten files and torn lines: the file stays small
+            self._cloudwatch = clients.cloudwatch
+            self._group_name = self._group(clients, ident)
+            values = key_values(self.cfg, ident, self._group_name)
+            if self._ledger is None:  # kept across restarts: the termination archive may hold a view
+                ledger = Ledger.load(self.cfg.state_dir, ident.instance_id)
+                ledger.compact()  # drops forgotten files and torn lines: the file stays small
+                self._ledger = ledger
             prefix = (
                 keys.segment_key(self.cfg.key_template, values, "x", "x", self.cfg.compression).rsplit(
                     "/", 1
@@ -204,22 +328,33 @@ class Shipper:
             observer = self._observe()
             log.info(
                 "shipping",
-                extra=fields(prefix=prefix, settle_s=self.cfg.ship_settle, bandwidth=self.cfg.ship_bandwidth),
+                extra=fields(
+                    prefix=prefix,
+                    settle_s=self.cfg.ship_settle,
+                    bandwidth=self.cfg.ship_bandwidth,
+                    watch=self._block["watch"],
+                ),
             )
             self._loop(clients, self._ledger, values)
-        except Cancelled:
-            pass
-        except Exception as err:  # shipping must never take the watcher down
-            log.exception(
-                "shipping stopped by an error; the termination archive holds everything not shipped"
-            )
-            self._block["last_error"] = f"{type(err).__name__}: {err}"
-            self._publish(None, [])
         finally:
             if observer is not None:
-                observer.stop()
-            if self._ledger is not None:
-                self._ledger.close()
+                with contextlib.suppress(Exception):
+                    observer.stop()
+
+    def _stalled_metric(self, stalled: bool) -> None:
+        metrics.publish_shipping_stalled(self._cloudwatch, self._group_name, stalled)
+
+    def _recovered(self) -> None:
+        """A full pass of the loop: running again (said once, after a restart)."""
+        self._ran = True
+        if self._block["state"] == "running":
+            return
+        was_stalled = self._stalled_since is not None
+        self._stalled_since = None
+        self._block.update(state="running", stalled_since=None)
+        if was_stalled:
+            log.info("shipping running again", extra=fields(restarts=self._restarts))
+            self._stalled_metric(False)
 
     def _group(self, clients: Clients, ident: Identity) -> str | None:
         """The group for the key, as the termination job names it (termination._name_group)."""
@@ -236,37 +371,25 @@ class Shipper:
                 raise Cancelled("stopped")
             wait = min(wait * 2, GROUP_RETRY_MAX)
 
-    def _observe(self) -> Any:
-        """inotify through watchdog: renames and closes-after-write wake the loop."""
-        from watchdog.events import (
-            FileClosedEvent,
-            FileMovedEvent,
-            FileSystemEvent,
-            FileSystemEventHandler,
-        )
-        from watchdog.observers import Observer
-
+    def _observe(self) -> Observing | None:
+        """inotify wakes the loop early; without it (the instance limit reached, a source it
+        cannot watch), the periodic scan alone finds what is due, only later."""
         post, wake = self._events.put, self._wake
 
-        class Handler(FileSystemEventHandler):
-            def on_any_event(self, event: FileSystemEvent) -> None:
-                if isinstance(event, FileMovedEvent):
-                    post(("moved_from", os.fsencode(event.src_path)))
-                    post(("moved_to", os.fsencode(event.dest_path)))
-                elif isinstance(event, FileClosedEvent):
-                    post(("closed", os.fsencode(event.src_path)))
-                else:
-                    return
-                wake.set()
+        def on_event(kind: str, path: bytes) -> None:
+            post((kind, path))
+            wake.set()
 
-        observer = Observer()
-        for source in self.cfg.source:
-            if os.path.isdir(source):
-                observer.schedule(
-                    Handler(), source, recursive=True, event_filter=[FileMovedEvent, FileClosedEvent]
-                )
-        observer.daemon = True
-        observer.start()
+        try:
+            observer = self._observe_with(self.cfg.source, on_event)
+        except Exception as err:
+            log.warning(
+                "inotify unavailable: shipping falls back to a scan of the sources",
+                extra=fields(error=f"{type(err).__name__}: {err}", scan_every_s=SCAN_MAX),
+            )
+            self._block["watch"] = "scan"
+            return None
+        self._block["watch"] = "inotify"
         return observer
 
     def _take_events(self, now: float) -> None:
@@ -287,9 +410,10 @@ class Shipper:
             self._wake.clear()
             now = self._clock()
             self._take_events(now)
-            files = list(scan(self.cfg.source, self._excluded, self._stopping))
+            files = list(self._scan(self.cfg.source, self._excluded, self._stopping))
             if self._stopping.is_set():
                 return
+            self._recovered()
             ledger.keep_only({(st.st_dev, st.st_ino) for _, st in files})
             pending = [(t, st) for t, st in files if ledger.get(FileId.of(st)) is None]
             complete = [
@@ -313,7 +437,11 @@ class Shipper:
         self, clients: Clients, ledger: Ledger, targets: list[Target], values: dict[str, str], now: float
     ) -> None:
         try:
-            ship(self.cfg, clients, ledger, targets, values, stop=self._cancel, clock=time.monotonic)
+            self._in_flight = True
+            try:
+                ship(self.cfg, clients, ledger, targets, values, stop=self._cancel, clock=time.monotonic)
+            finally:
+                self._in_flight = False
         except Cancelled:
             raise
         except (Changed, FileNotFoundError) as err:

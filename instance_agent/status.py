@@ -136,6 +136,10 @@ SHIPPING_OFF = {
     "shipped_files": 0,
     "shipped_bytes": 0,
     "last_error": None,
+    "state": None,  # running | restarting (after an unexpected error, with backoff)
+    "watch": None,  # inotify | scan (inotify could not start)
+    "restarts": 0,
+    "stalled_since": None,
 }
 
 

@@ -278,7 +278,7 @@ class Watcher:
             return self._loop(wake_r, poller)
         finally:
             stop_polling.set()
-            self._stop_shipping()
+            self._stop_shipping(wait=0.0)  # the watcher exits: a segment in flight is cancelled at once
             # Close IMDS connections cleanly when the poller is between requests; a poller
             # stuck in a request is left to die with the process rather than delay the exit.
             poller.join(timeout=0.3)
@@ -406,12 +406,17 @@ class Watcher:
         )
         self.shipper.start()
 
-    def _stop_shipping(self) -> Ledger | None:
-        """Stop shipping; what it recorded, for the termination archive to leave out."""
+    def _stop_shipping(self, wait: float | None = None) -> Ledger | None:
+        """Stop shipping; what it recorded, for the termination archive to leave out. Before
+        a termination job the segment in flight gets a few seconds (the default); `wait` 0
+        cancels it at once."""
         shipper, self.shipper = self.shipper, None
         if shipper is None:
             return None
-        shipper.stop()
+        if wait is None:
+            shipper.stop()
+        else:
+            shipper.stop(wait)
         return shipper.ledger()
 
     def _finish_job(self, *, stopping: bool) -> None:

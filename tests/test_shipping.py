@@ -105,7 +105,12 @@ def test_ship_rotations_then_terminate_restores_whole_tree(stack: Stack, tmp_pat
                 "shipped_files",
                 "shipped_bytes",
                 "last_error",
+                "state",
+                "watch",
+                "restarts",
+                "stalled_since",
             }
+            assert state["shipping"]["state"] == "running" and state["shipping"]["watch"] == "inotify"
             lines = writer.stop()
             stack.scale_in()  # right after the last line: the live file is the tail
             _, done = w.wait_for("response finished", timeout=60)
