@@ -467,3 +467,48 @@ def test_sns_messages_and_api_calls(env: Env) -> None:
     actions = [call.action for call in env.server.api_calls()]
     assert actions[-2:] == ["CreateTopic", "Publish"]
     assert "CreateAutoScalingGroup" in actions
+
+
+def put_launching_hook(env: Env, name: str = "gate-on-launch") -> None:
+    env.asg.put_lifecycle_hook(
+        AutoScalingGroupName=env.group,
+        LifecycleHookName=name,
+        LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING",
+        HeartbeatTimeout=60,
+        DefaultResult="ABANDON",
+    )
+
+
+def test_root_volume_replacement_is_held_by_both_hooks(env: Env) -> None:
+    from instance_agent.local import launching, rootvolume
+
+    launching.install()
+    put_hook(env)
+    put_launching_hook(env)
+    first, second = states(env)
+    token = rootvolume.replace_root_volume(env.group, first)
+    assert states(env)[first] == "ReplacingRootVolume:Wait"
+    assert [a.token for a in active(env)] == [token]
+    heartbeat(env, LifecycleActionToken=token)
+    complete(env, InstanceId=first)
+    # The terminating action ends; the instance keeps its id and is held again, now under
+    # the launching hook, with a new action.
+    assert outcomes(env) == [LifecycleOutcome(first, HOOK, "CONTINUE", "completed")]
+    assert states(env) == {first: "Pending:Wait", second: "InService"}
+    assert ec2_state(env, first) == "running"
+    complete(env, hook="gate-on-launch", InstanceId=first)
+    assert states(env)[first] == "InService"
+    # A termination afterwards is a new action.
+    assert rootvolume.replacements(env.group) == [first]
+
+
+def test_root_volume_replacement_timeout_applies_default_result(env: Env) -> None:
+    from instance_agent.local import rootvolume
+
+    put_hook(env, timeout=30, default="ABANDON")
+    first, _second = states(env)
+    rootvolume.replace_root_volume(env.group, first)
+    env.clock.now += 31
+    # Without a launching hook it goes straight back into service, root volume replaced.
+    assert states(env)[first] == "InService"
+    assert outcomes(env) == [LifecycleOutcome(first, HOOK, "ABANDON", "expired")]

@@ -72,7 +72,8 @@ GLOBAL_TIMEOUT_FACTOR = 100
 WAIT = "Terminating:Wait"
 WARM_WAIT = "Warmed:Pending:Wait"
 WARM_PARKED = "Warmed:Stopped"
-WAIT_STATES = (WAIT, WARM_WAIT)
+ROOT_WAIT = "ReplacingRootVolume:Wait"  # root-volume replacement: local/rootvolume.py
+WAIT_STATES = (WAIT, WARM_WAIT, ROOT_WAIT)
 _UNMODELLED_ERROR = r"Exception\(AutoscalingClientError\) with code "
 _STATE_KEY = "_instance_agent_lifecycle"
 
@@ -133,7 +134,7 @@ class _Action:
     started: float
     deadline: float
     global_deadline: float
-    destination: str = "terminate"  # or "warm-pool"
+    destination: str = "terminate"  # or "warm-pool", or "root-volume"
 
     def snapshot(self) -> ActiveAction:
         return ActiveAction(
@@ -238,6 +239,8 @@ def _in_service(
 
 
 LEAVING_WARM_POOL: list[Callable[..., object]] = []
+# After a root-volume replacement's terminating actions: local/rootvolume.py registers here.
+ROOT_VOLUME_REPLACED: list[Callable[[AutoScalingBackend, str, str], object]] = []
 
 
 def leave_warm_pool(
@@ -400,7 +403,7 @@ def _enter_wait(
     if not hooks:
         _proceed(backend, group_name, instance_id, destination)
         return
-    state.lifecycle_state = WARM_WAIT if destination == "warm-pool" else WAIT
+    state.lifecycle_state = {"warm-pool": WARM_WAIT, "root-volume": ROOT_WAIT}.get(destination, WAIT)
     for hook in hooks:
         timeout = int(hook.heartbeat_timeout)
         _book(backend).actions.append(
@@ -477,7 +480,8 @@ def _finish(backend: AutoScalingBackend, action: _Action, result: str, how: str)
         same_instance = []
     if not same_instance:
         group = backend.autoscaling_groups.get(action.group)
-        if group is not None and retention.retains(backend, action.group, result):
+        retained = action.destination != "root-volume" and retention.retains(backend, action.group, result)
+        if group is not None and retained:
             retention.retain(backend, group, action.instance_id, action.destination)
         else:
             _proceed(backend, action.group, action.instance_id, action.destination)
@@ -496,6 +500,11 @@ def _proceed(
         return
     if destination == "warm-pool":
         state.lifecycle_state = WARM_PARKED
+        return
+    if destination == "root-volume":
+        state.lifecycle_state = "ReplacingRootVolume:Proceed"
+        for replaced in ROOT_VOLUME_REPLACED:
+            replaced(backend, group_name, instance_id)
         return
     state.lifecycle_state = "Terminating:Proceed"
     group.instance_states = [s for s in group.instance_states if s is not state]

@@ -75,7 +75,9 @@ def install() -> None:
         terminating_complete = AutoScalingResponse.complete_lifecycle_action  # type: ignore[attr-defined]
 
         def complete_lifecycle_action(self: AutoScalingResponse) -> ActionResult:
-            with _lock:
+            # Auto Scaling's lock first: its deadline checks may begin a launching action
+            # (rootvolume.py) while holding it.
+            with autoscaling._lock, _lock:
                 launch = _match(self)
                 if launch is None:
                     return terminating_complete(self)  # type: ignore[no-any-return]
