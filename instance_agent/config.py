@@ -369,6 +369,24 @@ OPTIONS: tuple[Option, ...] = (
         "deadline for CompleteLifecycleAction with its retries",
         check=check_positive,
     ),
+    # A retained instance (instance lifecycle policy TerminateHookAbandon: retain,
+    # https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html):
+    # how long to keep retrying the backup, and the first retry's delay (then doubling, at
+    # most 15 minutes apart; retained.py).
+    Option(
+        "retain_retry_for",
+        "float",
+        86400.0,
+        "when the instance is retained after ABANDON, keep retrying the backup this long",
+        check=check_positive,
+    ),
+    Option(
+        "retain_first_retry",
+        "float",
+        30.0,
+        "seconds before the first retry of a retained instance's backup (then doubling, capped at 900)",
+        check=check_positive,
+    ),
     Option(
         "heartbeat_interval",
         "float",
@@ -509,6 +527,8 @@ class Config:
     lock_timeout: float
     wait_timeout: float
     complete_timeout: float
+    retain_retry_for: float
+    retain_first_retry: float
     heartbeat_interval: float | None
     log_level: str
     metrics: bool

@@ -303,6 +303,13 @@ def render(
             lines.append(f"last backup by the watcher{trigger}: {_backup_line(last, last.get('at'), now)}")
         else:
             lines.append("last backup by the watcher: none")
+        kept = doc.get("retained")
+        if isinstance(kept, Mapping):  # retained.py: the instance waits for a backup to land
+            lines.append(
+                f"retained (Terminating:Retained): {kept.get('attempts', 0)} backup retries, "
+                f"last error: {kept.get('last_error') or 'none'}; next retry in "
+                f"{kept.get('next_retry_in_s') or 0:g} s; gives up in {kept.get('give_up_in_s') or 0:g} s"
+            )
     if record is not None:
         res = record.get("result", {})
         lines.append(

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from instance_agent import keys, metrics, notify
+from instance_agent import keys, metrics, notify, retained
 from instance_agent.backup import Clients, Identity, _s3_extra, archive_and_upload, key_values
 from instance_agent.commands import Commands
 from instance_agent.config import Config
@@ -343,6 +343,21 @@ class _Job:
                 valid_for=float(lc.target.heartbeat_timeout) if lc is not None else SPOT_RECORD_VALID,
             )
         )
+        if self._planned_result() == "ABANDON" and not self.result.ok and self.opts.trigger != "command":
+            # A retained instance keeps its disks: retry until the backup lands (retained.py).
+            retained.run_if_retained(
+                self.cfg, self.ident, self.clients, self._retry_backup, self.cancel, self.result.group
+            )
+
+    def _retry_backup(self) -> dict[str, Any]:
+        """One more archive for a retained instance, on a fresh result (the commands already ran)."""
+        first, r = self.result, self.result
+        self.result = Result(r.instance_id, r.bucket, r.group, r.hook, trigger=r.trigger, notice=r.notice)
+        try:
+            self._archive(abort_stale=True, cancelled=False)
+            return self.result.to_json()
+        finally:
+            self.result = first
 
     def _warm_return(self) -> None:
         """Back into the warm pool: the instance and its disks live on. Commands run (the

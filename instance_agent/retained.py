@@ -1,0 +1,234 @@
+"""A retained instance: retry the backup until it lands, then let the instance go.
+
+With the group's instance lifecycle policy `TerminateHookAbandon: retain`, a terminating
+action that ended in ABANDON leaves the instance in `Terminating:Retained` (or
+`Warmed:Terminating:Retained`, `Warmed:Pending:Retained`) until someone calls
+TerminateInstanceInAutoScalingGroup ("Control instance retention with instance lifecycle
+policies", https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html;
+"Manage retained instances",
+https://docs.aws.amazon.com/autoscaling/ec2/userguide/manage-retained-instances.html). The
+disks are still there, so a failed backup is not yet a loss: the agent says so on SNS, retries
+with backoff (the first retry after `retain_first_retry`, doubling, capped at 15 minutes) until
+a backup succeeds or `retain_retry_for` is spent, and on success terminates its own instance
+through Auto Scaling, once.
+
+- **ShouldDecrementDesiredCapacity** is a required Boolean of
+  TerminateInstanceInAutoScalingGroup
+  (https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_TerminateInstanceInAutoScalingGroup.html).
+  No AWS page says which value a retained instance needs. Retained instances "do not count
+  toward your Auto Scaling group's desired capacity" and the group has already launched their
+  replacement (manage-retained-instances.html above), so the agent passes False: True could
+  lower the active group's capacity and take a healthy replacement with it.
+- **IMDS target-lifecycle-state** while retained is not documented either; the agent does not
+  rely on it and asks DescribeAutoScalingInstances (`LifecycleState` ends in `:Retained`).
+
+The schedule is a pure function; the loop takes its effects as callables (tests drive it with
+fakes and a fake clock). Metrics: `InstanceRetained` when the instance is found retained and
+at every attempt while it still is; `RetainedRecovered` once, after the termination call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol, cast
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from instance_agent import metrics, notify, status
+from instance_agent.awserror import describe
+from instance_agent.backup import Clients, Identity
+from instance_agent.config import Config
+from instance_agent.errors import LifecycleError, NotifyError
+from instance_agent.lifecycle import instance_state
+from instance_agent.logs import fields
+from instance_agent.metrics import CloudWatchClient
+
+log = logging.getLogger(__name__)
+
+CAP = 900.0  # the backoff's ceiling: an attempt (and an InstanceRetained datum) every 15 minutes
+RETAINED_METRIC = "InstanceRetained"
+RECOVERED_METRIC = "RetainedRecovered"
+
+RECOVERED = "recovered"
+GAVE_UP = "gave_up"
+RELEASED = "released"  # no longer retained: someone else terminated it
+CANCELLED = "cancelled"
+
+
+def delay(attempt: int, first: float, cap: float = CAP) -> float:
+    """Seconds before retry number `attempt` (0 is the first retry): doubling, capped."""
+    return float(min(cap, first * (2 ** min(attempt, 32))))
+
+
+def next_wait(attempt: int, now: float, give_up_at: float, first: float, cap: float = CAP) -> float | None:
+    """The wait before the next attempt, or None when that attempt would start after
+    `give_up_at` (the retry budget is spent)."""
+    wait = delay(attempt, first, cap)
+    return None if now + wait > give_up_at else wait
+
+
+def is_retained(lifecycle_state: str | None) -> bool:
+    """`Terminating:Retained`, `Warmed:Terminating:Retained`, `Warmed:Pending:Retained`."""
+    return bool(lifecycle_state) and str(lifecycle_state).endswith(":Retained")
+
+
+@dataclass
+class Effects:
+    """What the loop does to the world, injected."""
+
+    backup: Callable[[], Mapping[str, Any]]  # one attempt; the result object (status, key, error)
+    retained: Callable[[], bool]  # is the instance still retained?
+    terminate: Callable[[], None]  # TerminateInstanceInAutoScalingGroup on our own instance
+    metric: Callable[[str], None]  # bounded, never raises
+    notify: Callable[[Mapping[str, Any]], None]  # never raises
+    wait: Callable[[float], bool]  # sleep; True when cancelled
+    clock: Callable[[], float]
+    on_state: Callable[[Mapping[str, Any]], object] = field(default=lambda _s: None)
+
+
+def recover(fx: Effects, *, instance_id: str, retry_for: float, first: float, cap: float = CAP) -> str:
+    """Run the retry loop for a retained instance; returns RECOVERED, GAVE_UP, RELEASED or
+    CANCELLED. Exactly one SNS message when found, one on success (with the archive key), one
+    on giving up."""
+    started = fx.clock()
+    give_up_at = started + retry_for
+    state: dict[str, Any] = {
+        "event": "instance_retained",
+        "instance_id": instance_id,
+        "attempts": 0,
+        "last_error": None,
+        "next_retry_in_s": None,
+        "give_up_in_s": retry_for,
+    }
+    fx.metric(RETAINED_METRIC)
+    fx.notify(dict(state))
+    log.warning("instance retained after ABANDON; retrying the backup", extra=fields(retry_for_s=retry_for))
+    attempt = 0
+    while True:
+        wait = next_wait(attempt, fx.clock(), give_up_at, first, cap)
+        if wait is None:
+            final = {**state, "event": "retained_gave_up", "next_retry_in_s": None}
+            fx.on_state(final)
+            fx.notify(final)
+            log.error("retained instance: retry budget spent", extra=fields(attempts=attempt))
+            return GAVE_UP
+        state["next_retry_in_s"] = wait
+        state["give_up_in_s"] = round(give_up_at - fx.clock(), 3)
+        fx.on_state(dict(state))
+        if fx.wait(wait):
+            return CANCELLED
+        if not fx.retained():
+            log.info("instance no longer retained; stopping the retries", extra=fields(attempts=attempt))
+            return RELEASED
+        fx.metric(RETAINED_METRIC)
+        attempt += 1
+        state["attempts"] = attempt
+        result = fx.backup()
+        if result.get("status") == "succeeded":
+            fx.terminate()
+            fx.metric(RECOVERED_METRIC)
+            fx.notify({**result, "event": "retained_recovered", "attempts": attempt})
+            log.info("retained instance recovered", extra=fields(key=result.get("key"), attempts=attempt))
+            return RECOVERED
+        state["last_error"] = result.get("error")
+        log.warning("retry of the backup failed", extra=fields(attempt=attempt, error=result.get("error")))
+
+
+# -- the adapter: the agent's clients as the loop's effects ------------------------------------
+
+
+class _Terminator(Protocol):
+    def terminate_instance_in_auto_scaling_group(self, **kwargs: Any) -> Mapping[str, Any]: ...
+
+
+METRIC_BOUND = 5.0  # seconds: a metric must never hold the loop
+
+
+def _put_metric(cloudwatch: CloudWatchClient | None, group: str | None, name: str) -> None:
+    if cloudwatch is None or not group:
+        return
+    datum = {
+        "MetricName": name,
+        "Dimensions": [{"Name": metrics.DIMENSION, "Value": group}],
+        "Timestamp": datetime.now(timezone.utc),
+        "Value": 1.0,
+        "Unit": "Count",
+    }
+
+    def send() -> None:
+        try:
+            cloudwatch.put_metric_data(Namespace=metrics.NAMESPACE, MetricData=[datum])
+        except Exception as err:  # a metric never changes the outcome
+            error = f"{type(err).__name__}: {err}"
+            log.warning("metric not published", extra=fields(metric=name, error=error))
+
+    thread = threading.Thread(target=send, name="retained-metric", daemon=True)
+    thread.start()
+    thread.join(METRIC_BOUND)
+
+
+def run_if_retained(
+    cfg: Config,
+    ident: Identity,
+    clients: Clients,
+    backup: Callable[[], Mapping[str, Any]],
+    cancel: threading.Event,
+    group: str | None,
+) -> str | None:
+    """After a terminating action ended in ABANDON: when DescribeAutoScalingInstances shows
+    the instance `*:Retained`, run the retry loop; None when it is not retained (no policy:
+    the instance terminates as before)."""
+    asg = clients.autoscaling
+    if asg is None:
+        return None
+
+    def still_retained() -> bool:
+        try:
+            found = instance_state(asg, ident.instance_id)
+        except LifecycleError as err:
+            # Auto Scaling unreachable: keep the instance's data safe and try again later.
+            log.warning("cannot tell whether the instance is still retained", extra=fields(error=str(err)))
+            return True
+        return found is not None and is_retained(found[1])
+
+    if not still_retained():
+        return None
+
+    def terminate() -> None:
+        # ShouldDecrementDesiredCapacity=False: see the module docstring.
+        try:
+            cast(_Terminator, asg).terminate_instance_in_auto_scaling_group(
+                InstanceId=ident.instance_id, ShouldDecrementDesiredCapacity=False
+            )
+        except (ClientError, BotoCoreError) as err:
+            log.error("TerminateInstanceInAutoScalingGroup failed", extra=fields(error=describe(err)))
+
+    def report(message: Mapping[str, Any]) -> None:
+        if not cfg.topic_arn or clients.sns is None:
+            return
+        body = {"instance_id": ident.instance_id, "group": group, "bucket": cfg.bucket, **message}
+        body.setdefault("status", "retained")
+        try:
+            notify.publish(clients.sns, cfg.topic_arn, body)
+        except NotifyError as err:
+            log.error("report not published", extra=fields(error=str(err)))
+
+    fx = Effects(
+        backup=backup,
+        retained=still_retained,
+        terminate=terminate,
+        metric=lambda name: _put_metric(clients.cloudwatch, group, name),
+        notify=report,
+        wait=cancel.wait,
+        clock=time.monotonic,
+        # `instance-agent status` shows what the retained instance is waiting for.
+        on_state=lambda state: status.write_status(status.status_path(cfg), retained=dict(state)),
+    )
+    return recover(
+        fx, instance_id=ident.instance_id, retry_for=cfg.retain_retry_for, first=cfg.retain_first_retry
+    )

@@ -1,0 +1,88 @@
+"""Instance retention end to end (issue 18 item 3): with the group's instance lifecycle policy
+`TerminateHookAbandon: retain` and a bucket that denies writes, the watcher's backup ends in
+ABANDON and the instance is `Terminating:Retained`; once writes are allowed again, one archive
+lands and the agent calls TerminateInstanceInAutoScalingGroup once. Without the policy, ABANDON
+terminates as before. The retry timing is shortened with the real `--retain-first-retry`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from conftest import Stack
+from support.agentproc import WatchProc, archives, completions, sns_docs, source_tree, watch
+from support.faultproxy import FaultProxy, Rule, access_denied
+from support.trees import walk
+
+RETAIN = {"RetentionTriggers": {"TerminateHookAbandon": "retain"}}
+
+
+def _terminate_calls(proxy: FaultProxy) -> int:
+    return sum(r.api_action == "TerminateInstanceInAutoScalingGroup" for r in proxy.requests)
+
+
+def _denied_watcher(stack: Stack, src: Path, s3: FaultProxy, asg: FaultProxy) -> WatchProc:
+    """The watcher, with every S3 request answered 403 and Auto Scaling behind a logging proxy."""
+    s3.add_rule(Rule(fault=access_denied()))
+    env = stack.env(
+        INSTANCE_AGENT_LOG_LEVEL="info",
+        AWS_ENDPOINT_URL_S3=s3.endpoint,
+        AWS_ENDPOINT_URL_AUTO_SCALING=asg.endpoint,
+    )
+    return watch(stack, "--source", str(src), "--retain-first-retry", "2", env=env)
+
+
+def _gone(stack: Stack, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stack.state() is None:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_retained_instance_retries_until_the_backup_lands_then_terminates(
+    stack: Stack, tmp_path: Path
+) -> None:
+    stack.client("autoscaling").update_auto_scaling_group(
+        AutoScalingGroupName=stack.group, InstanceLifecyclePolicy=RETAIN
+    )
+    src = source_tree(tmp_path / "src")
+    with FaultProxy(stack.s3_endpoint) as s3, FaultProxy(stack.moto.endpoint) as asg:
+        with _denied_watcher(stack, src, s3, asg) as w:
+            w.wait_for("watching")
+            stack.scale_in()
+            w.wait_for("instance retained after ABANDON; retrying the backup", timeout=60)
+            assert stack.state() == "Terminating:Retained"
+            assert completions(stack) == [("ABANDON", "ok")]
+            assert archives(stack) == []
+            s3.clear()  # writes are allowed again
+            _, done = w.wait_for("retained instance recovered", timeout=60)
+            w.wait_for("response finished", timeout=30)
+        assert _terminate_calls(asg) == 1
+    assert archives(stack) == [done["key"]]
+    assert stack.gnu_restore(done["key"], src, tmp_path) == walk(src)
+    assert _gone(stack)
+    docs = sns_docs(stack)
+    assert [(d.get("event"), d["status"]) for d in docs] == [
+        (None, "failed"),
+        ("instance_retained", "retained"),
+        ("retained_recovered", "succeeded"),
+    ]
+    assert docs[0]["lifecycle_result"] == "ABANDON" and "AccessDenied" in docs[0]["error"]
+    assert docs[1]["instance_id"] == stack.instance_id and docs[1]["attempts"] == 0
+    assert docs[2]["key"] == done["key"] and docs[2]["attempts"] >= 1
+
+
+def test_without_the_policy_abandon_terminates_as_before(stack: Stack, tmp_path: Path) -> None:
+    src = source_tree(tmp_path / "src")
+    with FaultProxy(stack.s3_endpoint) as s3, FaultProxy(stack.moto.endpoint) as asg:
+        with _denied_watcher(stack, src, s3, asg) as w:
+            w.wait_for("watching")
+            stack.scale_in()
+            _, done = w.wait_for("response finished", timeout=60)
+        assert _terminate_calls(asg) == 0
+    assert done["status"] == "failed" and done["lifecycle_result"] == "ABANDON"
+    assert _gone(stack)
+    assert [d["status"] for d in sns_docs(stack)] == ["failed"]
+    assert w.find("instance retained after ABANDON; retrying the backup") == []
