@@ -585,3 +585,115 @@ def test_root_volume_mapping_names_the_amis_root_device() -> None:
     assert "/dev/sda1" in param["AllowedValues"]
     mappings = TPL["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["BlockDeviceMappings"]
     assert [m["DeviceName"] for m in mappings] == [{"Ref": "RootDeviceName"}]
+
+
+# -- instance retention (issue 18 item 3) --------------------------------------------------------
+
+
+def _terminating_hook() -> dict[str, Any]:
+    hooks = RESOURCES["BackupGroup"]["Properties"]["LifecycleHookSpecificationList"]
+    [hook] = [h for h in hooks if h["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"]
+    return dict(hook)
+
+
+def test_retain_on_failed_backup_sets_the_groups_instance_lifecycle_policy() -> None:
+    param = TPL["Parameters"]["RetainOnFailedBackup"]
+    assert (param["Default"], sorted(param["AllowedValues"])) == ("retain", ["retain", "terminate"])
+    policy = RESOURCES["BackupGroup"]["Properties"]["InstanceLifecyclePolicy"]
+    assert policy == {"RetentionTriggers": {"TerminateHookAbandon": {"Ref": "RetainOnFailedBackup"}}}
+    # A hook that times out is retained only if its DefaultResult is ABANDON: explicit, not
+    # left to PutLifecycleHook's default.
+    assert _terminating_hook()["DefaultResult"] == "ABANDON"
+
+
+def _allows(statements: dict[str, dict[str, Any]], action: str, arn: str) -> bool:
+    """Whether an Allow statement grants `action` on `arn`, with the template's sample values."""
+    import fnmatch
+
+    values = {**SAMPLE_VALUES, "AWS::Partition": "aws"}
+    for statement in statements.values():
+        if statement.get("Effect") != "Allow" or action not in _as_list(statement.get("Action")):
+            continue
+        for resource in _as_list(statement.get("Resource")):
+            raw = resource["Fn::Sub"] if isinstance(resource, dict) and "Fn::Sub" in resource else resource
+            if not isinstance(raw, str):
+                continue
+            pattern = re.sub(r"\$\{([A-Za-z0-9:]+)\}", lambda m: values[m.group(1)], raw)
+            if fnmatch.fnmatchcase(arn, pattern):
+                return True
+    return False
+
+
+def test_instance_role_may_terminate_instances_of_its_own_group_only() -> None:
+    statements = _statements_of("InstanceRole")
+    own = (
+        "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:"
+        "0c4f9f38-1b2a-4c3d-9e8f-0123456789ab:autoScalingGroupName/mystack-group"
+    )
+    other = own.replace("mystack-group", "otherstack-group")
+    action = "autoscaling:TerminateInstanceInAutoScalingGroup"
+    assert _allows(statements, action, own)
+    assert not _allows(statements, action, other)
+    assert not _allows(statements, action, own.replace("us-east-1", "eu-west-1"))
+
+
+# The agent's retention metrics (a contract with instance_agent): value 1, in the agent's
+# namespace, dimension AutoScalingGroupName. InstanceRetained is published at every retry, at
+# least every 15 minutes while the instance is retained; RetainedRecovered once, when a
+# retained instance's backup succeeded and it terminated itself.
+RETAINED = "InstanceRetained"
+RECOVERED = "RetainedRecovered"
+GROUP_DIMENSION = [{"Name": metrics.DIMENSION, "Value": {"Fn::Sub": "${AWS::StackName}-group"}}]
+
+
+def _alarm_on(metric: str) -> dict[str, Any]:
+    [alarm] = [
+        r["Properties"]
+        for r in RESOURCES.values()
+        if r["Type"] == "AWS::CloudWatch::Alarm" and r["Properties"].get("MetricName") == metric
+    ]
+    assert alarm["Namespace"] == {"Fn::FindInMap": ["Names", "Metrics", "Namespace"]}
+    assert alarm["Dimensions"] == GROUP_DIMENSION
+    assert alarm["AlarmActions"] == [{"Ref": "BackupTopic"}]
+    # No data is no retained instance (or no recovery): the alarm must return to OK.
+    assert alarm["TreatMissingData"] == "notBreaching"
+    return dict(alarm)
+
+
+def test_an_instance_retained_longer_than_the_threshold_raises_an_alarm() -> None:
+    alarm = _alarm_on(RETAINED)
+    # The agent publishes at least every 15 minutes: every 900 s period of a retained
+    # instance has a datum, and the alarm needs all the periods covering the threshold.
+    assert (alarm["Period"], alarm["Statistic"]) == (900, "Maximum")
+    assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanOrEqualToThreshold", 1)
+    param = TPL["Parameters"]["RetainedAlarmAfterMinutes"]
+    periods_map = TPL["Mappings"]["RetainedAlarmPeriods"]
+    lookup = {"Fn::FindInMap": ["RetainedAlarmPeriods", {"Ref": "RetainedAlarmAfterMinutes"}, "Periods"]}
+    assert alarm["EvaluationPeriods"] == lookup and alarm["DatapointsToAlarm"] == lookup
+    assert str(param["Default"]) in [str(v) for v in param["AllowedValues"]]
+    for minutes in param["AllowedValues"]:
+        periods = periods_map[str(minutes)]["Periods"]
+        # Consecutive periods covering the threshold, within CloudWatch's one day of
+        # evaluation for periods under an hour.
+        assert periods * 900 >= int(minutes) * 60 and periods * 900 <= 86400, minutes
+        assert (periods - 1) * 900 < int(minutes) * 60, minutes
+
+
+def test_a_retained_instance_that_recovered_notifies_the_topic() -> None:
+    alarm = _alarm_on(RECOVERED)
+    assert alarm["Statistic"] == "Sum" and alarm["EvaluationPeriods"] == 1
+    assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanThreshold", 0)
+
+
+def test_dashboard_shows_the_retention_metrics() -> None:
+    body, _ = RESOURCES["BackupDashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    assert f'"{RETAINED}"' in body and f'"{RECOVERED}"' in body
+
+
+def test_readme_says_what_retention_costs_and_how_to_turn_it_off() -> None:
+    readme = (PACKAGING.parent / "README.md").read_text(encoding="utf-8")
+    for name in ("RetainOnFailedBackup", "RetainedAlarmAfterMinutes"):
+        assert f"| `{name}` |" in readme, name
+    assert "RetainOnFailedBackup=terminate" in readme
+    assert "both are billed" in readme
+    assert "https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html" in readme
