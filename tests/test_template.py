@@ -47,6 +47,7 @@ INTRINSICS = (
     "ImportValue",
     "Cidr",
     "Condition",
+    "Contains",
 )
 
 
@@ -427,6 +428,50 @@ def test_parameters() -> None:
     assert params["ImageId"]["Default"] == AL2023_AMI
     assert (params["HeartbeatTimeout"]["MinValue"], params["HeartbeatTimeout"]["MaxValue"]) == (30, 7200)
 
+
+
+def _rule_true(expr: Any, params: dict[str, str]) -> bool:
+    """The few rule functions the template uses, evaluated as CloudFormation does: on strings."""
+
+    def value(v: Any) -> Any:
+        if isinstance(v, dict) and set(v) == {"Ref"}:
+            return params[v["Ref"]]
+        return v
+
+    ((fn, args),) = expr.items()
+    if fn == "Fn::Equals":
+        return bool(value(args[0]) == value(args[1]))
+    if fn == "Fn::Contains":
+        return value(args[1]) in [value(a) for a in args[0]]
+    if fn == "Fn::Not":
+        return not _rule_true(args[0], params)
+    raise AssertionError(f"rule function {fn} not modelled here")
+
+
+def _stack_accepts(params: dict[str, str]) -> bool:
+    for rule in TPL.get("Rules", {}).values():
+        if "RuleCondition" in rule and not _rule_true(rule["RuleCondition"], params):
+            continue
+        if not all(_rule_true(a["Assert"], params) for a in rule["Assertions"]):
+            return False
+    return True
+
+
+def test_backup_timeout_must_fit_in_the_hooks_global_timeout() -> None:
+    """Issue 18 item 11: the hook's global timeout is min(172800, 100 x HeartbeatTimeout)
+    (API_LifecycleHook); a BackupTimeout beyond it lets DefaultResult ABANDON end the action
+    under a running backup. Every allowed pair is accepted exactly when it fits."""
+    params = TPL["Parameters"]
+    heartbeats = params["HeartbeatTimeout"]["AllowedValues"]
+    backups = params["BackupTimeout"]["AllowedValues"]
+    assert params["HeartbeatTimeout"]["Default"] in heartbeats and params["BackupTimeout"]["Default"] in backups
+    assert min(heartbeats) == 30 and max(heartbeats) == 7200 and max(backups) == 172800
+    for h in heartbeats:
+        for b in backups:
+            fits = b <= min(172800, 100 * h)
+            assert _stack_accepts({"HeartbeatTimeout": str(h), "BackupTimeout": str(b)}) == fits, (h, b)
+    # The shortest heartbeat with the default backup timeout is the case that ABANDONed.
+    assert not _stack_accepts({"HeartbeatTimeout": "30", "BackupTimeout": "3600"})
 
 SAMPLE_VALUES = {
     "CodeS3Bucket": "my-artifacts",
