@@ -23,3 +23,14 @@ def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert commands[1] in ci.splitlines()
     assert "instance-agent demo" in commands[0]
+
+
+def test_the_reliability_scoreboard_was_generated_from_every_scenario_file() -> None:
+    """A file that gained scenario rows but was never run into the document would leave the
+    scoreboard claiming less than the tests check (and its regeneration command stale)."""
+    from support.scoreboard import COMMAND
+
+    doc = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    assert COMMAND in doc, (
+        "docs/reliability.md is stale: regenerate it with tests/support/scoreboard.py's command"
+    )

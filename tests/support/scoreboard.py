@@ -5,8 +5,10 @@ faults it injected, the requests that were retried, the outcome, the bytes lost 
 to the outcome. When `INSTANCE_AGENT_SCOREBOARD` names a file, the table is rewritten there
 after every scenario, so at the end of a run it holds exactly that run's rows:
 
-    INSTANCE_AGENT_SCOREBOARD=docs/reliability.md .venv/bin/python -m pytest \\
-        tests/test_faults.py tests/test_crash_and_chaos.py tests/test_security_*.py
+    INSTANCE_AGENT_SCOREBOARD=docs/reliability.md .venv/bin/python -m pytest <scenario files>
+
+where the files are every test file that calls `scenario(` (`scenario_files()`; the
+document prints the exact command, and tests/test_docs.py checks that it is current).
 
 A scenario whose test fails is still written, with the failure as its outcome: the document
 must never show a green row for a red test.
@@ -31,9 +33,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ENV = "INSTANCE_AGENT_SCOREBOARD"
-COMMAND = (
-    "INSTANCE_AGENT_SCOREBOARD=docs/reliability.md .venv/bin/python -m pytest "
-    "tests/test_faults.py tests/test_crash_and_chaos.py tests/test_security_*.py"
+_TESTS = Path(__file__).resolve().parents[1]
+
+
+def scenario_files(tests: Path = _TESTS) -> list[str]:
+    """Every test file that writes rows: the regeneration command is derived, never typed,
+    so a new scenario file cannot silently be left out of the document."""
+    return sorted(
+        f"tests/{p.name}" for p in tests.glob("test_*.py") if "scenario(" in p.read_text(encoding="utf-8")
+    )
+
+
+COMMAND = "INSTANCE_AGENT_SCOREBOARD=docs/reliability.md .venv/bin/python -m pytest " + " ".join(
+    scenario_files()
 )
 
 # Read once, at import (collection): conftest's guard clears every INSTANCE_AGENT_* variable
