@@ -429,7 +429,6 @@ def test_parameters() -> None:
     assert (params["HeartbeatTimeout"]["MinValue"], params["HeartbeatTimeout"]["MaxValue"]) == (30, 7200)
 
 
-
 def _rule_true(expr: Any, params: dict[str, str]) -> bool:
     """The few rule functions the template uses, evaluated as CloudFormation does: on strings."""
 
@@ -464,7 +463,8 @@ def test_backup_timeout_must_fit_in_the_hooks_global_timeout() -> None:
     params = TPL["Parameters"]
     heartbeats = params["HeartbeatTimeout"]["AllowedValues"]
     backups = params["BackupTimeout"]["AllowedValues"]
-    assert params["HeartbeatTimeout"]["Default"] in heartbeats and params["BackupTimeout"]["Default"] in backups
+    assert params["HeartbeatTimeout"]["Default"] in heartbeats
+    assert params["BackupTimeout"]["Default"] in backups
     assert min(heartbeats) == 30 and max(heartbeats) == 7200 and max(backups) == 172800
     for h in heartbeats:
         for b in backups:
@@ -472,6 +472,7 @@ def test_backup_timeout_must_fit_in_the_hooks_global_timeout() -> None:
             assert _stack_accepts({"HeartbeatTimeout": str(h), "BackupTimeout": str(b)}) == fits, (h, b)
     # The shortest heartbeat with the default backup timeout is the case that ABANDONed.
     assert not _stack_accepts({"HeartbeatTimeout": "30", "BackupTimeout": "3600"})
+
 
 SAMPLE_VALUES = {
     "CodeS3Bucket": "my-artifacts",
