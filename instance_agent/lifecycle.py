@@ -49,6 +49,8 @@ TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
 # ("Use lifecycle hooks with a warm pool", Auto Scaling user guide). Every state's meaning
 # lives in one table, instance_agent/states.py.
 TERMINATING_WAIT = states.states_of(states.TERMINATING_WAIT)
+ROOT_VOLUME_BEFORE = "ReplacingRootVolume"  # on the way to the wait below
+ROOT_VOLUME_WAIT = "ReplacingRootVolume:Wait"  # held by the group's terminating hooks
 WARM_RETURN_WAIT = "Warmed:Pending:Wait"
 # On the way to a terminating wait: deregistration from load balancers runs here.
 ON_THE_WAY = states.states_of(states.ON_THE_WAY)
@@ -161,7 +163,8 @@ WARM_RETURN = "warm-pool-return"  # the instance goes back to the warm pool, dis
 NOT_TERMINATING = "none"  # in service (an ad-hoc run), or the live action is not ours
 GONE = "gone"  # past the wait: the action ended (completed elsewhere, or expired)
 RETAINED = "retained"  # a terminating action ended in ABANDON and the group keeps the instance
-ROOT_VOLUME = "root-volume"  # a root-volume replacement, which this agent does not yet handle
+ROOT_VOLUME = "root-volume"  # a root-volume replacement held by our hook: back up, then CONTINUE
+REPLACING = "replacing-root-volume"  # a root-volume replacement with no action of ours live
 
 
 class Lifecycle:
@@ -239,7 +242,7 @@ class Lifecycle:
         self, *, deadline: float, expect_termination: bool, cancel: threading.Event | None = None
     ) -> str:
         """Wait until the instance's lifecycle is decided; returns ACTIVE, WARM_RETURN,
-        NOT_TERMINATING or GONE.
+        ROOT_VOLUME, REPLACING, RETAINED, NOT_TERMINATING or GONE.
 
         `expect_termination` says that something already told us the instance is leaving
         (IMDS said `Terminated`, or Run Command carries an action token): then `InService`
@@ -266,14 +269,20 @@ class Lifecycle:
                 # there is nothing to complete (instance-lifecycle-policy.html).
                 return RETAINED
             if kind == states.ROOT_VOLUME:
-                log.warning(
-                    "root-volume replacement is not yet supported by this agent; no lifecycle action taken",
-                    extra=fields(state=state),
-                )
-                return ROOT_VOLUME
+                # The group's terminating hooks hold a root-volume replacement in
+                # ReplacingRootVolume:Wait (replace-root-volume.html, "Use lifecycle hooks
+                # with replace root volume"). Only the wait is ours to answer; before it,
+                # with a sign that it comes, we wait for it; after it, nothing is live.
+                if state == ROOT_VOLUME_WAIT and self.probe(deadline, cancel):
+                    return ROOT_VOLUME
+                if state != ROOT_VOLUME_BEFORE or not (expect_termination or self.target.token):
+                    log.info("root-volume replacement: no action of ours is live", extra=fields(state=state))
+                    return REPLACING
             if kind == states.UNKNOWN:
                 log.warning("unknown lifecycle state; treated as in service", extra=fields(state=state))
-            if state in TERMINATING_WAIT or (
+            if state == ROOT_VOLUME_BEFORE:
+                pass  # a replacement whose wait is coming: wait for it, below
+            elif state in TERMINATING_WAIT or (
                 self.target.token and state not in ON_THE_WAY and state != "unknown"
             ):
                 # With a token the probe is exact whatever the state says: Describe… is

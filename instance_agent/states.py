@@ -28,7 +28,7 @@ POOL_ENTRY_WAIT = "pool-entry-wait"  # launching hook (fresh launch) or terminat
 PAST_WAIT = "past-wait"  # the action ended: nothing left to complete
 WARMED = "warmed"  # resting in the warm pool, or past its entry wait: nothing to do
 RETAINED = "retained"  # a terminating action ended in ABANDON; the instance is kept
-ROOT_VOLUME = "root-volume"  # root-volume replacement: not yet supported by this agent
+ROOT_VOLUME = "root-volume"  # root-volume replacement: only its :Wait is ours (lifecycle.locate)
 
 TABLE: dict[str, str] = {
     "Pending": LAUNCHING,

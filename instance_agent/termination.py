@@ -50,6 +50,7 @@ from instance_agent.lifecycle import (
     ACTIVE,
     GONE,
     NOT_TERMINATING,
+    REPLACING,
     RETAINED,
     ROOT_VOLUME,
     WARM_RETURN,
@@ -179,7 +180,7 @@ class _Job:
         self.result.action = kind
         if self._nothing_to_do(kind):
             return
-        if kind in (NOT_TERMINATING, RETAINED, ROOT_VOLUME) or not self.opts.plan.termination:
+        if kind in (NOT_TERMINATING, RETAINED, REPLACING) or not self.opts.plan.termination:
             # An ad-hoc run, or a Spot stop/rebalance notice: back up, nothing more. Only
             # the watcher's notices run the drain gate and commands: an operator's ad-hoc
             # backup must never stop the application.
@@ -194,6 +195,8 @@ class _Job:
         try:
             if kind == WARM_RETURN:
                 self._warm_return()
+            elif kind == ROOT_VOLUME:
+                self._root_volume()
             else:
                 self._termination(lock, kind)
         finally:
@@ -210,7 +213,7 @@ class _Job:
         if self.opts.trigger == "command":
             return False
         warmed = self.opts.imds_state is not None and classify(self.opts.imds_state) == WARMED
-        if not (kind in (RETAINED, ROOT_VOLUME) or (kind == NOT_TERMINATING and warmed)):
+        if not (kind in (RETAINED, REPLACING) or (kind == NOT_TERMINATING and warmed)):
             return False
         log.info(
             "no terminating action of ours is live; nothing to do",
@@ -379,6 +382,27 @@ class _Job:
         self.result.commands = self.commands.as_dicts()
         self._report(self.result)
         self._complete(self.lc, "CONTINUE", self.cfg.complete_timeout)
+
+    def _root_volume(self) -> None:
+        """A root-volume replacement held by our terminating hook: the instance stays, its
+        root volume (and the state directory on it) goes
+        (https://docs.aws.amazon.com/autoscaling/ec2/userguide/replace-root-volume.html).
+        The same job as a termination (drain gate, commands, a full archive, the report, the
+        completion: CONTINUE, or --on-failure when the backup failed), but it is not the
+        instance's termination: nothing is recorded (the record would be on the volume that
+        goes, and a later termination is a new action that gets its own archive), and a
+        failed backup is never retained (retention is about terminations; the replacement
+        goes on)."""
+        lc = self.lc
+        assert lc is not None
+        log.info("root-volume replacement: backing up what lives on the root volume before it goes")
+        with lc.heartbeats_while():
+            fatal = self._before_archive() if self.opts.plan.commands else False
+            self._archive(abort_stale=True, cancelled=fatal)
+            if self.opts.plan.commands:
+                self.commands.post(self.result)
+        self.result.commands = self.commands.as_dicts()
+        self._report_and_complete(lc)
 
     def _backup_only(self, *, commands: bool) -> None:
         fatal = self._before_archive() if commands else False

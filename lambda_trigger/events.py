@@ -12,7 +12,8 @@
 Each entry is a `LifecycleAction` to act on, an `Ignored` message (the test notification,
 launch transitions, "EC2 Instance Terminate Successful", anything from another source), or
 a `Malformed` one. Nothing here raises: a bad message must cost one log line, not a retry.
-The optional keys `Origin`, `Destination` and `NotificationMetadata` may be absent or null.
+The optional keys `Origin`, `Destination`, `Action` and `NotificationMetadata` may be absent
+or null.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ class LifecycleAction:
     destination: str | None = None
     metadata: str | None = None
     transition: str = TERMINATING
+    # "ReplaceRootVolume" when an instance refresh replaces the root volume: the instance
+    # stays, and the agent backs up what lives on the root volume (its own kind of action,
+    # told apart on the instance by the ReplacingRootVolume:Wait state). AWS:
+    # https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-refresh-eventbridge-events.html
+    action: str | None = None
 
     def log_fields(self) -> dict[str, Any]:
         return {
@@ -63,6 +69,7 @@ class LifecycleAction:
             "via": self.via,
             "origin": self.origin,
             "destination": self.destination,
+            "action": self.action,
         }
 
 
@@ -185,6 +192,7 @@ def _lifecycle(msg: dict[str, Any], via: str, raw: object) -> Parsed:
         origin=_text(msg.get("Origin")),
         destination=_text(msg.get("Destination")),
         metadata=_text(msg.get("NotificationMetadata")),
+        action=_text(msg.get("Action")),
     )
 
 

@@ -85,13 +85,32 @@ class Instance:
     def __init__(self, stack: Stack, hook: str, tmp_path: Path) -> None:
         self.stack, self.hook, self.tmp, self.boots = stack, hook, tmp_path, 0
 
+        self.root = 0  # which root volume; cloud-init's once-per-instance state lives on it
+        self.first_boot = True
+
+    def replace_root(self) -> None:
+        """A root-volume replacement: the new root is the AMI's, with no cloud-init state and
+        no agent state, so its next boot is a first boot (user data runs again)."""
+        self.root += 1
+        self.first_boot = True
+
     def boot(self) -> list[subprocess.CompletedProcess[str]]:
         self.boots += 1
         boot_id = self.tmp / f"boot-id-{self.boots}"
         boot_id.write_text(str(uuid.uuid4()) + "\n")
+        state_dir = self.tmp / f"root-{self.root}" / "state"
+        state_dir.mkdir(parents=True, exist_ok=True)
         ran = []
-        if self.boots == 1:
-            ran.append(run_gate(self.stack, self.hook, self.tmp / "user-data"))
+        if self.first_boot:
+            self.first_boot = False
+            ran.append(
+                run_gate(
+                    self.stack,
+                    self.hook,
+                    self.tmp / f"user-data-{self.boots}",
+                    INSTANCE_AGENT_STATE_DIR=str(state_dir),
+                )
+            )
         ran.append(
             subprocess.run(
                 [
@@ -105,7 +124,9 @@ class Instance:
                 timeout=300,
                 check=False,
                 env=self.stack.env(
-                    INSTANCE_AGENT_BUCKET=self.stack.bucket, INSTANCE_AGENT_TOPIC_ARN=self.stack.topic_arn
+                    INSTANCE_AGENT_BUCKET=self.stack.bucket,
+                    INSTANCE_AGENT_TOPIC_ARN=self.stack.topic_arn,
+                    INSTANCE_AGENT_STATE_DIR=str(state_dir),
                 ),
             )
         )
@@ -148,6 +169,43 @@ def test_leaving_a_stopped_warm_pool_is_completed_continue_on_the_second_boot(
     [third] = instance.boot()
     assert "no launching action to answer" in third.stderr
     assert len([o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == stack.instance_id]) == 2
+
+
+def test_root_volume_replacement_backs_up_once_then_the_new_root_answers_the_launch(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Launched (first boot: user data answers Pending:Wait), then an instance refresh
+    replaces the root volume: the terminating hook's ReplacingRootVolume:Wait gets one
+    archive and one CONTINUE from Run Command, the launching hook then holds the instance in
+    Pending:Wait (replace-root-volume.html), and the new root's first boot answers it."""
+    from support.agentproc import completions, sns_docs, source_tree
+
+    from instance_agent.local import rootvolume
+
+    hook = stack.launch_hook()
+    instance = Instance(stack, hook, tmp_path)
+    launching.begin_launch(stack.group, stack.instance_id, hook, account_id=ACCOUNT, region=REGION)
+    instance.boot()
+    assert stack.state() == "InService"
+
+    token = rootvolume.replace_root_volume(stack.group, stack.instance_id, account_id=ACCOUNT, region=REGION)
+    assert token is not None and stack.state() == "ReplacingRootVolume:Wait"
+    src = source_tree(tmp_path / "src")
+    proc, rrv = stack.backup("--source", str(src), "--lifecycle-token", token)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (rrv["action"], rrv["lifecycle_result"]) == ("root-volume", "CONTINUE")
+    assert completions(stack) == [("CONTINUE", "ok")]
+    assert stack.state() == "Pending:Wait"  # the launching hook holds the replaced instance
+
+    instance.replace_root()
+    [user_data, unit] = instance.boot()
+    assert "launching lifecycle action: CONTINUE" in user_data.stderr
+    assert "no launching action to answer" in unit.stderr
+    mine = [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == stack.instance_id]
+    assert [(o.hook, o.result) for o in mine] == [(hook, "CONTINUE"), (hook, "CONTINUE")]
+    assert stack.state() == "InService"
+    assert archives(stack) == [rrv["key"]]
+    assert [d["action"] for d in sns_docs(stack)] == ["root-volume"]
 
 
 # A stand-in for the AWS CLI: the two calls the user data's fallback makes, through boto3 to

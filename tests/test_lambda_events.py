@@ -140,6 +140,28 @@ def test_every_envelope_yields_the_same_action(event: dict[str, Any], via: str) 
     )
 
 
+def test_a_root_volume_replacement_is_a_lifecycle_action_that_says_so() -> None:
+    """An instance refresh with the ReplaceRootVolume strategy: the terminate lifecycle
+    action event carries Origin and Destination AutoScalingGroup and Action
+    ReplaceRootVolume (instance-refresh-eventbridge-events.html, "Instance refresh replace
+    root volume lifecycle events"; this event is the terminate sample with those keys)."""
+    event = terminate_event()
+    event["detail"].update(
+        Origin="AutoScalingGroup", Destination="AutoScalingGroup", Action="ReplaceRootVolume"
+    )
+    action = only(events.parse(event))
+    assert isinstance(action, events.LifecycleAction)
+    assert (action.token, action.instance_id) == (TOKEN, "i-1234567890abcdef0")
+    assert (action.origin, action.destination, action.action) == (
+        "AutoScalingGroup",
+        "AutoScalingGroup",
+        "ReplaceRootVolume",
+    )
+    assert action.log_fields()["action"] == "ReplaceRootVolume"
+    # A plain termination says nothing of the kind.
+    assert only(events.parse(terminate_event())).action is None  # type: ignore[union-attr]
+
+
 def test_optional_keys_may_be_present_null_or_absent() -> None:
     present = only(events.parse(notification_body(NotificationMetadata="m")))
     assert isinstance(present, events.LifecycleAction)

@@ -20,6 +20,7 @@ from typing import Any
 
 from conftest import ACCOUNT, REGION, Stack
 from support.agentproc import WatchProc, archives, completions, sns_docs, source_tree, watch
+from support.trees import walk
 
 from instance_agent.local import autoscaling, launching
 
@@ -478,16 +479,83 @@ def test_run_command_on_a_retained_instance_backs_up_and_completes_nothing(
     assert stack.state() == "Warmed:Terminating:Retained"
 
 
-def test_run_command_during_root_volume_replacement_warns_and_completes_nothing(
+# A root-volume replacement keeps the instance and discards its root volume; the group's
+# terminating hooks hold it in ReplacingRootVolume:Wait, and its launching hooks hold it in
+# Pending:Wait after (https://docs.aws.amazon.com/autoscaling/ec2/userguide/replace-root-volume.html,
+# "Use lifecycle hooks with replace root volume"). It is its own kind of action, never the
+# instance's termination.
+
+
+def _replace_root_volume(stack: Stack) -> str:
+    from instance_agent.local import rootvolume
+
+    token = rootvolume.replace_root_volume(stack.group, stack.instance_id, account_id=ACCOUNT, region=REGION)
+    assert token is not None
+    assert stack.state() == "ReplacingRootVolume:Wait"
+    return token
+
+
+def test_root_volume_replacement_one_archive_one_continue_then_the_termination_its_own(
     stack: Stack, tmp_path: Path
 ) -> None:
     src = source_tree(tmp_path / "src")
-    autoscaling.hold_in_state(
-        stack.group, stack.instance_id, "ReplacingRootVolume:Wait", account_id=ACCOUNT, region=REGION
-    )
-    proc, result = stack.backup("--source", str(src))
+    token = _replace_root_volume(stack)
+    # The push path: Run Command carries the action's token.
+    proc, rrv = stack.backup("--source", str(src), "--lifecycle-token", token)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "root-volume replacement is not yet supported by this agent" in proc.stderr
-    assert result["status"] == "succeeded" and result["action"] == "root-volume"
-    assert archives(stack) == [result["key"]]
-    assert completions(stack) == []
+    assert rrv["action"] == "root-volume" and rrv["status"] == "succeeded"
+    assert rrv["lifecycle_result"] == "CONTINUE"
+    assert token not in proc.stdout + proc.stderr
+    assert completions(stack) == [("CONTINUE", "ok")]
+    assert stack.state() == "InService"  # replaced; this group has no launching hook
+    assert archives(stack) == [rrv["key"]]
+    assert stack.gnu_restore(rrv["key"], src, tmp_path) == walk(src)
+
+    # Later the same instance is really terminated: a second archive and a second CONTINUE.
+    time.sleep(1.1)
+    stack.scale_in()
+    proc, real = stack.backup("--source", str(src))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert real["action"] == "termination" and real["lifecycle_result"] == "CONTINUE"
+    assert archives(stack) == sorted([rrv["key"], real["key"]])
+    assert completions(stack) == [("CONTINUE", "ok"), ("CONTINUE", "ok")]
+    assert [d["action"] for d in sns_docs(stack)] == ["root-volume", "termination"]
+    assert stack.state() is None
+
+
+def test_root_volume_replacement_whose_backup_fails_is_completed_with_on_failure(
+    stack: Stack, tmp_path: Path
+) -> None:
+    from support.faultproxy import FaultProxy, Rule, access_denied
+
+    # Retention on: it must not apply, the policy is about terminations.
+    stack.client("autoscaling").update_auto_scaling_group(
+        AutoScalingGroupName=stack.group,
+        InstanceLifecyclePolicy={"RetentionTriggers": {"TerminateHookAbandon": "retain"}},
+    )
+    src = source_tree(tmp_path / "src")
+    token = _replace_root_volume(stack)
+    with FaultProxy(stack.s3_endpoint) as s3:
+        s3.add_rule(Rule(fault=access_denied()))
+        proc, rrv = stack.backup(
+            "--source", str(src), "--lifecycle-token", token, env=stack.env(AWS_ENDPOINT_URL_S3=s3.endpoint)
+        )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert rrv["action"] == "root-volume" and rrv["status"] == "failed"
+    assert rrv["lifecycle_result"] == "ABANDON"
+    assert completions(stack) == [("ABANDON", "ok")]
+    assert stack.state() == "InService"
+    assert archives(stack) == []
+    assert [(d["action"], d["status"]) for d in sns_docs(stack)] == [("root-volume", "failed")]
+
+
+def test_an_operators_backup_during_the_replacement_wait_completes_it_too(
+    stack: Stack, tmp_path: Path
+) -> None:
+    src = source_tree(tmp_path / "src")
+    _replace_root_volume(stack)
+    proc, rrv = stack.backup("--source", str(src))  # no token: found by the instance id
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert rrv["action"] == "root-volume" and rrv["lifecycle_result"] == "CONTINUE"
+    assert completions(stack) == [("CONTINUE", "ok")]
+    assert archives(stack) == [rrv["key"]]

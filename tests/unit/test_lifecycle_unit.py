@@ -13,6 +13,7 @@ from instance_agent.lifecycle import (
     ACTIVE,
     GONE,
     NOT_TERMINATING,
+    REPLACING,
     RETAINED,
     ROOT_VOLUME,
     WARM_RETURN,
@@ -278,7 +279,7 @@ LOCATE_NO_ACTION = {
     states.PAST_WAIT: GONE,
     states.WARMED: NOT_TERMINATING,
     states.RETAINED: RETAINED,
-    states.ROOT_VOLUME: ROOT_VOLUME,
+    states.ROOT_VOLUME: REPLACING,
 }
 
 
@@ -287,6 +288,21 @@ def test_locate_answers_every_settled_state_deliberately(state: str) -> None:
     fake, clock = FakeAutoScaling(states=[state], live=False), FakeClock()
     found = make(fake, clock).locate(deadline=clock() + 60, expect_termination=False)
     assert found == LOCATE_NO_ACTION[states.classify(state)]
+
+
+def test_a_live_root_volume_wait_is_ours_and_its_approach_is_waited_for() -> None:
+    # Our terminating hook holds the replacement in ReplacingRootVolume:Wait
+    # (replace-root-volume.html): a live probe makes it ROOT_VOLUME, never a termination.
+    fake, clock = FakeAutoScaling(states=["ReplacingRootVolume:Wait"], live=True), FakeClock()
+    assert make(fake, clock).locate(deadline=clock() + 60, expect_termination=False) == ROOT_VOLUME
+    # With a token, the state before the wait is waited out, not taken for "gone".
+    fake = FakeAutoScaling(states=["ReplacingRootVolume", "ReplacingRootVolume", "ReplacingRootVolume:Wait"])
+    found = make(fake, clock, TOKEN).locate(deadline=clock() + 60, expect_termination=True)
+    assert found == ROOT_VOLUME and fake.count("DescribeAutoScalingInstances") == 3
+    # Without any sign, it is not ours to wait for.
+    fake = FakeAutoScaling(states=["ReplacingRootVolume"], live=True)
+    assert make(fake, clock).locate(deadline=clock() + 60, expect_termination=False) == REPLACING
+    assert fake.count("RecordLifecycleActionHeartbeat") == 0
 
 
 @pytest.mark.parametrize("state", states.states_of(states.RETAINED))
