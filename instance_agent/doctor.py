@@ -135,6 +135,7 @@ class Doctor:
             self.check_ssm_agent,
             self.check_systemd_unit,
             self.check_shipping,
+            self.check_retained,
         ):
             try:
                 step()
@@ -762,6 +763,46 @@ class Doctor:
         scan = "; inotify unavailable, scanning the sources instead" if block["watch"] == "scan" else ""
         restarts = f"; restarted {block['restarts']} times" if block["restarts"] else ""
         self.add("shipping", OK, f"keeping up: {shipped}{scan}{restarts}{error}")
+
+    def check_retained(self) -> None:
+        """A retained instance (`*:Retained`, kept after its terminating action ended in
+        ABANDON, https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html):
+        what it waits for. Said only when it is, or when the watcher's retries are on record."""
+        found = status.find_status((self.cfg.runtime_dir, self.cfg.state_dir))
+        kept = found[1].get("retained") if found else None
+        kept = kept if isinstance(kept, dict) else None
+        now = self.state is not None and self.state.endswith(":Retained")
+        if not now and (kept is None or kept.get("event") == "retained_recovered"):
+            return
+        let_go = (
+            "to let it go without a backup: aws autoscaling terminate-instance-in-auto-scaling-group "
+            f"--instance-id {self.instance_id or '<id>'} --no-should-decrement-desired-capacity"
+        )
+        where = self.state or "retained"
+        if kept is None:
+            self.add(
+                "retained",
+                FAIL,
+                f"{where} after a failed backup, and no watcher is retrying it",
+                f"sudo systemctl start {UNIT_NAME} (it retries), or run instance-agent backup; {let_go}",
+            )
+            return
+        done = f"{kept.get('attempts', 0)} backup retries, last error: {kept.get('last_error') or 'none'}"
+        if kept.get("event") == "retained_gave_up":
+            self.add(
+                "retained",
+                FAIL,
+                f"{where}: the watcher gave up after {done}",
+                f"fix the error, then run instance-agent backup; {let_go}",
+            )
+            return
+        self.add(
+            "retained",
+            FAIL,
+            f"{where}: the watcher retries the backup ({done}); next retry in "
+            f"{kept.get('next_retry_in_s') or 0:g} s, gives up in {kept.get('give_up_in_s') or 0:g} s",
+            f"fix the last error (bucket policy, KMS key, network) and the next retry lands; {let_go}",
+        )
 
 
 # Complete files waiting longer than this mean shipping is not keeping up with the logs.

@@ -130,6 +130,7 @@ def recover(fx: Effects, *, instance_id: str, retry_for: float, first: float, ca
         state["attempts"] = attempt
         result = fx.backup()
         if result.get("status") == "succeeded":
+            fx.on_state({**state, "event": "retained_recovered", "next_retry_in_s": None})
             fx.terminate()
             fx.metric(RECOVERED_METRIC)
             fx.notify({**result, "event": "retained_recovered", "attempts": attempt})

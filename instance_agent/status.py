@@ -304,7 +304,8 @@ def render(
         else:
             lines.append("last backup by the watcher: none")
         kept = doc.get("retained")
-        if isinstance(kept, Mapping):  # retained.py: the instance waits for a backup to land
+        # retained.py: the instance waits for a backup to land
+        if isinstance(kept, Mapping) and kept.get("event", "instance_retained") == "instance_retained":
             lines.append(
                 f"retained (Terminating:Retained): {kept.get('attempts', 0)} backup retries, "
                 f"last error: {kept.get('last_error') or 'none'}; next retry in "

@@ -154,6 +154,7 @@ class _Job:
         self.duplicate_code: int | None = None
         self.completion_failed = False  # a live action this run could not complete
         self.metrics_sent = False  # published before the completion (bounded)
+        self.retried: Result | None = None  # a retained instance's backup that landed
 
     def exit_code(self) -> int:
         """0 when the backup is in S3 and the action (if any) was completed; 1 otherwise.
@@ -178,6 +179,8 @@ class _Job:
             log.error("cannot find the lifecycle action; backing up anyway", extra=fields(error=str(err)))
             self.lc, kind = None, GONE
         self.result.action = kind
+        if kind == RETAINED and self.opts.trigger != "command" and self._take_over_retries():
+            return
         if self._nothing_to_do(kind):
             return
         if kind in (NOT_TERMINATING, RETAINED, REPLACING) or not self.opts.plan.termination:
@@ -313,6 +316,10 @@ class _Job:
         if verdict == DUPLICATE:
             assert record is not None
             self._duplicate(record)
+            if self._left_to_us(record):
+                # Run Command answered this action first and its backup failed: if the
+                # instance is now retained, the watcher retries (retained.py).
+                self._retry_retained()
             return
         if verdict == COMPLETE_ONLY:
             assert record is not None and self.lc is not None
@@ -358,9 +365,49 @@ class _Job:
         self.result = Result(r.instance_id, r.bucket, r.group, r.hook, trigger=r.trigger, notice=r.notice)
         try:
             self._archive(abort_stale=True, cancelled=False)
+            self.retried = self.result
             return self.result.to_json()
         finally:
             self.result = first
+
+    def _left_to_us(self, record: Record | None) -> bool:
+        """The other path's run (Run Command) ended in ABANDON with its backup failed. On a
+        retained instance the watcher is the one that retries: Run Command's execution
+        timeout cannot hold a retry loop of hours, and the watcher runs as long as the
+        instance does."""
+        return (
+            record is not None
+            and self.opts.trigger != "command"
+            and not record.backup_ok
+            and record.lifecycle_result == "ABANDON"
+        )
+
+    def _retry_retained(self) -> None:
+        """retained.py's loop from this run; its result becomes the backup that landed."""
+        outcome = retained.run_if_retained(
+            self.cfg, self.ident, self.clients, self._retry_backup, self.cancel, self.result.group
+        )
+        if outcome == retained.RECOVERED and self.retried is not None:
+            action, self.result = self.result.action, self.retried
+            self.result.action = action
+
+    def _take_over_retries(self) -> bool:
+        """A watcher notice on a retained instance: when the record under the lock says the
+        terminating action ended in ABANDON after a failed backup, retry it here (True)."""
+        lock = TerminationLock(
+            (self.cfg.state_dir, self.cfg.runtime_dir),
+            f"{LOCK_NAME}-{self.ident.instance_id}",
+            cancel=self.cancel,
+        )
+        lock.acquire(self.cfg.lock_timeout)
+        try:
+            if not self._left_to_us(lock.recorded()):
+                return False
+            log.info("retained after the other path's ABANDON; the watcher retries the backup")
+            self._retry_retained()
+            return True
+        finally:
+            lock.release()
 
     def _warm_return(self) -> None:
         """Back into the warm pool: the instance and its disks live on. Commands run (the

@@ -6,13 +6,17 @@ terminates as before. The retry timing is shortened with the real `--retain-firs
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
-from conftest import Stack
+from conftest import ACCOUNT, REGION, Stack
 from support.agentproc import WatchProc, archives, completions, sns_docs, source_tree, watch
 from support.faultproxy import FaultProxy, Rule, access_denied
 from support.trees import walk
+
+from instance_agent.local import autoscaling
 
 RETAIN = {"RetentionTriggers": {"TerminateHookAbandon": "retain"}}
 
@@ -86,3 +90,76 @@ def test_without_the_policy_abandon_terminates_as_before(stack: Stack, tmp_path:
     assert _gone(stack)
     assert [d["status"] for d in sns_docs(stack)] == ["failed"]
     assert w.find("instance retained after ABANDON; retrying the backup") == []
+
+
+def _doctor_retained(stack: Stack) -> dict[str, Any]:
+    """`doctor --json`'s "retained" check, with the stack's bucket and topic, no agent.toml."""
+    empty = stack.tmp / "agent.toml"
+    empty.touch()
+    proc = stack.run(
+        "doctor",
+        "--bucket",
+        stack.bucket,
+        "--topic-arn",
+        stack.topic_arn,
+        "--json",
+        env=stack.env(INSTANCE_AGENT_CONFIG=str(empty)),
+        timeout=120,
+    )
+    checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+    assert proc.returncode == 1, proc.stdout  # a retained instance is a failed check
+    return dict(checks["retained"])
+
+
+def test_after_run_commands_abandon_the_watcher_retries(stack: Stack, tmp_path: Path) -> None:
+    """The push path (issue 18 item 3): Run Command's backup fails and ends in ABANDON; the
+    instance is retained. The watcher, which outlives any Run Command execution timeout,
+    finds the record of that failure under the lock and is the one that retries."""
+    stack.client("autoscaling").update_auto_scaling_group(
+        AutoScalingGroupName=stack.group, InstanceLifecyclePolicy=RETAIN
+    )
+    src = source_tree(tmp_path / "src")
+    stack.scale_in()
+    token = autoscaling.active_actions(ACCOUNT, REGION, group=stack.group)[0].token
+    with FaultProxy(stack.s3_endpoint) as s3, FaultProxy(stack.moto.endpoint) as asg:
+        s3.add_rule(Rule(fault=access_denied()))
+        env = stack.env(AWS_ENDPOINT_URL_S3=s3.endpoint, AWS_ENDPOINT_URL_AUTO_SCALING=asg.endpoint)
+        proc, first = stack.backup("--source", str(src), "--lifecycle-token", token, env=env)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert (first["status"], first["lifecycle_result"]) == ("failed", "ABANDON")
+        assert stack.state() == "Terminating:Retained"
+        assert _terminate_calls(asg) == 0  # Run Command itself does not retry
+        check = _doctor_retained(stack)
+        assert check["result"] == "fail" and "no watcher is retrying it" in check["message"], check
+        with watch(
+            stack,
+            "--source",
+            str(src),
+            "--retain-first-retry",
+            "1",
+            env=stack.env(
+                INSTANCE_AGENT_LOG_LEVEL="info",
+                AWS_ENDPOINT_URL_S3=s3.endpoint,
+                AWS_ENDPOINT_URL_AUTO_SCALING=asg.endpoint,
+            ),
+        ) as w:
+            w.wait_for("retry of the backup failed", timeout=60)
+            check = _doctor_retained(stack)
+            assert "the watcher retries the backup" in check["message"], check
+            assert "AccessDenied" in check["message"] and "next retry in" in check["message"], check
+            assert "terminate-instance-in-auto-scaling-group" in check["fix"], check
+            s3.clear()  # writes are allowed again
+            w.wait_for("retained after the other path's ABANDON; the watcher retries the backup", timeout=60)
+            _, done = w.wait_for("retained instance recovered", timeout=60)
+            _, finished = w.wait_for("response finished", timeout=30)
+        assert _terminate_calls(asg) == 1
+    assert finished["status"] == "succeeded"
+    assert archives(stack) == [done["key"]]
+    assert stack.gnu_restore(done["key"], src, tmp_path) == walk(src)
+    assert _gone(stack)
+    assert [(d.get("event"), d["status"]) for d in sns_docs(stack)] == [
+        (None, "failed"),
+        ("instance_retained", "retained"),
+        ("retained_recovered", "succeeded"),
+    ]
+    assert completions(stack) == [("ABANDON", "ok")]
