@@ -165,25 +165,6 @@ def ship(
             existed = True  # shipped by a run killed before it could record it
         report = holder["arch"].report
         sent = holder["counted"].count
-        doc = manifest.build(
-            report,
-            key=key,
-            compression=cfg.compression,
-            agent_version=__version__,
-            compressed_bytes=sent,
-            journal=None,
-            instance_id=values["instance_id"],
-            region=values["region"],
-            group=values["group"],
-            segment_of=values["instance_id"],
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            sources=sorted({os.fsdecode(t.root) for t, _ in files}),
-            excludes=[],
-        )
-        with contextlib.suppress(ObjectExists):  # the manifest too was written by that run
-            put_small(
-                clients.s3, cfg.bucket or "", key + ".manifest.json", ChainBody(*doc), extra=_s3_extra(cfg)
-            )
         # Only a file read whole, warning-free and unchanged since is recorded; the others
         # wait to settle again (their bytes in this segment are simply not used).
         warned = {w.path for w in report.warnings}
@@ -211,6 +192,29 @@ def ship(
                     sent,
                     ctimes[target.path],
                 )
+            )
+        doc = manifest.build(
+            report,
+            key=key,
+            compression=cfg.compression,
+            agent_version=__version__,
+            compressed_bytes=sent,
+            journal=None,
+            instance_id=values["instance_id"],
+            region=values["region"],
+            group=values["group"],
+            segment_of=values["instance_id"],
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            sources=sorted({os.fsdecode(t.root) for t, _ in files}),
+            excludes=[],
+            # The ledger lines of this segment: an agent whose state directory is gone (a
+            # root-volume replacement) reads them back instead of shipping these files
+            # again (ledgerseed.py).
+            shipped=[r.file_json() for r in recs],
+        )
+        with contextlib.suppress(ObjectExists):  # the manifest too was written by that run
+            put_small(
+                clients.s3, cfg.bucket or "", key + ".manifest.json", ChainBody(*doc), extra=_s3_extra(cfg)
             )
     finally:
         dirs.close()

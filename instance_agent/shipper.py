@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from instance_agent import keys, metrics, status
+from instance_agent import keys, ledgerseed, metrics, status
 from instance_agent.archive import Excluder
 from instance_agent.backup import Clients, Identity, _s3_extra, key_values
 from instance_agent.config import Config
@@ -320,6 +320,12 @@ class Shipper:
                 )[0]
                 + "/"
             )
+            if self._ledger.fresh:
+                # No ledger: a first start, or the state directory went with a replaced
+                # root volume while the instance and its data volumes stayed. What S3
+                # holds for this instance is not shipped again (ledgerseed.py).
+                self._ledger.fresh = False
+                ledgerseed.seed(self._ledger, clients.s3, self.cfg.bucket or "", prefix, ident.instance_id)
             # A watcher killed mid-segment left its multipart upload; nothing else of ours
             # uploads under the segment prefix now.
             abort_stale_uploads(

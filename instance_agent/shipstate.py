@@ -162,6 +162,9 @@ class Ledger:
         self._fd: int | None = None  # the ledger opened for appending, once needed
         self.lines = 0  # lines read at load: compact() is worth it when many are stale
         self.used: dict[str, Shipped] = {}  # segments a termination archive named
+        # No ledger of this instance was found (a first start, or a state directory lost
+        # with its root volume): ledgerseed.py may rebuild it from S3.
+        self.fresh = False
 
     @classmethod
     def load(cls, state_dir: str, instance_id: str) -> Ledger:
@@ -178,6 +181,7 @@ class Ledger:
                 )
                 ledger = cls(state_dir, instance_id)
                 ledger._discard()
+                ledger.fresh = True
                 return ledger
             ledger = cls(state_dir, instance_id)
             for n, line in enumerate(lines[1:], start=2):
@@ -195,7 +199,9 @@ class Ledger:
             ledger.lines = len(lines)
             return ledger
         except FileNotFoundError:
-            return cls(state_dir, instance_id)
+            ledger = cls(state_dir, instance_id)
+            ledger.fresh = True
+            return ledger
         except statedir.Untrusted as err:
             log.warning(
                 "state directory not trusted: shipping remembered in memory only",

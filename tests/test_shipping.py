@@ -216,3 +216,51 @@ def test_many_small_files_ship_as_one_segment_and_restore_as_one_tree(stack: Sta
     assert walk(tmp_path / "restored" / str(src).lstrip("/")) == walk(src)
     listed = json.loads(stack.run("list", "--bucket", stack.bucket, "--json").stdout)
     assert [(b["key"], b["files"]) for b in listed] == [(done["key"], 401)]
+
+
+def test_a_lost_state_directory_ships_nothing_again_that_s3_holds(stack: Stack, tmp_path: Path) -> None:
+    """A root-volume replacement takes the state directory, and the shipping ledger in it;
+    a data volume that stays keeps its files. The agent that starts on the new root (issue
+    18 item 5) must not send again what S3 already holds for this instance: it reads the
+    segment manifests back, and the termination archive still leaves those files out."""
+    import shutil
+
+    src = tmp_path / "data" / "logs"  # on a volume the replacement keeps
+    rng = random.Random(5)
+    for i in range(30):
+        (src / "jobs").mkdir(parents=True, exist_ok=True)
+        (src / "jobs" / f"job-{i:03d}.log").write_bytes(b"job %d\n" % i * rng.randrange(1, 50))
+    (src / "access.log.1").write_bytes(rng.randbytes(6 * 2**20))
+    for p in src.rglob("*"):
+        os.utime(p, (OLD, OLD))
+    with watch(stack, "--source", str(src), "--ship") as w:
+        w.wait_for("segment shipped", timeout=60)
+        deadline = time.monotonic() + 30
+        while json.loads(stack.run("status", "--json").stdout)["shipping"]["shipped_files"] != 31:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+    shipped = _segments(stack)
+    assert shipped
+
+    # The new root: no state directory, no runtime directory.
+    shutil.rmtree(stack.tmp / "state")
+    shutil.rmtree(stack.tmp / "run", ignore_errors=True)
+    with FaultProxy(stack.s3_endpoint) as proxy:
+        env = stack.env(AWS_ENDPOINT_URL_S3=proxy.endpoint, INSTANCE_AGENT_LOG_LEVEL="info")
+        with watch(stack, "--source", str(src), "--ship", env=env) as w:
+            _, seeded = w.wait_for("shipping ledger seeded from S3", timeout=60)
+            assert seeded["files"] == 31, seeded
+            w.wait_for("shipping")
+            time.sleep(2.0)
+            assert w.find("segment shipped") == []
+            stack.scale_in()
+            _, done = w.wait_for("response finished", timeout=60)
+        writes = [r for r in proxy.requests if r.method in ("PUT", "POST") and "/segments/" in r.path]
+    assert writes == [], [(r.method, r.path) for r in writes]
+    assert _segments(stack) == shipped
+    assert done["status"] == "succeeded" and completions(stack) == [("CONTINUE", "ok")]
+    doc = _manifest(stack, done["key"])
+    assert doc["totals"]["files"] == 0 and doc["totals"]["held_files"] == 31
+    restored = _restore_latest(stack, tmp_path / "restored")
+    assert restored["status"] == "verified" and restored["differences"] == []
+    assert walk(tmp_path / "restored" / str(src).lstrip("/")) == walk(src)

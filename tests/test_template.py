@@ -277,7 +277,9 @@ def test_instance_role_writes_only_under_the_prefix() -> None:
     assert group_arn.endswith(":autoScalingGroupName/${AWS::StackName}-group")
     kms = RESOURCES["InstanceRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"][-1]
     assert kms["Fn::If"][0] == "HasKmsKey" and kms["Fn::If"][2] == {"Ref": "AWS::NoValue"}
-    # It reads nothing but its own install bundles, and never a backup.
+    # It reads nothing but its own install bundles and the segment manifests (metadata, for
+    # a ledger lost with a replaced root volume), and never a backup's content; it lists
+    # only under the prefix.
     reads = [
         s
         for s in statements.values()
@@ -287,8 +289,13 @@ def test_instance_role_writes_only_under_the_prefix() -> None:
         )
     ]
     assert [(s["Action"], _sub_text(s["Resource"])) for s in reads] == [
-        ("s3:GetObject", "arn:aws:s3:::${CodeS3Bucket}/${AgentBundlePrefix}instance-agent-py*")
+        ("s3:ListBucket", _sub_text({"Fn::GetAtt": ["BackupBucket", "Arn"]})),
+        ("s3:GetObject", "${BackupBucket.Arn}/${BackupPrefix}*segments/*.manifest.json"),
+        ("s3:GetObject", "arn:aws:s3:::${CodeS3Bucket}/${AgentBundlePrefix}instance-agent-py*"),
     ]
+    assert statements["ListBackupPrefix"]["Condition"] == {
+        "StringLike": {"s3:prefix": {"Fn::Sub": "${BackupPrefix}*"}}
+    }
 
 
 def test_metrics_are_allowed_only_in_the_agents_namespace() -> None:
