@@ -9,9 +9,10 @@ content digests taken while it was shipped: the SHA-256 of the whole file (the m
   identity changed (it was written to since).
 - At termination a file is left out of the archive only when its lstat matches a record and
   either its inode change time is the one recorded (nothing, not even `touch -d`, can set
-  it back) or its last 64 KiB still hash the same. Any write moves the modification time; the tail
-  digest also catches a rewrite that put the time back (`touch -d`). Hashing the whole file
-  again would cost as much reading as archiving it, which is what shipping saves.
+  it back) or, the change time having moved, its last 64 KiB and then its whole content
+  still hash the same. A rewrite in place that kept the size, put the modification time
+  back and left the tail alone is caught only by the whole-file SHA-256; that costs reading
+  the file (renamed, rotated files pay it at termination), never uploading it again.
 - The ledger names the instance it belongs to: one baked into an AMI is ignored.
 
 The file is `ship-ledger.jsonl`, append-only, so recording a segment costs one line
@@ -114,6 +115,20 @@ class Shipped:
             "tar_bytes": self.tar_bytes,
             "compressed_bytes": self.compressed_bytes,
         }
+
+
+def full_digest(fd: int, size: int) -> str:
+    """SHA-256 of the first `size` bytes of `fd` (the manifest's `sha256` of a file that
+    size), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    offset = 0
+    while offset < size:
+        block = os.pread(fd, min(2**20, size - offset), offset)
+        if not block:
+            break
+        h.update(block)
+        offset += len(block)
+    return h.hexdigest()
 
 
 def tail_digest(fd: int, size: int) -> str:
@@ -248,11 +263,16 @@ class Ledger:
             return None
         if rec.ctime_ns and rec.ctime_ns == st.st_ctime_ns:
             return self._use(rec, path)  # untouched since shipped: nothing to read
+        # The inode changed since (a rename, a chmod, or a write whose time was put back):
+        # only the content can tell. The tail first (cheap, catches appends and most
+        # rewrites), then the whole file against the SHA-256 it was shipped with: a
+        # rewrite in place that kept the size, the time and the last 64 KiB is caught
+        # only there. Reading a file costs far less than archiving and uploading it.
         fd = open_same(name, dir_fd, fid)
         if fd is None:
             return None
         try:
-            same = tail_digest(fd, fid.size) == rec.tail_sha256
+            same = tail_digest(fd, fid.size) == rec.tail_sha256 and full_digest(fd, fid.size) == rec.sha256
         except OSError:
             same = False
         finally:

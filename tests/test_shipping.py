@@ -264,3 +264,34 @@ def test_a_lost_state_directory_ships_nothing_again_that_s3_holds(stack: Stack, 
     restored = _restore_latest(stack, tmp_path / "restored")
     assert restored["status"] == "verified" and restored["differences"] == []
     assert walk(tmp_path / "restored" / str(src).lstrip("/")) == walk(src)
+
+
+def test_an_in_place_rewrite_with_its_time_put_back_is_archived(stack: Stack, tmp_path: Path) -> None:
+    """Issue 19 item 7: rewritten in place, same size, modification time put back, last
+    64 KiB unchanged. Only the inode change time tells, and userland cannot set it back: a
+    changed ctime sends the file to a full check against the ledger's SHA-256."""
+    src = tmp_path / "logs"
+    src.mkdir()
+    path = src / "db.log.1"
+    rng = random.Random(7)
+    path.write_bytes(rng.randbytes(512 * 1024))
+    os.utime(path, (OLD, OLD))
+    with watch(stack, "--source", str(src), "--ship") as w:
+        w.wait_for("segment shipped", timeout=60, path=str(path))
+    before = os.stat(path)
+    with open(path, "r+b") as fh:  # the first 100 KiB only: the tail stays as shipped
+        fh.write(rng.randbytes(100 * 1024))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert after.st_ctime_ns != before.st_ctime_ns
+    rewritten = path.read_bytes()
+
+    stack.scale_in()
+    proc, done = stack.backup("--source", str(src), "--ship")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = _manifest(stack, done["key"])
+    assert doc["totals"]["files"] == 1 and doc["totals"].get("held_files", 0) == 0
+    restored = _restore_latest(stack, tmp_path / "restored")
+    assert restored["status"] == "verified"
+    assert (tmp_path / "restored" / str(path).lstrip("/")).read_bytes() == rewritten

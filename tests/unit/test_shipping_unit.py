@@ -11,7 +11,15 @@ from fakes import FakeClock
 from instance_agent.segment import Target
 from instance_agent.settle import Settler
 from instance_agent.shipper import batch
-from instance_agent.shipstate import LEDGER_FILE, FileId, Ledger, Shipped, open_same, tail_digest
+from instance_agent.shipstate import (
+    LEDGER_FILE,
+    FileId,
+    Ledger,
+    Shipped,
+    full_digest,
+    open_same,
+    tail_digest,
+)
 
 INSTANCE = "i-0123456789abcdef0"
 
@@ -20,10 +28,10 @@ def _record(path: Path, key: str = "b/i/segments/x.tar.zst") -> Shipped:
     st = os.lstat(path)
     fd = os.open(path, os.O_RDONLY)
     try:
-        tail = tail_digest(fd, st.st_size)
+        tail, whole = tail_digest(fd, st.st_size), full_digest(fd, st.st_size)
     finally:
         os.close(fd)
-    return Shipped(FileId.of(st), os.fsencode(path), "ab" * 32, tail, key, 2048, 100, st.st_ctime_ns)
+    return Shipped(FileId.of(st), os.fsencode(path), whole, tail, key, 2048, 100, st.st_ctime_ns)
 
 
 def _held(ledger: Ledger, path: Path) -> str | None:
