@@ -429,6 +429,8 @@ class Shipper:
             # The backlog doctor judges counts complete files waiting for a retry too: a
             # segment failing for good must read as "not keeping up".
             self._publish(pending, complete)
+            if ledger.needs_compaction():
+                ledger.compact()  # atomic; the appends then go to the rewritten file
             if due:
                 self._ship_batch(clients, ledger, batch(due), values, now)
                 continue

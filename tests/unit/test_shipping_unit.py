@@ -232,3 +232,49 @@ def test_a_short_settle_bounds_the_close_quiet_spell() -> None:
     s.closed(b"/l/a", clock())
     clock.sleep(2.0)
     assert s.reason(b"/l/a", mtime=clock() - 2.0, now=clock()) is not None
+
+
+def test_a_ledger_line_nested_deep_is_skipped_and_shipping_goes_on(tmp_path: Path) -> None:
+    """Issue 19 item 8: json's parser is recursive; a line nested 100,000 levels deep raised
+    RecursionError out of load() and stopped shipping for good."""
+    state = str(tmp_path / "state")
+    log = tmp_path / "app.log"
+    log.write_bytes(b"line\n" * 100)
+    ledger = Ledger.load(state, INSTANCE)
+    ledger.add(_record(log))
+    ledger.close()
+    with open(os.path.join(state, LEDGER_FILE), "ab") as fh:
+        fh.write(b"[" * 100_000 + b"\n")
+    again = Ledger.load(state, INSTANCE)
+    assert again.get(FileId.of(os.lstat(log))) is not None
+
+
+def test_churn_compacts_the_ledger_while_running(tmp_path: Path) -> None:
+    """Issue 19 item 8: an append-only ledger grows with every rotated file shipped and then
+    forgotten; past the bound the shipper compacts it, and nothing live is lost."""
+    import instance_agent.shipstate as shipstate
+
+    state = str(tmp_path / "state")
+    keep = tmp_path / "keep.log"
+    keep.write_bytes(b"k" * 1000)
+    ledger = Ledger.load(state, INSTANCE)
+    ledger.add(_record(keep, key="b/i/segments/keep.tar.zst"))
+    churn = tmp_path / "churn.log"
+    churn.write_bytes(b"c" * 10)
+    live = (os.lstat(keep).st_dev, os.lstat(keep).st_ino)
+    rounds = 0
+    while not ledger.needs_compaction():
+        ledger.add(_record(churn, key=f"b/i/segments/c{rounds}.tar.zst"))
+        ledger.keep_only({live})  # rotated away for good
+        rounds += 1
+        assert rounds < shipstate.COMPACT_AFTER
+    size = os.path.getsize(os.path.join(state, LEDGER_FILE))
+    ledger.compact()
+    assert not ledger.needs_compaction()
+    assert os.path.getsize(os.path.join(state, LEDGER_FILE)) < size // 100
+    ledger.add(_record(churn, key="b/i/segments/after.tar.zst"))  # appends go on after it
+    ledger.close()
+    again = Ledger.load(state, INSTANCE)
+    assert again.get(FileId.of(os.lstat(keep))) is not None
+    assert again.get(FileId.of(os.lstat(churn))) is not None
+    assert again.totals()[0] == 2
