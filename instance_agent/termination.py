@@ -88,6 +88,7 @@ class Plan:
 
 
 COMMAND = Plan(termination=True, complete=True, commands=True)
+COMPLETING = "completing"  # the on_stage text while CompleteLifecycleAction runs (watch.py reads it)
 
 
 @dataclass
@@ -586,7 +587,7 @@ class _Job:
         return done or lc.gone.is_set()
 
     def _complete(self, lc: Lifecycle, result: str, timeout: float) -> bool:
-        self.opts.on_stage("completing")
+        self.opts.on_stage(COMPLETING)
         error = lc.complete(result, timeout, stop=self.cancel)
         if error is None:
             self.result.lifecycle_result = result

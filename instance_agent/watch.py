@@ -156,6 +156,7 @@ class Job:
         self.notifier = notifier
         self.on_done = on_done
         self.cancel = threading.Event()  # set by the main thread when the stop grace is over
+        self.stage = ""  # the job's last stage (termination's on_stage), read by the main thread
         self.exit_code: int | None = None
         self.result: dict[str, Any] | None = None
         self._finished = threading.Event()
@@ -192,6 +193,10 @@ class Job:
             self._finished.set()
             self.on_done()
 
+    def _stage(self, text: str) -> None:
+        self.stage = text
+        self.notifier.status(text)
+
     def _run(self) -> int:
         from instance_agent import termination
 
@@ -205,7 +210,7 @@ class Job:
             imds_state=self.notice.detail if kind in (TERMINATION, WARM_RETURN) else None,
             plan=plan_for(kind),
             cancel=self.cancel,
-            on_stage=self.notifier.status,
+            on_stage=self._stage,
             shipped=shipped,
         )
         outcome = termination.run(cfg, ident, clients, opts)
@@ -335,6 +340,18 @@ class Watcher:
         self.notifier.stopping("stopping")
         if self.job is None:
             log.info("stop requested", extra=fields(signal=name))
+            return now
+        from instance_agent.termination import COMPLETING
+
+        if self.job.stage == COMPLETING:
+            # The backup is over; only CompleteLifecycleAction's retries are left. The stop
+            # reaches them at once, and they get lifecycle.STOP_GRACE (20 s) from now, as
+            # docs/architecture.md says, never the rest of --complete-timeout.
+            log.warning(
+                "stop requested while completing: the completion gets 20 s at most",
+                extra=fields(signal=name, trigger=self.job.notice.kind),
+            )
+            self.job.stop_now()
             return now
         log.warning(
             "stop requested during a backup: letting it run",

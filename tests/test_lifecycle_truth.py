@@ -559,3 +559,58 @@ def test_an_operators_backup_during_the_replacement_wait_completes_it_too(
     assert rrv["action"] == "root-volume" and rrv["lifecycle_result"] == "CONTINUE"
     assert completions(stack) == [("CONTINUE", "ok")]
     assert archives(stack) == [rrv["key"]]
+
+
+def test_sigterm_during_completion_retries_ends_them_within_the_stop_grace(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Issue 19 item 10: a stop during CompleteLifecycleAction's retries leaves them at most
+    lifecycle.STOP_GRACE (20 s, as docs/architecture.md says), never --complete-timeout."""
+    from support.faultproxy import FaultProxy, Rule, query_error
+
+    from instance_agent.lifecycle import STOP_GRACE
+
+    src = source_tree(tmp_path / "src")
+    stack.scale_in()
+    unavailable = query_error("ServiceUnavailable", "Service is unavailable", status=503, kind="Receiver")
+    with FaultProxy(stack.moto.endpoint) as asg:
+        asg.add_rule(Rule(api_action="CompleteLifecycleAction", fault=unavailable))
+        env = stack.env(INSTANCE_AGENT_LOG_LEVEL="info", AWS_ENDPOINT_URL_AUTO_SCALING=asg.endpoint)
+        argv = stack.backup_argv("--source", str(src), "--complete-timeout", "300")
+        with WatchProc(argv, env) as run:
+            run.wait_for("completion failed; retrying", timeout=60)
+            sent = run.send(signal.SIGTERM)
+            code = run.wait(timeout=STOP_GRACE + 60)
+            took = time.monotonic() - sent
+    assert took <= STOP_GRACE + 5, took
+    result = one_json_line(run.stdout())
+    assert code == 1 and result["lifecycle_result"] == "none", result
+    assert "gave up" in (result.get("lifecycle_error") or ""), result
+
+
+def test_watcher_stopped_during_completion_retries_ends_them_within_the_stop_grace(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Issue 19 item 10, the watcher: its --stop-grace (90 s) is for a backup still running;
+    once only the completion's retries are left, a SIGTERM gives them STOP_GRACE at most."""
+    from support.faultproxy import FaultProxy, Rule, query_error
+
+    from instance_agent.lifecycle import STOP_GRACE
+
+    src = source_tree(tmp_path / "src")
+    unavailable = query_error("ServiceUnavailable", "Service is unavailable", status=503, kind="Receiver")
+    with FaultProxy(stack.moto.endpoint) as asg:
+        asg.add_rule(Rule(api_action="CompleteLifecycleAction", fault=unavailable))
+        env = stack.env(INSTANCE_AGENT_LOG_LEVEL="info", AWS_ENDPOINT_URL_AUTO_SCALING=asg.endpoint)
+        with watch(stack, "--source", str(src), "--complete-timeout", "300", env=env) as w:
+            w.wait_for("watching")
+            stack.scale_in()
+            w.wait_for("completion failed; retrying", timeout=60)
+            sent = w.send(signal.SIGTERM)
+            _, done = w.wait_for("response finished", timeout=STOP_GRACE + 60)
+            code = w.wait(timeout=30)
+            took = time.monotonic() - sent
+    assert took <= STOP_GRACE + 5, took
+    # The backup landed; the action could not be completed, and the exit code says so.
+    assert code == 1 and done["lifecycle_result"] == "none", done
+    assert archives(stack) == [done["key"]]
