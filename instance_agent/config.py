@@ -127,7 +127,9 @@ def check_asg_name(value: str) -> str | None:
 def check_prefix(value: str) -> str | None:
     if value.startswith("/") or ".." in value or _CONTROL_RE.search(value):
         return f"invalid prefix {value!r}: no leading '/', no '..', no control characters"
-    return namerules.prefix_components(value) if value else None
+    if not value:
+        return None
+    return namerules.prefix_components(value) or namerules.segment_component("prefix", value)
 
 
 def check_positive(value: Any) -> str | None:
@@ -741,6 +743,7 @@ def check_consistency(cfg: Config, command: str) -> Config:
     problem = (
         check_template(cfg.key_template, prefix=cfg.prefix)
         or namerules.template_format_spec(cfg.key_template)
+        or namerules.segment_component("key template", cfg.key_template)
         or _template_collision(cfg.key_template, cfg.prefix)
     )
     if problem:

@@ -19,6 +19,10 @@ EXTENSIONS = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
 _MAX_KEY_BYTES = 1024 - len(".tar.zst.journal.export.zst")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Segments shipped while the instance runs live in this "directory" under the instance's
+# prefix, so `list` can tell them from termination backups by their key alone. No other
+# key may have a component of this name (safe_component, namerules.segment_component).
+SEGMENT_DIR = "segments"
 
 
 def timestamp(now: datetime | None = None) -> str:
@@ -27,11 +31,17 @@ def timestamp(now: datetime | None = None) -> str:
 
 
 def safe_component(value: str) -> str:
-    """Map a value to [A-Za-z0-9._=+-] with no `..` and no dot at either end; never empty."""
+    """Map a value to [A-Za-z0-9._=+-] with no `..` and no dot at either end; never empty,
+    and never SEGMENT_DIR itself (that becomes `segments_`)."""
     cleaned = _UNSAFE.sub("_", value)
     # No leading or trailing dot either: a neighbour in the template (or the extension)
     # could otherwise complete a "..".
     cleaned = re.sub(r"\.{2,}", "_", cleaned).strip(".")
+    # A group (or host, region…) named `segments` would give its archives a /segments/
+    # component, and `list` would take them for shipped segments and show none of them.
+    # Every reader (listing filters, restore checks) goes through this same function.
+    if cleaned == SEGMENT_DIR:
+        return SEGMENT_DIR + "_"
     return cleaned or "_"
 
 
@@ -77,11 +87,6 @@ def listing_prefix(template: str, values: Mapping[str, str]) -> str:
         i for i in (rendered.find("TIMESTAMPMARK"), rendered.find("HOSTNAMEMARK"), len(rendered)) if i >= 0
     )
     return rendered[:cut]
-
-
-# Segments shipped while the instance runs live in this "directory" under the instance's
-# prefix, so `list` can tell them from termination backups by their key alone.
-SEGMENT_DIR = "segments"
 
 
 def segment_key(template: str, values: Mapping[str, str], name: str, identity: str, compression: str) -> str:

@@ -49,3 +49,17 @@ def template_format_spec(template: str) -> str | None:
             shown = field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
             return f"{{{shown}}} in {template!r}: plain {{{field}}} only, no format spec or conversion"
     return None
+
+
+def segment_component(what: str, value: str, reserved: str = "segments") -> str | None:
+    """A prefix or key template with a `segments` path component puts archive keys in
+    the namespace of shipped segments (keys.SEGMENT_DIR), where `list` and `restore
+    --latest` never look for a backup."""
+    # `{prefix}` ends in '/' or is empty (checked on its own), so text after it starts a
+    # component: "{prefix}segments/" is such a component too.
+    if reserved in value.replace("{prefix}", "/").split("/"):
+        return (
+            f"invalid {what} {value!r}: no {reserved!r} path component "
+            "(that name is reserved for shipped segments, which list does not show as backups)"
+        )
+    return None

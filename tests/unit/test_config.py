@@ -175,6 +175,10 @@ def test_the_config_variable_and_the_default_path(tmp_path: Path) -> None:
         ('prefix = "a/../b/"', "prefix"),
         ('key_template = "{prefix}{group:/>30}/{instance_id}/{timestamp}"', "key_template"),
         ('key_template = "{prefix}{group!r}/{instance_id}/{timestamp}"', "key_template"),
+        ('prefix = "segments/"', "prefix"),
+        ('prefix = "team/segments/"', "prefix"),
+        ('key_template = "{prefix}segments/{instance_id}/{timestamp}"', "key_template"),
+        ('key_template = "{prefix}{group}/segments/{instance_id}-{timestamp}"', "key_template"),
         ('bucket = "xn--backups"', "bucket"),
         ('bucket = "sthree-backups"', "bucket"),
         ('bucket = "amzn-s3-demo-backups"', "bucket"),
@@ -196,3 +200,6 @@ def test_values_that_would_make_odd_keys_or_name_a_reserved_bucket_are_refused(
 def test_ordinary_prefixes_and_buckets_still_load(tmp_path: Path) -> None:
     cfg = load(toml='prefix = "backups/web/"\nbucket = "my.backups-2"\n', tmp_path=tmp_path, env={})
     assert (cfg.prefix, cfg.bucket) == ("backups/web/", "my.backups-2")
+    # Only a whole component named `segments` is the shipped segments' namespace.
+    cfg = load(toml='prefix = "my-segments/segmentsx/"\n', tmp_path=tmp_path)
+    assert cfg.prefix == "my-segments/segmentsx/"

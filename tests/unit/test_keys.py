@@ -96,3 +96,13 @@ def test_the_listing_prefix_stops_at_the_first_per_run_variable() -> None:
     # `list --instance-id` narrows the S3 listing to this: everything of the instance, any run.
     assert keys.listing_prefix(DEFAULT, VALUES) == "backups/web/i-0abc/"
     assert keys.listing_prefix("{prefix}{hostname}/{instance_id}", VALUES) == "backups/"
+
+
+@pytest.mark.parametrize("field", ["group", "instance_id", "hostname", "region"])
+def test_a_value_named_segments_never_makes_a_segments_component(field: str) -> None:
+    # `list` and `restore --latest` take any key with a /segments/ component for a shipped
+    # segment, so an archive key with one would be a backup nothing shows (issue 19 item 4).
+    template = "{prefix}{group}/{instance_id}/{region}/{hostname}/{timestamp}"
+    key = keys.render(template, dict(VALUES, **{field: "segments"}), "none")
+    assert f"/{keys.SEGMENT_DIR}/" not in key
+    assert "segments_" in key  # still recognisable, one component, as documented
