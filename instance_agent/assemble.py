@@ -61,9 +61,13 @@ def restore_assembled(
     allow_setuid: bool = False,
     select: restore.Selection | None = None,
     extra: Mapping[str, str] | None = None,
+    final: bool = True,
 ) -> restore.RestoreReport:
-    """The final archive `key` and its segments into `dest` (new or empty)."""
-    restore.check_key(key)
+    """The final archive `key` and its segments into `dest` (new or empty). Without
+    `final` (its final archive is missing: orphans.py), only the segments, and `key` is
+    their segments "directory", against which manifest_check checks every object."""
+    if final:
+        restore.check_key(key)
     restore.check_destination(dest)
     manifest_check.check(key, manifest)  # before anything is downloaded or moved
     segments = {str(s["key"]): s for s in manifest.get("segments") or []}
@@ -71,16 +75,20 @@ def restore_assembled(
     totals = manifest.get("totals") or {}
     with restore.staged(dest, "tree") as staging:
         tree = os.path.join(staging, "tree")
-        report = restore.restore_s3(
-            s3,
-            bucket,
-            key,
-            tree,
-            allow_setuid=allow_setuid,
-            select=select,
-            expected_tar_bytes=totals.get("tar_bytes"),
-            extra=extra,
-        )
+        if not final:
+            os.mkdir(tree)
+            report = restore.RestoreReport()
+        else:
+            report = restore.restore_s3(
+                s3,
+                bucket,
+                key,
+                tree,
+                allow_setuid=allow_setuid,
+                select=select,
+                expected_tar_bytes=totals.get("tar_bytes"),
+                extra=extra,
+            )
         for i, (skey, files) in enumerate(sorted(wanted.items())):
             part = os.path.join(staging, f"segment-{i}")
             restore.restore_s3(

@@ -168,6 +168,7 @@ class Backup:
     warnings: int | None = None
     agent_version: str | None = None
     error: str | None = None
+    segments: list[str] | None = None  # an `incomplete` entry's segments (orphans.py)
 
     @property
     def url(self) -> str:
@@ -192,6 +193,7 @@ class Backup:
             "manifest_key": self.manifest_key,
             "agent_version": self.agent_version,
             "error": self.error,
+            **({"segments": self.segments} if self.segments is not None else {}),
         }
 
 
@@ -287,23 +289,26 @@ def find_backups(
     key_template: str = "{prefix}{group}/{instance_id}/{timestamp}",
     page_size: int = PAGE_SIZE,
     extra: Mapping[str, str] | None = None,
+    shipped: dict[str, Mapping[str, Any]] | None = None,
 ) -> list[Backup]:
-    """The backups under `prefix` that pass `filters`, oldest first."""
+    """The backups under `prefix` that pass `filters`, oldest first. Shipped segments with
+    a manifest beside them go into `shipped` (key -> listed object), if given (orphans.py)."""
     extra = dict(extra or {})
     listed_prefix, group_pinned = narrow_prefix(key_template, prefix, filters)
     wanted_id = keys.safe_component(filters.instance_id) if filters.instance_id else None
     archives: dict[str, Mapping[str, Any]] = {}
     manifests: dict[str, Mapping[str, Any]] = {}
+    segments: dict[str, Mapping[str, Any]] = {}
     for obj in iter_objects(s3, bucket, listed_prefix, page_size=page_size, extra=extra):
         key = str(obj["Key"])
         if wanted_id and wanted_id not in key:
             continue
-        if f"/{keys.SEGMENT_DIR}/" in key:
-            continue  # a shipped segment: counted in the termination backup that names it
         if key.endswith(MANIFEST_SUFFIX) and is_archive(key[: -len(MANIFEST_SUFFIX)]):
             manifests[key[: -len(MANIFEST_SUFFIX)]] = obj
         elif is_archive(key):
-            archives[key] = obj
+            # A shipped segment is counted in the termination backup that names it, or in
+            # its instance's `incomplete` entry when none does (orphans.py).
+            (segments if f"/{keys.SEGMENT_DIR}/" in key else archives)[key] = obj
 
     found: list[Backup] = []
     to_read: list[Backup] = []
@@ -342,6 +347,8 @@ def find_backups(
 
     with ThreadPoolExecutor(MANIFEST_READERS, thread_name_prefix="manifest") as pool:
         described = list(pool.map(describe, to_read))
+    if shipped is not None:
+        shipped.update({k: obj for k, obj in segments.items() if k in manifests})
     for backup in described:
         if backup.status == "unreadable manifest":
             if filters.group is not None and not group_pinned:
@@ -406,7 +413,9 @@ def latest(backups: Sequence[Backup]) -> Backup:
     if not backups:
         raise BackupNotFound("no backup matches")
     described = [b for b in backups if b.manifest_key and b.status in ("succeeded", "partial")]
-    return max(described or backups, key=lambda b: (b.time, b.key))
+    # Shipped segments alone are a fallback: a complete backup, when there is one, holds them.
+    shipped = [b for b in backups if b.status == "incomplete"]
+    return max(described or shipped or backups, key=lambda b: (b.time, b.key))
 
 
 # --- output -------------------------------------------------------------------------------

@@ -359,14 +359,14 @@ def _print(text: str) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from instance_agent import listing
+    from instance_agent import listing, orphans
 
     cfg = _load(args)
     bucket = _need_bucket(cfg)
     if not 1 <= args.page_size <= 1000:
         raise ConfigError("--page-size must be 1-1000")
     filters = _check_filters(args)
-    backups = listing.find_backups(
+    backups = orphans.find_all(
         s3_client(cfg),
         bucket,
         cfg.prefix,
@@ -385,7 +385,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from instance_agent import assemble, listing, restore, verify
+    from instance_agent import assemble, listing, orphans, restore, verify
 
     cfg = _load(args)
     s3 = s3_client(cfg)
@@ -395,7 +395,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             raise ConfigError("with --latest give only DEST")
         bucket = _need_bucket(cfg)
         filters = _check_filters(args)
-        backups = listing.find_backups(
+        backups = orphans.find_all(
             s3, bucket, cfg.prefix, filters, key_template=cfg.key_template, extra=extra
         )
         if not backups:
@@ -409,6 +409,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
             )
         chosen = listing.latest(backups)
         bucket, key = chosen.bucket, chosen.key
+        if chosen.status == "incomplete":
+            return _restore_incomplete(args, s3, chosen, extra)
         sys.stderr.write(
             f"latest backup: {chosen.url} (created {chosen.time.strftime('%Y-%m-%d %H:%M:%SZ')})\n"
         )
@@ -480,6 +482,62 @@ def cmd_restore(args: argparse.Namespace) -> int:
     verified = None
     if args.verify:
         assert manifest is not None
+        verified = verify.compare(dest, manifest, select)
+        result.update(
+            status="verified" if not verified.differences else "differs",
+            checked=verified.checked,
+            differences=[d.to_json() for d in verified.differences],
+        )
+        summary += _verify_text(verified)
+    _print(json.dumps(result) + "\n" if args.json else summary)
+    if verified is not None:
+        verified.raise_if_different()
+    return 0
+
+
+def _restore_incomplete(args: argparse.Namespace, s3: Any, chosen: Any, extra: Any) -> int:
+    """An instance with shipped segments and no complete backup: restore the segments."""
+    from instance_agent import assemble, orphans, restore
+
+    dest = args.paths[-1]
+    restore.check_destination(dest)
+    sys.stderr.write(
+        f"warning: restoring shipped segments only from {chosen.url} "
+        f"({_count(len(chosen.segments or []), 'segment')}): the final archive is missing\n"
+    )
+    manifest = orphans.manifest_of(s3, chosen, extra)
+    select = _selection(args)
+    try:
+        report = assemble.restore_assembled(
+            s3,
+            chosen.bucket,
+            chosen.key,
+            manifest,
+            dest,
+            allow_setuid=args.allow_setuid,
+            select=select,
+            extra=extra,
+            final=False,
+        )
+    except (restore.RestoreError, restore.UnsafeArchive) as err:
+        raise type(err)(f"{err}; nothing was restored into {dest}") from None
+    result: dict[str, Any] = {
+        "status": "restored",
+        "url": chosen.url,
+        "incomplete": True,
+        "dest": os.path.abspath(dest),
+        "files": report.files,
+        "bytes": report.bytes,
+        "segments": chosen.segments,
+    }
+    summary = (
+        f"restored {_count(report.files, 'file')} ({report.bytes:,} bytes) from "
+        f"{_count(len(chosen.segments or []), 'shipped segment')} into {dest}\n"
+    )
+    verified = None
+    if args.verify:
+        from instance_agent import verify
+
         verified = verify.compare(dest, manifest, select)
         result.update(
             status="verified" if not verified.differences else "differs",

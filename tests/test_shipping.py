@@ -295,3 +295,43 @@ def test_an_in_place_rewrite_with_its_time_put_back_is_archived(stack: Stack, tm
     restored = _restore_latest(stack, tmp_path / "restored")
     assert restored["status"] == "verified"
     assert (tmp_path / "restored" / str(path).lstrip("/")).read_bytes() == rewritten
+
+
+def test_segments_no_backup_names_are_listed_incomplete_and_restore_latest(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # The final backup never made it (S3 down, then ABANDON; here the watcher just ends):
+    # the shipped segments are the only copy of the shipped files (issue 19 item 4).
+    src = tmp_path / "logs"
+    (src / "nginx").mkdir(parents=True)
+    rng = random.Random(7)
+    files = [src / "nginx" / "access.log.1", src / "nginx" / "access.log.2", src / "app.log.1"]
+    for i, path in enumerate(files):
+        path.write_bytes(rng.randbytes(50_000 * (i + 1)))
+        os.utime(path, (OLD, OLD))
+    with watch(stack, "--source", str(src), "--ship") as w:
+        w.wait_for("watching")
+        deadline = time.monotonic() + 60
+        while json.loads(stack.run("status", "--json").stdout)["shipping"]["shipped_files"] != 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+    segments = _segments(stack)
+    assert segments and not [k for k in stack.objects() if k.endswith(".tar.zst") and k not in segments]
+
+    listed = json.loads(stack.run("list", "--bucket", stack.bucket, "--json").stdout)
+    assert [(b["status"], b["instance_id"], b["files"]) for b in listed] == [
+        ("incomplete", stack.instance_id, 3)
+    ]
+    sizes = stack.objects()
+    assert sorted(listed[0]["segments"]) == segments
+    assert listed[0]["compressed_bytes"] == sum(sizes[k] for k in segments)
+    assert listed[0]["raw_bytes"] == sum(p.stat().st_size for p in files)
+
+    dest = tmp_path / "restored"
+    proc = stack.run(
+        "restore", "--bucket", stack.bucket, "--latest", "--instance-id", stack.instance_id, str(dest)
+    )
+    assert proc.returncode == 0, proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if "segments only" in line]
+    assert len(warning) == 1 and "final archive is missing" in warning[0]
+    assert walk(dest / str(src).lstrip("/")) == walk(src)
