@@ -335,3 +335,28 @@ def test_segments_no_backup_names_are_listed_incomplete_and_restore_latest(
     warning = [line for line in proc.stderr.splitlines() if "segments only" in line]
     assert len(warning) == 1 and "final archive is missing" in warning[0]
     assert walk(dest / str(src).lstrip("/")) == walk(src)
+
+
+def test_a_forged_segment_manifest_cannot_reach_outside_the_restore(stack: Stack, tmp_path: Path) -> None:
+    # The instance writes its segment manifests, so one it controls is hostile input: the
+    # incomplete restore keeps restore's checks on every member and object.
+    s3 = stack.client("s3")
+    key = f"web/{stack.instance_id}/segments/app.log.1.1files-abc.tar.zst"
+    s3.put_object(Bucket=stack.bucket, Key=key, Body=b"not read")
+    doc = {
+        "format": 1,
+        "instance_id": stack.instance_id,
+        "segment_of": stack.instance_id,
+        "group": "web",
+        "totals": {"tar_bytes": 10240},
+        "entries": [{"path": "var/log/app.log.1", "member": "../../.ssh/id_rsa", "size": 5, "type": "file"}],
+    }
+    s3.put_object(Bucket=stack.bucket, Key=key + ".manifest.json", Body=json.dumps(doc).encode())
+    dest = tmp_path / "restored"
+    proc = stack.run(
+        "restore", "--bucket", stack.bucket, "--latest", "--instance-id", stack.instance_id, str(dest)
+    )
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "refusing the manifest" in last and "../../.ssh/id_rsa" in last
+    assert not dest.exists()
