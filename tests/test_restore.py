@@ -446,3 +446,34 @@ def test_list_and_restore_explain_bad_input(stack: Stack, tmp_path: Path) -> Non
     assert not (tmp_path / "d").exists()
     proc = stack.run("restore", "https://example.com/x.tar.zst", str(tmp_path / "d"))
     assert proc.returncode == 2 and "not an s3:// URL" in proc.stderr
+
+
+def test_a_group_named_segments_is_listed_and_restored(stack: Stack, tmp_path: Path) -> None:
+    # Its keys would have had a /segments/ component, which list takes for a shipped
+    # segment: the backup would have been one nothing shows (issue 19 item 4).
+    src = tmp_path / "src"
+    (src / "app").mkdir(parents=True)
+    (src / "app" / "app.log").write_bytes(random.Random(5).randbytes(40_000))
+    proc, result = stack.backup("--source", str(src), "--asg-name", "segments", "--prefix", "backups/")
+    assert proc.returncode == 0, proc.stderr
+    assert "/segments/" not in result["key"]
+    listed = json.loads(
+        stack.run(
+            "list", "--bucket", stack.bucket, "--prefix", "backups/", "--asg-name", "segments", "--json"
+        ).stdout
+    )
+    assert [(b["key"], b["status"]) for b in listed] == [(result["key"], "succeeded")]
+    dest = tmp_path / "restored"
+    proc = stack.run(
+        "restore",
+        "--bucket",
+        stack.bucket,
+        "--prefix",
+        "backups/",
+        "--latest",
+        "--asg-name",
+        "segments",
+        str(dest),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert walk(dest / str(src).lstrip("/")) == walk(src)
