@@ -250,6 +250,9 @@ def archive_and_upload(
         log.warning("skipped or changed", extra=fields(**manifest.path_fields(w.path), reason=w.reason))
     if report.stopped_early:
         result.status = PARTIAL
-        log.warning("deadline reached: archive closed early", extra=fields(omitted=len(report.omitted)))
+        log.warning(
+            "deadline reached: archive closed early",
+            extra=fields(omitted=len(report.omitted), cut_short=len(report.cut)),
+        )
     else:
         result.status = SUCCEEDED

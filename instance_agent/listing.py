@@ -405,7 +405,8 @@ def _fill(backup: Backup, head: Mapping[str, Any]) -> None:
         backup.files += held_files
     backup.warnings = _int(totals.get("warnings"))
     backup.agent_version = str(head.get("agent_version")) if head.get("agent_version") else None
-    backup.status = "partial" if (_int(totals.get("omitted")) or 0) > 0 else "succeeded"
+    stopped = (_int(totals.get("omitted")) or 0) + (_int(totals.get("cut_short")) or 0)
+    backup.status = "partial" if stopped > 0 else "succeeded"
 
 
 def latest(backups: Sequence[Backup]) -> Backup:

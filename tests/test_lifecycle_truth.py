@@ -398,6 +398,51 @@ def test_a_huge_sparse_file_cannot_carry_the_run_past_max_duration(stack: Stack,
     assert elapsed < 2 + 8, elapsed
 
 
+def test_max_duration_cuts_a_file_whose_read_outlasts_it(stack: Stack, tmp_path: Path) -> None:
+    """Issue 19 item 9: the deadline was looked at only between files, so one large file
+    carried the run past it (4 GiB and 1 s took 18 s). Here S3 takes each part slowly, so
+    the read of one 96 MiB file follows the upload: about 12 s in all, with a 2 s deadline."""
+    from support.faultproxy import Delay, FaultProxy, Rule, upload_part
+
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(96 * 1024 * 1024)  # incompressible: the upload paces the read
+    (src / "big.log").write_bytes(data)
+    with FaultProxy(stack.s3_endpoint) as s3:
+        s3.add_rule(Rule(query=upload_part, fault=Delay(1.0)))
+        started = time.monotonic()
+        proc, result = stack.backup(
+            "--source",
+            str(src),
+            "--max-duration",
+            "2",
+            "--upload-workers",
+            "1",
+            "--no-complete",
+            env=stack.env(AWS_ENDPOINT_URL_S3=s3.endpoint),
+        )
+        elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["status"] == "partial"
+    assert elapsed < 10, elapsed  # the whole file would take at least 12 parts of 1 s
+    body = stack.client("s3").get_object(Bucket=stack.bucket, Key=result["key"] + ".manifest.json")["Body"]
+    doc = json.loads(body.read())
+    assert doc["totals"]["cut_short"] == 1
+    [cut] = doc["cut_short"]
+    kept = cut["kept"]
+    assert cut["path"].endswith("big.log") and cut["size"] == len(data) and 0 < kept < len(data)
+    [entry] = [e for e in doc["entries"] if e["type"] == "file"]
+    assert entry["cut_at"] == kept and "sha256" not in entry
+
+    listed = json.loads(stack.run("list", "--bucket", stack.bucket, "--json").stdout)
+    assert [b["status"] for b in listed if b["key"] == result["key"]] == ["partial"]
+    dest = tmp_path / "restored"
+    proc = stack.run("restore", f"s3://{stack.bucket}/{result['key']}", str(dest))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    restored = (dest / str(src).lstrip("/") / "big.log").read_bytes()
+    assert restored[:kept] == data[:kept] and restored[kept:] == bytes(len(data) - kept)
+
+
 def test_two_runs_within_one_second_both_keep_their_backup(stack: Stack, tmp_path: Path) -> None:
     src = source_tree(tmp_path / "src", size=4096)
     keys = []
