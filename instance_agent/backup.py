@@ -184,6 +184,10 @@ def archive_and_upload(
     base = key[: -len(keys.EXTENSIONS[cfg.compression])]
     deadline = started + cfg.max_duration if cfg.max_duration else None
     result.key = key
+    if shipped is not None:
+        # Only what was shipped to this bucket and prefix may stay out of this archive: a
+        # ledger kept from another bucket would make a backup that names objects elsewhere.
+        shipped.aim(cfg.bucket or "", keys.segment_prefix(cfg.key_template, key_values(cfg, ident, group)))
     log.info("backup started", extra=fields(bucket=cfg.bucket, key=key, sources=list(cfg.source)))
 
     holder: dict[str, Archiver] = {}

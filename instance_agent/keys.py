@@ -105,6 +105,11 @@ def segment_key(template: str, values: Mapping[str, str], name: str, identity: s
     return key
 
 
+def segment_prefix(template: str, values: Mapping[str, str]) -> str:
+    """The "directory" that holds every segment of this instance (segment_key's)."""
+    return segment_key(template, values, "x", "x", "none").rsplit("/", 1)[0] + "/"
+
+
 def check_key(key: str) -> str | None:
     if key.startswith("/"):
         return f"rendered key {key!r} starts with '/'"

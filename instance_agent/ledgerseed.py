@@ -57,7 +57,7 @@ def seed(ledger: Ledger, s3: S3Reader, bucket: str, prefix: str, instance_id: st
             segment = key[: -len(MANIFEST_SUFFIX)]
             if segment not in listed:
                 continue  # a manifest without its segment (expired, deleted): ship again
-            recs = _still_here(_read(s3, bucket, key), segment, prefix, instance_id)
+            recs = _still_here(_read(s3, bucket, key), segment, prefix, instance_id, bucket)
             if recs:
                 ledger.add_segment(recs)
                 segments, files = segments + 1, files + len(recs)
@@ -91,7 +91,7 @@ def _read(s3: S3Reader, bucket: str, key: str) -> Any:
         return None
 
 
-def _still_here(doc: Any, segment: str, prefix: str, instance_id: str) -> list[Shipped]:
+def _still_here(doc: Any, segment: str, prefix: str, instance_id: str, bucket: str) -> list[Shipped]:
     """The manifest's ledger lines whose files are unchanged where they were shipped from."""
     if not isinstance(doc, dict) or doc.get("segment_of") != instance_id:
         return []
@@ -101,6 +101,7 @@ def _still_here(doc: Any, segment: str, prefix: str, instance_id: str) -> list[S
     totals: dict[str, Any] = found if isinstance(found, dict) else {}
     info = {
         "key": segment,
+        "bucket": bucket,
         "tar_bytes": totals.get("tar_bytes", 0),
         "compressed_bytes": totals.get("compressed_bytes", 0),
     }

@@ -191,6 +191,7 @@ def ship(
                     report.tar_bytes,
                     sent,
                     ctimes[target.path],
+                    cfg.bucket or "",
                 )
             )
         doc = manifest.build(

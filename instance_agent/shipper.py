@@ -314,12 +314,10 @@ class Shipper:
                 ledger = Ledger.load(self.cfg.state_dir, ident.instance_id)
                 ledger.compact()  # drops forgotten files and torn lines: the file stays small
                 self._ledger = ledger
-            prefix = (
-                keys.segment_key(self.cfg.key_template, values, "x", "x", self.cfg.compression).rsplit(
-                    "/", 1
-                )[0]
-                + "/"
-            )
+            prefix = keys.segment_prefix(self.cfg.key_template, values)
+            # Shipped state counts only where it was shipped: a file recorded in another
+            # bucket or under another prefix is shipped again here (issue 19 item 2).
+            self._ledger.aim(self.cfg.bucket or "", prefix)
             if self._ledger.fresh:
                 # No ledger: a first start, or the state directory went with a replaced
                 # root volume while the instance and its data volumes stayed. What S3

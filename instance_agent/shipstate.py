@@ -14,6 +14,12 @@ content digests taken while it was shipped: the SHA-256 of the whole file (the m
   back and left the tail alone is caught only by the whole-file SHA-256; that costs reading
   the file (renamed, rotated files pay it at termination), never uploading it again.
 - The ledger names the instance it belongs to: one baked into an AMI is ignored.
+- Each segment line names the bucket it went to, and its key carries the prefix. A record
+  counts only while the agent ships to that bucket and segment prefix (`aim`): after a
+  reload or a restart with another bucket or prefix, the termination archive holds those
+  files again and the shipper ships them again, so no backup names objects in a bucket it
+  is not in (issue 19 item 2). Format 3 added the bucket; an older ledger is seeded again
+  from S3 (ledgerseed.py), as a lost one is.
 
 The file is `ship-ledger.jsonl`, append-only, so recording a segment costs one line
 whatever the ledger's size (a full rewrite per segment made shipping many small files take
@@ -51,7 +57,7 @@ from instance_agent.manifest import Held
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "ship-ledger.jsonl"
-FORMAT = 2
+FORMAT = 3
 TAIL = 64 * 1024
 COMPACT_AFTER = 10_000  # ledger lines beyond twice the live records before a rewrite
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -86,6 +92,7 @@ class Shipped:
     # write, utime, chmod or rename moves it, so while it is unchanged the content is too
     # and the tail need not be read again at termination.
     ctime_ns: int = 0
+    bucket: str = ""  # where the segment is ("" only in records made in memory by tests)
 
     def file_json(self) -> dict[str, Any]:
         """This file on its segment's ledger line (the segment's own fields are there once)."""
@@ -108,6 +115,7 @@ class Shipped:
             int(segment["tar_bytes"]),
             int(segment["compressed_bytes"]),
             int(obj.get("ctime_ns", 0)),
+            str(segment.get("bucket", "")),
         )
 
     def segment_info(self) -> dict[str, Any]:
@@ -182,6 +190,16 @@ class Ledger:
         # No ledger of this instance was found (a first start, or a state directory lost
         # with its root volume): ledgerseed.py may rebuild it from S3.
         self.fresh = False
+        # Where shipping goes now (aim): None counts every record.
+        self._target: tuple[str, str] | None = None
+
+    def aim(self, bucket: str, prefix: str) -> None:
+        """Count only records shipped to `bucket` under the segment prefix `prefix`."""
+        self._target = (bucket, prefix)
+
+    def _here(self, rec: Shipped) -> bool:
+        target = self._target
+        return target is None or (rec.bucket == target[0] and rec.key.startswith(target[1]))
 
     @classmethod
     def load(cls, state_dir: str, instance_id: str) -> Ledger:
@@ -193,8 +211,8 @@ class Ledger:
             head = json.loads(lines[0])
             if head.get("instance_id") != instance_id or head.get("format") != FORMAT:
                 log.warning(
-                    "shipping ledger of another instance ignored",
-                    extra=fields(ledger_instance=head.get("instance_id")),
+                    "shipping ledger of another instance or format ignored",
+                    extra=fields(ledger_instance=head.get("instance_id"), ledger_format=head.get("format")),
                 )
                 ledger = cls(state_dir, instance_id)
                 ledger._discard()
@@ -249,19 +267,20 @@ class Ledger:
     def get(self, fid: FileId) -> Shipped | None:
         with self._lock:
             rec = self._by_inode.get((fid.dev, fid.ino))
-        return rec if rec is not None and rec.fid == fid else None
+        return rec if rec is not None and rec.fid == fid and self._here(rec) else None
 
     def totals(self) -> tuple[int, int]:
         with self._lock:
-            return len(self._by_inode), sum(r.fid.size for r in self._by_inode.values())
+            live = [r for r in self._by_inode.values() if self._here(r)]
+        return len(live), sum(r.fid.size for r in live)
 
     def held(self, path: bytes, st: os.stat_result, dir_fd: int | None, name: bytes) -> Held | None:
         """archive.Skip: the segment holding this file, if it is unchanged since shipped."""
         # No lock: the archive runs with the shipper stopped (or on a view()), and this is
         # called once per file of the sources, tens of thousands of times.
         rec = self._by_inode.get((st.st_dev, st.st_ino))
-        if rec is None:
-            return None
+        if rec is None or not self._here(rec):
+            return None  # never shipped, or shipped where this backup does not go
         fid = rec.fid
         if fid.size != st.st_size or fid.mtime_ns != st.st_mtime_ns:
             return None
@@ -300,7 +319,9 @@ class Ledger:
         """What is recorded now, in memory only, for one termination archive: the watcher
         hands its shipper's ledger to the job instead of reading the file again."""
         with self._lock:
-            return Ledger(None, self.instance_id, self._by_inode.values())
+            seen = Ledger(None, self.instance_id, self._by_inode.values())
+        seen._target = self._target
+        return seen
 
     def segments(self) -> list[dict[str, Any]]:
         """The segments `held` named, for the manifest."""
@@ -321,6 +342,7 @@ class Ledger:
         self._append(
             {
                 "key": first.key,
+                "bucket": first.bucket,
                 "tar_bytes": first.tar_bytes,
                 "compressed_bytes": first.compressed_bytes,
                 "files": [r.file_json() for r in recs],
@@ -351,9 +373,9 @@ class Ledger:
         if self.state_dir is None:
             return
         with self._lock:
-            by_key: dict[str, list[Shipped]] = {}
+            by_key: dict[tuple[str, str], list[Shipped]] = {}
             for r in self._by_inode.values():
-                by_key.setdefault(r.key, []).append(r)
+                by_key.setdefault((r.bucket, r.key), []).append(r)
         out = [self._header()]
         for recs in by_key.values():
             first = recs[0]
@@ -361,6 +383,7 @@ class Ledger:
                 _line(
                     {
                         "key": first.key,
+                        "bucket": first.bucket,
                         "tar_bytes": first.tar_bytes,
                         "compressed_bytes": first.compressed_bytes,
                         "files": [r.file_json() for r in recs],

@@ -104,6 +104,10 @@ class Deps:
     reload: Callable[[], Config] | None = None
 
 
+# Config fields a SIGHUP cannot apply: the identity is resolved once (IdentityCache).
+NEEDS_RESTART = ("instance_id", "region")
+
+
 class IdentityCache:
     """The identity, resolved once and kept; until then resolved with retries."""
 
@@ -456,13 +460,36 @@ class Watcher:
         except AgentError as err:
             log.error("config reload failed; keeping the running config", extra=fields(error=str(err)))
             return
-        changed = [
-            f.name for f in dataclasses.fields(Config) if getattr(new, f.name) != getattr(self.cfg, f.name)
-        ]
+        old = self.cfg
+        # The identity is resolved once and cached (IdentityCache): a new instance_id or
+        # region would be logged as changed and never used. Kept, and said so.
+        later = [name for name in NEEDS_RESTART if getattr(new, name) != getattr(old, name)]
+        if later:
+            new = dataclasses.replace(new, **{name: getattr(old, name) for name in later})
+            log.warning("config reload: these need a restart; kept as they were", extra=fields(fields=later))
+        changed = [f.name for f in dataclasses.fields(Config) if getattr(new, f.name) != getattr(old, f.name)]
         self.cfg = new
         self.poller.configure(new)
         logging.getLogger().setLevel(new.log_level.upper())
         log.info("config reloaded", extra=fields(changed=changed, file=new.config_file))
+        if changed:
+            self._reship(old)
+
+    def _reship(self, old: Config) -> None:
+        """Shipping follows the reloaded config: started when `ship` was turned on, stopped
+        when off, and restarted on anything else that changed, since a shipper reads its
+        config (bucket, prefix, sources, settle time…) once (issue 19 item 2)."""
+        if old.ship and self.shipper is None:
+            return  # stopped for the termination archive: it stays stopped
+        if not (old.ship or self.cfg.ship):
+            return
+        if self.shipper is not None:
+            self._stop_shipping()  # a segment in flight gets its few seconds, as before a job
+        self._start_shipping()
+        log.info(
+            "shipping " + ("stopped" if not self.cfg.ship else "restarted" if old.ship else "started"),
+            extra=fields(reason="config reloaded"),
+        )
 
 
 def _read_wake(sock: socket.socket) -> list[int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import threading
 import time
 from pathlib import Path
@@ -360,3 +361,76 @@ def test_a_forged_segment_manifest_cannot_reach_outside_the_restore(stack: Stack
     last = proc.stderr.strip().splitlines()[-1]
     assert "refusing the manifest" in last and "../../.ssh/id_rsa" in last
     assert not dest.exists()
+
+
+# --- issue 19 item 2: shipped state counts only where it was shipped -------------------
+
+
+def _rotated_tree(root: Path, count: int = 3) -> Path:
+    root.mkdir()
+    rng = random.Random(11)
+    for i in range(count):
+        path = root / f"app.log.{i + 1}"
+        path.write_bytes(rng.randbytes(40_000 * (i + 1)))
+        os.utime(path, (OLD, OLD))
+    return root
+
+
+def test_a_new_bucket_gets_a_whole_backup_not_one_that_names_the_old_bucket(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Shipped to one bucket, then the config names another (a restart with a new bucket):
+    the ledger did not say where it shipped, so the final archive in the new bucket left
+    out every shipped file, reported succeeded, and restore --latest there failed."""
+    src = _rotated_tree(tmp_path / "logs")
+    with watch(stack, "--source", str(src), "--ship") as w:
+        w.wait_for("watching")
+        deadline = time.monotonic() + 60
+        while json.loads(stack.run("status", "--json").stdout)["shipping"]["shipped_files"] != 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+    assert _segments(stack)
+    other = "other-bucket"
+    stack.client("s3").create_bucket(Bucket=other)
+
+    stack.scale_in()
+    proc, done = stack.backup("--source", str(src), "--ship", "--bucket", other)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert done["status"] == "succeeded" and completions(stack) == [("CONTINUE", "ok")]
+    body = stack.client("s3").get_object(Bucket=other, Key=done["key"] + ".manifest.json")["Body"]
+    doc = json.loads(body.read())
+    assert doc["totals"]["files"] == 3 and doc["totals"].get("held_files", 0) == 0
+    dest = tmp_path / "restored"
+    proc = stack.run(
+        "restore",
+        "--bucket",
+        other,
+        "--latest",
+        "--instance-id",
+        stack.instance_id,
+        "--verify",
+        "--json",
+        str(dest),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["status"] == "verified"
+    assert walk(dest / str(src).lstrip("/")) == walk(src)
+
+
+def test_a_reload_that_turns_ship_on_starts_shipping(stack: Stack, tmp_path: Path) -> None:
+    """A SIGHUP that turned `ship` on logged the change and never shipped anything."""
+    src = _rotated_tree(tmp_path / "logs")
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'source = ["{src}"]\nship = false\n')
+    with watch(stack, "--config", str(conf)) as w:
+        w.wait_for("watching")
+        conf.write_text(f'source = ["{src}"]\nship = true\n')
+        w.send(signal.SIGHUP)
+        _, reloaded = w.wait_for("config reloaded")
+        assert "ship" in reloaded["changed"]
+        w.wait_for("segment shipped", timeout=60)
+        deadline = time.monotonic() + 60
+        while json.loads(stack.run("status", "--json").stdout)["shipping"]["shipped_files"] != 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+    assert _segments(stack)
