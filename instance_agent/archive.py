@@ -41,8 +41,6 @@ READ_SIZE = 1 << 20
 # cost three sink writes per file (header, data, padding), each a compressor call that drops
 # and retakes the GIL. Below this much free space, the buffer is handed on before a read.
 MIN_READ = 64 << 10
-# The rest of a file cut short by the deadline goes to the sink in pieces of this many zeros.
-_ZEROS = 16 << 20
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SWAPPED = "replaced by a symlink or another file during the backup; not followed"
@@ -459,13 +457,7 @@ class Archiver:
         """The deadline passed `kept` bytes into the file: zeros for the rest, unread."""
         self._warn(path, f"cut short at {kept} of {size} bytes by --max-duration; the rest is zeros")
         self.report.cut.append((path, kept, size))
-        self._flush()
-        zeros = bytes(min(size - kept, _ZEROS))
-        left = size - kept
-        while left:
-            n = min(left, len(zeros))
-            self._write(memoryview(zeros)[:n])
-            left -= n
+        self._pad(size - kept, None)
         self._write(b"\0" * tarheader.padding(size))
         return kept
 

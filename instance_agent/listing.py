@@ -203,6 +203,14 @@ class Filters:
     instance_id: str | None = None
     since: datetime | None = None
 
+    def admit(self, backup: Backup) -> bool:
+        """The described backup matches every filter given."""
+        return (
+            (self.group is None or backup.group == self.group)
+            and (self.instance_id is None or backup.instance_id == self.instance_id)
+            and (self.since is None or backup.time >= self.since)
+        )
+
 
 def _iso(when: datetime) -> str:
     return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -353,13 +361,8 @@ def find_backups(
         if backup.status == "unreadable manifest":
             if filters.group is not None and not group_pinned:
                 continue
-        else:
-            if filters.group is not None and backup.group != filters.group:
-                continue
-            if filters.instance_id is not None and backup.instance_id != filters.instance_id:
-                continue
-            if filters.since is not None and backup.time < filters.since:
-                continue
+        elif not filters.admit(backup):
+            continue
         found.append(backup)
     found.sort(key=lambda b: (b.time, b.key))
     return found

@@ -385,7 +385,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from instance_agent import assemble, listing, orphans, restore, verify
+    from instance_agent import assemble, listing, orphans, restore
 
     cfg = _load(args)
     s3 = s3_client(cfg)
@@ -479,9 +479,23 @@ def cmd_restore(args: argparse.Namespace) -> int:
         f"{_count(report.dirs, 'directory', 'directories')} and "
         f"{_count(report.links, 'link')} ({report.bytes:,} bytes) from {url} into {dest}\n"
     )
+    return _finish_restore(args, dest, manifest, select, result, summary)
+
+
+def _finish_restore(
+    args: argparse.Namespace,
+    dest: str,
+    manifest: Any,
+    select: Any,
+    result: dict[str, Any],
+    summary: str,
+) -> int:
+    """Verify against `manifest` when asked, print the result, and exit 0 or raise."""
     verified = None
     if args.verify:
-        assert manifest is not None
+        from instance_agent import verify
+
+        assert manifest is not None  # --verify reads the manifest before anything is restored
         verified = verify.compare(dest, manifest, select)
         result.update(
             status="verified" if not verified.differences else "differs",
@@ -534,21 +548,7 @@ def _restore_incomplete(args: argparse.Namespace, s3: Any, chosen: Any, extra: A
         f"restored {_count(report.files, 'file')} ({report.bytes:,} bytes) from "
         f"{_count(len(chosen.segments or []), 'shipped segment')} into {dest}\n"
     )
-    verified = None
-    if args.verify:
-        from instance_agent import verify
-
-        verified = verify.compare(dest, manifest, select)
-        result.update(
-            status="verified" if not verified.differences else "differs",
-            checked=verified.checked,
-            differences=[d.to_json() for d in verified.differences],
-        )
-        summary += _verify_text(verified)
-    _print(json.dumps(result) + "\n" if args.json else summary)
-    if verified is not None:
-        verified.raise_if_different()
-    return 0
+    return _finish_restore(args, dest, manifest, select, result, summary)
 
 
 def _verify_text(report: Any) -> str:

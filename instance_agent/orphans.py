@@ -134,13 +134,6 @@ def find_all(s3: S3Reader, bucket: str, prefix: str, filters: Filters, **kwargs:
         b for b in found if b.instance_id and any(keys.safe_component(b.instance_id) in k for k in segments)
     ]
     taken = referenced(s3, bucket, shipping, extra)
-    for b in incomplete(s3, bucket, segments, taken, extra):
-        if filters.group is not None and b.group != filters.group:
-            continue
-        if filters.instance_id is not None and b.instance_id != filters.instance_id:
-            continue
-        if filters.since is not None and b.time < filters.since:
-            continue
-        found.append(b)
+    found.extend(b for b in incomplete(s3, bucket, segments, taken, extra) if filters.admit(b))
     found.sort(key=lambda b: (b.time, b.key))
     return found

@@ -42,6 +42,16 @@ def _restore_latest(stack: Stack, dest: Path) -> dict[str, Any]:
     return out
 
 
+def _await_shipped(stack: Stack, count: int, timeout: float = 60) -> dict[str, Any]:
+    """The status file's shipping block once it counts `count` shipped files."""
+    deadline = time.monotonic() + timeout
+    while (state := json.loads(stack.run("status", "--json").stdout)["shipping"])["shipped_files"] != count:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.3)
+    out: dict[str, Any] = state
+    return out
+
+
 def _manifest(stack: Stack, key: str) -> dict[str, Any]:
     body = stack.client("s3").get_object(Bucket=stack.bucket, Key=key + ".manifest.json")["Body"]
     doc: dict[str, Any] = json.loads(body.read())
@@ -197,10 +207,7 @@ def test_many_small_files_ship_as_one_segment_and_restore_as_one_tree(stack: Sta
     with watch(stack, "--source", str(src), "--ship") as w:
         _, shipped = w.wait_for("segment shipped", timeout=60)
         assert shipped["files"] == 401
-        deadline = time.monotonic() + 30  # the status file follows at the next scan
-        while (state := json.loads(stack.run("status", "--json").stdout)["shipping"])["shipped_files"] != 401:
-            assert time.monotonic() < deadline, state
-            time.sleep(0.3)
+        state = _await_shipped(stack, 401, timeout=30)  # the status file follows at the next scan
         assert state["pending_files"] == 0
         assert len(_segments(stack)) == 1  # one object for all of them, not 401
         # Rotated after it was shipped: restored under its new name, from the segment.
@@ -236,10 +243,7 @@ def test_a_lost_state_directory_ships_nothing_again_that_s3_holds(stack: Stack, 
         os.utime(p, (OLD, OLD))
     with watch(stack, "--source", str(src), "--ship") as w:
         w.wait_for("segment shipped", timeout=60)
-        deadline = time.monotonic() + 30
-        while json.loads(stack.run("status", "--json").stdout)["shipping"]["shipped_files"] != 31:
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
+        _await_shipped(stack, 31, timeout=30)
     shipped = _segments(stack)
     assert shipped
 
@@ -312,10 +316,7 @@ def test_segments_no_backup_names_are_listed_incomplete_and_restore_latest(
         os.utime(path, (OLD, OLD))
     with watch(stack, "--source", str(src), "--ship") as w:
         w.wait_for("watching")
-        deadline = time.monotonic() + 60
-        while json.loads(stack.run("status", "--json").stdout)["shipping"]["shipped_files"] != 3:
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
+        _await_shipped(stack, 3)
     segments = _segments(stack)
     assert segments and not [k for k in stack.objects() if k.endswith(".tar.zst") and k not in segments]
 
@@ -385,10 +386,7 @@ def test_a_new_bucket_gets_a_whole_backup_not_one_that_names_the_old_bucket(
     src = _rotated_tree(tmp_path / "logs")
     with watch(stack, "--source", str(src), "--ship") as w:
         w.wait_for("watching")
-        deadline = time.monotonic() + 60
-        while json.loads(stack.run("status", "--json").stdout)["shipping"]["shipped_files"] != 3:
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
+        _await_shipped(stack, 3)
     assert _segments(stack)
     other = "other-bucket"
     stack.client("s3").create_bucket(Bucket=other)
@@ -429,8 +427,5 @@ def test_a_reload_that_turns_ship_on_starts_shipping(stack: Stack, tmp_path: Pat
         _, reloaded = w.wait_for("config reloaded")
         assert "ship" in reloaded["changed"]
         w.wait_for("segment shipped", timeout=60)
-        deadline = time.monotonic() + 60
-        while json.loads(stack.run("status", "--json").stdout)["shipping"]["shipped_files"] != 3:
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
+        _await_shipped(stack, 3)
     assert _segments(stack)

@@ -32,6 +32,12 @@ def _archive(src: Path, deadline: float) -> tuple[bytes, Archiver]:
     return sink.getvalue(), arch
 
 
+def _member(tar: bytes, name: str) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        member = next(m for m in tf.getmembers() if m.name.endswith(name))
+        return tf.extractfile(member).read()  # type: ignore[union-attr]
+
+
 def test_a_large_file_is_cut_at_the_deadline_and_the_manifest_says_where(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -52,9 +58,7 @@ def test_a_large_file_is_cut_at_the_deadline_and_the_manifest_says_where(tmp_pat
     (tmp_path / "a.tar").write_bytes(tar)
     listed = subprocess.run(["tar", "-tvf", str(tmp_path / "a.tar")], capture_output=True, check=True)
     assert b"big.log" in listed.stdout
-    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
-        member = next(m for m in tf.getmembers() if m.name.endswith("big.log"))
-        stored = tf.extractfile(member).read()  # type: ignore[union-attr]
+    stored = _member(tar, "big.log")
     assert stored[:kept] == data[:kept] and stored[kept:] == bytes(size - kept)
 
 
@@ -67,6 +71,4 @@ def test_a_file_read_before_the_deadline_is_whole(tmp_path: Path) -> None:
     assert not arch.report.stopped_early and arch.report.cut == []
     [entry] = [e for e in arch.report.entries() if e["type"] == "file"]
     assert "cut_at" not in entry and entry["sha256"]
-    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
-        member = next(m for m in tf.getmembers() if m.name.endswith("small.log"))
-        assert tf.extractfile(member).read() == data  # type: ignore[union-attr]
+    assert _member(tar, "small.log") == data
