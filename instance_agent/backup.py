@@ -32,7 +32,7 @@ from instance_agent.metrics import CloudWatchClient
 from instance_agent.notify import SNSClient
 from instance_agent.result import PARTIAL, SUCCEEDED, Result
 from instance_agent.s3upload import ChainBody, MultipartUpload, PartSizer, S3Client, put_small
-from instance_agent.shipstate import Ledger
+from instance_agent.shipstate import Ledger, refresh_age
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,11 @@ def archive_and_upload(
     if shipped is not None:
         # Only what was shipped to this bucket and prefix may stay out of this archive: a
         # ledger kept from another bucket would make a backup that names objects elsewhere.
-        shipped.aim(cfg.bucket or "", keys.segment_prefix(cfg.key_template, key_values(cfg, ident, group)))
+        shipped.aim(
+            cfg.bucket or "",
+            keys.segment_prefix(cfg.key_template, key_values(cfg, ident, group)),
+            refresh_age(cfg.retention_days),
+        )
     log.info("backup started", extra=fields(bucket=cfg.bucket, key=key, sources=list(cfg.source)))
 
     holder: dict[str, Archiver] = {}

@@ -136,6 +136,10 @@ def check_positive(value: Any) -> str | None:
     return None if value > 0 else f"must be greater than 0, got {value}"
 
 
+def check_not_negative(value: Any) -> str | None:
+    return None if value >= 0 else f"must be 0 or more, got {value}"
+
+
 def check_level(value: Any) -> str | None:
     return None if value is None or -7 <= value <= 22 else f"level {value} is out of range"
 
@@ -479,6 +483,15 @@ OPTIONS: tuple[Option, ...] = (
         check=check_positive,
     ),
     Option(
+        "retention_days",
+        "int",
+        0,
+        "days the bucket's lifecycle rule keeps backups (the template's RetentionDays; 0: "
+        "kept until deleted); a file whose segment is half that old is shipped again, so "
+        "no backup names a segment the rule is about to expire",
+        check=check_not_negative,
+    ),
+    Option(
         "ship_bandwidth",
         "size",
         None,
@@ -547,6 +560,7 @@ class Config:
     stop_grace: float
     ship: bool
     ship_settle: float
+    retention_days: int
     ship_bandwidth: int | None
     config_file: str | None = field(default=None, compare=False)
 

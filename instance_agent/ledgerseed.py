@@ -26,6 +26,7 @@ import logging
 import os
 import stat
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -53,11 +54,13 @@ def seed(ledger: Ledger, s3: S3Reader, bucket: str, prefix: str, instance_id: st
     segments = files = 0
     try:
         listed = _listing(s3, bucket, prefix)
-        for key in sorted(k for k in listed if k.endswith(MANIFEST_SUFFIX) and listed[k] <= MAX_MANIFEST):
+        for key in sorted(k for k in listed if k.endswith(MANIFEST_SUFFIX) and listed[k][0] <= MAX_MANIFEST):
             segment = key[: -len(MANIFEST_SUFFIX)]
             if segment not in listed:
                 continue  # a manifest without its segment (expired, deleted): ship again
-            recs = _still_here(_read(s3, bucket, key), segment, prefix, instance_id, bucket)
+            recs = _still_here(
+                _read(s3, bucket, key), segment, prefix, instance_id, bucket, listed[segment][1]
+            )
             if recs:
                 ledger.add_segment(recs)
                 segments, files = segments + 1, files + len(recs)
@@ -71,13 +74,19 @@ def seed(ledger: Ledger, s3: S3Reader, bucket: str, prefix: str, instance_id: st
     return segments, files
 
 
-def _listing(s3: S3Reader, bucket: str, prefix: str) -> dict[str, int]:
-    """Every key under `prefix`, with its size."""
-    found: dict[str, int] = {}
+def _listing(s3: S3Reader, bucket: str, prefix: str) -> dict[str, tuple[int, float]]:
+    """Every key under `prefix`, with its size and S3's date of it (epoch seconds; 0 when
+    not given, which a retention treats as too old to count)."""
+    found: dict[str, tuple[int, float]] = {}
     kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
     while True:
         page = s3.list_objects_v2(**kwargs)
-        found.update({str(o["Key"]): int(o.get("Size", 0)) for o in page.get("Contents", [])})
+        for o in page.get("Contents", []):
+            when = o.get("LastModified")
+            found[str(o["Key"])] = (
+                int(o.get("Size", 0)),
+                when.timestamp() if isinstance(when, datetime) else 0.0,
+            )
         if not page.get("IsTruncated"):
             return found
         kwargs["ContinuationToken"] = page["NextContinuationToken"]
@@ -91,7 +100,9 @@ def _read(s3: S3Reader, bucket: str, key: str) -> Any:
         return None
 
 
-def _still_here(doc: Any, segment: str, prefix: str, instance_id: str, bucket: str) -> list[Shipped]:
+def _still_here(
+    doc: Any, segment: str, prefix: str, instance_id: str, bucket: str, at: float
+) -> list[Shipped]:
     """The manifest's ledger lines whose files are unchanged where they were shipped from."""
     if not isinstance(doc, dict) or doc.get("segment_of") != instance_id:
         return []
@@ -104,6 +115,7 @@ def _still_here(doc: Any, segment: str, prefix: str, instance_id: str, bucket: s
         "bucket": bucket,
         "tar_bytes": totals.get("tar_bytes", 0),
         "compressed_bytes": totals.get("compressed_bytes", 0),
+        "at": at,  # S3's date, not the manifest's: the rule expires by S3's
     }
     recs: list[Shipped] = []
     for line in doc.get("shipped") or []:

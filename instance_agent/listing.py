@@ -169,6 +169,7 @@ class Backup:
     agent_version: str | None = None
     error: str | None = None
     segments: list[str] | None = None  # an `incomplete` entry's segments (orphans.py)
+    missing: list[str] | None = None  # list --verify: named segments S3 does not hold
 
     @property
     def url(self) -> str:
@@ -194,6 +195,7 @@ class Backup:
             "agent_version": self.agent_version,
             "error": self.error,
             **({"segments": self.segments} if self.segments is not None else {}),
+            **({"missing": self.missing} if self.missing is not None else {}),
         }
 
 

@@ -35,11 +35,15 @@ examples:
   instance-agent list --bucket my-backups --prefix backups/
   instance-agent list --asg-name web --since 7d
   instance-agent list --instance-id i-0123456789abcdef0 --since 2026-01-31 --json | jq .
+  instance-agent list --asg-name web --verify
 
 Columns: TIME (the manifest's `created`), GROUP, INSTANCE, RAW (bytes read), COMPRESSED,
 FILES, STATUS (succeeded, partial: the deadline cut it short, no manifest: the run died after
-its upload), ARCHIVE. A table on a terminal, a JSON array (one backup per line) otherwise.
-exit codes: 0 listed (maybe nothing), 1 S3 refused, 2 usage or configuration error.
+its upload, incomplete: shipped segments no backup names, missing segments: with --verify, a
+segment the backup names is gone or changed), ARCHIVE. A table on a terminal, a JSON array
+(one backup per line) otherwise.
+exit codes: 0 listed (maybe nothing), 1 S3 refused or --verify found a backup that is not
+whole, 2 usage or configuration error.
 """
 
 EXAMPLES_RESTORE = (
@@ -185,6 +189,12 @@ def register(sub: Any) -> None:
         help="only backups created at or after DATE: "
         "2026-01-31, 2026-01-31T12:00Z, or a duration ago such as 12h or 7d (flag "
         "only; default: all)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also check that every segment a backup names is in the bucket at its size; "
+        "exit 1 if any is missing (flag only; default: off, one GET per backup more)",
     )
     p.add_argument(
         "--page-size",
@@ -374,6 +384,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         key_template=cfg.key_template,
         page_size=args.page_size,
         extra=_extra(cfg),
+        verify=args.verify,
     )
     if args.json or not sys.stdout.isatty():
         _print(listing.render_json(backups))
@@ -381,7 +392,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         _print(listing.render_table(backups))
     else:
         _print(f"no backups under s3://{bucket}/{cfg.prefix}\n")
-    return 0
+    broken = [b for b in backups if b.status == orphans.MISSING]
+    for b in broken:
+        sys.stderr.write(f"error: {b.url} cannot be restored whole: {b.error}\n")
+    return 1 if broken else 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

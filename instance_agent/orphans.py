@@ -22,6 +22,7 @@ from instance_agent.listing import MANIFEST_SUFFIX, Backup, Filters, S3Reader, f
 from instance_agent.manifest import path_from_fields
 
 STATUS = "incomplete"
+MISSING = "missing segments"  # list --verify: the backup names segments S3 no longer holds
 _DIR = f"/{keys.SEGMENT_DIR}/"
 
 
@@ -34,10 +35,12 @@ def anchor(segment: str) -> str:
     return segment[: segment.rindex(_DIR) + len(_DIR)]
 
 
-def referenced(s3: S3Reader, bucket: str, backups: Iterable[Backup], extra: Mapping[str, str]) -> set[str]:
-    """The segment keys that the described backups' manifests list (read whole: the list
-    follows the head that `list` reads). Only backups of continuous shipping name any."""
-    found: set[str] = set()
+def named(
+    s3: S3Reader, bucket: str, backups: Iterable[Backup], extra: Mapping[str, str]
+) -> dict[str, list[Any]]:
+    """Backup key -> the segments its manifest lists (read whole: the list follows the head
+    that `list` reads). Only backups of continuous shipping name any."""
+    found: dict[str, list[Any]] = {}
     for b in backups:
         if not b.manifest_key or b.status not in ("succeeded", "partial"):
             continue
@@ -45,8 +48,31 @@ def referenced(s3: S3Reader, bucket: str, backups: Iterable[Backup], extra: Mapp
             doc = read_manifest(s3, bucket, b.manifest_key, extra)
         except AgentError:
             continue
-        found.update(str(s.get("key")) for s in doc.get("segments") or [] if isinstance(s, dict))
+        found[b.key] = [s for s in doc.get("segments") or [] if isinstance(s, dict)]
     return found
+
+
+def check_whole(
+    backups: Iterable[Backup], segments_of: Mapping[str, list[Any]], listed: Mapping[str, Any]
+) -> None:
+    """`list --verify`: a backup whose manifest names a segment that is not in the bucket
+    (expired by a retention rule, deleted), or not at the size it was shipped at, cannot be
+    restored whole; it says so instead of `succeeded`. `listed` holds every segment listed
+    with its manifest beside it."""
+    for b in backups:
+        missing = []
+        for seg in segments_of.get(b.key, []):
+            key = str(seg.get("key"))
+            size = seg.get("compressed_bytes")
+            obj = listed.get(key)
+            if obj is None or (isinstance(size, int) and size and int(obj.get("Size", -1)) != size):
+                missing.append(key)
+        if missing:
+            b.status = MISSING
+            b.missing = missing
+            b.error = (
+                f"{len(missing)} of {len(segments_of[b.key])} segments missing or changed, first {missing[0]}"
+            )
 
 
 def _shipped_entries(segment: str, doc: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -122,18 +148,34 @@ def manifest_of(s3: S3Reader, backup: Backup, extra: Mapping[str, str]) -> dict[
     return {"format": 1, "instance_id": backup.instance_id, "segments": segments, "entries": entries}
 
 
-def find_all(s3: S3Reader, bucket: str, prefix: str, filters: Filters, **kwargs: Any) -> list[Backup]:
-    """listing.find_backups, and after them each instance's `incomplete` entry."""
+def _shipped_by(instance_id: str, segments: Iterable[str]) -> bool:
+    return any(keys.safe_component(instance_id) in k for k in segments)
+
+
+def find_all(
+    s3: S3Reader, bucket: str, prefix: str, filters: Filters, *, verify: bool = False, **kwargs: Any
+) -> list[Backup]:
+    """listing.find_backups, and after them each instance's `incomplete` entry; with
+    `verify`, every backup's named segments are looked for in the listing (check_whole)."""
     segments: dict[str, Mapping[str, Any]] = {}
     found = find_backups(s3, bucket, prefix, filters, shipped=segments, **kwargs)
+    extra = kwargs.get("extra") or {}
+    if verify:
+        # Every backup, not only those of instances with segments listed: one whose
+        # segments have all expired names them still.
+        segments_of = named(s3, bucket, found, extra)
+        check_whole(found, segments_of, segments)
     if not segments:
         return found
-    extra = kwargs.get("extra") or {}
-    # Only an instance that shipped segments has a backup that may name them.
-    shipping = [
-        b for b in found if b.instance_id and any(keys.safe_component(b.instance_id) in k for k in segments)
-    ]
-    taken = referenced(s3, bucket, shipping, extra)
+    if not verify:
+        # Only an instance that shipped segments has a backup that may name them.
+        shipping = [
+            b
+            for b in found
+            if b.instance_id and any(keys.safe_component(b.instance_id) in k for k in segments)
+        ]
+        segments_of = named(s3, bucket, shipping, extra)
+    taken = {str(seg.get("key")) for segs in segments_of.values() for seg in segs}
     found.extend(b for b in incomplete(s3, bucket, segments, taken, extra) if filters.admit(b))
     found.sort(key=lambda b: (b.time, b.key))
     return found

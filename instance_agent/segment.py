@@ -24,11 +24,14 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from instance_agent import __version__, keys, manifest
+from botocore.exceptions import BotoCoreError, ClientError
+
+from instance_agent import __version__, keys, manifest, s3args
 from instance_agent.archive import Archiver, Sink
 from instance_agent.backup import Clients, _s3_extra, _upload_stream
 from instance_agent.config import Config
@@ -36,7 +39,7 @@ from instance_agent.errors import ObjectExists
 from instance_agent.fsdir import open_below
 from instance_agent.logs import fields
 from instance_agent.manifest import path_from_fields
-from instance_agent.s3upload import ChainBody, put_small
+from instance_agent.s3upload import ChainBody, S3Client, put_small
 from instance_agent.shipstate import FileId, Ledger, Shipped, open_same, tail_digest
 from instance_agent.throttle import paced
 
@@ -79,20 +82,39 @@ class _Counted:
         return self.inner.write(data)
 
 
-def batch_key(cfg: Config, values: dict[str, str], files: list[tuple[Target, FileId]]) -> str:
+def batch_key(
+    cfg: Config, values: dict[str, str], files: list[tuple[Target, FileId]], replaces: int | None = None
+) -> str:
     """The segment's key, derived from what it holds: one file keeps its own name and
     identity; a batch is named for its first file, its count and a digest of every
     identity, so the same batch (the shipper picks them in a fixed order) gets the same key
-    after a restart and S3's create-only write refuses a second copy."""
+    after a restart and S3's create-only write refuses a second copy.
+
+    A file shipped again because its segment grew old (a retention) gets a new object with
+    a new date, where its old key would be refused and keep its old date: `replaces` (the
+    date of the newest old segment it replaces) ends the identity. It is the same after a
+    restart, as the old record stays until the new one is recorded."""
+    suffix = f".r{replaces}" if replaces is not None else ""
     first = os.fsdecode(os.path.basename(files[0][0].rel))
     if len(files) == 1:
-        return keys.segment_key(cfg.key_template, values, first, files[0][1].token(), cfg.compression)
+        return keys.segment_key(
+            cfg.key_template, values, first, files[0][1].token() + suffix, cfg.compression
+        )
     h = hashlib.sha256()
     for target, fid in files:
         h.update(target.path + b"\0" + fid.token().encode() + b"\n")
     return keys.segment_key(
-        cfg.key_template, values, first, f"{len(files)}files-{h.hexdigest()[:24]}", cfg.compression
+        cfg.key_template, values, first, f"{len(files)}files-{h.hexdigest()[:24]}{suffix}", cfg.compression
     )
+
+
+def _dated(s3: S3Client, cfg: Config, key: str) -> float:
+    """S3's date of an object that exists; 0 (too old to count: shipped again) if unknown."""
+    try:
+        when = s3.head_object(Bucket=cfg.bucket, Key=key, **s3args.owner_args(cfg)).get("LastModified")
+    except (ClientError, BotoCoreError):
+        return 0.0
+    return when.timestamp() if isinstance(when, datetime) else 0.0
 
 
 class _Dirs:
@@ -124,6 +146,7 @@ def ship(
     *,
     stop: threading.Event,
     clock: Callable[[], float],
+    wall: Callable[[], float] = time.time,
 ) -> list[Shipped]:
     """Upload `targets` as one segment and record the files that arrived whole (one ledger
     line). Raises Changed when none did, or an AgentError."""
@@ -141,7 +164,11 @@ def ship(
                 ctimes[target.path] = st.st_ctime_ns
         if not files:
             raise Changed("no longer regular files")
-        key = batch_key(cfg, values, files)
+        # Before the upload begins: S3 dates a multipart object from its initiation, and a
+        # retention counts from that date (shipstate.refresh_age).
+        at = wall()
+        aged = [rec.at for _, fid in files if (rec := ledger.aged(fid)) is not None]
+        key = batch_key(cfg, values, files, int(max(aged)) if aged else None)
         holder: dict[str, Any] = {}
 
         def produce(comp: Any) -> None:
@@ -163,6 +190,8 @@ def ship(
             _upload_stream(one, clients.s3, key, produce, stop, threads=0, wrap=wrap)
         except ObjectExists:
             existed = True  # shipped by a run killed before it could record it
+            if cfg.retention_days:
+                at = _dated(clients.s3, cfg, key)  # that run's date, not this one's
         report = holder["arch"].report
         sent = holder["counted"].count
         # Only a file read whole, warning-free and unchanged since is recorded; the others
@@ -192,6 +221,7 @@ def ship(
                     sent,
                     ctimes[target.path],
                     cfg.bucket or "",
+                    at,
                 )
             )
         doc = manifest.build(

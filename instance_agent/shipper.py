@@ -46,7 +46,7 @@ from instance_agent.logs import fields
 from instance_agent.s3upload import abort_stale_uploads
 from instance_agent.segment import Changed, Target, ship
 from instance_agent.settle import Settler
-from instance_agent.shipstate import FileId, Ledger
+from instance_agent.shipstate import FileId, Ledger, refresh_age
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,7 @@ class Shipper:
             prefix = keys.segment_prefix(self.cfg.key_template, values)
             # Shipped state counts only where it was shipped: a file recorded in another
             # bucket or under another prefix is shipped again here (issue 19 item 2).
-            self._ledger.aim(self.cfg.bucket or "", prefix)
+            self._ledger.aim(self.cfg.bucket or "", prefix, refresh_age(self.cfg.retention_days))
             if self._ledger.fresh:
                 # No ledger: a first start, or the state directory went with a replaced
                 # root volume while the instance and its data volumes stayed. What S3
@@ -445,7 +445,16 @@ class Shipper:
         try:
             self._in_flight = True
             try:
-                ship(self.cfg, clients, ledger, targets, values, stop=self._cancel, clock=time.monotonic)
+                ship(
+                    self.cfg,
+                    clients,
+                    ledger,
+                    targets,
+                    values,
+                    stop=self._cancel,
+                    clock=time.monotonic,
+                    wall=self._clock,
+                )
             finally:
                 self._in_flight = False
         except Cancelled:

@@ -20,6 +20,11 @@ content digests taken while it was shipped: the SHA-256 of the whole file (the m
   files again and the shipper ships them again, so no backup names objects in a bucket it
   is not in (issue 19 item 2). Format 3 added the bucket; an older ledger is seeded again
   from S3 (ledgerseed.py), as a lost one is.
+- With a retention (`retention_days`, the bucket's expiration rule), a record counts only
+  while its segment is younger than half of it (`refresh_age`): an unchanged file is then
+  shipped again, or archived at termination, before the rule can expire the segment that
+  holds it, and a backup never names a segment older than half the retention (issue 19
+  item 3).
 
 The file is `ship-ledger.jsonl`, append-only, so recording a segment costs one line
 whatever the ledger's size (a full rewrite per segment made shipping many small files take
@@ -46,7 +51,8 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -60,6 +66,22 @@ LEDGER_FILE = "ship-ledger.jsonl"
 FORMAT = 3
 TAIL = 64 * 1024
 COMPACT_AFTER = 10_000  # ledger lines beyond twice the live records before a rewrite
+DAY = 86_400.0
+
+
+def refresh_age(retention_days: int) -> float | None:
+    """How old a segment may be and still hold a file for a new backup; None: no limit.
+
+    S3 expires an object `Days` after its creation, rounded up to the next midnight UTC
+    (https://docs.aws.amazon.com/AmazonS3/latest/userguide/intro-lifecycle-rules.html), so
+    a segment is safe for at least `retention_days` from `Shipped.at`. Half of that: a
+    backup written now names only segments at most half the retention old, so it stays
+    whole for at least the other half, and an unchanged file costs one more upload every
+    half retention. A backup older than that may have lost segments; `list --verify` says
+    which."""
+    return retention_days * DAY / 2 if retention_days > 0 else None
+
+
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -93,6 +115,10 @@ class Shipped:
     # and the tail need not be read again at termination.
     ctime_ns: int = 0
     bucket: str = ""  # where the segment is ("" only in records made in memory by tests)
+    # When the segment's upload began (epoch seconds; 0: unknown, as in lines written before
+    # it was recorded). S3 dates a multipart object from its initiation, and a lifecycle
+    # rule expires it that many days later, so this is never later than S3's own date.
+    at: float = 0.0
 
     def file_json(self) -> dict[str, Any]:
         """This file on its segment's ledger line (the segment's own fields are there once)."""
@@ -116,6 +142,7 @@ class Shipped:
             int(segment["compressed_bytes"]),
             int(obj.get("ctime_ns", 0)),
             str(segment.get("bucket", "")),
+            float(segment.get("at", 0.0)),
         )
 
     def segment_info(self) -> dict[str, Any]:
@@ -179,7 +206,14 @@ def open_same(name: bytes, dir_fd: int | None, fid: FileId) -> int | None:
 class Ledger:
     """The shipped files of one instance, by (device, inode)."""
 
-    def __init__(self, state_dir: str | None, instance_id: str, records: Iterable[Shipped] = ()) -> None:
+    def __init__(
+        self,
+        state_dir: str | None,
+        instance_id: str,
+        records: Iterable[Shipped] = (),
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.state_dir = state_dir  # None: kept in memory only (an unusable state dir)
         self.instance_id = instance_id
         self._by_inode: dict[tuple[int, int], Shipped] = {(r.fid.dev, r.fid.ino): r for r in records}
@@ -192,14 +226,24 @@ class Ledger:
         self.fresh = False
         # Where shipping goes now (aim): None counts every record.
         self._target: tuple[str, str] | None = None
+        self._max_age: float | None = None  # refresh_age of the retention; None: no limit
+        self._clock = clock  # wall time: segment ages are compared with S3's dates
 
-    def aim(self, bucket: str, prefix: str) -> None:
-        """Count only records shipped to `bucket` under the segment prefix `prefix`."""
+    def aim(self, bucket: str, prefix: str, max_age: float | None = None) -> None:
+        """Count only records shipped to `bucket` under the segment prefix `prefix`, and,
+        with `max_age`, only while their segment is younger than that (refresh_age)."""
         self._target = (bucket, prefix)
+        self._max_age = max_age
 
-    def _here(self, rec: Shipped) -> bool:
+    def _aimed(self, rec: Shipped) -> bool:
         target = self._target
         return target is None or (rec.bucket == target[0] and rec.key.startswith(target[1]))
+
+    def _young(self, rec: Shipped) -> bool:
+        return self._max_age is None or self._clock() - rec.at < self._max_age
+
+    def _here(self, rec: Shipped) -> bool:
+        return self._aimed(rec) and self._young(rec)
 
     @classmethod
     def load(cls, state_dir: str, instance_id: str) -> Ledger:
@@ -269,6 +313,15 @@ class Ledger:
             rec = self._by_inode.get((fid.dev, fid.ino))
         return rec if rec is not None and rec.fid == fid and self._here(rec) else None
 
+    def aged(self, fid: FileId) -> Shipped | None:
+        """The record of this very file, in this bucket and prefix, that counts no more only
+        because its segment grew past the retention's horizon (segment.batch_key)."""
+        with self._lock:
+            rec = self._by_inode.get((fid.dev, fid.ino))
+        if rec is None or rec.fid != fid or not self._aimed(rec) or self._young(rec):
+            return None
+        return rec
+
     def totals(self) -> tuple[int, int]:
         with self._lock:
             live = [r for r in self._by_inode.values() if self._here(r)]
@@ -319,8 +372,8 @@ class Ledger:
         """What is recorded now, in memory only, for one termination archive: the watcher
         hands its shipper's ledger to the job instead of reading the file again."""
         with self._lock:
-            seen = Ledger(None, self.instance_id, self._by_inode.values())
-        seen._target = self._target
+            seen = Ledger(None, self.instance_id, self._by_inode.values(), clock=self._clock)
+        seen._target, seen._max_age = self._target, self._max_age
         return seen
 
     def segments(self) -> list[dict[str, Any]]:
@@ -345,6 +398,7 @@ class Ledger:
                 "bucket": first.bucket,
                 "tar_bytes": first.tar_bytes,
                 "compressed_bytes": first.compressed_bytes,
+                "at": first.at,
                 "files": [r.file_json() for r in recs],
             }
         )
@@ -386,6 +440,7 @@ class Ledger:
                         "bucket": first.bucket,
                         "tar_bytes": first.tar_bytes,
                         "compressed_bytes": first.compressed_bytes,
+                        "at": first.at,
                         "files": [r.file_json() for r in recs],
                     }
                 )

@@ -429,3 +429,129 @@ def test_a_reload_that_turns_ship_on_starts_shipping(stack: Stack, tmp_path: Pat
         w.wait_for("segment shipped", timeout=60)
         _await_shipped(stack, 3)
     assert _segments(stack)
+
+
+def _age_ledger(stack: Stack, hours: float) -> None:
+    """Date every shipped segment in the ledger `hours` earlier: the instance has run that
+    much longer since it shipped them (the ledger is the agent's only memory of when)."""
+    path = stack.tmp / "state" / "ship-ledger.jsonl"
+    lines = path.read_bytes().splitlines()
+    out = [lines[0]]
+    for line in lines[1:]:
+        obj = json.loads(line)
+        if "key" in obj:
+            obj["at"] = float(obj.get("at", 0.0)) - hours * 3600
+        out.append(json.dumps(obj).encode())
+    path.write_bytes(b"\n".join(out) + b"\n")
+
+
+def _expire(stack: Stack, keys: list[str]) -> None:
+    """What the bucket's expiration rule does once those objects are older than its days
+    (S3 deletes them itself; moto and SeaweedFS keep no such clock)."""
+    s3 = stack.client("s3")
+    for key in keys:
+        s3.delete_object(Bucket=stack.bucket, Key=key)
+        s3.delete_object(Bucket=stack.bucket, Key=key + ".manifest.json")
+
+
+def test_a_final_backup_never_names_a_segment_the_retention_is_about_to_expire(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Issue 19 item 3. With a 1-day rule, files shipped 20 hours ago are unchanged at
+    termination. The final backup named their segments; 5 hours later the rule expired them,
+    and restore --latest of that backup failed. Now a segment half the retention old holds
+    nothing: the final archive carries those files, and the backup outlives the segments."""
+    src = _rotated_tree(tmp_path / "logs")
+    with watch(stack, "--source", str(src), "--ship", "--retention-days", "1") as w:
+        w.wait_for("watching")
+        _await_shipped(stack, 3)
+    old_segments = _segments(stack)
+    assert old_segments
+    _age_ledger(stack, 20)
+
+    stack.scale_in()
+    proc, done = stack.backup("--source", str(src), "--ship", "--retention-days", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert done["status"] == "succeeded" and completions(stack) == [("CONTINUE", "ok")]
+    doc = _manifest(stack, done["key"])
+    assert doc["totals"]["files"] == 3 and doc["totals"].get("held_files", 0) == 0
+    assert not doc.get("segments")
+
+    _expire(stack, old_segments)  # 25 hours after they were shipped
+    dest = tmp_path / "restored"
+    assert _restore_latest(stack, dest)["status"] == "verified"
+    assert walk(dest / str(src).lstrip("/")) == walk(src)
+
+
+def test_a_segment_half_the_retention_old_is_shipped_again_as_a_new_object(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The watcher, not only the final archive: files whose segment is 13 hours old under a
+    1-day rule are shipped again, to new keys (the old key would be refused by the
+    create-only write and keep its old date), and the final backup names only those."""
+    src = _rotated_tree(tmp_path / "logs")
+    args = ("--source", str(src), "--ship", "--retention-days", "1")
+    with watch(stack, *args) as w:
+        w.wait_for("watching")
+        _await_shipped(stack, 3)
+    old_segments = _segments(stack)
+    _age_ledger(stack, 13)
+    with watch(stack, *args) as w:
+        w.wait_for("watching")
+        deadline = time.monotonic() + 60
+        while len(_segments(stack)) <= len(old_segments):
+            assert time.monotonic() < deadline, _segments(stack)
+            time.sleep(0.3)
+        _await_shipped(stack, 3)
+    new_segments = sorted(set(_segments(stack)) - set(old_segments))
+    assert new_segments
+
+    stack.scale_in()
+    proc, done = stack.backup(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = _manifest(stack, done["key"])
+    assert doc["totals"].get("held_files") == 3
+    named = {s["key"] for s in doc.get("segments", [])}
+    assert named and named <= set(new_segments)
+
+    _expire(stack, old_segments)
+    dest = tmp_path / "restored"
+    assert _restore_latest(stack, dest)["status"] == "verified"
+    assert walk(dest / str(src).lstrip("/")) == walk(src)
+
+
+def _list_verify(stack: Stack) -> tuple[int, list[dict[str, Any]], str]:
+    proc = stack.run("list", "--bucket", stack.bucket, "--verify", "--json")
+    return (
+        proc.returncode,
+        [json.loads(line) for line in proc.stdout.splitlines() if line.strip("[],\n ")],
+        proc.stderr,
+    )
+
+
+def test_list_verify_says_which_backup_names_a_segment_s3_no_longer_holds(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Issue 19 item 3: once a rule expired a segment that a backup names, `list` still said
+    succeeded and nothing said the backup could no longer be restored whole."""
+    src = _rotated_tree(tmp_path / "logs")
+    with watch(stack, "--source", str(src), "--ship") as w:
+        w.wait_for("watching")
+        _await_shipped(stack, 3)
+    stack.scale_in()
+    proc, done = stack.backup("--source", str(src), "--ship")
+    assert proc.returncode == 0 and done["status"] == "succeeded", proc.stderr[-2000:]
+    named = [s["key"] for s in _manifest(stack, done["key"])["segments"]]
+    assert named
+
+    rc, listed, _ = _list_verify(stack)
+    final = [b for b in listed if b["key"] == done["key"]]
+    assert rc == 0 and final and final[0]["status"] == "succeeded"
+
+    _expire(stack, named[:1])
+    rc, listed, err = _list_verify(stack)
+    final = [b for b in listed if b["key"] == done["key"]]
+    assert rc == 1 and final[0]["status"] == "missing segments"
+    assert final[0]["missing"] == named[:1]
+    said = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and done["key"] in said[0] and named[0] in said[0]

@@ -493,6 +493,7 @@ SAMPLE_VALUES = {
     "Sources": "/var/log --source /srv/app/logs",
     "HookName": "instance-agent-backup",
     "LaunchHook": "instance-agent-launch",
+    "RetentionDays": "30",
 }
 KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 KMS = f"--sse aws:kms --kms-key-id {KMS_KEY}"
@@ -554,6 +555,8 @@ def test_user_data_installs_a_config_the_agent_loads(tmp_path: Path, kms: str) -
     assert (cfg.asg_name, cfg.hook_name) == ("mystack-group", "instance-agent-backup")
     assert cfg.expected_bucket_owner == "123456789012" and cfg.region == "us-east-1"
     assert cfg.sse == ("aws:kms" if kms else None)
+    # The bucket's expiration rule, so that shipped segments are renewed before it expires them.
+    assert cfg.retention_days == 30
     assert 'AGENT_BUNDLE_S3="s3://my-artifacts/instance-agent/0.1.0/"' in script
     assert 'LAUNCH_HOOK="instance-agent-launch"' in script
 
