@@ -351,23 +351,28 @@ def test_malformed_event_logs_one_error_line_and_returns(trigger: Trigger) -> No
 
 
 def test_malformed_event_with_a_token_across_the_excerpt_cut_logs_no_part_of_it(trigger: Trigger) -> None:
-    # The excerpt is cut at 500 characters; a token that straddles the cut must be redacted
-    # whole, before the cut, or its first characters reach the log.
-    token = str(uuid.uuid4())
-    record = {"eventSource": "aws:sqs", "messageId": "m-1", "body": '{"LifecycleActionToken": "' + token}
-    # Pad the body so that, as the record is excerpted (JSON text), the cut falls mid-token.
-    pad = 500 - json.dumps(record, ensure_ascii=False).index(token) - 18
-    record["body"] = "x" * pad + record["body"]
-    assert json.dumps(record, ensure_ascii=False).index(token) == 500 - 18
-    event = {"Records": [record]}
+    with scoreboard.scenario(
+        "Trigger Lambda: a malformed message whose token straddles the 500-character excerpt cut"
+    ) as row:
+        row.faults = "a lifecycle token starting 18 characters before the cut"
+        # The excerpt is cut at 500 characters; a token that straddles the cut must be redacted
+        # whole, before the cut, or its first characters reach the log.
+        token = str(uuid.uuid4())
+        record = {"eventSource": "aws:sqs", "messageId": "m-1", "body": '{"LifecycleActionToken": "' + token}
+        # Pad the body so that, as the record is excerpted (JSON text), the cut falls mid-token.
+        pad = 500 - json.dumps(record, ensure_ascii=False).index(token) - 18
+        record["body"] = "x" * pad + record["body"]
+        assert json.dumps(record, ensure_ascii=False).index(token) == 500 - 18
+        event = {"Records": [record]}
 
-    [result] = trigger.invoke(event)
+        [result] = trigger.invoke(event)
 
-    assert result["status"] == "malformed"
-    logs = trigger.capsys.readouterr().out
-    assert "malformed event" in logs
-    runs = {token[i : i + 8] for i in range(len(token) - 7)}
-    assert not [run for run in runs if run in logs]
+        assert result["status"] == "malformed"
+        logs = trigger.capsys.readouterr().out
+        assert "malformed event" in logs
+        runs = {token[i : i + 8] for i in range(len(token) - 7)}
+        assert not [run for run in runs if run in logs]
+        row.outcome = "malformed; the token redacted before the cut: no 8-character run of it in the log"
 
 
 # -- unreachable instances ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import ACCOUNT, REGION, Stack
+from support import scoreboard
 from support.agentproc import WatchProc, archives, completions, sns_docs, source_tree, watch
 from support.trees import walk
 
@@ -402,45 +403,60 @@ def test_max_duration_cuts_a_file_whose_read_outlasts_it(stack: Stack, tmp_path:
     """Issue 19 item 9: the deadline was looked at only between files, so one large file
     carried the run past it (4 GiB and 1 s took 18 s). Here S3 takes each part slowly, so
     the read of one 96 MiB file follows the upload: about 12 s in all, with a 2 s deadline."""
-    from support.faultproxy import Delay, FaultProxy, Rule, upload_part
+    with scoreboard.scenario(
+        "Deadline: --max-duration 2 against one 96 MiB file read at S3's pace (1 s per part)"
+    ) as row:
+        row.faults = "every UploadPart delayed 1 s (the whole file needs 12 parts)"
+        from support.faultproxy import Delay, FaultProxy, Rule, upload_part
 
-    src = tmp_path / "src"
-    src.mkdir()
-    data = os.urandom(96 * 1024 * 1024)  # incompressible: the upload paces the read
-    (src / "big.log").write_bytes(data)
-    with FaultProxy(stack.s3_endpoint) as s3:
-        s3.add_rule(Rule(query=upload_part, fault=Delay(1.0)))
-        started = time.monotonic()
-        proc, result = stack.backup(
-            "--source",
-            str(src),
-            "--max-duration",
-            "2",
-            "--upload-workers",
-            "1",
-            "--no-complete",
-            env=stack.env(AWS_ENDPOINT_URL_S3=s3.endpoint),
+        src = tmp_path / "src"
+        src.mkdir()
+        data = os.urandom(96 * 1024 * 1024)  # incompressible: the upload paces the read
+        (src / "big.log").write_bytes(data)
+        with FaultProxy(stack.s3_endpoint) as s3:
+            s3.add_rule(Rule(query=upload_part, fault=Delay(1.0)))
+            started = time.monotonic()
+            proc, result = stack.backup(
+                "--source",
+                str(src),
+                "--max-duration",
+                "2",
+                "--upload-workers",
+                "1",
+                "--no-complete",
+                env=stack.env(AWS_ENDPOINT_URL_S3=s3.endpoint),
+            )
+            elapsed = time.monotonic() - started
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert result["status"] == "partial"
+        assert elapsed < 10, elapsed  # the whole file would take at least 12 parts of 1 s
+        body = stack.client("s3").get_object(Bucket=stack.bucket, Key=result["key"] + ".manifest.json")[
+            "Body"
+        ]
+        doc = json.loads(body.read())
+        assert doc["totals"]["cut_short"] == 1
+        [cut] = doc["cut_short"]
+        kept = cut["kept"]
+        assert cut["path"].endswith("big.log") and cut["size"] == len(data) and 0 < kept < len(data)
+        [entry] = [e for e in doc["entries"] if e["type"] == "file"]
+        assert entry["cut_at"] == kept and "sha256" not in entry
+
+        listed = json.loads(stack.run("list", "--bucket", stack.bucket, "--json").stdout)
+        assert [b["status"] for b in listed if b["key"] == result["key"]] == ["partial"]
+        dest = tmp_path / "restored"
+        proc = stack.run("restore", f"s3://{stack.bucket}/{result['key']}", str(dest))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        restored = (dest / str(src).lstrip("/") / "big.log").read_bytes()
+        assert restored[:kept] == data[:kept] and restored[kept:] == bytes(len(data) - kept)
+        row.bytes_lost = scoreboard.lost_bytes(
+            walk(src), walk(src), walk(dest / str(src).lstrip("/")), [b"big.log"]
         )
-        elapsed = time.monotonic() - started
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert result["status"] == "partial"
-    assert elapsed < 10, elapsed  # the whole file would take at least 12 parts of 1 s
-    body = stack.client("s3").get_object(Bucket=stack.bucket, Key=result["key"] + ".manifest.json")["Body"]
-    doc = json.loads(body.read())
-    assert doc["totals"]["cut_short"] == 1
-    [cut] = doc["cut_short"]
-    kept = cut["kept"]
-    assert cut["path"].endswith("big.log") and cut["size"] == len(data) and 0 < kept < len(data)
-    [entry] = [e for e in doc["entries"] if e["type"] == "file"]
-    assert entry["cut_at"] == kept and "sha256" not in entry
-
-    listed = json.loads(stack.run("list", "--bucket", stack.bucket, "--json").stdout)
-    assert [b["status"] for b in listed if b["key"] == result["key"]] == ["partial"]
-    dest = tmp_path / "restored"
-    proc = stack.run("restore", f"s3://{stack.bucket}/{result['key']}", str(dest))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    restored = (dest / str(src).lstrip("/") / "big.log").read_bytes()
-    assert restored[:kept] == data[:kept] and restored[kept:] == bytes(len(data) - kept)
+        row.seconds = elapsed
+        row.outcome = (
+            f"partial after {elapsed:.1f} s; "
+            f"manifest: cut_short (kept {kept:,} bytes), no digest of half a file; "
+            f"the rest restored as zeros"
+        )
 
 
 def test_two_runs_within_one_second_both_keep_their_backup(stack: Stack, tmp_path: Path) -> None:
@@ -611,26 +627,35 @@ def test_sigterm_during_completion_retries_ends_them_within_the_stop_grace(
 ) -> None:
     """Issue 19 item 10: a stop during CompleteLifecycleAction's retries leaves them at most
     lifecycle.STOP_GRACE (20 s, as docs/architecture.md says), never --complete-timeout."""
-    from support.faultproxy import FaultProxy, Rule, query_error
+    with scoreboard.scenario(
+        "Deadline: SIGTERM while CompleteLifecycleAction is retried (Auto Scaling answers 503)"
+    ) as row:
+        row.faults = "every CompleteLifecycleAction 503 ServiceUnavailable; SIGTERM during the retries"
+        from support.faultproxy import FaultProxy, Rule, query_error
 
-    from instance_agent.lifecycle import STOP_GRACE
+        from instance_agent.lifecycle import STOP_GRACE
 
-    src = source_tree(tmp_path / "src")
-    stack.scale_in()
-    unavailable = query_error("ServiceUnavailable", "Service is unavailable", status=503, kind="Receiver")
-    with FaultProxy(stack.moto.endpoint) as asg:
-        asg.add_rule(Rule(api_action="CompleteLifecycleAction", fault=unavailable))
-        env = stack.env(INSTANCE_AGENT_LOG_LEVEL="info", AWS_ENDPOINT_URL_AUTO_SCALING=asg.endpoint)
-        argv = stack.backup_argv("--source", str(src), "--complete-timeout", "300")
-        with WatchProc(argv, env) as run:
-            run.wait_for("completion failed; retrying", timeout=60)
-            sent = run.send(signal.SIGTERM)
-            code = run.wait(timeout=STOP_GRACE + 60)
-            took = time.monotonic() - sent
-    assert took <= STOP_GRACE + 5, took
-    result = one_json_line(run.stdout())
-    assert code == 1 and result["lifecycle_result"] == "none", result
-    assert "gave up" in (result.get("lifecycle_error") or ""), result
+        src = source_tree(tmp_path / "src")
+        stack.scale_in()
+        unavailable = query_error("ServiceUnavailable", "Service is unavailable", status=503, kind="Receiver")
+        with FaultProxy(stack.moto.endpoint) as asg:
+            asg.add_rule(Rule(api_action="CompleteLifecycleAction", fault=unavailable))
+            env = stack.env(INSTANCE_AGENT_LOG_LEVEL="info", AWS_ENDPOINT_URL_AUTO_SCALING=asg.endpoint)
+            argv = stack.backup_argv("--source", str(src), "--complete-timeout", "300")
+            with WatchProc(argv, env) as run:
+                run.wait_for("completion failed; retrying", timeout=60)
+                sent = run.send(signal.SIGTERM)
+                code = run.wait(timeout=STOP_GRACE + 60)
+                took = time.monotonic() - sent
+        assert took <= STOP_GRACE + 5, took
+        result = one_json_line(run.stdout())
+        assert code == 1 and result["lifecycle_result"] == "none", result
+        assert "gave up" in (result.get("lifecycle_error") or ""), result
+        row.seconds = took
+        row.outcome = (
+            f"retries given up {took:.1f} s after the signal "
+            f"(STOP_GRACE {STOP_GRACE:.0f} s, not --complete-timeout 300); exit 1, lifecycle_result none"
+        )
 
 
 def test_watcher_stopped_during_completion_retries_ends_them_within_the_stop_grace(

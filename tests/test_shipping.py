@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import Stack
+from support import scoreboard
 from support.agentproc import completions, watch
 from support.faultproxy import FaultProxy, HoldUntil, Rule, upload_part
 from support.trees import walk
@@ -275,31 +276,43 @@ def test_an_in_place_rewrite_with_its_time_put_back_is_archived(stack: Stack, tm
     """Issue 19 item 7: rewritten in place, same size, modification time put back, last
     64 KiB unchanged. Only the inode change time tells, and userland cannot set it back: a
     changed ctime sends the file to a full check against the ledger's SHA-256."""
-    src = tmp_path / "logs"
-    src.mkdir()
-    path = src / "db.log.1"
-    rng = random.Random(7)
-    path.write_bytes(rng.randbytes(512 * 1024))
-    os.utime(path, (OLD, OLD))
-    with watch(stack, "--source", str(src), "--ship") as w:
-        w.wait_for("segment shipped", timeout=60, path=str(path))
-    before = os.stat(path)
-    with open(path, "r+b") as fh:  # the first 100 KiB only: the tail stays as shipped
-        fh.write(rng.randbytes(100 * 1024))
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    after = os.stat(path)
-    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
-    assert after.st_ctime_ns != before.st_ctime_ns
-    rewritten = path.read_bytes()
+    with scoreboard.scenario(
+        "Shipping: a shipped file rewritten in place, same size, mtime put back, tail unchanged"
+    ) as row:
+        row.faults = (
+            "first 100 KiB of a shipped 512 KiB file rewritten; utime() restored; last 64 KiB as shipped"
+        )
+        src = tmp_path / "logs"
+        src.mkdir()
+        path = src / "db.log.1"
+        rng = random.Random(7)
+        path.write_bytes(rng.randbytes(512 * 1024))
+        os.utime(path, (OLD, OLD))
+        with watch(stack, "--source", str(src), "--ship") as w:
+            w.wait_for("segment shipped", timeout=60, path=str(path))
+        before = os.stat(path)
+        with open(path, "r+b") as fh:  # the first 100 KiB only: the tail stays as shipped
+            fh.write(rng.randbytes(100 * 1024))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(path)
+        assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+        assert after.st_ctime_ns != before.st_ctime_ns
+        rewritten = path.read_bytes()
 
-    stack.scale_in()
-    proc, done = stack.backup("--source", str(src), "--ship")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    doc = _manifest(stack, done["key"])
-    assert doc["totals"]["files"] == 1 and doc["totals"].get("held_files", 0) == 0
-    restored = _restore_latest(stack, tmp_path / "restored")
-    assert restored["status"] == "verified"
-    assert (tmp_path / "restored" / str(path).lstrip("/")).read_bytes() == rewritten
+        stack.scale_in()
+        proc, done = stack.backup("--source", str(src), "--ship")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        doc = _manifest(stack, done["key"])
+        assert doc["totals"]["files"] == 1 and doc["totals"].get("held_files", 0) == 0
+        restored = _restore_latest(stack, tmp_path / "restored")
+        assert restored["status"] == "verified"
+        assert (tmp_path / "restored" / str(path).lstrip("/")).read_bytes() == rewritten
+        dest = tmp_path / "restored"
+        row.bytes_lost = scoreboard.lost_bytes(walk(src), walk(src), walk(dest / str(src).lstrip("/")), [])
+        row.outcome = (
+            "changed ctime sent it to the SHA-256 check: archived again; "
+            "restore --latest verified, new content"
+        )
 
 
 def test_segments_no_backup_names_are_listed_incomplete_and_restore_latest(
@@ -383,36 +396,43 @@ def test_a_new_bucket_gets_a_whole_backup_not_one_that_names_the_old_bucket(
     """Shipped to one bucket, then the config names another (a restart with a new bucket):
     the ledger did not say where it shipped, so the final archive in the new bucket left
     out every shipped file, reported succeeded, and restore --latest there failed."""
-    src = _rotated_tree(tmp_path / "logs")
-    with watch(stack, "--source", str(src), "--ship") as w:
-        w.wait_for("watching")
-        _await_shipped(stack, 3)
-    assert _segments(stack)
-    other = "other-bucket"
-    stack.client("s3").create_bucket(Bucket=other)
+    with scoreboard.scenario("Shipping: the bucket changes after 3 files were shipped to the old one") as row:
+        row.faults = "3 files shipped to one bucket; the termination backup configured with another"
+        src = _rotated_tree(tmp_path / "logs")
+        with watch(stack, "--source", str(src), "--ship") as w:
+            w.wait_for("watching")
+            _await_shipped(stack, 3)
+        assert _segments(stack)
+        other = "other-bucket"
+        stack.client("s3").create_bucket(Bucket=other)
 
-    stack.scale_in()
-    proc, done = stack.backup("--source", str(src), "--ship", "--bucket", other)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert done["status"] == "succeeded" and completions(stack) == [("CONTINUE", "ok")]
-    body = stack.client("s3").get_object(Bucket=other, Key=done["key"] + ".manifest.json")["Body"]
-    doc = json.loads(body.read())
-    assert doc["totals"]["files"] == 3 and doc["totals"].get("held_files", 0) == 0
-    dest = tmp_path / "restored"
-    proc = stack.run(
-        "restore",
-        "--bucket",
-        other,
-        "--latest",
-        "--instance-id",
-        stack.instance_id,
-        "--verify",
-        "--json",
-        str(dest),
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout)["status"] == "verified"
-    assert walk(dest / str(src).lstrip("/")) == walk(src)
+        stack.scale_in()
+        proc, done = stack.backup("--source", str(src), "--ship", "--bucket", other)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert done["status"] == "succeeded" and completions(stack) == [("CONTINUE", "ok")]
+        body = stack.client("s3").get_object(Bucket=other, Key=done["key"] + ".manifest.json")["Body"]
+        doc = json.loads(body.read())
+        assert doc["totals"]["files"] == 3 and doc["totals"].get("held_files", 0) == 0
+        dest = tmp_path / "restored"
+        proc = stack.run(
+            "restore",
+            "--bucket",
+            other,
+            "--latest",
+            "--instance-id",
+            stack.instance_id,
+            "--verify",
+            "--json",
+            str(dest),
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout)["status"] == "verified"
+        assert walk(dest / str(src).lstrip("/")) == walk(src)
+        row.bytes_lost = scoreboard.lost_bytes(walk(src), walk(src), walk(dest / str(src).lstrip("/")), [])
+        row.outcome = (
+            "succeeded; the new bucket's final archive holds all 3 files, names no old segment; "
+            "restore --latest there verified"
+        )
 
 
 def test_a_reload_that_turns_ship_on_starts_shipping(stack: Stack, tmp_path: Path) -> None:
@@ -461,26 +481,38 @@ def test_a_final_backup_never_names_a_segment_the_retention_is_about_to_expire(
     termination. The final backup named their segments; 5 hours later the rule expired them,
     and restore --latest of that backup failed. Now a segment half the retention old holds
     nothing: the final archive carries those files, and the backup outlives the segments."""
-    src = _rotated_tree(tmp_path / "logs")
-    with watch(stack, "--source", str(src), "--ship", "--retention-days", "1") as w:
-        w.wait_for("watching")
-        _await_shipped(stack, 3)
-    old_segments = _segments(stack)
-    assert old_segments
-    _age_ledger(stack, 20)
+    with scoreboard.scenario(
+        "Shipping: a 1-day retention rule; segments 20 h old at termination, expired 5 h later"
+    ) as row:
+        row.faults = (
+            "ledger dated 20 h back under --retention-days 1; "
+            "every old segment deleted (the rule) after the backup"
+        )
+        src = _rotated_tree(tmp_path / "logs")
+        with watch(stack, "--source", str(src), "--ship", "--retention-days", "1") as w:
+            w.wait_for("watching")
+            _await_shipped(stack, 3)
+        old_segments = _segments(stack)
+        assert old_segments
+        _age_ledger(stack, 20)
 
-    stack.scale_in()
-    proc, done = stack.backup("--source", str(src), "--ship", "--retention-days", "1")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert done["status"] == "succeeded" and completions(stack) == [("CONTINUE", "ok")]
-    doc = _manifest(stack, done["key"])
-    assert doc["totals"]["files"] == 3 and doc["totals"].get("held_files", 0) == 0
-    assert not doc.get("segments")
+        stack.scale_in()
+        proc, done = stack.backup("--source", str(src), "--ship", "--retention-days", "1")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert done["status"] == "succeeded" and completions(stack) == [("CONTINUE", "ok")]
+        doc = _manifest(stack, done["key"])
+        assert doc["totals"]["files"] == 3 and doc["totals"].get("held_files", 0) == 0
+        assert not doc.get("segments")
 
-    _expire(stack, old_segments)  # 25 hours after they were shipped
-    dest = tmp_path / "restored"
-    assert _restore_latest(stack, dest)["status"] == "verified"
-    assert walk(dest / str(src).lstrip("/")) == walk(src)
+        _expire(stack, old_segments)  # 25 hours after they were shipped
+        dest = tmp_path / "restored"
+        assert _restore_latest(stack, dest)["status"] == "verified"
+        assert walk(dest / str(src).lstrip("/")) == walk(src)
+        row.bytes_lost = scoreboard.lost_bytes(walk(src), walk(src), walk(dest / str(src).lstrip("/")), [])
+        row.outcome = (
+            "succeeded; the final archive carries the 3 files and names no segment; "
+            "restore --latest verified after the expiry"
+        )
 
 
 def test_a_segment_half_the_retention_old_is_shipped_again_as_a_new_object(
@@ -555,3 +587,37 @@ def test_list_verify_says_which_backup_names_a_segment_s3_no_longer_holds(
     assert final[0]["missing"] == named[:1]
     said = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(said) == 1 and done["key"] in said[0] and named[0] in said[0]
+
+
+def test_a_ledger_line_nested_deep_does_not_stop_shipping(stack: Stack, tmp_path: Path) -> None:
+    """Issue 19 item 8, end to end: json's parser is recursive, and one ledger line nested
+    100,000 levels deep stopped shipping for good. Now it is skipped with a warning: what
+    was shipped stays shipped, a new file is shipped, and the final backup is whole."""
+    src = _rotated_tree(tmp_path / "logs")
+    args = ("--source", str(src), "--ship")
+    with watch(stack, *args) as w:
+        w.wait_for("watching")
+        _await_shipped(stack, 3)
+    with scoreboard.scenario("Shipping: a ledger line nested 100,000 levels deep") as row:
+        row.faults = "one line of 100,000 '[' and ']' appended to ship-ledger.jsonl; then a 4th file"
+        with open(stack.tmp / "state" / "ship-ledger.jsonl", "ab") as fh:
+            fh.write(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+        fourth = src / "app.log.4"
+        fourth.write_bytes(random.Random(4).randbytes(30_000))
+        os.utime(fourth, (OLD, OLD))
+        before = len(_segments(stack))
+        with watch(stack, *args) as w:
+            w.wait_for("watching")
+            _await_shipped(stack, 4)
+        assert len(_segments(stack)) == before + 1  # only the new file: the 3 stayed shipped
+
+        stack.scale_in()
+        proc, done = stack.backup(*args)
+        assert proc.returncode == 0 and done["status"] == "succeeded", proc.stderr[-2000:]
+        assert _manifest(stack, done["key"])["totals"].get("held_files") == 4
+        dest = tmp_path / "restored"
+        assert _restore_latest(stack, dest)["status"] == "verified"
+        row.bytes_lost = scoreboard.lost_bytes(walk(src), walk(src), walk(dest / str(src).lstrip("/")), [])
+        row.outcome = (
+            "line skipped with a warning; shipping went on (1 new segment, the 3 kept); final backup verified"
+        )
