@@ -221,7 +221,7 @@ def ship(
                     sent,
                     ctimes[target.path],
                     cfg.bucket or "",
-                    at,
+                    at=at,
                 )
             )
         doc = manifest.build(

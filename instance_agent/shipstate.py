@@ -142,7 +142,7 @@ class Shipped:
             int(segment["compressed_bytes"]),
             int(obj.get("ctime_ns", 0)),
             str(segment.get("bucket", "")),
-            float(segment.get("at", 0.0)),
+            at=float(segment.get("at", 0.0)),
         )
 
     def segment_info(self) -> dict[str, Any]:
