@@ -164,8 +164,8 @@ def ship(
                 ctimes[target.path] = st.st_ctime_ns
         if not files:
             raise Changed("no longer regular files")
-        # Before the upload begins: S3 dates a multipart object from its initiation, and a
-        # retention counts from that date (shipstate.refresh_age).
+        # Before the upload begins: no later than any date S3 gives the object, from which a
+        # retention counts (shipstate.refresh_age).
         at = wall()
         aged = [rec.at for _, fid in files if (rec := ledger.aged(fid)) is not None]
         key = batch_key(cfg, values, files, int(max(aged)) if aged else None)

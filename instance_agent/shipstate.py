@@ -116,8 +116,8 @@ class Shipped:
     ctime_ns: int = 0
     bucket: str = ""  # where the segment is ("" only in records made in memory by tests)
     # When the segment's upload began (epoch seconds; 0: unknown, as in lines written before
-    # it was recorded). S3 dates a multipart object from its initiation, and a lifecycle
-    # rule expires it that many days later, so this is never later than S3's own date.
+    # it was recorded): no later than any date S3 gives the object, from which a lifecycle
+    # rule counts its days (refresh_age).
     at: float = 0.0
 
     def file_json(self) -> dict[str, Any]:
