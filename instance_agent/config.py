@@ -464,6 +464,53 @@ OPTIONS: tuple[Option, ...] = (
         commands=frozenset({WATCH}),
         check=check_positive,
     ),
+    # --- state hand-off (README "Moving state on scale-in"): the sender and the receiver
+    # read the same agent.toml ------------------------------------------------------------
+    Option(
+        "handoff_path",
+        "pathlist",
+        (),
+        "state that moves to one other instance of the group on scale-in, written before "
+        "the full backup; repeatable",
+        metavar="PATH",
+    ),
+    Option(
+        "handoff_command",
+        "str",
+        None,
+        "shell command the receiver runs once the state is in its inbox "
+        "(INSTANCE_AGENT_HANDOFF_INBOX, _SOURCE, _KEY)",
+        metavar="CMD",
+    ),
+    Option(
+        "handoff_to",
+        "choice",
+        "any",
+        "which instances may receive a hand-off",
+        choices=("running", "launching", "any"),
+    ),
+    Option(
+        "handoff_inbox",
+        "str",
+        None,
+        "where a received hand-off is restored, one directory per source instance; unset: "
+        "STATE_DIR/handoff-inbox",
+        check=check_dir,
+    ),
+    Option(
+        "handoff_lease",
+        "float",
+        600.0,
+        "seconds a receiver's claim holds; after it another receiver may claim",
+        check=check_positive,
+    ),
+    Option(
+        "handoff_timeout",
+        "float",
+        300.0,
+        "timeout of handoff_command (below handoff_lease)",
+        check=check_positive,
+    ),
     # --- continuous shipping (README "Continuous shipping") ------------------------------
     Option(
         "ship",
@@ -558,6 +605,12 @@ class Config:
     pre_command_fatal: bool
     warm_pool_backup: bool
     stop_grace: float
+    handoff_path: tuple[str, ...]
+    handoff_command: str | None
+    handoff_to: str
+    handoff_inbox: str | None
+    handoff_lease: float
+    handoff_timeout: float
     ship: bool
     ship_settle: float
     retention_days: int
@@ -570,6 +623,10 @@ class Config:
         values: dict[str, Any] = {o.name: o.default for o in OPTIONS}
         values.update(overrides)
         return cls(**values)
+
+    def inbox(self) -> str:
+        """Where received hand-offs go: handoff_inbox, else under the state directory."""
+        return self.handoff_inbox or self.state_dir.rstrip("/") + "/handoff-inbox"
 
     def journal_enabled(self) -> bool:
         if self.journal is None:
@@ -752,6 +809,16 @@ def check_consistency(cfg: Config, command: str) -> Config:
     for src in cfg.source:
         if not src.startswith("/"):
             raise ConfigError(f"source {src!r} must be an absolute path")
+    for src in cfg.handoff_path:
+        if not src.startswith("/"):
+            raise ConfigError(f"handoff_path {src!r} must be an absolute path")
+    if cfg.handoff_timeout >= cfg.handoff_lease:
+        # A claim must outlive the command it covers, else a second receiver could claim
+        # while the first one's command still runs.
+        raise ConfigError(
+            f"handoff_timeout ({cfg.handoff_timeout:g} s) must be below "
+            f"handoff_lease ({cfg.handoff_lease:g} s)"
+        )
     from instance_agent.keys import check_template
 
     problem = (

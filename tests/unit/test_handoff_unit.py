@@ -1,0 +1,119 @@
+"""State hand-off, the pure part: its configuration, its key layout, and who may claim it.
+
+Every decision takes the time as an argument: the lease tests step a number, not a clock.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from instance_agent import config, handoff
+from instance_agent.errors import ConfigError
+
+KEY = "backups/web/handoff/i-0abc1234/20260131T120000Z.tar.zst"
+LEASE = 600.0
+
+
+def load(toml: str, tmp_path: Path) -> config.Config:
+    file = tmp_path / "agent.toml"
+    file.write_text('bucket = "my-backups"\n' + toml)
+    env = {"INSTANCE_AGENT_DEFAULT_CONFIG": os.environ["INSTANCE_AGENT_DEFAULT_CONFIG"]}
+    return config.load({}, env, config_file=str(file))
+
+
+def test_the_handoff_options_come_from_agent_toml(tmp_path: Path) -> None:
+    cfg = load(
+        'handoff_path = ["/srv/spool", "/srv/queue.db"]\nhandoff_command = "replay"\n'
+        'handoff_to = "running"\nhandoff_lease = 120\nhandoff_timeout = 60\n',
+        tmp_path,
+    )
+    assert cfg.handoff_path == ("/srv/spool", "/srv/queue.db")
+    assert (cfg.handoff_command, cfg.handoff_to) == ("replay", "running")
+    assert (cfg.handoff_lease, cfg.handoff_timeout) == (120.0, 60.0)
+
+
+def test_the_defaults_hand_nothing_off_and_keep_the_inbox_under_the_state_dir(tmp_path: Path) -> None:
+    cfg = load("", tmp_path)
+    assert cfg.handoff_path == () and cfg.handoff_command is None and cfg.handoff_to == "any"
+    assert (cfg.handoff_lease, cfg.handoff_timeout) == (600.0, 300.0)
+    assert cfg.inbox() == "/var/lib/instance-agent/handoff-inbox"
+    assert load('handoff_inbox = "/data/inbox"\n', tmp_path).inbox() == "/data/inbox"
+
+
+@pytest.mark.parametrize(
+    ("toml", "says"),
+    [
+        ('handoff_path = ["spool"]\n', "handoff_path 'spool' must be an absolute path"),
+        ('handoff_to = "nobody"\n', "handoff_to"),
+        ("handoff_lease = 60\nhandoff_timeout = 60\n", "must be below handoff_lease"),
+        ('handoff_inbox = "inbox"\n', "must be an absolute path"),
+    ],
+)
+def test_bad_handoff_settings_are_one_line_errors(tmp_path: Path, toml: str, says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(toml, tmp_path)
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_source_instance_comes_only_from_a_handoff_key() -> None:
+    assert handoff.source_of(KEY) == "i-0abc1234"
+    for bad in (
+        "backups/web/i-0abc1234/20260131T120000Z.tar.zst",  # a backup, not a hand-off
+        "backups/web/handoff/../20260131T120000Z.tar.zst",
+        "backups/web/handoff/etc/20260131T120000Z.tar.zst",  # not an instance id
+        "backups/web/handoff/i-0abc1234/passwd",
+        "handoff/i-0abc1234",
+    ):
+        with pytest.raises(ValueError):
+            handoff.source_of(bad)
+
+
+def test_claim_objects_sit_beside_the_archive_and_sort_by_generation() -> None:
+    assert handoff.claim_key(KEY, 1) == KEY + ".claim.000001"
+    assert handoff.claim_key(KEY, 12) > handoff.claim_key(KEY, 9)
+    assert handoff.generation_of(KEY, KEY + ".claim.000012") == 12
+    assert handoff.generation_of(KEY, KEY + ".failed.000002", handoff.FAILED) == 2
+    assert handoff.generation_of(KEY, KEY + ".manifest.json") is None
+    assert handoff.generation_of(KEY, KEY + ".claim.12") is None
+
+
+def claim(generation: int, at: float, who: str = "i-0peer0001") -> handoff.Claim:
+    return handoff.Claim(generation, who, at, LEASE)
+
+
+def test_an_unclaimed_handoff_is_claimed_at_generation_one() -> None:
+    assert handoff.decide([], 0, False, now=0.0) == handoff.Verdict(handoff.CLAIM_NOW, generation=1)
+
+
+def test_a_live_claim_holds_until_its_lease_ends() -> None:
+    held = handoff.decide([claim(1, 1000.0)], 0, False, now=1000.0 + LEASE - 1)
+    assert held.action == handoff.HELD and held.holder == claim(1, 1000.0)
+    assert held.expires_in == pytest.approx(1.0)
+
+
+def test_after_the_lease_the_next_claimant_writes_the_next_generation() -> None:
+    claims = [claim(1, 0.0), claim(2, 1000.0, "i-0peer0002")]
+    # Generation 1 is long over, but only the newest claim counts: 2 is still live.
+    assert handoff.decide(claims, 0, False, now=1000.0 + LEASE / 2).action == handoff.HELD
+    later = handoff.decide(claims, 0, False, now=1000.0 + LEASE)
+    assert later == handoff.Verdict(handoff.CLAIM_NOW, generation=3)
+
+
+def test_adopted_is_final_whatever_the_claims_say() -> None:
+    assert handoff.decide([claim(1, 0.0)], 0, True, now=1e9).action == handoff.DONE
+    assert handoff.decide([], 0, True, now=0.0).action == handoff.DONE
+
+
+def test_a_failed_command_is_retried_once_then_given_up() -> None:
+    once = handoff.decide([claim(1, 0.0)], 1, False, now=LEASE)
+    assert once == handoff.Verdict(handoff.CLAIM_NOW, generation=2)
+    assert handoff.decide([claim(1, 0.0), claim(2, LEASE)], 2, False, now=3 * LEASE).action == handoff.GIVE_UP
+
+
+def test_handoff_to_says_which_instances_receive() -> None:
+    assert handoff.may_receive("any", "running") and handoff.may_receive("any", "launching")
+    assert handoff.may_receive("running", "running") and not handoff.may_receive("running", "launching")
+    assert handoff.may_receive("launching", "launching") and not handoff.may_receive("launching", "running")
