@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from instance_agent import __version__, config, launch_gate, logs, ops_cli, watch_cli, wiring
+from instance_agent import __version__, config, handoff_cli, launch_gate, logs, ops_cli, watch_cli, wiring
 from instance_agent.errors import EXIT_USAGE, AgentError, ConfigError
 from instance_agent.wiring import PROG
 
@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     watch_cli.register(sub)
     ops_cli.register(sub)
+    handoff_cli.register(sub)
     launch_gate.add_parser(sub)
     return parser
 

@@ -29,7 +29,8 @@ class SNSClient(Protocol):
 
 
 def subject_for(result: Mapping[str, Any]) -> str:
-    text = f"instance-agent: backup {result.get('status')} on {result.get('instance_id')}"
+    what = "hand-off" if str(result.get("event", "")).startswith("handoff") else "backup"
+    text = f"instance-agent: {what} {result.get('status')} on {result.get('instance_id')}"
     return " ".join(text.split())[:MAX_SUBJECT]
 
 

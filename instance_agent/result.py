@@ -71,6 +71,7 @@ class Result:
     first_exit_code: int | None = None
     notify_error: str | None = None
     event: str | None = None  # "lifecycle_completion_failed" on the second report
+    handoff_key: str | None = None  # the state hand-off archive (handoff_send.py), once in S3
     drain: dict[str, Any] | None = None
     commands: list[dict[str, Any]] = field(default_factory=list)
 

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from instance_agent import keys, metrics, notify, retained
+from instance_agent import handoff_send, keys, metrics, notify, retained
 from instance_agent.backup import Clients, Identity, _s3_extra, archive_and_upload, key_values
 from instance_agent.commands import Commands
 from instance_agent.config import Config
@@ -333,7 +333,13 @@ class _Job:
         lc = self.lc if live_action else None
         with lc.heartbeats_while() if lc is not None else contextlib.nullcontext():
             fatal = self._before_archive() if self.opts.plan.commands else False
+            handoff_error = self._handoff() if self.cfg.handoff_path and not fatal else None
             self._archive(abort_stale=True, cancelled=fatal)
+            if handoff_error:
+                # The full backup still ran (it holds the state too), but the peer gets
+                # nothing: the job failed, and the hook is completed with --on-failure.
+                self.result.status = FAILED
+                self.result.error = self.result.error or handoff_error
             if self.opts.plan.commands:
                 self.commands.post(self.result)
         self.result.commands = self.commands.as_dicts()
@@ -473,6 +479,25 @@ class _Job:
                 self.result.error = "pre-command failed (--pre-command-fatal)"
                 return True
         return False
+
+    def _handoff(self) -> str | None:
+        """The hand-off archive, before the full one (handoff_send.py): the error that
+        fails the job, or None once the hand-off object is in S3."""
+        self.opts.on_stage("handing off")
+        try:
+            sent = handoff_send.send(
+                self.cfg,
+                self.ident,
+                self.clients,
+                group=self.result.group,
+                clock=self.clock,
+                cancel=self.cancel,
+            )
+        except AgentError as err:
+            log.error("hand-off failed", extra=fields(error=str(err)))
+            return str(err)
+        self.result.handoff_key = sent.key
+        return None
 
     def _drain(self) -> dict[str, Any]:
         cfg = self.cfg

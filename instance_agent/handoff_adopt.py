@@ -1,0 +1,242 @@
+"""The receiver's side of a state hand-off: `instance-agent adopt KEY`, exactly once.
+
+    read the claims ─► decide (handoff.decide) ─► write the claim (create-only)
+        ─► check the manifest ─► restore + verify into a staging dir ─► inbox/<source>
+        ─► handoff_command (timeout) ─► write KEY.adopted (create-only) ─► SNS report
+
+Only the receiver whose create-only claim S3 accepted goes past the claim. Everything it
+restores goes through restore.py's safe extractor into a staging directory inside the
+inbox, and is compared with the manifest (every file's sha256: the sender writes them)
+before it moves to `inbox/<source>`: an altered or truncated archive, or a manifest naming
+a path outside the tree, leaves nothing under the inbox and is never marked adopted.
+
+A failing handoff_command leaves the hand-off claimed but not adopted, with a create-only
+KEY.failed.<generation> marker: the next claimant after the lease tries once more
+(handoff.MAX_FAILURES), then it is given up and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from instance_agent import awserror, handoff, hooks, listing, manifest_check, notify, restore, s3args, verify
+from instance_agent.backup import Clients, Identity
+from instance_agent.config import Config
+from instance_agent.errors import AgentError, ConfigError, NotifyError
+from instance_agent.logs import fields
+from instance_agent.s3upload import CREATE_ONLY, extra_for
+
+log = logging.getLogger(__name__)
+
+# S3 answers a create-only write that met an existing object with 412, and one that raced
+# another in-flight conditional write of the same key with 409 (conditional-writes.html,
+# module docstring of handoff.py). Either way this receiver did not write the claim.
+_LOST_RACE = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
+class HandoffRefused(AgentError):
+    """The hand-off is unsafe (altered, truncated, paths outside the inbox), its command
+    failed, or it was given up: never adopted by this run."""
+
+
+class _Lost(Exception):
+    """A create-only write of ours met another's object."""
+
+
+def adopt(
+    cfg: Config,
+    ident: Identity,
+    clients: Clients,
+    key: str,
+    *,
+    role: str = "running",
+    now: Callable[[], float] = time.time,
+    cancel: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Adopt hand-off `key` if this receiver wins it; the result (`status` is adopted,
+    already-adopted or claimed-elsewhere). Raises HandoffRefused or ConfigError."""
+    try:
+        source = handoff.source_of(key)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if not handoff.may_receive(cfg.handoff_to, role):
+        raise ConfigError(f"handoff_to = {cfg.handoff_to}: a {role} instance does not adopt hand-offs")
+    if source == ident.instance_id:
+        raise ConfigError(f"{key} is this instance's own hand-off")
+    s3, bucket = clients.s3, cfg.bucket or ""
+    out: dict[str, Any] = {"key": key, "source": source, "adopter": ident.instance_id}
+    verdict = handoff.decide(*_state(s3, bucket, key, cfg), now=now())
+    if verdict.action == handoff.DONE:
+        return {**out, "status": "already-adopted"}
+    if verdict.action == handoff.HELD:
+        assert verdict.holder is not None
+        return {
+            **out,
+            "status": "claimed-elsewhere",
+            "holder": verdict.holder.instance_id,
+            "expires_in_s": round(verdict.expires_in, 1),
+        }
+    if verdict.action == handoff.GIVE_UP:
+        raise HandoffRefused(f"{key}: handoff_command failed {handoff.MAX_FAILURES} times; given up")
+    generation = verdict.generation
+    claimed_at = now()
+    claim = {"instance_id": ident.instance_id, "generation": generation, "claimed_at": claimed_at}
+    try:
+        _put_create_only(
+            s3, bucket, handoff.claim_key(key, generation), {**claim, "lease_s": cfg.handoff_lease}, cfg
+        )
+    except _Lost:
+        return {**out, "status": "claimed-elsewhere"}
+    log.info("hand-off claimed", extra=fields(key=key, generation=generation))
+    out["generation"] = generation
+    dest = os.path.join(cfg.inbox(), source)
+    out.update(_restore(s3, bucket, key, source, dest, cfg))
+    if cfg.handoff_command:
+        if now() + cfg.handoff_timeout > claimed_at + cfg.handoff_lease:
+            # Another receiver may claim the next generation before the command could end.
+            raise HandoffRefused(f"{key}: the claim's lease is too short to run handoff_command now")
+        record = hooks.run(
+            cfg.handoff_command,
+            "handoff",
+            timeout=cfg.handoff_timeout,
+            env={
+                "INSTANCE_AGENT_HANDOFF_INBOX": dest,
+                "INSTANCE_AGENT_HANDOFF_SOURCE": source,
+                "INSTANCE_AGENT_HANDOFF_KEY": key,
+            },
+            cancel=cancel,
+        )
+        out["command"] = record.as_dict()
+        if not record.ok:
+            with _suppress_lost():
+                _put_create_only(
+                    s3, bucket, handoff.failed_key(key, generation), {**claim, "error": record.error}, cfg
+                )
+            raise HandoffRefused(
+                f"{key}: handoff_command failed ({record.error or f'exit {record.exit_code}'}); "
+                "left claimed, not adopted"
+            )
+    try:
+        _put_create_only(s3, bucket, handoff.adopted_key(key), {**claim, "adopted_at": now()}, cfg)
+    except _Lost:
+        raise HandoffRefused(f"{key}: another receiver marked it adopted first") from None
+    log.info("hand-off adopted", extra=fields(key=key, source=source, dest=dest))
+    return {**out, "status": "adopted"}
+
+
+def report(cfg: Config, clients: Clients, body: Mapping[str, Any]) -> None:
+    """The SNS report of an adoption or a refusal (never fatal)."""
+    if not cfg.topic_arn or clients.sns is None:
+        return
+    try:
+        notify.publish(clients.sns, cfg.topic_arn, body)
+    except NotifyError as err:
+        log.error("report not published", extra=fields(error=str(err)))
+
+
+def _state(s3: Any, bucket: str, key: str, cfg: Config) -> tuple[list[handoff.Claim], int, bool]:
+    """Every claim (the newest one read), the failed generations, and whether adopted."""
+    objects = list(listing.iter_objects(s3, bucket, key + ".", extra=s3args.owner_args(cfg)))
+    adopted = any(str(o["Key"]) == handoff.adopted_key(key) for o in objects)
+    failures = sum(1 for o in objects if handoff.generation_of(key, str(o["Key"]), handoff.FAILED))
+    claims: list[handoff.Claim] = []
+    for o in objects:
+        generation = handoff.generation_of(key, str(o["Key"]))
+        if generation is not None:
+            # S3's own clock dates the claim: the claimant's body cannot stretch its lease.
+            claims.append(handoff.Claim(generation, "", o["LastModified"].timestamp(), cfg.handoff_lease))
+    if claims:
+        newest = max(claims, key=lambda c: c.generation)
+        body = _read_json(s3, bucket, handoff.claim_key(key, newest.generation), cfg)
+        lease = body.get("lease_s")
+        claims[claims.index(newest)] = handoff.Claim(
+            newest.generation,
+            str(body.get("instance_id") or "?"),
+            newest.claimed_at,
+            float(lease) if isinstance(lease, (int, float)) and lease > 0 else cfg.handoff_lease,
+        )
+    return claims, failures, adopted
+
+
+def _restore(s3: Any, bucket: str, key: str, source: str, dest: str, cfg: Config) -> dict[str, Any]:
+    """The archive into `dest` (new or empty), verified against its manifest; all or nothing."""
+    extra = s3args.owner_args(cfg)
+    manifest = listing.read_manifest(s3, bucket, key + listing.MANIFEST_SUFFIX, extra)
+    if manifest.get("instance_id") != source:
+        raise HandoffRefused(f"{key}: the manifest is not {source}'s hand-off; nothing was restored")
+    try:
+        manifest_check.check(key, manifest)
+        if any(isinstance(e, dict) and e.get("object") for e in manifest.get("entries") or []):
+            raise manifest_check.UnsafeManifest("refusing the manifest: a hand-off names no other object")
+    except manifest_check.UnsafeManifest as err:
+        raise HandoffRefused(f"{key}: {err}; nothing was restored") from None
+    totals = manifest.get("totals") if isinstance(manifest.get("totals"), dict) else {}
+    tar_bytes = totals.get("tar_bytes") if isinstance(totals, dict) else None
+    os.makedirs(cfg.inbox(), mode=0o700, exist_ok=True)
+    try:
+        with restore.staged(dest, "tree") as staging:
+            tree = os.path.join(staging, "tree")
+            done = restore.restore_s3(
+                s3,
+                bucket,
+                key,
+                tree,
+                expected_tar_bytes=tar_bytes if isinstance(tar_bytes, int) else None,
+                extra=extra,
+            )
+            checked = verify.compare(tree, manifest)
+            if checked.differences:
+                first = checked.differences[0].display()
+                raise HandoffRefused(
+                    f"{key}: {len(checked.differences)} file(s) differ from the manifest ({first})"
+                )
+    except (restore.RestoreError, restore.UnsafeArchive, manifest_check.UnsafeManifest) as err:
+        raise HandoffRefused(f"{key}: {err}; nothing was restored") from None
+    except HandoffRefused as err:
+        raise HandoffRefused(f"{err}; nothing was restored") from None
+    return {"dest": dest, "files": done.files, "bytes": done.bytes}
+
+
+def _read_json(s3: Any, bucket: str, key: str, cfg: Config) -> dict[str, Any]:
+    try:
+        data = s3.get_object(Bucket=bucket, Key=key, **s3args.owner_args(cfg))["Body"].read()
+        doc = json.loads(data)
+    except (ClientError, BotoCoreError) as err:
+        raise listing.s3_failure(err, f"s3://{bucket}/{key}") from None
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _put_create_only(s3: Any, bucket: str, key: str, body: Mapping[str, Any], cfg: Config) -> None:
+    try:
+        s3.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=json.dumps(body, sort_keys=True).encode(),
+            ContentType="application/json",
+            **CREATE_ONLY,
+            **extra_for(key, s3args.write_args(cfg)),
+        )
+    except ClientError as err:
+        if awserror.code_of(err) in _LOST_RACE:
+            raise _Lost() from None
+        raise HandoffRefused(f"s3://{bucket}/{key}: PutObject failed: {awserror.describe(err)}") from None
+    except BotoCoreError as err:
+        raise HandoffRefused(f"s3://{bucket}/{key}: PutObject failed: {err}") from None
+
+
+class _suppress_lost:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, value: object, tb: object) -> bool:
+        return isinstance(value, _Lost)
