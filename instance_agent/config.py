@@ -129,7 +129,11 @@ def check_prefix(value: str) -> str | None:
         return f"invalid prefix {value!r}: no leading '/', no '..', no control characters"
     if not value:
         return None
-    return namerules.prefix_components(value) or namerules.segment_component("prefix", value)
+    return (
+        namerules.prefix_components(value)
+        or namerules.segment_component("prefix", value)
+        or namerules.segment_component("prefix", value, "handoff")
+    )
 
 
 def check_positive(value: Any) -> str | None:
@@ -825,6 +829,7 @@ def check_consistency(cfg: Config, command: str) -> Config:
         check_template(cfg.key_template, prefix=cfg.prefix)
         or namerules.template_format_spec(cfg.key_template)
         or namerules.segment_component("key template", cfg.key_template)
+        or namerules.segment_component("key template", cfg.key_template, "handoff")
         or _template_collision(cfg.key_template, cfg.prefix)
     )
     if problem:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from instance_agent import keys
 
-HANDOFF_DIR = "handoff"
+HANDOFF_DIR = keys.HANDOFF_DIR
 TEMPLATE = "{prefix}{group}/" + HANDOFF_DIR + "/{instance_id}/{timestamp}"
 CLAIM = ".claim."
 FAILED = ".failed."

@@ -73,6 +73,10 @@ def adopt(
         raise ConfigError(f"{key} is this instance's own hand-off")
     s3, bucket = clients.s3, cfg.bucket or ""
     out: dict[str, Any] = {"key": key, "source": source, "adopter": ident.instance_id}
+    dest = os.path.join(cfg.inbox(), source)
+    # Before the claim: a receiver that could not restore must not hold the hand-off for a
+    # lease (an earlier attempt of this instance whose command failed left its tree here).
+    restore.check_destination(dest)
     verdict = handoff.decide(*_state(s3, bucket, key, cfg), now=now())
     if verdict.action == handoff.DONE:
         return {**out, "status": "already-adopted"}
@@ -97,7 +101,6 @@ def adopt(
         return {**out, "status": "claimed-elsewhere"}
     log.info("hand-off claimed", extra=fields(key=key, generation=generation))
     out["generation"] = generation
-    dest = os.path.join(cfg.inbox(), source)
     out.update(_restore(s3, bucket, key, source, dest, cfg))
     if cfg.handoff_command:
         if now() + cfg.handoff_timeout > claimed_at + cfg.handoff_lease:

@@ -23,6 +23,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # prefix, so `list` can tell them from termination backups by their key alone. No other
 # key may have a component of this name (safe_component, namerules.segment_component).
 SEGMENT_DIR = "segments"
+# State hand-offs (handoff.py) live under "{prefix}{group}/handoff/{instance_id}/": reserved
+# the same way, so no backup key can look like one.
+HANDOFF_DIR = "handoff"
+RESERVED_DIRS = (SEGMENT_DIR, HANDOFF_DIR)
 
 
 def timestamp(now: datetime | None = None) -> str:
@@ -32,7 +36,8 @@ def timestamp(now: datetime | None = None) -> str:
 
 def safe_component(value: str) -> str:
     """Map a value to [A-Za-z0-9._=+-] with no `..` and no dot at either end; never empty,
-    and never SEGMENT_DIR itself (that becomes `segments_`)."""
+    and never a reserved directory name itself (`segments` becomes `segments_`, `handoff`
+    becomes `handoff_`)."""
     cleaned = _UNSAFE.sub("_", value)
     # No leading or trailing dot either: a neighbour in the template (or the extension)
     # could otherwise complete a "..".
@@ -40,8 +45,8 @@ def safe_component(value: str) -> str:
     # A group (or host, region…) named `segments` would give its archives a /segments/
     # component, and `list` would take them for shipped segments and show none of them.
     # Every reader (listing filters, restore checks) goes through this same function.
-    if cleaned == SEGMENT_DIR:
-        return SEGMENT_DIR + "_"
+    if cleaned in RESERVED_DIRS:
+        return cleaned + "_"
     return cleaned or "_"
 
 

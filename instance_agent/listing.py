@@ -313,6 +313,8 @@ def find_backups(
         key = str(obj["Key"])
         if wanted_id and wanted_id not in key:
             continue
+        if f"/{keys.HANDOFF_DIR}/" in key:
+            continue  # a state hand-off (handoff.py) is not a backup: restore --latest never picks it
         if key.endswith(MANIFEST_SUFFIX) and is_archive(key[: -len(MANIFEST_SUFFIX)]):
             manifests[key[: -len(MANIFEST_SUFFIX)]] = obj
         elif is_archive(key):

@@ -51,6 +51,9 @@ def template_format_spec(template: str) -> str | None:
     return None
 
 
+_RESERVED_FOR = {"segments": "shipped segments", "handoff": "state hand-offs"}
+
+
 def segment_component(what: str, value: str, reserved: str = "segments") -> str | None:
     """A prefix or key template with a `segments` path component puts archive keys in
     the namespace of shipped segments (keys.SEGMENT_DIR), where `list` and `restore
@@ -60,6 +63,7 @@ def segment_component(what: str, value: str, reserved: str = "segments") -> str 
     if reserved in value.replace("{prefix}", "/").split("/"):
         return (
             f"invalid {what} {value!r}: no {reserved!r} path component "
-            "(that name is reserved for shipped segments, which list does not show as backups)"
+            f"(that name is reserved for {_RESERVED_FOR.get(reserved, reserved)}, which list does not "
+            "show as backups)"
         )
     return None

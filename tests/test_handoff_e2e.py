@@ -114,6 +114,19 @@ def test_scale_in_hands_off_before_completing_and_a_peer_adopts_it(stack: Stack,
     assert not (tmp_path / "inbox-b").exists() and len(ran.read_text().splitlines()) == 1
 
 
+def test_list_and_restore_latest_never_take_a_handoff_for_a_backup(stack: Stack, tmp_path: Path) -> None:
+    _, result = scale_in_with_handoff(stack, tmp_path)
+    proc = stack.run("list", "--bucket", stack.bucket, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [b["key"] for b in json.loads(proc.stdout)] == [result["key"]]
+    dest = tmp_path / "restored"
+    proc = stack.run(
+        "restore", "--bucket", stack.bucket, "--latest", "--instance-id", stack.instance_id, str(dest)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (dest / str(tmp_path / "logs" / "app.log").lstrip("/")).read_text() == "bye\n"
+
+
 def test_a_failed_handoff_upload_fails_the_job_and_abandons(stack: Stack, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -208,6 +221,35 @@ def test_a_receiver_killed_after_its_claim_is_replaced_after_the_lease(stack: St
     proc, again = adopt(stack, key, PEER_A, tmp_path / "inbox-a2", cmd, *lease, RECEIVER="A")
     assert proc.returncode == 0 and again["status"] == "already-adopted"
     assert ran.read_text().splitlines() == ["A", "B"]
+
+
+def test_a_failing_command_leaves_it_claimed_and_the_next_claimant_retries(
+    stack: Stack, tmp_path: Path
+) -> None:
+    state, result = scale_in_with_handoff(stack, tmp_path)
+    key = result["handoff_key"]
+    ran = tmp_path / "ran"
+    cmd = f'echo "$RECEIVER" >> {ran}; test "$RECEIVER" = B'
+    lease = ["--handoff-lease", "4", "--handoff-timeout", "2"]
+    proc, out = adopt(stack, key, PEER_A, tmp_path / "inbox-a", cmd, *lease, RECEIVER="A")
+    assert proc.returncode == 1 and out["status"] == "refused"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("instance-agent: error:")]
+    assert len(errors) == 1 and "handoff_command failed (exit 1); left claimed, not adopted" in errors[0]
+    assert markers(stack, key, ".failed.") == [key + ".failed.000001"] and not markers(stack, key, ".adopted")
+
+    proc, out = adopt(stack, key, PEER_B, tmp_path / "inbox-b", cmd, *lease, RECEIVER="B")
+    while out.get("status") == "claimed-elsewhere":
+        time.sleep(out.get("expires_in_s", 0) + 0.5)
+        proc, out = adopt(stack, key, PEER_B, tmp_path / "inbox-b", cmd, *lease, RECEIVER="B")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out["status"] == "adopted" and out["generation"] == 2
+    assert restored(tmp_path / "inbox-b", stack.instance_id, state) == walk(state)
+    assert ran.read_text().splitlines() == ["A", "B"]
+    reports = [json.loads(m["message"]) for m in stack.sns()[1:]]
+    assert [(r["event"], r["adopter"]) for r in reports] == [
+        ("handoff_refused", PEER_A),
+        ("handoff_adopted", PEER_B),
+    ]
 
 
 def tamper_archive(stack: Stack, key: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from instance_agent import config, handoff
+from instance_agent import config, handoff, keys
 from instance_agent.errors import ConfigError
 
 KEY = "backups/web/handoff/i-0abc1234/20260131T120000Z.tar.zst"
@@ -117,3 +117,22 @@ def test_handoff_to_says_which_instances_receive() -> None:
     assert handoff.may_receive("any", "running") and handoff.may_receive("any", "launching")
     assert handoff.may_receive("running", "running") and not handoff.may_receive("running", "launching")
     assert handoff.may_receive("launching", "launching") and not handoff.may_receive("launching", "running")
+
+
+@pytest.mark.parametrize("field", ["group", "instance_id", "hostname", "region"])
+def test_a_value_named_handoff_never_makes_a_handoff_component(field: str) -> None:
+    # `list` skips every key with a /handoff/ component: a backup key must never have one.
+    values = {"prefix": "backups/", "group": "web", "instance_id": "i-0abc", "region": "eu-west-1"}
+    values |= {"hostname": "h", "timestamp": "20260131T120000Z", field: "handoff"}
+    key = keys.render("{prefix}{group}/{instance_id}/{region}/{hostname}/{timestamp}", values, "none")
+    assert f"/{keys.HANDOFF_DIR}/" not in key and "handoff_" in key
+
+
+@pytest.mark.parametrize(
+    "toml",
+    ['prefix = "team/handoff/"\n', 'key_template = "{prefix}{group}/handoff/{instance_id}/{timestamp}"\n'],
+)
+def test_a_prefix_or_template_in_the_handoff_namespace_is_refused(tmp_path: Path, toml: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(toml, tmp_path)
+    assert "reserved for state hand-offs" in str(err.value)
