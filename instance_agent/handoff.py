@@ -22,7 +22,7 @@ tests reach every branch in milliseconds.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from instance_agent import keys
@@ -119,6 +119,31 @@ def decide(claims: Sequence[Claim], failures: int, adopted: bool, now: float) ->
     if not expired(newest, now):
         return Verdict(HELD, holder=newest, expires_in=newest.claimed_at + newest.lease_s - now)
     return Verdict(CLAIM_NOW, generation=newest.generation + 1)
+
+
+def group_prefix(prefix: str, group: str) -> str:
+    """The "directory" holding every hand-off of a group (TEMPLATE up to the instance)."""
+    return f"{prefix}{keys.safe_component(group)}/{HANDOFF_DIR}/"
+
+
+def unclaimed(listed: Mapping[str, float], now: float, lease: float) -> list[str]:
+    """The hand-offs in a listing of group_prefix (key -> LastModified, epoch seconds) that
+    a receiver may claim now, oldest first: complete (the manifest is there), not adopted,
+    not given up, and with no claim or only one whose lease is over. `lease` stands for
+    every claim's own (the claim is read again, exactly, by the adoption itself)."""
+    out = []
+    for key in sorted(listed, key=lambda k: (listed[k], k)):
+        if not key.endswith(tuple(keys.EXTENSIONS.values())) or key + ".manifest.json" not in listed:
+            continue
+        try:
+            source_of(key)
+        except ValueError:
+            continue
+        claims = [Claim(g, "", listed[k], lease) for k in listed if (g := generation_of(key, k)) is not None]
+        failures = sum(1 for k in listed if generation_of(key, k, FAILED) is not None)
+        if decide(claims, failures, adopted_key(key) in listed, now).action == CLAIM_NOW:
+            out.append(key)
+    return out
 
 
 def may_receive(handoff_to: str, role: str) -> bool:

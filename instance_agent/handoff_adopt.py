@@ -135,6 +135,38 @@ def adopt(
     return {**out, "status": "adopted"}
 
 
+def at_launch(cfg: Config, ident: Identity, clients: Clients, group: str) -> dict[str, Any] | None:
+    """The launch gate's adoption: one claimable hand-off of `group`, oldest first, from one
+    listing of its handoff/ prefix. Never raises: a hand-off that cannot be adopted here
+    (unsafe, its command failed) is reported and stays for another receiver, and the new
+    instance still goes in service. The result, or None when there was nothing to adopt."""
+    if not cfg.handoff_path or not handoff.may_receive(cfg.handoff_to, "launching"):
+        return None
+    prefix = handoff.group_prefix(cfg.prefix, group)
+    try:
+        listed = {
+            str(o["Key"]): o["LastModified"].timestamp()
+            for o in listing.iter_objects(clients.s3, cfg.bucket or "", prefix, extra=s3args.owner_args(cfg))
+        }
+    except AgentError as err:
+        log.error("cannot look for hand-offs", extra=fields(prefix=prefix, error=str(err)))
+        return None
+    for key in handoff.unclaimed(listed, time.time(), cfg.handoff_lease):
+        if handoff.source_of(key) == ident.instance_id:
+            continue
+        try:
+            result = adopt(cfg, ident, clients, key, role="launching")
+        except AgentError as err:
+            log.error("hand-off not adopted at launch", extra=fields(key=key, error=str(err)))
+            refused = {"event": "handoff_refused", "status": "refused", "instance_id": ident.instance_id}
+            report(cfg, clients, {**refused, "key": key, "adopter": ident.instance_id, "error": str(err)})
+            return {**refused, "key": key, "error": str(err)}
+        if result["status"] == "adopted":
+            report(cfg, clients, {"event": "handoff_adopted", "instance_id": ident.instance_id, **result})
+            return result
+    return None
+
+
 def report(cfg: Config, clients: Clients, body: Mapping[str, Any]) -> None:
     """The SNS report of an adoption or a refusal (never fatal)."""
     if not cfg.topic_arn or clients.sns is None:

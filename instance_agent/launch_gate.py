@@ -28,7 +28,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from instance_agent import awserror, config, logs, statedir, wiring
+from instance_agent import awserror, config, handoff_adopt, logs, statedir, wiring
 from instance_agent.errors import EXIT_OK, AgentError, ConfigError
 
 log = logging.getLogger("instance_agent.launch_gate")
@@ -119,7 +119,8 @@ def cmd_launch_gate(args: argparse.Namespace) -> int:
         identity = wiring.resolve_identity(cfg, imds)
     finally:
         imds.close()
-    client = wiring.make_clients(cfg, identity.region).autoscaling
+    clients = wiring.make_clients(cfg, identity.region)
+    client = clients.autoscaling
     if client is None:
         raise ConfigError("launch-gate completes a lifecycle action: drop --no-complete")
     statedir.usable(cfg.state_dir)
@@ -147,6 +148,10 @@ def cmd_launch_gate(args: argparse.Namespace) -> int:
         sys.stdout.write(doctor.render(checks, symbols=False))
         sys.stdout.flush()
         result = "ABANDON" if doctor.failed(checks) else "CONTINUE"
+        if result == "CONTINUE" and problem is None:
+            # Before the instance goes in service: a replacement takes over the state of
+            # the instance it replaces (README "Moving state on scale-in").
+            handoff_adopt.at_launch(cfg, identity, clients, group)
         try:
             client.complete_lifecycle_action(
                 AutoScalingGroupName=group,

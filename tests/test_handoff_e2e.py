@@ -12,14 +12,18 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zstandard
-from conftest import AGENT, REGION, Stack
+from conftest import ACCOUNT, AGENT, REGION, Stack
 from support.trees import walk
+
+from instance_agent.local import launching
 
 PEER_A, PEER_B = "i-0aaaaaaaaaaaaaaa1", "i-0bbbbbbbbbbbbbbb2"
 
@@ -250,6 +254,54 @@ def test_a_failing_command_leaves_it_claimed_and_the_next_claimant_retries(
         ("handoff_refused", PEER_A),
         ("handoff_adopted", PEER_B),
     ]
+
+
+def test_a_replacement_adopts_at_launch_before_it_goes_in_service(stack: Stack, tmp_path: Path) -> None:
+    launching.install()
+    asg = stack.client("autoscaling")
+    asg.set_desired_capacity(AutoScalingGroupName=stack.group, DesiredCapacity=2)
+    (group,) = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[stack.group])["AutoScalingGroups"]
+    (new,) = {i["InstanceId"] for i in group["Instances"]} - {stack.instance_id}
+    hook = stack.launch_hook()
+    state, result = scale_in_with_handoff(stack, tmp_path)
+    key = result["handoff_key"]
+
+    # The replacement boots: its launch gate runs while Auto Scaling holds it in Pending:Wait.
+    launching.begin_launch(stack.group, new, hook, account_id=ACCOUNT, region=REGION)
+    stack.imds.instance_id = new
+    stack.imds.target_lifecycle_state = "Pending"
+    boot_id = tmp_path / "boot_id"
+    boot_id.write_text(f"{uuid.uuid4()}\n")
+    ran, inbox = tmp_path / "ran", tmp_path / "inbox"
+    # The command records the instance's state while it runs: still Pending:Wait.
+    probe = (
+        "import boto3, os; print(boto3.client('autoscaling').describe_auto_scaling_instances("
+        "InstanceIds=[os.environ['ME']])['AutoScalingInstances'][0]['LifecycleState'])"
+    )
+    proc = stack.run(
+        "launch-gate",
+        "--boot-id-file",
+        str(boot_id),
+        env=stack.env(
+            ME=new,
+            INSTANCE_AGENT_BUCKET=stack.bucket,
+            INSTANCE_AGENT_TOPIC_ARN=stack.topic_arn,
+            INSTANCE_AGENT_HANDOFF_PATH=str(state),
+            INSTANCE_AGENT_HANDOFF_TO="launching",
+            INSTANCE_AGENT_HANDOFF_INBOX=str(inbox),
+            INSTANCE_AGENT_HANDOFF_COMMAND=f'{sys.executable} -c "{probe}" >> {ran}',
+        ),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "launching lifecycle action: CONTINUE" in proc.stderr
+    [outcome] = [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == new]
+    assert (outcome.hook, outcome.result) == (hook, "CONTINUE")
+    assert ran.read_text().splitlines() == ["Pending:Wait"]  # adopted before CONTINUE
+    assert restored(inbox, stack.instance_id, state) == walk(state)
+    body = stack.client("s3").get_object(Bucket=stack.bucket, Key=key + ".adopted")["Body"].read()
+    assert json.loads(body)["instance_id"] == new
+    reports = [json.loads(m["message"]) for m in stack.sns()[1:]]
+    assert [(r["event"], r["adopter"], r["key"]) for r in reports] == [("handoff_adopted", new, key)]
 
 
 def tamper_archive(stack: Stack, key: str) -> None:

@@ -136,3 +136,27 @@ def test_a_prefix_or_template_in_the_handoff_namespace_is_refused(tmp_path: Path
     with pytest.raises(ConfigError) as err:
         load(toml, tmp_path)
     assert "reserved for state hand-offs" in str(err.value)
+
+
+def test_a_launching_receiver_picks_the_oldest_claimable_complete_handoff() -> None:
+    prefix = handoff.group_prefix("backups/", "web")
+    assert prefix == "backups/web/handoff/"
+    old, new, half, done, taken = (f"{prefix}i-0000000{n}/20260131T12000{n}Z.tar.zst" for n in range(1, 6))
+    listed = {
+        new: 200.0,
+        new + ".manifest.json": 201.0,
+        old: 100.0,
+        old + ".manifest.json": 101.0,
+        old + ".claim.000001": 110.0,  # a claim whose lease ended at 110 + LEASE
+        half: 150.0,  # no manifest: the sender is still writing it
+        done: 50.0,
+        done + ".manifest.json": 51.0,
+        done + ".adopted": 60.0,
+        taken: 90.0,
+        taken + ".manifest.json": 91.0,
+    }
+    live = {**listed, taken + ".claim.000001": 1000.0}
+    # taken's claim is live; old's ended (110 + LEASE < 1001), so old may be claimed again.
+    assert handoff.unclaimed(live, now=1000.0 + 1, lease=LEASE) == [old, new]
+    assert handoff.unclaimed(live, now=1000.0 + LEASE, lease=LEASE) == [taken, old, new]
+    assert handoff.unclaimed(listed, now=0.0, lease=LEASE) == [taken, new]  # old's claim is live
