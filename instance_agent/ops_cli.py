@@ -197,6 +197,12 @@ def register(sub: Any) -> None:
         "exit 1 if any is missing (flag only; default: off, one GET per backup more)",
     )
     p.add_argument(
+        "--handoffs",
+        action="store_true",
+        help="list the state hand-offs instead: unclaimed, claimed by whom, adopted by whom and "
+        "when (flag only; default: backups)",
+    )
+    p.add_argument(
         "--page-size",
         type=int,
         default=1000,
@@ -376,6 +382,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not 1 <= args.page_size <= 1000:
         raise ConfigError("--page-size must be 1-1000")
     filters = _check_filters(args)
+    if args.handoffs:
+        return _list_handoffs(args, cfg, bucket, filters)
     backups = orphans.find_all(
         s3_client(cfg),
         bucket,
@@ -396,6 +404,30 @@ def cmd_list(args: argparse.Namespace) -> int:
     for b in broken:
         sys.stderr.write(f"error: {b.url} cannot be restored whole: {b.error}\n")
     return 1 if broken else 0
+
+
+def _list_handoffs(args: argparse.Namespace, cfg: config.Config, bucket: str, filters: Any) -> int:
+    import time
+
+    from instance_agent import handoff_list
+
+    views = handoff_list.find(
+        s3_client(cfg),
+        bucket,
+        cfg.prefix,
+        group=filters.group,
+        source=filters.instance_id,
+        now=time.time(),
+        lease=cfg.handoff_lease,
+        extra=_extra(cfg),
+    )
+    if args.json or not sys.stdout.isatty():
+        _print(handoff_list.render_json(views))
+    else:
+        _print(
+            handoff_list.render_table(views) if views else f"no hand-offs under s3://{bucket}/{cfg.prefix}\n"
+        )
+    return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

@@ -74,6 +74,13 @@ def restored(inbox: Path, source: str, state: Path) -> dict[bytes, tuple[str, by
     return walk(inbox / source / str(state).lstrip("/"))
 
 
+def list_handoffs(stack: Stack) -> list[dict[str, Any]]:
+    proc = stack.run("list", "--handoffs", "--bucket", stack.bucket, "--asg-name", stack.group, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    views: list[dict[str, Any]] = json.loads(proc.stdout)
+    return views
+
+
 def markers(stack: Stack, key: str, kind: str) -> list[str]:
     return sorted(k for k in stack.objects() if k.startswith(key + kind))
 
@@ -98,6 +105,8 @@ def test_scale_in_hands_off_before_completing_and_a_peer_adopts_it(stack: Stack,
     messages = stack.sns()
     assert len(messages) == 1 and json.loads(messages[0]["message"])["handoff_key"] == key
 
+    assert [(h["key"], h["state"]) for h in list_handoffs(stack)] == [(key, "unclaimed")]
+
     # A peer adopts it: the 200 files come back byte for byte, its command runs once.
     inbox = tmp_path / "inbox-a"
     ran = tmp_path / "ran"
@@ -111,6 +120,9 @@ def test_scale_in_hands_off_before_completing_and_a_peer_adopts_it(stack: Stack,
     assert markers(stack, key, ".adopted") == [key + ".adopted"]
     reports = [json.loads(m["message"]) for m in stack.sns()[1:]]
     assert [(r["event"], r["adopter"], r["key"]) for r in reports] == [("handoff_adopted", PEER_A, key)]
+
+    [view] = list_handoffs(stack)
+    assert (view["state"], view["by"], view["source"]) == ("adopted", PEER_A, stack.instance_id)
 
     # A second delivery of the same key does nothing.
     proc, again = adopt(stack, key, PEER_B, tmp_path / "inbox-b", cmd)
@@ -206,6 +218,8 @@ def test_a_receiver_killed_after_its_claim_is_replaced_after_the_lease(stack: St
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(held.read_text()), signal.SIGKILL)
     assert markers(stack, key, ".claim.") == [key + ".claim.000001"] and not markers(stack, key, ".adopted")
+    [view] = list_handoffs(stack)
+    assert (view["state"], view["by"]) in (("claimed", PEER_A), ("unclaimed", None))  # the lease may be over
 
     # B, told at once, finds A's claim live until its lease ends; then B claims generation 2.
     proc, out = adopt(stack, key, PEER_B, tmp_path / "inbox-b", cmd, *lease, RECEIVER="B")

@@ -160,3 +160,23 @@ def test_a_launching_receiver_picks_the_oldest_claimable_complete_handoff() -> N
     assert handoff.unclaimed(live, now=1000.0 + 1, lease=LEASE) == [old, new]
     assert handoff.unclaimed(live, now=1000.0 + LEASE, lease=LEASE) == [taken, old, new]
     assert handoff.unclaimed(listed, now=0.0, lease=LEASE) == [taken, new]  # old's claim is live
+
+
+def test_list_handoffs_says_where_each_one_stands() -> None:
+    from instance_agent import handoff_list
+
+    def state(listed: dict[str, float], now: float = 1000.0) -> tuple[str, int, int]:
+        view = handoff_list.summarize(KEY, listed, now, LEASE)
+        assert view.source == "i-0abc1234"
+        return view.state, view.generation, view.failures
+
+    base = {KEY: 100.0, KEY + ".manifest.json": 101.0}
+    assert state({KEY: 100.0}) == ("incomplete", 0, 0)
+    assert state(base) == ("unclaimed", 0, 0)
+    assert state({**base, KEY + ".claim.000001": 900.0}) == ("claimed", 1, 0)
+    assert state({**base, KEY + ".claim.000001": 900.0}, now=900.0 + LEASE) == ("unclaimed", 1, 0)
+    failed = {**base, KEY + ".claim.000001": 200.0, KEY + ".failed.000001": 210.0}
+    assert state(failed) == ("unclaimed", 1, 1)  # retried by the next claimant
+    both = {**failed, KEY + ".claim.000002": 300.0, KEY + ".failed.000002": 310.0}
+    assert state(both) == ("given-up", 2, 2)
+    assert state({**base, KEY + ".claim.000001": 200.0, KEY + ".adopted": 250.0}) == ("adopted", 1, 0)
