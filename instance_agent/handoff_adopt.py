@@ -42,6 +42,12 @@ log = logging.getLogger(__name__)
 _LOST_RACE = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 
+def lease_margin(lease: float) -> float:
+    """What must be left of a claim's lease when handoff_command would end: room for the
+    adopted marker's PutObject, and for clocks a little apart."""
+    return min(30.0, lease / 10)
+
+
 class HandoffRefused(AgentError):
     """The hand-off is unsafe (altered, truncated, paths outside the inbox), its command
     failed, or it was given up: never adopted by this run."""
@@ -101,11 +107,19 @@ def adopt(
         return {**out, "status": "claimed-elsewhere"}
     log.info("hand-off claimed", extra=fields(key=key, generation=generation))
     out["generation"] = generation
+    if _adopted(s3, bucket, key, cfg):
+        # The holder of the lease before ours finished just as it ran out.
+        return {**out, "status": "already-adopted"}
     out.update(_restore(s3, bucket, key, source, dest, cfg))
     if cfg.handoff_command:
-        if now() + cfg.handoff_timeout > claimed_at + cfg.handoff_lease:
+        if now() + cfg.handoff_timeout + lease_margin(cfg.handoff_lease) > claimed_at + cfg.handoff_lease:
             # Another receiver may claim the next generation before the command could end.
-            raise HandoffRefused(f"{key}: the claim's lease is too short to run handoff_command now")
+            raise HandoffRefused(
+                f"{key}: too little of the claim's lease is left to run handoff_command; restored "
+                f"into {dest}, not adopted"
+            )
+        if _adopted(s3, bucket, key, cfg):
+            return {**out, "status": "already-adopted"}
         record = hooks.run(
             cfg.handoff_command,
             "handoff",
@@ -238,6 +252,14 @@ def _restore(s3: Any, bucket: str, key: str, source: str, dest: str, cfg: Config
     except HandoffRefused as err:
         raise HandoffRefused(f"{err}; nothing was restored") from None
     return {"dest": dest, "files": done.files, "bytes": done.bytes}
+
+
+def _adopted(s3: Any, bucket: str, key: str, cfg: Config) -> bool:
+    marker = handoff.adopted_key(key)
+    return any(
+        str(o["Key"]) == marker
+        for o in listing.iter_objects(s3, bucket, marker, extra=s3args.owner_args(cfg))
+    )
 
 
 def _read_json(s3: Any, bucket: str, key: str, cfg: Config) -> dict[str, Any]:

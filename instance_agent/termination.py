@@ -626,7 +626,7 @@ class _Job:
     def _duplicate(self, record: Record) -> None:
         first = record.result
         res = self.result
-        for name in ("group", "hook", "key", "manifest_key", "journal_key", "bucket"):
+        for name in ("group", "hook", "key", "manifest_key", "journal_key", "handoff_key", "bucket"):
             if name in first:
                 setattr(res, name, first[name])
         res.status = STATUS_DUPLICATE

@@ -248,7 +248,7 @@ def test_a_failing_command_leaves_it_claimed_and_the_next_claimant_retries(
     key = result["handoff_key"]
     ran = tmp_path / "ran"
     cmd = f'echo "$RECEIVER" >> {ran}; test "$RECEIVER" = B'
-    lease = ["--handoff-lease", "4", "--handoff-timeout", "2"]
+    lease = ["--handoff-lease", "6", "--handoff-timeout", "2"]
     proc, out = adopt(stack, key, PEER_A, tmp_path / "inbox-a", cmd, *lease, RECEIVER="A")
     assert proc.returncode == 1 and out["status"] == "refused"
     errors = [line for line in proc.stderr.splitlines() if line.startswith("instance-agent: error:")]
@@ -316,6 +316,18 @@ def test_a_replacement_adopts_at_launch_before_it_goes_in_service(stack: Stack, 
     assert json.loads(body)["instance_id"] == new
     reports = [json.loads(m["message"]) for m in stack.sns()[1:]]
     assert [(r["event"], r["adopter"], r["key"]) for r in reports] == [("handoff_adopted", new, key)]
+
+
+def test_a_claim_too_short_for_its_command_is_never_run_on(stack: Stack, tmp_path: Path) -> None:
+    _, result = scale_in_with_handoff(stack, tmp_path)
+    key, ran = result["handoff_key"], tmp_path / "ran"
+    # 2.9 s of command in a 3 s lease leaves no room for the adopted marker: a second
+    # receiver could claim the next generation while it still ran.
+    lease = ["--handoff-lease", "3", "--handoff-timeout", "2.9"]
+    proc, out = adopt(stack, key, PEER_A, tmp_path / "inbox", f"echo ran >> {ran}", *lease)
+    assert proc.returncode == 1 and out["status"] == "refused"
+    assert "too little of the claim's lease is left" in out["error"]
+    assert not ran.exists() and not markers(stack, key, ".adopted")
 
 
 def tamper_archive(stack: Stack, key: str) -> None:
