@@ -96,6 +96,9 @@ def adopt(
         }
     if verdict.action == handoff.GIVE_UP:
         raise HandoffRefused(f"{key}: handoff_command failed {handoff.MAX_FAILURES} times; given up")
+    # Read and check the manifest before claiming: a hand-off whose sender died before its
+    # manifest, or whose manifest is unsafe, is never held for a lease.
+    manifest = _checked_manifest(s3, bucket, key, source, cfg)
     generation = verdict.generation
     claimed_at = now()
     claim = {"instance_id": ident.instance_id, "generation": generation, "claimed_at": claimed_at}
@@ -110,7 +113,7 @@ def adopt(
     if _adopted(s3, bucket, key, cfg):
         # The holder of the lease before ours finished just as it ran out.
         return {**out, "status": "already-adopted"}
-    out.update(_restore(s3, bucket, key, source, dest, cfg))
+    out.update(_restore(s3, bucket, key, manifest, dest, cfg))
     if cfg.handoff_command:
         if now() + cfg.handoff_timeout + lease_margin(cfg.handoff_lease) > claimed_at + cfg.handoff_lease:
             # Another receiver may claim the next generation before the command could end.
@@ -215,8 +218,8 @@ def _state(s3: Any, bucket: str, key: str, cfg: Config) -> tuple[list[handoff.Cl
     return claims, failures, adopted
 
 
-def _restore(s3: Any, bucket: str, key: str, source: str, dest: str, cfg: Config) -> dict[str, Any]:
-    """The archive into `dest` (new or empty), verified against its manifest; all or nothing."""
+def _checked_manifest(s3: Any, bucket: str, key: str, source: str, cfg: Config) -> dict[str, Any]:
+    """The hand-off's manifest, whole, once it is known to name only paths inside the tree."""
     extra = s3args.owner_args(cfg)
     manifest = listing.read_manifest(s3, bucket, key + listing.MANIFEST_SUFFIX, extra)
     if manifest.get("instance_id") != source:
@@ -227,6 +230,14 @@ def _restore(s3: Any, bucket: str, key: str, source: str, dest: str, cfg: Config
             raise manifest_check.UnsafeManifest("refusing the manifest: a hand-off names no other object")
     except manifest_check.UnsafeManifest as err:
         raise HandoffRefused(f"{key}: {err}; nothing was restored") from None
+    return manifest
+
+
+def _restore(
+    s3: Any, bucket: str, key: str, manifest: Mapping[str, Any], dest: str, cfg: Config
+) -> dict[str, Any]:
+    """The archive into `dest` (new or empty), verified against its manifest; all or nothing."""
+    extra = s3args.owner_args(cfg)
     totals = manifest.get("totals") if isinstance(manifest.get("totals"), dict) else {}
     tar_bytes = totals.get("tar_bytes") if isinstance(totals, dict) else None
     os.makedirs(cfg.inbox(), mode=0o700, exist_ok=True)

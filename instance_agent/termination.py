@@ -496,6 +496,9 @@ class _Job:
         except AgentError as err:
             log.error("hand-off failed", extra=fields(error=str(err)))
             return str(err)
+        except Exception as err:  # a bug must still report and complete, as in _archive
+            log.exception("unexpected error during the hand-off")
+            return f"hand-off failed: {type(err).__name__}: {err}"
         self.result.handoff_key = sent.key
         return None
 

@@ -375,5 +375,7 @@ def test_a_tampered_handoff_is_refused_and_never_adopted(stack: Stack, tmp_path:
     assert out["status"] == "refused"
     assert not inbox.exists() or list(inbox.iterdir()) == []
     assert not ran.exists() and not markers(stack, key, ".adopted")
+    if tamper is tamper_manifest:  # refused on reading the manifest: never even claimed
+        assert not markers(stack, key, ".claim.")
     reports = [json.loads(m["message"]) for m in stack.sns()[1:]]
     assert [(r["event"], r["key"]) for r in reports] == [("handoff_refused", key)]
