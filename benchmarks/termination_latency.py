@@ -3,6 +3,7 @@
     python benchmarks/termination_latency.py                    # 1 GiB rotated + 32 MiB live
     python benchmarks/termination_latency.py --size 256MiB      # a quick look
     python benchmarks/termination_latency.py --corpus /tmp/c    # keep the corpus for reruns
+    python benchmarks/termination_latency.py --files 1000,10000,100000 --rounds 3 --label after
 
 The instance has `--size` of rotated logs (benchmarks/corpus.py, their times an hour old)
 and one live file of 32 MiB that an application keeps appending to. Two runs, each with a
@@ -18,6 +19,14 @@ they are complete at once, and the live file, appended to every 0.2 s, never set
 what one nice-19 zstd thread produces from log text here, so the phase before the flip ends
 in well under a minute rather than hours). Both can be changed on the command line.
 `--rounds` (2) repeats both runs; the ratios are of the medians.
+
+`--files N[,N…]` (issue 21 item 1) measures how the tail grows with history instead: a tree
+of N small rotated files (1–4 KiB, an hour old, 1,000 a directory) and no live file, all
+shipped before the flip, so there is nothing new to archive. Only the `ship` mode runs, the
+sizes interleaved in each round. Targets: the median at the largest N at most 1.2x the
+median at the smallest, and under 1 MiB uploaded after the flip at the largest. `--label`
+names the run (`before`, `after`): each label's runs are kept in
+benchmarks/results/termination_latency-files.json, and the markdown beside it shows them all.
 
 Reported per run: seconds from the flip to CompleteLifecycleAction reaching Auto Scaling
 (moto), and the bytes uploaded to S3 after the flip (request bodies counted by the test
@@ -80,13 +89,13 @@ def _append(path: Path, stop: threading.Event) -> None:
         n += 1
 
 
-def _shipped_all_but_live(run_dir: Path) -> bool:
+def _shipped_all_but_live(run_dir: Path, live: int = 1) -> bool:
     try:
         doc = json.loads((run_dir / "watch-status.json").read_text())
     except (OSError, ValueError):
         return False
     block = doc.get("shipping") or {}
-    return bool(block.get("shipped_files")) and block.get("pending_files") == 1
+    return bool(block.get("shipped_files")) and block.get("pending_files") == live
 
 
 def one_run(
@@ -97,8 +106,9 @@ def one_run(
     proxy: FaultProxy,
     args: argparse.Namespace,
     round_no: int,
+    live: int = 1,
 ) -> dict[str, Any]:
-    group = f"lat-{mode}-{round_no}"
+    group = f"lat-{mode}-{round_no}" + (f"-{src.name}" if not live else "")
     instance = make_group(moto, group, "hook", heartbeat_timeout=600)
     run_dir, state = tmp / f"run-{group}", tmp / f"state-{group}"
     with IMDSStub(instance_id=instance, target_lifecycle_state="InService") as imds:
@@ -122,7 +132,7 @@ def one_run(
             while imds.metadata_gets < 2:
                 time.sleep(0.05)
             if mode == "ship":
-                while not _shipped_all_but_live(run_dir):
+                while not _shipped_all_but_live(run_dir, live):
                     if watcher.poll() is not None:
                         raise SystemExit("the watcher died; see " + log.name)
                     time.sleep(0.5)
@@ -150,7 +160,7 @@ def one_run(
             watcher.wait(timeout=60)
             log.close()
     print(
-        f"{mode}: {latency:.2f} s flip -> CompleteLifecycleAction, "
+        (f"{src.name}: " if not live else "") + f"{mode}: {latency:.2f} s flip -> CompleteLifecycleAction, "
         f"{after / 2**20:.1f} MiB uploaded after the flip"
         + (f" (shipping took {shipping_s:.0f} s before)" if mode == "ship" else ""),
         flush=True,
@@ -241,6 +251,105 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+PER_DIR = 1000
+GROWTH_TARGET, FLIP_BYTES_TARGET = 1.2, 2**20
+
+
+def small_tree(root: Path, n: int) -> Path:
+    """`n` rotated files of 1-4 KiB, an hour old, 1,000 a directory (kept for reruns)."""
+    tree = root / f"files-{n}"
+    marker = tree / ".complete"
+    if marker.exists():
+        return tree
+    shutil.rmtree(tree, ignore_errors=True)
+    old = time.time() - 3600
+    line = b"2026-01-31T12:00:00Z host app[812]: request served in 12 ms, status 200, id "
+    for i in range(n):
+        d = tree / f"d{i // PER_DIR:04d}"
+        if i % PER_DIR == 0:
+            d.mkdir(parents=True)
+        path = d / f"app.log.{i:06d}"
+        path.write_bytes((line + b"%08d\n" % i) * (12 + (i * 7919) % 36))
+        os.utime(path, (old, old))
+    marker.write_text("")
+    os.utime(marker, (old, old))
+    return tree
+
+
+def files_markdown(doc: dict[str, Any]) -> str:
+    out = [
+        "# Termination tail against shipped history (issue 21 item 1)",
+        "",
+        "`python benchmarks/termination_latency.py --files 1000,10000,100000 --rounds 3 --label L` "
+        f"on {doc['cpus']} CPUs: a tree of N rotated files of 1-4 KiB (1,000 a directory), all "
+        "shipped before the flip, nothing new to archive. Local SeaweedFS behind the fault proxy, "
+        "moto and the IMDS stub; the watcher polls IMDS every 0.5 s, so each time includes up to "
+        "0.5 s of detection. Time: IMDS flip to CompleteLifecycleAction reaching Auto Scaling; "
+        "bytes: request bodies sent to S3 after the flip.",
+        "",
+        f"Targets: median at the largest N at most {GROWTH_TARGET}x the median at the smallest; "
+        "under 1 MiB after the flip at the largest.",
+        "",
+    ]
+    for label, runs in doc["labels"].items():
+        sizes = sorted({r["files"] for r in runs})
+        out += [
+            f"## {label}",
+            "",
+            doc.get("notes", {}).get(label, ""),
+            "",
+            "| files | median s (min-max) | rounds (s) | MiB after the flip (median) | segments |",
+            "|---:|---|---|---:|---:|",
+        ]
+        med = {}
+        for n in sizes:
+            rs = [r for r in runs if r["files"] == n]
+            lat = [r["latency_s"] for r in rs]
+            med[n] = _median(lat)
+            out.append(
+                f"| {n:,} | {med[n]:.2f} ({min(lat):.2f}-{max(lat):.2f}) | "
+                + ", ".join(f"{x:.2f}" for x in lat)
+                + f" | {_median([r['bytes_after_flip'] for r in rs]) / 2**20:.3f} | "
+                + f"{_median([r['segments'] for r in rs]):g} |"
+            )
+        lo, hi = sizes[0], sizes[-1]
+        growth = med[hi] / med[lo]
+        hi_bytes = _median([r["bytes_after_flip"] for r in runs if r["files"] == hi])
+        out += [
+            "",
+            f"- growth {hi:,} / {lo:,} files: **{growth:.2f}x** (target <= {GROWTH_TARGET}): "
+            + ("met" if growth <= GROWTH_TARGET else "NOT met"),
+            f"- after the flip at {hi:,} files: **{hi_bytes / 2**20:.3f} MiB** (target < 1 MiB): "
+            + ("met" if hi_bytes < FLIP_BYTES_TARGET else "NOT met"),
+            "",
+        ]
+    return "\n".join(out)
+
+
+def files_main(args: argparse.Namespace) -> None:
+    sizes = [int(x) for x in args.files.split(",")]
+    keep = args.corpus
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        trees = {n: small_tree(keep or tmp, n) for n in sizes}
+        results = []
+        with MotoServer() as moto, SeaweedS3(tmp / "weed") as s3, FaultProxy(s3.endpoint) as proxy:
+            boto3.client("s3", endpoint_url=s3.endpoint).create_bucket(Bucket="bench")
+            for round_no in range(1, args.rounds + 1):
+                for n in sizes:
+                    r = one_run("ship", trees[n], tmp, moto, proxy, args, round_no, live=0)
+                    results.append({**r, "files": n})
+                    proxy.clear_log()
+    path = RESULTS / "termination_latency-files.json"
+    doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"labels": {}}
+    doc["cpus"] = os.cpu_count()
+    doc["labels"][args.label] = results
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    path.with_suffix(".md").write_text(files_markdown(doc))
+    print(files_markdown(doc))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1GiB", help="rotated logs (default 1GiB)")
@@ -250,6 +359,8 @@ def main() -> None:
     ap.add_argument("--ship-bandwidth", default="64MiB")
     ap.add_argument("--log-level", default="info", help="the watchers' (default info)")
     ap.add_argument("--keep-logs", type=Path, help="copy the watchers' logs here")
+    ap.add_argument("--files", help="N[,N...]: small shipped files, nothing new (issue 21 item 1)")
+    ap.add_argument("--label", default="run", help="with --files: the name of this run's results")
     args = ap.parse_args()
     size = parse_size(args.size)
     for name in list(os.environ):
@@ -258,6 +369,9 @@ def main() -> None:
     os.environ.update(
         AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
     )
+    if args.files:
+        files_main(args)
+        return
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         src = corpus.generate(args.corpus or tmp / "src", size)
