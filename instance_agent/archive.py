@@ -330,20 +330,8 @@ class Archiver:
         if self._skip is not None and stat.S_ISREG(st.st_mode):
             held = self._skip(path, st, dir_fd, name)
             if held is not None:
-                self.report.held_files += 1
-                self.report.held_bytes += st.st_size
-                self.report.add(
-                    Entry(
-                        member,
-                        "file",
-                        st.st_size,
-                        st.st_mtime_ns,
-                        stat.S_IMODE(st.st_mode),
-                        sha256=held.sha256,
-                        object=held.key,
-                        member=held.member,
-                    )
-                )
+                # No entry: the segment's own manifest has it (manifest.HeldFiles).
+                self.report.hold(member, st.st_size, held)
                 return
         self._add_file(path, member, dir_fd, name)
 

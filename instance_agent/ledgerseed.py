@@ -116,6 +116,7 @@ def _still_here(
         "tar_bytes": totals.get("tar_bytes", 0),
         "compressed_bytes": totals.get("compressed_bytes", 0),
         "at": at,  # S3's date, not the manifest's: the rule expires by S3's
+        "count": len(doc.get("shipped") or []),
     }
     recs: list[Shipped] = []
     for line in doc.get("shipped") or []:

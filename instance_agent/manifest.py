@@ -2,16 +2,27 @@
 
 Paths are bytes throughout (Linux file names need not be UTF-8). In JSON a path is a
 `path` string when it decodes as UTF-8, else a `path_b64` field with the raw bytes.
+
+A termination archive made with continuous shipping (format 2) does not repeat the entries
+of the files its segments hold, which made its tail grow with everything shipped before
+(issue 21): each segment it names says instead how many of its shipped files belong to the
+backup (`held`; all of the segment manifest's `shipped` files, or the `members` listed), the
+few renamed since (`renamed`), and `held_sha256`, a digest of those files' names and
+content digests (held_digest). Restore and verify rebuild the entries from the segment
+manifests and fail, naming the segment, when they do not match (segrefs.py). A format-1
+manifest lists every held file as an entry with an `object`; it still restores.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT_VERSION = 1
+HELD_FORMAT = 2  # a final manifest whose segments carry `held` instead of entries
 # The C string encoder json.dumps uses for str values (with ensure_ascii=False).
 _encode_str: Any = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.encode_basestring
 
@@ -87,6 +98,37 @@ class Held:
     key: str
     sha256: str | None
     member: bytes | None = None  # its name inside the segment (where it was when shipped)
+    segment_files: int = 0  # files the segment shipped (its manifest's `shipped`); 0: unknown
+
+
+def held_digest(files: list[tuple[bytes, str]]) -> str:
+    """The `held_sha256` of a segment: SHA-256 over its held files, each as its member name
+    in the segment, NUL, its content SHA-256 in hex and a newline, sorted by name."""
+    h = hashlib.sha256()
+    for member, digest in sorted(files):
+        h.update(member + b"\0" + digest.encode("ascii", "replace") + b"\n")
+    return h.hexdigest()
+
+
+@dataclass
+class HeldFiles:
+    """What one segment holds for a termination archive, gathered during the walk."""
+
+    files: list[tuple[bytes, str]] = field(default_factory=list)  # (member, sha256)
+    renamed: list[tuple[bytes, bytes]] = field(default_factory=list)  # (path now, member)
+    segment_files: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"held": len(self.files), "held_sha256": held_digest(self.files)}
+        if len(self.files) != self.segment_files or len({m for m, _ in self.files}) != len(self.files):
+            # Not every file it shipped once each (some gone or changed since, a hard link
+            # held twice, or an older ledger line without the count): named one by one.
+            out["members"] = [path_fields(m) for m, _ in sorted(self.files)]
+        if self.renamed:
+            out["renamed"] = [
+                {**path_fields(now), **path_fields(member, "member")} for now, member in sorted(self.renamed)
+            ]
+        return out
 
 
 @dataclass
@@ -115,6 +157,7 @@ class ArchiveReport:
     tar_bytes: int = 0
     held_files: int = 0  # left out: already shipped in a segment (Held)
     held_bytes: int = 0
+    held: dict[str, HeldFiles] = field(default_factory=dict)  # by segment key
 
     @property
     def stopped_early(self) -> bool:
@@ -125,6 +168,18 @@ class ArchiveReport:
             self.entries_json += b","
         self.entries_json += entry.to_json_bytes()
         self.entry_count += 1
+
+    def hold(self, member: bytes, size: int, held: Held) -> None:
+        """A file left out of the archive, held by segment `held.key` (format 2: no entry)."""
+        self.held_files += 1
+        self.held_bytes += size
+        files = self.held.get(held.key)
+        if files is None:
+            files = self.held[held.key] = HeldFiles(segment_files=held.segment_files)
+        shipped_as = member if held.member is None else held.member
+        files.files.append((shipped_as, held.sha256 or ""))
+        if held.member is not None:
+            files.renamed.append((member, held.member))
 
     def entries(self) -> list[dict[str, Any]]:
         """The entries as dicts (for tests and small trees; the manifest streams the text)."""
@@ -147,10 +202,14 @@ def build(
     entries text — tens of MiB for a few hundred thousand files — is never copied to join
     them: the uploader reads the pieces in turn.
 
-    With `segments` (continuous shipping), entries whose `object` names a segment are held
-    there; an entry without `object` is in the archive itself (`key`)."""
+    With `segments` (continuous shipping), each segment that holds files for this archive
+    says which (HeldFiles, module docstring); the entries are what the archive itself holds."""
+    if segments is not None:
+        segments = [
+            {**s, **report.held[s["key"]].to_json()} if s["key"] in report.held else s for s in segments
+        ]
     head = {
-        "format": FORMAT_VERSION,
+        "format": HELD_FORMAT if report.held else FORMAT_VERSION,
         "key": key,
         "agent_version": agent_version,
         "compression": compression,

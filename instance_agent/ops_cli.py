@@ -431,7 +431,7 @@ def _list_handoffs(args: argparse.Namespace, cfg: config.Config, bucket: str, fi
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from instance_agent import assemble, listing, orphans, restore
+    from instance_agent import assemble, listing, orphans, restore, segrefs
 
     cfg = _load(args)
     s3 = s3_client(cfg)
@@ -491,6 +491,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     shipped = isinstance(totals, dict) and bool(totals.get("held_files"))
     if shipped and manifest is not None and "entries" not in manifest:
         manifest = listing.read_manifest(s3, bucket, key + listing.MANIFEST_SUFFIX, extra)
+    if shipped and manifest is not None:
+        manifest = segrefs.expand(s3, bucket, key, manifest, extra)  # format 2: entries from segments
 
     try:
         if shipped and manifest is not None:

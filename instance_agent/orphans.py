@@ -75,7 +75,7 @@ def check_whole(
             )
 
 
-def _shipped_entries(segment: str, doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+def shipped_entries(segment: str, doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The segment's entries for the files it recorded as shipped (a file that changed
     while it was read is in the tar but was shipped again later), each naming `segment`."""
     lines = doc.get("shipped")
@@ -116,7 +116,7 @@ def incomplete(
         if not instance or keys.safe_component(instance) not in key:
             continue  # not this instance's segment, whatever its manifest says
         obj = segments[key]
-        entries = _shipped_entries(key, doc)
+        entries = shipped_entries(key, doc)
         b = by_instance.get(instance)
         if b is None:
             b = by_instance[instance] = Backup(
@@ -144,7 +144,7 @@ def manifest_of(s3: S3Reader, backup: Backup, extra: Mapping[str, str]) -> dict[
         raw = doc.get("totals")
         totals: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
         segments.append({"key": key, "tar_bytes": totals.get("tar_bytes")})
-        entries.extend(_shipped_entries(key, doc))
+        entries.extend(shipped_entries(key, doc))
     return {"format": 1, "instance_id": backup.instance_id, "segments": segments, "entries": entries}
 
 

@@ -53,7 +53,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from instance_agent import statedir
@@ -119,6 +119,10 @@ class Shipped:
     # it was recorded): no later than any date S3 gives the object, from which a lifecycle
     # rule counts its days (refresh_age).
     at: float = 0.0
+    # How many files the segment shipped (its manifest's `shipped` list; 0: unknown, a line
+    # written before the count was kept): a final manifest that holds them all need not
+    # name them (manifest.HeldFiles).
+    segment_files: int = 0
 
     def file_json(self) -> dict[str, Any]:
         """This file on its segment's ledger line (the segment's own fields are there once)."""
@@ -143,6 +147,7 @@ class Shipped:
             int(obj.get("ctime_ns", 0)),
             str(segment.get("bucket", "")),
             at=float(segment.get("at", 0.0)),
+            segment_files=int(segment.get("count", 0)),
         )
 
     def segment_info(self) -> dict[str, Any]:
@@ -366,7 +371,7 @@ class Ledger:
         # The member name only when renamed since: tens of thousands of entries each
         # repeating their own path would swell the manifest uploaded at termination.
         member = rec.path.lstrip(b"/")
-        return Held(rec.key, rec.sha256, member if member != path.lstrip(b"/") else None)
+        return Held(rec.key, rec.sha256, member if member != path.lstrip(b"/") else None, rec.segment_files)
 
     def view(self) -> Ledger:
         """What is recorded now, in memory only, for one termination archive: the watcher
@@ -389,9 +394,10 @@ class Ledger:
         if not recs:
             return
         first = recs[0]
+        count = first.segment_files or len(recs)  # seeded records carry their segment's
         with self._lock:
             for r in recs:
-                self._by_inode[(r.fid.dev, r.fid.ino)] = r
+                self._by_inode[(r.fid.dev, r.fid.ino)] = replace(r, segment_files=count)
         self._append(
             {
                 "key": first.key,
@@ -399,6 +405,7 @@ class Ledger:
                 "tar_bytes": first.tar_bytes,
                 "compressed_bytes": first.compressed_bytes,
                 "at": first.at,
+                "count": count,
                 "files": [r.file_json() for r in recs],
             }
         )
@@ -441,6 +448,7 @@ class Ledger:
                         "tar_bytes": first.tar_bytes,
                         "compressed_bytes": first.compressed_bytes,
                         "at": first.at,
+                        **({"count": first.segment_files} if first.segment_files else {}),
                         "files": [r.file_json() for r in recs],
                     }
                 )

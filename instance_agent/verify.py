@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from instance_agent import segrefs
 from instance_agent.errors import AgentError, ConfigError
 from instance_agent.listing import S3Reader, archive_key_of, parse_s3_url, read_manifest
 from instance_agent.manifest import path_from_fields
@@ -72,7 +73,10 @@ def load_manifest(where: str, s3: S3Reader | None, extra: Mapping[str, str] | No
         if s3 is None:
             raise ConfigError("an s3:// manifest needs S3 access")
         bucket, key = parse_s3_url(where)
-        return read_manifest(s3, bucket, archive_key_of(key) + ".manifest.json", extra)
+        key = archive_key_of(key)
+        return segrefs.expand(
+            s3, bucket, key, read_manifest(s3, bucket, key + ".manifest.json", extra), extra
+        )
     try:
         with open(where, "rb") as fh:
             doc = json.load(fh)
@@ -82,6 +86,11 @@ def load_manifest(where: str, s3: S3Reader | None, extra: Mapping[str, str] | No
         raise ConfigError(f"manifest {where} is not JSON: {err}") from None
     if not isinstance(doc, dict) or "entries" not in doc:
         raise ConfigError(f"{where} is not a manifest (no entries)")
+    if segrefs.held_segments(doc):
+        raise ConfigError(
+            f"{where} names the shipped segments that hold its files: give it as "
+            "s3://BUCKET/KEY, so that their manifests can be read"
+        )
     return doc
 
 
@@ -180,6 +189,8 @@ def compare(dest: str, manifest: Mapping[str, Any], select: Selection | None = N
         expected.add(rel)
         checked += 1
         problem = _entry_problem(os.path.join(root, rel), entry)
+        if problem and entry.get("object"):
+            problem += f" (held in segment {entry['object']})"
         if problem:
             differences.append(Difference(rel, problem))
     known = expected | {p for rel in expected for p in _ancestors(rel)}

@@ -133,14 +133,12 @@ def test_ship_rotations_then_terminate_restores_whole_tree(stack: Stack, tmp_pat
     assert completions(stack) == [("CONTINUE", "ok")]
     # The final archive read only the live file; the rotated ones were left out.
     doc = _manifest(stack, done["key"])
-    held = {e["path"]: e["object"] for e in doc["entries"] if e.get("object")}
-    assert set(held) == {
-        str(old).lstrip("/"),
-        str(src / "app.log.1").lstrip("/"),
-        str(src / "app.log.2").lstrip("/"),
-    }
+    # Its manifest lists only the live file; the segments say what they hold (format 2).
+    assert [e["path"] for e in doc["entries"] if e["type"] == "file"] == [str(live).lstrip("/")]
+    assert doc["format"] == 2 and not any(e.get("object") for e in doc["entries"])
     assert doc["totals"]["files"] == 1 and doc["totals"]["held_files"] == 3
-    assert sorted(held.values()) == _segments(stack)
+    assert sorted(s["key"] for s in doc["segments"]) == _segments(stack)
+    assert [s["held"] for s in doc["segments"]] == [1, 1, 1]
 
     restored = _restore_latest(stack, tmp_path / "restored")
     assert restored["status"] == "verified" and restored["differences"] == []
