@@ -9,7 +9,9 @@ import base64
 import hashlib
 import io
 import json
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ from fakes import client_error
 from instance_agent import manifest, segrefs
 from instance_agent.manifest import ArchiveReport, Held
 from instance_agent.manifest_check import UnsafeManifest
+from instance_agent.shipstate import FileId, Ledger, Shipped, full_digest, tail_digest
 
 INSTANCE = "i-0123456789abcdef0"
 PREFIX = f"logs/web/{INSTANCE}/"
@@ -157,3 +160,53 @@ def test_a_segment_key_not_of_this_instance_is_refused_before_anything_is_read(k
     with pytest.raises(UnsafeManifest, match="refusing the manifest: it names segment"):
         segrefs.expand(s3, "b", FINAL, doc)
     assert s3.gets == []
+
+
+def test_a_forgotten_file_after_compaction_still_names_the_held_ones(tmp_path: Path) -> None:
+    """The segment's shipped count survives the ledger's compaction: after one of its three
+    files is forgotten (rotated away), the final manifest names the two it still holds
+    instead of promising all three, and the expansion restores exactly those two."""
+    logs = []
+    for name in ("a.log", "b.log", "c.log"):
+        path = tmp_path / "var" / "log" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"line of " + name.encode() + b"\n" * 40)
+        logs.append(path)
+    recs = []
+    for path in logs:
+        st = os.lstat(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            whole, tail = full_digest(fd, st.st_size), tail_digest(fd, st.st_size)
+        finally:
+            os.close(fd)
+        recs.append(Shipped(FileId.of(st), os.fsencode(path), whole, tail, SEG, 10240, 99, st.st_ctime_ns))
+    state = str(tmp_path / "state")
+    ledger = Ledger.load(state, INSTANCE)
+    ledger.add_segment(recs)
+    logs[1].unlink()
+    ledger.keep_only({(os.lstat(p).st_dev, os.lstat(p).st_ino) for p in (logs[0], logs[2])})
+    ledger.compact()
+    ledger.close()
+
+    again = Ledger.load(state, INSTANCE)  # the termination job
+    report = ArchiveReport()
+    for path in (logs[0], logs[2]):
+        name = os.fsencode(path)
+        held = again.held(name, os.lstat(path), None, name)
+        assert held is not None
+        report.hold(name.lstrip(b"/"), path.stat().st_size, held)
+    (seg,) = [{**s, **report.held[s["key"]].to_json()} for s in again.segments()]
+    assert [m["path"] for m in seg["members"]] == [str(logs[0]).lstrip("/"), str(logs[2]).lstrip("/")]
+
+    names = [str(p).lstrip("/") for p in logs]
+    entries = [
+        {"path": n, "type": "file", "size": r.fid.size, "mode": "0644", "sha256": r.sha256}
+        for n, r in zip(names, recs)
+    ]
+    shipped = [r.file_json() for r in recs]
+    sdoc = {"format": 1, "key": SEG, "segment_of": INSTANCE, "entries": entries, "shipped": shipped}
+    doc = {"format": 2, "instance_id": INSTANCE, "segments": [seg], "entries": []}
+    s3 = FakeS3({SEG + ".manifest.json": json.dumps(sdoc).encode()})
+    out = segrefs.expand(s3, "b", FINAL, doc)
+    assert [e["path"] for e in out["entries"]] == [names[0], names[2]]
