@@ -1,0 +1,78 @@
+"""The termination walk alone, in process: what still grows with shipped history.
+
+    python benchmarks/termination_walk.py DIR [--rounds 3]
+
+Every regular file under DIR is recorded in an in-memory shipping ledger as shipped and
+unchanged (its identity and inode change time, 4,096 files a segment), then the termination
+archive's walk (archive.Archiver with Ledger.held as its skip test) runs over DIR into a
+null sink, and the format-2 manifest is built. Nothing is read or uploaded: the time is the
+listing, the lstat of each file and the ledger lookups. Use a tree from
+`termination_latency.py --files N --corpus DIR` (DIR/files-N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from instance_agent.archive import Archiver
+from instance_agent.manifest import build
+from instance_agent.shipstate import FileId, Ledger, Shipped
+
+PER_SEGMENT = 4096
+
+
+class _Null:
+    def write(self, data: bytes | bytearray | memoryview, /) -> int:
+        return len(data)
+
+
+def _ledger(root: str) -> Ledger:
+    paths = sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names)
+    recs = []
+    for i, path in enumerate(paths):
+        st = os.lstat(path)
+        seg = i // PER_SEGMENT
+        count = min(PER_SEGMENT, len(paths) - seg * PER_SEGMENT)
+        key = f"b/i-0/segments/s{seg}.tar.zst"
+        rec = Shipped(FileId.of(st), os.fsencode(path), "0" * 64, "1" * 64, key, 1, 1, st.st_ctime_ns)
+        recs.append(replace(rec, segment_files=count))
+    return Ledger(None, "i-0", recs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dir")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    ledger = _ledger(args.dir)
+    for n in range(1, args.rounds + 1):
+        start = time.perf_counter()
+        arch = Archiver(_Null(), clock=time.monotonic, skip=ledger.held)
+        arch.add_sources([args.dir])
+        report = arch.finish()
+        walked = time.perf_counter()
+        parts = build(
+            report,
+            key="k",
+            compression="zstd",
+            agent_version="-",
+            compressed_bytes=0,
+            journal=None,
+            segments=ledger.segments(),
+        )
+        built = time.perf_counter()
+        print(
+            f"round {n}: {report.held_files:,} held files, walk {walked - start:.3f} s, "
+            f"manifest {built - walked:.3f} s, {sum(len(p) for p in parts):,} bytes"
+        )
+
+
+if __name__ == "__main__":
+    main()
