@@ -5,8 +5,9 @@
 Every regular file under DIR is recorded in an in-memory shipping ledger as shipped and
 unchanged (its identity and inode change time, 4,096 files a segment), then the termination
 archive's walk (archive.Archiver with Ledger.held as its skip test) runs over DIR into a
-null sink, and the format-2 manifest is built. Nothing is read or uploaded: the time is the
-listing, the lstat of each file and the ledger lookups. Use a tree from
+null sink, and the manifest is built. Nothing is read or uploaded: the time is the listing,
+the lstat of each file and the ledger lookups; the peak RSS is the process's, ledger included
+(run it from an older checkout, PYTHONPATH set to it, for the format-1 figures). Use a tree from
 `termination_latency.py --files N --corpus DIR` (DIR/files-N).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 from dataclasses import replace
@@ -42,7 +44,8 @@ def _ledger(root: str) -> Ledger:
         count = min(PER_SEGMENT, len(paths) - seg * PER_SEGMENT)
         key = f"b/i-0/segments/s{seg}.tar.zst"
         rec = Shipped(FileId.of(st), os.fsencode(path), "0" * 64, "1" * 64, key, 1, 1, st.st_ctime_ns)
-        recs.append(replace(rec, segment_files=count))
+        # (an agent before format 2 has no segment_files: the same walk, for comparison)
+        recs.append(replace(rec, segment_files=count) if hasattr(rec, "segment_files") else rec)
     return Ledger(None, "i-0", recs)
 
 
@@ -72,6 +75,8 @@ def main() -> None:
             f"round {n}: {report.held_files:,} held files, walk {walked - start:.3f} s, "
             f"manifest {built - walked:.3f} s, {sum(len(p) for p in parts):,} bytes"
         )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS of the process (ledger, walk and manifest): {peak:.1f} MiB")
 
 
 if __name__ == "__main__":
