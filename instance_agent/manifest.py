@@ -23,6 +23,22 @@ from typing import Any
 
 FORMAT_VERSION = 1
 HELD_FORMAT = 2  # a final manifest whose segments carry `held` instead of entries
+# The first entry of a format-2 manifest. A reader that predates format 2 restores the
+# entries it finds and would report a tree without its shipped files as verified; this
+# entry names an object no segment key can be, so such a reader refuses the manifest in
+# one line that says why (manifest_check), and a reader of format 2 drops it (segrefs).
+FORMAT_GUARD = {
+    "path": "instance-agent-format-2",
+    "type": "file",
+    "size": 0,
+    "object": "format 2 names shipped files by segment: restore it with a newer instance-agent",
+}
+
+
+def is_guard(entry: object) -> bool:
+    return isinstance(entry, dict) and entry.get("object") == FORMAT_GUARD["object"]
+
+
 # The C string encoder json.dumps uses for str values (with ensure_ascii=False).
 _encode_str: Any = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.encode_basestring
 
@@ -240,4 +256,8 @@ def build(
         **({"segments": segments} if segments is not None else {}),
     }
     text = json.dumps(head, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return text[:-1] + b',"entries":[', memoryview(report.entries_json), b"]}"
+    start = text[:-1] + b',"entries":['
+    if report.held:
+        guard = json.dumps(FORMAT_GUARD, separators=(",", ":")).encode("utf-8")
+        start += guard + (b"," if report.entries_json else b"")
+    return start, memoryview(report.entries_json), b"]}"

@@ -24,7 +24,7 @@ from typing import Any
 
 from instance_agent.errors import AgentError
 from instance_agent.listing import MANIFEST_SUFFIX, BackupNotFound, S3Reader, read_manifest
-from instance_agent.manifest import held_digest, path_fields, path_from_fields
+from instance_agent.manifest import held_digest, is_guard, path_fields, path_from_fields
 from instance_agent.manifest_check import UnsafeManifest, segment_key_problem
 from instance_agent.orphans import shipped_entries
 
@@ -47,7 +47,7 @@ def expand(
     if not segments:
         return dict(doc)
     instance = str(doc.get("instance_id") or "")
-    entries = list(doc.get("entries") or [])
+    entries = [e for e in doc.get("entries") or [] if not is_guard(e)]
     for seg in segments:
         skey = str(seg.get("key"))
         # Before anything is read: only this instance's segments (manifest_check.py).

@@ -19,6 +19,8 @@ from support.agentproc import completions, watch
 from support.faultproxy import FaultProxy, HoldUntil, Rule, upload_part
 from support.trees import walk
 
+from instance_agent import manifest
+
 OLD = time.time() - 3600  # rotated an hour ago: settled at once
 
 
@@ -134,8 +136,10 @@ def test_ship_rotations_then_terminate_restores_whole_tree(stack: Stack, tmp_pat
     # The final archive read only the live file; the rotated ones were left out.
     doc = _manifest(stack, done["key"])
     # Its manifest lists only the live file; the segments say what they hold (format 2).
-    assert [e["path"] for e in doc["entries"] if e["type"] == "file"] == [str(live).lstrip("/")]
-    assert doc["format"] == 2 and not any(e.get("object") for e in doc["entries"])
+    # First the guard an older reader refuses (it would restore the archive alone).
+    assert doc["entries"][0] == manifest.FORMAT_GUARD
+    assert [e["path"] for e in doc["entries"][1:] if e["type"] == "file"] == [str(live).lstrip("/")]
+    assert doc["format"] == 2 and not any(e.get("object") for e in doc["entries"][1:])
     assert doc["totals"]["files"] == 1 and doc["totals"]["held_files"] == 3
     assert sorted(s["key"] for s in doc["segments"]) == _segments(stack)
     assert [s["held"] for s in doc["segments"]] == [1, 1, 1]

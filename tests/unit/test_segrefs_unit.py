@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from fakes import client_error
 
-from instance_agent import manifest, segrefs
+from instance_agent import manifest, manifest_check, segrefs
 from instance_agent.manifest import ArchiveReport, Held
 from instance_agent.manifest_check import UnsafeManifest
 from instance_agent.shipstate import FileId, Ledger, Shipped, full_digest, tail_digest
@@ -89,7 +89,7 @@ def _expanded(doc: dict[str, Any], objects: dict[str, bytes] | None = None) -> l
 
 def test_all_held_names_no_file_and_expands_to_every_shipped_file() -> None:
     doc = _final([(n, n) for n in NAMES])
-    assert doc["format"] == 2 and doc["entries"] == []
+    assert doc["format"] == 2 and doc["entries"] == [manifest.FORMAT_GUARD]
     assert "members" not in doc["segments"][0] and doc["segments"][0]["held"] == 3
     assert _expanded(doc) == [(n, None) for n in NAMES]
 
@@ -210,3 +210,15 @@ def test_a_forgotten_file_after_compaction_still_names_the_held_ones(tmp_path: P
     s3 = FakeS3({SEG + ".manifest.json": json.dumps(sdoc).encode()})
     out = segrefs.expand(s3, "b", FINAL, doc)
     assert [e["path"] for e in out["entries"]] == [names[0], names[2]]
+
+
+def test_a_reader_that_predates_format_2_refuses_it_instead_of_restoring_half() -> None:
+    """A reader that knew only format 1 restored the archive's own entries and said
+    `verified`, every shipped file missing. The guard entry names an object no segment can
+    be: such a reader's manifest check refuses it in one line that says what to do."""
+    doc = _final([(n, n) for n in NAMES])
+    with pytest.raises(manifest_check.UnsafeManifest, match="restore it with a newer instance-agent"):
+        manifest_check.check(FINAL, doc)
+    expanded = segrefs.expand(FakeS3({SEG + ".manifest.json": _segment_manifest()}), "b", FINAL, doc)
+    manifest_check.check(FINAL, expanded)  # a format-2 reader drops the guard
+    assert not [e for e in expanded["entries"] if manifest.is_guard(e)]
