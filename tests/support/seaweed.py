@@ -67,7 +67,11 @@ class SeaweedS3(Background):
         secret_key: str | None = "testing",
         binary: str | None = None,
         startup_timeout: float = STARTUP_TIMEOUT,
+        bind: str = "127.0.0.1",
     ) -> None:
+        # `bind`: another address only inside a network namespace of the test's own (the
+        # system test's stand-ins, reached by its container over a veth).
+        self.host = bind
         self.directory = Path(directory)
         self.log_path = self.directory / "weed.log"
         self._access_key = access_key
@@ -82,7 +86,7 @@ class SeaweedS3(Background):
     def endpoint(self) -> str:
         if self._process is None:
             raise RuntimeError("SeaweedS3 is not started")
-        return f"http://127.0.0.1:{self.ports['s3.port']}"
+        return f"http://{self.host}:{self.ports['s3.port']}"
 
     def start(self) -> str:
         """Start weed and wait until S3 answers; return `http://127.0.0.1:PORT`."""
@@ -111,8 +115,8 @@ class SeaweedS3(Background):
             "-logtostderr",  # into weed.log rather than glog files in the temp dir
             "mini",
             f"-dir={self.directory}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
+            f"-ip={self.host}",
+            f"-ip.bind={self.host}",
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
@@ -149,7 +153,7 @@ class SeaweedS3(Background):
     def _wait_ready(self) -> None:
         process = self._process
         assert process is not None
-        url = f"http://127.0.0.1:{self.ports['s3.port']}/"
+        url = f"http://{self.host}:{self.ports['s3.port']}/"
         if not wait_until(
             lambda: process.poll() is not None or _answers(url), self._startup_timeout, interval=0.2
         ):

@@ -1,0 +1,449 @@
+"""The system test's driver; tests/system/run.sh runs it inside the "aws" network namespace.
+
+It serves the stand-ins (moto with our Auto Scaling model, SeaweedFS for S3, the metadata
+service at 169.254.169.254), builds the agent's bundle with packaging/bundle.py, renders
+the user data that packaging/template.yaml gives an instance, boots the Debian root under
+systemd-nspawn, and checks what a user would check on each step. The first check that
+fails ends the run with one line, `system: FAILED: <step>: <what broke>`, and what the
+container said about it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+TESTS = Path(__file__).resolve().parents[1]
+REPO = TESTS.parent
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from standin import CloudInitIMDS  # noqa: E402
+from support.seaweed import SeaweedS3  # noqa: E402
+from test_template import RESOURCES  # noqa: E402
+
+from instance_agent.local import autoscaling, launching  # noqa: E402
+from instance_agent.local.moto_server import MotoServer  # noqa: E402
+
+REGION, ACCOUNT = "us-east-1", "123456789012"
+AWS_SIDE = "10.213.0.1"  # the stand-ins' address on the veth (tests/system/run.sh)
+STACK = "sys"
+GROUP = f"{STACK}-group"  # the template names its group ${AWS::StackName}-group
+NAMES = {"Hook": "instance-agent-backup", "LaunchHook": "instance-agent-launch"}
+AGENT = "/opt/instance-agent/bin/instance-agent"
+UNIT = "instance-agent.service"
+
+
+class Failed(Exception):
+    """One check failed: `step` is where, the message what broke."""
+
+    def __init__(self, step: str, message: str, evidence: str = "") -> None:
+        super().__init__(message)
+        self.step, self.evidence = step, evidence
+
+
+def log(text: str) -> None:
+    print(f"system: {text}", file=sys.stderr, flush=True)
+
+
+def until(what: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = what()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+# -- the instance --------------------------------------------------------------------------
+
+
+class Container:
+    """The Debian root booted by a real systemd; each boot() is one boot of the instance."""
+
+    def __init__(self, root: Path, netns: str, work: Path) -> None:
+        self.root, self.netns, self.work = root, netns, work
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.leader = 0
+        self.boots = 0
+
+    def boot(self) -> None:
+        self.boots += 1
+        console = (self.work / f"console-{self.boots}.log").open("wb")
+        env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
+        # The two settings without which systemd skips IPAddressAllow/Deny silently: the
+        # unified cgroup hierarchy, and bpf() allowed to the container.
+        self.proc = subprocess.Popen(
+            [
+                "systemd-nspawn",
+                "-D",
+                str(self.root),
+                "-b",
+                "--register=no",
+                "--keep-unit",
+                "--console=pipe",
+                f"--network-namespace-path={self.netns}",
+                "--system-call-filter=bpf",
+                "--machine=ia-system",
+                "--hostname=ip-10-213-0-2",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        (self.work / "nspawn.pid").write_text(str(self.proc.pid))
+        self.leader = until(self._find_leader, 30, 0.1) or 0
+        if not self.leader:
+            raise Failed(f"boot {self.boots}", "systemd-nspawn started no PID 1", self.console())
+        state = until(lambda: self.run("systemctl", "is-system-running", check=False).stdout.strip()
+                      in ("running", "degraded"), 120)
+        if not state:
+            raise Failed(f"boot {self.boots}", "systemd did not finish booting in 120 s",
+                         self.run("systemctl", "list-jobs", check=False).stdout + self.console())
+
+    def _find_leader(self) -> int:
+        """The container's PID 1: the nspawn child whose innermost pid is 1."""
+        assert self.proc is not None
+        for status in Path("/proc").glob("[0-9]*/status"):
+            with contextlib.suppress(OSError):
+                text = status.read_text()
+                ppid = int(re.search(r"^PPid:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
+                nspid = re.search(r"^NSpid:\s+(.*)$", text, re.M).group(1).split()  # type: ignore[union-attr]
+                if ppid == self.proc.pid and nspid[-1] == "1":
+                    return int(status.parent.name)
+        return 0
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            ["nsenter", "-t", str(self.leader), "-a", *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise Failed(" ".join(argv), f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
+        return proc
+
+    def shutdown(self, verb: str = "poweroff") -> None:
+        """`systemctl poweroff` (or reboot) and wait for the container to end."""
+        if self.proc is None:
+            return
+        self.run("systemctl", verb, "--no-block", check=False)
+        try:
+            self.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.proc = None
+
+    def console(self) -> str:
+        path = self.work / f"console-{self.boots}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def file(self, path: str) -> str:
+        host = self.root / path.lstrip("/")
+        return host.read_text(errors="replace") if host.exists() else ""
+
+    def journal(self, *args: str) -> str:
+        return self.run("journalctl", "--no-pager", *args, check=False).stdout
+
+
+# -- the stand-ins --------------------------------------------------------------------------
+
+
+class Cloud:
+    """moto (Auto Scaling, SNS, EC2), SeaweedFS (S3) and the metadata service, for one run."""
+
+    def __init__(self, work: Path, stack: contextlib.ExitStack) -> None:
+        launching.install()
+        self.moto = stack.enter_context(MotoServer(host=AWS_SIDE))
+        self.s3 = SeaweedS3(work / "seaweed", bind=AWS_SIDE)
+        stack.enter_context(self.s3)
+        self.s3_endpoint = self.s3.endpoint
+        self.artifacts, self.bucket = "sys-artifacts", "sys-backups"
+        s3 = self.client("s3")
+        s3.create_bucket(Bucket=self.artifacts)
+        s3.create_bucket(Bucket=self.bucket)
+        self.topic = self.client("sns").create_topic(Name="sys-reports")["TopicArn"]
+        ec2, asg = self.client("ec2"), self.client("autoscaling")
+        template = ec2.create_launch_template(
+            LaunchTemplateName="sys-lt", LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "t3.micro"}
+        )["LaunchTemplate"]["LaunchTemplateId"]
+        asg.create_auto_scaling_group(
+            AutoScalingGroupName=GROUP,
+            MinSize=0,
+            MaxSize=2,
+            DesiredCapacity=1,
+            LaunchTemplate={"LaunchTemplateId": template},
+            AvailabilityZones=[f"{REGION}a"],
+        )
+        for name, transition, result in (
+            (NAMES["Hook"], "autoscaling:EC2_INSTANCE_TERMINATING", "ABANDON"),
+            (NAMES["LaunchHook"], launching.LAUNCHING, "ABANDON"),
+        ):
+            asg.put_lifecycle_hook(
+                AutoScalingGroupName=GROUP,
+                LifecycleHookName=name,
+                LifecycleTransition=transition,
+                HeartbeatTimeout=600,
+                DefaultResult=result,
+            )
+        [group] = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[GROUP])["AutoScalingGroups"]
+        self.instance_id = group["Instances"][0]["InstanceId"]
+        self.imds = CloudInitIMDS(
+            user_data="",
+            instance_id=self.instance_id,
+            region=REGION,
+            target_lifecycle_state="InService",
+            host="169.254.169.254",
+            port=80,
+        )
+        stack.enter_context(self.imds)
+
+    def client(self, service: str) -> Any:
+        endpoint = self.s3_endpoint if service == "s3" else self.moto.endpoint
+        return boto3.client(
+            service,
+            region_name=REGION,
+            endpoint_url=endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",  # noqa: S106 (the stand-ins' fixed key)
+        )
+
+    def env(self) -> dict[str, str]:
+        """What the instance's role and the AWS endpoints are, here (see prepare_root)."""
+        return {
+            "AWS_ENDPOINT_URL": self.moto.endpoint,
+            "AWS_ENDPOINT_URL_S3": self.s3_endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+        }
+
+    def state(self) -> str | None:
+        found = self.client("autoscaling").describe_auto_scaling_instances(InstanceIds=[self.instance_id])
+        return found["AutoScalingInstances"][0]["LifecycleState"] if found["AutoScalingInstances"] else None
+
+    def launches(self) -> list[launching.LaunchOutcome]:
+        return [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == self.instance_id]
+
+    def terminations(self) -> list[autoscaling.LifecycleOutcome]:
+        return [
+            o
+            for o in autoscaling.outcomes(ACCOUNT, REGION)
+            if o.instance_id == self.instance_id and o.hook == NAMES["Hook"]
+        ]
+
+    def sns(self) -> list[dict[str, Any]]:
+        return self.moto.sns_messages(self.topic, ACCOUNT, REGION)
+
+    def keys(self) -> list[str]:
+        resp = self.client("s3").list_objects_v2(Bucket=self.bucket)
+        return sorted(o["Key"] for o in resp.get("Contents", []))
+
+
+def upload_bundle(cloud: Cloud, bundle: Path) -> str:
+    """packaging/bundle.py's bundle (run.sh builds it), where the template's user data
+    fetches it: s3://CodeS3Bucket/AgentBundlePrefix<name>."""
+    prefix = "instance-agent/0.1.0/"
+    cloud.client("s3").upload_file(str(bundle), cloud.artifacts, prefix + bundle.name)
+    return prefix
+
+
+def render_user_data(cloud: Cloud, bundle_prefix: str) -> str:
+    """The user data an instance of packaging/template.yaml receives, with the stand-in's
+    values for the stack's parameters and pseudo parameters."""
+    data = RESOURCES["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
+    _, (settings, body) = data["UserData"]["Fn::Base64"]["Fn::Join"]
+    text, _ = settings["Fn::Sub"]
+    values = {
+        "AWS::StackName": STACK,
+        "AWS::Region": REGION,
+        "AWS::AccountId": ACCOUNT,
+        "CodeS3Bucket": cloud.artifacts,
+        "AgentBundlePrefix": bundle_prefix,
+        "LaunchHook": NAMES["LaunchHook"],
+        "HookName": NAMES["Hook"],
+        "BackupBucket": cloud.bucket,
+        "BackupPrefix": "",
+        "BackupTopic": cloud.topic,
+        "Sources": "/var/log",
+        "KmsFlags": "",
+    }
+    return str(re.sub(r"\$\{([A-Za-z0-9:]+)\}", lambda m: values[m.group(1)], text) + body)
+
+
+def prepare_root(root: Path, cloud: Cloud) -> None:
+    """What stands for EC2 on the instance's disk: the AWS endpoints and the role's
+    credentials (the agent's boto3 and the user data's read them from the environment,
+    as they would read the instance role from IMDS and use AWS's own endpoints)."""
+    env = "".join(f"{k}={v}\n" for k, v in cloud.env().items())
+    default = root / "etc/default/instance-agent"
+    default.parent.mkdir(parents=True, exist_ok=True)
+    default.write_text(env)
+    default.chmod(0o600)
+    dropin = root / "etc/systemd/system/cloud-final.service.d/system-test.conf"
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text("[Service]\nEnvironmentFile=/etc/default/instance-agent\n")
+    (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
+    # The application that a pre-command stops (README: --pre-command 'systemctl stop myapp').
+    unit = root / "etc/systemd/system/myapp.service"
+    unit.write_text(
+        "[Unit]\nDescription=the instance's application\n\n[Service]\nExecStart=/bin/sleep infinity\n\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        (wants / "myapp.service").symlink_to("/etc/systemd/system/myapp.service")
+
+
+# -- the steps ------------------------------------------------------------------------------
+
+
+def first_boot(box: Container, cloud: Cloud) -> None:
+    step = "first boot"
+    launching.begin_launch(GROUP, cloud.instance_id, NAMES["LaunchHook"], account_id=ACCOUNT, region=REGION)
+    box.boot()
+    done = until(lambda: cloud.launches() or box.file("/var/lib/cloud/instance/boot-finished"), 300, 1)
+    until(cloud.launches, 20, 1)
+    install_log = box.file("/var/log/instance-agent-install.log")
+    evidence = install_log[-3000:] + box.journal("-u", "cloud-final", "-n", "40")
+    if cloud.imds.user_data_reads == 0:
+        raise Failed(step, "cloud-init never read the user data from the metadata service", evidence)
+    if not done or not cloud.launches():
+        raise Failed(step, "the user data completed no launching lifecycle action", evidence)
+    [launch] = cloud.launches()
+    if launch.result != "CONTINUE":
+        raise Failed(step, f"the launching lifecycle action was completed {launch.result}, not CONTINUE", evidence)
+    if cloud.state() != "InService":
+        raise Failed(step, f"the instance is {cloud.state()}, not InService", evidence)
+    log(f"first boot: cloud-init ran the user data; launching action CONTINUE; {cloud.state()}")
+
+    active = until(lambda: box.run("systemctl", "is-active", UNIT, check=False).stdout.strip() == "active", 60)
+    status = box.run("systemctl", "status", "--no-pager", UNIT, check=False).stdout
+    if not active:
+        raise Failed(step, f"{UNIT} is not active", status + box.journal("-u", UNIT, "-n", "30"))
+    status_text = box.run("systemctl", "show", "-p", "StatusText", "--value", UNIT, check=False).stdout.strip()
+    if not status_text or f"Status: \"{status_text}\"" not in status:
+        raise Failed(step, "systemctl status shows no STATUS= from the watcher", status)
+    log(f"watcher active, systemctl status says: Status: \"{status_text}\"")
+
+
+def scale_in(box: Container, cloud: Cloud, work: Path) -> None:
+    step = "scale-in"
+    payload = os.urandom(3 << 20)
+    target = box.root / "var/log/system-test/payload.bin"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(payload)
+    autoscaling.begin_termination(GROUP, cloud.instance_id, account_id=ACCOUNT, region=REGION)
+    cloud.imds.target_lifecycle_state = "Terminated"
+    until(cloud.terminations, 180, 1)
+    journal = box.journal("-u", UNIT, "-n", "40")
+    outcomes = cloud.terminations()
+    if [(o.result, o.how) for o in outcomes] != [("CONTINUE", "completed")]:
+        raise Failed(step, f"the terminating hook ended {[(o.result, o.how) for o in outcomes]}, "
+                     "not one CONTINUE", journal)
+    messages = until(cloud.sns, 10)
+    if len(messages) != 1:
+        raise Failed(step, f"{len(messages)} SNS reports, not one", journal)
+    report = json.loads(messages[0]["Message"]) if isinstance(messages[0].get("Message"), str) else messages[0]
+    archives = [k for k in cloud.keys() if k.endswith(".tar.zst")]
+    if len(archives) != 1:
+        raise Failed(step, f"{len(archives)} archives in the bucket, not one: {cloud.keys()}", journal)
+    log(f"scale-in: hook CONTINUE, one report ({report.get('status')}), archive {archives[0]}")
+
+    dest = work / "restored"
+    env = {**os.environ, **cloud.env(), "AWS_DEFAULT_REGION": REGION, "AWS_CONFIG_FILE": "/dev/null",
+           "AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:9"}
+    restore = subprocess.run(
+        [str(Path(sys.executable).parent / "instance-agent"), "restore", "--bucket", cloud.bucket,
+         "--latest", "--instance-id", cloud.instance_id, "--verify", str(dest)],
+        capture_output=True, text=True, timeout=300, env=env, check=False,
+    )
+    if restore.returncode != 0:
+        raise Failed(step, f"restore --latest --verify exit {restore.returncode}", restore.stderr[-2000:])
+    restored = dest / "var/log/system-test/payload.bin"
+    if not restored.exists() or restored.read_bytes() != payload:
+        raise Failed(step, "the restored /var/log/system-test/payload.bin differs from the saved one")
+    log("restore --latest --verify: byte-identical")
+
+    lines = [json.loads(x) for x in box.journal("-u", UNIT, "-o", "json").splitlines() if x.strip()]
+    agent = []
+    for entry in lines:
+        with contextlib.suppress(ValueError, TypeError):
+            message = json.loads(entry.get("MESSAGE", ""))
+            if isinstance(message, dict) and {"ts", "level", "msg"} <= message.keys():
+                agent.append(message)
+    if not any(m.get("key") == archives[0] or archives[0] in json.dumps(m) for m in agent):
+        raise Failed(step, "journalctl -u instance-agent -o json holds no JSON line naming the archive",
+                     journal)
+    log(f"journal: {len(agent)} JSON lines of the agent, one names the archive")
+
+
+def check_tokens(cloud: Cloud) -> None:
+    if cloud.imds.tokenless_reads:
+        raise Failed("imds", f"{cloud.imds.tokenless_reads} token-less (IMDSv1) reads of /latest/ hit the "
+                     "metadata service: the agent and the user data must use IMDSv2")
+    log(f"imds: cloud-init's {cloud.imds.cloudinit_reads} reads answered; no IMDSv1 read from the agent")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--netns", required=True)
+    parser.add_argument("--bundle", type=Path, required=True)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+    box = Container(args.root, args.netns, args.work)
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        stack.callback(box.kill)
+        try:
+            cloud = Cloud(args.work, stack)
+            prefix = upload_bundle(cloud, args.bundle)
+            cloud.imds.user_data = render_user_data(cloud, prefix)
+            prepare_root(args.root, cloud)
+            log(f"stand-ins up, bundle uploaded, in {time.monotonic() - started:.0f} s")
+            first_boot(box, cloud)
+            scale_in(box, cloud, args.work)
+            check_tokens(cloud)
+            box.shutdown()
+        except Failed as failed:
+            log(f"FAILED: {failed.step}: {failed}")
+            if failed.evidence:
+                print(failed.evidence.rstrip()[-4000:], file=sys.stderr)
+                log(f"FAILED: {failed.step}: {failed}")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
