@@ -461,6 +461,15 @@ OPTIONS: tuple[Option, ...] = (
         negative_flag=True,
     ),
     Option(
+        "push_path",
+        "bool",
+        False,
+        "Run Command (the push path: EventBridge, the trigger Lambda, the SSM document) also "
+        "backs this instance up, so doctor requires an active amazon-ssm-agent; off, a missing "
+        "SSM agent is only a warning (the watcher needs none)",
+        negative_flag=True,
+    ),
+    Option(
         "stop_grace",
         "float",
         90.0,
@@ -608,6 +617,7 @@ class Config:
     command_timeout: float
     pre_command_fatal: bool
     warm_pool_backup: bool
+    push_path: bool
     stop_grace: float
     handoff_path: tuple[str, ...]
     handoff_command: str | None

@@ -1,7 +1,8 @@
 """`instance-agent doctor`: check, before it is needed, everything a backup will need here.
 
-One line per check: ✓ it works, ✗ it is broken (with the fix), – skipped (with the reason:
-not applicable here, or it depends on a check that failed). Exit 0 only when nothing is ✗.
+One line per check: ✓ it works, ✗ it is broken (with the fix), ! it works but lacks
+something worth knowing (with what to do; not a failure), – skipped (with the reason: not
+applicable here, or it depends on a check that failed). Exit 0 only when nothing is ✗.
 
 The permission probes are harmless and ask for nothing the backup does not need itself:
 - S3: CreateMultipartUpload under the prefix, with the backup's encryption, storage class
@@ -40,9 +41,10 @@ from instance_agent.imds import DEFAULT_ENDPOINT, ENDPOINT_ENV, IMDS, TOKEN_HEAD
 from instance_agent.install_service import UNIT_NAME
 from instance_agent.lifecycle import TERMINATING_WAIT, HookTarget, default_interval, discover, instance_state
 
-OK, FAIL, SKIP = "ok", "fail", "skip"
-SYMBOLS = {OK: "✓", FAIL: "✗", SKIP: "–"}
-WORDS = {OK: "ok", FAIL: "FAIL", SKIP: "skip"}  # for terminals that cannot show the symbols
+# WARN: works here, but something worth knowing is missing; it does not fail doctor.
+OK, FAIL, SKIP, WARN = "ok", "fail", "skip", "warn"
+SYMBOLS = {OK: "✓", FAIL: "✗", SKIP: "–", WARN: "!"}
+WORDS = {OK: "ok", FAIL: "FAIL", SKIP: "skip", WARN: "warn"}  # for terminals that cannot show the symbols
 # IMDS answers in milliseconds on an instance; 1 s to connect and 2 s to answer tell a dead
 # or misrouted endpoint from a slow one without making doctor slow off EC2.
 IMDS_TIMEOUT = (1.0, 2.0)
@@ -110,6 +112,7 @@ class Doctor:
     publish_test: bool = False
     launch: bool = False  # --launch: the launching hook's gate (check_lifecycle_permission)
     systemctl: Callable[[list[str]], tuple[int, str]] = _systemctl
+    booted: Callable[[], bool] = systemd_booted
     checks: list[Check] = field(default_factory=list)
     imds_endpoint: str = ""
     imds_ok: bool = False
@@ -650,32 +653,39 @@ class Doctor:
 
     # -- services ---------------------------------------------------------------------------
     def check_ssm_agent(self) -> None:
+        # Only Run Command (the push path) needs the SSM agent; a watcher-only instance (a
+        # Debian image ships no SSM agent) must not be ABANDONed at launch for lacking one.
         name = "ssm agent"
         if not self.on_ec2:
             self.add(name, SKIP, self._not_ec2())
             return
-        if systemd_booted():
+        if self.booted():
             _, out = self.systemctl(["is-active", *SSM_UNITS])
             if "active" in out.split():
                 self.add(name, OK, "amazon-ssm-agent is active: the push path can reach this instance")
-            else:
-                self.add(
-                    name,
-                    FAIL,
-                    "amazon-ssm-agent is not active: the push path cannot reach "
-                    "this instance (the watcher still works)",
-                    "sudo systemctl enable --now amazon-ssm-agent",
-                )
-            return
-        pid = _process_running(SSM_COMM)
-        if pid:
-            self.add(name, OK, f"amazon-ssm-agent runs (pid {pid}; no systemd)")
+                return
+        else:
+            pid = _process_running(SSM_COMM)
+            if pid:
+                self.add(name, OK, f"amazon-ssm-agent runs (pid {pid}; no systemd)")
+                return
+        missing = "amazon-ssm-agent is not active" if self.booted() else "no amazon-ssm-agent process"
+        if self.cfg.push_path:
+            self.add(
+                name,
+                FAIL,
+                f"{missing}, and push_path says Run Command backs this instance up: the push "
+                "path cannot reach it (the watcher still works)",
+                "install and start it (sudo systemctl enable --now amazon-ssm-agent), or set "
+                "push_path = false where only the watcher backs up",
+            )
         else:
             self.add(
                 name,
-                SKIP,
-                "no systemd as PID 1 and no amazon-ssm-agent process: Run "
-                "Command is not set up here (only the push path needs it)",
+                WARN,
+                f"{missing}: only the watcher backs this instance up (push_path is off, and "
+                "only Run Command needs the SSM agent)",
+                "none needed; with the push path, install amazon-ssm-agent and set push_path = true",
             )
 
     def check_systemd_unit(self) -> None:
@@ -683,7 +693,7 @@ class Doctor:
         if not self.on_ec2:
             self.add(name, SKIP, self._not_ec2())
             return
-        if not systemd_booted():
+        if not self.booted():
             self.add(
                 name,
                 SKIP,
@@ -830,7 +840,7 @@ def render(checks: list[Check], *, symbols: bool = True) -> str:
     for c in checks:
         mark = SYMBOLS[c.result] if symbols else f"[{WORDS[c.result]}]"
         lines.append(f"{mark} {c.name.ljust(width)}  {c.message}")
-        if c.result == FAIL and c.fix:
+        if c.result in (FAIL, WARN) and c.fix:
             lines.append(f"  {' ' * width}  fix: {c.fix}")
     verdict = (
         "nothing is broken"

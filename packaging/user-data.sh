@@ -8,8 +8,12 @@
 #
 # The instance role needs what the agent uses (packaging/template.yaml, InstanceRole) plus
 # s3:GetObject on the bundles under AGENT_BUNDLE_S3, and, with LAUNCH_HOOK,
-# autoscaling:CompleteLifecycleAction on the group (and DescribeAutoScalingInstances). No package index, NAT or pre-signed
-# URL is needed: only the role and a route to S3 (a gateway endpoint is enough).
+# autoscaling:CompleteLifecycleAction on the group (and DescribeAutoScalingInstances). No NAT or
+# pre-signed URL is needed: only the role and a route to S3 (a gateway endpoint is enough).
+# A package index is needed only where the image lacks the interpreter: Amazon Linux 2023
+# installs python3.12 from its own repositories (served from S3, so the gateway endpoint
+# reaches them); Debian and Ubuntu need python3, python3-venv and python3-boto3 (or the AWS
+# CLI), and reach their mirror only for those of them the image lacks.
 # --- settings ------------------------------------------------------------------------------
 # Where `python3 packaging/bundle.py` bundles were uploaded (ending in /); this script
 # fetches instance-agent-py<python>-<arch>.tar.gz from there.
@@ -71,10 +75,28 @@ install_python() {
       PYTHON=/usr/bin/python3.12
       ;;
     ubuntu | debian)
-      # Ubuntu 22.04 has 3.10 and 24.04 has 3.12; python3-boto3 fetches the bundle.
-      export DEBIAN_FRONTEND=noninteractive
-      retry apt-get -o DPkg::Lock::Timeout=300 update -q
-      retry apt-get -o DPkg::Lock::Timeout=300 install -y -q python3 python3-venv python3-boto3
+      # Ubuntu 22.04 has 3.10, 24.04 3.12, Debian 12 3.11. The bundle needs python3 with
+      # venv, and fetching it needs the AWS CLI or python3-boto3. Only what the image lacks
+      # is installed: an image that holds them needs no package index; one that lacks them
+      # needs a route to its package mirror, and fails here, clearly, without one.
+      local missing=() pkg
+      for pkg in python3 python3-venv python3-boto3; do
+        if [[ $pkg == python3-boto3 ]] && command -v aws > /dev/null 2>&1; then
+          continue
+        fi
+        dpkg-query -W -f='${Status}' "$pkg" 2> /dev/null | grep -q ' installed$' || missing+=("$pkg")
+      done
+      if ((${#missing[@]})); then
+        echo "installing ${missing[*]} from the package mirror (not in this image)"
+        export DEBIAN_FRONTEND=noninteractive
+        # `apt-get update` exits 0 even when no mirror answers: the install is the test.
+        if ! retry apt-get -o DPkg::Lock::Timeout=300 update -q ||
+          ! retry apt-get -o DPkg::Lock::Timeout=300 install -y -q "${missing[@]}"; then
+          echo "cannot install ${missing[*]}: this image lacks them and no package mirror" \
+            "answers; bake them into the image, or give the instance a route to its mirror" >&2
+          return 1
+        fi
+      fi
       PYTHON=/usr/bin/python3
       ;;
     *)
@@ -95,13 +117,17 @@ fetch_bundle() {
     aws s3 cp --only-show-errors "$1" "$2"
   else
     python3 - "$1" "$2" << 'PY'
+import os
 import sys
 
 import boto3
 
 url, dest = sys.argv[1], sys.argv[2]
 bucket, _, key = url[len("s3://"):].partition("/")
-boto3.client("s3").download_file(bucket, key, dest)
+# boto3 reads AWS_ENDPOINT_URL(_S3) itself only from 1.28 on; Debian 12 has 1.26
+# (https://docs.aws.amazon.com/sdkref/latest/guide/feature-ss-endpoints.html).
+endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+boto3.client("s3", endpoint_url=endpoint).download_file(bucket, key, dest)
 PY
   fi
 }

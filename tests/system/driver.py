@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +110,19 @@ class Container:
         self.leader = until(self._find_leader, 30, 0.1) or 0
         if not self.leader:
             raise Failed(f"boot {self.boots}", "systemd-nspawn started no PID 1", self.console())
-        state = until(lambda: self.run("systemctl", "is-system-running", check=False).stdout.strip()
-                      in ("running", "degraded"), 120)
+        state = until(
+            lambda: (
+                self.run("systemctl", "is-system-running", check=False).stdout.strip()
+                in ("running", "degraded")
+            ),
+            120,
+        )
         if not state:
-            raise Failed(f"boot {self.boots}", "systemd did not finish booting in 120 s",
-                         self.run("systemctl", "list-jobs", check=False).stdout + self.console())
+            raise Failed(
+                f"boot {self.boots}",
+                "systemd did not finish booting in 120 s",
+                self.run("systemctl", "list-jobs", check=False).stdout + self.console(),
+            )
 
     def _find_leader(self) -> int:
         """The container's PID 1: the nspawn child whose innermost pid is 1."""
@@ -194,7 +202,8 @@ class Cloud:
         self.topic = self.client("sns").create_topic(Name="sys-reports")["TopicArn"]
         ec2, asg = self.client("ec2"), self.client("autoscaling")
         template = ec2.create_launch_template(
-            LaunchTemplateName="sys-lt", LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "t3.micro"}
+            LaunchTemplateName="sys-lt",
+            LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "t3.micro"},
         )["LaunchTemplate"]["LaunchTemplateId"]
         asg.create_auto_scaling_group(
             AutoScalingGroupName=GROUP,
@@ -234,7 +243,7 @@ class Cloud:
             region_name=REGION,
             endpoint_url=endpoint,
             aws_access_key_id="testing",
-            aws_secret_access_key="testing",  # noqa: S106 (the stand-ins' fixed key)
+            aws_secret_access_key="testing",
         )
 
     def env(self) -> dict[str, str]:
@@ -263,7 +272,7 @@ class Cloud:
     def sns(self) -> list[dict[str, Any]]:
         return self.moto.sns_messages(self.topic, ACCOUNT, REGION)
 
-    def keys(self) -> list[str]:
+    def object_keys(self) -> list[str]:
         resp = self.client("s3").list_objects_v2(Bucket=self.bucket)
         return sorted(o["Key"] for o in resp.get("Contents", []))
 
@@ -318,10 +327,17 @@ def prepare_root(root: Path, cloud: Cloud) -> None:
         "[Unit]\nDescription=the instance's application\n\n[Service]\nExecStart=/bin/sleep infinity\n\n"
         "[Install]\nWantedBy=multi-user.target\n"
     )
+    # The template's stack backs up through Run Command too (--push-path), so its instances
+    # need the SSM agent, which its Amazon Linux image has. Debian ships none: a stand-in.
+    (root / "etc/systemd/system/amazon-ssm-agent.service").write_text(
+        "[Unit]\nDescription=stand-in for the SSM agent\n\n[Service]\nExecStart=/bin/sleep infinity\n\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
     wants = root / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        (wants / "myapp.service").symlink_to("/etc/systemd/system/myapp.service")
+    for name in ("myapp.service", "amazon-ssm-agent.service"):
+        with contextlib.suppress(FileExistsError):
+            (wants / name).symlink_to(f"/etc/systemd/system/{name}")
 
 
 # -- the steps ------------------------------------------------------------------------------
@@ -341,19 +357,50 @@ def first_boot(box: Container, cloud: Cloud) -> None:
         raise Failed(step, "the user data completed no launching lifecycle action", evidence)
     [launch] = cloud.launches()
     if launch.result != "CONTINUE":
-        raise Failed(step, f"the launching lifecycle action was completed {launch.result}, not CONTINUE", evidence)
+        raise Failed(
+            step, f"the launching lifecycle action was completed {launch.result}, not CONTINUE", evidence
+        )
     if cloud.state() != "InService":
         raise Failed(step, f"the instance is {cloud.state()}, not InService", evidence)
     log(f"first boot: cloud-init ran the user data; launching action CONTINUE; {cloud.state()}")
 
-    active = until(lambda: box.run("systemctl", "is-active", UNIT, check=False).stdout.strip() == "active", 60)
+    active = until(
+        lambda: box.run("systemctl", "is-active", UNIT, check=False).stdout.strip() == "active", 60
+    )
     status = box.run("systemctl", "status", "--no-pager", UNIT, check=False).stdout
     if not active:
         raise Failed(step, f"{UNIT} is not active", status + box.journal("-u", UNIT, "-n", "30"))
-    status_text = box.run("systemctl", "show", "-p", "StatusText", "--value", UNIT, check=False).stdout.strip()
-    if not status_text or f"Status: \"{status_text}\"" not in status:
+    status_text = box.run(
+        "systemctl", "show", "-p", "StatusText", "--value", UNIT, check=False
+    ).stdout.strip()
+    if not status_text or f'Status: "{status_text}"' not in status:
         raise Failed(step, "systemctl status shows no STATUS= from the watcher", status)
-    log(f"watcher active, systemctl status says: Status: \"{status_text}\"")
+    log(f'watcher active, systemctl status says: Status: "{status_text}"')
+
+
+def ssm_agent_only_where_the_push_path_is(box: Container) -> None:
+    """Without the SSM agent, doctor fails only where push_path is set (the template sets it)."""
+    step = "doctor: ssm agent"
+    box.run("systemctl", "stop", "amazon-ssm-agent")
+    try:
+        results = {}
+        for flag in ("--push-path", "--no-push-path"):
+            proc = box.run(AGENT, "doctor", "--json", flag, check=False)
+            try:
+                checks = json.loads(proc.stdout)
+                checks = checks.get("checks", checks) if isinstance(checks, dict) else checks
+                results[flag] = next(c["result"] for c in checks if c["name"] == "ssm agent")
+            except (ValueError, StopIteration, KeyError, TypeError) as err:
+                raise Failed(
+                    step, f"doctor --json {flag}: no ssm agent check ({err})", proc.stdout + proc.stderr
+                )
+        if results != {"--push-path": "fail", "--no-push-path": "warn"}:
+            raise Failed(
+                step, f"with no SSM agent, doctor says {results}: want fail with the push path, warn without"
+            )
+    finally:
+        box.run("systemctl", "start", "amazon-ssm-agent", check=False)
+    log("doctor without an SSM agent: fail with --push-path, warn without")
 
 
 def scale_in(box: Container, cloud: Cloud, work: Path) -> None:
@@ -368,24 +415,52 @@ def scale_in(box: Container, cloud: Cloud, work: Path) -> None:
     journal = box.journal("-u", UNIT, "-n", "40")
     outcomes = cloud.terminations()
     if [(o.result, o.how) for o in outcomes] != [("CONTINUE", "completed")]:
-        raise Failed(step, f"the terminating hook ended {[(o.result, o.how) for o in outcomes]}, "
-                     "not one CONTINUE", journal)
+        raise Failed(
+            step,
+            f"the terminating hook ended {[(o.result, o.how) for o in outcomes]}, not one CONTINUE",
+            journal,
+        )
     messages = until(cloud.sns, 10)
     if len(messages) != 1:
         raise Failed(step, f"{len(messages)} SNS reports, not one", journal)
-    report = json.loads(messages[0]["Message"]) if isinstance(messages[0].get("Message"), str) else messages[0]
-    archives = [k for k in cloud.keys() if k.endswith(".tar.zst")]
+    report = json.loads(messages[0]["message"])
+    if (report.get("status"), report.get("lifecycle_result")) != ("succeeded", "CONTINUE"):
+        raise Failed(
+            step,
+            f"the SNS report says {report.get('status')}, {report.get('lifecycle_result')}: "
+            f"{report.get('error')}",
+            journal,
+        )
+    archives = [k for k in cloud.object_keys() if k.endswith(".tar.zst")]
     if len(archives) != 1:
-        raise Failed(step, f"{len(archives)} archives in the bucket, not one: {cloud.keys()}", journal)
+        raise Failed(step, f"{len(archives)} archives in the bucket, not one: {cloud.object_keys()}", journal)
     log(f"scale-in: hook CONTINUE, one report ({report.get('status')}), archive {archives[0]}")
 
     dest = work / "restored"
-    env = {**os.environ, **cloud.env(), "AWS_DEFAULT_REGION": REGION, "AWS_CONFIG_FILE": "/dev/null",
-           "AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:9"}
+    env = {
+        **os.environ,
+        **cloud.env(),
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:9",
+    }
     restore = subprocess.run(
-        [str(Path(sys.executable).parent / "instance-agent"), "restore", "--bucket", cloud.bucket,
-         "--latest", "--instance-id", cloud.instance_id, "--verify", str(dest)],
-        capture_output=True, text=True, timeout=300, env=env, check=False,
+        [
+            str(Path(sys.executable).parent / "instance-agent"),
+            "restore",
+            "--bucket",
+            cloud.bucket,
+            "--latest",
+            "--instance-id",
+            cloud.instance_id,
+            "--verify",
+            str(dest),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
     )
     if restore.returncode != 0:
         raise Failed(step, f"restore --latest --verify exit {restore.returncode}", restore.stderr[-2000:])
@@ -402,15 +477,19 @@ def scale_in(box: Container, cloud: Cloud, work: Path) -> None:
             if isinstance(message, dict) and {"ts", "level", "msg"} <= message.keys():
                 agent.append(message)
     if not any(m.get("key") == archives[0] or archives[0] in json.dumps(m) for m in agent):
-        raise Failed(step, "journalctl -u instance-agent -o json holds no JSON line naming the archive",
-                     journal)
+        raise Failed(
+            step, "journalctl -u instance-agent -o json holds no JSON line naming the archive", journal
+        )
     log(f"journal: {len(agent)} JSON lines of the agent, one names the archive")
 
 
 def check_tokens(cloud: Cloud) -> None:
     if cloud.imds.tokenless_reads:
-        raise Failed("imds", f"{cloud.imds.tokenless_reads} token-less (IMDSv1) reads of /latest/ hit the "
-                     "metadata service: the agent and the user data must use IMDSv2")
+        raise Failed(
+            "imds",
+            f"{cloud.imds.tokenless_reads} token-less (IMDSv1) reads of /latest/ hit the "
+            "metadata service: the agent and the user data must use IMDSv2",
+        )
     log(f"imds: cloud-init's {cloud.imds.cloudinit_reads} reads answered; no IMDSv1 read from the agent")
 
 
@@ -433,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare_root(args.root, cloud)
             log(f"stand-ins up, bundle uploaded, in {time.monotonic() - started:.0f} s")
             first_boot(box, cloud)
+            ssm_agent_only_where_the_push_path_is(box)
             scale_in(box, cloud, args.work)
             check_tokens(cloud)
             box.shutdown()
