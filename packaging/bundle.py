@@ -33,6 +33,13 @@ ARCHES = ("x86_64", "aarch64")
 PLATFORMS = ("manylinux_2_34", "manylinux_2_28", "manylinux_2_17", "manylinux2014")
 
 
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+# Left out of the copy the wheel is built from: build output, caches, VCS, venvs, and the
+# parts of the checkout that are not in the wheel.
+NOT_SOURCE = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache",
+              "benchmarks", "tests", "docs")
+
+
 def bundle_name(python_version: str, arch: str) -> str:
     """The artifact's file name; the user data computes the same from python and `uname -m`."""
     return f"instance-agent-py{python_version}-{arch}.tar.gz"
@@ -40,13 +47,10 @@ def bundle_name(python_version: str, arch: str) -> str:
 
 def build(python_version: str, arch: str, out: Path, *, source: Path = ROOT) -> Path:
     """Build the bundle into `out`; returns its path. Raises CalledProcessError on failure."""
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     with tempfile.TemporaryDirectory(prefix="instance-agent-bundle-") as tmp:
         wheels = Path(tmp) / "wheels"
-        subprocess.run([*pip, "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels),
-                        str(source)], check=True)
-        [agent] = wheels.glob("instance_agent-*.whl")
-        subprocess.run([*pip, "download", "--quiet", "--dest", str(wheels),
+        agent = agent_wheel(source, wheels)
+        subprocess.run([*PIP, "download", "--quiet", "--dest", str(wheels),
                         "--only-binary=:all:", "--python-version", python_version,
                         "--implementation", "cp",
                         *(flag for p in PLATFORMS for flag in ("--platform", f"{p}_{arch}")),
@@ -59,6 +63,20 @@ def build(python_version: str, arch: str, out: Path, *, source: Path = ROOT) -> 
                 tar.add(wheel, arcname=f"wheels/{wheel.name}")
         partial.replace(target)  # never a half-written bundle under the real name
     return target
+
+
+def agent_wheel(source: Path, wheels: Path) -> Path:
+    """The agent's own wheel, built from a copy of `source` in a temporary directory.
+
+    pip builds a source directory in place: setuptools leaves build/ and *.egg-info in the
+    checkout, and a stale build/lib from an earlier build puts modules deleted since into
+    the wheel. Only what the wheel is made of is copied (pyproject.toml names it)."""
+    with tempfile.TemporaryDirectory(prefix="instance-agent-wheel-") as tmp:
+        copy = Path(tmp) / "src"
+        shutil.copytree(source, copy, ignore=shutil.ignore_patterns(*NOT_SOURCE))
+        subprocess.run([*PIP, "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), str(copy)], check=True)
+    [wheel] = wheels.glob("instance_agent-*.whl")
+    return wheel
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,11 +4,17 @@ venv by the user data's own install step, and the agent runs from it.
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
+from types import ModuleType
 
 from conftest import Stack
 
@@ -90,3 +96,40 @@ def test_bundle_is_fetched_with_the_distributions_boto3_where_no_aws_cli_is(
 
     assert proc.returncode == 0, proc.stderr
     assert dest.read_bytes() == payload
+
+
+def _bundle_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bundle", PACKAGING / "bundle.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_wheel_is_built_outside_the_source_tree(tmp_path: Path) -> None:
+    """A build inside the checkout leaves build/ and egg-info there, and a stale build/lib
+    (a module deleted since) went into the next wheel."""
+    repo = PACKAGING.parent
+    checkout = tmp_path / "checkout"
+    for name in ("pyproject.toml", "README.md"):
+        checkout.mkdir(exist_ok=True)
+        shutil.copy2(repo / name, checkout / name)
+    for name in ("instance_agent", "lambda_trigger", "systemd"):
+        shutil.copytree(repo / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+    stale = checkout / "build" / "lib" / "instance_agent" / "deleted_since.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("raise SystemExit('a module deleted from the source')\n")
+    before = sorted(p.relative_to(checkout) for p in checkout.rglob("*"))
+
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    bundle = _bundle_module().build(version, platform.machine(), tmp_path / "out", source=checkout)
+
+    assert sorted(p.relative_to(checkout) for p in checkout.rglob("*")) == before
+    with tarfile.open(bundle) as tar:
+        [member] = [m for m in tar.getmembers() if m.name.startswith("wheels/instance_agent-")]
+        wheel = tar.extractfile(member)
+        assert wheel is not None
+        with zipfile.ZipFile(io.BytesIO(wheel.read())) as zf:
+            names = zf.namelist()
+    assert "instance_agent/cli.py" in names
+    assert "instance_agent/deleted_since.py" not in names
