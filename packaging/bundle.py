@@ -74,7 +74,8 @@ def agent_wheel(source: Path, wheels: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="instance-agent-wheel-") as tmp:
         copy = Path(tmp) / "src"
         shutil.copytree(source, copy, ignore=shutil.ignore_patterns(*NOT_SOURCE))
-        subprocess.run([*PIP, "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), str(copy)], check=True)
+        subprocess.run([*PIP, "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), str(copy)],
+                       check=True)
     [wheel] = wheels.glob("instance_agent-*.whl")
     return wheel
 
