@@ -191,6 +191,24 @@ def check_token(value: Any) -> str | None:
     )
 
 
+# systemd's IPAddressAllow= keywords, besides addresses and prefixes (systemd.resource-control(5)).
+IP_KEYWORDS = ("any", "localhost", "link-local", "multicast")
+
+
+def check_ip_allow(value: Any) -> str | None:
+    for entry in value:
+        if str(entry) in IP_KEYWORDS:
+            continue
+        try:
+            ipaddress.ip_network(str(entry), strict=False)
+        except ValueError:
+            return (
+                f"invalid address or range {entry!r}: an IPv4 or IPv6 address or CIDR prefix "
+                f"(10.0.0.0/16), or one of {', '.join(IP_KEYWORDS)}"
+            )
+    return None
+
+
 def check_poll(value: Any) -> str | None:
     return None if value >= 0.5 else f"poll interval must be >= 0.5 s, got {value}"
 
@@ -470,6 +488,17 @@ OPTIONS: tuple[Option, ...] = (
         negative_flag=True,
     ),
     Option(
+        "ip_allow",
+        "list",
+        (),
+        "install-service: the addresses and CIDR ranges the service may reach besides IMDS, "
+        "the Amazon DNS server and loopback (the VPC, its interface endpoints, the S3 prefix "
+        "list's ranges); given, every other address is denied (IPAddressDeny=any); empty: no "
+        "IP firewall; repeatable",
+        metavar="CIDR",
+        check=check_ip_allow,
+    ),
+    Option(
         "stop_grace",
         "float",
         90.0,
@@ -618,6 +647,7 @@ class Config:
     pre_command_fatal: bool
     warm_pool_backup: bool
     push_path: bool
+    ip_allow: tuple[str, ...]
     stop_grace: float
     handoff_path: tuple[str, ...]
     handoff_command: str | None

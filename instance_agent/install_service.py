@@ -74,6 +74,23 @@ def _unit_quote(word: str) -> str:
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+# Always allowed once ip_allow turns the firewall on: loopback, IMDS over IPv4 and IPv6
+# (https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/instancedata-data-retrieval.html) and
+# the Amazon DNS server's link-local addresses, which resolve the AWS endpoints' names
+# (https://docs.aws.amazon.com/vpc/latest/userguide/AmazonDNS-concepts.html).
+ALWAYS_ALLOWED = ("localhost", "169.254.169.254", "fd00:ec2::254", "169.254.169.253", "fd00:ec2::253")
+
+
+def ip_address_policy(cfg: config.Config) -> str:
+    """The unit's IPAddressDeny/Allow lines. The AWS endpoints' public addresses are not
+    known when the unit is written, so the firewall is on only where ip_allow names the
+    ranges they are reached at (a VPC's interface endpoints, the S3 prefix list)."""
+    if not cfg.ip_allow:
+        return "# ip_allow is empty: no IP firewall (install-service --ip-allow CIDR turns it on)"
+    allowed = [*ALWAYS_ALLOWED, *(a for a in cfg.ip_allow if a not in ALWAYS_ALLOWED)]
+    return "IPAddressDeny=any\nIPAddressAllow=" + " ".join(allowed)
+
+
 def render_unit(
     template: str,
     cfg: config.Config,
@@ -91,6 +108,7 @@ def render_unit(
         "timeout_stop_sec": str(stop),
         # A state dir outside StateDirectory= would be read-only under ProtectSystem=strict.
         "read_write_paths": "".join(f"ReadWritePaths=-{_unit_quote(p)}\n" for p in extra_paths),
+        "ip_address_policy": ip_address_policy(cfg),
     }
     text = template
     for name, value in values.items():

@@ -63,6 +63,7 @@ def export(
         reader = threading.Thread(target=_drain, args=(proc.stderr, err_chunks), daemon=True)
         reader.start()
         cut = stopped = False
+        before = total
         fd = proc.stdout.fileno()
         try:
             while True:
@@ -95,4 +96,11 @@ def export(
         elif rc != 0:
             text = b"".join(err_chunks).decode(errors="replace").strip().splitlines()
             warnings.append(f"journalctl -b {boot} exited {rc}: {text[0] if text else 'no message'}")
+        elif total == before:
+            # It exits 0 when the journal holds nothing for the boot id it reads from /proc:
+            # in a container whose service sees the kernel's boot id, not the journal's.
+            warnings.append(
+                f"journalctl -b {boot} printed nothing: the journal holds no entries for "
+                "the boot id this process sees"
+            )
     return total, warnings

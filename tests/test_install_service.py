@@ -149,3 +149,73 @@ def test_user_data_passes_shellcheck() -> None:
         [shellcheck, str(REPO / "packaging" / "user-data.sh")], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stdout
+
+
+def test_ip_allow_turns_the_firewall_on_with_imds_dns_and_loopback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            *AGENT,
+            "install-service",
+            "--root",
+            str(tmp_path),
+            "--no-start",
+            "--bucket",
+            "my-backups",
+            "--ip-allow",
+            "10.0.0.0/16",
+            "--ip-allow",
+            "fd12:3456::/48",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for unit in (UNIT, "etc/systemd/system/instance-agent-launch.service"):
+        lines = (tmp_path / unit).read_text().splitlines()
+        assert "IPAddressDeny=any" in lines
+        [allow] = [line for line in lines if line.startswith("IPAddressAllow=")]
+        assert allow.split("=", 1)[1].split() == [
+            "localhost",
+            "169.254.169.254",
+            "fd00:ec2::254",
+            "169.254.169.253",
+            "fd00:ec2::253",
+            "10.0.0.0/16",
+            "fd12:3456::/48",
+        ]
+
+
+def test_no_ip_allow_no_firewall_and_a_bad_range_is_one_line(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [*AGENT, "install-service", "--root", str(tmp_path), "--no-start", "--bucket", "my-backups"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    text = (tmp_path / UNIT).read_text()
+    assert not [line for line in text.splitlines() if line.startswith(("IPAddressDeny=", "IPAddressAllow="))]
+
+    bad = subprocess.run(
+        [
+            *AGENT,
+            "install-service",
+            "--root",
+            str(tmp_path / "b"),
+            "--no-start",
+            "--bucket",
+            "my-backups",
+            "--ip-allow",
+            "10.0.0.0/33",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2
+    [line] = bad.stderr.strip().splitlines()
+    assert line.startswith("instance-agent: error: ") and line.endswith(
+        "ip_allow: invalid address or range '10.0.0.0/33': an IPv4 or IPv6 address or CIDR prefix "
+        "(10.0.0.0/16), or one of any, localhost, link-local, multicast"
+    )

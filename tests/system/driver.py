@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import re
@@ -403,6 +404,108 @@ def ssm_agent_only_where_the_push_path_is(box: Container) -> None:
     log("doctor without an SSM agent: fail with --push-path, warn without")
 
 
+ALLOWED = "10.213.0.0/24"  # the stand-ins' range: the "VPC" that ip_allow names
+DENIED = "10.214.0.1"  # an address of the aws namespace outside it (run.sh adds it)
+
+
+def agent_flags(user_data: str) -> list[str]:
+    """The AGENT_FLAGS array of the user data, as bash expands it."""
+    proc = subprocess.run(
+        ["bash", "-c", "eval \"$(sed -n '/^AGENT_FLAGS=(/,/^)/p')\"; printf '%s\\n' \"${AGENT_FLAGS[@]}\""],
+        input=user_data,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return proc.stdout.splitlines()
+
+
+def reconfigure(box: Container, cloud: Cloud) -> None:
+    """An operator narrows the unit to the VPC's range and adds the README's pre-command:
+    install-service again, with the user data's flags and those, then a restart."""
+    step = "install-service --ip-allow --pre-command"
+    flags = [
+        *agent_flags(cloud.imds.user_data),
+        "--ip-allow",
+        ALLOWED,
+        "--pre-command",
+        "systemctl stop myapp",
+    ]
+    proc = box.run(AGENT, "install-service", *flags, check=False)
+    if proc.returncode != 0:
+        raise Failed(step, f"exit {proc.returncode}", proc.stdout + proc.stderr)
+    box.run("systemctl", "restart", UNIT)
+    active = until(
+        lambda: box.run("systemctl", "is-active", UNIT, check=False).stdout.strip() == "active", 60
+    )
+    if not active:
+        raise Failed(step, f"{UNIT} is not active after the restart", box.journal("-u", UNIT, "-n", "30"))
+    unit = box.run("systemctl", "cat", UNIT).stdout
+    if "IPAddressAllow=localhost 169.254.169.254" not in unit or ALLOWED not in unit:
+        raise Failed(step, "the unit has no IPAddressAllow= with IMDS and the range", unit)
+    log(f"reinstalled with --ip-allow {ALLOWED} --pre-command 'systemctl stop myapp'; watcher active")
+
+
+PROBE = (
+    "import socket,sys\n"
+    "s=socket.socket(); s.settimeout(5)\n"
+    "try:\n    s.connect((sys.argv[1], int(sys.argv[2]))); print('connected')\n"
+    "except OSError as e:\n    print('refused', e.errno, e)\n"
+)
+
+
+def firewall(box: Container, cloud: Cloud) -> None:
+    """A process in the unit's cgroup (where systemd's BPF firewall is attached) reaches the
+    allowed range but not another address that the instance itself reaches."""
+    step = "IPAddressDeny"
+    port = cloud.moto.endpoint.rsplit(":", 1)[1]
+    cgroup = box.run("systemctl", "show", "-p", "ControlGroup", "--value", UNIT).stdout.strip()
+
+    def probe(address: str, in_unit: bool) -> str:
+        enter = f"echo $$ > /sys/fs/cgroup{cgroup}/cgroup.procs && " if in_unit else ""
+        return box.run(
+            "sh", "-c", f'{enter}exec python3 -c "$0" {address} {port}', PROBE, check=False
+        ).stdout.strip()
+
+    # Reached: connected, or refused by the address itself (nothing listens at DENIED: its
+    # RST came back). The firewall drops the packet instead: EPERM, at once.
+    def reached(answer: str) -> bool:
+        return answer == "connected" or answer.startswith(f"refused {errno.ECONNREFUSED} ")
+
+    outside = probe(DENIED, in_unit=False)
+    if not reached(outside):
+        raise Failed(step, f"the probe cannot reach {DENIED}:{port} even outside the unit: {outside}")
+    allowed = probe(AWS_SIDE, in_unit=True)
+    denied = probe(DENIED, in_unit=True)
+    if not reached(allowed):
+        raise Failed(step, f"inside the unit, the allowed {AWS_SIDE}:{port} is unreachable: {allowed}")
+    if reached(denied):
+        raise Failed(step, f"inside the unit, {DENIED}:{port} (outside ip_allow) was reached: no firewall")
+    log(f"inside the unit: {AWS_SIDE} reached, {DENIED} {denied} (reached from outside the unit)")
+
+
+# The live unit's `systemd-analyze security`, with ip_allow set: 1.8 (1.9 before this test
+# existed). Issue 23 asks for 1.5; what is left is the unit running as root (0.4 of the
+# listed items: a non-root user cannot run the README's `systemctl stop myapp` pre-command
+# without polkit), its network (PrivateNetwork, AF_INET), and CAP_DAC_READ_SEARCH. A
+# regression above today's figure fails here.
+EXPOSURE_TARGET = 1.8
+
+
+def exposure(box: Container) -> None:
+    """`systemd-analyze security` on the live unit, as systemd on the booted system rates it."""
+    step = "exposure"
+    proc = box.run("systemd-analyze", "security", "--no-pager", UNIT, check=False)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    if found is None:
+        raise Failed(step, "systemd-analyze security printed no exposure level", proc.stdout + proc.stderr)
+    open_items = [line.strip() for line in proc.stdout.splitlines() if line.lstrip().startswith("✗")]
+    level = float(found.group(1))
+    if level > EXPOSURE_TARGET:
+        raise Failed(step, f"the live unit rates {level}, above {EXPOSURE_TARGET}", "\n".join(open_items))
+    log(f"systemd-analyze security on the live unit: {level} (at most {EXPOSURE_TARGET})")
+
+
 def scale_in(box: Container, cloud: Cloud, work: Path) -> None:
     step = "scale-in"
     payload = os.urandom(3 << 20)
@@ -435,6 +538,11 @@ def scale_in(box: Container, cloud: Cloud, work: Path) -> None:
     if len(archives) != 1:
         raise Failed(step, f"{len(archives)} archives in the bucket, not one: {cloud.object_keys()}", journal)
     log(f"scale-in: hook CONTINUE, one report ({report.get('status')}), archive {archives[0]}")
+    myapp = box.run("systemctl", "is-active", "myapp", check=False).stdout.strip()
+    if myapp != "inactive":
+        raise Failed(step, f"the pre-command 'systemctl stop myapp' left myapp.service {myapp}", journal)
+    ran = [(c.get("command"), c.get("exit_code")) for c in report.get("commands") or []]
+    log(f"pre-command from inside the sandbox {ran}: myapp.service {myapp}")
 
     dest = work / "restored"
     env = {
@@ -482,6 +590,19 @@ def scale_in(box: Container, cloud: Cloud, work: Path) -> None:
         )
     log(f"journal: {len(agent)} JSON lines of the agent, one names the archive")
 
+    # The journal export: under systemd-nspawn the unit's own /proc (ProtectProc= mounts a
+    # new one) shows the kernel's boot id, not the container's, so `journalctl -b 0` finds
+    # nothing there. On an instance the two are one. What must hold here: it is said.
+    journal_key = report.get("journal_key")
+    sizes = {o["Key"]: o["Size"] for o in cloud.client("s3").list_objects_v2(Bucket=cloud.bucket)["Contents"]}
+    size = sizes.get(journal_key or "", 0)
+    said = any("journalctl -b 0 printed nothing" in json.dumps(m) for m in agent)
+    if not journal_key or journal_key not in sizes or (size < 1024 and not said):
+        raise Failed(
+            step, f"the journal export {journal_key} is {sizes.get(journal_key or '')} bytes, unexplained"
+        )
+    log(f"journal export {journal_key}: {size} bytes" + (" (empty current boot: warned)" if said else ""))
+
 
 def check_tokens(cloud: Cloud) -> None:
     if cloud.imds.tokenless_reads:
@@ -513,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"stand-ins up, bundle uploaded, in {time.monotonic() - started:.0f} s")
             first_boot(box, cloud)
             ssm_agent_only_where_the_push_path_is(box)
+            reconfigure(box, cloud)
+            firewall(box, cloud)
+            exposure(box)
             scale_in(box, cloud, args.work)
             check_tokens(cloud)
             box.shutdown()
@@ -521,6 +645,11 @@ def main(argv: list[str] | None = None) -> int:
             if failed.evidence:
                 print(failed.evidence.rstrip()[-4000:], file=sys.stderr)
                 log(f"FAILED: {failed.step}: {failed}")
+            if os.environ.get("SYSTEM_TEST_KEEP"):
+                # To look around: nsenter -t <leader> -a bash (Ctrl-C run.sh to end it).
+                log(f"SYSTEM_TEST_KEEP: the container runs on, leader pid {box.leader}")
+                with contextlib.suppress(KeyboardInterrupt):
+                    time.sleep(3600)
             return 1
     return 0
 

@@ -84,10 +84,13 @@ ip -n "$inst_ns" link set lo up
 ip -n "$aws_ns" link add veth-aws type veth peer name eth0 netns "$inst_ns"
 ip -n "$aws_ns" addr add 10.213.0.1/24 dev veth-aws
 ip -n "$aws_ns" addr add 169.254.169.254/32 dev veth-aws
+# An address the instance reaches but the unit's ip_allow does not name (the firewall check).
+ip -n "$aws_ns" addr add 10.214.0.1/32 dev veth-aws
 ip -n "$aws_ns" link set veth-aws up
 ip -n "$inst_ns" addr add 10.213.0.2/24 dev eth0
 ip -n "$inst_ns" link set eth0 up
 ip -n "$inst_ns" route add 169.254.169.254/32 dev eth0 src 10.213.0.2
+ip -n "$inst_ns" route add 10.214.0.1/32 dev eth0 src 10.213.0.2
 
 # nsenter --net, not `ip netns exec`: that one mounts a sysfs of its own, without the
 # cgroup hierarchy that systemd-nspawn needs.
