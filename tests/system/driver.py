@@ -33,6 +33,7 @@ sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from standin import CloudInitIMDS  # noqa: E402
+from support.faultproxy import Delay, FaultProxy, Rule, upload_part  # noqa: E402
 from support.seaweed import SeaweedS3  # noqa: E402
 from test_template import RESOURCES  # noqa: E402
 
@@ -75,15 +76,15 @@ def until(what: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any
 class Container:
     """The Debian root booted by a real systemd; each boot() is one boot of the instance."""
 
-    def __init__(self, root: Path, netns: str, work: Path) -> None:
-        self.root, self.netns, self.work = root, netns, work
+    def __init__(self, root: Path, netns: str, work: Path, name: str = "a") -> None:
+        self.root, self.netns, self.work, self.name = root, netns, work, name
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0
         self.boots = 0
 
     def boot(self) -> None:
         self.boots += 1
-        console = (self.work / f"console-{self.boots}.log").open("wb")
+        console = (self.work / f"console-{self.name}{self.boots}.log").open("wb")
         env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
         # The two settings without which systemd skips IPAddressAllow/Deny silently: the
         # unified cgroup hierarchy, and bpf() allowed to the container.
@@ -107,7 +108,7 @@ class Container:
             env=env,
             start_new_session=True,
         )
-        (self.work / "nspawn.pid").write_text(str(self.proc.pid))
+        (self.work / f"nspawn-{self.name}.pid").write_text(str(self.proc.pid))
         self.leader = until(self._find_leader, 30, 0.1) or 0
         if not self.leader:
             raise Failed(f"boot {self.boots}", "systemd-nspawn started no PID 1", self.console())
@@ -173,7 +174,7 @@ class Container:
         self.proc = None
 
     def console(self) -> str:
-        path = self.work / f"console-{self.boots}.log"
+        path = self.work / f"console-{self.name}{self.boots}.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
     def file(self, path: str) -> str:
@@ -196,6 +197,8 @@ class Cloud:
         self.s3 = SeaweedS3(work / "seaweed", bind=AWS_SIDE)
         stack.enter_context(self.s3)
         self.s3_endpoint = self.s3.endpoint
+        # The instances reach S3 through a proxy that can slow it down (the stop test).
+        self.s3_proxy = stack.enter_context(FaultProxy(self.s3_endpoint, host=AWS_SIDE))
         self.artifacts, self.bucket = "sys-artifacts", "sys-backups"
         s3 = self.client("s3")
         s3.create_bucket(Bucket=self.artifacts)
@@ -209,8 +212,8 @@ class Cloud:
         asg.create_auto_scaling_group(
             AutoScalingGroupName=GROUP,
             MinSize=0,
-            MaxSize=2,
-            DesiredCapacity=1,
+            MaxSize=3,
+            DesiredCapacity=2,  # the second is the replacement that the stop test boots
             LaunchTemplate={"LaunchTemplateId": template},
             AvailabilityZones=[f"{REGION}a"],
         )
@@ -226,7 +229,7 @@ class Cloud:
                 DefaultResult=result,
             )
         [group] = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[GROUP])["AutoScalingGroups"]
-        self.instance_id = group["Instances"][0]["InstanceId"]
+        self.instance_id, self.second = sorted(i["InstanceId"] for i in group["Instances"])
         self.imds = CloudInitIMDS(
             user_data="",
             instance_id=self.instance_id,
@@ -251,7 +254,7 @@ class Cloud:
         """What the instance's role and the AWS endpoints are, here (see prepare_root)."""
         return {
             "AWS_ENDPOINT_URL": self.moto.endpoint,
-            "AWS_ENDPOINT_URL_S3": self.s3_endpoint,
+            "AWS_ENDPOINT_URL_S3": self.s3_proxy.endpoint,
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
         }
@@ -259,6 +262,12 @@ class Cloud:
     def state(self) -> str | None:
         found = self.client("autoscaling").describe_auto_scaling_instances(InstanceIds=[self.instance_id])
         return found["AutoScalingInstances"][0]["LifecycleState"] if found["AutoScalingInstances"] else None
+
+    def become(self, instance_id: str) -> None:
+        """The metadata service now answers as this instance (the other one is off)."""
+        self.instance_id = instance_id
+        self.imds.instance_id = instance_id
+        self.imds.target_lifecycle_state = "InService"
 
     def launches(self) -> list[launching.LaunchOutcome]:
         return [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == self.instance_id]
@@ -420,7 +429,7 @@ def agent_flags(user_data: str) -> list[str]:
     return proc.stdout.splitlines()
 
 
-def reconfigure(box: Container, cloud: Cloud) -> None:
+def reconfigure(box: Container, cloud: Cloud, *extra: str) -> None:
     """An operator narrows the unit to the VPC's range and adds the README's pre-command:
     install-service again, with the user data's flags and those, then a restart."""
     step = "install-service --ip-allow --pre-command"
@@ -430,6 +439,7 @@ def reconfigure(box: Container, cloud: Cloud) -> None:
         ALLOWED,
         "--pre-command",
         "systemctl stop myapp",
+        *extra,
     ]
     proc = box.run(AGENT, "install-service", *flags, check=False)
     if proc.returncode != 0:
@@ -508,22 +518,23 @@ def exposure(box: Container) -> None:
 
 def scale_in(box: Container, cloud: Cloud, work: Path) -> None:
     step = "scale-in"
+    before_hooks, before_sns = len(cloud.terminations()), len(cloud.sns())
     payload = os.urandom(3 << 20)
     target = box.root / "var/log/system-test/payload.bin"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(payload)
     autoscaling.begin_termination(GROUP, cloud.instance_id, account_id=ACCOUNT, region=REGION)
     cloud.imds.target_lifecycle_state = "Terminated"
-    until(cloud.terminations, 180, 1)
+    until(lambda: cloud.terminations()[before_hooks:], 180, 1)
     journal = box.journal("-u", UNIT, "-n", "40")
-    outcomes = cloud.terminations()
+    outcomes = cloud.terminations()[before_hooks:]
     if [(o.result, o.how) for o in outcomes] != [("CONTINUE", "completed")]:
         raise Failed(
             step,
             f"the terminating hook ended {[(o.result, o.how) for o in outcomes]}, not one CONTINUE",
             journal,
         )
-    messages = until(cloud.sns, 10)
+    messages = until(lambda: cloud.sns()[before_sns:], 10)
     if len(messages) != 1:
         raise Failed(step, f"{len(messages)} SNS reports, not one", journal)
     report = json.loads(messages[0]["message"])
@@ -548,6 +559,7 @@ def scale_in(box: Container, cloud: Cloud, work: Path) -> None:
     env = {
         **os.environ,
         **cloud.env(),
+        "AWS_ENDPOINT_URL_S3": cloud.s3_endpoint,
         "AWS_DEFAULT_REGION": REGION,
         "AWS_CONFIG_FILE": "/dev/null",
         "AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:9",
@@ -604,6 +616,130 @@ def scale_in(box: Container, cloud: Cloud, work: Path) -> None:
     log(f"journal export {journal_key}: {size} bytes" + (" (empty current boot: warned)" if said else ""))
 
 
+def warm_pool_and_reboot(box: Container, cloud: Cloud) -> None:
+    """Into the warm pool (the terminating hook, no backup), stopped, then out of it: the
+    second boot waits in Pending:Wait, cloud-init does not run the user data again, and
+    instance-agent-launch.service must answer it (issue 23 items 6 and 8)."""
+    step = "warm pool"
+    before_hooks = len(cloud.terminations())
+    autoscaling.return_to_warm_pool(GROUP, cloud.instance_id, account_id=ACCOUNT, region=REGION)
+    cloud.imds.target_lifecycle_state = "Warmed:Stopped"
+    until(lambda: cloud.terminations()[before_hooks:], 120, 1)
+    ended = [(o.result, o.how) for o in cloud.terminations()[before_hooks:]]
+    if ended != [("CONTINUE", "completed")] or cloud.state() != "Warmed:Stopped":
+        raise Failed(
+            step, f"the return to the warm pool ended {ended}, {cloud.state()}", box.journal("-u", UNIT)
+        )
+    log("into the warm pool: the watcher completed the terminating hook CONTINUE; Warmed:Stopped")
+    box.shutdown("poweroff")
+
+    step = "second boot"
+    autoscaling.leave_warm_pool(GROUP, cloud.instance_id, account_id=ACCOUNT, region=REGION)
+    cloud.imds.target_lifecycle_state = "InService"
+    if cloud.state() != "Pending:Wait":
+        raise Failed(step, f"leaving the pool, the instance is {cloud.state()}, not Pending:Wait")
+    box.boot()
+    until(lambda: len(cloud.launches()) >= 2, 180, 1)
+    launches = [(o.hook, o.result) for o in cloud.launches()]
+    evidence = box.journal("-u", "instance-agent-launch", "-n", "30") + box.journal(
+        "-u", "cloud-final", "-n", "10"
+    )
+    if launches != [(NAMES["LaunchHook"], "CONTINUE")] * 2:
+        raise Failed(
+            step, f"launching actions {launches}: the second boot's Pending:Wait was not answered", evidence
+        )
+    installs = box.file("/var/log/instance-agent-install.log").count("instance-agent install: ")
+    if installs != 1:
+        raise Failed(
+            step, f"the user data ran {installs} times, not once (cloud-init runs it on the first boot)"
+        )
+    if cloud.state() != "InService":
+        raise Failed(step, f"the instance is {cloud.state()} after the second boot", evidence)
+
+    def both_active() -> bool:
+        return box.run("systemctl", "is-active", UNIT, "myapp", check=False).stdout.split() == ["active"] * 2
+
+    if not until(both_active, 60):
+        raise Failed(
+            step, "after the reboot instance-agent and myapp are not both active", box.journal("-n", "40")
+        )
+    log(
+        "second boot (out of the pool): user data not run again; instance-agent-launch.service "
+        "completed Pending:Wait CONTINUE; watcher and myapp active"
+    )
+
+
+def mount_overlay(lower: Path, work: Path, name: str) -> Path:
+    """A second instance's disk: the same image, an empty overlay of its own."""
+    dirs = {d: work / f"{d}-{name}" for d in ("upper", "ovl", "merged")}
+    for d in dirs.values():
+        d.mkdir()
+    options = f"lowerdir={lower},upperdir={dirs['upper']},workdir={dirs['ovl']}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(dirs["merged"])], check=True)
+    return dirs["merged"]
+
+
+def stop_during_backup(
+    cloud: Cloud, lower: Path, work: Path, netns: str, stack: contextlib.ExitStack
+) -> None:
+    """The replacement instance: its own first boot, then `systemctl stop` in the middle of an
+    archive slowed on purpose (issue 23 item 4)."""
+    root = mount_overlay(lower, work, "b")
+    stack.callback(subprocess.run, ["umount", "-l", str(root)], check=False)
+    prepare_root(root, cloud)
+    box = Container(root, netns, work, name="b")
+    stack.callback(box.kill)
+    cloud.become(cloud.second)
+    first_boot(box, cloud)
+    reconfigure(box, cloud, "--stop-grace", "5")
+
+    step = "stop during a backup"
+    big = box.root / "var/log/system-test/big.bin"
+    big.parent.mkdir(parents=True, exist_ok=True)
+    big.write_bytes(os.urandom(48 << 20))
+    before_sns = len(cloud.sns())
+    slow = cloud.s3_proxy.add_rule(
+        Rule(fault=Delay(10.0), method="PUT", query=upload_part, name="slow parts")
+    )
+    autoscaling.begin_termination(GROUP, cloud.instance_id, account_id=ACCOUNT, region=REGION)
+    cloud.imds.target_lifecycle_state = "Terminated"
+    if not slow.fired.wait(60):
+        raise Failed(step, "the backup never uploaded a part", box.journal("-u", UNIT, "-n", "30"))
+    timeout_stop = box.run("systemctl", "show", "-p", "TimeoutStopUSec", "--value", UNIT).stdout.strip()
+    started = time.monotonic()
+    box.run("systemctl", "stop", UNIT, check=False, timeout=600)
+    took = time.monotonic() - started
+    cloud.s3_proxy.clear()
+    shown = box.run("systemctl", "show", "-p", "ActiveState,Result,ExecMainStatus", UNIT).stdout.split()
+    show = dict(line.split("=", 1) for line in shown)
+    journal = box.journal("-u", UNIT, "-n", "30")
+    ended = [(o.result, o.how) for o in cloud.terminations()]
+    if ended != [("ABANDON", "completed")]:
+        raise Failed(
+            step, f"the terminating hook ended {ended}, not one ABANDON completed by the agent", journal
+        )
+    reports = [json.loads(m["message"]) for m in cloud.sns()[before_sns:]]
+    if [r.get("status") for r in reports] != ["failed"]:
+        raise Failed(step, f"reports {[r.get('status') for r in reports]}, not one failure", journal)
+    mine = [k for k in cloud.object_keys() if f"/{cloud.instance_id}/" in k]
+    uploads = cloud.client("s3").list_multipart_uploads(Bucket=cloud.bucket).get("Uploads", [])
+    if mine or uploads:
+        raise Failed(step, f"the stopped backup left {mine} and {len(uploads)} multipart uploads", journal)
+    # Ended by the agent itself, within TimeoutStopSec: not killed. It exits with the cut
+    # backup's code (1: failed, reported, ABANDON), so systemd says failed (exit-code).
+    if show.get("ActiveState") not in ("inactive", "failed") or show.get("Result") not in (
+        "success",
+        "exit-code",
+    ):
+        raise Failed(step, f"after the stop the unit is {show}: killed, not ended by the agent", journal)
+    log(
+        f"systemctl stop during the archive: {took:.1f} s (TimeoutStopSec {timeout_stop}), upload aborted, "
+        f"report '{reports[0].get('status')}', hook ABANDON, unit {show.get('ActiveState')} "
+        f"({show.get('Result')}, status {show.get('ExecMainStatus')})"
+    )
+    box.shutdown()
+
+
 def check_tokens(cloud: Cloud) -> None:
     if cloud.imds.tokenless_reads:
         raise Failed(
@@ -620,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--netns", required=True)
     parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--lower", type=Path, required=True, help="the cached root, read-only")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     box = Container(args.root, args.netns, args.work)
@@ -637,9 +774,11 @@ def main(argv: list[str] | None = None) -> int:
             reconfigure(box, cloud)
             firewall(box, cloud)
             exposure(box)
+            warm_pool_and_reboot(box, cloud)
             scale_in(box, cloud, args.work)
-            check_tokens(cloud)
             box.shutdown()
+            stop_during_backup(cloud, args.lower, args.work, args.netns, stack)
+            check_tokens(cloud)
         except Failed as failed:
             log(f"FAILED: {failed.step}: {failed}")
             if failed.evidence:

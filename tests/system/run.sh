@@ -50,7 +50,9 @@ cleanup() {
     [[ -e $pidfile ]] || continue
     kill "$(cat "$pidfile")" 2> /dev/null || true
   done
-  umount "$work/merged" 2> /dev/null || umount -l "$work/merged" 2> /dev/null || true
+  for merged in "$work"/merged*; do
+    umount "$merged" 2> /dev/null || umount -l "$merged" 2> /dev/null || true
+  done
   ip netns del "$inst_ns" 2> /dev/null || true
   ip netns del "$aws_ns" 2> /dev/null || true
   rm -rf "$work"
@@ -95,7 +97,7 @@ ip -n "$inst_ns" route add 10.214.0.1/32 dev eth0 src 10.213.0.2
 # nsenter --net, not `ip netns exec`: that one mounts a sysfs of its own, without the
 # cgroup hierarchy that systemd-nspawn needs.
 nsenter --net="/run/netns/$aws_ns" .venv/bin/python tests/system/driver.py \
-  --root "$work/merged" --work "$work" --bundle "$(cat "$work/bundle.out")" --netns "/run/netns/$inst_ns" &
+  --root "$work/merged" --lower "$cache/root" --work "$work" --bundle "$(cat "$work/bundle.out")" --netns "/run/netns/$inst_ns" &
 driver_pid=$!
 set +e
 wait "$driver_pid"
