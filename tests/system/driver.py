@@ -367,6 +367,14 @@ def first_boot(box: Container, cloud: Cloud) -> None:
         raise Failed(step, "the user data completed no launching lifecycle action", evidence)
     [launch] = cloud.launches()
     if launch.result != "CONTINUE":
+        # What doctor --launch said, in the install log: the reason for the ABANDON.
+        fails = [line.strip() for line in install_log.splitlines() if line.lstrip().startswith("[FAIL]")]
+        if fails:
+            raise Failed(
+                step,
+                f"the launch was completed {launch.result}: doctor --launch: " + "; ".join(fails),
+                evidence,
+            )
         raise Failed(
             step, f"the launching lifecycle action was completed {launch.result}, not CONTINUE", evidence
         )
@@ -500,6 +508,8 @@ def firewall(box: Container, cloud: Cloud) -> None:
 # without polkit), its network (PrivateNetwork, AF_INET), and CAP_DAC_READ_SEARCH. A
 # regression above today's figure fails here.
 EXPOSURE_TARGET = 1.8
+# once.py's warnings when the state directory cannot be written.
+STATE_WARNINGS = ("lock directory unusable", "cannot record the result here; trying the next directory")
 
 
 def exposure(box: Container) -> None:
@@ -601,6 +611,22 @@ def scale_in(box: Container, cloud: Cloud, work: Path) -> None:
             step, "journalctl -u instance-agent -o json holds no JSON line naming the archive", journal
         )
     log(f"journal: {len(agent)} JSON lines of the agent, one names the archive")
+
+    # The exactly-once record belongs in the state directory, which outlives a reboot; the
+    # agent falls back to /run when it cannot write there, and says so.
+    fallback = [m for m in agent if m.get("msg") in STATE_WARNINGS]
+    state = box.root / "var/lib/instance-agent"
+    records = (
+        sorted(p.name for p in state.glob("*.json") if p.name != "launch-gate.json") if state.is_dir() else []
+    )
+    if fallback or not records:
+        why = f"{fallback[0]['msg']}: {fallback[0].get('error')}" if fallback else "no record there"
+        raise Failed(
+            step,
+            f"the watcher could not keep its record in /var/lib/instance-agent ({why}); it went to /run "
+            "and is lost at a reboot: has the unit lost StateDirectory=instance-agent?",
+        )
+    log(f"the termination's record is in /var/lib/instance-agent: {records}")
 
     # The journal export: under systemd-nspawn the unit's own /proc (ProtectProc= mounts a
     # new one) shows the kernel's boot id, not the container's, so `journalctl -b 0` finds

@@ -39,6 +39,7 @@ id=$$
 aws_ns="ia-sys-aws-$id"
 inst_ns="ia-sys-inst-$id"
 work=$(mktemp -d /tmp/ia-system.XXXXXX)
+# shellcheck disable=SC2329  # run by the EXIT trap
 cleanup() {
   local rc=$?
   # The driver stops the container and its servers; this is the net for a driver killed.
