@@ -368,7 +368,9 @@ def first_boot(box: Container, cloud: Cloud) -> None:
     [launch] = cloud.launches()
     if launch.result != "CONTINUE":
         # What doctor --launch said, in the install log: the reason for the ABANDON.
-        fails = [line.strip() for line in install_log.splitlines() if line.lstrip().startswith("[FAIL]")]
+        fails = [
+            " ".join(line.split()) for line in install_log.splitlines() if line.lstrip().startswith("[FAIL]")
+        ]
         if fails:
             raise Failed(
                 step,

@@ -4,10 +4,10 @@
 # scale-in, a stop during a backup and a reboot against local stand-ins of AWS. See
 # README.md, "Tested on a real systemd". Not part of the pytest run.
 #
-#     sudo bash tests/system/run.sh        # from the checkout, with .venv set up
+#     sudo bash tests/system/run.sh        # from the checkout; makes .venv if missing
 #
-# Exits 0 with "system: skipped: <reason>" where it cannot run (not root, no systemd-nspawn
-# and no apt to install it, no .venv). Network: two namespaces of its own joined by a veth
+# Exits 0 with "system: skipped: <reason>" where it cannot run (not root, not Linux, no
+# systemd-nspawn or debootstrap and no apt to install them, no network namespaces). Network: two namespaces of its own joined by a veth
 # ("aws" holds the stand-ins and 169.254.169.254; "instance" is the container's) and their
 # loopback: no stand-in, and no metadata address, is reached from the host's own namespace.
 set -euo pipefail
@@ -18,8 +18,15 @@ skip() {
 }
 [[ $(id -u) == 0 ]] || skip "needs root (debootstrap, network namespaces, systemd-nspawn)"
 [[ $(uname -s) == Linux ]] || skip "needs Linux"
-[[ -x .venv/bin/python ]] || skip "no .venv here: run the README's test command first"
 SECONDS=0
+if [[ ! -x .venv/bin/python ]]; then
+  # A fresh clone: the venv of the README's test command (the stand-ins and the bundle
+  # builder come from the `test` extra).
+  echo "system: creating .venv (pip install -e '.[test]')" >&2
+  if ! { python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]' > /dev/null; }; then
+    skip "could not create .venv with python3 -m venv and pip"
+  fi
+fi
 need=()
 command -v debootstrap > /dev/null || need+=(debootstrap)
 command -v systemd-nspawn > /dev/null || need+=(systemd-container)
