@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 from conftest import Stack
 
 PACKAGING = Path(__file__).resolve().parents[1] / "packaging"
@@ -133,3 +134,67 @@ def test_the_wheel_is_built_outside_the_source_tree(tmp_path: Path) -> None:
             names = zf.namelist()
     assert "instance_agent/cli.py" in names
     assert "instance_agent/deleted_since.py" not in names
+
+
+def _debian_like() -> bool:
+    try:
+        text = Path("/etc/os-release").read_text()
+    except OSError:
+        return False
+    return any(line in ("ID=debian", "ID=ubuntu") for line in text.splitlines())
+
+
+def _install_python(tmp_path: Path, installed: bool) -> subprocess.CompletedProcess[str]:
+    """The user data's install_python on this Debian or Ubuntu host, with a dpkg-query that
+    says what the image holds and an apt-get whose mirror answers nothing (apt-get update
+    exits 0 all the same, as it does offline)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "grep").symlink_to(shutil.which("grep") or "/bin/grep")
+    status = "install ok installed" if installed else "unknown ok not-installed"
+    (bin_dir / "dpkg-query").write_text(f"#!/bin/sh\nprintf '%s' '{status}'\n")
+    (bin_dir / "apt-get").write_text(
+        f'#!/bin/sh\necho "$*" >> {tmp_path / "apt-calls"}\n'
+        'case "$*" in *update*) exit 0;; esac\necho "E: Unable to locate package" >&2\nexit 100\n'
+    )
+    for tool in ("dpkg-query", "apt-get"):
+        (bin_dir / tool).chmod(0o755)
+    return subprocess.run(
+        [
+            "/bin/bash",
+            "-c",
+            f"INSTANCE_AGENT_USER_DATA_LIB=1 source {PACKAGING / 'user-data.sh'} && sleep() {{ :; }} && "
+            'install_python && echo "PYTHON=$PYTHON"',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+        check=False,
+    )
+
+
+@pytest.mark.skipif(
+    not _debian_like(), reason="install_python's Debian and Ubuntu branch needs their os-release"
+)
+def test_user_data_on_debian_needs_no_package_index_when_the_image_has_the_packages(tmp_path: Path) -> None:
+    proc = _install_python(tmp_path, installed=True)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("PYTHON=/usr/bin/python3")
+    assert not (tmp_path / "apt-calls").exists()  # no package index was asked
+
+
+@pytest.mark.skipif(
+    not _debian_like(), reason="install_python's Debian and Ubuntu branch needs their os-release"
+)
+def test_user_data_on_debian_fails_clearly_when_the_image_lacks_them_and_no_mirror_answers(
+    tmp_path: Path,
+) -> None:
+    proc = _install_python(tmp_path, installed=False)
+
+    assert proc.returncode == 1
+    assert (
+        "cannot install python3 python3-venv python3-boto3: this image lacks them and no package "
+        "mirror answers; bake them into the image, or give the instance a route to its mirror"
+    ) in proc.stderr
