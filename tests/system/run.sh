@@ -23,8 +23,9 @@ if [[ ! -x .venv/bin/python ]]; then
   # A fresh clone: the venv of the README's test command (the stand-ins and the bundle
   # builder come from the `test` extra).
   echo "system: creating .venv (pip install -e '.[test]')" >&2
-  if ! { python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]' > /dev/null; }; then
-    skip "could not create .venv with python3 -m venv and pip"
+  if ! { python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]' > .venv/install.log 2>&1; }; then
+    tail -n 5 .venv/install.log >&2 || true
+    skip "could not create .venv with python3 -m venv and pip (.venv/install.log)"
   fi
 fi
 need=()
