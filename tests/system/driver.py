@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from standin import CloudInitIMDS  # noqa: E402
 from support.faultproxy import Delay, FaultProxy, Rule, upload_part  # noqa: E402
 from support.seaweed import SeaweedS3  # noqa: E402
-from test_template import RESOURCES  # noqa: E402
+from test_template import RESOURCES, TPL  # noqa: E402
 
 from instance_agent.local import autoscaling, launching  # noqa: E402
 from instance_agent.local.moto_server import MotoServer  # noqa: E402
@@ -315,7 +315,19 @@ def render_user_data(cloud: Cloud, bundle_prefix: str) -> str:
         "Sources": "/var/log",
         "KmsFlags": "",
     }
-    return str(re.sub(r"\$\{([A-Za-z0-9:]+)\}", lambda m: values[m.group(1)], text) + body)
+    # Any other parameter takes the template's default, as a stack created without it would.
+    for name, spec in TPL["Parameters"].items():
+        if name not in values and "Default" in spec:
+            values[name] = str(spec["Default"])
+
+    def value(match: re.Match[str]) -> str:
+        if match.group(1) not in values:
+            raise Failed(
+                "user data", f"the template's user data uses ${{{match.group(1)}}}, which has no value here"
+            )
+        return values[match.group(1)]
+
+    return str(re.sub(r"\$\{([A-Za-z0-9:]+)\}", value, text) + body)
 
 
 def prepare_root(root: Path, cloud: Cloud) -> None:
@@ -818,6 +830,9 @@ def main(argv: list[str] | None = None) -> int:
                 with contextlib.suppress(KeyboardInterrupt):
                     time.sleep(3600)
             return 1
+        except Exception as err:  # a bug of the driver or a stand-in: one line, then the trace
+            log(f"FAILED: driver: {type(err).__name__}: {err}")
+            raise
     return 0
 
 
