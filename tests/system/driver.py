@@ -482,6 +482,7 @@ PROBE = (
     "import socket,sys\n"
     "s=socket.socket(); s.settimeout(5)\n"
     "try:\n    s.connect((sys.argv[1], int(sys.argv[2]))); print('connected')\n"
+    "except TimeoutError:\n    print('dropped (no answer in 5 s)')\n"
     "except OSError as e:\n    print('refused', e.errno, e)\n"
 )
 
