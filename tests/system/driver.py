@@ -394,7 +394,15 @@ def first_boot(box: Container, cloud: Cloud) -> None:
         )
     if cloud.state() != "InService":
         raise Failed(step, f"the instance is {cloud.state()}, not InService", evidence)
-    log(f"first boot: cloud-init ran the user data; launching action CONTINUE; {cloud.state()}")
+    asked = [line for line in install_log.splitlines() if "from the package mirror" in line]
+    if asked:
+        raise Failed(
+            step, f"the user data asked for a package index on an image that holds the packages: {asked[0]}"
+        )
+    log(
+        "first boot: cloud-init ran the user data (no package index asked); launching action CONTINUE; "
+        f"{cloud.state()}"
+    )
 
     active = until(
         lambda: box.run("systemctl", "is-active", UNIT, check=False).stdout.strip() == "active", 60
