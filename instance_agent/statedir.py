@@ -22,6 +22,7 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterable
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -123,8 +124,9 @@ def read(path: str, name: str) -> bytes:
         os.close(fd)
 
 
-def write_atomic(path: str, name: str, data: bytes, mode: int = 0o600) -> None:
-    """Replace `name` in `path` with `data`: a fresh O_EXCL temp file, fsync, rename."""
+def write_atomic(path: str, name: str, data: bytes | Iterable[bytes], mode: int = 0o600) -> None:
+    """Replace `name` in `path` with `data` (bytes, or pieces written one after another, so
+    a large file need not be built in memory first): a fresh O_EXCL temp file, fsync, rename."""
     tmp = f"{name}.{os.getpid()}.tmp"
     dfd = _dir_fd(path)
     try:
@@ -133,9 +135,10 @@ def write_atomic(path: str, name: str, data: bytes, mode: int = 0o600) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode, dir_fd=dfd)
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                for piece in (data,) if isinstance(data, bytes) else data:
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)

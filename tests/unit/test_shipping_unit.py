@@ -3,6 +3,7 @@ in process with a fake clock."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -278,3 +279,69 @@ def test_churn_compacts_the_ledger_while_running(tmp_path: Path) -> None:
     assert again.get(FileId.of(os.lstat(keep))) is not None
     assert again.get(FileId.of(os.lstat(churn))) is not None
     assert again.totals()[0] == 2
+
+
+def _synthetic(n: int, key: str, first_ino: int = 1000, dev: int = 2049) -> list[Shipped]:
+    return [
+        Shipped(
+            FileId(dev, first_ino + i, 100 + i, 1_764_000_000_000_000_000 + i),
+            b"/var/log/app/%07d.log.1" % (first_ino + i),
+            "%064x" % (first_ino + i),
+            "%064x" % (7 * (first_ino + i)),
+            key,
+            4096,
+            512,
+            1_764_000_000_000_000_001 + i,
+            "bk",
+        )
+        for i in range(n)
+    ]
+
+
+def test_the_packed_ledger_gives_back_every_record_as_it_was_added(tmp_path: Path) -> None:
+    """Issue 19 item 6: the records are packed in memory (no object per file), merged as
+    they grow; each reads back whole, a replaced or forgotten one is gone, and a view
+    handed to the termination archive does not move with later changes."""
+    import instance_agent.shipstate as shipstate
+
+    state = str(tmp_path / "state")
+    ledger = Ledger.load(state, INSTANCE)
+    one = _synthetic(shipstate.MERGE_MIN + 10, "b/i/segments/one.tar.zst")
+    two = _synthetic(3000, "b/i/segments/two.tar.zst", first_ino=1000 + len(one))
+    other_dev = _synthetic(5, "b/i/segments/two.tar.zst", first_ino=1000, dev=2050)  # same inodes
+    ledger.add_segment(one)  # past MERGE_MIN: merged into the packed base
+    ledger.add_segment(two + other_dev)  # recent
+    view = ledger.view()
+    rewritten = dataclasses.replace(one[7], fid=dataclasses.replace(one[7].fid, size=1), key="b/i/segments/3")
+    ledger.add(rewritten)
+    ledger.keep_only({(r.fid.dev, r.fid.ino) for r in one + two + other_dev if r is not one[8]})
+
+    for rec in one[:7] + one[9:] + two + other_dev:
+        assert ledger.get(rec.fid) == rec
+        assert view.get(rec.fid) == rec
+    assert ledger.get(one[7].fid) is None and ledger.get(rewritten.fid) == rewritten
+    assert ledger.get(one[8].fid) is None and view.get(one[8].fid) == one[8]
+    assert view.get(rewritten.fid) is None
+    everything = one + two + other_dev
+    assert ledger.totals() == (len(everything) - 1, sum(r.fid.size for r in everything) - 107 - 108 + 1)
+    ledger.aim("bk", "b/i/segments/t")  # only segment "two" is under this prefix
+    assert ledger.totals() == (len(two) + len(other_dev), sum(r.fid.size for r in two + other_dev))
+    assert ledger.get(one[0].fid) is None and ledger.get(two[0].fid) == two[0]
+
+    ledger.compact()
+    ledger.close()
+    again = Ledger.load(state, INSTANCE)
+    for rec in one[:7] + one[9:] + two + other_dev + [rewritten]:
+        assert again.get(rec.fid) == rec
+    assert again.totals()[0] == len(everything) - 1
+
+
+def test_a_record_whose_digests_are_not_sha256_is_not_held() -> None:
+    """Never ours (a forged segment manifest read back by ledgerseed): the file is shipped
+    again rather than held on a digest that cannot be checked."""
+    ledger = Ledger(None, INSTANCE)
+    good, bad = _synthetic(2, "b/i/segments/x.tar.zst")
+    ledger.add_segment([good, dataclasses.replace(bad, sha256="not a digest")])
+    assert ledger.get(good.fid) == good
+    assert ledger.get(bad.fid) is None
+    assert ledger.totals() == (1, good.fid.size)
