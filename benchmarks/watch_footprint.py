@@ -75,6 +75,20 @@ def agent_command() -> list[str]:
     return [str(beside)] if beside.exists() else [sys.executable, "-m", "instance_agent"]
 
 
+def smaps_summary(pid: int) -> str:
+    """Resident KiB by kind of mapping: heap, anonymous, files (where the memory is)."""
+    kinds: dict[str, int] = {}
+    name = ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        parts = line.split()
+        if "-" in parts[0] and len(parts) >= 5:
+            path = parts[5] if len(parts) > 5 else ""
+            name = path if path.startswith("[") else ("file" if path else "anonymous")
+        elif parts[0] == "Rss:":
+            kinds[name] = kinds.get(name, 0) + int(parts[1])
+    return ", ".join(f"{k} {v // 1024} MiB" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
 def measure(pid: int, seconds: float) -> dict[str, float]:
     """CPU % of one core and RSS (MiB, peak and mean) of `pid` over `seconds`."""
     t0, cpu0 = time.monotonic(), cpu_seconds(pid)
@@ -201,6 +215,8 @@ def run_phases(
     print(f"shipped in {shipped_s:.0f} s; measuring idle", flush=True)
     time.sleep(args.warmup)
     idle = measure(proc.pid, args.window)
+    if args.smaps:
+        print(smaps_summary(proc.pid), flush=True)
     print(f"idle: {idle}; measuring busy", flush=True)
     stop = threading.Event()
     live = src / "live.log"
@@ -354,6 +370,7 @@ def main() -> int:
     parser.add_argument("--poll-interval", type=float, default=2.0, help="--poll-only")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--smaps", action="store_true", help="where the idle RSS is, by mapping kind")
     args = parser.parse_args()
     if args.poll_only:
         return poll_only(args)
