@@ -281,7 +281,7 @@ def test_churn_compacts_the_ledger_while_running(tmp_path: Path) -> None:
     assert again.totals()[0] == 2
 
 
-def _synthetic(n: int, key: str, first_ino: int = 1000, dev: int = 2049) -> list[Shipped]:
+def _synthetic(n: int, key: str, first_ino: int = 1000, dev: int = 2049, count: int = 0) -> list[Shipped]:
     return [
         Shipped(
             FileId(dev, first_ino + i, 100 + i, 1_764_000_000_000_000_000 + i),
@@ -293,6 +293,8 @@ def _synthetic(n: int, key: str, first_ino: int = 1000, dev: int = 2049) -> list
             512,
             1_764_000_000_000_000_001 + i,
             "bk",
+            at=1_764_000_000.0,
+            segment_files=count or n,
         )
         for i in range(n)
     ]
@@ -307,8 +309,8 @@ def test_the_packed_ledger_gives_back_every_record_as_it_was_added(tmp_path: Pat
     state = str(tmp_path / "state")
     ledger = Ledger.load(state, INSTANCE)
     one = _synthetic(shipstate.MERGE_MIN + 10, "b/i/segments/one.tar.zst")
-    two = _synthetic(3000, "b/i/segments/two.tar.zst", first_ino=1000 + len(one))
-    other_dev = _synthetic(5, "b/i/segments/two.tar.zst", first_ino=1000, dev=2050)  # same inodes
+    two = _synthetic(3000, "b/i/segments/two.tar.zst", first_ino=1000 + len(one), count=3005)
+    other_dev = _synthetic(5, "b/i/segments/two.tar.zst", first_ino=1000, dev=2050, count=3005)
     ledger.add_segment(one)  # past MERGE_MIN: merged into the packed base
     ledger.add_segment(two + other_dev)  # recent
     view = ledger.view()
