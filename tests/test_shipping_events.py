@@ -182,3 +182,27 @@ def test_an_inotify_overflow_brings_a_full_scan_and_nothing_is_missed(env: Stack
         assert block["pending_files"] == 0, block
     finally:
         assert shipper.stop()
+
+
+def test_a_source_directory_made_after_the_start_is_watched_and_shipped(env: Stack, tmp_path: Path) -> None:
+    """Nothing watched it when the shipper began: within SCAN_MAX seconds the shipper sees it
+    appear, watches it and scans it once; a file written there later comes by its events."""
+    stack = env
+    src = tmp_path / "logs"  # not there yet (an application that creates it at first run)
+    scanner = CountingScanner()
+    cfg, shipper = _shipper(stack, src, tmp_path, scanner=scanner)
+    shipper.start()
+    try:
+        _wait(lambda: _status(cfg).get("state") == "running")
+        src.mkdir()
+        early = _old(src / "first.log.1", b"GET /first 200\n" * 1000)
+        _wait(lambda: _status(cfg).get("shipped_files") == 1)
+        assert scanner.calls == 2  # the start's, and the one for the new directory
+        later = _old(src / "second.log.1", b"GET /second 200\n" * 1000)
+        _wait(lambda: _status(cfg).get("shipped_files") == 2)
+        assert scanner.calls == 2  # by inotify, now that the directory is watched
+        shipped = _shipped(stack)
+        assert shipped[str(early)] == early.read_bytes()
+        assert shipped[str(later)] == later.read_bytes()
+    finally:
+        assert shipper.stop()
