@@ -34,7 +34,6 @@ import contextlib
 import errno
 import fnmatch
 import gzip
-import io
 import os
 import shutil
 import stat
@@ -43,13 +42,14 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import IO, Any, cast
+from typing import IO, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from instance_agent.errors import AgentError, ConfigError
 from instance_agent.fsdir import DIR_FLAGS, open_below
 from instance_agent.listing import ARCHIVE_SUFFIXES, S3Reader, s3_failure
+from instance_agent.readahead import ReadAhead
 
 COPY = 1 << 20  # 1 MiB reads and writes
 # tarfile's header errors, which typeshed leaves out (CPython has had them since 3.2).
@@ -126,21 +126,26 @@ def decompressed(body: IO[bytes], key: str) -> IO[bytes]:
     return body
 
 
-class _Counted(io.RawIOBase):
-    """Counts the tar bytes read, and turns every way the stream can break into one line."""
+class _Counted:
+    """The decompressed tar stream as tarfile reads it, counting its bytes, and turning every
+    way the stream can break into one line.
 
-    def __init__(self, inner: IO[bytes]) -> None:
-        super().__init__()
+    tarfile reads it as a file (mode "r:"), not through its stream mode, which gathers the
+    stream 10 KiB at a time and copies what is left of its buffer on every header: here a
+    header is a slice of the current chunk and file data goes from the chunk straight into
+    the file (`copy_to`). Seeking goes forward only, skipping what tarfile does not need; the
+    one step back tarfile takes (to the byte before the next header) stays in the chunk."""
+
+    def __init__(self, inner: ReadAhead) -> None:
         self._inner = inner
-        self.count = 0
+        self._view = memoryview(b"")
+        self._pos = 0  # in the current chunk
+        self._base = 0  # stream offset of the current chunk
+        self.count = 0  # bytes taken from the stream
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
+    def _pull(self) -> bool:
         try:
-            data = self._inner.read(len(view))
+            data = self._inner.read(COPY)
         except EOFError:
             raise RestoreError("archive is truncated: the compressed stream ends early") from None
         except zlib.error as err:
@@ -153,10 +158,52 @@ class _Counted(io.RawIOBase):
             if type(err).__name__ == "ZstdError":  # zstandard's errors have no public base
                 raise RestoreError(f"archive is corrupt: {err}") from None
             raise
-        n = len(data)
-        view[:n] = data
-        self.count += n
-        return n
+        if not data:
+            return False
+        self._base += len(self._view)
+        self._view, self._pos = memoryview(data), 0
+        self.count += len(data)
+        return True
+
+    def _pieces(self, size: int) -> Iterator[memoryview]:
+        """Up to `size` bytes as slices of the chunks, consumed as they are yielded."""
+        while size > 0:
+            if self._pos == len(self._view) and not self._pull():
+                return
+            n = min(size, len(self._view) - self._pos)
+            piece = self._view[self._pos : self._pos + n]
+            self._pos += n
+            size -= n
+            yield piece
+
+    def read(self, size: int = COPY) -> bytes:
+        pieces = list(self._pieces(size))
+        return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+
+    def copy_to(self, fd: int, size: int) -> int:
+        """Write the next `size` bytes of the stream into `fd`; how many there were."""
+        done = 0
+        for piece in self._pieces(size):
+            done += len(piece)
+            while piece:
+                piece = piece[os.write(fd, piece) :]
+        return done
+
+    def tell(self) -> int:
+        return self._base + self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET or offset < self._base:
+            raise RestoreError("archive is corrupt: its tar stream asks to be read backwards")
+        while offset > self._base + len(self._view):
+            self._pos = len(self._view)
+            if not self._pull():
+                return self.tell()  # the end: the next read says the data is missing
+        self._pos = offset - self._base
+        return offset
 
 
 class _Tar(tarfile.TarFile):
@@ -374,12 +421,16 @@ def _extract_into(
 ) -> tuple[RestoreReport, list[tuple[Parts, int]]]:
     report = RestoreReport()
     dir_modes: list[tuple[Parts, int]] = []
-    counted = _Counted(stream)
+    # The download and the decompression run ahead in a thread of their own, while this one
+    # parses and writes (readahead.py): the pipeline `s5cmd cat | zstd -d | tar -x` overlaps
+    # them the same way, one process each.
+    ahead = ReadAhead(stream.read)
+    counted = _Counted(ahead)
     tree = _Staged(root)
     try:
         with _Tar.open(
             fileobj=cast(IO[bytes], counted),
-            mode="r|",
+            mode="r:",
             tarinfo=_Info,
             errorlevel=2,
             encoding="utf-8",
@@ -392,7 +443,7 @@ def _extract_into(
                 if select and not select(member.name):
                     report.excluded += 1
                     continue
-                _extract_one(tar, member, tree, report, allow_setuid, dir_modes)
+                _extract_one(tar, counted, member, tree, report, allow_setuid, dir_modes)
             if not tar.ended_cleanly:
                 raise RestoreError(
                     "archive is truncated or corrupt: the tar stream has no end-of-archive marker"
@@ -411,12 +462,14 @@ def _extract_into(
         raise RestoreError(f"restore failed{where}: {err.strerror or err}") from None
     finally:
         tree.close()
+        ahead.close()
     report.tar_bytes = counted.count
     return report, dir_modes
 
 
 def _extract_one(
     tar: tarfile.TarFile,
+    source: _Counted,
     member: tarfile.TarInfo,
     tree: _Staged,
     report: RestoreReport,
@@ -446,7 +499,9 @@ def _extract_one(
                 f"refusing {name!r}: setuid/setgid file (mode "
                 f"{member.mode & 0o7777:04o}); pass --allow-setuid to restore it"
             )
-        _write_file(tar, member, tree, parts, member.mode & (0o6777 if allow_setuid else 0o777), report)
+        _write_file(
+            tar, source, member, tree, parts, member.mode & (0o6777 if allow_setuid else 0o777), report
+        )
     else:
         kind = (
             "FIFO"
@@ -485,29 +540,41 @@ def _hard_link(tree: _Staged, name: str, parts: Parts, linkname: str) -> None:
 
 def _write_file(
     tar: tarfile.TarFile,
+    source: _Counted,
     member: tarfile.TarInfo,
     tree: _Staged,
     parts: Parts,
     mode: int,
     report: RestoreReport,
 ) -> None:
-    src = tar.extractfile(member)
-    if src is None:  # pragma: no cover - isreg() members always have data
-        raise RestoreError(f"no data for {member.name!r}")
     fd = os.open(
         parts[-1],
         os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
         0o600,
         dir_fd=tree.parent(parts),
     )
-    with os.fdopen(fd, "wb") as out:
-        while chunk := src.read(COPY):
-            out.write(chunk)
-            report.bytes += len(chunk)
-        out.flush()
+    try:
+        if member.sparse is None:
+            # Straight from the stream's chunks into the file: tarfile's own reader would
+            # copy each piece twice more on the way.
+            source.seek(member.offset_data)
+            written = source.copy_to(fd, member.size)
+            if written != member.size:
+                raise RestoreError("archive is truncated or corrupt: unexpected end of data")
+        else:  # a GNU sparse member (never ours): tarfile maps its holes
+            src = tar.extractfile(member)
+            if src is None:  # pragma: no cover - isreg() members always have data
+                raise RestoreError(f"no data for {member.name!r}")
+            while chunk := src.read(COPY):
+                while chunk:
+                    chunk = chunk[os.write(fd, chunk) :]
+            written = member.size
+        report.bytes += written
         # After the data: writing to a file clears its setuid bit.
         os.fchmod(fd, mode)
         os.utime(fd, (member.mtime, member.mtime))
+    finally:
+        os.close(fd)
     report.files += 1
 
 
