@@ -3,6 +3,10 @@
 Mix by bytes: 45 % nginx access logs, 30 % JSON app logs, 15 % syslog, 5 % rotated .gz files
 (incompressible), 5 % many small files. The same seed and size give the same bytes, so
 competitors in a comparison read identical trees. A marker file lets reruns reuse the tree.
+
+`--small-files N` makes the other corpus instead: N files of 1–8 KiB of syslog lines (an
+application's spool, or /var/log after months of rotations), 1,000 to a directory; 200,000
+of them are about 880 MiB.
 """
 
 from __future__ import annotations
@@ -123,13 +127,41 @@ def generate(root: Path, size: int, seed: int = 1) -> Path:
     return root
 
 
+def generate_small_files(root: Path, count: int = 200_000, seed: int = 1) -> Path:
+    """`count` files of 1–8 KiB (uniform) of syslog text, 1,000 to a directory."""
+    marker = root / MARKER
+    want = {"small_files": count, "seed": seed, "version": 1}
+    if marker.exists() and json.loads(marker.read_text()) == want:
+        return root
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    line_no = 0
+    for n in range(count):
+        d = root / f"spool-{n // 1000:04d}"
+        if n % 1000 == 0:
+            d.mkdir(exist_ok=True)
+        size, body = rng.randrange(1024, 8193), []
+        while size > 0:
+            body.append(_syslog(rng, line_no))
+            size -= len(body[-1])
+            line_no += 1
+        text = "".join(body).encode()
+        (d / f"msg-{n:07d}.log").write_bytes(text[: len(text) + size])
+    marker.write_text(json.dumps(want))
+    return root
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("dir", type=Path)
     ap.add_argument("--size", default="1GiB")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--small-files", type=int, default=0, help="make the small-files corpus of N files")
     args = ap.parse_args()
-    generate(args.dir, parse_size(args.size), args.seed)
+    if args.small_files:
+        generate_small_files(args.dir, args.small_files, args.seed)
+    else:
+        generate(args.dir, parse_size(args.size), args.seed)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,11 @@ _SWAPPED = "replaced by a symlink or another file during the backup; not followe
 Skip = Callable[[bytes, os.stat_result, int | None, bytes], Held | None]
 
 
+# A directory being walked: its path, its descriptor, and its entries still to do, each a name
+# and whether the listing said it is a regular file (d_type).
+_Level = tuple[bytes, int, Iterator[tuple[bytes, bool]]]
+
+
 class Sink(Protocol):
     def write(self, data: bytes | bytearray | memoryview, /) -> object: ...
 
@@ -207,7 +212,7 @@ class Archiver:
             return
         # Depth-first with explicit iterators, so the deadline can list what is left. Each
         # level holds its directory's descriptor; everything below is opened relative to it.
-        stack: list[tuple[bytes, int, Iterator[bytes]]] = []
+        stack: list[_Level] = []
         try:
             self._push_dir(stack, root, None, root, st)
             self._walk(stack)
@@ -215,21 +220,34 @@ class Archiver:
             for _, fd, _ in stack:
                 os.close(fd)
 
-    def _walk(self, stack: list[tuple[bytes, int, Iterator[bytes]]]) -> None:
+    def _walk(self, stack: list[_Level]) -> None:
         while stack:
             parent, dir_fd, names = stack[-1]
-            name = next(names, None)
-            if name is None:
+            item = next(names, None)
+            if item is None:
                 stack.pop()
                 os.close(dir_fd)
                 continue
+            name, regular = item
             path = parent.rstrip(b"/") + b"/" + name
             if self._past_deadline():
                 self.report.omitted.append(path)
                 for p, _, rest in reversed(stack):
-                    self.report.omitted.extend(p.rstrip(b"/") + b"/" + n for n in rest)
+                    self.report.omitted.extend(p.rstrip(b"/") + b"/" + n for n, _ in rest)
                 return
             if self._excluded(path):
+                continue
+            if regular and self._skip is None:
+                # The listing says a regular file: open it (O_NOFOLLOW, never blocking) and
+                # take its metadata from the descriptor, with no lstat first. What the lstat
+                # guarded against is checked on the descriptor: a symlink swapped in fails the
+                # open, anything else but a regular file is skipped after fstat (_add_file).
+                # One syscall and one stat result fewer a file, on trees of small files.
+                if self._before_open is not None:
+                    self._before_open(path)
+                member = path.lstrip(b"/")
+                if not (self._root_files and member in self._root_files):
+                    self._add_file(path, member, dir_fd, name)
                 continue
             try:
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -252,7 +270,7 @@ class Archiver:
 
     def _push_dir(
         self,
-        stack: list[tuple[bytes, int, Iterator[bytes]]],
+        stack: list[_Level],
         path: bytes,
         parent_fd: int | None,
         name: bytes,
@@ -276,12 +294,13 @@ class Archiver:
                 self._warn(path, _SWAPPED)  # another directory renamed into its place
                 os.close(fd)
                 return
-            names = sorted(os.fsencode(n) for n in os.listdir(fd))
+            with os.scandir(fd) as listing:
+                entries = sorted((os.fsencode(e.name), e.is_file(follow_symlinks=False)) for e in listing)
         except OSError as err:
             os.close(fd)
             self._warn(path, f"directory not listable: {err.strerror}")
             return
-        stack.append((path, fd, iter(names)))
+        stack.append((path, fd, iter(entries)))
 
     def _add_dir_header(self, path: bytes, st: os.stat_result) -> bool:
         ident = (st.st_dev, st.st_ino)

@@ -155,13 +155,17 @@ def _entry_problem(full: bytes, entry: Mapping[str, Any]) -> str | None:
 def _extras(root: bytes, known: set[bytes]) -> Iterator[bytes]:
     """Paths under `root` (relative) that are not in `known`; an unknown directory is named
     once, not with everything in it. Symlinks are not followed."""
+    # os.walk's paths all start with `root` (absolute, normalised): the relative path is a
+    # slice, where os.path.relpath took about a third of a verify of 36,000 files.
+    prefix = root.rstrip(b"/") + b"/"
     for dirpath, dirnames, filenames in os.walk(root):
+        here = b"" if dirpath == root else dirpath[len(prefix) :] + b"/"
         for name in filenames:
-            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            rel = here + name
             if rel not in known:
                 yield rel
         for name in list(dirnames):
-            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            rel = here + name
             if rel not in known:
                 dirnames.remove(name)
                 yield rel
@@ -193,7 +197,13 @@ def compare(dest: str, manifest: Mapping[str, Any], select: Selection | None = N
             problem += f" (held in segment {entry['object']})"
         if problem:
             differences.append(Difference(rel, problem))
-    known = expected | {p for rel in expected for p in _ancestors(rel)}
+    parents: set[bytes] = set()
+    for rel in expected:
+        for parent in _ancestors(rel):
+            if parent in parents:
+                break  # and so are its own parents
+            parents.add(parent)
+    known = expected | parents
     differences.extend(Difference(rel, "not in the backup") for rel in _extras(root, known))
     return VerifyReport(checked, differences)
 
