@@ -103,11 +103,12 @@ def restore_assembled(
             # The last name of a member takes the file itself; any earlier (hard links, or
             # one content shipped once and found under two names) get copies.
             last = {m: n for n, (_, m, _) in enumerate(files)}
-            for n, (name, member, size) in enumerate(files):
-                src = os.path.join(part, member)
-                if not os.path.lexists(src):
-                    src = _only_file(part)  # a one-file segment renamed since (older agents)
-                restore.place_file(tree, name, src, move=last[member] == n)
-                report.files += 1
-                report.bytes += size
+            with restore.Placer(tree) as placer:
+                for n, (name, member, size) in enumerate(files):
+                    src = os.path.join(part, member)
+                    if not os.path.lexists(src):
+                        src = _only_file(part)  # a one-file segment renamed since (older agents)
+                    placer.place(name, src, move=last[member] == n)
+                    report.files += 1
+                    report.bytes += size
     return report
