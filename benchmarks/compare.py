@@ -412,6 +412,10 @@ def main() -> None:
         if "N" in by and "2" in by:
             ratios.append(f"N / 2 = {by['N']['wall'] / by['2']['wall']:.2f} (target <= 1.0)")
         lines += ["", *[f"- {r}" for r in ratios]]
+    lines += ["", "Every round, wall / CPU-seconds:", ""]
+    lines += [
+        f"- {c.name}: " + ", ".join(f"{x.wall:.2f} / {x.cpu:.2f}" for x in samples[c.name]) for c in chosen
+    ]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     # A run of some competitors (--only) gets its own files: it must not replace the full table.
