@@ -35,7 +35,9 @@ TEST_NOTIFICATION = "autoscaling:TEST_NOTIFICATION"
 # What AWS sends; anything else is not a genuine lifecycle message.
 _UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 _INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,17}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0, DEL and C1 (U+0080-U+009F): every character of Unicode category Cc, which no log
+# line or shell text should carry from an event.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_NAME = 255  # AWS's limit for group and hook names
 EXCERPT_CHARS = 500  # enough to recognise a message in the log, small enough for any log line
 

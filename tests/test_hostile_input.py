@@ -194,6 +194,8 @@ def expected_count(event: object) -> int:
     }
 )
 @example({"Records": []})
+# Found by hypothesis in CI: a C1 control character (U+0080) in the group name was accepted.
+@example({**VALID, "AutoScalingGroupName": "\x80"})
 @example({"detail-type": events.TERMINATE_ACTION, "source": events.SOURCE, "detail": None})
 def test_event_parser_never_raises_and_accepts_only_well_formed_actions(event: object) -> None:
     parsed = events.parse(event)
