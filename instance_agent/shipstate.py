@@ -276,18 +276,24 @@ class _Records:
             i += 1
         return -1
 
-    def row(self, k: int) -> tuple[bytes, bytes] | None:
-        """The fixed row and the path of key `k`."""
+    def _where(self, k: int) -> tuple[bytes | bytearray, int, int] | None:
+        """Where key `k`'s row is: (buffer, offset, base index), the index -1 for a recent
+        row (its buffer is the row itself, its path after it)."""
         found = self.recent.get(k)
         if found is not None:
-            return found[: _ROW.size], found[_ROW.size :]
+            return found, 0, -1
         i = self._find(k)
-        if i < 0:
+        return None if i < 0 else (self.fixed, i * _ROW.size, i)
+
+    def row(self, k: int) -> tuple[bytes, bytes] | None:
+        """The fixed row and the path of key `k`."""
+        where = self._where(k)
+        if where is None:
             return None
-        at = i * _ROW.size
-        return bytes(self.fixed[at : at + _ROW.size]), bytes(
-            self.paths[self.offsets[i] : self.offsets[i + 1]]
-        )
+        buf, at, i = where
+        if i < 0:
+            return bytes(buf[: _ROW.size]), bytes(buf[_ROW.size :])
+        return bytes(buf[at : at + _ROW.size]), bytes(self.paths[self.offsets[i] : self.offsets[i + 1]])
 
     def at(self, i: int) -> Shipped:
         """The record of the base's row `i`."""
@@ -312,15 +318,10 @@ class _Records:
 
     def matches(self, k: int, size: int, mtime_ns: int) -> Shipped | None:
         """The segment prototype of key `k` when its record has this size and time."""
-        found = self.recent.get(k)
-        buf: bytes | bytearray
-        if found is not None:
-            buf, at = found, 0
-        else:
-            i = self._find(k)
-            if i < 0:
-                return None
-            buf, at = self.fixed, i * _ROW.size
+        where = self._where(k)
+        if where is None:
+            return None
+        buf, at, _ = where
         if _KEY.unpack_from(buf, at)[2:] != (size, mtime_ns):
             return None
         return self.segments[int(_SEG.unpack_from(buf, at + _SEG_AT)[0])]
@@ -366,17 +367,15 @@ class _Records:
         return True
 
     def pop(self, k: int) -> None:
-        found = self.recent.pop(k, None)
-        buf: bytes | bytearray
-        if found is not None:
-            buf, at = found, 0
+        where = self._where(k)
+        if where is None:
+            return
+        buf, at, i = where
+        if i < 0:
+            del self.recent[k]
         else:
-            i = self._find(k)
-            if i < 0:
-                return
             self.dead[i] = 1
             self.dead_count += 1
-            buf, at = self.fixed, i * _ROW.size
         seg = _SEG.unpack_from(buf, at + _SEG_AT)[0]
         self.files[seg] -= 1
         self.bytes[seg] -= _KEY.unpack_from(buf, at)[2]
