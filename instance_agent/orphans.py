@@ -160,21 +160,16 @@ def find_all(
     segments: dict[str, Mapping[str, Any]] = {}
     found = find_backups(s3, bucket, prefix, filters, shipped=segments, **kwargs)
     extra = kwargs.get("extra") or {}
+    # Only an instance that shipped segments has a backup that may name them; to verify,
+    # every backup is read, since one whose segments have all expired names them still.
+    readers = (
+        found if verify else [b for b in found if b.instance_id and _shipped_by(b.instance_id, segments)]
+    )
+    segments_of = named(s3, bucket, readers, extra)
     if verify:
-        # Every backup, not only those of instances with segments listed: one whose
-        # segments have all expired names them still.
-        segments_of = named(s3, bucket, found, extra)
         check_whole(found, segments_of, segments)
     if not segments:
         return found
-    if not verify:
-        # Only an instance that shipped segments has a backup that may name them.
-        shipping = [
-            b
-            for b in found
-            if b.instance_id and any(keys.safe_component(b.instance_id) in k for k in segments)
-        ]
-        segments_of = named(s3, bucket, shipping, extra)
     taken = {str(seg.get("key")) for segs in segments_of.values() for seg in segs}
     found.extend(b for b in incomplete(s3, bucket, segments, taken, extra) if filters.admit(b))
     found.sort(key=lambda b: (b.time, b.key))
