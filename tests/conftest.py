@@ -245,6 +245,15 @@ def make_group(moto: MotoServer, name: str, hook: str, heartbeat_timeout: int = 
 
 
 @pytest.fixture
+def in_process(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
+    """The stack, with boto3 in this process pointed at its stand-ins: for tests that run
+    the Shipper in process rather than the agent as a subprocess."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.setenv(name, stack.env()[name])
+    return stack
+
+
+@pytest.fixture
 def stack(moto: MotoServer, seaweed: SeaweedS3, imds: IMDSStub, tmp_path: Path) -> Stack:
     suffix = uuid.uuid4().hex[:10]
     bucket, group, hook = f"bk-{suffix}", f"asg-{suffix}", f"hook-{suffix}"

@@ -55,6 +55,15 @@ def _await_shipped(stack: Stack, count: int, timeout: float = 60) -> dict[str, A
     return out
 
 
+def _restored_whole(stack: Stack, src: Path, dest: Path) -> int:
+    """restore --latest --verify into `dest`: verified, and `src` back byte for byte. The
+    source bytes lost, for the scoreboard (0 once the comparison has passed)."""
+    assert _restore_latest(stack, dest)["status"] == "verified"
+    restored = walk(dest / str(src).lstrip("/"))
+    assert restored == walk(src)
+    return scoreboard.lost_bytes(walk(src), walk(src), restored, [])
+
+
 def _manifest(stack: Stack, key: str) -> dict[str, Any]:
     body = stack.client("s3").get_object(Bucket=stack.bucket, Key=key + ".manifest.json")["Body"]
     doc: dict[str, Any] = json.loads(body.read())
@@ -306,11 +315,8 @@ def test_an_in_place_rewrite_with_its_time_put_back_is_archived(stack: Stack, tm
         assert proc.returncode == 0, proc.stderr[-2000:]
         doc = _manifest(stack, done["key"])
         assert doc["totals"]["files"] == 1 and doc["totals"].get("held_files", 0) == 0
-        restored = _restore_latest(stack, tmp_path / "restored")
-        assert restored["status"] == "verified"
+        row.bytes_lost = _restored_whole(stack, src, tmp_path / "restored")
         assert (tmp_path / "restored" / str(path).lstrip("/")).read_bytes() == rewritten
-        dest = tmp_path / "restored"
-        row.bytes_lost = scoreboard.lost_bytes(walk(src), walk(src), walk(dest / str(src).lstrip("/")), [])
         row.outcome = (
             "changed ctime sent it to the SHA-256 check: archived again; "
             "restore --latest verified, new content"
@@ -507,10 +513,7 @@ def test_a_final_backup_never_names_a_segment_the_retention_is_about_to_expire(
         assert not doc.get("segments")
 
         _expire(stack, old_segments)  # 25 hours after they were shipped
-        dest = tmp_path / "restored"
-        assert _restore_latest(stack, dest)["status"] == "verified"
-        assert walk(dest / str(src).lstrip("/")) == walk(src)
-        row.bytes_lost = scoreboard.lost_bytes(walk(src), walk(src), walk(dest / str(src).lstrip("/")), [])
+        row.bytes_lost = _restored_whole(stack, src, tmp_path / "restored")
         row.outcome = (
             "succeeded; the final archive carries the 3 files and names no segment; "
             "restore --latest verified after the expiry"
@@ -549,9 +552,7 @@ def test_a_segment_half_the_retention_old_is_shipped_again_as_a_new_object(
     assert named and named <= set(new_segments)
 
     _expire(stack, old_segments)
-    dest = tmp_path / "restored"
-    assert _restore_latest(stack, dest)["status"] == "verified"
-    assert walk(dest / str(src).lstrip("/")) == walk(src)
+    _restored_whole(stack, src, tmp_path / "restored")
 
 
 def _list_verify(stack: Stack) -> tuple[int, list[dict[str, Any]], str]:
@@ -617,9 +618,7 @@ def test_a_ledger_line_nested_deep_does_not_stop_shipping(stack: Stack, tmp_path
         proc, done = stack.backup(*args)
         assert proc.returncode == 0 and done["status"] == "succeeded", proc.stderr[-2000:]
         assert _manifest(stack, done["key"])["totals"].get("held_files") == 4
-        dest = tmp_path / "restored"
-        assert _restore_latest(stack, dest)["status"] == "verified"
-        row.bytes_lost = scoreboard.lost_bytes(walk(src), walk(src), walk(dest / str(src).lstrip("/")), [])
+        row.bytes_lost = _restored_whole(stack, src, tmp_path / "restored")
         row.outcome = (
             "line skipped with a warning; shipping went on (1 new segment, the 3 kept); final backup verified"
         )

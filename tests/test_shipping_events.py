@@ -13,18 +13,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
 import zstandard
-from conftest import REGION, Stack
+from conftest import Stack
 from support import scoreboard
 
-from instance_agent import config, status, wiring
+# The in-process shipper on the stand-ins, as test_shipping_supervised runs it.
+from test_shipping_supervised import _segments, _shipper, _status, _wait
+
 from instance_agent.archive import Excluder
-from instance_agent.backup import Identity
 from instance_agent.segment import Target
-from instance_agent.shipper import Observing, Shipper, scan
+from instance_agent.shipper import Observing, scan
 
 OLD = time.time() - 3600  # rotated an hour ago: settled at once
 
@@ -57,50 +56,6 @@ class ManualObserver:
         pass
 
 
-@pytest.fixture
-def env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.setenv(name, stack.env()[name])
-    return stack
-
-
-def _shipper(stack: Stack, src: Path, tmp: Path, **seams: Any) -> tuple[config.Config, Shipper]:
-    cfg = config.load(
-        {
-            "bucket": stack.bucket,
-            "source": [str(src)],
-            "ship": True,
-            "asg_name": stack.group,
-            "journal": False,
-            "state_dir": str(tmp / "state"),
-            "runtime_dir": str(tmp / "run"),
-        },
-        {},
-        command=config.WATCH,
-    )
-    ident = Identity(stack.instance_id, REGION)
-    return cfg, Shipper(cfg, lambda stop: ident, wiring.make_clients, **seams)
-
-
-def _wait(what: Callable[[], Any], timeout: float = 60.0) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        found = what()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _status(cfg: config.Config) -> dict[str, Any]:
-    found = status.find_status((cfg.runtime_dir, cfg.state_dir))
-    return status.shipping_block(found[1] if found else None)
-
-
-def _segments(stack: Stack) -> list[str]:
-    return sorted(k for k in stack.objects() if "/segments/" in k and k.endswith(".tar.zst"))
-
-
 def _shipped(stack: Stack) -> dict[str, bytes]:
     """Every file in every segment in S3, by its path as shipped (from the segment's tar)."""
     out: dict[str, bytes] = {}
@@ -123,13 +78,13 @@ def _old(path: Path, data: bytes) -> Path:
 
 
 def test_files_created_or_rotated_after_the_first_ship_go_without_a_full_scan(
-    env: Stack, tmp_path: Path
+    in_process: Stack, tmp_path: Path
 ) -> None:
     with scoreboard.scenario(
         "Shipping at scale: files rotated, or put in a new directory, after the first ship"
     ) as row:
         row.faults = "a rotation (rename) and an old log in a directory made after the watch began"
-        stack = env
+        stack = in_process
         src = tmp_path / "logs"
         src.mkdir()
         for i in range(3):
@@ -168,10 +123,12 @@ def test_files_created_or_rotated_after_the_first_ship_go_without_a_full_scan(
         )
 
 
-def test_an_inotify_overflow_brings_a_full_scan_and_nothing_is_missed(env: Stack, tmp_path: Path) -> None:
+def test_an_inotify_overflow_brings_a_full_scan_and_nothing_is_missed(
+    in_process: Stack, tmp_path: Path
+) -> None:
     with scoreboard.scenario("Shipping: the inotify queue overflows (events lost)") as row:
         row.faults = "a file written and another deleted with no event; EventsLost (IN_Q_OVERFLOW) posted"
-        stack = env
+        stack = in_process
         src = tmp_path / "logs"
         src.mkdir()
         first = _old(src / "a.log.1", b"GET /a 200\n" * 4000)
@@ -203,10 +160,12 @@ def test_an_inotify_overflow_brings_a_full_scan_and_nothing_is_missed(env: Stack
         row.outcome = "exactly one full scan: the unseen file shipped, bytes equal; the deleted one forgotten"
 
 
-def test_a_source_directory_made_after_the_start_is_watched_and_shipped(env: Stack, tmp_path: Path) -> None:
+def test_a_source_directory_made_after_the_start_is_watched_and_shipped(
+    in_process: Stack, tmp_path: Path
+) -> None:
     """Nothing watched it when the shipper began: within SCAN_MAX seconds the shipper sees it
     appear, watches it and scans it once; a file written there later comes by its events."""
-    stack = env
+    stack = in_process
     src = tmp_path / "logs"  # not there yet (an application that creates it at first run)
     scanner = CountingScanner()
     cfg, shipper = _shipper(stack, src, tmp_path, scanner=scanner)

@@ -16,7 +16,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import REGION, Stack
 from support import scoreboard
 from support.agentproc import watch
@@ -79,13 +78,6 @@ def _stalled_points(stack: Stack) -> list[float]:
     return [p["Maximum"] for p in points] + [p["Minimum"] for p in points]
 
 
-@pytest.fixture
-def env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.setenv(name, stack.env()[name])
-    return stack
-
-
 def _shipper(stack: Stack, src: Path, tmp: Path, **seams: Any) -> tuple[config.Config, Shipper]:
     cfg = config.load(
         {
@@ -116,9 +108,9 @@ def _status(cfg: config.Config) -> dict[str, Any]:
 
 
 def test_an_unexpected_error_restarts_shipping_and_no_inotify_falls_back_to_scans(
-    env: Stack, tmp_path: Path
+    in_process: Stack, tmp_path: Path
 ) -> None:
-    stack = env
+    stack = in_process
     src = tmp_path / "logs"
     src.mkdir()
     first = src / "app.log.1"
