@@ -187,6 +187,37 @@ class Sample:
     rss: float  # MiB, peak of the sum over the process tree
 
 
+def stand_in_env(endpoint: str) -> dict[str, str]:
+    """This process's environment for the commands measured against the local S3 at
+    `endpoint`: no AWS or agent settings of the caller's, test credentials, no config files
+    (S3_ENDPOINT_URL is s5cmd's)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "INSTANCE_AGENT_"))}
+    env.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL_S3=endpoint,
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        S3_ENDPOINT_URL=endpoint,
+    )
+    return env
+
+
+def stand_in_client(endpoint: str) -> Any:
+    """A boto3 S3 client of the local S3 at `endpoint`."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
 def run_one(cmd: str, env: dict[str, str]) -> Sample:
     """Wall seconds, CPU-seconds and the peak RSS (MiB) of the whole pipeline.
 
@@ -278,26 +309,8 @@ def main() -> None:
     samples: dict[str, list[Sample]] = {c.name: [] for c in chosen}
     checked: dict[str, tuple[bool, int, int]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, SeaweedS3(Path(tmp) / "weed") as s3:
-        import boto3
-
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "INSTANCE_AGENT_"))}
-        env.update(
-            AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing",
-            AWS_DEFAULT_REGION="us-east-1",
-            AWS_ENDPOINT_URL_S3=s3.endpoint,
-            AWS_ENDPOINT_URL=s3.endpoint,
-            AWS_CONFIG_FILE=os.devnull,
-            AWS_SHARED_CREDENTIALS_FILE=os.devnull,
-            S3_ENDPOINT_URL=s3.endpoint,
-        )
-        client = boto3.client(
-            "s3",
-            endpoint_url=s3.endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        env = stand_in_env(s3.endpoint)
+        client = stand_in_client(s3.endpoint)
         client.create_bucket(Bucket=BUCKET)
         scratch = Path(tmp) / "scratch"
         scratch.mkdir()

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from support.seaweed import SeaweedS3  # noqa: E402
 
-from benchmarks.compare import Sample, run_one, tools  # noqa: E402
+from benchmarks.compare import Sample, run_one, stand_in_client, stand_in_env, tools  # noqa: E402
 from benchmarks.corpus import generate  # noqa: E402
 from instance_agent.config import parse_size  # noqa: E402
 
@@ -296,25 +296,9 @@ def main() -> None:
         SeaweedS3(Path(tmp_name) / "weed") as s3,
     ):
         tmp = Path(tmp_name)
-        import boto3
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "INSTANCE_AGENT_"))}
-        env.update(
-            AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing",
-            AWS_DEFAULT_REGION="us-east-1",
-            AWS_ENDPOINT_URL_S3=s3.endpoint,
-            AWS_ENDPOINT_URL=s3.endpoint,
-            AWS_CONFIG_FILE=os.devnull,
-            AWS_SHARED_CREDENTIALS_FILE=os.devnull,
-        )
-        client = boto3.client(
-            "s3",
-            endpoint_url=s3.endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        env = stand_in_env(s3.endpoint)
+        client = stand_in_client(s3.endpoint)
         client.create_bucket(Bucket=BUCKET)
         key, up = backup(src, env, "main")
         hkey, _ = backup(src, env, "hashed", "--hash", "sha256")
