@@ -12,24 +12,21 @@ completion) is the termination job's business: see termination.py.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from instance_agent import __version__, journal, keys, manifest, s3args
 from instance_agent.archive import Archiver
+from instance_agent.clients import Clients
 from instance_agent.compress import open_compressor
 from instance_agent.config import Config
 from instance_agent.errors import AgentError, Cancelled
-from instance_agent.lifecycle import AutoScalingClient
+from instance_agent.identity import Identity
 from instance_agent.logs import fields
 from instance_agent.manifest import ArchiveReport
-from instance_agent.metrics import CloudWatchClient
-from instance_agent.notify import SNSClient
 from instance_agent.result import PARTIAL, SUCCEEDED, Result
 from instance_agent.s3upload import ChainBody, MultipartUpload, PartSizer, S3Client, put_small
 from instance_agent.shipstate import Ledger, refresh_age
@@ -38,21 +35,6 @@ log = logging.getLogger(__name__)
 
 KEY_TRIES = 3
 JOURNAL_SUFFIX = {"zstd": ".zst", "gzip": ".gz", "none": ""}
-
-
-@dataclass
-class Clients:
-    s3: S3Client
-    sns: SNSClient | None = None
-    autoscaling: AutoScalingClient | None = None
-    cloudwatch: CloudWatchClient | None = None  # None with --no-metrics
-
-
-@dataclass(frozen=True)
-class Identity:
-    instance_id: str
-    region: str
-    hostname: str = field(default_factory=socket.gethostname)
 
 
 class Progress:

@@ -28,9 +28,10 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from instance_agent import awserror, handoff, hooks, listing, manifest_check, notify, restore, s3args, verify
-from instance_agent.backup import Clients, Identity
+from instance_agent.clients import Clients
 from instance_agent.config import Config
 from instance_agent.errors import AgentError, ConfigError, NotifyError
+from instance_agent.identity import Identity
 from instance_agent.logs import fields
 from instance_agent.s3upload import CREATE_ONLY, extra_for
 

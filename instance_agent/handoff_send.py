@@ -18,9 +18,11 @@ from collections.abc import Callable
 from typing import Any
 
 from instance_agent import handoff, keys, listing, s3args
-from instance_agent.backup import Clients, Identity, archive_and_upload, key_values
+from instance_agent.backup import archive_and_upload, key_values
+from instance_agent.clients import Clients
 from instance_agent.config import Config
 from instance_agent.errors import AgentError
+from instance_agent.identity import Identity
 from instance_agent.logs import fields
 from instance_agent.result import Result
 

@@ -41,9 +41,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from instance_agent import metrics, notify, status
 from instance_agent.awserror import describe
-from instance_agent.backup import Clients, Identity
+from instance_agent.clients import Clients
 from instance_agent.config import Config
 from instance_agent.errors import LifecycleError, NotifyError
+from instance_agent.identity import Identity
 from instance_agent.lifecycle import instance_state
 from instance_agent.logs import fields
 from instance_agent.metrics import CloudWatchClient

@@ -33,7 +33,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from instance_agent import __version__, keys, manifest, s3args
 from instance_agent.archive import Archiver, Sink
-from instance_agent.backup import Clients, _s3_extra, _upload_stream
+from instance_agent.backup import _s3_extra, _upload_stream
+from instance_agent.clients import Clients
 from instance_agent.config import Config
 from instance_agent.errors import ObjectExists
 from instance_agent.fsdir import open_below

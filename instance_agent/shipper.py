@@ -52,9 +52,11 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 from instance_agent import keys, ledgerseed, metrics, status
 from instance_agent.archive import Excluder
-from instance_agent.backup import Clients, Identity, _s3_extra, key_values
+from instance_agent.backup import _s3_extra, key_values
+from instance_agent.clients import Clients
 from instance_agent.config import Config
 from instance_agent.errors import AgentError, Cancelled, LifecycleError
+from instance_agent.identity import Identity
 from instance_agent.lifecycle import instance_state
 from instance_agent.logs import fields
 from instance_agent.s3upload import abort_stale_uploads

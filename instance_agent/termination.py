@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from instance_agent import handoff_send, keys, metrics, notify, retained
-from instance_agent.backup import Clients, Identity, _s3_extra, archive_and_upload, key_values
+from instance_agent.backup import _s3_extra, archive_and_upload, key_values
+from instance_agent.clients import Clients
 from instance_agent.commands import Commands
 from instance_agent.config import Config
 from instance_agent.drain import DrainGate
@@ -46,6 +47,7 @@ from instance_agent.errors import (
     LifecycleError,
     NotifyError,
 )
+from instance_agent.identity import Identity
 from instance_agent.lifecycle import (
     ACTIVE,
     GONE,

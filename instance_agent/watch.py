@@ -54,7 +54,8 @@ from instance_agent.poller import (
 from instance_agent.sdnotify import Notifier, watchdog_interval
 
 if TYPE_CHECKING:
-    from instance_agent.backup import Clients, Identity
+    from instance_agent.clients import Clients
+    from instance_agent.identity import Identity
     from instance_agent.shipper import Shipper
     from instance_agent.shipstate import Ledger
     from instance_agent.termination import Plan

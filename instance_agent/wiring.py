@@ -1,10 +1,10 @@
 """What every command shares between its flags and its work: schema options, clients, identity.
 
 cli.py, ops_cli.py, watch_cli.py and the local demo all import from here, and this module
-imports only downward (config, the backup types, imds), so no command module needs to import
-cli.py back. It is the one place that builds AWS clients.
+imports only downward (config, the clients bundle, the identity, imds), so no command module
+needs to import cli.py back. It is the one place that builds AWS clients.
 
-botocore and the pipeline are imported inside the functions that need them: parsing
+botocore and IMDS's requests are imported inside the functions that need them: parsing
 flags (and `--help`) must stay fast and work without them loaded.
 """
 
@@ -16,12 +16,13 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from instance_agent import __version__, config
+from instance_agent.clients import Clients
 from instance_agent.errors import IdentityError, IMDSError
+from instance_agent.identity import Identity
 
 if TYPE_CHECKING:
     from botocore.config import Config as BotoConfig
 
-    from instance_agent.backup import Clients, Identity
     from instance_agent.imds import IMDS
 
 PROG = "instance-agent"
@@ -90,7 +91,6 @@ def flags(args: argparse.Namespace) -> dict[str, Any]:
 def resolve_identity(cfg: config.Config, imds: IMDS | None = None) -> Identity:
     """Instance id and region: config first, then IMDS; region may also come from the SDK.
     `imds` lets the caller reuse one IMDSv2 session (and its token) for later reads."""
-    from instance_agent.backup import Identity
     from instance_agent.imds import IMDS
 
     instance_id, region = cfg.instance_id, cfg.region
@@ -185,8 +185,6 @@ def make_clients(cfg: config.Config, region: str, *, probe: bool = False) -> Cli
     """The pipeline's clients: S3 always, SNS with a topic, Auto Scaling when completing, and
     CloudWatch (unless --no-metrics) built on its first call."""
     from botocore.config import Config as BotoConfig
-
-    from instance_agent.backup import Clients
 
     base = _boto_config(cfg.upload_workers + 4)
     if probe:

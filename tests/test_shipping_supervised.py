@@ -22,7 +22,7 @@ from support.agentproc import watch
 
 from instance_agent import config, doctor, status, wiring
 from instance_agent.archive import Excluder
-from instance_agent.backup import Identity
+from instance_agent.identity import Identity
 from instance_agent.segment import Target
 from instance_agent.shipper import Observing, Shipper, scan
 
