@@ -914,7 +914,7 @@ def _template_collision(template: str, prefix: str) -> str | None:
 
 
 def describe(options: Sequence[Option] = OPTIONS) -> list[dict[str, str]]:
-    """Rows for the README's configuration reference (generated, and tested against it)."""
+    """Rows for the configuration table in docs/configuration.md (generated, tested against it)."""
     rows = []
     for opt in options:
         default = opt.default

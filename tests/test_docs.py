@@ -1,19 +1,20 @@
-"""The README is generated where it can be, and its two set-up commands are what CI runs."""
+"""The documentation is generated where it can be, and the README's two set-up commands are what
+CI runs."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from instance_agent.docs import END, START, config_table
+from instance_agent.docs import END, PAGE, START, config_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_config_table_matches_the_schema() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = readme[readme.index(START) : readme.index(END) + len(END)]
-    assert table == config_table(), "run: python -m instance_agent.docs, and paste into README.md"
+def test_the_config_table_matches_the_schema() -> None:
+    page = (ROOT / PAGE).read_text(encoding="utf-8")
+    table = page[page.index(START) : page.index(END) + len(END)]
+    assert table == config_table(), f"run: python -m instance_agent.docs --write (it rewrites {PAGE})"
 
 
 def test_ci_runs_the_readme_test_command() -> None:
