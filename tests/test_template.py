@@ -746,10 +746,10 @@ def test_dashboard_shows_the_retention_metrics() -> None:
     assert f'"{RETAINED}"' in body and f'"{RECOVERED}"' in body
 
 
-def test_readme_says_what_retention_costs_and_how_to_turn_it_off() -> None:
-    readme = (PACKAGING.parent / "README.md").read_text(encoding="utf-8")
+def test_the_deploy_page_says_what_retention_costs_and_how_to_turn_it_off() -> None:
+    page = (PACKAGING.parent / "docs" / "deploy.md").read_text(encoding="utf-8")
     for name in ("RetainOnFailedBackup", "RetainedAlarmAfterMinutes"):
-        assert f"| `{name}` |" in readme, name
-    assert "RetainOnFailedBackup=terminate" in readme
-    assert "both are billed" in readme
-    assert "https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html" in readme
+        assert f"| `{name}` |" in page, name
+    assert "RetainOnFailedBackup=terminate" in page
+    assert "both are billed" in page
+    assert "https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html" in page
