@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # A newcomer's first session, automated: copy the checkout to a temporary directory (no venv,
-# no caches), then run only commands taken from README.md, verbatim:
-#   1. the quick start's demo command (a clean venv, `pip install -e '.[local]'`, the demo);
-#   2. the block under "Try them on the stand-in" (demo --detach, list, restore --verify,
-#      doctor, status, kill).
-# It fails if a command fails or its output misses what the README promises. .ci/run runs it
+# no caches), then run only commands taken from the docs, verbatim:
+#   1. README.md's quick-start demo command (a clean venv, `pip install -e '.[local]'`, the
+#      demo);
+#   2. the block under "Try them on the stand-in" in docs/operations.md, the page the README
+#      sends an operator to (demo --detach, list, restore --verify, doctor, status, kill).
+# It fails if a command fails or its output misses what the docs promise. .ci/run runs it
 # after the test suite; pytest does not (it installs a package and starts servers).
 set -euo pipefail
 
@@ -12,6 +13,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="$(mktemp -d "${TMPDIR:-/tmp}/instance-agent-newcomer.XXXXXX")"
 checkout="$work/instance-agent"
 marker='<!-- tests/newcomer.sh runs the next block as it is -->'
+operations=docs/operations.md
 
 cleanup() {
     # A block that failed half-way may have left the stand-in running.
@@ -51,9 +53,9 @@ block="$(awk -v marker="$marker" '
     $0 == marker { armed = 1; next }
     armed && /^```/ { if (inside) exit; inside = 1; next }
     inside { print }
-' README.md)"
-[[ -n "$block" ]] || fail "README.md has no block after: $marker"
-echo "newcomer: running the README block:"
+' "$operations")"
+[[ -n "$block" ]] || fail "$operations has no block after: $marker"
+echo "newcomer: running the block of $operations:"
 while IFS= read -r line; do
     echo "newcomer: | $line"
 done <<<"$block"
