@@ -553,7 +553,7 @@ OPTIONS: tuple[Option, ...] = (
         "timeout of handoff_command (below handoff_lease)",
         check=check_positive,
     ),
-    # --- continuous shipping (README "Continuous shipping") ------------------------------
+    # --- continuous shipping (docs/shipping.md) ---------------------------------------------
     Option(
         "ship",
         "bool",
