@@ -506,7 +506,7 @@ OPTIONS: tuple[Option, ...] = (
         commands=frozenset({WATCH}),
         check=check_positive,
     ),
-    # --- state hand-off (README "Moving state on scale-in"): the sender and the receiver
+    # --- state hand-off (docs/handoff.md, "Moving state on scale-in"): the sender and the receiver
     # read the same agent.toml ------------------------------------------------------------
     Option(
         "handoff_path",

@@ -150,7 +150,7 @@ def cmd_launch_gate(args: argparse.Namespace) -> int:
         result = "ABANDON" if doctor.failed(checks) else "CONTINUE"
         if result == "CONTINUE" and problem is None:
             # Before the instance goes in service: a replacement takes over the state of
-            # the instance it replaces (README "Moving state on scale-in").
+            # the instance it replaces (docs/handoff.md, "Moving state on scale-in").
             handoff_adopt.at_launch(cfg, identity, clients, group)
         try:
             client.complete_lifecycle_action(
