@@ -2,7 +2,7 @@
 # The system test: boots a Debian 12 root under a real systemd (systemd-nspawn), lets
 # cloud-init run the template's user data from an IMDS stand-in, and drives a launch, a
 # scale-in, a stop during a backup and a reboot against local stand-ins of AWS. See
-# README.md, "Tested on a real systemd". Not part of the pytest run.
+# docs/system-test.md, "Tested on a real systemd". Not part of the pytest run.
 #
 #     sudo bash tests/system/run.sh        # from the checkout; makes .venv if missing
 #
