@@ -19,7 +19,7 @@ DUPLICATE = "duplicate"
 SKIPPED = "skipped"  # a warm-pool return with no backup asked for
 
 OK_STATUSES = (SUCCEEDED, PARTIAL)
-# Always present in the JSON, even when None: consumers (and the README) rely on them.
+# Always present in the JSON, even when None: consumers (and docs/operations.md's table) rely on them.
 _CORE = (
     "status",
     "instance_id",

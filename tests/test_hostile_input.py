@@ -636,7 +636,7 @@ def test_no_token_or_credential_in_any_log_even_at_debug(
     assert all(text for where, text in texts.items() if where != "watcher stdout")
 
     # The control: the same grep finds the secrets once botocore's wire log is on, as the
-    # README warns. Without this, a grep that could never match would pass too.
+    # docs/security.md warns. Without this, a grep that could never match would pass too.
     proc, _ = stack.backup(
         "--source", str(src), "--no-complete", env=stack.env(**base, INSTANCE_AGENT_BOTOCORE_DEBUG="1")
     )

@@ -65,7 +65,7 @@ def one_json_line(stdout: str) -> dict[str, Any]:
 
 def test_adhoc_run_then_real_termination_two_archives_one_continue(stack: Stack, tmp_path: Path) -> None:
     src = source_tree(tmp_path / "src")
-    # The README's own example: no --no-complete, on an instance in service.
+    # docs/usage.md's own example: no --no-complete, on an instance in service.
     started = time.monotonic()
     proc, adhoc = stack.backup("--source", str(src))
     elapsed = time.monotonic() - started

@@ -158,7 +158,7 @@ def test_part_sizes_reach_the_maximum_in_10000_parts() -> None:
         sizer = PartSizer.for_max(max_size)
         assert sizer.capacity() >= max_size
         assert all(5 * 2**20 <= sizer.size(n) <= 5 * 2**30 for n in (1, 5000, MAX_PARTS))
-    # The README's figures for the default 1 TiB.
+    # docs/usage.md's figures (Memory) for the default 1 TiB.
     sizer = PartSizer.for_max(2**40)
     assert sizer.size(1) == 8 * 2**20 and 200 * 2**20 < sizer.size(MAX_PARTS) < 205 * 2**20
 

@@ -343,7 +343,7 @@ def prepare_root(root: Path, cloud: Cloud) -> None:
     dropin.parent.mkdir(parents=True, exist_ok=True)
     dropin.write_text("[Service]\nEnvironmentFile=/etc/default/instance-agent\n")
     (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
-    # The application that a pre-command stops (README: --pre-command 'systemctl stop myapp').
+    # The application that a pre-command stops (docs/usage.md: --pre-command 'systemctl stop myapp').
     unit = root / "etc/systemd/system/myapp.service"
     unit.write_text(
         "[Unit]\nDescription=the instance's application\n\n[Service]\nExecStart=/bin/sleep infinity\n\n"
@@ -460,7 +460,7 @@ def agent_flags(user_data: str) -> list[str]:
 
 
 def reconfigure(box: Container, cloud: Cloud, *extra: str) -> None:
-    """An operator narrows the unit to the VPC's range and adds the README's pre-command:
+    """An operator narrows the unit to the VPC's range and adds docs/usage.md's pre-command:
     install-service again, with the user data's flags and those, then a restart."""
     step = "install-service --ip-allow --pre-command"
     flags = [
@@ -527,7 +527,7 @@ def firewall(box: Container, cloud: Cloud) -> None:
 
 # The live unit's `systemd-analyze security`, with ip_allow set: 1.8 (1.9 before this test
 # existed). Issue 23 asks for 1.5; what is left is the unit running as root (0.4 of the
-# listed items: a non-root user cannot run the README's `systemctl stop myapp` pre-command
+# listed items: a non-root user cannot run docs/usage.md's `systemctl stop myapp` pre-command
 # without polkit), its network (PrivateNetwork, AF_INET), and CAP_DAC_READ_SEARCH. A
 # regression above today's figure fails here.
 EXPOSURE_TARGET = 1.8
