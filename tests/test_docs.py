@@ -95,7 +95,7 @@ def test_every_relative_link_leads_to_a_file_and_heading_that_exist() -> None:
 def test_the_readme_links_to_every_docs_page() -> None:
     linked = {(ROOT / target.partition("#")[0]).resolve() for target in _links(README)}
     missing = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if p.resolve() not in linked]
-    assert missing == [], "README.md links to no such page"
+    assert missing == [], "README.md does not link to these pages: add each to its Documentation table"
 
 
 def test_the_link_check_sees_a_broken_link(tmp_path: Path) -> None:
