@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from instance_agent.errors import ConfigError, IMDSError
@@ -44,6 +45,14 @@ REQUEST_TIMEOUT = (1.0, 2.0)
 
 class IMDSRefused(IMDSError):
     """403: IMDS disabled, or our request is not allowed. Not retried."""
+
+
+@dataclass(frozen=True)
+class ProbeAnswer:
+    """What one token request, and one read with its token, answered (`IMDS.probe`)."""
+
+    token_status: int
+    read_status: int | None  # None: no token was issued, so nothing was read
 
 
 def default_endpoint(env: Mapping[str, str]) -> str:
@@ -80,12 +89,13 @@ class IMDS:
         self._lock = threading.Lock()
 
     # -- token --------------------------------------------------------------------------
-    def _fetch_token(self) -> str:
-        resp = self._session.put(
-            f"{self.endpoint}/latest/api/token",
-            headers={TTL_HEADER: str(TOKEN_TTL)},
-            timeout=REQUEST_TIMEOUT,
+    def _put_token(self, ttl: int) -> requests.Response:
+        return self._session.put(
+            f"{self.endpoint}/latest/api/token", headers={TTL_HEADER: str(ttl)}, timeout=REQUEST_TIMEOUT
         )
+
+    def _fetch_token(self) -> str:
+        resp = self._put_token(TOKEN_TTL)
         if resp.status_code == 200 and resp.text:
             return resp.text
         if resp.status_code == 403:
@@ -97,6 +107,20 @@ class IMDS:
             if self._token is None or refresh:
                 self._token = self._fetch_token()
             return self._token
+
+    def probe(self, *, ttl: int = 60, path: str = "instance-id") -> ProbeAnswer:
+        """One token request (for a token of `ttl` seconds, used once) and, when IMDS issues a
+        token, one read of `path` with it: no retry, nothing cached, and requests' exceptions
+        raised as they are, because `doctor` tells the failures apart by them (a response hop
+        limit too low for this process shows as a connection whose answer never arrives)."""
+        resp = self._put_token(ttl)
+        token = resp.text if resp.status_code == 200 else ""
+        if not token:
+            return ProbeAnswer(resp.status_code, None)
+        read = self._session.get(
+            f"{self.endpoint}/latest/meta-data/{path}", headers={TOKEN_HEADER: token}, timeout=REQUEST_TIMEOUT
+        )
+        return ProbeAnswer(resp.status_code, read.status_code)
 
     # -- reads --------------------------------------------------------------------------
     def _get_once(self, path: str) -> requests.Response:

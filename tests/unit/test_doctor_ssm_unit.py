@@ -12,6 +12,8 @@ import pytest
 
 from instance_agent import doctor
 from instance_agent.config import Config
+from instance_agent.doctor_check import Context, Facts
+from instance_agent.doctor_checks_host import check_ssm_agent
 from instance_agent.imds import DEFAULT_ENDPOINT
 
 
@@ -20,20 +22,17 @@ def ssm_check(*, push_path: bool, active: bool) -> tuple[doctor.Check, list[doct
         assert args[0] == "is-active"
         return (0, "active\ninactive") if active else (3, "inactive\ninactive")
 
-    def no_clients(cfg: Config, region: str) -> Any:
+    def no_clients(region: str) -> Any:
         raise AssertionError("the SSM check calls no AWS API")
 
-    doc = doctor.Doctor(
+    ctx = Context(
         Config.defaults(bucket="my-backups", push_path=push_path),
-        None,
         no_clients,
         systemctl=systemctl,
         booted=lambda: True,
     )
-    doc.imds_ok, doc.imds_endpoint = True, DEFAULT_ENDPOINT  # on an instance
-    doc.check_ssm_agent()
-    [check] = doc.checks
-    return check, doc.checks
+    check = check_ssm_agent(ctx, Facts(imds_endpoint=DEFAULT_ENDPOINT, imds_ok=True))  # on an instance
+    return check, [check]
 
 
 def test_no_ssm_agent_on_a_watcher_only_instance_is_a_warning_that_passes_doctor() -> None:
