@@ -23,10 +23,10 @@ from typing import Any
 
 from instance_agent import segrefs
 from instance_agent.errors import AgentError, ConfigError
-from instance_agent.listing import S3Reader, archive_key_of, parse_s3_url, read_manifest
 from instance_agent.manifest import path_from_fields
 from instance_agent.manifest_check import UnsafeManifest, relative_inside
 from instance_agent.restore import Selection
+from instance_agent.s3read import S3Reader, archive_key_of, parse_s3_url, read_manifest
 
 READ = 1 << 20
 MTIME_SLACK = 1  # seconds: tar stores whole seconds, the manifest nanoseconds
@@ -213,3 +213,14 @@ def _ancestors(rel: bytes) -> Iterator[bytes]:
     while parent:
         yield parent
         parent = os.path.dirname(parent)
+
+
+def render_text(report: VerifyReport) -> str:
+    """Each difference on a line of its own, then the verdict."""
+    lines = [f"differs: {d.display()}" for d in report.differences]
+    verdict = (
+        f"verified {report.checked} entries against the manifest: identical"
+        if not report.differences
+        else f"{len(report.differences)} difference(s) in {report.checked} entries"
+    )
+    return "".join(line + "\n" for line in [*lines, verdict])
