@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from instance_agent import config, logs, s3args, wiring
 from instance_agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from instance_agent.listing import Filters
+    from instance_agent.restore import Selection
 
 OPS = "ops"  # the command name given to config.load: no option is required by it
 S3_OPTIONS = ("bucket", "prefix", "region", "expected_bucket_owner", "key_template", "log_level")
@@ -125,7 +129,8 @@ def s3_client(cfg: config.Config) -> Any:
     return wiring.s3_reader(cfg, listing.MANIFEST_READERS + 2)
 
 
-def check_filters(args: argparse.Namespace) -> Any:
+def check_filters(args: argparse.Namespace) -> Filters:
+    """--asg-name, --instance-id and --since, checked."""
     from instance_agent import listing
 
     group, instance = args.filter_group, args.filter_instance
@@ -141,7 +146,8 @@ def check_filters(args: argparse.Namespace) -> Any:
     return listing.Filters(group=group, instance_id=instance, since=since)
 
 
-def selection(args: argparse.Namespace) -> Any:
+def selection(args: argparse.Namespace) -> Selection:
+    """--include and --exclude."""
     from instance_agent.restore import Selection
 
     return Selection(tuple(args.include), tuple(args.exclude))
