@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from instance_agent.archive import Archiver
 from instance_agent.manifest import build
-from instance_agent.shipstate import FileId, Ledger, Shipped
+from instance_agent.shiprecord import FileId, Shipped
+from instance_agent.shipstate import Ledger
 
 PER_SEGMENT = 4096
 

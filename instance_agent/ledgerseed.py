@@ -33,7 +33,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from instance_agent import awserror
 from instance_agent.logs import fields
-from instance_agent.shipstate import FileId, Ledger, Shipped
+from instance_agent.shiprecord import FileId, Shipped
+from instance_agent.shipstate import Ledger
 
 log = logging.getLogger(__name__)
 

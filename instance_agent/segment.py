@@ -41,7 +41,8 @@ from instance_agent.fsdir import open_below
 from instance_agent.logs import fields
 from instance_agent.manifest import path_from_fields
 from instance_agent.s3upload import ChainBody, S3Client, put_small
-from instance_agent.shipstate import FileId, Ledger, Shipped, open_same, tail_digest
+from instance_agent.shiprecord import FileId, Shipped, open_same, tail_digest
+from instance_agent.shipstate import Ledger
 from instance_agent.throttle import paced
 
 log = logging.getLogger(__name__)

@@ -62,7 +62,8 @@ from instance_agent.logs import fields
 from instance_agent.s3upload import abort_stale_uploads
 from instance_agent.segment import Changed, Target, ship
 from instance_agent.settle import Settler
-from instance_agent.shipstate import Ledger, inode_key, refresh_age
+from instance_agent.shippacked import inode_key
+from instance_agent.shipstate import Ledger, refresh_age
 
 log = logging.getLogger(__name__)
 

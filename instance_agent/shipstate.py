@@ -26,49 +26,31 @@ content digests taken while it was shipped: the SHA-256 of the whole file (the m
   holds it, and a backup never names a segment older than half the retention (issue 19
   item 3).
 
-The file is `ship-ledger.jsonl`, append-only, so recording a segment costs one line
-whatever the ledger's size (a full rewrite per segment made shipping many small files take
-hours):
-
-- the first line names the format and the instance; each later line is one shipped segment
-  (its key, sizes and files) or a list of files forgotten (gone from the sources);
-- a line is appended with one write() and fsync'd only after the segment and its manifest
-  are in S3; a torn last line (a watcher killed mid-write) is ignored when read, and its
-  files are shipped again, which S3's create-only write turns into a record only;
-- the shipper compacts it when it starts, and while running once it holds many more lines
-  than live records (`needs_compaction`; statedir.write_atomic: old or new, never half);
-- like every file of the state directory it is opened with O_NOFOLLOW, and created O_EXCL.
+The file's format and how it is written are in ledgerfile.py; the records' packed form in
+shippacked.py; a record and its digests in shiprecord.py.
 """
 
 from __future__ import annotations
 
-import base64
-import bisect
 import contextlib
-import dataclasses
-import errno
-import hashlib
 import json
 import logging
 import os
-import stat
-import struct
 import threading
 import time
-from array import array
-from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
-from instance_agent import statedir
+from instance_agent import ledgerfile, statedir
+from instance_agent.ledgerfile import LEDGER_FILE
 from instance_agent.logs import fields
 from instance_agent.manifest import Held
+from instance_agent.shippacked import INO, MERGE_MIN, Records, inode_key
+from instance_agent.shiprecord import FileId, Shipped, full_digest, open_same, tail_digest
 
 log = logging.getLogger(__name__)
 
-LEDGER_FILE = "ship-ledger.jsonl"
-FORMAT = 3
-TAIL = 64 * 1024
 COMPACT_AFTER = 10_000  # ledger lines beyond twice the live records before a rewrite
 DAY = 86_400.0
 
@@ -86,354 +68,6 @@ def refresh_age(retention_days: int) -> float | None:
     return retention_days * DAY / 2 if retention_days > 0 else None
 
 
-_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-@dataclass(frozen=True)
-class FileId:
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> FileId:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-    def token(self) -> str:
-        """A short, stable text form for object keys."""
-        return f"{self.dev:x}-{self.ino:x}-{self.size:x}-{self.mtime_ns:x}"
-
-
-@dataclass(frozen=True)
-class Shipped:
-    fid: FileId
-    path: bytes  # where the file was when shipped (it may have been renamed since)
-    sha256: str
-    tail_sha256: str
-    key: str  # the segment object
-    tar_bytes: int
-    compressed_bytes: int
-    # The inode change time when shipped (0: unknown). Userland cannot set it back: any
-    # write, utime, chmod or rename moves it, so while it is unchanged the content is too
-    # and the tail need not be read again at termination.
-    ctime_ns: int = 0
-    bucket: str = ""  # where the segment is ("" only in records made in memory by tests)
-    # When the segment's upload began (epoch seconds; 0: unknown, as in lines written before
-    # it was recorded): no later than any date S3 gives the object, from which a lifecycle
-    # rule counts its days (refresh_age).
-    at: float = 0.0
-    # How many files the segment shipped (its manifest's `shipped` list; 0: unknown, a line
-    # written before the count was kept): a final manifest that holds them all need not
-    # name them (manifest.HeldFiles).
-    segment_files: int = 0
-
-    def file_json(self) -> dict[str, Any]:
-        """This file on its segment's ledger line (the segment's own fields are there once)."""
-        return {
-            "fid": asdict(self.fid),
-            "path": base64.b64encode(self.path).decode("ascii"),
-            "sha256": self.sha256,
-            "tail_sha256": self.tail_sha256,
-            "ctime_ns": self.ctime_ns,
-        }
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any], segment: dict[str, Any]) -> Shipped:
-        return cls(
-            FileId(**obj["fid"]),
-            base64.b64decode(obj["path"]),
-            str(obj["sha256"]),
-            str(obj["tail_sha256"]),
-            str(segment["key"]),
-            int(segment["tar_bytes"]),
-            int(segment["compressed_bytes"]),
-            int(obj.get("ctime_ns", 0)),
-            str(segment.get("bucket", "")),
-            at=float(segment.get("at", 0.0)),
-            segment_files=int(segment.get("count", 0)),
-        )
-
-    def segment_info(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "manifest_key": self.key + ".manifest.json",
-            "tar_bytes": self.tar_bytes,
-            "compressed_bytes": self.compressed_bytes,
-        }
-
-
-def full_digest(fd: int, size: int) -> str:
-    """SHA-256 of the first `size` bytes of `fd` (the manifest's `sha256` of a file that
-    size), read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    offset = 0
-    while offset < size:
-        block = os.pread(fd, min(2**20, size - offset), offset)
-        if not block:
-            break
-        h.update(block)
-        offset += len(block)
-    return h.hexdigest()
-
-
-def tail_digest(fd: int, size: int) -> str:
-    """SHA-256 of the last TAIL bytes of the first `size` bytes of `fd`."""
-    start = max(0, size - TAIL)
-    h = hashlib.sha256()
-    while start < size:
-        chunk = os.pread(fd, size - start, start)
-        if not chunk:
-            break
-        h.update(chunk)
-        start += len(chunk)
-    return h.hexdigest()
-
-
-def open_same(name: bytes, dir_fd: int | None, fid: FileId) -> int | None:
-    """`name` opened (never through a symlink) only if it still has identity `fid`."""
-    try:
-        fd = os.open(name, _OPEN, dir_fd=dir_fd)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        os.close(fd)
-        return None
-    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
-        fid.dev,
-        fid.ino,
-        fid.size,
-        fid.mtime_ns,
-    ):
-        os.close(fd)
-        return None
-    return fd
-
-
-# In memory the shipped files are packed, not one Python object each: a dict of Shipped
-# dataclasses cost about 2.7 KiB a file (347 MiB RSS at 100,000 files, issue 19 item 6).
-# Each file is one fixed row (_ROW: identity, change time, its segment's number, both
-# digests) and its path; a segment's own fields (key, bucket, sizes) are held once, in a
-# prototype record the rows name by number. Most rows sit in a sorted base (one array of
-# inodes to search, one bytearray of rows, one of paths and its offsets: about 130 bytes a
-# file with its path); the latest changes go to a small dict (`recent`) that is merged into
-# the base once it passes a share of it, or when the shipper goes idle.
-_ROW = struct.Struct("<QQqqqI32s32s")  # dev, ino, size, mtime_ns, ctime_ns, segment, sha256, tail
-_SEG_AT = 40  # the segment number's offset in a row
-_SEG = struct.Struct("<I")
-_KEY = struct.Struct("<QQqq")  # dev, ino, size, mtime_ns: a row's head
-_INO = (1 << 64) - 1
-_NO_FID = FileId(0, 0, 0, 0)
-MERGE_MIN = 4096  # recent rows before a merge is worth its O(files) cost
-
-
-def inode_key(dev: int, ino: int) -> int:
-    """A file's key in the ledger: its device and inode as one int."""
-    return dev << 64 | ino
-
-
-class _Records:
-    """The shipped files by inode, packed (see _ROW)."""
-
-    def __init__(self) -> None:
-        # The base: sorted by (inode, device); its arrays are replaced by a merge, never
-        # changed in place (a view shares them), except `dead`.
-        self.inos = array("Q")
-        self.fixed = bytearray()
-        self.paths = bytearray()
-        self.offsets = array("Q", [0])
-        self.dead = bytearray()  # 1: removed since the merge
-        self.dead_count = 0
-        self.recent: dict[int, bytes] = {}  # key -> row + path, newer than the base
-        self.segments: list[Shipped] = []  # a segment's fields; the per-file ones blank
-        self.index: dict[Shipped, int] = {}
-        self.files: list[int] = []  # per segment: live rows, and the bytes of their files
-        self.bytes: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self.inos) - self.dead_count + len(self.recent)
-
-    def copy(self) -> _Records:
-        out = _Records()
-        out.inos, out.fixed, out.paths, out.offsets = self.inos, self.fixed, self.paths, self.offsets
-        out.dead, out.dead_count = bytearray(self.dead), self.dead_count
-        out.recent = dict(self.recent)
-        out.segments, out.index = list(self.segments), dict(self.index)
-        out.files, out.bytes = list(self.files), list(self.bytes)
-        return out
-
-    # -- finding a row --------------------------------------------------------------------
-    def _find(self, k: int) -> int:
-        """The base index of live key `k`, or -1."""
-        dev, ino = k >> 64, k & _INO
-        inos = self.inos
-        i = bisect.bisect_left(inos, ino)
-        while i < len(inos) and inos[i] == ino:
-            if not self.dead[i] and _KEY.unpack_from(self.fixed, i * _ROW.size)[0] == dev:
-                return i
-            i += 1
-        return -1
-
-    def _where(self, k: int) -> tuple[bytes | bytearray, int, int] | None:
-        """Where key `k`'s row is: (buffer, offset, base index), the index -1 for a recent
-        row (its buffer is the row itself, its path after it)."""
-        found = self.recent.get(k)
-        if found is not None:
-            return found, 0, -1
-        i = self._find(k)
-        return None if i < 0 else (self.fixed, i * _ROW.size, i)
-
-    def row(self, k: int) -> tuple[bytes, bytes] | None:
-        """The fixed row and the path of key `k`."""
-        where = self._where(k)
-        if where is None:
-            return None
-        buf, at, i = where
-        if i < 0:
-            return bytes(buf[: _ROW.size]), bytes(buf[_ROW.size :])
-        return bytes(buf[at : at + _ROW.size]), bytes(self.paths[self.offsets[i] : self.offsets[i + 1]])
-
-    def at(self, i: int) -> Shipped:
-        """The record of the base's row `i`."""
-        at = i * _ROW.size
-        return self._build(self.fixed[at : at + _ROW.size], self.paths[self.offsets[i] : self.offsets[i + 1]])
-
-    def record(self, k: int) -> Shipped | None:
-        found = self.row(k)
-        return self._build(*found) if found is not None else None
-
-    def _build(self, fixed: bytes | bytearray, path: bytes | bytearray) -> Shipped:
-        dev, ino, size, mtime_ns, ctime_ns, seg, sha, tail = _ROW.unpack(fixed)
-        rec: Shipped = dataclasses.replace(
-            self.segments[seg],
-            fid=FileId(dev, ino, size, mtime_ns),
-            path=bytes(path),
-            sha256=sha.hex(),
-            tail_sha256=tail.hex(),
-            ctime_ns=ctime_ns,
-        )
-        return rec
-
-    def matches(self, k: int, size: int, mtime_ns: int) -> Shipped | None:
-        """The segment prototype of key `k` when its record has this size and time."""
-        where = self._where(k)
-        if where is None:
-            return None
-        buf, at, _ = where
-        if _KEY.unpack_from(buf, at)[2:] != (size, mtime_ns):
-            return None
-        return self.segments[int(_SEG.unpack_from(buf, at + _SEG_AT)[0])]
-
-    def live_keys(self) -> Iterator[int]:
-        """Every live key (the base's, then the recent ones)."""
-        for i in range(len(self.inos)):
-            if not self.dead[i]:
-                dev, ino = _KEY.unpack_from(self.fixed, i * _ROW.size)[:2]
-                yield inode_key(dev, ino)
-        yield from list(self.recent)
-
-    # -- changing -------------------------------------------------------------------------
-    def _segment(self, rec: Shipped) -> int:
-        proto = dataclasses.replace(rec, fid=_NO_FID, path=b"", sha256="", tail_sha256="", ctime_ns=0)
-        n = self.index.get(proto)
-        if n is None:
-            n = self.index[proto] = len(self.segments)
-            self.segments.append(proto)
-            self.files.append(0)
-            self.bytes.append(0)
-        return n
-
-    def put(self, rec: Shipped) -> bool:
-        """Hold `rec` (replacing the inode's earlier record); False when it cannot be held
-        (digests that are not SHA-256 hex: never ours), so the file is shipped again."""
-        fid = rec.fid
-        try:
-            sha, tail = bytes.fromhex(rec.sha256), bytes.fromhex(rec.tail_sha256)
-            if len(sha) != 32 or len(tail) != 32:
-                return False
-            row = _ROW.pack(fid.dev, fid.ino, fid.size, fid.mtime_ns, rec.ctime_ns, 0, sha, tail)
-        except (ValueError, struct.error):
-            return False
-        seg = self._segment(rec)
-        k = inode_key(fid.dev, fid.ino)
-        self.pop(k)
-        self.recent[k] = row[:_SEG_AT] + _SEG.pack(seg) + row[_SEG_AT + 4 :] + rec.path
-        self.files[seg] += 1
-        self.bytes[seg] += fid.size
-        if len(self.recent) > max(MERGE_MIN, len(self.inos) // 8):
-            self.merge()
-        return True
-
-    def pop(self, k: int) -> None:
-        where = self._where(k)
-        if where is None:
-            return
-        buf, at, i = where
-        if i < 0:
-            del self.recent[k]
-        else:
-            self.dead[i] = 1
-            self.dead_count += 1
-        seg = _SEG.unpack_from(buf, at + _SEG_AT)[0]
-        self.files[seg] -= 1
-        self.bytes[seg] -= _KEY.unpack_from(buf, at)[2]
-
-    def merge(self) -> None:
-        """Fold the recent rows into a new base and drop the dead ones: O(files), in new
-        arrays (a view may hold the old ones)."""
-        if not self.recent and not self.dead_count:
-            return
-        recent = sorted(self.recent.items(), key=lambda kv: (kv[0] & _INO, kv[0] >> 64))
-        inos, fixed, paths, offsets = array("Q"), bytearray(), bytearray(), array("Q", [0])
-        old_inos, old_fixed, old_paths, old_offsets = self.inos, self.fixed, self.paths, self.offsets
-        size = _ROW.size
-        j = 0
-        for i in range(len(old_inos)):
-            if self.dead[i]:
-                continue
-            at = i * size
-            ino = old_inos[i]
-            dev = _KEY.unpack_from(old_fixed, at)[0]
-            while j < len(recent) and (recent[j][0] & _INO, recent[j][0] >> 64) < (ino, dev):
-                k, row = recent[j]
-                inos.append(k & _INO)
-                fixed += row[:size]
-                paths += row[size:]
-                offsets.append(len(paths))
-                j += 1
-            inos.append(ino)
-            fixed += old_fixed[at : at + size]
-            paths += old_paths[old_offsets[i] : old_offsets[i + 1]]
-            offsets.append(len(paths))
-        for k, row in recent[j:]:
-            inos.append(k & _INO)
-            fixed += row[:size]
-            paths += row[size:]
-            offsets.append(len(paths))
-        self.inos, self.fixed, self.paths, self.offsets = inos, fixed, paths, offsets
-        self.dead, self.dead_count = bytearray(len(inos)), 0
-        self.recent = {}
-
-    def renumber(self) -> None:
-        """Drop the segments no row names any more (file churn leaves many)."""
-        live = [n for n, count in enumerate(self.files) if count > 0]
-        if len(live) == len(self.segments):
-            return
-        new = {old: n for n, old in enumerate(live)}
-        self.merge()  # every row in the base, then renumbered in a copy of it
-        fixed = bytearray(self.fixed)
-        for at in range(0, len(fixed), _ROW.size):
-            seg = _SEG.unpack_from(fixed, at + _SEG_AT)[0]
-            _SEG.pack_into(fixed, at + _SEG_AT, new[seg])
-        self.fixed = fixed
-        self.segments = [self.segments[n] for n in live]
-        self.index = {proto: n for n, proto in enumerate(self.segments)}
-        self.files = [self.files[n] for n in live]
-        self.bytes = [self.bytes[n] for n in live]
-
-
 class Ledger:
     """The shipped files of one instance, by (device, inode)."""
 
@@ -447,7 +81,7 @@ class Ledger:
     ) -> None:
         self.state_dir = state_dir  # None: kept in memory only (an unusable state dir)
         self.instance_id = instance_id
-        self._records = _Records()
+        self._records = Records()
         for r in records:
             self._records.put(r)
         self._lock = threading.Lock()
@@ -484,9 +118,9 @@ class Ledger:
         instance's, or an untrusted directory: each means "archive everything")."""
         try:
             statedir.usable(state_dir)
-            lines = _read_lines(state_dir)
+            lines = ledgerfile.read_lines(state_dir)
             head = json.loads(next(lines, b""))
-            if head.get("instance_id") != instance_id or head.get("format") != FORMAT:
+            if head.get("instance_id") != instance_id or head.get("format") != ledgerfile.FORMAT:
                 lines.close()
                 log.warning(
                     "shipping ledger of another instance or format ignored",
@@ -664,7 +298,7 @@ class Ledger:
             for k in gone:
                 self._records.pop(k)
         if gone:
-            self._append({"forget": [[k >> 64, k & _INO] for k in gone]})
+            self._append({"forget": [[k >> 64, k & INO] for k in gone]})
 
     def tidy(self) -> None:
         """The shipper going idle after work: fold recent records into the packed base once
@@ -693,17 +327,14 @@ class Ledger:
             self._records.renumber()
             self._records.merge()  # every row in the base: grouped by segment below
         records = self._records
-        by_segment: dict[int, list[int]] = {}
-        for i in range(len(records.inos)):
-            seg = _SEG.unpack_from(records.fixed, i * _ROW.size + _SEG_AT)[0]
-            by_segment.setdefault(seg, []).append(i)
+        by_segment = records.by_segment()
         written = [0]
 
         def lines() -> Iterator[bytes]:
             yield self._header()
             for seg, ks in by_segment.items():
                 first = records.segments[seg]
-                yield _line(
+                yield ledgerfile.line(
                     {
                         "key": first.key,
                         "bucket": first.bucket,
@@ -721,7 +352,7 @@ class Ledger:
             statedir.write_atomic(self.state_dir, LEDGER_FILE, lines())
             self.lines = 1 + written[0]
         except OSError as err:
-            _warn_write(err)
+            ledgerfile.warn_write(err)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -729,7 +360,7 @@ class Ledger:
             self._fd = None
 
     def _header(self) -> bytes:
-        return _line({"format": FORMAT, "instance_id": self.instance_id})
+        return ledgerfile.header(self.instance_id)
 
     def _discard(self) -> None:
         """Start over: another instance's or an unreadable ledger is replaced, not appended to."""
@@ -740,10 +371,10 @@ class Ledger:
     def _append(self, obj: dict[str, Any]) -> None:
         if self.state_dir is None:
             return
-        data = _line(obj)
+        data = ledgerfile.line(obj)
         try:
             if self._fd is None:
-                self._fd = self._open()
+                self._fd = ledgerfile.open_append(self.state_dir, self._header())
             # One write() of the whole line to an O_APPEND file: lines never interleave, and a
             # kill leaves at most a torn last line, which load() ignores.
             view = memoryview(data)
@@ -753,51 +384,4 @@ class Ledger:
             self.lines += 1
         except OSError as err:
             # Not fatal: what is not remembered is archived again at termination.
-            _warn_write(err)
-
-    def _open(self) -> int:
-        assert self.state_dir is not None
-        flags = os.O_RDWR | os.O_APPEND
-        try:
-            fd = statedir.create_exclusive(self.state_dir, LEDGER_FILE, flags)
-        except FileExistsError:
-            fd = statedir.open_nofollow(self.state_dir, LEDGER_FILE, flags)
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise OSError(errno.EINVAL, "not a regular file", LEDGER_FILE)
-                # A torn last line (killed mid-append) is ended first, or the next line
-                # would be glued to it and lost with it.
-                if st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
-                    os.write(fd, b"\n")
-            except OSError:
-                os.close(fd)
-                raise
-            return fd
-        try:
-            os.write(fd, self._header())
-        except OSError:
-            os.close(fd)
-            raise
-        return fd
-
-
-def _read_lines(state_dir: str) -> Generator[bytes, None, None]:
-    """The ledger's lines, read a piece at a time, never through a symlink."""
-    fd = statedir.open_nofollow(state_dir, LEDGER_FILE, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb", buffering=2**20) as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", LEDGER_FILE)
-        for line in fh:
-            yield line.rstrip(b"\n")
-
-
-def _line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
-
-
-def _warn_write(err: OSError) -> None:
-    log.warning(
-        "cannot write the shipping ledger",
-        extra=fields(error=err.strerror or errno.errorcode.get(err.errno or 0, str(err))),
-    )
+            ledgerfile.warn_write(err)

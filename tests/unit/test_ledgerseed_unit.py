@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from instance_agent import ledgerseed
-from instance_agent.shipstate import FileId, Ledger, Shipped
+from instance_agent.shiprecord import FileId, Shipped
+from instance_agent.shipstate import Ledger
 
 PREFIX = "backups/web/i-0abc-segments/"
 INSTANCE = "i-0abc"

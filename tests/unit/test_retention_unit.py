@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from instance_agent import ledgerseed
-from instance_agent.shipstate import DAY, FileId, Ledger, Shipped, refresh_age
+from instance_agent.shiprecord import FileId, Shipped
+from instance_agent.shipstate import DAY, Ledger, refresh_age
 
 BUCKET, PREFIX, INSTANCE = "b", "backups/web/i-0abc-segments/", "i-0abc"
 

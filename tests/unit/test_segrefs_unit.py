@@ -20,7 +20,8 @@ from fakes import client_error
 from instance_agent import manifest, manifest_check, segrefs
 from instance_agent.manifest import ArchiveReport, Held
 from instance_agent.manifest_check import UnsafeManifest
-from instance_agent.shipstate import FileId, Ledger, Shipped, full_digest, tail_digest
+from instance_agent.shiprecord import FileId, Shipped, full_digest, tail_digest
+from instance_agent.shipstate import Ledger
 
 INSTANCE = "i-0123456789abcdef0"
 PREFIX = f"logs/web/{INSTANCE}/"

@@ -9,18 +9,12 @@ from pathlib import Path
 
 from fakes import FakeClock
 
+from instance_agent.ledgerfile import LEDGER_FILE
 from instance_agent.segment import Target
 from instance_agent.settle import Settler
 from instance_agent.shipper import batch
-from instance_agent.shipstate import (
-    LEDGER_FILE,
-    FileId,
-    Ledger,
-    Shipped,
-    full_digest,
-    open_same,
-    tail_digest,
-)
+from instance_agent.shiprecord import FileId, Shipped, full_digest, open_same, tail_digest
+from instance_agent.shipstate import Ledger
 
 INSTANCE = "i-0123456789abcdef0"
 
