@@ -23,7 +23,8 @@ from test_shipping_supervised import _segments, _shipper, _status, _wait
 
 from instance_agent.archive import Excluder
 from instance_agent.segment import Target
-from instance_agent.shipper import Observing, scan
+from instance_agent.shippending import scan
+from instance_agent.shipwatch import Observing
 
 OLD = time.time() - 3600  # rotated an hour ago: settled at once
 

@@ -24,7 +24,9 @@ from instance_agent import config, doctor, status, wiring
 from instance_agent.archive import Excluder
 from instance_agent.identity import Identity
 from instance_agent.segment import Target
-from instance_agent.shipper import Observing, Shipper, scan
+from instance_agent.shippending import scan
+from instance_agent.shipper import Shipper
+from instance_agent.shipwatch import Observing
 
 OLD = time.time() - 3600  # rotated an hour ago: settled at once
 

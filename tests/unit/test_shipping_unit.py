@@ -12,7 +12,7 @@ from fakes import FakeClock
 from instance_agent.ledgerfile import LEDGER_FILE
 from instance_agent.segment import Target
 from instance_agent.settle import Settler
-from instance_agent.shipper import batch
+from instance_agent.shipbatch import batch
 from instance_agent.shiprecord import FileId, Shipped, full_digest, open_same, tail_digest
 from instance_agent.shipstate import Ledger
 
