@@ -28,7 +28,7 @@ from moto.autoscaling.models import AutoScalingBackend, autoscaling_backends
 from moto.autoscaling.responses import AutoScalingResponse
 from moto.core.responses import ActionResult, EmptyResult
 
-from instance_agent.local import autoscaling
+from instance_agent.local import asgmodel, autoscaling
 from instance_agent.local.faults import attached
 
 LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
@@ -93,8 +93,8 @@ def begin_launch(
     hook: str,
     *,
     warm_pool: bool = False,
-    account_id: str = autoscaling.DEFAULT_ACCOUNT,
-    region: str = autoscaling.DEFAULT_REGION,
+    account_id: str = asgmodel.DEFAULT_ACCOUNT,
+    region: str = asgmodel.DEFAULT_REGION,
 ) -> str:
     """Put the instance in (Warmed:)Pending:Wait under `hook`; returns the action's token."""
     with _lock:
@@ -115,8 +115,8 @@ def hold_leaving(
     group: str,
     instance_id: str,
     *,
-    account_id: str = autoscaling.DEFAULT_ACCOUNT,
-    region: str = autoscaling.DEFAULT_REGION,
+    account_id: str = asgmodel.DEFAULT_ACCOUNT,
+    region: str = asgmodel.DEFAULT_REGION,
 ) -> str | None:
     """An instance leaving the warm pool: under the group's launching hook it waits in
     Pending:Wait for a new action; returns its token (None: the group has no such hook)."""
@@ -129,7 +129,7 @@ def hold_leaving(
 
 
 def outcomes(
-    account_id: str = autoscaling.DEFAULT_ACCOUNT, region: str = autoscaling.DEFAULT_REGION
+    account_id: str = asgmodel.DEFAULT_ACCOUNT, region: str = asgmodel.DEFAULT_REGION
 ) -> list[LaunchOutcome]:
     with _lock:
         return list(_book(autoscaling_backends[account_id][region]).outcomes)
@@ -160,7 +160,7 @@ def _match(response: AutoScalingResponse) -> _Launch | None:
 
 
 def _complete(backend: AutoScalingBackend, launch: _Launch, result: str) -> None:
-    if result not in autoscaling.RESULTS:
+    if result not in asgmodel.RESULTS:
         raise ValidationError(
             f"Value '{result}' at 'lifecycleActionResult' failed to satisfy "
             "constraint: Member must be one of CONTINUE, ABANDON"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from moto.autoscaling.exceptions import ValidationError
 
-from instance_agent.local import autoscaling, launching
+from instance_agent.local import asgactions, asgmodel, autoscaling, launching
 from instance_agent.local.faults import attached
 
 ACTION = "ReplaceRootVolume"
@@ -35,16 +35,16 @@ def install() -> None:
     """Patch moto (idempotent): launching hooks, and the hold after the replacement."""
     launching.install()
     with autoscaling._lock:
-        if replaced not in autoscaling.ROOT_VOLUME_REPLACED:
-            autoscaling.ROOT_VOLUME_REPLACED.append(replaced)
+        if replaced not in asgactions.ROOT_VOLUME_REPLACED:
+            asgactions.ROOT_VOLUME_REPLACED.append(replaced)
 
 
 def replace_root_volume(
     group: str,
     instance_id: str,
     *,
-    account_id: str = autoscaling.DEFAULT_ACCOUNT,
-    region: str = autoscaling.DEFAULT_REGION,
+    account_id: str = asgmodel.DEFAULT_ACCOUNT,
+    region: str = asgmodel.DEFAULT_REGION,
 ) -> str | None:
     """Start replacing the root volume of an InService instance; returns the token of the
     first terminating action holding it (None: no terminating hook, so it went on)."""
@@ -54,8 +54,8 @@ def replace_root_volume(
         backend, _asg, state = autoscaling._in_service(group, instance_id, account_id, region)
         state.lifecycle_state = "ReplacingRootVolume"
         _replacements(backend).append((group, instance_id))
-        autoscaling._enter_wait(backend, group, instance_id, autoscaling._clock(), destination=DESTINATION)
-        tokens = [a.token for a in autoscaling._book(backend).actions if a.instance_id == instance_id]
+        asgactions._enter_wait(backend, group, instance_id, asgmodel.clock(), destination=DESTINATION)
+        tokens = [a.token for a in asgmodel._book(backend).actions if a.instance_id == instance_id]
         return tokens[0] if tokens else None
 
 
@@ -63,7 +63,7 @@ def replaced(backend: object, group: str, instance_id: str) -> None:
     """The terminating actions are done: the root volume is replaced and the instance boots
     again, held in Pending:Wait by a launching hook if the group has one."""
     asg = backend.autoscaling_groups.get(group)  # type: ignore[attr-defined]
-    state = autoscaling._find_state(asg, instance_id) if asg is not None else None
+    state = asgmodel._find_state(asg, instance_id) if asg is not None else None
     if state is None:
         raise ValidationError(f"Instance {instance_id} is not in {group}")
     state.lifecycle_state = "RootVolumeReplaced"
@@ -73,11 +73,11 @@ def replaced(backend: object, group: str, instance_id: str) -> None:
 
 
 def replacements(
-    group: str, *, account_id: str = autoscaling.DEFAULT_ACCOUNT, region: str = autoscaling.DEFAULT_REGION
+    group: str, *, account_id: str = asgmodel.DEFAULT_ACCOUNT, region: str = asgmodel.DEFAULT_REGION
 ) -> list[str]:
     """The instances of `group` whose root volume replacement began, oldest first."""
     with autoscaling._lock:
-        backend = autoscaling._backend(account_id, region)
+        backend = asgmodel._backend(account_id, region)
         return [i for g, i in _replacements(backend) if g == group]
 
 
