@@ -8,13 +8,10 @@ Rules for what the filesystem throws at us (each a warning in the manifest, neve
   with a warning, never followed, and no path is resolved again from the root;
 - FIFOs, sockets and devices are skipped without being opened (opening a FIFO blocks);
 - unreadable files and files that vanish are skipped;
-- a file that shrinks mid-read is padded with zeros to the size in its header, and one that
-  grows is cut at that size: the header is written before the data, so the size is fixed;
 - past the deadline (--max-duration) no new entry is started; what was not reached is listed.
-  A file being read when the deadline passes is cut there: its header already holds its size,
-  so the rest is written as zeros (no read; zstd takes zeros at about 4 GB/s on one core), and
-  its entry says where (cut_at), with no digest. So the overrun is one read plus that padding,
-  whatever the file's size, where it used to be the whole file.
+
+The tar stream itself (its buffer, and each file's data: shrunk, grown, sparse or cut by the
+deadline) is tarstream.py's.
 """
 
 from __future__ import annotations
@@ -22,25 +19,17 @@ from __future__ import annotations
 import errno
 import fnmatch
 import grp
-import hashlib
 import os
 import pwd
 import re
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
-from typing import Any, Protocol
 
 from instance_agent import tarheader
-from instance_agent.manifest import ArchiveReport, Entry, Held, Warning
+from instance_agent.manifest import ArchiveReport, Entry, Held
+from instance_agent.tarstream import Sink, TarStream
 
-# 1 MiB reads: large enough that per-call overhead vanishes, small enough to stay in cache.
-READ_SIZE = 1 << 20
-# The tar stream is gathered in a buffer of READ_SIZE and handed to the sink a full buffer at a
-# time; file data is read straight into its free tail. A tree of small files would otherwise
-# cost three sink writes per file (header, data, padding), each a compressor call that drops
-# and retakes the GIL. Below this much free space, the buffer is handed on before a read.
-MIN_READ = 64 << 10
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SWAPPED = "replaced by a symlink or another file during the backup; not followed"
@@ -54,10 +43,6 @@ Skip = Callable[[bytes, os.stat_result, int | None, bytes], Held | None]
 # A directory being walked: its path, its descriptor, and its entries still to do, each a name
 # and whether the listing said it is a regular file (d_type).
 _Level = tuple[bytes, int, Iterator[tuple[bytes, bool]]]
-
-
-class Sink(Protocol):
-    def write(self, data: bytes | bytearray | memoryview, /) -> object: ...
 
 
 @lru_cache(maxsize=256)
@@ -109,7 +94,7 @@ class Excluder:
         return self.base is not None and self.base.match(text.rsplit("/", 1)[-1]) is not None
 
 
-class Archiver:
+class Archiver(TarStream):
     def __init__(
         self,
         sink: Sink,
@@ -124,48 +109,18 @@ class Archiver:
         before_open: Callable[[bytes], None] | None = None,
         skip: Skip | None = None,
     ) -> None:
-        self._sink = sink
+        super().__init__(sink, deadline=deadline, clock=clock, hash_name=hash_name)
         self._max_file_size = max_file_size
         self._one_fs = one_file_system
         self._root_dev = 0
         self._excluded = Excluder(excludes)
-        self._deadline = deadline
-        self._clock = clock
-        self._hash = hash_name == "sha256"
         self._progress = progress
         self._seen_dirs: set[tuple[int, int]] = set()
         self._root_files: set[bytes] = set()  # members given as sources (see _add_root)
-        self._buf = bytearray(READ_SIZE)
-        self._fill = 0  # bytes of the tar stream in _buf, not yet handed to the sink
         # Called with each entry's path after it was listed and stat'ed, before it is opened:
         # tests use it to swap a directory at exactly that moment.
         self._before_open = before_open
         self._skip = skip
-        self.report = ArchiveReport()
-
-    # -- output -------------------------------------------------------------------------
-    def _write(self, data: bytes | bytearray | memoryview) -> None:
-        n = len(data)
-        self.report.tar_bytes += n
-        if self._fill + n > len(self._buf):
-            self._flush()
-            if n >= len(self._buf):
-                self._sink.write(data)
-                return
-        self._buf[self._fill : self._fill + n] = data
-        self._fill += n
-
-    def _flush(self) -> None:
-        """Hand the buffered tar stream to the sink (which consumes it before returning)."""
-        if self._fill:
-            self._sink.write(memoryview(self._buf)[: self._fill])
-            self._fill = 0
-
-    def _warn(self, path: bytes, reason: str) -> None:
-        self.report.warnings.append(Warning(path, reason))
-
-    def _past_deadline(self) -> bool:
-        return self._deadline is not None and self._clock() >= self._deadline
 
     # -- public -------------------------------------------------------------------------
     def add_sources(self, sources: Sequence[str]) -> None:
@@ -185,11 +140,6 @@ class Archiver:
             return None
         self._add_entry(path, st, dir_fd, name)
         return st
-
-    def finish(self) -> ArchiveReport:
-        self._write(tarheader.end_of_archive(self.report.tar_bytes))
-        self._flush()
-        return self.report
 
     # -- walking ------------------------------------------------------------------------
     def _add_root(self, root: bytes) -> None:
@@ -402,91 +352,3 @@ class Archiver:
         self.report.add(Entry(member, "file", st.st_size, st.st_mtime_ns, mode, sha256=digest, cut_at=cut_at))
         if self._progress:
             self._progress(self.report)
-
-    def _copy(self, fd: int, path: bytes, size: int, sparse: bool = False) -> tuple[str | None, int | None]:
-        """Exactly `size` bytes of the file into the sink, then the block padding; returns
-        its digest (when hashing), and where the deadline cut it (None: read whole).
-
-        Reads ask for one byte more than is left, so a file that grew is noticed without an
-        extra syscall (most log files fit in one read)."""
-        h = hashlib.sha256() if self._hash else None
-        view = memoryview(self._buf)
-        left = size
-        grew = eof_seen = False
-        while left:
-            if left < size and self._past_deadline():
-                return None, self._cut(path, size - left, size)
-            if sparse:
-                hole = self._skip_hole(fd, size - left, left, h)
-                if hole:
-                    left -= hole
-                    continue
-            if len(view) - self._fill < MIN_READ:
-                self._flush()
-            start = self._fill
-            want = min(left + 1, len(view) - start)
-            try:
-                got = os.readv(fd, [view[start : start + want]])
-            except OSError as err:
-                self._warn(
-                    path, f"read error after {size - left} bytes ({err.strerror}); rest padded with zeros"
-                )
-                self._pad(left, h)
-                eof_seen = True
-                break
-            if got == 0:
-                self._warn(path, f"shrank during read from {size} to {size - left} bytes; padded with zeros")
-                self._pad(left, h)
-                eof_seen = True
-                break
-            if got > left:
-                got, grew = left, True
-            elif got < want:
-                eof_seen = True  # a short read of a regular file is its end
-            # The data is in the buffer already: count it in, as _write would.
-            self._fill += got
-            self.report.tar_bytes += got
-            if h:
-                h.update(view[start : start + got])
-            left -= got
-            self.report.bytes_read += got
-        if not grew and not eof_seen:
-            try:
-                grew = bool(os.read(fd, 1))
-            except OSError:
-                grew = False
-        if grew:
-            self._warn(path, f"grew during read; cut at {size} bytes")
-        self._write(b"\0" * tarheader.padding(size))
-        return (h.hexdigest() if h else None), None
-
-    def _cut(self, path: bytes, kept: int, size: int) -> int:
-        """The deadline passed `kept` bytes into the file: zeros for the rest, unread."""
-        self._warn(path, f"cut short at {kept} of {size} bytes by --max-duration; the rest is zeros")
-        self.report.cut.append((path, kept, size))
-        self._pad(size - kept, None)
-        self._write(b"\0" * tarheader.padding(size))
-        return kept
-
-    def _skip_hole(self, fd: int, offset: int, left: int, h: Any) -> int:
-        """At a hole: write its zeros (up to the next data or the end), seek past it, and
-        return its length; 0 when data starts at `offset`."""
-        try:
-            data_at = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole remains up to EOF
-            data_at = offset + left
-        hole = min(data_at, offset + left) - offset
-        os.lseek(fd, offset + max(hole, 0), os.SEEK_SET)
-        if hole <= 0:
-            return 0
-        self._pad(hole, h)
-        return hole
-
-    def _pad(self, count: int, h: Any) -> None:
-        zeros = bytes(min(count, READ_SIZE))
-        while count:
-            n = min(count, len(zeros))
-            self._write(zeros[:n])
-            if h:
-                h.update(zeros[:n])
-            count -= n

@@ -10,7 +10,7 @@ import os
 import zlib
 from typing import Any, Protocol, cast
 
-from instance_agent.archive import Sink
+from instance_agent.tarstream import Sink
 
 DEFAULT_LEVELS = {"zstd": 3, "gzip": 6}
 OUT_SIZE = 2 << 20  # zstd's output buffer: see _Zstd

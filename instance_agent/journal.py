@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import IO
 
-from instance_agent.archive import Sink
+from instance_agent.tarstream import Sink
 
 READ_SIZE = 1 << 20
 BOOTS = ("-1", "0")  # the previous boot first, so the export reads in time order

@@ -32,7 +32,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from instance_agent import __version__, keys, manifest, s3args
-from instance_agent.archive import Archiver, Sink
+from instance_agent.archive import Archiver
 from instance_agent.backup import _s3_extra, _upload_stream
 from instance_agent.clients import Clients
 from instance_agent.config import Config
@@ -43,6 +43,7 @@ from instance_agent.manifest import path_from_fields
 from instance_agent.s3upload import ChainBody, S3Client, put_small
 from instance_agent.shiprecord import FileId, Shipped, open_same, tail_digest
 from instance_agent.shipstate import Ledger
+from instance_agent.tarstream import Sink
 from instance_agent.throttle import paced
 
 log = logging.getLogger(__name__)

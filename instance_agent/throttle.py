@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from instance_agent.archive import Sink
 from instance_agent.errors import Cancelled
+from instance_agent.tarstream import Sink
 
 
 class Paced:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from fakes import FakeClock
 
-from instance_agent.archive import READ_SIZE, Archiver
+from instance_agent.archive import Archiver
+from instance_agent.tarstream import READ_SIZE
 
 
 class _TickingClock(FakeClock):
