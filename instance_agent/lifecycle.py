@@ -38,6 +38,7 @@ from instance_agent.errors import (
     NoActiveLifecycleAction,
     WaitTimeout,
 )
+from instance_agent.kinds import Action
 from instance_agent.logs import fields
 from instance_agent.redact import scrub, scrub_tokens
 
@@ -157,14 +158,9 @@ def default_interval(heartbeat_timeout: int) -> float:
     return max(1.0, min(heartbeat_timeout / 3.0, MAX_INTERVAL))
 
 
-# What `locate()` found.
-ACTIVE = "termination"  # a terminating action is live: back up, then complete
-WARM_RETURN = "warm-pool-return"  # the instance goes back to the warm pool, disks kept
-NOT_TERMINATING = "none"  # in service (an ad-hoc run), or the live action is not ours
-GONE = "gone"  # past the wait: the action ended (completed elsewhere, or expired)
-RETAINED = "retained"  # a terminating action ended in ABANDON and the group keeps the instance
-ROOT_VOLUME = "root-volume"  # a root-volume replacement held by our hook: back up, then CONTINUE
-REPLACING = "replacing-root-volume"  # a root-volume replacement with no action of ours live
+# What `locate()` found: kinds.Action. The names stay for the callers that import them.
+ACTIVE, WARM_RETURN, NOT_TERMINATING = Action.ACTIVE, Action.WARM_RETURN, Action.NOT_TERMINATING
+GONE, RETAINED, ROOT_VOLUME, REPLACING = Action.GONE, Action.RETAINED, Action.ROOT_VOLUME, Action.REPLACING
 
 
 class Lifecycle:
@@ -240,7 +236,7 @@ class Lifecycle:
 
     def locate(
         self, *, deadline: float, expect_termination: bool, cancel: threading.Event | None = None
-    ) -> str:
+    ) -> Action:
         """Wait until the instance's lifecycle is decided; returns ACTIVE, WARM_RETURN,
         ROOT_VOLUME, REPLACING, RETAINED, NOT_TERMINATING or GONE.
 

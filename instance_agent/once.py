@@ -40,6 +40,7 @@ from typing import Any
 
 from instance_agent import statedir
 from instance_agent.errors import Cancelled, LockTimeout
+from instance_agent.kinds import Verdict
 from instance_agent.logs import fields
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,8 @@ log = logging.getLogger(__name__)
 RECORD_MAX_AGE = 172_800.0  # AWS's maximum global timeout of a lifecycle action
 RECORD_FORMAT = 2
 
-RUN = "run"
-DUPLICATE = "duplicate"
-COMPLETE_ONLY = "complete-only"
+# The verdicts: kinds.Verdict. The names stay for the callers that import them.
+RUN, DUPLICATE, COMPLETE_ONLY = Verdict.RUN, Verdict.DUPLICATE, Verdict.COMPLETE_ONLY
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Record:
             return None
 
 
-def decide(record: Record | None, *, live: bool, action: str | None, now: float) -> str:
+def decide(record: Record | None, *, live: bool, action: str | None, now: float) -> Verdict:
     """RUN, DUPLICATE or COMPLETE_ONLY for a job that found `record` under the lock, with
     `live` saying whether Auto Scaling holds an action for the instance now and `action`
     the fingerprint of this run's token (None when it has none)."""

@@ -21,6 +21,7 @@ from instance_agent import status
 from instance_agent.config import Config
 from instance_agent.errors import IMDSError
 from instance_agent.imds import IMDSRefused
+from instance_agent.kinds import TERMINAL_STATES, NoticeKind
 from instance_agent.logs import fields
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 LIFECYCLE_PATH = "autoscaling/target-lifecycle-state"
 SPOT_PATH = "spot/instance-action"
 REBALANCE_PATH = "events/recommendations/rebalance"
-TERMINAL_STATES = ("Terminated", "Warmed:Terminated")
 # Into a warm pool: a return under an instance reuse policy fires the terminating hook; a
 # fresh launch into the pool fires the launching one, and IMDS already shows the target
 # state (https://docs.aws.amazon.com/autoscaling/ec2/userguide/warm-pool-instance-lifecycle.html).
@@ -40,12 +40,10 @@ WARM_STATES = ("Warmed:Stopped", "Warmed:Running", "Warmed:Hibernated")
 # Spot notice well inside its two minutes once IMDS answers again.
 MAX_BACKOFF = 20.0
 
-TERMINATION = "termination"
-WARM_RETURN = "warm-pool"
-SPOT_TERMINATE = "spot-terminate"
-SPOT_STOP = "spot-stop"
-SPOT_HIBERNATE = "spot-hibernate"
-REBALANCE = "rebalance"
+# The notices: kinds.NoticeKind. The names stay for the callers that import them.
+TERMINATION, WARM_RETURN, REBALANCE = NoticeKind.TERMINATION, NoticeKind.WARM_RETURN, NoticeKind.REBALANCE
+SPOT_TERMINATE, SPOT_STOP = NoticeKind.SPOT_TERMINATE, NoticeKind.SPOT_STOP
+SPOT_HIBERNATE = NoticeKind.SPOT_HIBERNATE
 
 
 class MetadataReader(Protocol):
@@ -57,7 +55,7 @@ class MetadataReader(Protocol):
 
 @dataclass(frozen=True)
 class Notice:
-    kind: str
+    kind: NoticeKind
     detail: str  # the lifecycle state, or the notice's time
 
 

@@ -11,12 +11,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from instance_agent import __version__
+from instance_agent.kinds import Action, Status, Trigger
 
-SUCCEEDED = "succeeded"
-PARTIAL = "partial"
-FAILED = "failed"
-DUPLICATE = "duplicate"
-SKIPPED = "skipped"  # a warm-pool return with no backup asked for
+# The statuses: kinds.Status. The names stay for the callers that import them.
+SUCCEEDED, PARTIAL, FAILED, DUPLICATE = Status.SUCCEEDED, Status.PARTIAL, Status.FAILED, Status.DUPLICATE
+SKIPPED = Status.SKIPPED
 
 OK_STATUSES = (SUCCEEDED, PARTIAL)
 # Always present in the JSON, even when None: consumers (and docs/operations.md's table) rely on them.
@@ -47,7 +46,7 @@ class Result:
     bucket: str | None = None
     group: str | None = None
     hook: str | None = None
-    status: str = FAILED
+    status: Status = FAILED
     key: str | None = None
     manifest_key: str | None = None
     journal_key: str | None = None
@@ -63,9 +62,9 @@ class Result:
     error: str | None = None
     agent_version: str = __version__
     # What answered (watcher notice kind, or "command"), and what it answered.
-    trigger: str | None = None
+    trigger: Trigger | None = None
     notice: str | None = None
-    action: str | None = None  # termination | warm-pool-return | none
+    action: Action | None = None  # what Auto Scaling held (kinds.Action)
     lifecycle_action: str | None = None  # the action token's fingerprint, never the token
     first_status: str | None = None  # for duplicates: the first run's
     first_exit_code: int | None = None

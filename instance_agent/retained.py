@@ -45,6 +45,7 @@ from instance_agent.clients import Clients
 from instance_agent.config import Config
 from instance_agent.errors import LifecycleError, NotifyError
 from instance_agent.identity import Identity
+from instance_agent.kinds import Status
 from instance_agent.lifecycle import instance_state
 from instance_agent.logs import fields
 from instance_agent.metrics import CloudWatchClient
@@ -130,7 +131,7 @@ def recover(fx: Effects, *, instance_id: str, retry_for: float, first: float, ca
         attempt += 1
         state["attempts"] = attempt
         result = fx.backup()
-        if result.get("status") == "succeeded":
+        if result.get("status") == Status.SUCCEEDED:
             fx.on_state({**state, "event": "retained_recovered", "next_retry_in_s": None})
             fx.terminate()
             fx.metric(RECOVERED_METRIC)

@@ -40,6 +40,7 @@ from instance_agent import signals, status
 from instance_agent.config import Config
 from instance_agent.errors import EXIT_FAILED, EXIT_OK, AgentError, Cancelled
 from instance_agent.imds import IMDS
+from instance_agent.kinds import Trigger
 from instance_agent.logs import fields
 from instance_agent.poller import (
     REBALANCE,
@@ -58,14 +59,9 @@ if TYPE_CHECKING:
     from instance_agent.identity import Identity
     from instance_agent.shipper import Shipper
     from instance_agent.shipstate import Ledger
-    from instance_agent.termination import Plan
 
 log = logging.getLogger(__name__)
 
-# No lifecycle hook delays a Spot reclaim, which comes about 120 s after the notice: a
-# backup without its own --max-duration is cut at 100 s, and the drain gate may take 30.
-SPOT_MAX_DURATION = 100.0
-SPOT_DRAIN_CAP = 30.0
 # The main loop stops vouching for the poller (no more WATCHDOG=1) when it has not finished
 # a round for this long: three paths at IMDS's 3 s request timeout, plus generous slack.
 POLLER_STALE = 60.0
@@ -73,27 +69,6 @@ IDENTITY_RETRY_MAX = 30.0
 
 # Lower runs first when several notices wait.
 PRIORITY = {TERMINATION: 0, WARM_RETURN: 0, SPOT_TERMINATE: 1, SPOT_STOP: 2, SPOT_HIBERNATE: 2, REBALANCE: 3}
-
-
-def plan_for(kind: str) -> Plan:
-    """How the termination job answers each notice."""
-    from instance_agent.termination import Plan
-
-    if kind in (TERMINATION, WARM_RETURN):
-        return Plan(termination=True, complete=True, commands=True)
-    if kind == SPOT_TERMINATE:
-        # Recorded as the termination (so the SSM path does not back up again) with
-        # nothing to complete: no hook holds a Spot reclaim.
-        return Plan(
-            termination=True,
-            complete=False,
-            commands=True,
-            drain_cap=SPOT_DRAIN_CAP,
-            max_duration=SPOT_MAX_DURATION,
-        )
-    # Spot stop/hibernate and rebalance: the instance comes back (or may not go at all);
-    # a later real termination needs its own backup.
-    return Plan(termination=False, complete=False, commands=True)
 
 
 @dataclass(frozen=True)
@@ -210,10 +185,9 @@ class Job:
         ident = self.identity.get(cfg, deadline=time.monotonic() + cfg.wait_timeout, cancel=self.cancel)
         clients = self.deps.make_clients(cfg, ident.region)
         opts = termination.Options(
-            trigger=kind,
+            trigger=Trigger(kind),
             notice=self.notice.detail,
             imds_state=self.notice.detail if kind in (TERMINATION, WARM_RETURN) else None,
-            plan=plan_for(kind),
             cancel=self.cancel,
             on_stage=self._stage,
             shipped=shipped,
@@ -346,7 +320,7 @@ class Watcher:
         if self.job is None:
             log.info("stop requested", extra=fields(signal=name))
             return now
-        from instance_agent.termination import COMPLETING
+        from instance_agent.steps import COMPLETING  # a job runs: the job's modules are loaded
 
         if self.job.stage == COMPLETING:
             # The backup is over; only CompleteLifecycleAction's retries are left. The stop
