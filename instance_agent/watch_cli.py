@@ -109,11 +109,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def run_watcher(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
     """The daemon with wiring.py's factories; `reload` returns a new Config (SIGHUP)."""
-    from instance_agent import watch
+    from instance_agent import watch, watch_job
 
     return watch.serve(
         cfg,
-        watch.Deps(resolve_identity=wiring.resolve_identity, make_clients=wiring.make_clients, reload=reload),
+        watch_job.Deps(
+            resolve_identity=wiring.resolve_identity, make_clients=wiring.make_clients, reload=reload
+        ),
     )
 
 
