@@ -187,7 +187,10 @@ def full(
     if retry and planned == "ABANDON" and not res.ok:
         # A retained instance keeps its disks: retry until the backup lands (retained.py).
         retained.run_if_retained(
-            cfg, ctx.ident, ctx.clients, lambda: _retry_backup(ctx, res).to_json(), ctx.cancel, res.group
+            cfg, ctx.ident, ctx.clients, lambda: _retry_backup(ctx, res).to_json(),
+            ctx.cancel,
+            res.group,
+            clock=ctx.clock,
         )
     return Done(res, code, done.metrics_sent)
 
@@ -262,7 +265,9 @@ def _retry_retained(ctx: Context, res: Result) -> Result:
         attempts.append(_retry_backup(ctx, res))
         return attempts[-1].to_json()
 
-    outcome = retained.run_if_retained(ctx.cfg, ctx.ident, ctx.clients, attempt, ctx.cancel, res.group)
+    outcome = retained.run_if_retained(
+        ctx.cfg, ctx.ident, ctx.clients, attempt, ctx.cancel, res.group, clock=ctx.clock
+    )
     if outcome == retained.RECOVERED and attempts:
         landed = attempts[-1]
         landed.action = res.action

@@ -182,6 +182,8 @@ def run_if_retained(
     backup: Callable[[], Mapping[str, Any]],
     cancel: threading.Event,
     group: str | None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
 ) -> str | None:
     """After a terminating action ended in ABANDON: when DescribeAutoScalingInstances shows
     the instance `*:Retained`, run the retry loop; None when it is not retained (no policy:
@@ -228,7 +230,7 @@ def run_if_retained(
         metric=lambda name: _put_metric(clients.cloudwatch, group, name),
         notify=report,
         wait=cancel.wait,
-        clock=time.monotonic,
+        clock=clock,
         # `instance-agent status` shows what the retained instance is waiting for.
         on_state=lambda state: status.write_status(status.status_path(cfg), retained=dict(state)),
     )

@@ -47,6 +47,7 @@ class Context:
     cancel: threading.Event
     on_stage: Callable[[str], object]
     clock: Callable[[], float]
+    sleep: Callable[[float], object] | None  # completion retries' pause (None: a real sleep)
     started: float  # clock() when the run began
     progress_interval: float
     shipped: Ledger | None  # the watcher's shipping ledger, when it has one

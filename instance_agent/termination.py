@@ -75,6 +75,9 @@ class Options:
     on_stage: Callable[[str], object] = lambda _stage: None
     progress_interval: float = 30.0
     clock: Callable[[], float] = time.monotonic
+    # The pause between completion retries, which a stop must not cut short (so not
+    # `cancel.wait`); None is a real sleep. Tests pass a fake that moves `clock`.
+    sleep: Callable[[float], object] | None = None
     # The watcher's shipper's ledger (a view): spares reading the file again at termination.
     shipped: Ledger | None = None
 
@@ -97,6 +100,7 @@ def run(cfg: Config, ident: Identity, clients: Clients, opts: Options | None = N
         cancel=opts.cancel,
         on_stage=opts.on_stage,
         clock=opts.clock,
+        sleep=opts.sleep,
         started=opts.clock(),
         progress_interval=opts.progress_interval,
         shipped=opts.shipped,
@@ -158,7 +162,9 @@ def _decide_and_execute(ctx: Context, opts: Options, answer: Answer, base: Resul
     if not locks(seen):
         return execute(choose(seen), ctx, base, lc, None)
     lock = TerminationLock(
-        (ctx.cfg.state_dir, ctx.cfg.runtime_dir), f"{LOCK_NAME}-{ctx.ident.instance_id}", cancel=ctx.cancel
+        (ctx.cfg.state_dir, ctx.cfg.runtime_dir), f"{LOCK_NAME}-{ctx.ident.instance_id}",
+        clock=ctx.clock,
+        cancel=ctx.cancel,
     )
     lock.acquire(ctx.cfg.lock_timeout)
     try:
@@ -201,7 +207,7 @@ def _find_action(
         log.info("no terminating lifecycle hook for this instance; nothing to complete")
         return (Action.GONE if expected else Action.NOT_TERMINATING), None
     base.group, base.hook = target.group, target.hook
-    lc = Lifecycle(autoscaling, target, interval=cfg.heartbeat_interval, clock=ctx.clock)
+    lc = Lifecycle(autoscaling, target, interval=cfg.heartbeat_interval, clock=ctx.clock, sleep=ctx.sleep)
     action = lc.locate(deadline=deadline, expect_termination=expected, cancel=ctx.cancel)
     if action is Action.GONE:
         base.lifecycle_error = (
