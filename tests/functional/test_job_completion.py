@@ -243,3 +243,41 @@ def test_run_command_stopped_during_the_backup_also_completes_with_on_failure(wo
     assert out.exit_code == 1
     assert world.asg.completed == ["ABANDON"]
     no_backup(world)
+
+
+# -- multipart: parts, and a part that fails -------------------------------------------------
+
+
+def big_file(world: World, mib: int) -> None:
+    import os
+
+    (world.source / "big.bin").write_bytes(os.urandom(mib * 1024 * 1024))
+
+
+def test_an_archive_of_several_parts_is_the_bytes_on_disk(world: World) -> None:
+    big_file(world, 20)  # three 8 MiB parts
+    out = world.run(leaving(world))
+    assert out.exit_code == 0
+    the_backup(world)
+    assert world.s3.count("UploadPart") == 3
+    assert world.asg.completed == ["CONTINUE"]
+
+
+def test_a_failed_second_part_aborts_the_upload_and_abandons(world: World) -> None:
+    big_file(world, 12)  # two parts; the second is refused
+    world.s3.errors["UploadPart"] = []
+    calls = {"n": 0}
+
+    def second_part_fails() -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            world.s3.errors["UploadPart"].append(client_error("InternalError", "internal", 500))
+
+    world.s3.before["UploadPart"] = second_part_fails
+    out = world.run(leaving(world))
+    assert out.exit_code == 1
+    assert "UploadPart" in (out.result.error or "")
+    assert world.s3.object_keys() == []
+    no_backup(world)
+    assert world.asg.completed == ["ABANDON"]
+    assert the_message(world)["status"] == "failed"

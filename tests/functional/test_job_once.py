@@ -285,3 +285,30 @@ def test_a_killed_runs_multipart_upload_is_aborted_before_the_new_archive(world:
     assert world.s3.aborted == [f"web/{INSTANCE}/20260101T000000Z.tar"]
     assert list(world.s3.uploads) == [other["UploadId"]]  # another instance's upload is safe
     assert mine["UploadId"] not in world.s3.uploads
+
+
+def test_a_stop_while_waiting_for_the_lock_ends_the_run_without_a_backup(world: World) -> None:
+    world.asg.set_state("Terminating:Wait")
+    world.cancel.cancel_after(5)
+    fd = hold_the_lock(world)
+    try:
+        out = world.run(command_options(world))
+    finally:
+        os.close(fd)
+    assert out.exit_code == 1
+    assert "lock" in (out.result.error or "")
+    assert world.clock.elapsed < 6
+    no_backup(world)
+    assert world.asg.count("CompleteLifecycleAction") == 0
+
+
+def test_no_complete_runs_are_never_deduplicated(world: World) -> None:
+    world.configure(complete=False)
+    world.asg.set_state("Terminating:Wait")
+    world.run(command_options(world))
+    second_archive_prefix(world)
+    out = world.run(command_options(world))
+    assert out.result.status == "succeeded"
+    assert len(world.archives()) == 2
+    assert len(world.messages()) == 2
+    assert world.asg.count("CompleteLifecycleAction") == 0

@@ -368,3 +368,35 @@ def test_run_command_with_a_token_waits_in_replacing_root_volume_for_the_wait(wo
     assert world.clock.elapsed >= 40
     assert world.asg.completed == ["CONTINUE"]
     assert the_message(world)["action"] == "root-volume"
+
+
+def test_an_operator_backup_during_the_replacement_wait_completes_it_too(world: World) -> None:
+    world.asg.set_state("ReplacingRootVolume:Wait")  # no token: found by the instance id
+    out = world.run(command_options(world))
+    assert out.exit_code == 0
+    the_backup(world)
+    assert world.asg.completed == ["CONTINUE"]
+    assert (out.result.action, out.result.lifecycle_result) == ("root-volume", "CONTINUE")
+
+
+# -- the drain gate: the watcher's, never an operator's ------------------------------------------
+
+
+def test_the_watchers_termination_runs_the_drain_gate_first(world: World) -> None:
+    world.configure(drain_path=(str(world.tmp / "busy.marker"),))  # not there: drained
+    world.asg.set_state("Terminating:Wait")
+    world.run(watcher_options(world, TERMINATION, "Terminated"))
+    drain = the_message(world)["drain"]
+    assert (drain["drained"], drain["busy"]) == (True, [])
+
+
+def test_an_operators_ad_hoc_backup_never_runs_the_drain_gate(world: World) -> None:
+    marker = world.tmp / "busy.marker"
+    marker.write_text("a job in flight")
+    # A short timeout: were the gate to run, it would show in the report after 1 s.
+    world.configure(drain_path=(str(marker),), drain_timeout=1.0)
+    world.asg.set_state("InService")
+    out = world.run(command_options(world))
+    assert out.exit_code == 0
+    assert the_message(world).get("drain") is None  # the application was never asked to stop
+    the_backup(world)

@@ -154,3 +154,13 @@ def test_a_stop_while_auto_scaling_is_unreachable_ends_the_retries(world: World)
     assert out.exit_code == 1
     assert world.clock.elapsed < 10
     no_backup(world)
+
+
+def test_run_command_arriving_before_the_wait_state_completes_once_it_comes(world: World) -> None:
+    world.asg.set_state("Terminating")  # IMDS says Terminated; Auto Scaling is not in Wait yet
+    world.clock.after(4, lambda: world.asg.set_state("Terminating:Wait"))
+    out = world.run(command_options(world, imds_state="Terminated"))
+    assert out.exit_code == 0
+    assert (out.result.lifecycle_result, out.result.lifecycle_error) == ("CONTINUE", None)
+    assert world.asg.completed == ["CONTINUE"]
+    assert world.asg.count("CompleteLifecycleAction") == 1  # no early, refused completion
