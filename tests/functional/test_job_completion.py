@@ -71,6 +71,8 @@ def test_a_permanent_completion_error_is_not_retried(world: World, code: str) ->
     assert world.asg.count("CompleteLifecycleAction") == 1
     assert code in (out.result.lifecycle_error or "")
     the_backup(world)
+    # The report of the archive, then the report of the failed completion.
+    assert [m.get("event") for m in world.messages()] == [None, "lifecycle_completion_failed"]
 
 
 def test_an_action_completed_elsewhere_meanwhile_is_not_a_failure(world: World) -> None:
@@ -170,7 +172,10 @@ def test_the_fake_s3_refuses_a_create_only_write_as_s3_does(world: World) -> Non
 
 @pytest.mark.parametrize(
     "error",
-    [client_error("AuthorizationError", "not authorized", 403), client_error("Throttled", "slow down", 400)],
+    [
+        client_error("AuthorizationError", "not authorized", 403),
+        client_error("Throttled", "Rate exceeded", 429),
+    ],
 )
 def test_a_report_that_cannot_be_published_does_not_stop_the_completion(
     world: World, error: Exception
@@ -182,6 +187,15 @@ def test_a_report_that_cannot_be_published_does_not_stop_the_completion(
     assert out.result.notify_error
     assert world.messages() == []
     the_backup(world)
+
+
+def test_a_topic_that_does_not_exist_is_recorded_and_never_blocks_completion(world: World) -> None:
+    world.sns.topics.clear()
+    out = world.run(leaving(world))
+    assert (out.exit_code, out.result.status) == (0, "succeeded")
+    assert (out.result.notify_error or "").startswith("SNS publish failed")
+    assert "NotFound" in (out.result.notify_error or "")
+    assert world.asg.completed == ["CONTINUE"]
 
 
 def test_without_a_topic_no_message_is_sent_and_the_job_is_the_same(world: World) -> None:

@@ -141,6 +141,7 @@ def test_a_stop_during_the_deregistration_wait_ends_the_run_without_a_backup(wor
     out = world.run(leaving(world))
     assert out.exit_code == 1
     assert out.result.status == "failed"
+    assert "wait state" in (out.result.error or "")
     assert world.clock.elapsed < 120  # the wait returned on the stop
     no_backup(world)
     assert world.asg.count("CompleteLifecycleAction") == 0  # no live action was ever ours
