@@ -187,6 +187,11 @@ def watcher_options(world: World, kind: str, detail: str = "") -> termination.Op
     )
 
 
+def leaving(world: World) -> termination.Options:
+    """The watcher's notice that IMDS says `Terminated`: the common case."""
+    return watcher_options(world, TERMINATION, "Terminated")
+
+
 # -- what a user checks, in one line each ---------------------------------------------------
 
 

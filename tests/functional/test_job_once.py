@@ -8,9 +8,11 @@ completes the action exactly once and writes no second archive
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,17 +22,11 @@ from functional.conftest import (
     TOKEN,
     World,
     command_options,
+    leaving,
     no_backup,
     the_backup,
-    watcher_options,
 )
 from functional.fakes import client_error
-from instance_agent.poller import TERMINATION
-from instance_agent.termination import Options
-
-
-def leaving(world: World) -> Options:
-    return watcher_options(world, TERMINATION, "Terminated")
 
 
 def first_run(world: World) -> str:
@@ -249,16 +245,22 @@ def hold_the_lock(world: World) -> int:
     return fd
 
 
+@contextlib.contextmanager
+def held_lock(world: World) -> Iterator[None]:
+    fd = hold_the_lock(world)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def test_a_run_that_cannot_get_the_lock_within_lock_timeout_fails_and_leaves_the_action_to_the_holder(
     world: World,
 ) -> None:
     world.configure(lock_timeout=30.0)
     world.asg.set_state("Terminating:Wait")
-    fd = hold_the_lock(world)
-    try:
+    with held_lock(world):
         out = world.run(leaving(world))
-    finally:
-        os.close(fd)
     assert out.exit_code == 1
     assert out.result.status == "failed"
     assert 30 <= world.clock.elapsed < 31
@@ -290,11 +292,8 @@ def test_a_killed_runs_multipart_upload_is_aborted_before_the_new_archive(world:
 def test_a_stop_while_waiting_for_the_lock_ends_the_run_without_a_backup(world: World) -> None:
     world.asg.set_state("Terminating:Wait")
     world.cancel.cancel_after(5)
-    fd = hold_the_lock(world)
-    try:
+    with held_lock(world):
         out = world.run(command_options(world))
-    finally:
-        os.close(fd)
     assert out.exit_code == 1
     assert "lock" in (out.result.error or "")
     assert world.clock.elapsed < 6

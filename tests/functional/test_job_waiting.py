@@ -12,18 +12,12 @@ from functional.conftest import (
     TOKEN,
     World,
     command_options,
+    leaving,
     no_backup,
     the_backup,
     the_message,
-    watcher_options,
 )
 from functional.fakes import client_error
-from instance_agent.poller import TERMINATION
-from instance_agent.termination import Options
-
-
-def leaving(world: World) -> Options:
-    return watcher_options(world, TERMINATION, "Terminated")
 
 
 def test_the_backup_waits_out_the_deregistration_delay_and_holds_the_logs_written_meanwhile(
