@@ -59,6 +59,11 @@ class RecordingNotifier(Notifier):
             self.changed.notify_all()
         return False
 
+    def poke(self) -> None:
+        """Wake `wait_for` for something the watcher does not say (a fake's call)."""
+        with self.changed:
+            self.changed.notify_all()
+
     def wait_for(self, ready: Callable[[], bool]) -> bool:
         with self.changed:
             return self.changed.wait_for(ready, timeout=GIVE_UP)
@@ -79,12 +84,13 @@ def watch_until(
     answers: dict[str, str | None],
     stop_when: Callable[[RecordingNotifier], bool],
     started: list[Watcher] | None = None,
+    notifier: RecordingNotifier | None = None,
     **configure: Any,
 ) -> tuple[int, RecordingNotifier, FakeIMDS]:
     """Run the watcher until `stop_when(notifier)`, then SIGTERM it; its exit code."""
     world.configure(**configure)
     imds = FakeIMDS(answers)
-    notifier = RecordingNotifier()
+    notifier = notifier or RecordingNotifier()
     deps = Deps(resolve_identity=lambda _cfg: world.ident, make_clients=lambda _cfg, _region: world.clients())
     # Watcher's `imds` is typed as the real client; the poller needs only MetadataReader.
     watcher = Watcher(world.cfg, deps, imds=imds, notifier=notifier)  # type: ignore[arg-type]
@@ -194,16 +200,23 @@ def test_a_stop_during_the_backup_cancels_it_after_the_grace_and_completes_aband
     world.asg.set_state("Terminating:Wait")
     uploading = threading.Event()
     watchers: list[Watcher] = []
+    notifier = RecordingNotifier()
 
     def upload_starts() -> None:
         # The backup is under way when SIGTERM comes: it runs until --stop-grace is over.
         uploading.set()
+        notifier.poke()
         job = watchers[0].job
         assert job is not None and job.cancel.wait(GIVE_UP)
 
     world.s3.before["CreateMultipartUpload"] = upload_starts
     code, notifier, _ = watch_until(
-        world, {LIFECYCLE_PATH: "Terminated"}, lambda _n: uploading.is_set(), watchers, stop_grace=0.0
+        world,
+        {LIFECYCLE_PATH: "Terminated"},
+        lambda _n: uploading.is_set(),
+        watchers,
+        notifier,
+        stop_grace=0.0,
     )
     assert code == 1  # the stop cut a backup short
     no_backup(world)
