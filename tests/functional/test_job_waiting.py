@@ -16,8 +16,10 @@ from functional.conftest import (
     no_backup,
     the_backup,
     the_message,
+    watcher_options,
 )
 from functional.fakes import client_error
+from instance_agent.poller import TERMINATION, WARM_RETURN
 
 
 def test_the_backup_waits_out_the_deregistration_delay_and_holds_the_logs_written_meanwhile(
@@ -159,3 +161,32 @@ def test_run_command_arriving_before_the_wait_state_completes_once_it_comes(worl
     assert (out.result.lifecycle_result, out.result.lifecycle_error) == ("CONTINUE", None)
     assert world.asg.completed == ["CONTINUE"]
     assert world.asg.count("CompleteLifecycleAction") == 1  # no early, refused completion
+
+
+@pytest.mark.parametrize(
+    ("on_the_way", "wait_state", "kind", "notice", "archives"),
+    [
+        ("Terminating", "Terminating:Wait", TERMINATION, "Terminated", 1),
+        ("Warmed:Terminating", "Warmed:Terminating:Wait", TERMINATION, "Warmed:Terminated", 1),
+        ("Warmed:Pending", "Warmed:Pending:Wait", WARM_RETURN, "Warmed:Stopped", 0),
+    ],
+)
+def test_every_state_on_the_way_is_waited_out_until_its_wait_state(
+    world: World, on_the_way: str, wait_state: str, kind: str, notice: str, archives: int
+) -> None:
+    world.asg.set_state(on_the_way)
+    world.clock.after(30, lambda: world.asg.set_state(wait_state))
+    out = world.run(watcher_options(world, kind, notice))
+    assert out.exit_code == 0
+    assert world.clock.elapsed >= 30
+    assert len(world.archives()) == archives  # a warm return backs up only when asked
+    assert world.asg.completed == ["CONTINUE"]
+
+
+def test_a_state_nobody_knows_is_treated_as_in_service(world: World) -> None:
+    world.asg.set_state("Frobnicating:Wait")  # a state botocore's model does not list
+    out = world.run(command_options(world))
+    assert out.exit_code == 0
+    assert (out.result.action, out.result.lifecycle_result) == ("none", "none")
+    the_backup(world)
+    assert world.asg.count("CompleteLifecycleAction") == 0
