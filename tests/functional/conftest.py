@@ -23,8 +23,9 @@ import pytest
 
 from functional.fakes import ClockEvent, FakeCloudWatch, FakeGroup, FakeS3, FakeSNS, ScriptedClock
 from instance_agent import termination, watch
-from instance_agent.backup import Clients, Identity
+from instance_agent.clients import Clients
 from instance_agent.config import Config
+from instance_agent.identity import Identity
 from instance_agent.poller import TERMINATION, WARM_RETURN
 
 INSTANCE = "i-0123456789abcdef0"
