@@ -187,7 +187,10 @@ def full(
     if retry and planned == "ABANDON" and not res.ok:
         # A retained instance keeps its disks: retry until the backup lands (retained.py).
         retained.run_if_retained(
-            cfg, ctx.ident, ctx.clients, lambda: _retry_backup(ctx, res).to_json(),
+            cfg,
+            ctx.ident,
+            ctx.clients,
+            lambda: _retry_backup(ctx, res).to_json(),
             ctx.cancel,
             res.group,
             clock=ctx.clock,

@@ -162,7 +162,8 @@ def _decide_and_execute(ctx: Context, opts: Options, answer: Answer, base: Resul
     if not locks(seen):
         return execute(choose(seen), ctx, base, lc, None)
     lock = TerminationLock(
-        (ctx.cfg.state_dir, ctx.cfg.runtime_dir), f"{LOCK_NAME}-{ctx.ident.instance_id}",
+        (ctx.cfg.state_dir, ctx.cfg.runtime_dir),
+        f"{LOCK_NAME}-{ctx.ident.instance_id}",
         clock=ctx.clock,
         cancel=ctx.cancel,
     )

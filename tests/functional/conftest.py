@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from functional.fakes import ClockEvent, FakeCloudWatch, FakeGroup, FakeS3, FakeSNS, ScriptedClock
-from instance_agent import termination, watch
+from instance_agent import termination
 from instance_agent.clients import Clients
 from instance_agent.config import Config
 from instance_agent.identity import Identity
@@ -181,7 +181,6 @@ def watcher_options(world: World, kind: str, detail: str = "") -> termination.Op
         trigger=kind,
         notice=detail,
         imds_state=detail if kind in (TERMINATION, WARM_RETURN) else None,
-        plan=watch.plan_for(kind),
         cancel=world.cancel,
         clock=world.clock,
         sleep=world.clock.sleep,
