@@ -553,6 +553,24 @@ OPTIONS: tuple[Option, ...] = (
         "timeout of handoff_command (below handoff_lease)",
         check=check_positive,
     ),
+    # Delivery without the Lambda (issue 22): the watcher's scan and the launch gate's wait.
+    Option(
+        "handoff_scan_interval",
+        "float",
+        300.0,
+        "watch: look for unclaimed hand-offs of the group about this often (one listing, "
+        "jittered), for when no trigger Lambda delivers them; 0: never",
+        commands=frozenset({WATCH}),
+        check=check_not_negative,
+    ),
+    Option(
+        "handoff_wait",
+        "float",
+        0.0,
+        "launch gate: wait up to this long for a hand-off from an instance still in "
+        "Terminating:Wait (handoff_to = launching or any); 0: adopt only what is there",
+        check=check_not_negative,
+    ),
     # --- continuous shipping (docs/shipping.md) ---------------------------------------------
     Option(
         "ship",
@@ -655,6 +673,8 @@ class Config:
     handoff_inbox: str | None
     handoff_lease: float
     handoff_timeout: float
+    handoff_scan_interval: float
+    handoff_wait: float
     ship: bool
     ship_settle: float
     retention_days: int

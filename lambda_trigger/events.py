@@ -7,9 +7,11 @@
 - an SNS batch (`Records[].Sns.Message`, the lifecycle message as JSON text);
 - an SQS batch (`Records[].body`: the lifecycle message, an SNS notification wrapping it
   when the subscription does not use raw delivery, or an EventBridge event);
-- the bare lifecycle message (a direct invocation, e.g. from the console).
+- the bare lifecycle message (a direct invocation, e.g. from the console);
+- an S3 "Object Created" event on EventBridge (`source` aws.s3): a hand-off's manifest,
+  written last, announces a complete hand-off (`HandoffObject`, for `handoff_flow`).
 
-Each entry is a `LifecycleAction` to act on, an `Ignored` message (the test notification,
+Each entry is a `LifecycleAction` or a `HandoffObject` to act on, an `Ignored` message (the test notification,
 launch transitions, "EC2 Instance Terminate Successful", anything from another source), or
 a `Malformed` one. Nothing here raises: a bad message must cost one log line, not a retry.
 The optional keys `Origin`, `Destination`, `Action` and `NotificationMetadata` may be absent
@@ -26,6 +28,19 @@ from typing import Any
 from lambda_trigger.logs import fingerprint, redact_uuids
 
 SOURCE = "aws.autoscaling"
+S3_SOURCE = "aws.s3"
+OBJECT_CREATED = "Object Created"
+MANIFEST_SUFFIX = ".manifest.json"
+# A hand-off archive's key (handoff.TEMPLATE): some segments (the prefix, the group), then
+# handoff/<instance>/<time>.tar[.zst|.gz]. The adopt document's allowedPattern is this,
+# written `^…\z` (tests check both accept the same keys). Only letters, digits and `_ = . -`
+# in a segment, never first a `.`: no `..`, nothing sh or URL-encoding would change (so an
+# S3 notification's URL-encoded key and EventBridge's plain one read the same).
+HANDOFF_KEY = re.compile(
+    r"(?:[A-Za-z0-9_][A-Za-z0-9_=.-]{0,254}/){1,16}handoff/i-[0-9a-f]{8,17}/"
+    r"[0-9]{8}T[0-9]{6}Z[.]tar(?:[.](?:zst|gz))?"
+)
+MAX_KEY = 1024 - len(MANIFEST_SUFFIX)  # S3's longest key, less the manifest's suffix
 TERMINATE_ACTION = "EC2 Instance-terminate Lifecycle Action"
 LAUNCH_ACTION = "EC2 Instance-launch Lifecycle Action"
 TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
@@ -76,6 +91,19 @@ class LifecycleAction:
 
 
 @dataclass(frozen=True)
+class HandoffObject:
+    """A complete hand-off: its archive's key (the manifest's, less the suffix)."""
+
+    bucket: str
+    key: str
+    source: str  # the sender's instance id, from the key
+    via: str
+
+    def log_fields(self) -> dict[str, Any]:
+        return {"bucket": self.bucket, "key": self.key, "source": self.source, "via": self.via}
+
+
+@dataclass(frozen=True)
 class Ignored:
     """A well-formed message the trigger has no business with."""
 
@@ -93,7 +121,7 @@ class Malformed:
     excerpt: str
 
 
-Parsed = LifecycleAction | Ignored | Malformed
+Parsed = LifecycleAction | HandoffObject | Ignored | Malformed
 
 
 def parse(event: object) -> list[Parsed]:
@@ -152,6 +180,8 @@ def _eventbridge(body: dict[str, Any], via: str, raw: object) -> Parsed:
     source, detail_type = body.get("source"), body.get("detail-type")
     detail = body.get("detail")
     instance_id = _text(detail.get("EC2InstanceId")) if isinstance(detail, dict) else None
+    if source == S3_SOURCE:
+        return _object_created(detail_type, detail, via, raw)
     if source != SOURCE:
         return Ignored(f"event from {source!r}, not {SOURCE}", via)
     if detail_type == LAUNCH_ACTION:
@@ -161,6 +191,25 @@ def _eventbridge(body: dict[str, Any], via: str, raw: object) -> Parsed:
     if not isinstance(detail, dict):
         return _malformed("detail is not a JSON object", via, raw)
     return _lifecycle(detail, via, raw)
+
+
+def _object_created(detail_type: object, detail: object, via: str, raw: object) -> Parsed:
+    """A hand-off announced by its manifest; any other S3 event or object is not ours."""
+    if detail_type != OBJECT_CREATED:
+        return Ignored(f"S3 event {detail_type!r}", via)
+    if not isinstance(detail, dict):
+        return _malformed("detail is not a JSON object", via, raw)
+    bucket, obj = detail.get("bucket"), detail.get("object")
+    name = bucket.get("name") if isinstance(bucket, dict) else None
+    key = obj.get("key") if isinstance(obj, dict) else None
+    if not isinstance(name, str) or not name or not isinstance(key, str) or not key:
+        return _malformed("detail.bucket.name or detail.object.key is missing", via, raw)
+    if not key.endswith(MANIFEST_SUFFIX):
+        return Ignored("not a hand-off manifest", via)
+    archive = key[: -len(MANIFEST_SUFFIX)]
+    if len(archive) > MAX_KEY or not HANDOFF_KEY.fullmatch(archive):
+        return Ignored("not a hand-off manifest", via)
+    return HandoffObject(bucket=name, key=archive, source=archive.split("/")[-2], via=via)
 
 
 def _lifecycle(msg: dict[str, Any], via: str, raw: object) -> Parsed:

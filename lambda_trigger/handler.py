@@ -3,7 +3,8 @@
 The Lambda entry point of the push path, and only that: it reads the settings (`settings`),
 sets up the log lines of one invocation (`logs`), splits the event into messages
 (`events`), and hands each terminate lifecycle action to the SSM flow (`ssm_flow`), whose
-docstring tells the checks and the one-command guarantee. Clients and the retry policy are
+docstring tells the checks and the one-command guarantee, and each complete state hand-off
+to `handoff_flow` (send `adopt` to one receiver of the group). Clients and the retry policy are
 `clients`'. Failed Run Commands are reported by the other entry point, `command_status`.
 """
 
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lambda_trigger import events, settings, ssm_flow
+from lambda_trigger import events, handoff_flow, settings, ssm_flow
 from lambda_trigger.clients import (
     AWS_ERRORS,
     SAFETY_MARGIN,
@@ -89,7 +90,10 @@ def handle(
             caller = Caller(deadline(context, clock), clock, sleep)
             run = ssm_flow.Run(settings, clients or get_clients(), caller)
             try:
-                results.append(ssm_flow.process(run, item))
+                if isinstance(item, events.HandoffObject):
+                    results.append(handoff_flow.process(run, item))
+                else:
+                    results.append(ssm_flow.process(run, item))
             except AWS_ERRORS as err:
                 log.error(
                     "lifecycle action failed", extra=fields(error=describe_error(err), **item.log_fields())

@@ -40,3 +40,19 @@ def publish(
         return describe_error(err)
     log.info("report published", extra=fields(topic_arn=topic, message_id=resp.get("MessageId")))
     return None
+
+
+def report_result(
+    caller: Caller, sns: SNSClient, topic: str | None, subject: str, result: dict[str, Any]
+) -> None:
+    """Publish a flow's `result` when a topic is set (attributes: its status and instance);
+    a failure to publish is recorded in it as `notify_error`."""
+    if not topic:
+        return
+    attributes = {
+        "status": str(result.get("status") or ""),
+        "instance_id": str(result.get("instance_id") or ""),
+    }
+    error = publish(caller, sns, topic, subject, result, attributes)
+    if error:
+        result["notify_error"] = error

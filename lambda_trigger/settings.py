@@ -6,7 +6,8 @@ dead-letter queue and its alarm fires instead of being dropped quietly).
 
 The terminate trigger (`handler`): DOCUMENT_NAME (required); ON_UNREACHABLE
 `leave`|`complete`; TOPIC_ARN (optional); EXECUTION_TIMEOUT (seconds, 1-172800, default
-3600); CONFIRM_TIMEOUT (seconds to wait for delivery, default 10, 0 = don't wait).
+3600); CONFIRM_TIMEOUT (seconds to wait for delivery, default 10, 0 = don't wait);
+HANDOFF_DOCUMENT_NAME (optional: the adopt document; unset, hand-off events are ignored).
 
 The command-status reporter (`command_status`): DOCUMENT_NAME and TOPIC_ARN, both required:
 it has nothing to do without either.
@@ -38,6 +39,7 @@ class Settings:
     topic_arn: str | None = None
     execution_timeout: int = DEFAULT_EXECUTION_TIMEOUT
     confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT
+    handoff_document: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -48,7 +50,9 @@ class Settings:
         low, high = EXECUTION_RANGE
         execution = _number(env, "EXECUTION_TIMEOUT", int, DEFAULT_EXECUTION_TIMEOUT, low, high)
         confirm = _number(env, "CONFIRM_TIMEOUT", float, DEFAULT_CONFIRM_TIMEOUT, 0, MAX_CONFIRM_TIMEOUT)
-        return cls(document, mode, env.get("TOPIC_ARN", "").strip() or None, execution, confirm)
+        topic = env.get("TOPIC_ARN", "").strip() or None
+        handoff = env.get("HANDOFF_DOCUMENT_NAME", "").strip() or None
+        return cls(document, mode, topic, execution, confirm, handoff)
 
 
 @dataclass(frozen=True)

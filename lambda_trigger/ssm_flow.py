@@ -29,7 +29,7 @@ from botocore.exceptions import ClientError
 from lambda_trigger import __version__, events
 from lambda_trigger.clients import AWS_ERRORS, Caller, Clients, describe_error, error_code
 from lambda_trigger.logs import fields, fingerprint, log
-from lambda_trigger.report import publish
+from lambda_trigger.report import report_result
 from lambda_trigger.settings import COMPLETE, LEAVE, Settings
 
 COMMENT_PREFIX = "instance-agent lifecycle sha256:"  # + 8 hex digits: well within SSM's 100
@@ -242,16 +242,11 @@ def _unreachable(run: Run, action: events.LifecycleAction, reason: str) -> dict[
         outcome,
         extra=fields(reason=reason, lifecycle_error=result["lifecycle_error"], **action.log_fields()),
     )
-    topic = run.settings.topic_arn
-    if topic:
-        notify_error = publish(
-            run.caller,
-            run.clients.sns,
-            topic,
-            f"instance-agent: {action.instance_id} unreachable for its backup",
-            result,
-            {"status": result["status"], "instance_id": action.instance_id},
-        )
-        if notify_error:
-            result["notify_error"] = notify_error
+    report_result(
+        run.caller,
+        run.clients.sns,
+        run.settings.topic_arn,
+        f"instance-agent: {action.instance_id} unreachable for its backup",
+        result,
+    )
     return result

@@ -340,3 +340,59 @@ def test_rendered_script_passes_exactly_the_parameters(
     argv, token_from_env = json.loads(proc.stdout)
     assert argv == expected and token not in " ".join(argv)
     assert token_from_env == token
+
+
+# -- the adopt document (packaging/ssm-adopt-document.yaml): the hand-off trigger's ----------
+
+ADOPT = Path(__file__).resolve().parents[1] / "packaging" / "ssm-adopt-document.yaml"
+HANDOFF_KEYS = [
+    "web/handoff/i-0123456789abcdef0/20260131T120000Z.tar.zst",
+    "backups/prod/web-asg_2/handoff/i-0abc1234/20260131T120000Z.tar.gz",
+    "p=1/g.x/handoff/i-0123456789abcdef0/20260131T120000Z.tar",
+]
+BAD_HANDOFF_KEYS = [
+    "",
+    "handoff/i-0123456789abcdef0/20260131T120000Z.tar.zst",  # no group
+    "../web/handoff/i-0123456789abcdef0/20260131T120000Z.tar.zst",
+    "web/../handoff/i-0123456789abcdef0/20260131T120000Z.tar.zst",
+    "-x/handoff/i-0123456789abcdef0/20260131T120000Z.tar.zst",
+    "/web/handoff/i-0123456789abcdef0/20260131T120000Z.tar.zst",
+    "web/handoff/i-0123456789abcdef0/20260131T120000Z.tar.zst\n",
+    "web/handoff/i-0123456789abcdef0/20260131T120000Z.tar.zst\nreboot",
+    "web/handoff/i-0123456789abcdef0/20260131T120000Z.tar.zst.manifest.json",
+    "web/handoff/i-0123456789abcdef0/20260131T120000Z.tar.zst.claim.000001",
+    "w'eb/handoff/i-0123456789abcdef0/20260131T120000Z.tar.zst",
+    "w$(id)/handoff/i-0123456789abcdef0/20260131T120000Z.tar.zst",
+    "w b/handoff/i-0123456789abcdef0/20260131T120000Z.tar.zst",
+    "w+b/handoff/i-0123456789abcdef0/20260131T120000Z.tar.zst",
+    "w%2Fb/handoff/i-0123456789abcdef0/20260131T120000Z.tar.zst",
+    "web/handoff/i-XYZ/20260131T120000Z.tar.zst",
+    "web/handoff/i-0123456789abcdef0/x/20260131T120000Z.tar.zst",
+]
+
+
+def adopt_document() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(ADOPT.read_text())
+    return doc
+
+
+@pytest.mark.parametrize("semantics", SEMANTICS)
+def test_the_adopt_key_pattern_is_the_triggers_and_admits_only_hand_off_keys(semantics: str) -> None:
+    from lambda_trigger.events import HANDOFF_KEY
+
+    text = str(adopt_document()["parameters"]["HandoffKey"]["allowedPattern"])
+    assert text.startswith("^") and text.endswith(r"\z") and "$" not in text
+    regex = compile_pattern(text, semantics)
+    for key in HANDOFF_KEYS + BAD_HANDOFF_KEYS:
+        assert bool(regex.search(key)) == bool(HANDOFF_KEY.fullmatch(key)) == (key in HANDOFF_KEYS), key
+
+
+def test_the_adopt_document_constrains_every_placeholder() -> None:
+    doc = adopt_document()
+    params = doc["parameters"]
+    assert all("allowedPattern" in spec for spec in params.values())
+    [step] = doc["mainSteps"]
+    used = {m for line in step["inputs"]["runCommand"] for m in PLACEHOLDER.findall(line)}
+    used |= set(PLACEHOLDER.findall(step["inputs"]["timeoutSeconds"]))
+    assert used == set(params)
+    assert step["inputs"]["runCommand"][-1] == "exec instance-agent adopt '{{ HandoffKey }}' --json"

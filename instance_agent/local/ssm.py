@@ -11,8 +11,10 @@ checks no document parameter, and marks every command Success without running an
 - SendCommand refuses, as AWS does: an unregistered or offline instance (InvalidInstanceId),
   an unknown document (InvalidDocument), and parameters the document does not declare,
   lacks, or whose allowedPattern refuses under the SSM agent's Go semantics
-  (InvalidParameters). Accepted commands are recorded (`sent_commands()`) and their
-  invocations read InProgress until a test-side agent calls `finish()`;
+  (InvalidParameters), more than 50 InstanceIds or a Comment over 100 characters
+  (ValidationException). Accepted commands are recorded (`sent_commands()`) and their
+  invocations read InProgress until the instance's agent (`local.ssm_agent`, when a test
+  attached one) has run the script, or a test-side agent calls `finish()`;
 - ListCommands honours the DocumentName and Status filters and pages (`set_page_size`);
 - `inject_throttling(every_nth)` makes every n-th call of the actions in PATCHED fail with
   ThrottlingException; `inject_error()` fails the next calls of one action (e.g.
@@ -24,20 +26,23 @@ State lives on moto's backend objects, so moto's reset clears it.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from moto.core.exceptions import ServiceException
 from moto.core.responses import ActionResult
 from moto.core.utils import camelcase_to_underscores
 from moto.ec2.models import ec2_backends
 from moto.ssm.models import Command, SimpleSystemManagerBackend, ssm_backends
 from moto.ssm.responses import SimpleSystemManagerResponse
 
+from instance_agent.local import ssm_agent
 from instance_agent.local.faults import Fault, FaultQueues, Patches, attached
+
+# compile_pattern: re-exported, the callers of the stand-in know it from here.
+from instance_agent.local.ssm_params import SSMError, check_parameters
+from instance_agent.local.ssm_params import compile_pattern as compile_pattern
 
 DEFAULT_ACCOUNT = "123456789012"
 DEFAULT_REGION = "us-east-1"
@@ -51,6 +56,7 @@ PATCHED = frozenset(
         "GetCommandInvocation",
     }
 )
+MAX_INSTANCE_IDS, MAX_COMMENT = 50, 100  # SendCommand's limits (docs/aws-behaviour.md)
 DEFAULT_PAGE_SIZE = 50  # AWS's default MaxResults for both paged actions
 AGENT_VERSION = "3.3.1142.0"
 _STATE_KEY = "_instance_agent_ssm"
@@ -91,13 +97,6 @@ class _Book:
     throttle_seen: int = 0
     faults: FaultQueues = field(default_factory=FaultQueues)
     page_size: int = DEFAULT_PAGE_SIZE
-
-
-class SSMError(ServiceException):
-    """An SSM error rendered the way AWS renders it (HTTP 400, `__type` = code)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(code, message)
 
 
 # -- public API ------------------------------------------------------------------------
@@ -223,54 +222,6 @@ def reset() -> None:
                 book.page_size = DEFAULT_PAGE_SIZE
 
 
-def compile_pattern(pattern: str, semantics: str = "go") -> re.Pattern[str]:
-    """`pattern` as Python would have to write it to behave like Go's regexp ("go", the
-    SSM agent) or java.util.regex ("java"), both used with search (find) semantics.
-
-    Without the m flag, Go's `$` matches only at the end of the text, like `\\z`; Java's
-    `$` also matches before a final line terminator. Both know `\\z`. Go has no `\\Z`
-    and no look-arounds, so such a pattern raises ValueError. Classes are ASCII in both.
-    """
-    if semantics not in ("go", "java"):
-        raise ValueError(f"unknown semantics {semantics!r}")
-    if re.search(r"\(\?<?[=!]", pattern):
-        raise ValueError(f"look-arounds are not supported by Go: {pattern!r}")
-    dollar = r"\Z" if semantics == "go" else r"(?=(?:\r\n|[\n\r\x85\u2028\u2029])?\Z)"
-    out: list[str] = []
-    i, in_class = 0, False
-    while i < len(pattern):
-        char = pattern[i]
-        if char == "\\" and i + 1 < len(pattern):
-            escaped = pattern[i + 1]
-            if not in_class and escaped == "z":
-                out.append(r"\Z")
-            elif not in_class and escaped == "Z":
-                if semantics == "go":
-                    raise ValueError(f"\\Z is not supported by Go: {pattern!r}")
-                out.append(dollar)
-            else:
-                out.append(char + escaped)
-            i += 2
-            continue
-        if in_class:
-            in_class = char != "]"
-        elif char == "[":
-            in_class = True
-            # A `]` right after `[` or `[^` is a literal member, not the end of the class.
-            j = i + 1 + (pattern[i + 1 : i + 2] == "^")
-            if pattern[j : j + 1] == "]":
-                out.append(pattern[i : j + 1])
-                i = j + 1
-                continue
-        elif char == "$":
-            out.append(dollar)
-            i += 1
-            continue
-        out.append(char)
-        i += 1
-    return re.compile("".join(out), re.ASCII)
-
-
 # -- the model -------------------------------------------------------------------------
 
 
@@ -358,38 +309,6 @@ def _check_instances(backend: SimpleSystemManagerBackend, instance_ids: list[str
         )
 
 
-def _check_parameters(
-    backend: SimpleSystemManagerBackend, document_name: str, parameters: dict[str, list[str]]
-) -> None:
-    documents = backend._documents.get(document_name)
-    if not documents:
-        raise SSMError("InvalidDocument", f"Document {document_name} does not exist")
-    declared: dict[str, Any] = documents.get_default_version().content_json.get("parameters") or {}
-    unknown = sorted(set(parameters) - set(declared))
-    if unknown:
-        raise SSMError(
-            "InvalidParameters", f"Document {document_name} does not support parameters: {', '.join(unknown)}"
-        )
-    for name, spec in declared.items():
-        values = parameters.get(name)
-        if values is None:
-            if "default" not in spec:
-                raise SSMError("InvalidParameters", f"Parameter {name} is required")
-            continue
-        if spec.get("type", "String") == "String" and len(values) != 1:
-            raise SSMError("InvalidParameters", f"Parameter {name} takes exactly one value")
-        pattern = spec.get("allowedPattern")
-        if pattern is None:
-            continue
-        regex = compile_pattern(str(pattern), "go")
-        for value in values:
-            if not regex.search(value):
-                raise SSMError(
-                    "InvalidParameters",
-                    f'Parameter "{name}" value failed to satisfy constraint: allowedPattern {pattern}',
-                )
-
-
 # -- patching --------------------------------------------------------------------------
 
 
@@ -412,7 +331,9 @@ def _patch() -> None:
         instance_ids = list(kwargs.get("instance_ids") or [])
         document = str(kwargs.get("document_name") or "")
         parameters: dict[str, list[str]] = kwargs.get("parameters") or {}
-        _check_parameters(self, document, parameters)
+        if len(instance_ids) > MAX_INSTANCE_IDS or len(str(kwargs.get("comment") or "")) > MAX_COMMENT:
+            raise SSMError("ValidationException", "at most 50 InstanceIds and a Comment of 100 characters")
+        check_parameters(self, document, parameters)
         _check_instances(self, instance_ids)
         command = original_send(self, **kwargs)
         # Nothing runs it: it stays InProgress until a test's agent calls finish().
@@ -429,6 +350,24 @@ def _patch() -> None:
                 comment=str(kwargs.get("comment") or ""),
                 timeout_seconds=kwargs.get("timeout_seconds"),
             )
+        )
+        content = self._documents[document].get_default_version().content_json
+        account, region = self.account_id, self.region_name
+        ssm_agent.dispatch(
+            content,
+            command.command_id,
+            parameters,
+            instance_ids,
+            lambda iid, rc, out, err: finish(
+                command.command_id,
+                iid,
+                "Success" if rc == 0 else "Failed",
+                response_code=rc,
+                stdout=out,
+                stderr=err,
+                account_id=account,
+                region=region,
+            ),
         )
         return command
 
