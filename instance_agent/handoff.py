@@ -77,6 +77,13 @@ def source_of(key: str) -> str:
     return parts[-2]
 
 
+def group_of(key: str) -> str | None:
+    """The group as the key names it (the segment before handoff/, keys.safe_component of
+    the group's name): the dimension of the hand-off metrics."""
+    parts = key.split("/")
+    return parts[-4] if len(parts) >= 4 and parts[-3] == HANDOFF_DIR else None
+
+
 def claim_key(key: str, generation: int) -> str:
     return f"{key}{CLAIM}{generation:0{GENERATION_DIGITS}d}"
 

@@ -27,7 +27,19 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from instance_agent import awserror, handoff, hooks, listing, manifest_check, notify, restore, s3args, verify
+from instance_agent import (
+    awserror,
+    handoff,
+    hooks,
+    listing,
+    manifest_check,
+    metrics,
+    notify,
+    restore,
+    s3args,
+    status,
+    verify,
+)
 from instance_agent.clients import Clients
 from instance_agent.config import Config
 from instance_agent.errors import AgentError, ConfigError, NotifyError
@@ -150,6 +162,8 @@ def adopt(
     except _Lost:
         raise HandoffRefused(f"{key}: another receiver marked it adopted first") from None
     log.info("hand-off adopted", extra=fields(key=key, source=source, dest=dest))
+    status.write_adoption(cfg.state_dir, out)
+    metrics.publish_one(clients.cloudwatch, handoff.group_of(key), metrics.HANDOFFS_ADOPTED, 1, "Count")
     return {**out, "status": "adopted"}
 
 

@@ -7,7 +7,15 @@ and SNS carries) into one PutMetricData call in namespace `InstanceAgent`, dimen
 - `BackupSucceeded`, `BackupPartial`, `BackupFailed`: 1 for the run's status, 0 for the
   others, so that a sum over a period counts runs and a quiet group reads 0, not "no data";
 - `LifecycleAbandoned`: 1 when the run completed its lifecycle action with ABANDON;
-- `BackupDurationSeconds` and `BytesUploaded`.
+- `BackupDurationSeconds` and `BytesUploaded`;
+- `HandoffsSent`: 1 on a run that wrote a state hand-off (only then: a group without
+  hand-offs sends no such datum).
+
+The state hand-off adds two of its own, one datum per call (`publish_one`):
+`HandoffsAdopted` (1 per adoption, from the adopter, dimension the group as the key names
+it) and `HandoffUnclaimedAgeSeconds` (the age of the oldest unclaimed hand-off of the
+group, from a receiver's scan, sent only while there is one: a quiet fleet of 1,000 sends
+nothing, and the template's alarm treats missing data as not breaching).
 
 A `duplicate` run publishes nothing: the first run already counted that termination. A run
 without a group (an instance outside any Auto Scaling group) publishes nothing either: the
@@ -40,6 +48,9 @@ COUNTS = {"succeeded": "BackupSucceeded", "partial": "BackupPartial", "failed": 
 ABANDONED = "LifecycleAbandoned"
 DURATION = "BackupDurationSeconds"
 BYTES = "BytesUploaded"
+HANDOFFS_SENT = "HandoffsSent"
+HANDOFFS_ADOPTED = "HandoffsAdopted"
+UNCLAIMED_AGE = "HandoffUnclaimedAgeSeconds"
 # The wall-clock bound a publish may hold up the lifecycle completion: metrics go out
 # before CompleteLifecycleAction (after it the group shuts the instance down, and a
 # metric still in flight is lost), but a hanging endpoint must not delay the completion.
@@ -73,6 +84,8 @@ def metric_data(result: Mapping[str, Any], *, now: datetime | None = None) -> li
     data.append(datum(ABANDONED, 1 if result.get("lifecycle_result") == "ABANDON" else 0, "Count"))
     data.append(datum(DURATION, result.get("duration_s") or 0.0, "Seconds"))
     data.append(datum(BYTES, result.get("bytes_uploaded") or 0, "Bytes"))
+    if result.get("handoff_key"):
+        data.append(datum(HANDOFFS_SENT, 1, "Count"))
     return data
 
 
@@ -127,18 +140,26 @@ def publish_shipping_stalled(cloudwatch: CloudWatchClient | None, group: str | N
     """`ShippingStalled` (1 when the shipping thread is restarting after an error, 0 once it
     runs again), per group. Sent only on those transitions, so at most one call per restart
     of a backoff that is at least a second; never raises."""
+    return publish_one(cloudwatch, group, STALLED, 1.0 if stalled else 0.0, "Count")
+
+
+def publish_one(
+    cloudwatch: CloudWatchClient | None, group: str | None, name: str, value: float, unit: str
+) -> bool:
+    """One datum of metric `name` for `group`; True when sent. Never raises: a metric must
+    never stop shipping, an adoption or a scan."""
     if cloudwatch is None or not group:
         return False
     datum = {
-        "MetricName": STALLED,
+        "MetricName": name,
         "Dimensions": [{"Name": DIMENSION, "Value": group}],
         "Timestamp": datetime.now(timezone.utc),
-        "Value": 1.0 if stalled else 0.0,
-        "Unit": "Count",
+        "Value": float(value),
+        "Unit": unit,
     }
     try:
         cloudwatch.put_metric_data(Namespace=NAMESPACE, MetricData=[datum])
-    except Exception as err:  # a metric must never stop shipping
+    except Exception as err:  # any error at all: a metric never changes the outcome
         log.warning(
             "metrics not published", extra=fields(namespace=NAMESPACE, error=f"{type(err).__name__}: {err}")
         )

@@ -140,12 +140,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "status": doc,
                     "termination_record": record,
                     "shipping": status.shipping_block(doc),
+                    "last_adoption": status.last_adoption(dirs),
                 }
             )
             + "\n"
         )
     else:
-        emit(status.render(path, doc, verdict, record, now))
+        emit(status.render(path, doc, verdict, record, now, status.last_adoption(dirs)))
     if not verdict.running:
         raise status.WatcherNotRunning(f"the watcher is {verdict.reason}")
     return 0

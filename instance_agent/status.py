@@ -20,6 +20,11 @@ knows. The file is one JSON object:
 Times are ISO 8601 in UTC. Callers may pass epoch seconds (`time.time()`) or datetimes for
 `started_at`, `updated_at`, `last_poll` and `last_backup.at`; they are stored as text.
 
+A receiver's last adoption of a state hand-off (`handoff-adoption.json` in the state
+directory: {key, source, adopter, dest, files, bytes, generation, at}) is written by
+whichever command adopted (Run Command's `adopt`, the watcher's scan, the launch gate), so
+`status` shows it whatever the path (`write_adoption`, `last_adoption`).
+
 `status` also shows the newest exactly-once record (`termination-<instance>.json`, see
 once.py), which either trigger path writes, so it tells what happened even when the backup
 came through Run Command.
@@ -216,6 +221,31 @@ def latest_record(dirs: Sequence[str]) -> dict[str, Any] | None:
     return best
 
 
+ADOPTION_FILE = "handoff-adoption.json"
+_ADOPTION_KEYS = ("key", "source", "adopter", "dest", "files", "bytes", "generation")
+
+
+def write_adoption(state_dir: str, result: Mapping[str, Any]) -> bool:
+    """Record an adoption (the result of handoff_adopt.adopt); never raises."""
+    doc = {k: result.get(k) for k in _ADOPTION_KEYS} | {"at": _iso(time.time())}
+    try:
+        statedir.usable(state_dir)  # the state dir may be new on a receiver that never backed up
+        statedir.write_atomic(state_dir, ADOPTION_FILE, json.dumps(doc).encode(), 0o644)
+    except OSError as err:
+        log.warning("cannot record the adoption for status", extra=log_fields(error=err.strerror))
+        return False
+    return True
+
+
+def last_adoption(dirs: Sequence[str]) -> dict[str, Any] | None:
+    """The last adoption recorded in any of `dirs` (the state directory holds it)."""
+    for directory in dirs:
+        doc = _read(os.path.join(directory, ADOPTION_FILE))
+        if doc is not None and isinstance(doc.get("key"), str):
+            return doc
+    return None
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -287,6 +317,7 @@ def render(
     verdict: Assessment,
     record: Mapping[str, Any] | None,
     now: float,
+    adoption: Mapping[str, Any] | None = None,
 ) -> str:
     lines = [f"watcher: {verdict.reason}"]
     if doc is not None:
@@ -315,6 +346,11 @@ def render(
         res = record.get("result", {})
         lines.append(
             f"termination backup (either trigger path): {_backup_line(res, record.get('recorded_at'), now)}"
+        )
+    if adoption is not None:
+        lines.append(
+            f"last hand-off adopted at {_when(adoption.get('at'), now)}: s3 key {adoption.get('key')} "
+            f"from {adoption.get('source')}, {adoption.get('files')} files in {adoption.get('dest')}"
         )
     lines.append(f"status file: {path or 'none found'}")
     return "\n".join(lines) + "\n"

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,32 @@ class Fleet:
     peers: list[str]
     document: str
     ran: Path  # every handoff_command run appends its instance id here
+    envs: dict[str, dict[str, str]]  # each peer's environment, as its agent runs commands
+
+    def agent(self, peer: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """`instance-agent ARGS` on `peer`, as an operator there would run it."""
+        return subprocess.run(
+            ["instance-agent", *args],
+            env=self.envs[peer],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def metric(self, name: str) -> float:
+        """The sum of `name` for the group over the last hour (0 when absent)."""
+        now = datetime.now(timezone.utc)
+        points = self.stack.client("cloudwatch").get_metric_statistics(
+            Namespace="InstanceAgent",
+            MetricName=name,
+            Dimensions=[{"Name": "AutoScalingGroupName", "Value": self.stack.group}],
+            StartTime=now - timedelta(hours=1),
+            EndTime=now + timedelta(minutes=5),
+            Period=3600,
+            Statistics=["Sum"],
+        )["Datapoints"]
+        return float(sum(p["Sum"] for p in points))
 
     def inbox(self, peer: str) -> Path:
         return self.stack.tmp / "peers" / peer / "inbox"
@@ -76,7 +103,9 @@ class Fleet:
         return found
 
 
-def agent_of(stack: Stack, peer: str, ran: Path) -> Callable[[str, int], tuple[int, str, str]]:
+def agent_of(
+    stack: Stack, peer: str, ran: Path, envs: dict[str, dict[str, str]]
+) -> Callable[[str, int], tuple[int, str, str]]:
     """How `peer` runs a script: its own identity, agent.toml and inbox; the agent under test
     on PATH where the document expects /opt/instance-agent/bin."""
     home = stack.tmp / "peers" / peer
@@ -103,6 +132,7 @@ def agent_of(stack: Stack, peer: str, ran: Path) -> Callable[[str, int], tuple[i
         INSTANCE_AGENT_CONFIG=str(config),
         INSTANCE_AGENT_LOG_FORMAT="json",
     )
+    envs[peer] = env
 
     def run(script: str, timeout: int) -> tuple[int, str, str]:
         proc = subprocess.run(
@@ -133,18 +163,18 @@ def fleet(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
     stack.client("ssm").create_document(
         Name=document, Content=ADOPT_DOCUMENT.read_text(), DocumentType="Command", DocumentFormat="YAML"
     )
-    ran = stack.tmp / "ran"
+    ran, envs = stack.tmp / "ran", {}
     for instance in (stack.instance_id, *peers):
         ssm.register(instance, account_id=ACCOUNT, region=REGION)
     for peer in peers:
-        ssm_agent.attach(peer, agent_of(stack, peer, ran))
+        ssm_agent.attach(peer, agent_of(stack, peer, ran, envs))
     # The Lambda, in a fresh container, against the local AWS.
     monkeypatch.setenv("AWS_ENDPOINT_URL", stack.moto.endpoint)
     monkeypatch.setenv("DOCUMENT_NAME", "instance-agent-backup-unused")
     monkeypatch.setenv("HANDOFF_DOCUMENT_NAME", document)
     monkeypatch.setenv("TOPIC_ARN", stack.topic_arn)
     importlib.reload(lambda_trigger.handler).use_clients(None)
-    yield Fleet(stack, peers, document, ran)
+    yield Fleet(stack, peers, document, ran, envs)
     for peer in peers:
         ssm_agent.detach(peer)
     assert ssm_agent.wait_idle(120)
@@ -227,6 +257,15 @@ def test_a_peer_told_by_the_lambda_adopts_the_spool_once(fleet: Fleet) -> None:
     # The SNS report names the key and the adopter.
     [report] = adoptions(fleet)
     assert (report["key"], report["adopter"], report["source"]) == (key, receiver, stack.instance_id)
+
+    # What the operator sees: the receiver's `status` names its last adoption; the group's
+    # metrics count one hand-off sent and one adopted.
+    proc = fleet.agent(receiver, "status", "--json")
+    adoption = json.loads(proc.stdout)["last_adoption"]
+    assert (adoption["key"], adoption["source"], adoption["files"]) == (key, stack.instance_id, 200)
+    assert "last hand-off adopted at " in fleet.agent(receiver, "status").stdout
+    assert json.loads(fleet.agent(other, "status", "--json").stdout)["last_adoption"] is None
+    assert (fleet.metric("HandoffsSent"), fleet.metric("HandoffsAdopted")) == (1, 1)
 
 
 def test_both_peers_told_at_once_adopt_once(fleet: Fleet) -> None:
