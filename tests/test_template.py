@@ -277,9 +277,9 @@ def test_instance_role_writes_only_under_the_prefix() -> None:
     assert group_arn.endswith(":autoScalingGroupName/${AWS::StackName}-group")
     kms = RESOURCES["InstanceRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"][-1]
     assert kms["Fn::If"][0] == "HasKmsKey" and kms["Fn::If"][2] == {"Ref": "AWS::NoValue"}
-    # It reads nothing but its own install bundles and the segment manifests (metadata, for
-    # a ledger lost with a replaced root volume), and never a backup's content; it lists
-    # only under the prefix.
+    # It reads nothing but its own install bundles, the segment manifests (metadata, for
+    # a ledger lost with a replaced root volume) and its own group's hand-offs, and never a
+    # backup's content; it lists only under the prefix.
     reads = [
         s
         for s in statements.values()
@@ -290,6 +290,7 @@ def test_instance_role_writes_only_under_the_prefix() -> None:
     ]
     assert [(s["Action"], _sub_text(s["Resource"])) for s in reads] == [
         ("s3:ListBucket", _sub_text({"Fn::GetAtt": ["BackupBucket", "Arn"]})),
+        ("s3:GetObject", "${BackupBucket.Arn}/${BackupPrefix}${AWS::StackName}-group/handoff/*"),
         ("s3:GetObject", "${BackupBucket.Arn}/${BackupPrefix}*segments/*.manifest.json"),
         ("s3:GetObject", "arn:aws:s3:::${CodeS3Bucket}/${AgentBundlePrefix}instance-agent-py*"),
     ]
@@ -351,14 +352,17 @@ def test_lambda_environment_is_what_the_handler_reads() -> None:
         "TOPIC_ARN",
         "EXECUTION_TIMEOUT",
         "CONFIRM_TIMEOUT",
+        "HANDOFF_DOCUMENT_NAME",
     }
     assert env["DOCUMENT_NAME"] == {"Ref": "BackupDocument"}
+    assert env["HANDOFF_DOCUMENT_NAME"] == {"Ref": "AdoptDocument"}
     sample = {
         "DOCUMENT_NAME": "doc",
         "ON_UNREACHABLE": TPL["Parameters"]["OnUnreachable"]["Default"],
         "TOPIC_ARN": "arn:aws:sns:us-east-1:123456789012:t",
         "EXECUTION_TIMEOUT": str(TPL["Parameters"]["BackupTimeout"]["Default"]),
         "CONFIRM_TIMEOUT": env["CONFIRM_TIMEOUT"],
+        "HANDOFF_DOCUMENT_NAME": "adopt",
     }
     settings = handler.Settings.from_env(sample)
     # The handler's own work fits in the function's timeout: the delivery wait, plus its
@@ -666,7 +670,8 @@ def _allows(statements: dict[str, dict[str, Any]], action: str, arn: str) -> boo
     """Whether an Allow statement grants `action` on `arn`, with the template's sample values."""
     import fnmatch
 
-    values = {**SAMPLE_VALUES, "AWS::Partition": "aws"}
+    bucket_arn = f"arn:aws:s3:::{SAMPLE_VALUES['BackupBucket']}"
+    values = {**SAMPLE_VALUES, "AWS::Partition": "aws", "BackupBucket.Arn": bucket_arn}
     for statement in statements.values():
         if statement.get("Effect") != "Allow" or action not in _as_list(statement.get("Action")):
             continue
@@ -674,7 +679,7 @@ def _allows(statements: dict[str, dict[str, Any]], action: str, arn: str) -> boo
             raw = resource["Fn::Sub"] if isinstance(resource, dict) and "Fn::Sub" in resource else resource
             if not isinstance(raw, str):
                 continue
-            pattern = re.sub(r"\$\{([A-Za-z0-9:]+)\}", lambda m: values[m.group(1)], raw)
+            pattern = re.sub(r"\$\{([A-Za-z0-9:.]+)\}", lambda m: values[m.group(1)], raw)
             if fnmatch.fnmatchcase(arn, pattern):
                 return True
     return False
@@ -753,3 +758,72 @@ def test_the_deploy_page_says_what_retention_costs_and_how_to_turn_it_off() -> N
     assert "RetainOnFailedBackup=terminate" in page
     assert "both are billed" in page
     assert "https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html" in page
+
+
+# -- state hand-off delivery (issue 22) ------------------------------------------------------------
+
+ADOPT_DOCUMENT = PACKAGING / "ssm-adopt-document.yaml"
+
+
+def test_embedded_adopt_document_is_packaging_ssm_adopt_document_yaml() -> None:
+    embedded = RESOURCES["AdoptDocument"]["Properties"]["Content"]
+    assert embedded == yaml.safe_load(ADOPT_DOCUMENT.read_text())
+    assert RESOURCES["AdoptDocument"]["Properties"]["DocumentType"] == "Command"
+    assert all("allowedPattern" in p for p in embedded["parameters"].values())
+
+
+def test_the_bucket_announces_complete_hand_offs_of_this_group_to_the_trigger() -> None:
+    bucket = RESOURCES["BackupBucket"]["Properties"]
+    assert bucket["NotificationConfiguration"] == {"EventBridgeConfiguration": {"EventBridgeEnabled": True}}
+    rule = RESOURCES["HandoffRule"]["Properties"]
+    pattern = rule["EventPattern"]
+    assert (pattern["source"], pattern["detail-type"]) == (["aws.s3"], ["Object Created"])
+    assert pattern["detail"]["bucket"]["name"] == [{"Ref": "BackupBucket"}]
+    [key] = pattern["detail"]["object"]["key"]
+    assert _sub_text(key["wildcard"]) == "${BackupPrefix}${AWS::StackName}-group/handoff/*.manifest.json"
+    [target] = rule["Targets"]
+    assert target["Arn"] == {"Fn::GetAtt": ["TriggerFunction", "Arn"]}
+    assert target["DeadLetterConfig"]["Arn"] == {"Fn::GetAtt": ["TriggerDeadLetterQueue", "Arn"]}
+    permission = RESOURCES["HandoffPermission"]["Properties"]
+    assert permission["SourceArn"] == {"Fn::GetAtt": ["HandoffRule", "Arn"]}
+    assert permission["Principal"] == "events.amazonaws.com"
+
+
+def test_the_trigger_sends_adopt_only_with_its_document_to_this_groups_instances() -> None:
+    statements = _statements_of("TriggerRole")
+    documents = [
+        _sub_text(r)
+        for s in statements.values()
+        if "ssm:SendCommand" in _as_list(s["Action"])
+        for r in _as_list(s["Resource"])
+        if ":document/" in _sub_text(r)
+    ]
+    assert sorted(documents) == sorted(
+        f"arn:aws:ssm:${{AWS::Region}}:${{AWS::AccountId}}:document/${{{d}}}"
+        for d in ("BackupDocument", "AdoptDocument")
+    )
+    assert statements["RunAdoptDocument"]["Action"] == "ssm:SendCommand"
+    assert sorted(statements["FindReceivers"]["Action"]) == [
+        "autoscaling:DescribeAutoScalingGroups",
+        "autoscaling:DescribeAutoScalingInstances",
+    ]
+
+
+def test_the_instance_role_reads_the_hand_offs_of_its_own_group_only() -> None:
+    statements = _statements_of("InstanceRole")
+    own = (
+        f"arn:aws:s3:::{SAMPLE_VALUES['BackupBucket']}/backups/mystack-group/handoff/"
+        "i-0123456789abcdef0/20260131T120000Z.tar.zst"
+    )
+    assert _allows(statements, "s3:GetObject", own)
+    assert _allows(statements, "s3:GetObject", own + ".claim.000001")
+    assert not _allows(statements, "s3:GetObject", own.replace("mystack-group", "otherstack-group"))
+    assert not _allows(statements, "s3:GetObject", own.replace("/handoff/", "/"))  # a backup
+
+
+def test_an_old_unclaimed_hand_off_raises_an_alarm() -> None:
+    alarm = _alarm_on(metrics.UNCLAIMED_AGE)
+    assert (alarm["Statistic"], alarm["ComparisonOperator"]) == ("Maximum", "GreaterThanOrEqualToThreshold")
+    assert alarm["Threshold"] == {"Ref": "HandoffUnclaimedAlarmSeconds"}
+    param = TPL["Parameters"]["HandoffUnclaimedAlarmSeconds"]
+    assert param["MinValue"] <= param["Default"] <= param["MaxValue"]
