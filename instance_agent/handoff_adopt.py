@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -167,29 +167,79 @@ def adopt(
     return {**out, "status": "adopted"}
 
 
-def at_launch(cfg: Config, ident: Identity, clients: Clients, group: str) -> dict[str, Any] | None:
+def at_launch(
+    cfg: Config,
+    ident: Identity,
+    clients: Clients,
+    group: str,
+    *,
+    now: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any] | None:
     """The launch gate's adoption: one claimable hand-off of `group`, oldest first, from one
-    listing of its handoff/ prefix. Never raises: a hand-off that cannot be adopted here
-    (unsafe, its command failed) is reported and stays for another receiver, and the new
-    instance still goes in service. The result, or None when there was nothing to adopt."""
+    listing of its handoff/ prefix. With handoff_wait, while nothing is claimable and an
+    instance of the group is still in Terminating:Wait (a sender that may not have written
+    its hand-off yet), it lists again every WAIT_POLL seconds until handoff_wait is over.
+    Never raises: a hand-off that cannot be adopted here (unsafe, its command failed) is
+    reported and stays for another receiver, and the new instance still goes in service.
+    The result, or None when there was nothing to adopt."""
     if not cfg.handoff_path or not handoff.may_receive(cfg.handoff_to, "launching"):
         return None
+    deadline = now() + cfg.handoff_wait
+    while True:
+        listed = list_group(cfg, clients, group)
+        if listed is None:
+            return None
+        result = adopt_first(cfg, ident, clients, listed, role="launching", now=now())
+        left = deadline - now()
+        if result is not None or left <= 0 or not _senders_waiting(clients, group, ident.instance_id):
+            return result
+        log.info(
+            "waiting for a hand-off from a terminating instance",
+            extra=fields(group=group, left_s=round(left, 1)),
+        )
+        sleep(min(WAIT_POLL, left))
+
+
+WAIT_POLL = 2.0  # seconds between listings while the launch gate waits (handoff_wait)
+
+
+def list_group(cfg: Config, clients: Clients, group: str) -> dict[str, float] | None:
+    """One listing of the group's handoff/ prefix (key -> LastModified), None (logged) when
+    S3 refused it."""
     prefix = handoff.group_prefix(cfg.prefix, group)
     try:
-        listed = {
+        return {
             str(o["Key"]): o["LastModified"].timestamp()
             for o in listing.iter_objects(clients.s3, cfg.bucket or "", prefix, extra=s3args.owner_args(cfg))
         }
     except AgentError as err:
         log.error("cannot look for hand-offs", extra=fields(prefix=prefix, error=str(err)))
         return None
-    for key in handoff.unclaimed(listed, time.time(), cfg.handoff_lease):
+
+
+def adopt_first(
+    cfg: Config,
+    ident: Identity,
+    clients: Clients,
+    listed: Mapping[str, float],
+    *,
+    role: str,
+    now: float,
+    min_age: float = 0.0,
+) -> dict[str, Any] | None:
+    """Adopt the oldest claimable hand-off of a listing (none of this instance's, none whose
+    manifest is younger than `min_age`); reported on SNS. The result of the adoption or
+    refusal, or None when nothing was adopted (nothing there, or each one held elsewhere)."""
+    for key in handoff.unclaimed(listed, now, cfg.handoff_lease):
         if handoff.source_of(key) == ident.instance_id:
             continue
+        if now - listed.get(key + listing.MANIFEST_SUFFIX, now) < min_age:
+            continue
         try:
-            result = adopt(cfg, ident, clients, key, role="launching")
+            result = adopt(cfg, ident, clients, key, role=role)
         except AgentError as err:
-            log.error("hand-off not adopted at launch", extra=fields(key=key, error=str(err)))
+            log.error("hand-off not adopted", extra=fields(key=key, role=role, error=str(err)))
             refused = {"event": "handoff_refused", "status": "refused", "instance_id": ident.instance_id}
             report(cfg, clients, {**refused, "key": key, "adopter": ident.instance_id, "error": str(err)})
             return {**refused, "key": key, "error": str(err)}
@@ -197,6 +247,32 @@ def at_launch(cfg: Config, ident: Identity, clients: Clients, group: str) -> dic
             report(cfg, clients, {"event": "handoff_adopted", "instance_id": ident.instance_id, **result})
             return result
     return None
+
+
+def _senders_waiting(clients: Clients, group: str, me: str) -> bool:
+    """Whether another instance of `group` is in Terminating:Wait (DescribeAutoScalingGroups)."""
+    if clients.autoscaling is None:
+        return False
+    try:
+        # boto3's client has it; lifecycle.AutoScalingClient (the Protocol) names only the
+        # calls of the termination job.
+        groups = cast(_DescribesGroups, clients.autoscaling)
+        resp = groups.describe_auto_scaling_groups(AutoScalingGroupNames=[group])
+    except (ClientError, BotoCoreError) as err:
+        log.warning("cannot tell whether a sender is terminating", extra=fields(error=str(err)))
+        return False
+    return any(
+        i.get("LifecycleState") == TERMINATING_WAIT and i.get("InstanceId") != me
+        for g in resp.get("AutoScalingGroups", [])
+        for i in g.get("Instances", [])
+    )
+
+
+TERMINATING_WAIT = "Terminating:Wait"
+
+
+class _DescribesGroups(Protocol):
+    def describe_auto_scaling_groups(self, **kwargs: Any) -> Mapping[str, Any]: ...
 
 
 def report(cfg: Config, clients: Clients, body: Mapping[str, Any]) -> None:

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from instance_agent import signals
+from instance_agent import handoff_scan, signals
 from instance_agent.config import Config
 from instance_agent.errors import EXIT_FAILED, EXIT_OK, AgentError
 from instance_agent.imds import IMDS
@@ -125,6 +125,15 @@ class Watcher:
         self.notifier.status("starting: waiting for IMDS")
         poller.start()
         self._start_shipping()
+        # The fallback delivery of hand-offs (handoff_scan.py): a thread of its own.
+        ident = self.identity
+        handoff_scan.start(
+            self.cfg,
+            lambda stop: ident.get(self.cfg, deadline=math.inf, cancel=stop),
+            self.deps.make_clients,
+            lambda: self.job is not None or bool(self.pending),
+            stop_polling,
+        )
         try:
             return self._loop(wake_r, poller)
         finally:

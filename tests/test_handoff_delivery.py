@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,12 +28,14 @@ from typing import Any
 
 import pytest
 from conftest import ACCOUNT, REGION, Stack
+from support.agentproc import WatchProc, watch_argv
 from support.events import sample
 from support.trees import walk
-from test_handoff_e2e import markers, restored, spool
+from test_handoff_e2e import markers, restored, scale_in_with_handoff, spool
 
 import lambda_trigger.handler
 from instance_agent.local import ssm, ssm_agent
+from instance_agent.local.imds import IMDSStub
 
 ADOPT_DOCUMENT = Path(__file__).resolve().parents[1] / "packaging" / "ssm-adopt-document.yaml"
 INSTALLED_ELSEWHERE = Path("/opt/instance-agent/bin/instance-agent")  # the document's PATH entry
@@ -297,3 +300,53 @@ def test_both_peers_told_at_once_adopt_once(fleet: Fleet) -> None:
     assert not fleet.inbox(loser).exists()
     assert markers(stack, key, ".claim.") == [key + ".claim.000001"]
     assert [(r["key"], r["adopter"]) for r in adoptions(fleet)] == [(key, winner)]
+
+
+def test_without_the_lambda_a_running_watchers_scan_adopts_it(stack: Stack, tmp_path: Path) -> None:
+    asg = stack.client("autoscaling")
+    asg.set_desired_capacity(AutoScalingGroupName=stack.group, DesiredCapacity=2)
+    [group] = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[stack.group])["AutoScalingGroups"]
+    (peer,) = {i["InstanceId"] for i in group["Instances"]} - {stack.instance_id}
+    state, result = scale_in_with_handoff(stack, tmp_path)  # no Lambda: nobody is told
+    key = result["handoff_key"]
+
+    # The peer's watcher: its own IMDS (it stays InService), a scan every second.
+    peer_imds = IMDSStub()
+    peer_imds.start()
+    try:
+        peer_imds.instance_id, peer_imds.region = peer, REGION
+        peer_imds.target_lifecycle_state = "InService"
+        home, ran = tmp_path / "peer", tmp_path / "ran"
+        env = stack.env(
+            AWS_EC2_METADATA_SERVICE_ENDPOINT=peer_imds.endpoint,
+            INSTANCE_AGENT_STATE_DIR=str(home / "state"),
+            INSTANCE_AGENT_RUNTIME_DIR=str(home / "run"),
+            INSTANCE_AGENT_HANDOFF_PATH=str(state),
+            INSTANCE_AGENT_HANDOFF_INBOX=str(home / "inbox"),
+            INSTANCE_AGENT_HANDOFF_COMMAND=f'echo "$INSTANCE_AGENT_HANDOFF_KEY" >> {ran}',
+            INSTANCE_AGENT_HANDOFF_SCAN_INTERVAL="1",
+            INSTANCE_AGENT_LOG_LEVEL="info",
+        )
+        with WatchProc(watch_argv(stack), env) as watcher:
+            _, line = watcher.wait_for("hand-off scan", timeout=60, status="adopted")
+            watcher.send(signal.SIGTERM)
+            assert watcher.wait(30) == 0
+    finally:
+        peer_imds.stop()
+    assert line["key"] == key
+    assert restored(home / "inbox", stack.instance_id, state) == walk(state)
+    assert ran.read_text().splitlines() == [key]
+    reports = [json.loads(m["message"]) for m in stack.sns()]
+    assert [(r["key"], r["adopter"]) for r in reports if r.get("event") == "handoff_adopted"] == [(key, peer)]
+    # The scan saw it waiting first: the unclaimed age went out for the alarm.
+    now = datetime.now(timezone.utc)
+    points = stack.client("cloudwatch").get_metric_statistics(
+        Namespace="InstanceAgent",
+        MetricName="HandoffUnclaimedAgeSeconds",
+        Dimensions=[{"Name": "AutoScalingGroupName", "Value": stack.group}],
+        StartTime=now - timedelta(hours=1),
+        EndTime=now + timedelta(minutes=5),
+        Period=3600,
+        Statistics=["Maximum"],
+    )["Datapoints"]
+    assert [p["Maximum"] > 0 for p in points] == [True]
