@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ACCOUNT, REGION, Stack
+from conftest import ACCOUNT, AGENT, REGION, Stack
 from support.agentproc import WatchProc, watch_argv
 from support.events import sample
 from support.trees import walk
 from test_handoff_e2e import markers, restored, scale_in_with_handoff, spool
 
 import lambda_trigger.handler
-from instance_agent.local import ssm, ssm_agent
+from instance_agent.local import launching, ssm, ssm_agent
 from instance_agent.local.imds import IMDSStub
 
 ADOPT_DOCUMENT = Path(__file__).resolve().parents[1] / "packaging" / "ssm-adopt-document.yaml"
@@ -350,3 +350,63 @@ def test_without_the_lambda_a_running_watchers_scan_adopts_it(stack: Stack, tmp_
         Statistics=["Maximum"],
     )["Datapoints"]
     assert [p["Maximum"] > 0 for p in points] == [True]
+
+
+def test_a_replacement_launched_before_the_handoff_waits_for_it_and_adopts_before_continue(
+    stack: Stack, tmp_path: Path
+) -> None:
+    launching.install()
+    asg = stack.client("autoscaling")
+    asg.set_desired_capacity(AutoScalingGroupName=stack.group, DesiredCapacity=2)
+    [group] = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[stack.group])["AutoScalingGroups"]
+    (new,) = {i["InstanceId"] for i in group["Instances"]} - {stack.instance_id}
+    hook = stack.launch_hook()
+    # The sender is in Terminating:Wait and has not written its hand-off yet, as when Auto
+    # Scaling launches the replacement at once.
+    state = spool(tmp_path / "srv" / "spool")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "app.log").write_text("bye\n")
+    stack.scale_in()
+    launching.begin_launch(stack.group, new, hook, account_id=ACCOUNT, region=REGION)
+
+    new_imds = IMDSStub()
+    new_imds.start()
+    try:
+        new_imds.instance_id, new_imds.region = new, REGION
+        new_imds.target_lifecycle_state = "Pending"
+        boot_id, ran, inbox = tmp_path / "boot_id", tmp_path / "ran", tmp_path / "inbox"
+        boot_id.write_text(f"{uuid.uuid4()}\n")
+        probe = (
+            "import boto3, os; print(boto3.client('autoscaling').describe_auto_scaling_instances("
+            "InstanceIds=[os.environ['ME']])['AutoScalingInstances'][0]['LifecycleState'])"
+        )
+        env = stack.env(
+            ME=new,
+            AWS_EC2_METADATA_SERVICE_ENDPOINT=new_imds.endpoint,
+            INSTANCE_AGENT_STATE_DIR=str(tmp_path / "new-state"),
+            INSTANCE_AGENT_RUNTIME_DIR=str(tmp_path / "new-run"),
+            INSTANCE_AGENT_BUCKET=stack.bucket,
+            INSTANCE_AGENT_TOPIC_ARN=stack.topic_arn,
+            INSTANCE_AGENT_HANDOFF_PATH=str(state),
+            INSTANCE_AGENT_HANDOFF_TO="launching",
+            INSTANCE_AGENT_HANDOFF_INBOX=str(inbox),
+            INSTANCE_AGENT_HANDOFF_COMMAND=f'{sys.executable} -c "{probe}" >> {ran}',
+        )
+        argv = [*AGENT, "launch-gate", "--boot-id-file", str(boot_id), "--handoff-wait", "90"]
+        with WatchProc(argv, env) as gate:
+            # The gate finds nothing yet, and waits, since a peer is still terminating.
+            gate.wait_for("waiting for a hand-off from a terminating instance", timeout=60)
+            proc, result = stack.backup("--source", str(logs), "--handoff-path", str(state))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert gate.wait(120) == 0, gate.text()
+            gate.wait_for("launching lifecycle action: CONTINUE", timeout=5)
+    finally:
+        new_imds.stop()
+    key = result["handoff_key"]
+    [outcome] = [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == new]
+    assert (outcome.hook, outcome.result) == (hook, "CONTINUE")
+    assert ran.read_text().splitlines() == ["Pending:Wait"]  # adopted before CONTINUE
+    assert restored(inbox, stack.instance_id, state) == walk(state)
+    body = stack.client("s3").get_object(Bucket=stack.bucket, Key=key + ".adopted")["Body"].read()
+    assert json.loads(body)["instance_id"] == new
