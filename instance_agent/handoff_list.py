@@ -3,7 +3,8 @@
 One listing of the hand-off objects (narrowed to `{prefix}{group}/handoff/` with
 --asg-name), then one GET for each hand-off's newest claim or adopted marker, to say who:
 
-    unclaimed   complete (manifest there), nobody has claimed it, or the last claim's lease is over
+    unclaimed   complete (manifest there), nobody has claimed it, or the last claim's lease is
+                over; `waiting_s` says for how long (HandoffUnclaimedAgeSeconds, as the scan sees it)
     claimed     a receiver holds a live claim (who, which generation, since when)
     adopted     restored and handoff_command succeeded (by whom, when)
     given-up    handoff_command failed handoff.MAX_FAILURES times
@@ -41,6 +42,7 @@ class View:
     failures: int = 0
     by: str | None = None  # the claimant (claimed) or the adopter (adopted)
     since: str | None = None  # when that claim or adoption was written
+    waiting_s: float | None = None  # unclaimed: seconds since it was written (the alarm's age)
 
 
 def summarize(key: str, listed: Mapping[str, float], now: float, lease: float) -> View:
@@ -63,6 +65,8 @@ def summarize(key: str, listed: Mapping[str, float], now: float, lease: float) -
     elif verdict.action == handoff.HELD:
         assert verdict.holder is not None
         view.state, view.since = CLAIMED, _iso(verdict.holder.claimed_at)
+    else:
+        view.waiting_s = round(max(0.0, now - listed[key]), 1)
     return view
 
 

@@ -180,3 +180,13 @@ def test_list_handoffs_says_where_each_one_stands() -> None:
     both = {**failed, KEY + ".claim.000002": 300.0, KEY + ".failed.000002": 310.0}
     assert state(both) == ("given-up", 2, 2)
     assert state({**base, KEY + ".claim.000001": 200.0, KEY + ".adopted": 250.0}) == ("adopted", 1, 0)
+
+
+def test_list_handoffs_says_how_long_an_unclaimed_one_has_waited() -> None:
+    from instance_agent import handoff_list
+
+    base = {KEY: 100.0, KEY + ".manifest.json": 101.0}
+    assert handoff_list.summarize(KEY, base, 1000.0, LEASE).waiting_s == 900.0
+    claimed = {**base, KEY + ".claim.000001": 900.0}
+    assert handoff_list.summarize(KEY, claimed, 1000.0, LEASE).waiting_s is None
+    assert handoff_list.summarize(KEY, {**base, KEY + ".adopted": 250.0}, 1000.0, LEASE).waiting_s is None
