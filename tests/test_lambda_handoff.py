@@ -173,3 +173,13 @@ def test_without_an_adopt_document_the_trigger_ignores_hand_offs(
     assert Settings.from_env({"DOCUMENT_NAME": "d"}).handoff_document is None
     [result] = group.invoke(object_created("b", group.key() + ".manifest.json"))
     assert result["status"] == "ignored" and group.commands() == []
+
+
+def test_a_receiver_ssm_refuses_gives_way_to_the_next(group: Group) -> None:
+    # It went offline between DescribeInstanceInformation and SendCommand.
+    ssm.inject_error("SendCommand", "InvalidInstanceId", account_id=ACCOUNT, region=REGION)
+    [result] = group.invoke(object_created("b", group.key() + ".manifest.json"))
+    assert result["status"] == "sent" and result["receiver"] in group.peers
+    [command] = group.commands()
+    assert command.instance_ids == (result["receiver"],)
+    assert ssm.call_count("SendCommand", account_id=ACCOUNT, region=REGION) == 2

@@ -626,6 +626,7 @@ def test_alarm_fires_on_failed_backups_or_abandoned_actions_and_notifies_the_top
 def test_dashboard_shows_every_metric_the_agent_publishes() -> None:
     body, _ = RESOURCES["BackupDashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
     names = {*metrics.COUNTS.values(), metrics.ABANDONED, metrics.DURATION, metrics.BYTES}
+    names |= {metrics.HANDOFFS_SENT, metrics.HANDOFFS_ADOPTED, metrics.UNCLAIMED_AGE}
     assert all(f'"{name}"' in body for name in names)
 
 
