@@ -4,7 +4,8 @@ S3 announces the hand-off's manifest (written last) on EventBridge; `events` tur
 a `HandoffObject`. Then:
 
 1. The sender's group: DescribeAutoScalingInstances of the instance named in the key (it
-   is still in Terminating:Wait: it writes its full backup after the hand-off).
+   is still in Terminating:Wait: it writes its full backup after the hand-off); once it is
+   gone (a late event), the group the key names, if a group of that name exists.
 2. The candidates: the group's instances that are InService, never the sender
    (DescribeAutoScalingGroups), whose SSM agent is Online (DescribeInstanceInformation).
 3. SendCommand of the adopt document (HANDOFF_DOCUMENT_NAME) to one of them, with the key
@@ -52,10 +53,12 @@ def process(run: Run, item: events.HandoffObject) -> dict[str, Any]:
         )
         return {"status": "ignored", "reason": "HANDOFF_DOCUMENT_NAME is not set", **base}
     group = _group_of(run, item.source)
-    if group is None:
+    members = _in_service(run, group or _named_group(item.key), item.source)
+    if members is None:
         return _undelivered(run, item, None, "the sender is no longer in an Auto Scaling group")
+    group, in_service = members
     base["group"] = group
-    candidates = _online(run, _in_service(run, group, item.source))
+    candidates = _online(run, in_service)
     if not candidates:
         return _undelivered(run, item, group, "no InService instance with an Online SSM agent")
     refused: list[str] = []
@@ -102,16 +105,25 @@ def _group_of(run: Run, instance_id: str) -> str | None:
     return str(found[0]["AutoScalingGroupName"]) if found else None
 
 
-def _in_service(run: Run, group: str, sender: str) -> list[str]:
+def _named_group(key: str) -> str:
+    """The group as the key names it: the segment before handoff/ (the agent writes the
+    group's name there, made safe for a key, which leaves an ordinary name as it is)."""
+    return key.split("/")[-4]
+
+
+def _in_service(run: Run, group: str, sender: str) -> tuple[str, list[str]] | None:
+    """The group (None when it does not exist) and its InService instances but the sender."""
     resp = run.caller.call(
         "DescribeAutoScalingGroups",
         run.clients.autoscaling.describe_auto_scaling_groups,
         AutoScalingGroupNames=[group],
     )
-    return [
+    found = [g for g in resp.get("AutoScalingGroups", []) if g.get("AutoScalingGroupName") == group]
+    if not found:
+        return None
+    return group, [
         str(i["InstanceId"])
-        for g in resp.get("AutoScalingGroups", [])
-        for i in g.get("Instances", [])
+        for i in found[0].get("Instances", [])
         if i.get("LifecycleState") == IN_SERVICE and i.get("InstanceId") != sender
     ]
 

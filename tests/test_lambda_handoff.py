@@ -183,3 +183,16 @@ def test_a_receiver_ssm_refuses_gives_way_to_the_next(group: Group) -> None:
     [command] = group.commands()
     assert command.instance_ids == (result["receiver"],)
     assert ssm.call_count("SendCommand", account_id=ACCOUNT, region=REGION) == 2
+
+
+def test_a_late_event_whose_sender_is_gone_goes_to_the_group_the_key_names(group: Group) -> None:
+    gone = "i-0fedcba9876543210"  # no longer known to Auto Scaling
+    key = f"backups/{group.name}/handoff/{gone}/20260131T120000Z.tar.zst"
+    [result] = group.invoke(object_created("b", key + ".manifest.json"))
+    assert (result["status"], result["group"]) == ("sent", group.name)
+    assert result["receiver"] in group.peers
+    [result] = group.invoke(
+        object_created("b", f"backups/no-such-group/handoff/{gone}/20260131T120000Z.tar.zst.manifest.json")
+    )
+    assert result["status"] == "undelivered"
+    assert result["reason"] == "the sender is no longer in an Auto Scaling group"
