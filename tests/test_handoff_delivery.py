@@ -1,17 +1,20 @@
 """State hand-off delivery end to end (issue 22): the trigger Lambda tells a running peer.
 
-A group of three instances on the stand-in: the stack's instance scales in and writes its
-hand-off (200 spool files) while Auto Scaling holds it in Terminating:Wait (a post-command
-holds it there until the test has delivered, as the full backup would on AWS); S3's
-"Object Created" event for the manifest, in AWS's own shape, invokes the Lambda handler;
-the handler sends the adopt document to one peer, and that peer's SSM agent
-(local.ssm_agent) runs the rendered script: the installed `instance-agent adopt`,
-configured only by the peer's agent.toml, as on an instance. What test_handoff_e2e covers
-(racing `adopt` processes, a receiver killed after its claim, tampering) is not repeated.
+A group of three instances on the stand-in, each peer running its watcher: the stack's
+instance scales in and writes its hand-off (200 spool files) while Auto Scaling holds it in
+Terminating:Wait (a post-command holds it there until the test has delivered, as the full
+backup would on AWS); S3's "Object Created" event for the manifest, in AWS's own shape,
+invokes the Lambda handler; the handler sends the adopt document to one peer, and that
+peer's SSM agent (local.ssm_agent) runs the rendered script: the installed `instance-agent
+adopt`, configured only by the peer's agent.toml, as on an instance. Then the fallbacks: a
+watcher's scan with no Lambda, and a replacement's launch gate waiting (--handoff-wait).
+What test_handoff_e2e covers (racing `adopt` processes, a receiver killed after its claim,
+tampering) is not repeated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -124,6 +127,9 @@ def agent_of(
         f"handoff_command = {json.dumps(command)}\n"
         f'instance_id = "{peer}"\n'
         f'region = "{REGION}"\n'
+        f'handoff_path = ["{stack.tmp / "srv" / "spool"}"]\n'
+        # The watcher's scan is on, but slower than a test: here the push path delivers.
+        "handoff_scan_interval = 3600\n"
         "journal = false\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("INSTANCE_AGENT_")}
@@ -171,6 +177,38 @@ def fleet(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
         ssm.register(instance, account_id=ACCOUNT, region=REGION)
     for peer in peers:
         ssm_agent.attach(peer, agent_of(stack, peer, ran, envs))
+    with contextlib.ExitStack() as running:
+        # Each peer runs its watcher, with an IMDS of its own that says InService.
+        watchers = []
+        for peer in peers:
+            imds = IMDSStub()
+            imds.start()
+            running.callback(imds.stop)
+            imds.instance_id, imds.region, imds.target_lifecycle_state = peer, REGION, "InService"
+            envs[peer]["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = imds.endpoint
+            watcher = running.enter_context(
+                WatchProc([*AGENT, "watch", "--poll-interval", "0.5"], envs[peer])
+            )
+            running.callback(_stop, watcher)
+            watchers.append(watcher)
+        for watcher in watchers:
+            watcher.wait_for("watching")
+        yield from _with_lambda(stack, peers, document, ran, envs, monkeypatch)
+
+
+def _stop(watcher: WatchProc) -> None:
+    watcher.send(signal.SIGTERM)
+    assert watcher.wait(30) == 0, watcher.text()
+
+
+def _with_lambda(
+    stack: Stack,
+    peers: list[str],
+    document: str,
+    ran: Path,
+    envs: dict[str, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Fleet]:
     # The Lambda, in a fresh container, against the local AWS.
     monkeypatch.setenv("AWS_ENDPOINT_URL", stack.moto.endpoint)
     monkeypatch.setenv("DOCUMENT_NAME", "instance-agent-backup-unused")
@@ -264,6 +302,7 @@ def test_a_peer_told_by_the_lambda_adopts_the_spool_once(fleet: Fleet) -> None:
     # What the operator sees: the receiver's `status` names its last adoption; the group's
     # metrics count one hand-off sent and one adopted.
     proc = fleet.agent(receiver, "status", "--json")
+    assert json.loads(proc.stdout)["running"] is True  # its watcher ran all along
     adoption = json.loads(proc.stdout)["last_adoption"]
     assert (adoption["key"], adoption["source"], adoption["files"]) == (key, stack.instance_id, 200)
     assert "last hand-off adopted at " in fleet.agent(receiver, "status").stdout
