@@ -29,14 +29,14 @@ from instance_agent.local.asgmodel import (
     WAIT_STATES,
     WARM_PARKED,
     WARM_WAIT,
+    BookedAction,
     LifecycleCall,
     LifecycleOutcome,
-    _Action,
-    _book,
-    _find_state,
-    _PendingWait,
-    _terminating_hooks,
+    PendingWait,
+    book_of,
     clock,
+    find_state,
+    terminating_hooks,
 )
 from instance_agent.local.faults import Fault
 
@@ -44,7 +44,7 @@ from instance_agent.local.faults import Fault
 ROOT_VOLUME_REPLACED: list[Callable[[AutoScalingBackend, str, str], object]] = []
 
 
-def _begin(
+def begin_action(
     backend: AutoScalingBackend,
     group: FakeAutoScalingGroup,
     state: InstanceState,
@@ -53,12 +53,12 @@ def _begin(
     now = clock()
     if wait_delay > 0:
         state.lifecycle_state = "Terminating"
-        _book(backend).pending.append(_PendingWait(group.name, state.instance.id, now + wait_delay))
+        book_of(backend).pending.append(PendingWait(group.name, state.instance.id, now + wait_delay))
     else:
-        _enter_wait(backend, group.name, state.instance.id, now)
+        enter_wait(backend, group.name, state.instance.id, now)
 
 
-def _enter_wait(
+def enter_wait(
     backend: AutoScalingBackend,
     group_name: str,
     instance_id: str,
@@ -66,18 +66,18 @@ def _enter_wait(
     destination: str = "terminate",
 ) -> None:
     group = backend.autoscaling_groups.get(group_name)
-    state = _find_state(group, instance_id) if group is not None else None
+    state = find_state(group, instance_id) if group is not None else None
     if group is None or state is None:
         return
-    hooks = _terminating_hooks(backend, group_name)
+    hooks = terminating_hooks(backend, group_name)
     if not hooks:
         _proceed(backend, group_name, instance_id, destination)
         return
     state.lifecycle_state = {"warm-pool": WARM_WAIT, "root-volume": ROOT_WAIT}.get(destination, WAIT)
     for hook in hooks:
         timeout = int(hook.heartbeat_timeout)
-        _book(backend).actions.append(
-            _Action(
+        book_of(backend).actions.append(
+            BookedAction(
                 token=str(uuid.uuid4()),
                 group=group_name,
                 hook=hook.name,
@@ -86,18 +86,18 @@ def _enter_wait(
                 default_result=hook.default_result,
                 started=at,
                 deadline=at + timeout,
-                global_deadline=at + _global_timeout(timeout),
+                global_deadline=at + global_timeout_for(timeout),
                 destination=destination,
             )
         )
 
 
-def _global_timeout(heartbeat_timeout: int) -> int:
+def global_timeout_for(heartbeat_timeout: int) -> int:
     return min(MAX_GLOBAL_TIMEOUT, GLOBAL_TIMEOUT_FACTOR * heartbeat_timeout)
 
 
-def _finish(backend: AutoScalingBackend, action: _Action, result: str, how: str) -> None:
-    book = _book(backend)
+def _finish(backend: AutoScalingBackend, action: BookedAction, result: str, how: str) -> None:
+    book = book_of(backend)
     book.actions.remove(action)
     book.outcomes.append((action.group, LifecycleOutcome(action.instance_id, action.hook, result, how)))
     same_instance = [a for a in book.actions if a.instance_id == action.instance_id]
@@ -123,7 +123,7 @@ def _proceed(
     group = backend.autoscaling_groups.get(group_name)
     if group is None:
         return
-    state = _find_state(group, instance_id)
+    state = find_state(group, instance_id)
     if state is None:
         return
     if destination == "warm-pool":
@@ -141,14 +141,14 @@ def _proceed(
     backend.update_attached_target_groups(group_name)
 
 
-def _tick(backend: AutoScalingBackend) -> None:
+def tick(backend: AutoScalingBackend) -> None:
     """Apply everything whose time has come: delayed waits, then expired heartbeats."""
-    book = _book(backend)
+    book = book_of(backend)
     now = clock()
     for pending in sorted(book.pending, key=lambda p: p.at):
         if pending.at <= now:
             book.pending.remove(pending)
-            _enter_wait(backend, pending.group, pending.instance_id, pending.at)
+            enter_wait(backend, pending.group, pending.instance_id, pending.at)
     for action in sorted(book.actions, key=lambda a: a.deadline):
         if action in book.actions and action.deadline <= now:
             _finish(backend, action, action.default_result, "expired")
@@ -157,9 +157,9 @@ def _tick(backend: AutoScalingBackend) -> None:
     book.actions = [a for a in book.actions if _still_waiting(backend, a)]
 
 
-def _still_waiting(backend: AutoScalingBackend, action: _Action) -> bool:
+def _still_waiting(backend: AutoScalingBackend, action: BookedAction) -> bool:
     group = backend.autoscaling_groups.get(action.group)
-    state = _find_state(group, action.instance_id) if group is not None else None
+    state = find_state(group, action.instance_id) if group is not None else None
     return state is not None and state.lifecycle_state in WAIT_STATES
 
 
@@ -169,12 +169,12 @@ def _lookup(
     hook: str,
     token: str | None,
     instance_id: str | None,
-) -> _Action:
+) -> BookedAction:
     if group not in backend.autoscaling_groups:
         raise ValidationError(f"AutoScalingGroup name not found - {group}")
     if f"{group}_{hook}" not in backend.lifecycle_hooks:
         raise ValidationError(f"No Lifecycle Hook found with name {hook} for group {group}")
-    actions = [a for a in _book(backend).actions if a.group == group and a.hook == hook]
+    actions = [a for a in book_of(backend).actions if a.group == group and a.hook == hook]
     if token:
         found = next((a for a in actions if a.token == token), None)
         if found is None:
@@ -188,14 +188,14 @@ def _lookup(
     raise ValidationError("Either LifecycleActionToken or InstanceId must be specified")
 
 
-def _take_fault(backend: AutoScalingBackend, action: str) -> Fault | None:
-    return _book(backend).faults.take(action)
+def take_fault(backend: AutoScalingBackend, action: str) -> Fault | None:
+    return book_of(backend).faults.take(action)
 
 
-def _lifecycle_call(
+def lifecycle_call(
     response: AutoScalingResponse,
     action: str,
-    apply: Callable[[AutoScalingBackend, _Action], None],
+    apply: Callable[[AutoScalingBackend, BookedAction], None],
 ) -> ActionResult:
     group = response._get_param("AutoScalingGroupName") or ""
     hook = response._get_param("LifecycleHookName") or ""
@@ -203,14 +203,14 @@ def _lifecycle_call(
     instance_id = response._get_param("InstanceId")
     result = response._get_param("LifecycleActionResult") if action == COMPLETE else None
     backend = response.autoscaling_backend
-    book = _book(backend)
+    book = book_of(backend)
 
     def record(outcome: str) -> None:
         book.calls.append(
             LifecycleCall(action, group, hook, instance_id, token, result, outcome, time.monotonic())
         )
 
-    fault = _take_fault(backend, action)
+    fault = take_fault(backend, action)
     if fault is not None:
         record(fault.message)
         raise AutoscalingClientError(fault.code, fault.message)
@@ -228,18 +228,18 @@ def _lifecycle_call(
     return EmptyResult()
 
 
-def _complete(result: str) -> Callable[[AutoScalingBackend, _Action], None]:
-    def apply(backend: AutoScalingBackend, action: _Action) -> None:
+def complete_with(result: str) -> Callable[[AutoScalingBackend, BookedAction], None]:
+    def apply(backend: AutoScalingBackend, action: BookedAction) -> None:
         _finish(backend, action, result, "completed")
 
     return apply
 
 
-def _heartbeat(backend: AutoScalingBackend, action: _Action) -> None:
+def record_heartbeat(backend: AutoScalingBackend, action: BookedAction) -> None:
     action.deadline = min(clock() + action.heartbeat_timeout, action.global_deadline)
 
 
-def _terminate_retained(
+def terminate_retained(
     backend: AutoScalingBackend, state: InstanceState, should_decrement: bool
 ) -> TerminateInstanceActivity:
     """TerminateInstanceInAutoScalingGroup on a retained instance: it has no lifecycle

@@ -89,7 +89,7 @@ class ActiveAction:
 
 
 @dataclass
-class _Action:
+class BookedAction:
     token: str
     group: str
     hook: str
@@ -114,7 +114,7 @@ class _Action:
 
 
 @dataclass
-class _PendingWait:
+class PendingWait:
     group: str
     instance_id: str
     at: float
@@ -123,23 +123,23 @@ class _PendingWait:
 
 @dataclass
 class _Book:
-    actions: list[_Action] = field(default_factory=list)
-    pending: list[_PendingWait] = field(default_factory=list)
+    actions: list[BookedAction] = field(default_factory=list)
+    pending: list[PendingWait] = field(default_factory=list)
     calls: list[LifecycleCall] = field(default_factory=list)
     outcomes: list[tuple[str, LifecycleOutcome]] = field(default_factory=list)  # (group, outcome)
     faults: FaultQueues = field(default_factory=FaultQueues)
 
 
-def _backend(account_id: str, region: str) -> AutoScalingBackend:
+def backend_for(account_id: str, region: str) -> AutoScalingBackend:
     backend: AutoScalingBackend = autoscaling_backends[account_id][region]
     return backend
 
 
-def _book(backend: AutoScalingBackend) -> _Book:
+def book_of(backend: AutoScalingBackend) -> _Book:
     return attached(backend, _STATE_KEY, _Book, _Book)
 
 
-def _terminating_hooks(backend: AutoScalingBackend, group: str) -> list[LifecycleHook]:
+def terminating_hooks(backend: AutoScalingBackend, group: str) -> list[LifecycleHook]:
     return [
         hook
         for hook in backend.lifecycle_hooks.values()
@@ -147,5 +147,5 @@ def _terminating_hooks(backend: AutoScalingBackend, group: str) -> list[Lifecycl
     ]
 
 
-def _find_state(group: FakeAutoScalingGroup, instance_id: str) -> InstanceState | None:
+def find_state(group: FakeAutoScalingGroup, instance_id: str) -> InstanceState | None:
     return next((s for s in group.instance_states if s.instance.id == instance_id), None)

@@ -21,16 +21,16 @@ from moto.core.utils import camelcase_to_underscores
 
 from instance_agent.local import retention
 from instance_agent.local.asgactions import (
-    _begin,
-    _complete,
-    _global_timeout,
-    _heartbeat,
-    _lifecycle_call,
-    _take_fault,
-    _terminate_retained,
-    _tick,
+    begin_action,
+    complete_with,
+    global_timeout_for,
+    lifecycle_call,
+    record_heartbeat,
+    take_fault,
+    terminate_retained,
+    tick,
 )
-from instance_agent.local.asgmodel import COMPLETE, HEARTBEAT, _book, _terminating_hooks
+from instance_agent.local.asgmodel import COMPLETE, HEARTBEAT, book_of, terminating_hooks
 from instance_agent.local.faults import Fault
 
 _UNMODELLED_ERROR = r"Exception\(AutoscalingClientError\) with code "
@@ -69,7 +69,7 @@ def patch(_lock: threading.RLock, begin_termination: Callable[..., None]) -> Non
     def set_desired_capacity(self: FakeAutoScalingGroup, new_capacity: int | None) -> None:
         with _lock:
             backend = self.autoscaling_backend
-            if _bypass_hooks or not _terminating_hooks(backend, self.name):
+            if _bypass_hooks or not terminating_hooks(backend, self.name):
                 original_set_desired(self, new_capacity)
                 return
             desired = self.min_size if new_capacity is None else new_capacity
@@ -79,7 +79,7 @@ def patch(_lock: threading.RLock, begin_termination: Callable[..., None]) -> Non
             if excess > 0:
                 leaving = [s for s in in_service if not s.protected_from_scale_in][:excess]
                 for state in leaving:
-                    _begin(backend, self, state, 0.0)
+                    begin_action(backend, self, state, 0.0)
             # moto's own scale-in must not pick instances that are already leaving.
             others = [s for s in self.instance_states if s.lifecycle_state != "InService"]
             saved = [s.protected_from_scale_in for s in others]
@@ -105,8 +105,8 @@ def patch(_lock: threading.RLock, begin_termination: Callable[..., None]) -> Non
                 None,
             )
             if state is not None and state.lifecycle_state in retention.RETAINED_STATES:
-                return _terminate_retained(self, state, should_decrement)
-            if state is None or not _terminating_hooks(self, state.auto_scaling_group_name):
+                return terminate_retained(self, state, should_decrement)
+            if state is None or not terminating_hooks(self, state.auto_scaling_group_name):
                 return original_terminate(self, instance_id, should_decrement)
             group = self.autoscaling_groups[state.auto_scaling_group_name]
             original_size = group.desired_capacity or 0
@@ -116,7 +116,7 @@ def patch(_lock: threading.RLock, begin_termination: Callable[..., None]) -> Non
             if should_decrement:
                 group.desired_capacity = original_size - 1
             activity = TerminateInstanceActivity(state.instance, original_size)
-            _begin(self, group, state, 0.0)
+            begin_action(self, group, state, 0.0)
             # Launches the replacement when the capacity was not decremented.
             group.set_desired_capacity(group.desired_capacity)
             return activity
@@ -129,7 +129,7 @@ def patch(_lock: threading.RLock, begin_termination: Callable[..., None]) -> Non
                 original_delete(self, group_name)
             finally:
                 _bypass_hooks = False
-            book = _book(self)
+            book = book_of(self)
             book.actions = [a for a in book.actions if a.group != group_name]
             book.pending = [p for p in book.pending if p.group != group_name]
             retention.forget(self, group_name)
@@ -137,10 +137,10 @@ def patch(_lock: threading.RLock, begin_termination: Callable[..., None]) -> Non
     def call_action(self: AutoScalingResponse) -> Any:
         with _lock:
             backend = self.autoscaling_backend
-            _tick(backend)
+            tick(backend)
             action = self._get_action()
             if action not in (COMPLETE, HEARTBEAT):
-                fault = _take_fault(backend, action)
+                fault = take_fault(backend, action)
                 if fault is not None:
                     # An instance attribute shadows the class's method for this request only.
                     setattr(self, camelcase_to_underscores(action), _raiser(fault))
@@ -155,14 +155,14 @@ def patch(_lock: threading.RLock, begin_termination: Callable[..., None]) -> Non
 
     def complete_lifecycle_action(self: AutoScalingResponse) -> ActionResult:
         result = str(self._get_param("LifecycleActionResult"))
-        return _lifecycle_call(self, COMPLETE, _complete(result))
+        return lifecycle_call(self, COMPLETE, complete_with(result))
 
     def record_lifecycle_action_heartbeat(self: AutoScalingResponse) -> ActionResult:
-        return _lifecycle_call(self, HEARTBEAT, _heartbeat)
+        return lifecycle_call(self, HEARTBEAT, record_heartbeat)
 
     def hook_init(self: LifecycleHook, *args: Any, **kwargs: Any) -> None:
         original_hook_init(self, *args, **kwargs)
-        self.global_timeout = _global_timeout(int(self.heartbeat_timeout))
+        self.global_timeout = global_timeout_for(int(self.heartbeat_timeout))
 
     FakeAutoScalingGroup.set_desired_capacity = set_desired_capacity  # type: ignore[method-assign]
     AutoScalingBackend.terminate_instance = terminate_instance  # type: ignore[method-assign]

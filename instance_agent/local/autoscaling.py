@@ -51,12 +51,12 @@ from moto.autoscaling.models import (
 )
 
 from instance_agent.local import asgpatch
-from instance_agent.local.asgactions import _begin, _enter_wait, _tick
+from instance_agent.local.asgactions import begin_action, enter_wait, tick
 from instance_agent.local.asgmodel import COMPLETE as COMPLETE
 from instance_agent.local.asgmodel import DEFAULT_ACCOUNT as DEFAULT_ACCOUNT
 from instance_agent.local.asgmodel import DEFAULT_REGION as DEFAULT_REGION
 from instance_agent.local.asgmodel import HEARTBEAT as HEARTBEAT
-from instance_agent.local.asgmodel import WARM_PARKED, _backend, _book, _find_state, clock, use_clock
+from instance_agent.local.asgmodel import WARM_PARKED, backend_for, book_of, clock, find_state, use_clock
 from instance_agent.local.asgmodel import ActiveAction as ActiveAction
 from instance_agent.local.asgmodel import LifecycleCall as LifecycleCall
 from instance_agent.local.asgmodel import LifecycleOutcome as LifecycleOutcome
@@ -101,7 +101,7 @@ def begin_termination(
         backend, asg, state = _in_service(group, instance_id, account_id, region)
         if should_decrement:
             asg.desired_capacity = max(0, (asg.desired_capacity or 0) - 1)
-        _begin(backend, asg, state, wait_delay)
+        begin_action(backend, asg, state, wait_delay)
         asg.set_desired_capacity(asg.desired_capacity)
 
 
@@ -121,19 +121,19 @@ def return_to_warm_pool(
     install()
     with _lock:
         backend, _asg, _state = _in_service(group, instance_id, account_id, region)
-        _enter_wait(backend, group, instance_id, clock(), destination="warm-pool")
+        enter_wait(backend, group, instance_id, clock(), destination="warm-pool")
 
 
 def _in_service(
     group: str, instance_id: str, account_id: str, region: str
 ) -> tuple[AutoScalingBackend, FakeAutoScalingGroup, InstanceState]:
     """The backend, group and state of an instance that must be InService (under _lock)."""
-    backend = _backend(account_id, region)
-    _tick(backend)
+    backend = backend_for(account_id, region)
+    tick(backend)
     asg = backend.autoscaling_groups.get(group)
     if asg is None:
         raise ValidationError(f"AutoScalingGroup name not found - {group}")
-    state = _find_state(asg, instance_id)
+    state = find_state(asg, instance_id)
     if state is None or state.lifecycle_state != "InService":
         raise ValidationError(f"Instance {instance_id} is not InService in {group}")
     return backend, asg, state
@@ -151,10 +151,10 @@ def leave_warm_pool(
 ) -> None:
     """A scale-out takes the instance from the warm pool back into service."""
     with _lock:
-        backend = _backend(account_id, region)
-        _tick(backend)
+        backend = backend_for(account_id, region)
+        tick(backend)
         asg = backend.autoscaling_groups.get(group)
-        state = _find_state(asg, instance_id) if asg is not None else None
+        state = find_state(asg, instance_id) if asg is not None else None
         if state is None or state.lifecycle_state != WARM_PARKED:
             raise ValidationError(f"Instance {instance_id} is not in the warm pool of {group}")
         state.lifecycle_state = "InService"
@@ -173,7 +173,7 @@ def clear_errors(
     """Drop the injected errors of `action` (all actions when None): the permission is
     fixed, the outage over."""
     with _lock:
-        faults = _book(_backend(account_id, region)).faults
+        faults = book_of(backend_for(account_id, region)).faults
         if action is None:
             faults.clear()
         else:
@@ -194,9 +194,9 @@ def calls(
 ) -> list[LifecycleCall]:
     """Every CompleteLifecycleAction and RecordLifecycleActionHeartbeat call, oldest first."""
     with _lock:
-        backend = _backend(account_id, region)
-        _tick(backend)
-        return [c for c in _book(backend).calls if group is None or c.group == group]
+        backend = backend_for(account_id, region)
+        tick(backend)
+        return [c for c in book_of(backend).calls if group is None or c.group == group]
 
 
 def outcomes(
@@ -204,9 +204,9 @@ def outcomes(
 ) -> list[LifecycleOutcome]:
     """Every lifecycle action that ended, oldest first."""
     with _lock:
-        backend = _backend(account_id, region)
-        _tick(backend)
-        return [o for g, o in _book(backend).outcomes if group is None or g == group]
+        backend = backend_for(account_id, region)
+        tick(backend)
+        return [o for g, o in book_of(backend).outcomes if group is None or g == group]
 
 
 def active_actions(
@@ -214,9 +214,9 @@ def active_actions(
 ) -> list[ActiveAction]:
     """Lifecycle actions waiting for completion."""
     with _lock:
-        backend = _backend(account_id, region)
-        _tick(backend)
-        return [a.snapshot() for a in _book(backend).actions if group is None or a.group == group]
+        backend = backend_for(account_id, region)
+        tick(backend)
+        return [a.snapshot() for a in book_of(backend).actions if group is None or a.group == group]
 
 
 def inject_error(
@@ -231,7 +231,7 @@ def inject_error(
     """Make the next `times` calls of Auto Scaling `action` (e.g. "CompleteLifecycleAction")
     fail with error `code` and `message` (HTTP 400, like AWS's Throttling)."""
     with _lock:
-        _book(_backend(account_id, region)).faults.add(action, code, message, times)
+        book_of(backend_for(account_id, region)).faults.add(action, code, message, times)
 
 
 def reset() -> None:
@@ -242,7 +242,7 @@ def reset() -> None:
         use_clock(time.monotonic)
         for account in autoscaling_backends.values():
             for backend in account.values():
-                book = _book(backend)
+                book = book_of(backend)
                 book.calls.clear()
                 book.outcomes.clear()
                 book.faults.clear()
@@ -279,13 +279,13 @@ def hold_in_state(
         raise ValueError(f"{state_name} is not one of {HELD_STATES}")
     install()
     with _lock:
-        backend = _backend(account_id, region)
-        _tick(backend)
+        backend = backend_for(account_id, region)
+        tick(backend)
         asg = backend.autoscaling_groups.get(group)
-        state = _find_state(asg, instance_id) if asg is not None else None
+        state = find_state(asg, instance_id) if asg is not None else None
         if state is None:
             raise ValidationError(f"Instance {instance_id} is not in {group}")
-        book = _book(backend)
+        book = book_of(backend)
         book.actions = [a for a in book.actions if a.instance_id != instance_id]
         state.lifecycle_state = state_name
 

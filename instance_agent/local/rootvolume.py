@@ -54,8 +54,8 @@ def replace_root_volume(
         backend, _asg, state = autoscaling._in_service(group, instance_id, account_id, region)
         state.lifecycle_state = "ReplacingRootVolume"
         _replacements(backend).append((group, instance_id))
-        asgactions._enter_wait(backend, group, instance_id, asgmodel.clock(), destination=DESTINATION)
-        tokens = [a.token for a in asgmodel._book(backend).actions if a.instance_id == instance_id]
+        asgactions.enter_wait(backend, group, instance_id, asgmodel.clock(), destination=DESTINATION)
+        tokens = [a.token for a in asgmodel.book_of(backend).actions if a.instance_id == instance_id]
         return tokens[0] if tokens else None
 
 
@@ -63,7 +63,7 @@ def replaced(backend: object, group: str, instance_id: str) -> None:
     """The terminating actions are done: the root volume is replaced and the instance boots
     again, held in Pending:Wait by a launching hook if the group has one."""
     asg = backend.autoscaling_groups.get(group)  # type: ignore[attr-defined]
-    state = asgmodel._find_state(asg, instance_id) if asg is not None else None
+    state = asgmodel.find_state(asg, instance_id) if asg is not None else None
     if state is None:
         raise ValidationError(f"Instance {instance_id} is not in {group}")
     state.lifecycle_state = "RootVolumeReplaced"
@@ -77,7 +77,7 @@ def replacements(
 ) -> list[str]:
     """The instances of `group` whose root volume replacement began, oldest first."""
     with autoscaling._lock:
-        backend = asgmodel._backend(account_id, region)
+        backend = asgmodel.backend_for(account_id, region)
         return [i for g, i in _replacements(backend) if g == group]
 
 
