@@ -21,14 +21,14 @@ from typing import Any
 from instance_agent import __version__, journal, keys, manifest, s3args
 from instance_agent.archive import Archiver
 from instance_agent.clients import Clients
-from instance_agent.compress import open_compressor
 from instance_agent.config import Config
-from instance_agent.errors import AgentError, Cancelled
+from instance_agent.errors import AgentError
 from instance_agent.identity import Identity
 from instance_agent.logs import fields
 from instance_agent.manifest import ArchiveReport
 from instance_agent.result import PARTIAL, SUCCEEDED, Result
-from instance_agent.s3upload import ChainBody, MultipartUpload, PartSizer, S3Client, put_small
+from instance_agent.s3stream import upload_stream
+from instance_agent.s3upload import ChainBody, S3Client, put_small
 from instance_agent.shipstate import Ledger, refresh_age
 
 log = logging.getLogger(__name__)
@@ -54,59 +54,6 @@ class Progress:
             "progress",
             extra=fields(bytes_read=report.bytes_read, files=report.files, mib_per_s=round(rate / 2**20, 1)),
         )
-
-
-_s3_extra = s3args.write_args  # the name the pipeline and doctor use
-
-
-class _CancellableSink:
-    """Checks the cancel event on every write, so a stop request ends the stream promptly."""
-
-    def __init__(self, inner: Any, cancel: threading.Event) -> None:
-        self._inner, self._cancel = inner, cancel
-
-    def write(self, data: bytes | bytearray | memoryview, /) -> object:
-        if self._cancel.is_set():
-            raise Cancelled("backup cancelled")
-        return self._inner.write(data)
-
-
-def _upload_stream(
-    cfg: Config,
-    s3: S3Client,
-    key: str,
-    produce: Callable[[Any], None],
-    cancel: threading.Event | None = None,
-    *,
-    threads: int | None = None,
-    wrap: Callable[[Any], Any] | None = None,
-) -> tuple[int, int]:
-    """Run `produce(compressor)` into a multipart upload. Returns (raw bytes in, bytes sent).
-
-    If `produce` raises, the upload is aborted by MultipartUpload.__exit__ and the error
-    propagates: a producer failure can never look like a clean end of stream. `threads`
-    sets the compressor's (0: in the calling thread) and `wrap` wraps the compressed
-    stream before the upload (shipping paces and counts it there).
-    """
-    bucket = cfg.bucket or ""
-    upload = MultipartUpload(
-        s3,
-        bucket,
-        key,
-        sizer=PartSizer.for_max(cfg.max_archive_size),
-        workers=cfg.upload_workers,
-        queue=cfg.upload_queue,
-        extra=_s3_extra(cfg),
-    )
-    with upload:
-        # Both sides check the event: a multithreaded zstd can hold tens of MiB that only
-        # reach the upload in close(), after the producer has stopped writing.
-        out: Any = _CancellableSink(upload, cancel) if cancel is not None else upload
-        comp = open_compressor(cfg.compression, wrap(out) if wrap else out, cfg.level, threads)
-        produce(_CancellableSink(comp, cancel) if cancel is not None else comp)
-        comp.close()
-        obj = upload.complete()
-    return obj.size, upload.bytes_uploaded
 
 
 def key_values(cfg: Config, ident: Identity, group: str | None) -> dict[str, str]:
@@ -194,7 +141,7 @@ def archive_and_upload(
         arch.add_sources(cfg.source)
         arch.finish()
 
-    _, sent = _upload_stream(cfg, clients.s3, key, produce_archive, cancel)
+    _, sent = upload_stream(cfg, clients.s3, key, produce_archive, cancel)
     report = holder["arch"].report
     result.bytes_read, result.bytes_uploaded, result.files = report.bytes_read, sent, report.files
     if report.held_files:
@@ -209,7 +156,7 @@ def archive_and_upload(
             _, w = journal.export(comp, deadline=deadline, clock=clock, cancel=cancel)
             jwarn.extend(w)
 
-        raw, jsent = _upload_stream(cfg, clients.s3, jkey, produce_journal, cancel)
+        raw, jsent = upload_stream(cfg, clients.s3, jkey, produce_journal, cancel)
         for text in jwarn:
             report.warnings.append(manifest.Warning(b"journal", text))
             log.warning("journal", extra=fields(warning=text))
@@ -233,7 +180,7 @@ def archive_and_upload(
         sources=list(cfg.source),
         excludes=list(cfg.exclude),
     )
-    put_small(clients.s3, cfg.bucket or "", mkey, ChainBody(*doc), extra=_s3_extra(cfg))
+    put_small(clients.s3, cfg.bucket or "", mkey, ChainBody(*doc), extra=s3args.write_args(cfg))
     result.manifest_key = mkey
     result.warnings = len(report.warnings)
     for w in report.warnings[:50]:

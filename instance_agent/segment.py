@@ -33,13 +33,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from instance_agent import __version__, keys, manifest, s3args
 from instance_agent.archive import Archiver
-from instance_agent.backup import _s3_extra, _upload_stream
 from instance_agent.clients import Clients
 from instance_agent.config import Config
 from instance_agent.errors import ObjectExists
 from instance_agent.fsdir import open_below
 from instance_agent.logs import fields
 from instance_agent.manifest import path_from_fields
+from instance_agent.s3args import write_args
+from instance_agent.s3stream import upload_stream
 from instance_agent.s3upload import ChainBody, S3Client, put_small
 from instance_agent.shiprecord import FileId, Shipped, open_same, tail_digest
 from instance_agent.shipstate import Ledger
@@ -190,7 +191,7 @@ def ship(
         one = dataclasses.replace(cfg, upload_workers=1, upload_queue=1)
         existed = False
         try:
-            _upload_stream(one, clients.s3, key, produce, stop, threads=0, wrap=wrap)
+            upload_stream(one, clients.s3, key, produce, stop, threads=0, wrap=wrap)
         except ObjectExists:
             existed = True  # shipped by a run killed before it could record it
             if cfg.retention_days:
@@ -248,7 +249,7 @@ def ship(
         )
         with contextlib.suppress(ObjectExists):  # the manifest too was written by that run
             put_small(
-                clients.s3, cfg.bucket or "", key + ".manifest.json", ChainBody(*doc), extra=_s3_extra(cfg)
+                clients.s3, cfg.bucket or "", key + ".manifest.json", ChainBody(*doc), extra=write_args(cfg)
             )
     finally:
         dirs.close()

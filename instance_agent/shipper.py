@@ -47,7 +47,7 @@ from typing import Any
 
 from instance_agent import keys, ledgerseed, metrics, status
 from instance_agent.archive import Excluder
-from instance_agent.backup import _s3_extra, key_values
+from instance_agent.backup import key_values
 from instance_agent.clients import Clients
 from instance_agent.config import Config
 from instance_agent.errors import AgentError, Cancelled, LifecycleError
@@ -55,6 +55,7 @@ from instance_agent.footprint import lower_priority, release_memory
 from instance_agent.identity import Identity
 from instance_agent.lifecycle import instance_state
 from instance_agent.logs import fields
+from instance_agent.s3args import write_args
 from instance_agent.s3upload import abort_stale_uploads
 from instance_agent.segment import Changed, Target, ship
 from instance_agent.settle import Settler
@@ -229,7 +230,7 @@ class Shipper:
             # A watcher killed mid-segment left its multipart upload; nothing else of ours
             # uploads under the segment prefix now.
             abort_stale_uploads(
-                clients.s3, self.cfg.bucket or "", prefix, ident.instance_id, extra=_s3_extra(self.cfg)
+                clients.s3, self.cfg.bucket or "", prefix, ident.instance_id, extra=write_args(self.cfg)
             )
             self._observe()
             log.info(

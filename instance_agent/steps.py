@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from instance_agent import handoff_send, keys, metrics, notify
-from instance_agent.backup import _s3_extra, archive_and_upload, key_values
+from instance_agent.backup import archive_and_upload, key_values
 from instance_agent.clients import Clients
 from instance_agent.commands import Commands
 from instance_agent.config import Config
@@ -28,6 +28,7 @@ from instance_agent.identity import Identity
 from instance_agent.lifecycle import Lifecycle
 from instance_agent.logs import fields
 from instance_agent.result import FAILED, SKIPPED, Result
+from instance_agent.s3args import write_args
 from instance_agent.s3upload import abort_stale_uploads
 from instance_agent.shipstate import Ledger
 
@@ -134,7 +135,7 @@ def archive(ctx: Context, res: Result, *, abort_stale: bool, cancelled: bool) ->
         # behind; under the lock no other run of ours for this instance is uploading.
         prefix = keys.listing_prefix(cfg.key_template, key_values(cfg, ctx.ident, res.group))
         abort_stale_uploads(
-            ctx.clients.s3, cfg.bucket or "", prefix, ctx.ident.instance_id, extra=_s3_extra(cfg)
+            ctx.clients.s3, cfg.bucket or "", prefix, ctx.ident.instance_id, extra=write_args(cfg)
         )
     ctx.on_stage("backing up")
     # A fatal pre-command failure still goes through the pipeline, already cancelled:

@@ -153,6 +153,57 @@ def test_no_module_is_part_of_an_import_cycle() -> None:
     assert not found, "import cycles:\n" + "\n".join(describe(c, graph) for c in found)
 
 
+def private_imports(tree: ast.AST) -> list[str]:
+    """Every project name with a leading-underscore part that `tree` imports, at any depth and
+    under TYPE_CHECKING too (`from m import _name`, `import pkg._mod`, `from . import _mod`)."""
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0 and (node.module or "").split(".")[0] not in PACKAGES:
+                continue
+            base = "." * node.level + (node.module or "")
+            names = [f"{base}.{a.name}" if node.module else base + a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.split(".")[0] in PACKAGES]
+        else:
+            continue
+        found += [n for n in names if any(_private(part) for part in n.split("."))]
+    return found
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_the_private_name_check_sees_each_form() -> None:
+    source = """
+from instance_agent.backup import key_values, _free_key
+from instance_agent import __version__, _helpers
+from . import _sibling
+import instance_agent._internal
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:
+    from instance_agent.s3upload import _EXISTS_CODES
+from os import _exit
+"""
+    assert sorted(private_imports(ast.parse(source))) == [
+        "._sibling",
+        "instance_agent._helpers",
+        "instance_agent._internal",
+        "instance_agent.backup._free_key",
+        "instance_agent.s3upload._EXISTS_CODES",
+    ]
+
+
+def test_no_module_imports_another_modules_private_name() -> None:
+    # A `_name` is its module's own: one that another module needs is public, named and kept
+    # where its concern lives (as s3args.write_args and s3stream.upload_stream are).
+    found = {
+        name: bad for name, path in modules().items() if (bad := private_imports(ast.parse(path.read_text())))
+    }
+    assert found == {}
+
+
 def test_nothing_imports_the_cli() -> None:
     # cli.py is the top: every command module imports downward, from wiring.py.
     importers = [
