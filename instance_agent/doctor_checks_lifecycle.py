@@ -7,8 +7,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from instance_agent import awserror
 from instance_agent.doctor_check import FAIL, OK, SKIP, Check, Context, Facts
-from instance_agent.errors import AgentError
-from instance_agent.lifecycle import TERMINATING_WAIT, default_interval, discover, instance_state
+from instance_agent.errors import AgentError, NoActiveLifecycleAction
+from instance_agent.lifecycle import TERMINATING_WAIT, default_interval, discover, instance_state, translate
 
 HOOK_NAME_HINT = "instance-agent-backup"
 DESCRIBE_FIX = (
@@ -112,8 +112,7 @@ def check_lifecycle_permission(ctx: Context, facts: Facts) -> Check:
     try:
         ctx.clients(facts.region).autoscaling.record_lifecycle_action_heartbeat(**ids)
     except ClientError as err:
-        msg = awserror.message_of(err)
-        if awserror.code_of(err) == "ValidationError" and msg.startswith("No active Lifecycle Action"):
+        if isinstance(translate(err, "RecordLifecycleActionHeartbeat"), NoActiveLifecycleAction):
             return Check(
                 name,
                 OK,

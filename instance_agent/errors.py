@@ -66,7 +66,8 @@ class LifecycleError(AgentError):
 
 
 class NoActiveLifecycleAction(LifecycleError):
-    """AWS answered `ValidationError: No active Lifecycle Action found …`.
+    """AWS refused a heartbeat or a completion with `ValidationError`: the ids name no live
+    action (lifecycle.ACTION_CALLS says why the code alone tells it).
 
     Before Terminating:Wait is confirmed this means "too early"; after, "expired or done".
     """

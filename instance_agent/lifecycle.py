@@ -73,14 +73,20 @@ class AutoScalingClient(Protocol):
     def complete_lifecycle_action(self, **kwargs: Any) -> Mapping[str, Any]: ...
 
 
+# The calls that name one lifecycle action. To them AWS answers ValidationError when the ids
+# name no live action: none for this instance or token (not yet, or no longer), or the hook
+# or group gone since discover() found them. Every id was checked before the call (the
+# config's rules, discover()), so on these calls the code says it; the message ("No active
+# Lifecycle Action found with …") is prose, and is never read.
+ACTION_CALLS = frozenset({"RecordLifecycleActionHeartbeat", "CompleteLifecycleAction"})
+
+
 def translate(err: Exception, call: str, token: str | None = None) -> LifecycleError:
     """One line for a botocore error, classified; the action token never appears in it."""
     msg = scrub_tokens(scrub(awserror.message_of(err), token))
     code = awserror.code_of(err)
-    if code == "ValidationError" and msg.startswith("No active Lifecycle Action"):
-        # AWS gives this refusal no code of its own (it is one of many ValidationErrors),
-        # so its documented message is the only way to tell it apart.
-        return NoActiveLifecycleAction(msg, code=code)
+    if code == "ValidationError" and call in ACTION_CALLS:
+        return NoActiveLifecycleAction(msg or f"{call}: {code}", code=code)
     return LifecycleError(f"{call}: {code}: {msg}".rstrip(": "), retryable=awserror.retryable(err), code=code)
 
 
