@@ -30,6 +30,7 @@ from typing import Any
 
 from instance_agent import configfile, namerules
 from instance_agent.errors import ConfigError
+from instance_agent.partsize import PartSizer
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -160,8 +161,6 @@ def check_archive_size(value: Any) -> str | None:
     an object at 5 TiB ("Maximum object size", Amazon S3 multipart upload limits,
     https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html; newer regions document
     more, but 5 TiB holds everywhere)."""
-    from instance_agent.s3upload import PartSizer
-
     problem = check_positive(value)
     if problem:
         return problem

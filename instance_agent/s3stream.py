@@ -15,7 +15,8 @@ from instance_agent import s3args
 from instance_agent.compress import open_compressor
 from instance_agent.config import Config
 from instance_agent.errors import Cancelled
-from instance_agent.s3upload import MultipartUpload, PartSizer, S3Client
+from instance_agent.partsize import PartSizer
+from instance_agent.s3upload import MultipartUpload, S3Client
 
 
 class _CancellableSink:

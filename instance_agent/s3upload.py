@@ -11,9 +11,7 @@ handed to botocore as a read-only view, never copied: fresh 8 MiB allocations pe
 glibc's dynamic mmap threshold keep freed parts in per-thread arenas, and RSS grew with the
 size of the stream.
 
-Part sizes step up every 1,000 parts, from 8 MiB, so that 10,000 parts (S3's limit) reach
-`max_archive_size`: every archive below about 8 GiB compressed uses 8 MiB parts, buffers are
-re-allocated at most nine times, and a stream of unknown length can still reach the maximum.
+Part sizes come from partsize.PartSizer (pure arithmetic, shared with the config's check).
 """
 
 from __future__ import annotations
@@ -31,13 +29,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from instance_agent import awserror, s3args
 from instance_agent.errors import ArchiveTooLarge, ObjectExists, UploadError
+from instance_agent.partsize import MAX_PARTS, PartSizer
 
 log = logging.getLogger(__name__)
 
-MIN_PART = 8 * 1024 * 1024  # above S3's 5 MiB minimum; the size most S3 clients default to
-MAX_PART = 5 * 1024**3  # S3's maximum part size
-MAX_PARTS = 10_000  # S3's maximum part count
-MAX_OBJECT = 5 * 1024**4  # S3's maximum object size
 # Conditional writes: with If-None-Match '*', PutObject and CompleteMultipartUpload create the
 # key only if it does not exist yet, else S3 answers 412 PreconditionFailed ("How to prevent
 # object overwrites with conditional writes", Amazon S3 user guide,
@@ -88,35 +83,6 @@ def extra_for(key: str, extra: Mapping[str, Any] | None) -> dict[str, Any]:
     if not key.endswith(ARCHIVE_SUFFIXES):
         out.pop("StorageClass", None)
     return out
-
-
-@dataclass(frozen=True)
-class PartSizer:
-    """Part n (1-based) is `base + ((n - 1) // STEP) * growth` bytes: constant for 1,000 parts."""
-
-    base: int
-    growth: int
-
-    STEP = 1000
-
-    @classmethod
-    def for_max(cls, max_size: int, base: int = MIN_PART) -> PartSizer:
-        if max_size > MAX_OBJECT:
-            raise ValueError(f"max archive size {max_size} exceeds S3's 5 TiB object limit")
-        extra = max_size - MAX_PARTS * base
-        if extra <= 0:
-            return cls(base, 0)
-        # Capacity = N*base + STEP*growth*(0+1+…+9) >= max_size; 64 KiB-aligned steps.
-        blocks = MAX_PARTS // cls.STEP
-        growth = -(-extra // (cls.STEP * blocks * (blocks - 1) // 2))
-        growth = -(-growth // 65536) * 65536
-        return cls(base, growth)
-
-    def size(self, n: int) -> int:
-        return min(self.base + ((n - 1) // self.STEP) * self.growth, MAX_PART)
-
-    def capacity(self) -> int:
-        return sum(self.size(n) for n in range(1, MAX_PARTS + 1))
 
 
 class ChainBody(io.RawIOBase):

@@ -24,7 +24,8 @@ from instance_agent.compress import open_compressor
 from instance_agent.errors import ConfigError, UploadError
 from instance_agent.imds import IMDS, IMDSRefused
 from instance_agent.local.imds import IMDSStub
-from instance_agent.s3upload import MAX_PARTS, MultipartUpload, PartSizer
+from instance_agent.partsize import MAX_PARTS, PartSizer
+from instance_agent.s3upload import MultipartUpload
 
 # -- tar writer -------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from instance_agent import config, keys
 from instance_agent.archive import Excluder
 from instance_agent.compress import open_compressor
 from instance_agent.errors import ConfigError
-from instance_agent.s3upload import PartSizer
+from instance_agent.partsize import PartSizer
 
 # (TOML lines, the key the one-line error must name)
 BAD = [

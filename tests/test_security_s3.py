@@ -11,7 +11,8 @@ from conftest import Stack
 from support import scoreboard
 from support.faultproxy import FaultProxy, Rule, s3_error, upload_part
 
-from instance_agent.s3upload import MultipartUpload, PartSizer, put_small
+from instance_agent.partsize import PartSizer
+from instance_agent.s3upload import MultipartUpload, put_small
 
 FIXED = "{prefix}{group}/{instance_id}/fixed"  # no {timestamp}: every run renders one key
 
