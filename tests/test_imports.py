@@ -1,9 +1,9 @@
 """No module of the two packages is part of an import cycle.
 
-A cycle held together by a function-local import still means two modules that cannot be read,
-tested or changed apart, so the graph counts every `import` and `from … import` a module can
-execute, wherever it stands. Only imports under `if TYPE_CHECKING:` are left out: they never
-run. The walk reads the source (AST), so it needs none of the optional extras installed.
+A cycle held together by a function-local import, or by an import under `if TYPE_CHECKING:`,
+still means two modules that cannot be read, tested or changed apart (a type a module names is
+part of what it depends on), so the graph counts every `import` and `from … import` wherever
+it stands. The walk reads the source (AST), so it needs none of the optional extras installed.
 """
 
 from __future__ import annotations
@@ -29,25 +29,9 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
-def _runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
-    """Import statements at any depth, skipping the body of `if TYPE_CHECKING:`."""
-    found: list[ast.Import | ast.ImportFrom] = []
-    pending: list[ast.AST] = [tree]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            found.append(node)
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
-            pending.extend(node.orelse)
-            continue
-        pending.extend(ast.iter_child_nodes(node))
-    return found
+def _imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Import statements at any depth: in functions, classes and `if TYPE_CHECKING:` too."""
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
 
 
 def import_graph() -> dict[str, dict[str, int]]:
@@ -57,7 +41,7 @@ def import_graph() -> dict[str, dict[str, int]]:
     for name, path in known.items():
         is_package = path.name == "__init__.py"
         edges: dict[str, int] = {}
-        for node in _runtime_imports(ast.parse(path.read_text(), str(path))):
+        for node in _imports(ast.parse(path.read_text(), str(path))):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
@@ -123,12 +107,12 @@ def describe(component: list[str], graph: dict[str, dict[str, int]]) -> str:
     return "cycle among " + ", ".join(component) + ":\n" + "\n".join(lines)
 
 
-def test_the_walk_counts_function_local_imports_but_not_type_checking_ones() -> None:
+def test_the_walk_counts_function_local_and_type_checking_imports() -> None:
     source = """
 import a
 from typing import TYPE_CHECKING
 if TYPE_CHECKING:
-    import never_runs
+    import only_for_types
 else:
     import fallback
 def f():
@@ -139,12 +123,15 @@ def f():
 """
     found = sorted(
         alias.name if isinstance(node, ast.Import) else str(node.module)
-        for node in _runtime_imports(ast.parse(source))
+        for node in _imports(ast.parse(source))
         for alias in node.names
     )
-    assert found == ["a", "b", "d.e", "fallback", "typing"]
-    # In the real graph: ops_cli imports doctor only inside cmd_doctor.
-    assert "instance_agent.doctor" in import_graph()["instance_agent.ops_cli"]
+    assert found == ["a", "b", "d.e", "fallback", "only_for_types", "typing"]
+    graph = import_graph()
+    # In the real graph: ops_cli imports doctor only inside cmd_doctor, and s3args names
+    # Config only for the type checker.
+    assert "instance_agent.doctor" in graph["instance_agent.ops_cli"]
+    assert "instance_agent.config" in graph["instance_agent.s3args"]
 
 
 def test_no_module_is_part_of_an_import_cycle() -> None:
