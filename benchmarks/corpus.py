@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from instance_agent.config import parse_size
+from instance_agent.configvalues import parse_size
 
 MARKER = ".corpus.json"
 _PATHS = [f"/api/v1/{w}/{n}" for w in ("orders", "items", "users", "carts") for n in range(50)]

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from support.seaweed import SeaweedS3  # noqa: E402
 
 from benchmarks.corpus import generate  # noqa: E402
-from instance_agent.config import parse_size  # noqa: E402
+from instance_agent.configvalues import parse_size  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "work"
 

@@ -51,7 +51,7 @@ from support.seaweed import SeaweedS3  # noqa: E402
 
 from benchmarks.compare import Sample, run_one, stand_in_client, stand_in_env, tools  # noqa: E402
 from benchmarks.corpus import generate  # noqa: E402
-from instance_agent.config import parse_size  # noqa: E402
+from instance_agent.configvalues import parse_size  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "work"
 RESULTS = ROOT / "benchmarks" / "results"

@@ -60,7 +60,7 @@ from support.seaweed import SeaweedS3  # noqa: E402
 from benchmarks import corpus  # noqa: E402
 from benchmarks.watcher import argv as watcher_argv  # noqa: E402
 from benchmarks.watcher import env as watcher_env  # noqa: E402
-from instance_agent.config import parse_size  # noqa: E402
+from instance_agent.configvalues import parse_size  # noqa: E402
 from instance_agent.local import autoscaling  # noqa: E402
 from instance_agent.local.imds import IMDSStub  # noqa: E402
 from instance_agent.local.moto_server import MotoServer  # noqa: E402

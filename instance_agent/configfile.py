@@ -1,13 +1,23 @@
 """Reading the config file, which holds the commands root runs before a backup, so that
 nobody but root (or the agent's own user) can have written it, and so that a FIFO or a
-device in its place fails at once instead of hanging or reading without end."""
+device in its place fails at once instead of hanging or reading without end; then its TOML,
+one flat table of keys the schema knows."""
 
 from __future__ import annotations
 
 import os
 import stat
+import sys
+from typing import Any
 
 from instance_agent import statedir
+from instance_agent.errors import ConfigError
+from instance_agent.schema import OPTION_BY_NAME
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
 
 # A real config is a few KiB; this bounds what a wrong path (a log, a disk image) can cost.
 MAX_BYTES = 1 << 20
@@ -63,3 +73,26 @@ def _read_bounded(fd: int) -> bytes:
             raise Refused(f"larger than {MAX_BYTES} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The file's keys and values, read through read_trusted and parsed as TOML: one flat
+    table of keys the schema knows. ConfigError (exit 2) names the file and what is wrong."""
+    try:
+        data: dict[str, Any] = tomllib.loads(read_trusted(path).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
+    except Refused as err:
+        raise ConfigError(f"config file {path}: {err}") from None
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path}: invalid TOML: {err}") from None
+    for key, value in data.items():
+        if key not in OPTION_BY_NAME:
+            raise ConfigError(f"config file {path}: unknown key {key!r}")
+        if isinstance(value, dict):
+            raise ConfigError(f"config file {path}: {key!r} must be a value, not a table")
+    return data

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from instance_agent import config
+from instance_agent import config, schema
+from instance_agent.configkey import Option
 from instance_agent.errors import ConfigError, InstallError
 
 UNIT_NAME = "instance-agent.service"
@@ -127,7 +128,7 @@ def _toml_string(value: str) -> str:
     return json.dumps(value).replace("\x7f", "\\u007f")
 
 
-def _toml_value(opt: config.Option, value: Any) -> str:
+def _toml_value(opt: Option, value: Any) -> str:
     if opt.kind == "bool":
         return "true" if value else "false"
     if opt.kind in ("list", "pathlist"):
@@ -146,7 +147,7 @@ def render_config(flags: Mapping[str, Any]) -> str:
         "# Read by `instance-agent watch` and `instance-agent backup`; see `instance-agent watch --help`.",
         "",
     ]
-    for opt in config.OPTIONS:
+    for opt in schema.OPTIONS:
         value = flags.get(opt.name)
         if value is None:
             continue

@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from instance_agent import config, logs, s3args, wiring
+from instance_agent import config, logs, s3args, schema, wiring
 from instance_agent.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def check_filters(args: argparse.Namespace) -> Filters:
         ("asg_name", group, "--asg-name"),
         ("instance_id", instance, "--instance-id"),
     ):
-        check = config.OPTION_BY_NAME[opt_name].check
+        check = schema.OPTION_BY_NAME[opt_name].check
         problem = check(value) if value is not None and check else None
         if problem:
             raise ConfigError(f"{flag}: {problem}")

@@ -14,7 +14,7 @@ import hashlib
 import re
 
 # Lifecycle action tokens are UUIDs (the Lambda receives them as such in the EventBridge
-# event's `LifecycleActionToken`, and config.py checks --lifecycle-token against this shape).
+# event's `LifecycleActionToken`, and configchecks.py checks --lifecycle-token against this shape).
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 

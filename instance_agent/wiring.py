@@ -15,8 +15,9 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
-from instance_agent import __version__, config
+from instance_agent import __version__, config, schema
 from instance_agent.clients import Clients
+from instance_agent.configchecks import REGION_RE
 from instance_agent.errors import IdentityError, IMDSError
 from instance_agent.identity import Identity
 
@@ -44,7 +45,7 @@ def add_option(parser: argparse.ArgumentParser, name: str, help_text: str | None
 
     Flags default to None so that config.load can tell "not given" from a value and apply
     flag > environment > file > default itself."""
-    opt = config.OPTION_BY_NAME[name]
+    opt = schema.OPTION_BY_NAME[name]
     default = opt.default
     if isinstance(default, tuple):
         default = ":".join(default) if opt.kind == "pathlist" else ",".join(default)
@@ -78,14 +79,14 @@ def add_option(parser: argparse.ArgumentParser, name: str, help_text: str | None
 
 def add_schema_options(parser: argparse.ArgumentParser, command: str) -> None:
     """Every option of the config schema that `command` reads."""
-    for opt in config.OPTIONS:
+    for opt in schema.OPTIONS:
         if command in opt.commands:
             add_option(parser, opt.name)
 
 
 def flags(args: argparse.Namespace) -> dict[str, Any]:
     """The schema's options from parsed arguments, None where not given, for config.load."""
-    return {o.name: getattr(args, o.name, None) for o in config.OPTIONS}
+    return {o.name: getattr(args, o.name, None) for o in schema.OPTIONS}
 
 
 def resolve_identity(cfg: config.Config, imds: IMDS | None = None) -> Identity:
@@ -104,7 +105,7 @@ def resolve_identity(cfg: config.Config, imds: IMDS | None = None) -> Identity:
         if not region:
             try:
                 region = imds.region()
-                if not config.REGION_RE.match(region):
+                if not REGION_RE.match(region):
                     # An HTML error page from a proxy or a broken IMDS is not a region.
                     raise IdentityError(
                         f"IMDS answered placement/region with {region[:40]!r}, "

@@ -41,7 +41,8 @@ from test_faults import drop_bucket
 from test_pipeline import FAKE_JOURNALCTL
 
 import lambda_trigger.handler as trigger
-from instance_agent import config, keys, logs, termination, wiring
+from instance_agent import config, configchecks, keys, logs, schema, termination, wiring
+from instance_agent.configkey import Option
 from instance_agent.errors import ConfigError
 from instance_agent.local import autoscaling
 from instance_agent.local.imds import IMDSStub
@@ -279,7 +280,7 @@ def test_handler_never_raises_and_logs_each_bad_message_once(
 
 # -- the config loader ------------------------------------------------------------------------
 
-OPTION_NAMES = [o.name for o in config.OPTIONS]
+OPTION_NAMES = [o.name for o in schema.OPTIONS]
 TOML_SCALARS = st.one_of(
     st.text(max_size=30),
     st.integers(),
@@ -364,7 +365,7 @@ ENV_TEXT = st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size
 )
 
 
-def _flag_value(opt: config.Option) -> st.SearchStrategy[Any]:
+def _flag_value(opt: Option) -> st.SearchStrategy[Any]:
     """What argparse hands `load` for this option: True/False for switches, a list for
     repeatable options, a string otherwise."""
     if opt.kind == "bool":
@@ -374,10 +375,10 @@ def _flag_value(opt: config.Option) -> st.SearchStrategy[Any]:
     return ENV_TEXT
 
 
-FLAGS = st.lists(st.sampled_from(config.OPTIONS), max_size=5, unique_by=lambda o: o.name).flatmap(
+FLAGS = st.lists(st.sampled_from(schema.OPTIONS), max_size=5, unique_by=lambda o: o.name).flatmap(
     lambda opts: st.fixed_dictionaries({o.name: _flag_value(o) for o in opts})
 )
-ENVS = st.dictionaries(st.sampled_from([o.env for o in config.OPTIONS]), ENV_TEXT, max_size=6)
+ENVS = st.dictionaries(st.sampled_from([o.env for o in schema.OPTIONS]), ENV_TEXT, max_size=6)
 
 
 def _load(flags: dict[str, Any], env: dict[str, str], path: str | None, command: str) -> None:
@@ -426,7 +427,7 @@ TEMPLATES = st.lists(VARIABLE | LITERAL | st.sampled_from(["/", ".", "..", "-"])
 # The prefix is operator config, validated by `check_prefix`; every other value is anything.
 # (C1 controls such as U+0085 pass `check_prefix`; that gap is reported, not tested here.)
 PREFIXES = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), max_size=20).filter(
-    lambda p: config.check_prefix(p) is None
+    lambda p: configchecks.check_prefix(p) is None
 )
 VALUES = st.fixed_dictionaries(
     {

@@ -191,6 +191,38 @@ def test_no_module_imports_another_modules_private_name() -> None:
     assert found == {}
 
 
+def _reachable(graph: dict[str, dict[str, int]], start: str) -> set[str]:
+    seen, pending = {start}, [start]
+    while pending:
+        for nxt in graph[pending.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                pending.append(nxt)
+    return seen
+
+
+def test_the_config_schema_reaches_no_aws_adapter() -> None:
+    # The schema's checks (an archive size PartSizer can hold) are arithmetic: reading the
+    # config must not need botocore, nor any module that does (config once imported s3upload).
+    graph, known = import_graph(), modules()
+    aws = ("boto3", "botocore", "requests")
+    leaks = {
+        name: sorted(found)
+        for name in sorted(_reachable(graph, "instance_agent.config"))
+        if (
+            found := {
+                (alias.name if isinstance(node, ast.Import) else node.module or "").split(".")[0]
+                for node in _imports(ast.parse(known[name].read_text()))
+                for alias in node.names
+                if not getattr(node, "level", 0)
+            }
+            & set(aws)
+        )
+    }
+    assert leaks == {}
+    assert "instance_agent.s3upload" not in _reachable(graph, "instance_agent.config")
+
+
 def test_nothing_imports_the_cli() -> None:
     # cli.py is the top: every command module imports downward, from wiring.py.
     importers = [

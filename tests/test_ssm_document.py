@@ -18,7 +18,7 @@ import pytest
 import yaml
 from support.events import EVENTS_DIR
 
-from instance_agent import config
+from instance_agent import schema
 from instance_agent.local.ssm import compile_pattern
 from lambda_trigger.handler import SAFE_NAME
 
@@ -239,7 +239,7 @@ def test_names_the_document_admits_are_what_the_trigger_sends(name: str) -> None
     ],
 )
 def test_the_agent_accepts_whatever_the_document_admits(name: str, option: str) -> None:
-    check = config.OPTION_BY_NAME[option].check
+    check = schema.OPTION_BY_NAME[option].check
     assert check is not None
     for value in REALISTIC[name]:
         if value:
