@@ -3,6 +3,9 @@ on those, never on the message text (which AWS may reword, and which we scrub)."
 
 from __future__ import annotations
 
+import ast
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -98,3 +101,112 @@ def test_doctor_reads_a_reworded_no_action_answer_as_the_permission_granted() ->
     check = check_lifecycle_permission(ctx, Facts(region="us-east-1", target=TARGET, state="InService"))
     assert check.result == OK, check.message
     assert check.message.startswith("RecordLifecycleActionHeartbeat is allowed")
+
+
+# --- and it stays so: no module compares an error's text ------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _is_message(node: ast.expr, errors: set[str], texts: set[str]) -> bool:
+    """Is `node` an error's text: str(err), err.args, message_of(err), a ["Message"] or
+    .get("Message") of a botocore answer, a call on one of those (scrub(msg)), or a name
+    bound to one?"""
+    if isinstance(node, ast.Name):
+        return node.id in texts
+    if isinstance(node, ast.Subscript):
+        key = node.slice
+        if isinstance(key, ast.Constant) and key.value == "Message":
+            return True
+        return _is_message(node.value, errors, texts)
+    if isinstance(node, ast.Attribute):
+        return node.attr == "args" and isinstance(node.value, ast.Name) and node.value.id in errors
+    if isinstance(node, ast.Call):
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+        if name == "message_of":
+            return True
+        if name == "get" and node.args and isinstance(node.args[0], ast.Constant):
+            return node.args[0].value == "Message"
+        if name == "str" and len(node.args) == 1 and isinstance(node.args[0], ast.Name):
+            return node.args[0].id in errors
+        return any(_is_message(arg, errors, texts) for arg in node.args)
+    return False
+
+
+def _scopes(tree: ast.AST) -> list[tuple[ast.AST, set[str]]]:
+    """Each `except … as err` body, and each function taking an error (`err: Exception`),
+    with the names that hold the error there."""
+    found: list[tuple[ast.AST, set[str]]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ExceptHandler) and node.name:
+            found.append((node, {node.name}))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            errors = {
+                a.arg
+                for a in node.args.args + node.args.kwonlyargs
+                if a.annotation is not None and re.search(r"Error|Exception", ast.unparse(a.annotation))
+            }
+            if errors:
+                found.append((node, errors))
+    return found
+
+
+def text_decisions(source: str) -> list[int]:
+    """Lines that test an error's text: `in`, `==` or .startswith/.endswith/.find on it
+    (building a message from it is fine)."""
+    found: set[int] = set()
+    for scope, errors in _scopes(ast.parse(source)):
+        texts: set[str] = set()
+        for node in ast.walk(scope):
+            if isinstance(node, ast.Assign) and _is_message(node.value, errors, texts):
+                texts |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        for node in ast.walk(scope):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if any(isinstance(op, (ast.In, ast.NotIn, ast.Eq, ast.NotEq)) for op in node.ops) and any(
+                    _is_message(side, errors, texts) for side in sides
+                ):
+                    found.add(node.lineno)
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("startswith", "endswith", "find", "index", "count")
+                and _is_message(node.func.value, errors, texts)
+            ):
+                found.add(node.lineno)
+    return sorted(found)
+
+
+def test_the_text_check_sees_each_form() -> None:
+    source = """
+try:
+    pass
+except ClientError as err:
+    msg = str(err.response.get("Error", {}).get("Message", ""))
+    if code == "ValidationError" and msg.startswith("No active"):
+        pass
+    if "exists" in str(err):
+        pass
+    if err.args[0] == "gone":
+        pass
+    if awserror.message_of(err).endswith("."):
+        pass
+    raise Wrapped(f"call failed: {err}")  # a message built from it: fine
+def translate(err: Exception, call: str) -> LifecycleError:
+    msg = scrub(awserror.message_of(err), token)
+    if msg.startswith("No active"):
+        return NoActiveLifecycleAction(msg)
+    return LifecycleError(f"{call}: {msg}")
+"""
+    assert text_decisions(source) == [6, 8, 10, 12, 17]
+
+
+def test_no_module_decides_on_an_errors_text() -> None:
+    found = {
+        str(path.relative_to(ROOT)): lines
+        for package in ("instance_agent", "lambda_trigger")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if (lines := text_decisions(path.read_text()))
+    }
+    assert found == {}
