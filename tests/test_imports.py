@@ -158,6 +158,33 @@ def private_imports(tree: ast.AST) -> list[str]:
     return found
 
 
+def private_attributes(tree: ast.AST, known: set[str]) -> list[str]:
+    """Every `mod._name` where `mod` is a project module the tree imports (`from pkg import
+    mod`, `import pkg.mod as mod`): a private name reached through the module object."""
+    bound: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            bound.update(
+                {
+                    a.asname or a.name: f"{node.module}.{a.name}"
+                    for a in node.names
+                    if f"{node.module}.{a.name}" in known
+                }
+            )
+        elif isinstance(node, ast.Import):
+            bound.update({a.asname: a.name for a in node.names if a.asname and a.name in known})
+    return sorted(
+        {
+            f"{bound[node.value.id]}.{node.attr}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in bound
+            and _private(node.attr)
+        }
+    )
+
+
 def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
@@ -180,13 +207,20 @@ from os import _exit
         "instance_agent.backup._free_key",
         "instance_agent.s3upload._EXISTS_CODES",
     ]
+    used = "from instance_agent.local import autoscaling\nwith autoscaling._lock:\n    autoscaling.LOCK\n"
+    assert private_attributes(ast.parse(used), set(modules())) == ["instance_agent.local.autoscaling._lock"]
 
 
 def test_no_module_imports_another_modules_private_name() -> None:
     # A `_name` is its module's own: one that another module needs is public, named and kept
     # where its concern lives (as s3args.write_args and s3stream.upload_stream are).
+    known = modules()
     found = {
-        name: bad for name, path in modules().items() if (bad := private_imports(ast.parse(path.read_text())))
+        name: bad
+        for name, path in known.items()
+        if (
+            bad := private_imports(tree := ast.parse(path.read_text())) + private_attributes(tree, set(known))
+        )
     }
     assert found == {}
 

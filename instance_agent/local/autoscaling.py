@@ -64,7 +64,7 @@ from instance_agent.local.faults import Patches
 
 # moto's server is threaded; one lock keeps each Auto Scaling request and accessor atomic.
 _patches: Patches = Patches(lambda: asgpatch.patch(_patches.lock, _backend_begin_termination))
-_lock = _patches.lock
+LOCK = _patches.lock
 
 
 # -- public API ------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def install() -> None:
 
 def set_clock(fn: Callable[[], float]) -> None:
     """Use `fn` (seconds, monotonic) for deadlines; `reset()` restores `time.monotonic`."""
-    with _lock:
+    with LOCK:
         use_clock(fn)
 
 
@@ -97,8 +97,8 @@ def begin_termination(
     `Terminating:Wait`. Without a terminating hook it is then terminated.
     """
     install()
-    with _lock:
-        backend, asg, state = _in_service(group, instance_id, account_id, region)
+    with LOCK:
+        backend, asg, state = in_service(group, instance_id, account_id, region)
         if should_decrement:
             asg.desired_capacity = max(0, (asg.desired_capacity or 0) - 1)
         begin_action(backend, asg, state, wait_delay)
@@ -119,15 +119,15 @@ def return_to_warm_pool(
     `"Destination": "WarmPool"`; "Use lifecycle hooks with a warm pool",
     https://docs.aws.amazon.com/autoscaling/ec2/userguide/warm-pool-instance-lifecycle.html)."""
     install()
-    with _lock:
-        backend, _asg, _state = _in_service(group, instance_id, account_id, region)
+    with LOCK:
+        backend, _asg, _state = in_service(group, instance_id, account_id, region)
         enter_wait(backend, group, instance_id, clock(), destination="warm-pool")
 
 
-def _in_service(
+def in_service(
     group: str, instance_id: str, account_id: str, region: str
 ) -> tuple[AutoScalingBackend, FakeAutoScalingGroup, InstanceState]:
-    """The backend, group and state of an instance that must be InService (under _lock)."""
+    """The backend, group and state of an instance that must be InService (under LOCK)."""
     backend = backend_for(account_id, region)
     tick(backend)
     asg = backend.autoscaling_groups.get(group)
@@ -150,7 +150,7 @@ def leave_warm_pool(
     region: str = DEFAULT_REGION,
 ) -> None:
     """A scale-out takes the instance from the warm pool back into service."""
-    with _lock:
+    with LOCK:
         backend = backend_for(account_id, region)
         tick(backend)
         asg = backend.autoscaling_groups.get(group)
@@ -172,7 +172,7 @@ def clear_errors(
 ) -> None:
     """Drop the injected errors of `action` (all actions when None): the permission is
     fixed, the outage over."""
-    with _lock:
+    with LOCK:
         faults = book_of(backend_for(account_id, region)).faults
         if action is None:
             faults.clear()
@@ -193,7 +193,7 @@ def calls(
     account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION, *, group: str | None = None
 ) -> list[LifecycleCall]:
     """Every CompleteLifecycleAction and RecordLifecycleActionHeartbeat call, oldest first."""
-    with _lock:
+    with LOCK:
         backend = backend_for(account_id, region)
         tick(backend)
         return [c for c in book_of(backend).calls if group is None or c.group == group]
@@ -203,7 +203,7 @@ def outcomes(
     account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION, *, group: str | None = None
 ) -> list[LifecycleOutcome]:
     """Every lifecycle action that ended, oldest first."""
-    with _lock:
+    with LOCK:
         backend = backend_for(account_id, region)
         tick(backend)
         return [o for g, o in book_of(backend).outcomes if group is None or g == group]
@@ -213,7 +213,7 @@ def active_actions(
     account_id: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION, *, group: str | None = None
 ) -> list[ActiveAction]:
     """Lifecycle actions waiting for completion."""
-    with _lock:
+    with LOCK:
         backend = backend_for(account_id, region)
         tick(backend)
         return [a.snapshot() for a in book_of(backend).actions if group is None or a.group == group]
@@ -230,7 +230,7 @@ def inject_error(
 ) -> None:
     """Make the next `times` calls of Auto Scaling `action` (e.g. "CompleteLifecycleAction")
     fail with error `code` and `message` (HTTP 400, like AWS's Throttling)."""
-    with _lock:
+    with LOCK:
         book_of(backend_for(account_id, region)).faults.add(action, code, message, times)
 
 
@@ -238,7 +238,7 @@ def reset() -> None:
     """Forget recorded calls and outcomes and pending injected errors in every backend,
     and restore the default clock. Groups, instances and active actions stay: moto's own
     reset clears those."""
-    with _lock:
+    with LOCK:
         use_clock(time.monotonic)
         for account in autoscaling_backends.values():
             for backend in account.values():
@@ -278,7 +278,7 @@ def hold_in_state(
     if state_name not in HELD_STATES:
         raise ValueError(f"{state_name} is not one of {HELD_STATES}")
     install()
-    with _lock:
+    with LOCK:
         backend = backend_for(account_id, region)
         tick(backend)
         asg = backend.autoscaling_groups.get(group)

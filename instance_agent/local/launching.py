@@ -34,7 +34,7 @@ from instance_agent.local.faults import attached
 LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
 PENDING_WAIT, WARMED_PENDING_WAIT = "Pending:Wait", "Warmed:Pending:Wait"
 _STATE_KEY = "_instance_agent_launching"
-_lock = threading.RLock()
+LOCK = threading.RLock()
 _installed = False
 
 
@@ -67,7 +67,7 @@ def install() -> None:
     """Patch moto on top of `autoscaling.install()` (idempotent)."""
     global _installed
     autoscaling.install()
-    with _lock:
+    with LOCK:
         if _installed:
             return
         _installed = True
@@ -77,7 +77,7 @@ def install() -> None:
         def complete_lifecycle_action(self: AutoScalingResponse) -> ActionResult:
             # Auto Scaling's lock first: its deadline checks may begin a launching action
             # (rootvolume.py) while holding it.
-            with autoscaling._lock, _lock:
+            with autoscaling.LOCK, LOCK:
                 launch = _match(self)
                 if launch is None:
                     return terminating_complete(self)  # type: ignore[no-any-return]
@@ -97,7 +97,7 @@ def begin_launch(
     region: str = asgmodel.DEFAULT_REGION,
 ) -> str:
     """Put the instance in (Warmed:)Pending:Wait under `hook`; returns the action's token."""
-    with _lock:
+    with LOCK:
         backend = autoscaling_backends[account_id][region]
         if f"{group}_{hook}" not in backend.lifecycle_hooks:
             raise ValueError(f"group {group} has no hook {hook}")
@@ -120,7 +120,7 @@ def hold_leaving(
 ) -> str | None:
     """An instance leaving the warm pool: under the group's launching hook it waits in
     Pending:Wait for a new action; returns its token (None: the group has no such hook)."""
-    with _lock:
+    with LOCK:
         backend = autoscaling_backends[account_id][region]
         for hook in backend.lifecycle_hooks.values():
             if hook.auto_scaling_group_name == group and hook.lifecycle_transition == LAUNCHING:
@@ -131,7 +131,7 @@ def hold_leaving(
 def outcomes(
     account_id: str = asgmodel.DEFAULT_ACCOUNT, region: str = asgmodel.DEFAULT_REGION
 ) -> list[LaunchOutcome]:
-    with _lock:
+    with LOCK:
         return list(_book(autoscaling_backends[account_id][region]).outcomes)
 
 

@@ -34,7 +34,7 @@ DESTINATION = "root-volume"
 def install() -> None:
     """Patch moto (idempotent): launching hooks, and the hold after the replacement."""
     launching.install()
-    with autoscaling._lock:
+    with autoscaling.LOCK:
         if replaced not in asgactions.ROOT_VOLUME_REPLACED:
             asgactions.ROOT_VOLUME_REPLACED.append(replaced)
 
@@ -50,8 +50,8 @@ def replace_root_volume(
     first terminating action holding it (None: no terminating hook, so it went on)."""
     install()
     # The Auto Scaling lock first, then launching's, as every request takes them.
-    with autoscaling._lock, launching._lock:
-        backend, _asg, state = autoscaling._in_service(group, instance_id, account_id, region)
+    with autoscaling.LOCK, launching.LOCK:
+        backend, _asg, state = autoscaling.in_service(group, instance_id, account_id, region)
         state.lifecycle_state = "ReplacingRootVolume"
         _replacements(backend).append((group, instance_id))
         asgactions.enter_wait(backend, group, instance_id, asgmodel.clock(), destination=DESTINATION)
@@ -76,7 +76,7 @@ def replacements(
     group: str, *, account_id: str = asgmodel.DEFAULT_ACCOUNT, region: str = asgmodel.DEFAULT_REGION
 ) -> list[str]:
     """The instances of `group` whose root volume replacement began, oldest first."""
-    with autoscaling._lock:
+    with autoscaling.LOCK:
         backend = asgmodel.backend_for(account_id, region)
         return [i for g, i in _replacements(backend) if g == group]
 
