@@ -116,6 +116,9 @@ def warm_return(ctx: Context, res: Result, lc: Lifecycle, plan: WarmReturn) -> D
         if plan.commands:
             ctx.commands.post(res)
     res.commands = ctx.commands.as_dicts()
+    # The report goes out before the completion and announces it, as a termination's does
+    # (steps.report_and_complete); complete() sets what actually happened.
+    res.lifecycle_result = "CONTINUE"
     steps.report(ctx, res)
     steps.complete(ctx, lc, res, "CONTINUE")
     return Done(res, steps.exit_code(res))

@@ -282,6 +282,8 @@ def test_a_warm_pool_return_completes_continue_with_no_backup_and_no_record(
     assert (out.result.status, out.result.lifecycle_result) == ("skipped", "CONTINUE")
     msg = the_message(world)
     assert (msg["status"], msg["action"]) == ("skipped", "warm-pool-return")
+    # The report announces the completion it precedes, as a termination's does.
+    assert msg["lifecycle_result"] == "CONTINUE"
     assert world.record() is None  # the real termination comes later
 
 
@@ -294,6 +296,7 @@ def test_a_warm_pool_return_with_warm_pool_backup_archives_then_completes_contin
     assert world.asg.completed == ["CONTINUE"]
     msg = the_message(world)
     assert (msg["status"], msg["action"], msg["key"]) == ("succeeded", "warm-pool-return", key)
+    assert msg["lifecycle_result"] == "CONTINUE"
     assert world.record() is None
 
 
