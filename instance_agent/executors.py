@@ -189,15 +189,11 @@ def full(
     )
     if retry and planned == "ABANDON" and not res.ok:
         # A retained instance keeps its disks: retry until the backup lands (retained.py).
-        retained.run_if_retained(
-            cfg,
-            ctx.ident,
-            ctx.clients,
-            lambda: _retry_backup(ctx, res).to_json(),
-            ctx.cancel,
-            res.group,
-            clock=ctx.clock,
-        )
+        # The backup that landed is this run's outcome, as when the watcher takes over
+        # after Run Command's ABANDON (retry_retained); the record keeps the first run's.
+        landed = _retry_retained(ctx, res)
+        if landed is not res:
+            return Done(landed, steps.exit_code(landed), done.metrics_sent)
     return Done(res, code, done.metrics_sent)
 
 

@@ -27,9 +27,12 @@ def test_a_retained_instance_is_retried_until_the_backup_lands_then_terminated_o
     retain_policy(world)
     world.s3.errors["CreateMultipartUpload"] = denied(1)  # the first archive only
     world.asg.set_state("Terminating:Wait")
-    world.run(watcher_options(world, TERMINATION, "Terminated"))
+    out = world.run(watcher_options(world, TERMINATION, "Terminated"))
     assert world.asg.completed == ["ABANDON"]
     key = the_backup(world)
+    # The watcher's outcome is the backup that landed, as when it takes over after Run
+    # Command's ABANDON: its "response finished" line and the status file say so.
+    assert (out.exit_code, out.result.status, out.result.key) == (0, "succeeded", key)
     assert world.asg.terminated == [
         {"InstanceId": world.ident.instance_id, "ShouldDecrementDesiredCapacity": False}
     ]
