@@ -6,6 +6,11 @@
 - `imds`: an IMDSv2 stub per test.
 - `stack`: a bucket, a topic, and a group with a terminating hook whose one instance is the
   IMDS stub's identity — everything `instance-agent backup` needs, per test.
+
+Under pytest-xdist (pyproject.toml's addopts) every worker is a process of its own, so it has
+its own session servers (on ports chosen free), its own tmp_path tree, and its own
+TOKENLESS_READS and scoreboard rows, which it hands to the controller when it ends
+(`pytest_sessionfinish` in the worker, `pytest_testnodedown` in the controller).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ if TYPE_CHECKING:
     from instance_agent.local.moto_server import MotoServer
 
 sys.path.insert(0, str(Path(__file__).parent))
+from support import scoreboard
 from support.seaweed import SeaweedS3
 from support.trees import walk
 
@@ -86,10 +92,28 @@ def imds() -> Iterator[IMDSStub]:
     stub.stop()
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    scoreboard.position = item.session.items.index(item)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller adds up and reports
+        workeroutput["tokenless_reads"] = sum(TOKENLESS_READS)
+        workeroutput["scoreboard_rows"] = scoreboard.export()
+        return
     if sum(TOKENLESS_READS):
         session.exitstatus = 1
         print(f"\nFAILED: {sum(TOKENLESS_READS)} token-less (IMDSv1) reads hit the IMDS stub")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """The xdist controller, as each worker ends: its IMDSv1 count and scoreboard rows."""
+    output = getattr(node, "workeroutput", {})
+    TOKENLESS_READS.append(int(output.get("tokenless_reads", 0)))
+    scoreboard.merge(output.get("scoreboard_rows", []))
 
 
 @dataclass

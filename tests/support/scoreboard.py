@@ -3,12 +3,18 @@
 Each scenario test wraps its work in `scenario(name)` and fills in what it measured: the
 faults it injected, the requests that were retried, the outcome, the bytes lost and the time
 to the outcome. When `INSTANCE_AGENT_SCOREBOARD` names a file, the table is rewritten there
-after every scenario, so at the end of a run it holds exactly that run's rows:
+after every scenario, so at the end of a run it holds exactly that run's rows, in the order
+of the tests' collection:
 
     INSTANCE_AGENT_SCOREBOARD=docs/reliability.md .venv/bin/python -m pytest <scenario files>
 
 where the files are every test file that calls `scenario(` (`scenario_files()`; the
 document prints the exact command, and tests/test_docs.py checks that it is current).
+
+Under pytest-xdist each worker keeps its rows and hands them to the controller when it ends
+(conftest's `pytest_sessionfinish` and `pytest_testnodedown`); only the controller writes the
+document, merged from every worker and sorted by each row's test's place in the collection,
+so a parallel run writes the same table, in the same order, as a serial one.
 
 A scenario whose test fails is still written, with the failure as its outcome: the document
 must never show a green row for a red test.
@@ -22,13 +28,14 @@ on SNS and completed with the failure result, or an exit code to the caller that
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -51,6 +58,11 @@ COMMAND = "INSTANCE_AGENT_SCOREBOARD=docs/reliability.md .venv/bin/python -m pyt
 # Read once, at import (collection): conftest's guard clears every INSTANCE_AGENT_* variable
 # before each test runs.
 TARGET = os.environ.get(ENV)
+# Set in an xdist worker: it hands its rows over (`export`) instead of writing the document.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+# The running test's index in the collection (the same in every xdist worker), set by
+# conftest before each test: rows are sorted by it.
+position = 0
 
 Tree = Mapping[bytes, tuple[str, bytes | None]]  # support.trees.walk(): path -> (type, content)
 
@@ -67,6 +79,8 @@ class Row:
     # with what was observed, instead of "test failed".
     known_gap: str | None = None
     started: float = field(default_factory=time.monotonic, repr=False)
+    # (test's index in the collection, the scenario's rank in the run): the table's order.
+    order: tuple[int, int] = field(default=(0, 0), repr=False)
 
     def cells(self) -> list[str]:
         lost = "—" if self.bytes_lost is None else f"{self.bytes_lost:,}"
@@ -76,13 +90,14 @@ class Row:
 
 _rows: list[Row] = []
 _lock = threading.Lock()
+_rank = itertools.count()
 
 
 @contextmanager
 def scenario(name: str) -> Iterator[Row]:
     """Time one scenario and record it, failed or not. The test sets the row's fields; if it
     leaves `seconds` unset, the whole block's duration is used."""
-    row = Row(name)
+    row = Row(name, order=(position, next(_rank)))
     try:
         yield row
     except BaseException as err:
@@ -133,8 +148,24 @@ def render(rows: Iterable[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def export() -> list[dict[str, object]]:
+    """This process's rows as plain data, for an xdist worker to hand to the controller."""
+    with _lock:
+        return [asdict(row) for row in _rows]
+
+
+def merge(rows: Iterable[Mapping[str, object]]) -> None:
+    """Add rows a worker exported, and rewrite the document (the xdist controller)."""
+    with _lock:
+        for data in rows:
+            fields = dict(data)
+            fields["order"] = tuple(fields["order"])  # type: ignore[arg-type]
+            _rows.append(Row(**fields))  # type: ignore[arg-type]
+        _write()
+
+
 def _write() -> None:
-    if not TARGET:
+    if not TARGET or WORKER:
         return
     path = Path(TARGET)
     if not path.is_absolute():
@@ -142,7 +173,7 @@ def _write() -> None:
         path = Path(__file__).resolve().parents[2] / path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(render(_rows), encoding="utf-8")
+    tmp.write_text(render(sorted(_rows, key=lambda row: row.order)), encoding="utf-8")
     tmp.replace(path)
 
 
