@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Stack
+from support.agentproc import WatchProc
 from support.faultproxy import FaultProxy, HoldUntil, Rule, internal_error, upload_part
 from support.trees import build_odd_tree, walk
 
@@ -142,15 +143,16 @@ def test_two_overlapping_runs_back_up_once(stack: Stack, tmp_path: Path) -> None
         args = stack.backup_argv("--source", str(src))
         first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert held.fired.wait(30), "first run never reached the upload"
-        second = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.0)  # the second run is now waiting on the lock
-        assert second.poll() is None
-        release.set()
-        out1, err1 = first.communicate(timeout=120)
-        out2, err2 = second.communicate(timeout=120)
+        with WatchProc(args, env) as second:
+            second.wait_for("another run holds the termination lock; waiting", timeout=30)
+            assert second.proc.poll() is None
+            release.set()
+            out1, err1 = first.communicate(timeout=120)
+            second.wait(timeout=120)
+            out2, err2 = second.stdout(), second.text()
     r1, r2 = json.loads(out1), json.loads(out2)
     assert first.returncode == 0 and r1["status"] == "succeeded", err1[-2000:]
-    assert second.returncode == 0 and r2["status"] == "duplicate", err2[-2000:]
+    assert second.proc.returncode == 0 and r2["status"] == "duplicate", err2[-2000:]
     assert r2["key"] == r1["key"] and r2["first_exit_code"] == 0
     assert [k for k in stack.objects() if not k.endswith(".manifest.json")] == [r1["key"]]
     assert len(stack.sns()) == 1

@@ -22,6 +22,7 @@ from conftest import ACCOUNT, REGION, Stack
 from support import scoreboard
 from support.agentproc import WatchProc, archives, completions, sns_docs, source_tree, watch
 from support.trees import walk
+from support.waits import next_second
 
 from instance_agent.local import autoscaling, launching
 
@@ -74,7 +75,7 @@ def test_adhoc_run_then_real_termination_two_archives_one_continue(stack: Stack,
     assert adhoc["action"] == "none"
     assert elapsed < 60, elapsed  # prompt: no wait for a Terminating:Wait that never comes
     assert completions(stack) == []
-    time.sleep(1.1)  # keeps the two keys' second-resolution timestamps apart
+    next_second()  # keeps the two keys' second-resolution timestamps apart
 
     stack.scale_in()
     proc, real = stack.backup("--source", str(src))
@@ -100,7 +101,7 @@ def test_two_actions_on_one_instance_two_archives_two_continues(stack: Stack, tm
     # Back in service, then a real scale-in: a new action, with no token (the watcher's
     # way) — the completed first action must not make it a duplicate.
     autoscaling.leave_warm_pool(stack.group, stack.instance_id, account_id=ACCOUNT, region=REGION)
-    time.sleep(1.1)
+    next_second()  # keeps the two keys' second-resolution timestamps apart
     stack.scale_in()
     proc, second = stack.backup("--source", str(src))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -573,7 +574,7 @@ def test_root_volume_replacement_one_archive_one_continue_then_the_termination_i
     assert stack.gnu_restore(rrv["key"], src, tmp_path) == walk(src)
 
     # Later the same instance is really terminated: a second archive and a second CONTINUE.
-    time.sleep(1.1)
+    next_second()  # keeps the two keys' second-resolution timestamps apart
     stack.scale_in()
     proc, real = stack.backup("--source", str(src))
     assert proc.returncode == 0, proc.stderr[-2000:]

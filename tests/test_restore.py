@@ -22,6 +22,7 @@ from conftest import AGENT, Stack
 from support import scoreboard
 from support.faultproxy import FaultProxy
 from support.trees import text_log, walk
+from support.waits import next_second
 
 OLD = 1_600_000_000  # 2020-09-13: a source mtime well before any restore
 
@@ -345,7 +346,7 @@ def test_list_filters_pages_and_restore_latest(stack: Stack, tmp_path: Path) -> 
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         made.append(result)
-        time.sleep(1.1)  # manifests record `created` to the second: keep the order certain
+        next_second()  # manifests record `created` to the second: keep the order certain
     # An archive whose run died before its manifest: still listed, flagged.
     s3 = stack.client("s3")
     s3.copy_object(

@@ -28,6 +28,7 @@ from support.agentproc import (
 )
 from support.faultproxy import Delay, FaultProxy, HoldUntil, Rule, upload_part
 from support.trees import walk
+from support.waits import next_second, until
 
 from instance_agent.local import autoscaling
 from instance_agent.local.imds import IMDSStub
@@ -129,7 +130,7 @@ def test_spot_stop_then_termination_backs_up_twice(stack: Stack, tmp_path: Path)
         assert stack.lifecycle_calls() == []
         # The instance comes back from its stop; later Auto Scaling terminates it.
         stack.imds.spot_action = None
-        time.sleep(1.0)  # keeps the two keys' second-resolution timestamps apart
+        next_second()  # keeps the two keys' second-resolution timestamps apart
         stack.scale_in()
         _, terminated = w.wait_for("response finished", timeout=60, trigger="termination")
         assert terminated["status"] == "succeeded"
@@ -262,10 +263,14 @@ def test_drain_gate_waits_with_heartbeats_and_opens_on_removal(stack: Stack, tmp
         w.wait_for("waiting for drain paths")
         beats_before = len(stack.lifecycle_calls("RecordLifecycleActionHeartbeat"))
         (inflight / "job-43").unlink()  # an empty in-flight dir counts as drained ...
-        time.sleep(2.0)  # ... but the marker still holds the backup back
+
+        def beats() -> int:
+            calls = stack.lifecycle_calls("RecordLifecycleActionHeartbeat")
+            return len([c for c in calls if c.outcome == "ok"])
+
+        # ... but the marker still holds the backup back, through three more heartbeats.
+        until(lambda: beats() - beats_before >= 3, "heartbeats to continue while draining", timeout=30)
         assert not w.find("backup started")
-        beats = [c for c in stack.lifecycle_calls("RecordLifecycleActionHeartbeat") if c.outcome == "ok"]
-        assert len(beats) - beats_before >= 3, "heartbeats must continue while draining"
         removed = time.monotonic()
         marker.unlink()
         started, _ = w.wait_for("backup started")

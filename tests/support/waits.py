@@ -29,3 +29,11 @@ def until(what: Callable[[], T], description: str, timeout: float = TIMEOUT, int
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {description}")
         time.sleep(interval)
+
+
+def next_second() -> None:
+    """Wait until the wall clock is in a later second than now, so that whatever was stamped
+    to the second before the call (archive keys, manifests' `created`) sorts before whatever
+    is stamped after it. Half a second on average, where a fixed sleep took more than one."""
+    now = int(time.time())
+    until(lambda: int(time.time()) > now, "the next second of the wall clock", timeout=5, interval=0.01)
