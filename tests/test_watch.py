@@ -269,7 +269,11 @@ def test_drain_gate_waits_with_heartbeats_and_opens_on_removal(stack: Stack, tmp
             return len([c for c in calls if c.outcome == "ok"])
 
         # ... but the marker still holds the backup back, through three more heartbeats.
-        until(lambda: beats() - beats_before >= 3, "heartbeats to continue while draining", timeout=30)
+        until(
+            lambda: w.find("backup started") or beats() - beats_before >= 3,
+            "heartbeats to continue while draining",
+            timeout=30,
+        )
         assert not w.find("backup started")
         removed = time.monotonic()
         marker.unlink()
