@@ -92,6 +92,25 @@ def imds() -> Iterator[IMDSStub]:
     stub.stop()
 
 
+# pyproject.toml's `-n auto` means this many pytest-xdist workers: on two cores four beat
+# three and six, as most tests wait on subprocesses and servers rather than on a core.
+WORKERS = 4
+# A selection inside these starts no server: worker start-up would double its time.
+IN_PROCESS = ("tests/unit", "tests/functional", "tests/test_docs.py", "tests/test_imports.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    root = Path(__file__).resolve().parent.parent
+    fast = [(root / p).resolve() for p in IN_PROCESS]
+    chosen = [(Path(config.invocation_params.dir) / a.split("::")[0]).resolve() for a in config.args]
+    if chosen and all(any(c == f or f in c.parents for f in fast) for c in chosen):
+        return 0
+    return WORKERS
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     scoreboard.position = item.session.items.index(item)
