@@ -95,7 +95,7 @@ def check_archive_size(value: Any) -> str | None:
     """PartSizer's own rule, so a size it would refuse at backup time is refused now: S3 caps
     an object at 5 TiB ("Maximum object size", Amazon S3 multipart upload limits,
     https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html; newer regions document
-    more, but 5 TiB holds everywhere)."""
+    more, but 5 TiB holds everywhere; docs/aws-behaviour.md, "S3")."""
     problem = check_positive(value)
     if problem:
         return problem

@@ -148,7 +148,8 @@ def check_shipping(ctx: Context, facts: Facts) -> Check:
 
 def check_retained(ctx: Context, facts: Facts) -> Check | None:
     """A retained instance (`*:Retained`, kept after its terminating action ended in
-    ABANDON, https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html):
+    ABANDON, https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html;
+    docs/aws-behaviour.md, "Lifecycle hooks"):
     what it waits for. Said only when it is, or when the watcher's retries are on record."""
     found = status.find_status((ctx.cfg.runtime_dir, ctx.cfg.state_dir))
     kept = found[1].get("retained") if found else None

@@ -127,7 +127,8 @@ def warm_return(ctx: Context, res: Result, lc: Lifecycle, plan: WarmReturn) -> D
 def root_volume(ctx: Context, res: Result, lc: Lifecycle, plan: RootVolume) -> Done:
     """A root-volume replacement held by our terminating hook: the instance stays, its
     root volume (and the state directory on it) goes
-    (https://docs.aws.amazon.com/autoscaling/ec2/userguide/replace-root-volume.html).
+    (https://docs.aws.amazon.com/autoscaling/ec2/userguide/replace-root-volume.html;
+    docs/aws-behaviour.md, "Lifecycle hooks").
     The same job as a termination (drain gate, commands, a full archive, the report, the
     completion: CONTINUE, or --on-failure when the backup failed), but it is not the
     instance's termination: nothing is recorded (the record would be on the volume that

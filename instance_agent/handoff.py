@@ -14,6 +14,7 @@ generation's claim S3 lets exactly one succeed: the other gets 412 PreconditionF
 409 ConditionalRequestConflict while the first write is still in flight). "How to prevent
 object overwrites with conditional writes", Amazon S3 user guide,
 https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-writes.html
+(in our words: docs/aws-behaviour.md, "S3").
 
 Everything here is a decision on data already read, with the time passed in, so the unit
 tests reach every branch in milliseconds.

@@ -78,7 +78,8 @@ def _unit_quote(word: str) -> str:
 # Always allowed once ip_allow turns the firewall on: loopback, IMDS over IPv4 and IPv6
 # (https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/instancedata-data-retrieval.html) and
 # the Amazon DNS server's link-local addresses, which resolve the AWS endpoints' names
-# (https://docs.aws.amazon.com/vpc/latest/userguide/AmazonDNS-concepts.html).
+# (https://docs.aws.amazon.com/vpc/latest/userguide/AmazonDNS-concepts.html). In our words:
+# docs/aws-behaviour.md, "Instance metadata (IMDS)" and "VPC DNS".
 ALWAYS_ALLOWED = ("localhost", "169.254.169.254", "fd00:ec2::254", "169.254.169.253", "fd00:ec2::253")
 
 

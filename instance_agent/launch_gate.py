@@ -9,6 +9,7 @@ oneshot unit instance-agent-launch.service: it asks Auto Scaling for the instanc
 LifecycleState (DescribeAutoScalingInstances), and while it is a launching wait it runs
 `doctor --launch` and completes the action by InstanceId with CONTINUE or ABANDON
 (https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_CompleteLifecycleAction.html).
+Both pages in our words: docs/aws-behaviour.md, "Lifecycle hooks".
 
 Each answer is recorded in the state directory under (boot id, lifecycle state): the user
 data's first-boot run and the unit's run of the same boot answer once between them, and the

@@ -2,7 +2,8 @@
 
 The ledger lives in the state directory on the root volume. A root-volume replacement
 discards that volume and keeps the instance, its id and its other volumes
-(https://docs.aws.amazon.com/autoscaling/ec2/userguide/replace-root-volume.html): the agent
+(https://docs.aws.amazon.com/autoscaling/ec2/userguide/replace-root-volume.html;
+docs/aws-behaviour.md, "Lifecycle hooks"): the agent
 that the user data installs on the new root starts with no ledger, while files on a kept data
 volume are the very ones it already shipped. Without the ledger it would send them all again.
 

@@ -27,7 +27,8 @@ at most `PUBLISH_BOUND` seconds): after CompleteLifecycleAction the group shuts 
 down, and a metric sent afterwards is lost. A metric never changes a backup's outcome: any
 failure is one warning in the log, and the exit code and SNS report stay what the backup
 made them. IAM: PutMetricData has no resource-level permissions; the template scopes it
-with the `cloudwatch:namespace` condition key instead (https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/iam-cw-condition-keys-namespace.html).
+with the `cloudwatch:namespace` condition key instead (https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/iam-cw-condition-keys-namespace.html;
+docs/aws-behaviour.md, "SNS, CloudWatch and Lambda").
 """
 
 from __future__ import annotations

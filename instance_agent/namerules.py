@@ -8,6 +8,7 @@ import string
 # S3 refuses these at CreateBucket, and an alias or access point name with them is not a
 # bucket at all: "General purpose bucket naming rules",
 # https://docs.aws.amazon.com/AmazonS3/latest/userguide/bucketnamingrules.html
+# (docs/aws-behaviour.md, "S3").
 RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
 RESERVED_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
 

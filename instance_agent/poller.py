@@ -31,8 +31,8 @@ SPOT_PATH = "spot/instance-action"
 REBALANCE_PATH = "events/recommendations/rebalance"
 # Into a warm pool: a return under an instance reuse policy fires the terminating hook; a
 # fresh launch into the pool fires the launching one, and IMDS already shows the target
-# state (https://docs.aws.amazon.com/autoscaling/ec2/userguide/warm-pool-instance-lifecycle.html).
-# The job tells them apart and does nothing for a launch.
+# state (https://docs.aws.amazon.com/autoscaling/ec2/userguide/warm-pool-instance-lifecycle.html;
+# docs/aws-behaviour.md, "Lifecycle hooks"). The job tells them apart and does nothing for a launch.
 WARM_STATES = ("Warmed:Stopped", "Warmed:Running", "Warmed:Hibernated")
 
 # Backoff on IMDS errors doubles from the poll interval up to this. 20 s cuts the request

@@ -6,7 +6,8 @@ action that ended in ABANDON leaves the instance in `Terminating:Retained` (or
 TerminateInstanceInAutoScalingGroup ("Control instance retention with instance lifecycle
 policies", https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html;
 "Manage retained instances",
-https://docs.aws.amazon.com/autoscaling/ec2/userguide/manage-retained-instances.html). The
+https://docs.aws.amazon.com/autoscaling/ec2/userguide/manage-retained-instances.html;
+docs/aws-behaviour.md, "Lifecycle hooks"). The
 disks are still there, so a failed backup is not yet a loss: the agent says so on SNS, retries
 with backoff (the first retry after `retain_first_retry`, doubling, capped at 15 minutes) until
 a backup succeeds or `retain_retry_for` is spent, and on success terminates its own instance
@@ -14,7 +15,8 @@ through Auto Scaling, once.
 
 - **ShouldDecrementDesiredCapacity** is a required Boolean of
   TerminateInstanceInAutoScalingGroup
-  (https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_TerminateInstanceInAutoScalingGroup.html).
+  (https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_TerminateInstanceInAutoScalingGroup.html;
+  docs/aws-behaviour.md, "Lifecycle hooks").
   No AWS page says which value a retained instance needs. Retained instances "do not count
   toward your Auto Scaling group's desired capacity" and the group has already launched their
   replacement (manage-retained-instances.html above), so the agent passes False: True could

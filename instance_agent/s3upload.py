@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 # Conditional writes: with If-None-Match '*', PutObject and CompleteMultipartUpload create the
 # key only if it does not exist yet, else S3 answers 412 PreconditionFailed ("How to prevent
 # object overwrites with conditional writes", Amazon S3 user guide,
-# https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-writes.html). A backup
-# must never replace an earlier one.
+# https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-writes.html;
+# docs/aws-behaviour.md, "S3"). A backup must never replace an earlier one.
 CREATE_ONLY = {"IfNoneMatch": "*"}
 # What list and restore read must stay readable at once, so only the archive itself takes the
 # configured storage class: a GLACIER manifest or journal would need a restore request first.

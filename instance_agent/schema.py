@@ -193,7 +193,8 @@ OPTIONS: tuple[Option, ...] = (
         check=check_positive,
     ),
     # A retained instance (instance lifecycle policy TerminateHookAbandon: retain,
-    # https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html):
+    # https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html;
+    # docs/aws-behaviour.md, "Lifecycle hooks"):
     # how long to keep retrying the backup, and the first retry's delay (then doubling, at
     # most 15 minutes apart; retained.py).
     Option(

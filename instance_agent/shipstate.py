@@ -59,7 +59,8 @@ def refresh_age(retention_days: int) -> float | None:
     """How old a segment may be and still hold a file for a new backup; None: no limit.
 
     S3 expires an object `Days` after its creation, rounded up to the next midnight UTC
-    (https://docs.aws.amazon.com/AmazonS3/latest/userguide/intro-lifecycle-rules.html), so
+    (https://docs.aws.amazon.com/AmazonS3/latest/userguide/intro-lifecycle-rules.html;
+    docs/aws-behaviour.md, "S3"), so
     a segment is safe for at least `retention_days` from `Shipped.at`. Half of that: a
     backup written now names only segments at most half the retention old, so it stays
     whole for at least the other half, and an unchanged file costs one more upload every

@@ -15,6 +15,8 @@ Sources for the meanings:
 - root-volume replacement: `ReplacingRootVolume` -> `:Wait` (lifecycle hooks, if any) ->
   `:Proceed` -> `RootVolumeReplaced`
   (https://docs.aws.amazon.com/autoscaling/ec2/userguide/replace-root-volume.html).
+
+All three in our words: docs/aws-behaviour.md, "Lifecycle hooks".
 """
 
 from __future__ import annotations

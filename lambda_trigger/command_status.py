@@ -6,7 +6,8 @@ exit 1), times out, is cancelled or never arrives, nothing else would tell anyon
 EventBridge rule sends this function the "EC2 Command Invocation Status-change
 Notification" events of the backup document (source `aws.ssm`, detail `command-id`,
 `document-name`, `instance-id`, `requested-date-time`, `status`; see
-https://docs.aws.amazon.com/systems-manager/latest/userguide/monitoring-systems-manager-event-examples.html).
+https://docs.aws.amazon.com/systems-manager/latest/userguide/monitoring-systems-manager-event-examples.html;
+docs/aws-behaviour.md, "Systems Manager Run Command").
 
 For each `Failed`, `TimedOut` or `Cancelled` invocation of DOCUMENT_NAME (the
 CommandInvocationStatus values that end badly; there is no `Undeliverable` status: an
@@ -62,7 +63,8 @@ EXIT_HINTS = {
     1: "exit 1: the backup failed; the agent's own SNS report carries the error",
 }
 # Keyed by GetCommandInvocation's StatusDetails (botocore's SSM model, service-2.json; see
-# https://docs.aws.amazon.com/systems-manager/latest/userguide/monitor-commands.html), which the
+# https://docs.aws.amazon.com/systems-manager/latest/userguide/monitor-commands.html;
+# docs/aws-behaviour.md, "Systems Manager Run Command"), which the
 # API spells without spaces; the spaced spellings of older stand-ins are kept, harmlessly.
 _DELIVERY_TIMED_OUT = (
     "the SSM agent did not pick the command up in time: the instance "

@@ -74,6 +74,7 @@ class LifecycleAction:
     # stays, and the agent backs up what lives on the root volume (its own kind of action,
     # told apart on the instance by the ReplacingRootVolume:Wait state). AWS:
     # https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-refresh-eventbridge-events.html
+    # (docs/aws-behaviour.md, "Lifecycle hooks")
     action: str | None = None
 
     def log_fields(self) -> dict[str, Any]:

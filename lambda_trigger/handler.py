@@ -66,7 +66,8 @@ def handle(
     messages are returned as `batchItemFailures`, so that only they become visible again
     (Lambda's partial batch response, with the event source mapping's FunctionResponseTypes
     set to ReportBatchItemFailures:
-    https://docs.aws.amazon.com/lambda/latest/dg/services-sqs-errorhandling.html#services-sqs-batchfailurereporting).
+    https://docs.aws.amazon.com/lambda/latest/dg/services-sqs-errorhandling.html#services-sqs-batchfailurereporting;
+    docs/aws-behaviour.md, "SNS, CloudWatch and Lambda").
     From any other source the first such error is raised once every message was tried, for
     Lambda's async retry to run the invocation again; the ListCommands check (`ssm_flow`)
     keeps that retry from sending a second command.

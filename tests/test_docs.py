@@ -120,3 +120,34 @@ def test_the_reliability_scoreboard_was_generated_from_every_scenario_file() -> 
     assert COMMAND in doc, (
         "docs/reliability.md is stale: regenerate it with tests/support/scoreboard.py's command"
     )
+
+
+_AWS_URL = re.compile(r"https://docs\.aws\.amazon\.com/[^\s)>;,\"'`]*[^\s)>;,\"'`.]")
+BEHAVIOUR = ROOT / "docs" / "aws-behaviour.md"
+
+
+def test_every_aws_page_the_code_cites_is_in_aws_behaviour_and_the_module_names_it() -> None:
+    """docs/aws-behaviour.md holds the AWS facts the code relies on, each with its source: a
+    comment that cites an AWS page directly cites a fact the page must hold, and its module
+    names the page, so a reader finds the fact in our words and a change to it in one place."""
+    stated = set(_AWS_URL.findall(BEHAVIOUR.read_text(encoding="utf-8")))
+    missing, unnamed = [], []
+    modules = [*(ROOT / "instance_agent").rglob("*.py"), *(ROOT / "lambda_trigger").rglob("*.py")]
+    for module in sorted(modules):
+        text = module.read_text(encoding="utf-8")
+        cited = _AWS_URL.findall(text)
+        where = module.relative_to(ROOT)
+        missing += [f"{where}: {url}" for url in cited if url not in stated]
+        if cited and "docs/aws-behaviour.md" not in text:
+            unnamed.append(str(where))
+    assert missing == [], "state these pages' facts in docs/aws-behaviour.md, with the page"
+    assert unnamed == [], "these modules cite AWS pages but not docs/aws-behaviour.md"
+
+
+def test_the_aws_page_check_reads_a_url_as_a_comment_writes_it() -> None:
+    """Without this, a pattern that matched nothing would pass the check above."""
+    line = "# (https://docs.aws.amazon.com/a/b.html#c). See <https://docs.aws.amazon.com/d.html>, too"
+    assert _AWS_URL.findall(line) == [
+        "https://docs.aws.amazon.com/a/b.html#c",
+        "https://docs.aws.amazon.com/d.html",
+    ]

@@ -117,7 +117,8 @@ def return_to_warm_pool(
     The group's terminating hooks fire and hold it in `Warmed:Pending:Wait`; once they are
     done it is `Warmed:Stopped`, still in the group (the EventBridge event says
     `"Destination": "WarmPool"`; "Use lifecycle hooks with a warm pool",
-    https://docs.aws.amazon.com/autoscaling/ec2/userguide/warm-pool-instance-lifecycle.html)."""
+    https://docs.aws.amazon.com/autoscaling/ec2/userguide/warm-pool-instance-lifecycle.html;
+    docs/aws-behaviour.md, "Lifecycle hooks")."""
     install()
     with LOCK:
         backend, _asg, _state = in_service(group, instance_id, account_id, region)
@@ -254,6 +255,7 @@ def reset() -> None:
 # (https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html).
 # Root volume: an instance refresh with the ReplaceRootVolume strategy
 # (https://docs.aws.amazon.com/autoscaling/ec2/userguide/replace-root-volume.html).
+# Both in our words: docs/aws-behaviour.md, "Lifecycle hooks".
 HELD_STATES = (
     "Terminating:Retained",
     "Warmed:Terminating:Retained",

@@ -3,7 +3,8 @@
 Tests and the demo point the agent at it through `AWS_EC2_METADATA_SERVICE_ENDPOINT`. It
 answers the handful of paths the agent reads and refuses everything IMDSv2 refuses, so a
 client that would fall back to IMDSv1, forget the token, or keep an expired one fails here
-the way it would on an instance (https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/instance-metadata-v2-how-it-works.html).
+the way it would on an instance (https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/instance-metadata-v2-how-it-works.html;
+docs/aws-behaviour.md, "Instance metadata (IMDS)").
 
 Run it standalone with `python -m instance_agent.local.imds --port 8080`.
 """

@@ -9,7 +9,8 @@ that the user data's launch gate answers:
     CompleteLifecycleAction ABANDON            -> Terminating:Proceed (AWS replaces it)
 
 On AWS a launching hook on a warm-pool group fires twice, into the pool and out of it
-(https://docs.aws.amazon.com/autoscaling/ec2/userguide/warm-pool-instance-lifecycle.html):
+(https://docs.aws.amazon.com/autoscaling/ec2/userguide/warm-pool-instance-lifecycle.html;
+docs/aws-behaviour.md, "Lifecycle hooks"):
 a test calls `begin_launch(warm_pool=True)` for the way in, and `autoscaling.leave_warm_pool`
 calls `hold_leaving` for the way out, which begins a new action in Pending:Wait. A
 CompleteLifecycleAction that matches no launching action goes on to `autoscaling`'s

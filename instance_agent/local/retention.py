@@ -16,6 +16,7 @@ replacement, and both instances are billed ("Manage retained instances",
 https://docs.aws.amazon.com/autoscaling/ec2/userguide/manage-retained-instances.html;
 "Control instance retention with instance lifecycle policies",
 https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html).
+All of this in our words: docs/aws-behaviour.md, "Lifecycle hooks".
 
 The pages say nothing of a ShouldDecrementDesiredCapacity value that AWS refuses for a
 retained instance, so the stand-in refuses none and applies the flag as it reads: True

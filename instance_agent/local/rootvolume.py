@@ -14,7 +14,8 @@ network, non-root volumes) and replaces its root EBS volume; the instance is reb
 The page's section "Use lifecycle hooks with replace root volume" says which hook holds
 which wait, and that the notifications and EventBridge events carry
 `"Action": "ReplaceRootVolume"` with Origin and Destination `AutoScalingGroup`
-(https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-refresh-eventbridge-events.html).
+(https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-refresh-eventbridge-events.html;
+in our words: docs/aws-behaviour.md, "Lifecycle hooks").
 The pages do not say that ABANDON stops the replacement, so, as for a termination, either
 result lets it proceed. Instance retention does not apply (that policy is about
 terminations). A later termination is a new action.
