@@ -180,7 +180,8 @@ def _before_lock(seen: Seen) -> Plan | None:
     action, watcher = seen.action, seen.trigger.by_watcher
     # A launch into the warm pool reads `Warmed:*` in IMDS (the target state) while a
     # launching hook holds it in `Warmed:Pending:Wait`; a retained instance's action already
-    # ended in ABANDON. Run Command is an explicit ask and still backs up.
+    # ended in ABANDON (docs/aws-behaviour.md, "Lifecycle hooks"). Run Command is an
+    # explicit ask and still backs up.
     warmed = seen.imds_state is not None and classify(seen.imds_state) == WARMED
     if watcher and (action is Action.REPLACING or (action is Action.NOT_TERMINATING and warmed)):
         return NothingToDo(seen.imds_state)

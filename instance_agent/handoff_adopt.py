@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 
 # S3 answers a create-only write that met an existing object with 412, and one that raced
 # another in-flight conditional write of the same key with 409 (conditional-writes.html,
-# module docstring of handoff.py). Either way this receiver did not write the claim.
+# module docstring of handoff.py; docs/aws-behaviour.md, "S3"). Either way this receiver did
+# not write the claim.
 _LOST_RACE = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 

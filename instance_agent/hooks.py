@@ -29,7 +29,7 @@ from instance_agent.sdnotify import child_environment
 log = logging.getLogger(__name__)
 
 # Enough for an error message or a stack trace's last lines; 20 commands of this still fit
-# easily in SNS's 256 KiB message.
+# easily in SNS's 256 KiB message (docs/aws-behaviour.md, "SNS, CloudWatch and Lambda").
 OUTPUT_LIMIT = 2048
 KILL_GRACE = 2.0  # SIGTERM, then this long before SIGKILL
 CANCEL_CHECK = 0.1  # how often a running command looks at the cancel event

@@ -36,6 +36,7 @@ DEFAULT_ENDPOINT = "http://169.254.169.254"
 IPV6_ENDPOINT = "http://[fd00:ec2::254]"
 ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"  # botocore's variable; we honour the same
 MODE_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE"  # botocore's too: IPv4 or IPv6
+# Token TTL and 401 (docs/aws-behaviour.md, "Instance metadata (IMDS)").
 TOKEN_TTL = 21600  # the maximum AWS allows; a 401 refreshes it sooner if needed
 TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105 - a header name, not a secret
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"

@@ -82,5 +82,6 @@ class Status(_Kind):
     )
 
 
-# The IMDS target-lifecycle-state values that say the instance is leaving for good.
+# The IMDS target-lifecycle-state values that say the instance is leaving for good
+# (docs/aws-behaviour.md, "Instance metadata (IMDS)").
 TERMINAL_STATES = ("Terminated", "Warmed:Terminated")

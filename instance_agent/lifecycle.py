@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
 # Where a terminating hook holds an instance. `Warmed:Pending:Wait` is the return to a warm
 # pool under an instance reuse policy: the terminating hook fires, but the instance is kept
-# ("Use lifecycle hooks with a warm pool", Auto Scaling user guide). Every state's meaning
-# lives in one table, instance_agent/states.py.
+# ("Use lifecycle hooks with a warm pool", Auto Scaling user guide; docs/aws-behaviour.md,
+# "Lifecycle hooks"). Every state's meaning lives in one table, instance_agent/states.py.
 TERMINATING_WAIT = states.states_of(states.TERMINATING_WAIT)
 ROOT_VOLUME_BEFORE = "ReplacingRootVolume"  # on the way to the wait below
 ROOT_VOLUME_WAIT = "ReplacingRootVolume:Wait"  # held by the group's terminating hooks
@@ -77,7 +77,8 @@ class AutoScalingClient(Protocol):
 # name no live action: none for this instance or token (not yet, or no longer), or the hook
 # or group gone since discover() found them. Every id was checked before the call (the
 # config's rules, discover()), so on these calls the code says it; the message ("No active
-# Lifecycle Action found with …") is prose, and is never read.
+# Lifecycle Action found with …") is prose, and is never read (docs/aws-behaviour.md,
+# "Lifecycle hooks").
 ACTION_CALLS = frozenset({"RecordLifecycleActionHeartbeat", "CompleteLifecycleAction"})
 
 

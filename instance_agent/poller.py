@@ -37,7 +37,8 @@ WARM_STATES = ("Warmed:Stopped", "Warmed:Running", "Warmed:Hibernated")
 
 # Backoff on IMDS errors doubles from the poll interval up to this. 20 s cuts the request
 # rate of a struggling (or throttling) IMDS tenfold at a 2 s poll, yet still catches a
-# Spot notice well inside its two minutes once IMDS answers again.
+# Spot notice well inside its two minutes once IMDS answers again (docs/aws-behaviour.md,
+# "Instance metadata (IMDS)").
 MAX_BACKOFF = 20.0
 
 # The notices: kinds.NoticeKind. The names stay for the callers that import them.

@@ -13,9 +13,9 @@ a `HandoffObject`. Then:
    asks the same instance; one that SSM refuses (InvalidInstanceId: it went offline in
    between) gives way to the next.
 
-Delivery is at least once (docs/aws-behaviour.md): two deliveries may tell two receivers,
-and the claim protocol on S3 (instance_agent/handoff.py) lets exactly one adopt. Nothing
-here waits for the adoption. With no candidate the hand-off stays unclaimed for the
+Delivery is at least once (docs/aws-behaviour.md, "S3"): two deliveries may tell two
+receivers, and the claim protocol on S3 (instance_agent/handoff.py) lets exactly one
+adopt. Nothing here waits for the adoption. With no candidate the hand-off stays unclaimed for the
 receivers' own scan (handoff_scan_interval) or a launching instance, and the reason is
 published to TOPIC_ARN.
 """

@@ -15,6 +15,7 @@ from lambda_trigger.logs import fields, log
 if TYPE_CHECKING:
     from mypy_boto3_sns import SNSClient
 
+# docs/aws-behaviour.md, "SNS, CloudWatch and Lambda".
 SUBJECT_LIMIT = 99  # SNS: under 100 characters, no line breaks
 
 

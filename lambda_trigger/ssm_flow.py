@@ -121,7 +121,8 @@ def _ping_status(run: Run, instance_id: str) -> str | None:
             Filters=[{"Key": "InstanceIds", "Values": [instance_id]}],
         )
     except ClientError as err:
-        # AWS answers InvalidInstanceId when the node is not in a valid state for SSM.
+        # AWS answers InvalidInstanceId when the node is not in a valid state for SSM
+        # (docs/aws-behaviour.md, "Systems Manager Run Command").
         if error_code(err) == "InvalidInstanceId":
             return None
         raise

@@ -26,7 +26,8 @@ TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
 RESULTS = ("CONTINUE", "ABANDON")
 COMPLETE = "CompleteLifecycleAction"
 HEARTBEAT = "RecordLifecycleActionHeartbeat"
-# AWS ends a lifecycle action after min(48 h, 100 × HeartbeatTimeout), heartbeats or not.
+# AWS ends a lifecycle action after min(48 h, 100 × HeartbeatTimeout), heartbeats or not
+# (docs/aws-behaviour.md, "Lifecycle hooks").
 MAX_GLOBAL_TIMEOUT = 172_800
 GLOBAL_TIMEOUT_FACTOR = 100
 

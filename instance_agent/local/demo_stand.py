@@ -92,7 +92,8 @@ class Stand:
     instance_id: str
 
     def scale_in(self) -> None:
-        # Auto Scaling puts the instance in Terminating:Wait; IMDS says Terminated.
+        # Auto Scaling puts the instance in Terminating:Wait; IMDS says Terminated
+        # (docs/aws-behaviour.md, "Instance metadata (IMDS)").
         autoscaling.begin_termination(self.group, self.instance_id)
         self.imds.target_lifecycle_state = "Terminated"
         say(f"scale-in: {self.instance_id} is Terminating:Wait, held by hook {self.hook}")

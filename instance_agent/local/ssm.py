@@ -56,7 +56,8 @@ PATCHED = frozenset(
         "GetCommandInvocation",
     }
 )
-MAX_INSTANCE_IDS, MAX_COMMENT = 50, 100  # SendCommand's limits (docs/aws-behaviour.md)
+# SendCommand's limits (docs/aws-behaviour.md, "Systems Manager Run Command").
+MAX_INSTANCE_IDS, MAX_COMMENT = 50, 100
 DEFAULT_PAGE_SIZE = 50  # AWS's default MaxResults for both paged actions
 AGENT_VERSION = "3.3.1142.0"
 _STATE_KEY = "_instance_agent_ssm"
