@@ -23,16 +23,6 @@ def _src(tmp: Path, size: int = 1024) -> Path:
     return src
 
 
-def test_instance_outside_any_group_backs_up_with_lifecycle_none(stack: Stack) -> None:
-    stack.imds.instance_id = "i-00000000000000abc"
-    proc, result = stack.backup("--source", str(_src(stack.tmp)))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert result["status"] == "succeeded" and result["lifecycle_result"] == "none"
-    assert result["group"] is None and "/no-group/" not in result["key"]
-    assert result["key"].startswith("no-group/i-00000000000000abc/")
-    assert stack.lifecycle_calls() == []
-
-
 def test_completion_by_lifecycle_token(stack: Stack) -> None:
     stack.scale_in()
     token = next(a.token for a in autoscaling.active_actions() if a.instance_id == stack.instance_id)
@@ -50,20 +40,6 @@ def test_completion_by_lifecycle_token(stack: Stack) -> None:
     calls = stack.lifecycle_calls("CompleteLifecycleAction")
     assert [(c.token, c.instance_id, c.outcome) for c in calls] == [(token, None, "ok")]
     assert token not in proc.stderr  # tokens are never logged
-
-
-def test_sns_failure_is_recorded_and_never_blocks_completion(stack: Stack) -> None:
-    stack.scale_in()
-    missing = stack.topic_arn + "-missing"
-    proc = stack.run(
-        "backup", "--bucket", stack.bucket, "--topic-arn", missing, "--json", "--source", str(_src(stack.tmp))
-    )
-    result = json.loads(proc.stdout)
-    assert proc.returncode == 0 and result["status"] == "succeeded"
-    assert result["notify_error"].startswith("SNS publish failed")
-    assert "report not published" in proc.stderr
-    calls = stack.lifecycle_calls("CompleteLifecycleAction")
-    assert [(c.result, c.outcome) for c in calls] == [("CONTINUE", "ok")]
 
 
 def test_crashed_run_is_backed_up_again(stack: Stack) -> None:
@@ -91,29 +67,6 @@ def test_crashed_run_is_backed_up_again(stack: Stack) -> None:
     assert "aborted a stale multipart upload" in proc.stderr
     calls = stack.lifecycle_calls("CompleteLifecycleAction")
     assert [(c.result, c.outcome) for c in calls] == [("CONTINUE", "ok")]
-
-
-def test_unusable_state_dir_falls_back_and_still_deduplicates(stack: Stack) -> None:
-    blocker = stack.tmp / "not-a-dir"
-    blocker.write_text("a file where the state dir should be")
-    env = stack.env(INSTANCE_AGENT_STATE_DIR=str(blocker / "state"))
-    stack.scale_in()
-    proc, first = stack.backup("--source", str(_src(stack.tmp)), env=env)
-    assert proc.returncode == 0 and first["status"] == "succeeded"
-    assert "lock directory unusable" in proc.stderr
-    assert list((stack.tmp / "run").glob("termination-*.json"))
-    proc, second = stack.backup("--source", str(_src(stack.tmp)), env=env)
-    assert second["status"] == "duplicate" and second["key"] == first["key"]
-    assert len(stack.sns()) == 1
-
-
-def test_no_complete_runs_are_never_deduplicated(stack: Stack) -> None:
-    src = _src(stack.tmp)
-    for _ in range(2):
-        proc, result = stack.backup("--source", str(src), "--no-complete")
-        assert proc.returncode == 0 and result["status"] == "succeeded"
-    assert len(stack.sns()) == 2
-    assert stack.lifecycle_calls() == []
 
 
 def test_max_duration_gives_partial_with_omitted_paths(stack: Stack) -> None:

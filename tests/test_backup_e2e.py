@@ -206,20 +206,6 @@ def test_heartbeats_keep_a_slow_backup_alive_and_stop_after(stack: Stack, tmp_pa
         autoscaling.set_clock(time.monotonic)
 
 
-def test_terminated_before_wait_is_completed_not_lost(stack: Stack, tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "small.log").write_text("x\n")
-    stack.scale_in(wait_delay=4.0)  # IMDS says Terminated; Auto Scaling is not in Wait yet
-    assert stack.state() == "Terminating"
-    proc, result = stack.backup("--source", str(src))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert result["lifecycle_result"] == "CONTINUE" and result["lifecycle_error"] is None
-    ok = [c for c in stack.lifecycle_calls("CompleteLifecycleAction") if c.outcome == "ok"]
-    assert len(ok) == 1
-    assert [(o.result, o.how) for o in stack.outcomes()] == [("CONTINUE", "completed")]
-
-
 @pytest.mark.parametrize(
     ("args", "toml", "message"),
     [

@@ -64,28 +64,6 @@ def one_json_line(stdout: str) -> dict[str, Any]:
 # --- 1. one action, one backup; a completed action is never the current one --------------
 
 
-def test_adhoc_run_then_real_termination_two_archives_one_continue(stack: Stack, tmp_path: Path) -> None:
-    src = source_tree(tmp_path / "src")
-    # docs/usage.md's own example: no --no-complete, on an instance in service.
-    started = time.monotonic()
-    proc, adhoc = stack.backup("--source", str(src))
-    elapsed = time.monotonic() - started
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert adhoc["status"] == "succeeded" and adhoc["lifecycle_result"] == "none"
-    assert adhoc["action"] == "none"
-    assert elapsed < 60, elapsed  # prompt: no wait for a Terminating:Wait that never comes
-    assert completions(stack) == []
-    next_second()  # keeps the two keys' second-resolution timestamps apart
-
-    stack.scale_in()
-    proc, real = stack.backup("--source", str(src))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert real["status"] == "succeeded" and real["lifecycle_result"] == "CONTINUE"
-    assert archives(stack) == sorted([adhoc["key"], real["key"]])
-    assert completions(stack) == [("CONTINUE", "ok")]
-    assert stack.state() is None  # the instance went on to terminate
-
-
 def test_two_actions_on_one_instance_two_archives_two_continues(stack: Stack, tmp_path: Path) -> None:
     src = source_tree(tmp_path / "src")
     # First action: a return to the warm pool, with a backup asked for.
@@ -254,34 +232,6 @@ def test_autoscaling_outage_after_the_flip_still_completes(stack: Stack, tmp_pat
 
 
 # --- 6. completion that fails ---------------------------------------------------------------
-
-
-def test_access_denied_ends_fast_and_a_rerun_completes_without_a_second_archive(
-    stack: Stack, tmp_path: Path
-) -> None:
-    src = source_tree(tmp_path / "src")
-    autoscaling.inject_error(
-        "CompleteLifecycleAction", "AccessDenied", DENIED, times=1000, account_id=ACCOUNT, region=REGION
-    )
-    stack.scale_in()
-    started = time.monotonic()
-    proc, first = stack.backup("--source", str(src), "--complete-timeout", "5")
-    assert time.monotonic() - started < 30
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert first["status"] == "succeeded" and first["lifecycle_result"] == "none"
-    assert "AccessDenied" in first["lifecycle_error"]
-    assert len(stack.lifecycle_calls("CompleteLifecycleAction")) == 1  # not retried
-    # The report of the archive, then the report of the failed completion.
-    assert [d.get("event") for d in sns_docs(stack)] == [None, "lifecycle_completion_failed"]
-
-    autoscaling.clear_errors(account_id=ACCOUNT, region=REGION)  # the permission is fixed
-    proc, rerun = stack.backup("--source", str(src))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert rerun["status"] == "duplicate" and rerun["lifecycle_result"] == "CONTINUE"
-    assert rerun["key"] == first["key"]
-    assert archives(stack) == [first["key"]]
-    assert [c.outcome for c in stack.lifecycle_calls("CompleteLifecycleAction")][-1] == "ok"
-    assert [o.how for o in stack.outcomes()] == ["completed"]
 
 
 # --- 7. deadlines are upper bounds ------------------------------------------------------------
@@ -506,41 +456,6 @@ def test_launch_into_the_warm_pool_backs_up_nothing_and_leaves_the_launch_alone(
 # (https://docs.aws.amazon.com/autoscaling/ec2/userguide/instance-lifecycle-policy.html).
 
 
-def test_watcher_on_a_retained_instance_backs_up_nothing(stack: Stack, tmp_path: Path) -> None:
-    src = source_tree(tmp_path / "src")
-    marker = tmp_path / "pre-ran"
-    with watch(stack, "--source", str(src), "--pre-command", f"echo x >> {marker}") as w:
-        w.wait_for("watching")
-        autoscaling.hold_in_state(
-            stack.group, stack.instance_id, "Terminating:Retained", account_id=ACCOUNT, region=REGION
-        )
-        stack.imds.target_lifecycle_state = "Terminated"
-        _, done = w.wait_for("response finished", timeout=60, trigger="termination")
-    assert done["status"] == "skipped" and done["lifecycle_result"] == "none"
-    assert archives(stack) == []
-    assert sns_docs(stack) == []
-    assert not marker.exists()
-    assert completions(stack) == []
-    assert stack.state() == "Terminating:Retained"
-
-
-def test_run_command_on_a_retained_instance_backs_up_and_completes_nothing(
-    stack: Stack, tmp_path: Path
-) -> None:
-    src = source_tree(tmp_path / "src")
-    autoscaling.hold_in_state(
-        stack.group, stack.instance_id, "Warmed:Terminating:Retained", account_id=ACCOUNT, region=REGION
-    )
-    proc, result = stack.backup("--source", str(src))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert result["status"] == "succeeded" and result["action"] == "retained"
-    assert result["lifecycle_result"] == "none"
-    assert archives(stack) == [result["key"]]
-    assert [d["action"] for d in sns_docs(stack)] == ["retained"]
-    assert completions(stack) == []
-    assert stack.state() == "Warmed:Terminating:Retained"
-
-
 # A root-volume replacement keeps the instance and discards its root volume; the group's
 # terminating hooks hold it in ReplacingRootVolume:Wait, and its launching hooks hold it in
 # Pending:Wait after (https://docs.aws.amazon.com/autoscaling/ec2/userguide/replace-root-volume.html,
@@ -583,44 +498,6 @@ def test_root_volume_replacement_one_archive_one_continue_then_the_termination_i
     assert completions(stack) == [("CONTINUE", "ok"), ("CONTINUE", "ok")]
     assert [d["action"] for d in sns_docs(stack)] == ["root-volume", "termination"]
     assert stack.state() is None
-
-
-def test_root_volume_replacement_whose_backup_fails_is_completed_with_on_failure(
-    stack: Stack, tmp_path: Path
-) -> None:
-    from support.faultproxy import FaultProxy, Rule, access_denied
-
-    # Retention on: it must not apply, the policy is about terminations.
-    stack.client("autoscaling").update_auto_scaling_group(
-        AutoScalingGroupName=stack.group,
-        InstanceLifecyclePolicy={"RetentionTriggers": {"TerminateHookAbandon": "retain"}},
-    )
-    src = source_tree(tmp_path / "src")
-    token = _replace_root_volume(stack)
-    with FaultProxy(stack.s3_endpoint) as s3:
-        s3.add_rule(Rule(fault=access_denied()))
-        proc, rrv = stack.backup(
-            "--source", str(src), "--lifecycle-token", token, env=stack.env(AWS_ENDPOINT_URL_S3=s3.endpoint)
-        )
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert rrv["action"] == "root-volume" and rrv["status"] == "failed"
-    assert rrv["lifecycle_result"] == "ABANDON"
-    assert completions(stack) == [("ABANDON", "ok")]
-    assert stack.state() == "InService"
-    assert archives(stack) == []
-    assert [(d["action"], d["status"]) for d in sns_docs(stack)] == [("root-volume", "failed")]
-
-
-def test_an_operators_backup_during_the_replacement_wait_completes_it_too(
-    stack: Stack, tmp_path: Path
-) -> None:
-    src = source_tree(tmp_path / "src")
-    _replace_root_volume(stack)
-    proc, rrv = stack.backup("--source", str(src))  # no token: found by the instance id
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert rrv["action"] == "root-volume" and rrv["lifecycle_result"] == "CONTINUE"
-    assert completions(stack) == [("CONTINUE", "ok")]
-    assert archives(stack) == [rrv["key"]]
 
 
 def test_sigterm_during_completion_retries_ends_them_within_the_stop_grace(

@@ -28,7 +28,7 @@ from support.agentproc import (
 )
 from support.faultproxy import Delay, FaultProxy, HoldUntil, Rule, upload_part
 from support.trees import walk
-from support.waits import next_second, until
+from support.waits import until
 
 from instance_agent.local import autoscaling
 from instance_agent.local.imds import IMDSStub
@@ -118,26 +118,6 @@ def test_spot_terminate_backs_up_at_once_and_completes_nothing(stack: Stack, tmp
         ("CONTINUE", "ok")
     ]
     assert token not in proc.stdout + proc.stderr
-
-
-def test_spot_stop_then_termination_backs_up_twice(stack: Stack, tmp_path: Path) -> None:
-    src = source_tree(tmp_path / "src")
-    with watch(stack, "--source", str(src)) as w:
-        w.wait_for("watching")
-        stack.imds.spot_action = {"action": "stop", "time": "2026-11-26T10:02:00Z"}
-        _, stopped = w.wait_for("response finished", timeout=60, trigger="spot-stop")
-        assert stopped["status"] == "succeeded" and stopped["lifecycle_result"] == "none"
-        assert stack.lifecycle_calls() == []
-        # The instance comes back from its stop; later Auto Scaling terminates it.
-        stack.imds.spot_action = None
-        next_second()  # keeps the two keys' second-resolution timestamps apart
-        stack.scale_in()
-        _, terminated = w.wait_for("response finished", timeout=60, trigger="termination")
-        assert terminated["status"] == "succeeded"
-        assert terminated["lifecycle_result"] == "CONTINUE"
-    assert archives(stack) == sorted([stopped["key"], terminated["key"]])
-    assert [d["trigger"] for d in sns_docs(stack)] == ["spot-stop", "termination"]
-    assert completions(stack) == [("CONTINUE", "ok")]
 
 
 # --- 3. the race with Run Command --------------------------------------------------------
