@@ -22,6 +22,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -189,6 +190,21 @@ class Stack:
             DefaultResult="ABANDON",
         )
         return hook
+
+    def group_metric(self, name: str, statistics: list[str], period: int = 3600) -> list[dict[str, Any]]:
+        """The datapoints of the agent's metric `name` for the stack's group, from an hour ago
+        to five minutes ahead."""
+        now = datetime.now(timezone.utc)
+        points: list[dict[str, Any]] = self.client("cloudwatch").get_metric_statistics(
+            Namespace="InstanceAgent",
+            MetricName=name,
+            Dimensions=[{"Name": "AutoScalingGroupName", "Value": self.group}],
+            StartTime=now - timedelta(hours=1),
+            EndTime=now + timedelta(minutes=5),
+            Period=period,
+            Statistics=statistics,
+        )["Datapoints"]
+        return points
 
     def client(self, service: str) -> Any:
         endpoint = self.s3_endpoint if service == "s3" else self.moto.endpoint

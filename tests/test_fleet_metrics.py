@@ -5,7 +5,6 @@ reads them: GetMetricStatistics by namespace, metric and AutoScalingGroupName.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,6 @@ def small_source(tmp_path: Path) -> Path:
 
 def sums(stack: Stack) -> dict[str, float]:
     """Each metric's sum over the last hour for the stack's group; absent metrics left out."""
-    cloudwatch = stack.client("cloudwatch")
-    now = datetime.now(timezone.utc)
     found: dict[str, float] = {}
     for name in (
         "BackupSucceeded",
@@ -35,15 +32,7 @@ def sums(stack: Stack) -> dict[str, float]:
         "BackupDurationSeconds",
         "BytesUploaded",
     ):
-        points = cloudwatch.get_metric_statistics(
-            Namespace="InstanceAgent",
-            MetricName=name,
-            Dimensions=[{"Name": "AutoScalingGroupName", "Value": stack.group}],
-            StartTime=now - timedelta(hours=1),
-            EndTime=now + timedelta(minutes=5),
-            Period=3600,
-            Statistics=["Sum"],
-        )["Datapoints"]
+        points = stack.group_metric(name, ["Sum"])
         if points:
             found[name] = sum(p["Sum"] for p in points)
     return found

@@ -12,7 +12,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -67,16 +66,7 @@ def _wait(what: Callable[[], Any], timeout: float = 60.0) -> Any:
 
 
 def _stalled_points(stack: Stack) -> list[float]:
-    now = datetime.now(timezone.utc)
-    points = stack.client("cloudwatch").get_metric_statistics(
-        Namespace="InstanceAgent",
-        MetricName="ShippingStalled",
-        Dimensions=[{"Name": "AutoScalingGroupName", "Value": stack.group}],
-        StartTime=now - timedelta(hours=1),
-        EndTime=now + timedelta(minutes=5),
-        Period=60,
-        Statistics=["Maximum", "Minimum"],
-    )["Datapoints"]
+    points = stack.group_metric("ShippingStalled", ["Maximum", "Minimum"], period=60)
     return [p["Maximum"] for p in points] + [p["Minimum"] for p in points]
 
 
