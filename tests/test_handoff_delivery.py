@@ -33,6 +33,7 @@ import pytest
 from conftest import ACCOUNT, AGENT, REGION, Stack
 from support.agentproc import WatchProc, watch_argv
 from support.events import sample
+from support.lambda_context import LambdaContext
 from support.trees import walk
 from test_handoff_e2e import markers, restored, scale_in_with_handoff, spool
 
@@ -43,14 +44,6 @@ from instance_agent.local.imds import IMDSStub
 ADOPT_DOCUMENT = Path(__file__).resolve().parents[1] / "packaging" / "ssm-adopt-document.yaml"
 INSTALLED_ELSEWHERE = Path("/opt/instance-agent/bin/instance-agent")  # the document's PATH entry
 AGENT_BIN = Path(sys.executable).parent
-
-
-@dataclass
-class LambdaContext:
-    aws_request_id: str = "req"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 60_000
 
 
 @dataclass

@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 from support import faultproxy
 from support.agentproc import POLL, WatchProc, watch_argv
 from support.faultproxy import FaultProxy, Rule, access_denied, internal_error, upload_part
+from support.lambda_context import LambdaContext
 from test_faults import drop_bucket
 from test_pipeline import FAKE_JOURNALCTL
 
@@ -238,14 +239,6 @@ class FakeSSM:
         return {"InstanceInformationList": []}
 
 
-@dataclass
-class FakeContext:
-    aws_request_id: str = "req-1"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 30_000
-
-
 @pytest.fixture
 def fake_trigger(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSSM]:
     monkeypatch.setenv("DOCUMENT_NAME", "instance-agent-backup")
@@ -263,7 +256,7 @@ def test_handler_never_raises_and_logs_each_bad_message_once(
     fake_trigger: FakeSSM, capsys: pytest.CaptureFixture[str], event: object
 ) -> None:
     capsys.readouterr()
-    response = trigger.handler(event, FakeContext())
+    response = trigger.handler(event, LambdaContext(remaining_ms=30_000, aws_request_id="req-1"))
     out = capsys.readouterr().out
     lines = [json.loads(line) for line in out.splitlines() if line]
     parsed = events.parse(event)

@@ -15,7 +15,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,6 +26,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 from conftest import make_group
 from support import scoreboard
 from support.events import sample
+from support.lambda_context import LambdaContext
 
 import lambda_trigger
 import lambda_trigger.clients
@@ -39,17 +40,6 @@ REGION = "us-east-1"
 ACCOUNT = "123456789012"
 DOCUMENT = Path(__file__).resolve().parents[1] / "packaging" / "ssm-document.yaml"
 SHARED_EVENTS = Path(__file__).resolve().parent / "fixtures" / "events"
-
-
-@dataclass
-class LambdaContext:
-    """What the handler reads from Lambda's context object."""
-
-    remaining_ms: int = 60_000
-    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self.remaining_ms
 
 
 @dataclass

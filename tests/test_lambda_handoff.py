@@ -17,6 +17,7 @@ import boto3
 import pytest
 from conftest import ACCOUNT, REGION, make_group
 from support.events import sample
+from support.lambda_context import LambdaContext
 
 import lambda_trigger.handler
 from instance_agent.local import autoscaling, ssm
@@ -26,14 +27,6 @@ from lambda_trigger.settings import Settings
 
 ADOPT_DOCUMENT = Path(__file__).resolve().parents[1] / "packaging" / "ssm-adopt-document.yaml"
 BACKUP_DOCUMENT = Path(__file__).resolve().parents[1] / "packaging" / "ssm-document.yaml"
-
-
-@dataclass
-class Context:
-    aws_request_id: str = "req-1"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 60_000
 
 
 @dataclass
@@ -49,7 +42,7 @@ class Group:
         return f"backups/{self.name}/handoff/{self.sender}/{stamp}.tar.zst"
 
     def invoke(self, event: object) -> list[dict[str, Any]]:
-        results: list[dict[str, Any]] = lambda_trigger.handler.handler(event, Context())["results"]
+        results: list[dict[str, Any]] = lambda_trigger.handler.handler(event, LambdaContext())["results"]
         return results
 
     def commands(self) -> list[ssm.SentCommand]:

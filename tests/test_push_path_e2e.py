@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tarfile
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import yaml
 import zstandard
 from conftest import ACCOUNT, REGION, Stack
 from support.events import sample
+from support.lambda_context import LambdaContext
 
 import lambda_trigger.handler
 from instance_agent.local import autoscaling, ssm
@@ -36,14 +36,6 @@ from instance_agent.local import autoscaling, ssm
 DOCUMENT = Path(__file__).resolve().parents[1] / "packaging" / "ssm-document.yaml"
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9]+)\s*\}\}")
 INSTALLED_ELSEWHERE = Path("/opt/instance-agent/bin/instance-agent")  # the document's PATH entry
-
-
-@dataclass
-class LambdaContext:
-    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 60_000
 
 
 @pytest.fixture(autouse=True)
