@@ -225,6 +225,21 @@ class Stack:
         env.update(overrides)
         return env
 
+    def script_env(self, bin_dir: Path, config: Path, **extra: str) -> dict[str, str]:
+        """What a Run Command script on the stack's instance runs with: none of the test's own
+        INSTANCE_AGENT_ settings, `bin_dir` first on PATH, the stack's endpoints and the
+        agent's config file."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INSTANCE_AGENT_")}
+        env.update(
+            PATH=f"{bin_dir}:{os.environ['PATH']}",
+            AWS_ENDPOINT_URL=self.moto.endpoint,
+            AWS_ENDPOINT_URL_S3=self.s3_endpoint,
+            AWS_EC2_METADATA_SERVICE_ENDPOINT=self.imds.endpoint,
+            INSTANCE_AGENT_CONFIG=str(config),
+        )
+        env.update(extra)
+        return env
+
     def run(
         self,
         *args: str,

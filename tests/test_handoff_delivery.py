@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -125,15 +124,7 @@ def agent_of(
         "handoff_scan_interval = 3600\n"
         "journal = false\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INSTANCE_AGENT_")}
-    env.update(
-        PATH=f"{AGENT_BIN}:{os.environ['PATH']}",
-        AWS_ENDPOINT_URL=stack.moto.endpoint,
-        AWS_ENDPOINT_URL_S3=stack.s3_endpoint,
-        AWS_EC2_METADATA_SERVICE_ENDPOINT=stack.imds.endpoint,
-        INSTANCE_AGENT_CONFIG=str(config),
-        INSTANCE_AGENT_LOG_FORMAT="json",
-    )
+    env = stack.script_env(AGENT_BIN, config, INSTANCE_AGENT_LOG_FORMAT="json")
     envs[peer] = env
 
     def run(script: str, timeout: int) -> tuple[int, str, str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -147,14 +146,7 @@ def test_push_path_end_to_end(stack: Stack, tmp_path: Path, monkeypatch: pytest.
     )
     script, timeout = render_like_the_ssm_agent(ssm_client, command)
     (tmp_path / "_script.sh").write_text(script)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INSTANCE_AGENT_")}
-    env.update(
-        PATH=f"{agent.parent}:{os.environ['PATH']}",
-        AWS_ENDPOINT_URL=stack.moto.endpoint,
-        AWS_ENDPOINT_URL_S3=stack.s3_endpoint,
-        AWS_EC2_METADATA_SERVICE_ENDPOINT=stack.imds.endpoint,
-        INSTANCE_AGENT_CONFIG=str(config),
-    )
+    env = stack.script_env(agent.parent, config)
     proc = subprocess.run(
         ["bash", str(tmp_path / "_script.sh")],
         env=env,
