@@ -30,6 +30,7 @@ import boto3
 import pytest
 
 from instance_agent.local import launching
+from instance_agent.local.demo_stand import put_group
 from instance_agent.local.imds import IMDSStub
 
 # moto takes seconds to import: only the tests that start it pay for it (tests/unit does not).
@@ -321,27 +322,8 @@ class Stack:
 
 
 def make_group(moto: MotoServer, name: str, hook: str, heartbeat_timeout: int = 300) -> str:
-    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto.endpoint)
+    put_group(moto.endpoint, name, hook, template=f"lt-{name}", heartbeat_timeout=heartbeat_timeout)
     asg = boto3.client("autoscaling", region_name=REGION, endpoint_url=moto.endpoint)
-    lt = ec2.create_launch_template(
-        LaunchTemplateName=f"lt-{name}",
-        LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "t3.micro"},
-    )
-    asg.create_auto_scaling_group(
-        AutoScalingGroupName=name,
-        MinSize=0,
-        MaxSize=2,
-        DesiredCapacity=1,
-        LaunchTemplate={"LaunchTemplateId": lt["LaunchTemplate"]["LaunchTemplateId"]},
-        AvailabilityZones=[f"{REGION}a"],
-    )
-    asg.put_lifecycle_hook(
-        AutoScalingGroupName=name,
-        LifecycleHookName=hook,
-        LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
-        HeartbeatTimeout=heartbeat_timeout,
-        DefaultResult="ABANDON",
-    )
     group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
     return str(group["Instances"][0]["InstanceId"])
 

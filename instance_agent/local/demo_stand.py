@@ -46,15 +46,17 @@ def stand_in_env(moto_endpoint: str, imds_endpoint: str, agent_toml: Path) -> di
     }
 
 
-def create_group(endpoint: str) -> tuple[str, str, str]:
+def put_group(endpoint: str, name: str, hook: str, *, template: str, heartbeat_timeout: int) -> None:
+    """On the stand-in at `endpoint`: a launch template, a group of one instance made from it,
+    and a terminating lifecycle hook on the group (ABANDON by default)."""
     ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
     asg = boto3.client("autoscaling", region_name=REGION, endpoint_url=endpoint)
     lt = ec2.create_launch_template(
-        LaunchTemplateName="demo-lt",
+        LaunchTemplateName=template,
         LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "t3.micro"},
     )
     asg.create_auto_scaling_group(
-        AutoScalingGroupName="demo-asg",
+        AutoScalingGroupName=name,
         MinSize=0,
         MaxSize=2,
         DesiredCapacity=1,
@@ -62,12 +64,16 @@ def create_group(endpoint: str) -> tuple[str, str, str]:
         AvailabilityZones=[f"{REGION}a"],
     )
     asg.put_lifecycle_hook(
-        AutoScalingGroupName="demo-asg",
-        LifecycleHookName="demo-backup-hook",
+        AutoScalingGroupName=name,
+        LifecycleHookName=hook,
         LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
-        HeartbeatTimeout=120,
+        HeartbeatTimeout=heartbeat_timeout,
         DefaultResult="ABANDON",
     )
+
+
+def create_group(endpoint: str) -> tuple[str, str, str]:
+    put_group(endpoint, "demo-asg", "demo-backup-hook", template="demo-lt", heartbeat_timeout=120)
     return "demo-asg", "demo-backup-hook", in_service("demo-asg")
 
 
