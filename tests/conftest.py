@@ -207,6 +207,33 @@ class Stack:
         )["Datapoints"]
         return points
 
+    def second_instance(self) -> str:
+        """Scales the stack's group to two: the id of the instance that joins it."""
+        asg = self.client("autoscaling")
+        asg.set_desired_capacity(AutoScalingGroupName=self.group, DesiredCapacity=2)
+        [group] = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[self.group])["AutoScalingGroups"]
+        (new,) = {i["InstanceId"] for i in group["Instances"]} - {self.instance_id}
+        return str(new)
+
+    def adopter_env(self, new: str, state: Path, inbox: Path, ran: Path, **overrides: str) -> dict[str, str]:
+        """The launch gate's environment on the replacement `new`: it adopts hand-offs of
+        `state` into `inbox`, and its hand-off command appends the instance's lifecycle state,
+        as it is while the command runs, to `ran`."""
+        probe = (
+            "import boto3, os; print(boto3.client('autoscaling').describe_auto_scaling_instances("
+            "InstanceIds=[os.environ['ME']])['AutoScalingInstances'][0]['LifecycleState'])"
+        )
+        return self.env(
+            ME=new,
+            **overrides,
+            INSTANCE_AGENT_BUCKET=self.bucket,
+            INSTANCE_AGENT_TOPIC_ARN=self.topic_arn,
+            INSTANCE_AGENT_HANDOFF_PATH=str(state),
+            INSTANCE_AGENT_HANDOFF_TO="launching",
+            INSTANCE_AGENT_HANDOFF_INBOX=str(inbox),
+            INSTANCE_AGENT_HANDOFF_COMMAND=f'{sys.executable} -c "{probe}" >> {ran}',
+        )
+
     def client(self, service: str) -> Any:
         endpoint = self.s3_endpoint if service == "s3" else self.moto.endpoint
         return boto3.client(service, region_name=REGION, endpoint_url=endpoint)

@@ -326,10 +326,7 @@ def test_both_peers_told_at_once_adopt_once(fleet: Fleet) -> None:
 
 
 def test_without_the_lambda_a_running_watchers_scan_adopts_it(stack: Stack, tmp_path: Path) -> None:
-    asg = stack.client("autoscaling")
-    asg.set_desired_capacity(AutoScalingGroupName=stack.group, DesiredCapacity=2)
-    [group] = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[stack.group])["AutoScalingGroups"]
-    (peer,) = {i["InstanceId"] for i in group["Instances"]} - {stack.instance_id}
+    peer = stack.second_instance()
     state, result = scale_in_with_handoff(stack, tmp_path)  # no Lambda: nobody is told
     key = result["handoff_key"]
 
@@ -370,10 +367,7 @@ def test_a_replacement_launched_before_the_handoff_waits_for_it_and_adopts_befor
     stack: Stack, tmp_path: Path
 ) -> None:
     launching.install()
-    asg = stack.client("autoscaling")
-    asg.set_desired_capacity(AutoScalingGroupName=stack.group, DesiredCapacity=2)
-    [group] = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[stack.group])["AutoScalingGroups"]
-    (new,) = {i["InstanceId"] for i in group["Instances"]} - {stack.instance_id}
+    new = stack.second_instance()
     hook = stack.launch_hook()
     # The sender is in Terminating:Wait and has not written its hand-off yet, as when Auto
     # Scaling launches the replacement at once.
@@ -391,21 +385,14 @@ def test_a_replacement_launched_before_the_handoff_waits_for_it_and_adopts_befor
         new_imds.target_lifecycle_state = "Pending"
         boot_id, ran, inbox = tmp_path / "boot_id", tmp_path / "ran", tmp_path / "inbox"
         boot_id.write_text(f"{uuid.uuid4()}\n")
-        probe = (
-            "import boto3, os; print(boto3.client('autoscaling').describe_auto_scaling_instances("
-            "InstanceIds=[os.environ['ME']])['AutoScalingInstances'][0]['LifecycleState'])"
-        )
-        env = stack.env(
-            ME=new,
+        env = stack.adopter_env(
+            new,
+            state,
+            inbox,
+            ran,
             AWS_EC2_METADATA_SERVICE_ENDPOINT=new_imds.endpoint,
             INSTANCE_AGENT_STATE_DIR=str(tmp_path / "new-state"),
             INSTANCE_AGENT_RUNTIME_DIR=str(tmp_path / "new-run"),
-            INSTANCE_AGENT_BUCKET=stack.bucket,
-            INSTANCE_AGENT_TOPIC_ARN=stack.topic_arn,
-            INSTANCE_AGENT_HANDOFF_PATH=str(state),
-            INSTANCE_AGENT_HANDOFF_TO="launching",
-            INSTANCE_AGENT_HANDOFF_INBOX=str(inbox),
-            INSTANCE_AGENT_HANDOFF_COMMAND=f'{sys.executable} -c "{probe}" >> {ran}',
         )
         argv = [*AGENT, "launch-gate", "--boot-id-file", str(boot_id), "--handoff-wait", "90"]
         with WatchProc(argv, env) as gate:

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -272,10 +271,7 @@ def test_a_failing_command_leaves_it_claimed_and_the_next_claimant_retries(
 
 def test_a_replacement_adopts_at_launch_before_it_goes_in_service(stack: Stack, tmp_path: Path) -> None:
     launching.install()
-    asg = stack.client("autoscaling")
-    asg.set_desired_capacity(AutoScalingGroupName=stack.group, DesiredCapacity=2)
-    (group,) = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[stack.group])["AutoScalingGroups"]
-    (new,) = {i["InstanceId"] for i in group["Instances"]} - {stack.instance_id}
+    new = stack.second_instance()
     hook = stack.launch_hook()
     state, result = scale_in_with_handoff(stack, tmp_path)
     key = result["handoff_key"]
@@ -288,23 +284,8 @@ def test_a_replacement_adopts_at_launch_before_it_goes_in_service(stack: Stack, 
     boot_id.write_text(f"{uuid.uuid4()}\n")
     ran, inbox = tmp_path / "ran", tmp_path / "inbox"
     # The command records the instance's state while it runs: still Pending:Wait.
-    probe = (
-        "import boto3, os; print(boto3.client('autoscaling').describe_auto_scaling_instances("
-        "InstanceIds=[os.environ['ME']])['AutoScalingInstances'][0]['LifecycleState'])"
-    )
     proc = stack.run(
-        "launch-gate",
-        "--boot-id-file",
-        str(boot_id),
-        env=stack.env(
-            ME=new,
-            INSTANCE_AGENT_BUCKET=stack.bucket,
-            INSTANCE_AGENT_TOPIC_ARN=stack.topic_arn,
-            INSTANCE_AGENT_HANDOFF_PATH=str(state),
-            INSTANCE_AGENT_HANDOFF_TO="launching",
-            INSTANCE_AGENT_HANDOFF_INBOX=str(inbox),
-            INSTANCE_AGENT_HANDOFF_COMMAND=f'{sys.executable} -c "{probe}" >> {ran}',
-        ),
+        "launch-gate", "--boot-id-file", str(boot_id), env=stack.adopter_env(new, state, inbox, ran)
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "launching lifecycle action: CONTINUE" in proc.stderr
