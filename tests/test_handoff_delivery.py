@@ -34,7 +34,7 @@ from support.agentproc import WatchProc, watch_argv
 from support.events import sample
 from support.lambda_context import LambdaContext
 from support.trees import walk
-from test_handoff_e2e import markers, restored, scale_in_with_handoff, spool
+from test_handoff_e2e import adopted_at_launch, markers, restored, scale_in_with_handoff, spool
 
 import lambda_trigger.handler
 from instance_agent.local import launching, ssm, ssm_agent
@@ -405,9 +405,4 @@ def test_a_replacement_launched_before_the_handoff_waits_for_it_and_adopts_befor
     finally:
         new_imds.stop()
     key = result["handoff_key"]
-    [outcome] = [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == new]
-    assert (outcome.hook, outcome.result) == (hook, "CONTINUE")
-    assert ran.read_text().splitlines() == ["Pending:Wait"]  # adopted before CONTINUE
-    assert restored(inbox, stack.instance_id, state) == walk(state)
-    body = stack.client("s3").get_object(Bucket=stack.bucket, Key=key + ".adopted")["Body"].read()
-    assert json.loads(body)["instance_id"] == new
+    adopted_at_launch(stack, new, hook, state, inbox, ran, key)

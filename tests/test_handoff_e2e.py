@@ -69,6 +69,19 @@ def adopt(
     return proc, json.loads(proc.stdout) if proc.stdout.strip() else {}
 
 
+def adopted_at_launch(
+    stack: Stack, new: str, hook: str, state: Path, inbox: Path, ran: Path, key: str
+) -> None:
+    """The replacement `new` adopted hand-off `key` of `state` into `inbox` while Auto Scaling
+    held it in Pending:Wait, then its launch gate completed `hook` with CONTINUE."""
+    [outcome] = [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == new]
+    assert (outcome.hook, outcome.result) == (hook, "CONTINUE")
+    assert ran.read_text().splitlines() == ["Pending:Wait"]  # adopted before CONTINUE
+    assert restored(inbox, stack.instance_id, state) == walk(state)
+    body = stack.client("s3").get_object(Bucket=stack.bucket, Key=key + ".adopted")["Body"].read()
+    assert json.loads(body)["instance_id"] == new
+
+
 def restored(inbox: Path, source: str, state: Path) -> dict[bytes, tuple[str, bytes | None]]:
     return walk(inbox / source / str(state).lstrip("/"))
 
@@ -289,12 +302,7 @@ def test_a_replacement_adopts_at_launch_before_it_goes_in_service(stack: Stack, 
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "launching lifecycle action: CONTINUE" in proc.stderr
-    [outcome] = [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == new]
-    assert (outcome.hook, outcome.result) == (hook, "CONTINUE")
-    assert ran.read_text().splitlines() == ["Pending:Wait"]  # adopted before CONTINUE
-    assert restored(inbox, stack.instance_id, state) == walk(state)
-    body = stack.client("s3").get_object(Bucket=stack.bucket, Key=key + ".adopted")["Body"].read()
-    assert json.loads(body)["instance_id"] == new
+    adopted_at_launch(stack, new, hook, state, inbox, ran, key)
     reports = [json.loads(m["message"]) for m in stack.sns()[1:]]
     assert [(r["event"], r["adopter"], r["key"]) for r in reports] == [("handoff_adopted", new, key)]
 
