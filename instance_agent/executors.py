@@ -15,21 +15,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from instance_agent import retained, steps
-from instance_agent.decision import (
-    SPOT_RECORD_VALID,
-    AdHoc,
-    CompleteOnly,
-    Duplicate,
-    FullTermination,
-    NothingToDo,
-    Plan,
-    Retained,
-    RetryRetained,
-    RootVolume,
-    SpotReclaim,
-    WarmReturn,
-)
+from instance_agent import decision, retained, steps
+from instance_agent.decision import Plan
 from instance_agent.errors import EXIT_FAILED, EXIT_OK
 from instance_agent.lifecycle import Lifecycle
 from instance_agent.logs import fields
@@ -55,32 +42,32 @@ def execute(
     """Run `plan`'s executor. `lc` is the hook target found (None when there is none), `lock`
     the termination lock when decision.locks() asked for it."""
     res = copy.deepcopy(base)
-    if isinstance(plan, NothingToDo):
+    if isinstance(plan, decision.NothingToDo):
         return nothing_to_do(res, plan)
-    if isinstance(plan, (AdHoc, Retained)):
-        return backup_only(ctx, res, commands=isinstance(plan, AdHoc) and plan.commands)
-    if isinstance(plan, WarmReturn):
+    if isinstance(plan, (decision.AdHoc, decision.Retained)):
+        return backup_only(ctx, res, commands=isinstance(plan, decision.AdHoc) and plan.commands)
+    if isinstance(plan, decision.WarmReturn):
         assert lc is not None
         return warm_return(ctx, res, lc, plan)
-    if isinstance(plan, RootVolume):
+    if isinstance(plan, decision.RootVolume):
         assert lc is not None
         return root_volume(ctx, res, lc, plan)
     assert lock is not None
-    if isinstance(plan, FullTermination):
+    if isinstance(plan, decision.FullTermination):
         live = lc if plan.live else None
         return full(ctx, res, live, lock, commands=plan.commands, reclaim=False, retry=plan.retry_if_retained)
-    if isinstance(plan, SpotReclaim):
+    if isinstance(plan, decision.SpotReclaim):
         return full(ctx, res, None, lock, commands=plan.commands, reclaim=True, retry=plan.retry_if_retained)
-    if isinstance(plan, Duplicate):
+    if isinstance(plan, decision.Duplicate):
         return duplicate(ctx, res, plan)
-    if isinstance(plan, CompleteOnly):
+    if isinstance(plan, decision.CompleteOnly):
         assert lc is not None
         return complete_only(ctx, res, lc, lock, plan.record)
-    assert isinstance(plan, RetryRetained)
+    assert isinstance(plan, decision.RetryRetained)
     return retry_retained(ctx, res)
 
 
-def nothing_to_do(res: Result, plan: NothingToDo) -> Done:
+def nothing_to_do(res: Result, plan: decision.NothingToDo) -> Done:
     """No backup, no commands, no report, no metric: one log line."""
     log.info(
         "no terminating action of ours is live; nothing to do",
@@ -101,7 +88,7 @@ def backup_only(ctx: Context, res: Result, *, commands: bool) -> Done:
     return Done(res, steps.exit_code(res))
 
 
-def warm_return(ctx: Context, res: Result, lc: Lifecycle, plan: WarmReturn) -> Done:
+def warm_return(ctx: Context, res: Result, lc: Lifecycle, plan: decision.WarmReturn) -> Done:
     """Back into the warm pool: the instance and its disks live on. Commands run (the
     application must let go), a backup only when asked, and the hook is completed
     promptly with CONTINUE. Nothing is recorded: the real termination comes later."""
@@ -124,7 +111,7 @@ def warm_return(ctx: Context, res: Result, lc: Lifecycle, plan: WarmReturn) -> D
     return Done(res, steps.exit_code(res))
 
 
-def root_volume(ctx: Context, res: Result, lc: Lifecycle, plan: RootVolume) -> Done:
+def root_volume(ctx: Context, res: Result, lc: Lifecycle, plan: decision.RootVolume) -> Done:
     """A root-volume replacement held by our terminating hook: the instance stays, its
     root volume (and the state directory on it) goes
     (https://docs.aws.amazon.com/autoscaling/ec2/userguide/replace-root-volume.html;
@@ -185,7 +172,7 @@ def full(
             completed=done.over and not reclaim,
             lifecycle_result=planned,
             action=res.lifecycle_action,
-            valid_for=float(lc.target.heartbeat_timeout) if lc is not None else SPOT_RECORD_VALID,
+            valid_for=float(lc.target.heartbeat_timeout) if lc is not None else decision.SPOT_RECORD_VALID,
         )
     )
     if retry and planned == "ABANDON" and not res.ok:
@@ -198,7 +185,7 @@ def full(
     return Done(res, code, done.metrics_sent)
 
 
-def duplicate(ctx: Context, res: Result, plan: Duplicate) -> Done:
+def duplicate(ctx: Context, res: Result, plan: decision.Duplicate) -> Done:
     """Already handled for this action: the first run's keys and status, its exit code."""
     _as_duplicate(res, plan.record)
     if plan.retry_retained:
