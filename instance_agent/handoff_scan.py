@@ -109,40 +109,32 @@ def start(
     """The scanner thread (None when scanning is off), until `stop` is set."""
     if not enabled(cfg):
         return None
-    thread = threading.Thread(
-        target=_run, args=(cfg, identity, make_clients, busy, stop), name="handoff-scan", daemon=True
-    )
+
+    def run() -> None:
+        schedule = Schedule(cfg.handoff_scan_interval)
+        due = schedule.first(time.monotonic())
+        group: str | None = None
+        clients: Clients | None = None
+        while not stop.wait(max(0.0, due - time.monotonic())):
+            due = schedule.after(time.monotonic())
+            if busy():
+                continue
+            try:
+                ident = identity(stop)
+                clients = clients or make_clients(cfg, ident.region)
+                group = group or _group_of(cfg, clients, ident.instance_id)
+                if group is None:
+                    continue
+                result = scan_once(cfg, ident, clients, group, time.time())
+            except AgentError as err:
+                log.warning("hand-off scan failed", extra=fields(error=str(err)))
+                continue
+            if result is not None:
+                log.info("hand-off scan", extra=fields(key=result.get("key"), status=result.get("status")))
+
+    thread = threading.Thread(target=run, name="handoff-scan", daemon=True)
     thread.start()
     return thread
-
-
-def _run(
-    cfg: Config,
-    identity: Callable[[threading.Event], Identity],
-    make_clients: Callable[[Config, str], Clients],
-    busy: Callable[[], bool],
-    stop: threading.Event,
-) -> None:
-    schedule = Schedule(cfg.handoff_scan_interval)
-    due = schedule.first(time.monotonic())
-    group: str | None = None
-    clients: Clients | None = None
-    while not stop.wait(max(0.0, due - time.monotonic())):
-        due = schedule.after(time.monotonic())
-        if busy():
-            continue
-        try:
-            ident = identity(stop)
-            clients = clients or make_clients(cfg, ident.region)
-            group = group or _group_of(cfg, clients, ident.instance_id)
-            if group is None:
-                continue
-            result = scan_once(cfg, ident, clients, group, time.time())
-        except AgentError as err:
-            log.warning("hand-off scan failed", extra=fields(error=str(err)))
-            continue
-        if result is not None:
-            log.info("hand-off scan", extra=fields(key=result.get("key"), status=result.get("status")))
 
 
 def _group_of(cfg: Config, clients: Clients, instance_id: str) -> str | None:

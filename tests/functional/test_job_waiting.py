@@ -4,13 +4,13 @@ while finding the action, and a stop that ends a wait. Every wait moves the fake
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pytest
 from unit.fakes import connection_error
 
 from functional.conftest import (
     TOKEN,
-    World,
     command_options,
     leaving,
     no_backup,
@@ -20,6 +20,9 @@ from functional.conftest import (
 )
 from functional.fakes import client_error
 from instance_agent.poller import TERMINATION, WARM_RETURN
+
+if TYPE_CHECKING:
+    from functional.conftest import World
 
 
 def test_the_backup_waits_out_the_deregistration_delay_and_holds_the_logs_written_meanwhile(
