@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 from instance_agent.local.serve import Background, stop_process, tail, wait_until
@@ -173,10 +174,29 @@ class SeaweedS3(Background):
 
     def _remove_stray_sockets(self) -> None:
         """weed 4.x always puts its gRPC unix sockets in /tmp, named after our ports."""
-        for port in self.ports.values():
-            for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
-                if path.is_socket():
-                    path.unlink(missing_ok=True)
+        remove_dead_sockets(Path("/tmp"), self.ports.values())
+
+
+def remove_dead_sockets(directory: Path, ports: Iterable[int]) -> list[Path]:
+    """Unlink `seaweedfs-*-{port}.sock` for these ports, but only where nothing listens: once
+    weed has stopped its ports are free, and another weed (another xdist worker's, or a
+    test's own) may already have one of them and its live socket at that very name."""
+    removed = []
+    for port in ports:
+        for path in directory.glob(f"seaweedfs-*-{port}.sock"):
+            if path.is_socket() and not _listening(path):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False  # ECONNREFUSED: a socket file left by a process that is gone
+        return True
 
 
 def _answers(url: str) -> bool:
