@@ -249,7 +249,9 @@ def newest_key(client: Any, prefix: str) -> tuple[str, int]:
     return str(obj["Key"]), int(obj["Size"])
 
 
-def chart(rows: list[dict[str, Any]], path: Path) -> None:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (no display needed), or None, with a line
+    saying so, where the `bench` extra is not installed: a run still writes its results."""
     try:
         import matplotlib
 
@@ -257,6 +259,13 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib missing (pip install -e '.[bench]'): no chart")
+        return None
+    return plt
+
+
+def chart(rows: list[dict[str, Any]], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
         return
     # Wall time and CPU-seconds side by side, sharing the competitor axis: a pipeline can
     # win on wall time by burning more CPU, and on 2 cores that CPU is the instance's.

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from support.seaweed import SeaweedS3  # noqa: E402
 
-from benchmarks.compare import Sample, run_one, stand_in_client, stand_in_env, tools  # noqa: E402
+from benchmarks.compare import Sample, pyplot, run_one, stand_in_client, stand_in_env, tools  # noqa: E402
 from benchmarks.corpus import generate  # noqa: E402
 from instance_agent.configvalues import parse_size  # noqa: E402
 
@@ -245,13 +245,8 @@ def summarise(name: str, got: list[Sample]) -> dict[str, Any]:
 
 
 def chart(rows: list[dict[str, Any]], labels: dict[str, str], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing (pip install -e '.[bench]'): no chart")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (ax, ax_cpu) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     names = [f"{r['name']}: {labels[r['name']]}" for r in rows]
