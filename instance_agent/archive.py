@@ -45,20 +45,27 @@ Skip = Callable[[bytes, os.stat_result, int | None, bytes], Held | None]
 _Level = tuple[bytes, int, Iterator[tuple[bytes, bool]]]
 
 
+# Owner names as the header fields take them (bytes), looked up once per id.
 @lru_cache(maxsize=256)
-def _uname(uid: int) -> str:
+def _uname(uid: int) -> bytes:
     try:
-        return pwd.getpwuid(uid).pw_name
+        return pwd.getpwuid(uid).pw_name.encode(errors="replace")
     except KeyError:
-        return ""
+        return b""
 
 
 @lru_cache(maxsize=256)
-def _gname(gid: int) -> str:
+def _gname(gid: int) -> bytes:
     try:
-        return grp.getgrgid(gid).gr_name
+        return grp.getgrgid(gid).gr_name.encode(errors="replace")
     except KeyError:
-        return ""
+        return b""
+
+
+@lru_cache(maxsize=1024)
+def _owner(mode: int, uid: int, gid: int) -> tarheader.Owner | None:
+    """A member's owner fields (tarheader.owner_fields), looked up once per mode and owner."""
+    return tarheader.owner_fields(stat.S_IMODE(mode), uid, gid, _uname(uid), _gname(gid))
 
 
 def _special_kind(mode: int) -> str | None:
@@ -307,13 +314,25 @@ class Archiver(TarStream):
     def _header(
         self, member: bytes, st: os.stat_result, typeflag: bytes, *, size: int = 0, linkname: bytes = b""
     ) -> None:
+        mtime = int(st.st_mtime)
+        if not linkname:
+            # Most members' header is one ustar block: packed straight into the stream's
+            # buffer (see tarheader.encode_into), no bytes object made and copied per member.
+            owner = _owner(st.st_mode, st.st_uid, st.st_gid)
+            if owner is not None:
+                if self._fill + tarheader.BLOCK > len(self._buf):
+                    self._flush()
+                if tarheader.encode_into(self._buf, self._fill, member, typeflag, size, mtime, owner):
+                    self._fill += tarheader.BLOCK
+                    self.report.tar_bytes += tarheader.BLOCK
+                    return
         self._write(
             tarheader.encode(
                 member,
                 typeflag=typeflag,
                 size=size,
                 mode=stat.S_IMODE(st.st_mode),
-                mtime=int(st.st_mtime),
+                mtime=mtime,
                 uid=st.st_uid,
                 gid=st.st_gid,
                 linkname=linkname,
@@ -348,7 +367,12 @@ class Archiver(TarStream):
         finally:
             os.close(fd)
         self.report.files += 1
-        mode = stat.S_IMODE(st.st_mode)
-        self.report.add(Entry(member, "file", st.st_size, st.st_mtime_ns, mode, sha256=digest, cut_at=cut_at))
+        if cut_at is None:
+            self.report.add_file(member, st.st_size, st.st_mtime_ns, st.st_mode, digest)
+        else:
+            mode = stat.S_IMODE(st.st_mode)
+            self.report.add(
+                Entry(member, "file", st.st_size, st.st_mtime_ns, mode, sha256=digest, cut_at=cut_at)
+            )
         if self._progress:
             self._progress(self.report)

@@ -56,6 +56,39 @@ def path_from_fields(obj: dict[str, Any], name: str = "path") -> bytes:
     return base64.b64decode(obj[f"{name}_b64"])
 
 
+# "0644" and the like, formatted once per mode seen.
+_MODES: dict[int, bytes] = {}
+
+
+def _plain_entry_json(
+    path: bytes, kind: str, size: int, mtime_ns: int, mode: int, sha256: str | None, obj: str | None
+) -> bytes:
+    """Entry.to_json_bytes of an entry with no target, member or cut_at. A tree of small
+    files formats one per file on the thread that walks it, hence one bytes %-format with
+    positional arguments (a third faster than an f-string and .encode())."""
+    try:
+        head = b'{"path":' + _encode_str(path.decode("utf-8")).encode()
+    except UnicodeDecodeError:
+        head = b'{"path_b64":"' + base64.b64encode(path) + b'"'
+    mode_b = _MODES.get(mode)
+    if mode_b is None:
+        mode_b = _MODES[mode] = b"%04o" % (mode & 0o7777)
+    out = b'%s,"type":"%s","size":%d,"mtime":%r,"mode":"%s"' % (
+        head,
+        kind.encode(),
+        size,
+        mtime_ns / 1e9,
+        mode_b,
+    )
+    # A termination archive with shipping lists tens of thousands of held files, each
+    # with its digest and segment: formatted here too, not through a dict.
+    if sha256:
+        out += b',"sha256":"' + sha256.encode() + b'"'
+    if obj:
+        out += b',"object":' + _encode_str(obj).encode()
+    return out + b"}"
+
+
 @dataclass(slots=True)
 class Entry:
     path: bytes  # the member name, relative (no leading '/'), dirs without trailing '/'
@@ -74,20 +107,9 @@ class Entry:
         was a tenth of the time spent on 40,000 small files."""
         if self.target is not None or self.member is not None or self.cut_at is not None:
             return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
-        try:
-            path = '"path":' + _encode_str(self.path.decode("utf-8"))
-        except UnicodeDecodeError:
-            path = '"path_b64":"' + base64.b64encode(self.path).decode("ascii") + '"'
-        # A termination archive with shipping lists tens of thousands of held files, each
-        # with its digest and segment: formatted here too, not through a dict.
-        tail = (f',"sha256":"{self.sha256}"' if self.sha256 else "") + (
-            ',"object":' + _encode_str(self.object) if self.object else ""
+        return _plain_entry_json(
+            self.path, self.type, self.size, self.mtime_ns, self.mode, self.sha256, self.object
         )
-        return (
-            f'{{{path},"type":"{self.type}","size":{self.size},'
-            f'"mtime":{self.mtime_ns / 1e9!r},"mode":"{self.mode & 0o7777:04o}"'
-            f"{tail}}}"
-        ).encode()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = path_fields(self.path)
@@ -183,6 +205,13 @@ class ArchiveReport:
         if self.entry_count:
             self.entries_json += b","
         self.entries_json += entry.to_json_bytes()
+        self.entry_count += 1
+
+    def add_file(self, path: bytes, size: int, mtime_ns: int, mode: int, sha256: str | None) -> None:
+        """add(Entry(path, "file", ...)) of a file read whole, without the Entry object."""
+        if self.entry_count:
+            self.entries_json += b","
+        self.entries_json += _plain_entry_json(path, "file", size, mtime_ns, mode, sha256, None)
         self.entry_count += 1
 
     def hold(self, member: bytes, size: int, held: Held) -> None:

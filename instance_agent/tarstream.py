@@ -27,6 +27,7 @@ READ_SIZE = 1 << 20
 # cost three sink writes per file (header, data, padding), each a compressor call that drops
 # and retakes the GIL. Below this much free space, the buffer is handed on before a read.
 MIN_READ = 64 << 10
+_ZEROS = bytes(tarheader.BLOCK)
 
 
 class Sink(Protocol):
@@ -44,6 +45,7 @@ class TarStream:
         self._clock = clock
         self._hash = hash_name == "sha256"
         self._buf = bytearray(READ_SIZE)
+        self._view = memoryview(self._buf)
         self._fill = 0  # bytes of the tar stream in _buf, not yet handed to the sink
         self.report = ArchiveReport()
 
@@ -83,6 +85,27 @@ class TarStream:
 
         Reads ask for one byte more than is left, so a file that grew is noticed without an
         extra syscall (most log files fit in one read)."""
+        pad = -size % tarheader.BLOCK
+        start = self._fill
+        if not sparse and start + size + 1 + pad <= len(self._buf):
+            # A file that fits the buffer, as most of a tree of small files do: one read, and
+            # done if it gave exactly `size` bytes. Anything else (an error, a file that shrank
+            # or grew) is read again from its start by the general loop below, which words it.
+            try:
+                got = os.readv(fd, [self._view[start : start + size + 1]])
+            except OSError:
+                got = -1
+            if got == size:
+                end = start + size
+                self._buf[end : end + pad] = _ZEROS[:pad]
+                self._fill = end + pad
+                self.report.tar_bytes += size + pad
+                self.report.bytes_read += size
+                if self._hash:
+                    return hashlib.sha256(self._view[start:end]).hexdigest(), None
+                return None, None
+            if got > 0:
+                os.lseek(fd, 0, os.SEEK_SET)
         h = hashlib.sha256() if self._hash else None
         view = memoryview(self._buf)
         left = size
