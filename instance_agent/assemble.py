@@ -62,10 +62,12 @@ def restore_assembled(
     select: restore.Selection | None = None,
     extra: Mapping[str, str] | None = None,
     final: bool = True,
+    digests: bool = False,
 ) -> restore.RestoreReport:
     """The final archive `key` and its segments into `dest` (new or empty). Without
     `final` (its final archive is missing: orphans.py), only the segments, and `key` is
-    their segments "directory", against which manifest_check checks every object."""
+    their segments "directory", against which manifest_check checks every object. With
+    `digests`, the report says what was written into each file, by its path in the tree."""
     if final:
         restore.check_key(key)
     restore.check_destination(dest)
@@ -77,7 +79,7 @@ def restore_assembled(
         tree = os.path.join(staging, "tree")
         if not final:
             os.mkdir(tree)
-            report = restore.RestoreReport()
+            report = restore.RestoreReport(written={} if digests else None)
         else:
             report = restore.restore_s3(
                 s3,
@@ -88,10 +90,11 @@ def restore_assembled(
                 select=select,
                 expected_tar_bytes=totals.get("tar_bytes"),
                 extra=extra,
+                digests=digests,
             )
         for i, (skey, files) in enumerate(sorted(wanted.items())):
             part = os.path.join(staging, f"segment-{i}")
-            restore.restore_s3(
+            got = restore.restore_s3(
                 s3,
                 bucket,
                 skey,
@@ -99,16 +102,22 @@ def restore_assembled(
                 allow_setuid=allow_setuid,
                 expected_tar_bytes=segments[skey].get("tar_bytes"),
                 extra=extra,
+                digests=digests,
             )
             # The last name of a member takes the file itself; any earlier (hard links, or
             # one content shipped once and found under two names) get copies.
             last = {m: n for n, (_, m, _) in enumerate(files)}
             with restore.Placer(tree) as placer:
                 for n, (name, member, size) in enumerate(files):
-                    src = os.path.join(part, member)
+                    src, held = os.path.join(part, member), member
                     if not os.path.lexists(src):
                         src = _only_file(part)  # a one-file segment renamed since (older agents)
-                    placer.place(name, src, move=last[member] == n)
+                        held = os.path.relpath(src, part)
+                    copied = placer.place(name, src, move=last[member] == n, digest=digests)
+                    if report.written is not None and got.written is not None:
+                        done = copied or got.written.get(restore.tree_path(restore.member_parts(held)))
+                        if done is not None:
+                            report.written[restore.tree_path(restore.member_parts(name))] = done
                     report.files += 1
                     report.bytes += size
     return report

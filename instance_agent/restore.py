@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import os
 import stat
 import tarfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -44,15 +45,22 @@ from botocore.exceptions import BotoCoreError, ClientError
 from instance_agent.readahead import ReadAhead
 from instance_agent.restore_stream import Counted, Info, Tar, decompressed
 from instance_agent.restore_stream import check_key as check_key
-from instance_agent.restore_tree import COPY, Parts, Staged, member_parts
+from instance_agent.restore_tree import COPY, Parts, Staged
 from instance_agent.restore_tree import Placer as Placer
 from instance_agent.restore_tree import RestoreError as RestoreError
 from instance_agent.restore_tree import UnsafeArchive as UnsafeArchive
+from instance_agent.restore_tree import Written as Written
 from instance_agent.restore_tree import check_destination as check_destination
+from instance_agent.restore_tree import member_parts as member_parts
 from instance_agent.restore_tree import staged as staged
+from instance_agent.restore_tree import tree_path as tree_path
+from instance_agent.restore_write import Job, Writer
 from instance_agent.s3read import S3Reader, s3_failure
 
 _SETID = 0o6000
+
+
+WrittenFiles = dict[bytes, Written]  # by path in the tree, b"var/log/syslog"
 
 
 @dataclass
@@ -63,6 +71,9 @@ class RestoreReport:
     bytes: int = 0
     tar_bytes: int = 0
     excluded: int = 0  # members left out by --include/--exclude
+    # Kept only when asked (`digests`): each regular file's Written, by its path in the tree
+    # as verify names it.
+    written: WrittenFiles | None = None
 
 
 # Which members to extract: a Selection, or any test of the member name.
@@ -109,10 +120,12 @@ def extract(
     allow_setuid: bool = False,
     select: Select | None = None,
     expected_tar_bytes: int | None = None,
+    digests: bool = False,
 ) -> RestoreReport:
-    """Extract the tar `stream` into `dest` (new or empty), all or nothing (module docstring)."""
+    """Extract the tar `stream` into `dest` (new or empty), all or nothing (module docstring).
+    With `digests`, the report says what was written into each file (`Written`)."""
     with staged(dest) as staging:
-        report, dir_modes = _extract_into(stream, staging, allow_setuid, select)
+        report, dir_modes = _extract_into(stream, staging, allow_setuid, select, digests)
         if expected_tar_bytes is not None and report.tar_bytes != expected_tar_bytes:
             raise RestoreError(
                 f"archive is truncated or corrupt: its tar stream is "
@@ -136,17 +149,32 @@ def extract(
     return report
 
 
+@dataclass
+class _Extraction:
+    """One extraction's state, shared by the functions below."""
+
+    tar: tarfile.TarFile
+    source: Counted
+    tree: Staged
+    writer: Writer
+    report: RestoreReport
+    allow_setuid: bool
+    dir_modes: list[tuple[Parts, int]] = field(default_factory=list)
+    hard_links: list[tuple[bytes, bytes]] = field(default_factory=list)  # (link, its file)
+
+
 def _extract_into(
-    stream: IO[bytes], root: str, allow_setuid: bool, select: Select | None
+    stream: IO[bytes], root: str, allow_setuid: bool, select: Select | None, digests: bool
 ) -> tuple[RestoreReport, list[tuple[Parts, int]]]:
-    report = RestoreReport()
-    dir_modes: list[tuple[Parts, int]] = []
+    report = RestoreReport(written={} if digests else None)
     # The download and the decompression run ahead in a thread of their own, while this one
-    # parses and writes (readahead.py): the pipeline `s5cmd cat | zstd -d | tar -x` overlaps
-    # them the same way, one process each.
+    # parses and creates files, and a third writes their data (readahead.py,
+    # restore_write.py): the pipeline `s5cmd cat | zstd -d | tar -x` overlaps them the same
+    # way, one process each.
     ahead = ReadAhead(stream.read)
     counted = Counted(ahead)
     tree = Staged(root)
+    writer = Writer()
     try:
         with Tar.open(
             fileobj=cast(IO[bytes], counted),
@@ -157,17 +185,19 @@ def _extract_into(
             errors="surrogateescape",
         ) as tar:
             assert isinstance(tar, Tar)
+            run = _Extraction(tar, counted, tree, writer, report, allow_setuid)
             while (member := tar.next()) is not None:
                 # Stream mode keeps every member in a list; nothing here needs them again.
                 tar.members.clear()  # type: ignore[attr-defined]
                 if select and not select(member.name):
                     report.excluded += 1
                     continue
-                _extract_one(tar, counted, member, tree, report, allow_setuid, dir_modes)
+                _extract_one(run, member)
             if not tar.ended_cleanly:
                 raise RestoreError(
                     "archive is truncated or corrupt: the tar stream has no end-of-archive marker"
                 )
+            writer.finish()
             tree.make_links()
         # The rest is zero padding; decoding it to the end is what checks the compressed
         # stream's own checksum, and tells a cut frame from a complete one.
@@ -181,28 +211,26 @@ def _extract_into(
         where = f": {err.filename}" if err.filename else ""
         raise RestoreError(f"restore failed{where}: {err.strerror or err}") from None
     finally:
+        writer.close()  # before the descriptors it writes to are gone
         tree.close()
         ahead.close()
+    if report.written is not None:  # hard links: another name of a file written before
+        for link, target in run.hard_links:
+            if target in report.written:
+                report.written[link] = report.written[target]
     report.tar_bytes = counted.count
-    return report, dir_modes
+    return report, run.dir_modes
 
 
-def _extract_one(
-    tar: tarfile.TarFile,
-    source: Counted,
-    member: tarfile.TarInfo,
-    tree: Staged,
-    report: RestoreReport,
-    allow_setuid: bool,
-    dir_modes: list[tuple[Parts, int]],
-) -> None:
+def _extract_one(run: _Extraction, member: tarfile.TarInfo) -> None:
+    tree, report = run.tree, run.report
     name = member.name.rstrip("/")
     parts = member_parts(name)
     if member.isdir():
         os.close(tree.open_dir(parts, create=True))  # made, or found a directory (not a link)
         # Setgid and sticky mean something on a directory (group inheritance, /tmp-style
         # deletion); setuid means nothing there and is dropped.
-        dir_modes.append((parts, member.mode & 0o3777))
+        run.dir_modes.append((parts, member.mode & 0o3777))
         report.dirs += 1
     elif member.issym():
         tree.check_link(parts, member.linkname)  # early, for a clear error; again at the end
@@ -212,16 +240,15 @@ def _extract_one(
         report.links += 1
     elif member.islnk():
         _hard_link(tree, name, parts, member.linkname)
+        run.hard_links.append((tree_path(parts), tree_path(member_parts(member.linkname.rstrip("/")))))
         report.links += 1
     elif member.isreg():
-        if member.mode & _SETID and not allow_setuid:
+        if member.mode & _SETID and not run.allow_setuid:
             raise UnsafeArchive(
                 f"refusing {name!r}: setuid/setgid file (mode "
                 f"{member.mode & 0o7777:04o}); pass --allow-setuid to restore it"
             )
-        _write_file(
-            tar, source, member, tree, parts, member.mode & (0o6777 if allow_setuid else 0o777), report
-        )
+        _write_file(run, member, parts, member.mode & (0o6777 if run.allow_setuid else 0o777))
     else:
         kind = (
             "FIFO"
@@ -258,43 +285,48 @@ def _hard_link(tree: Staged, name: str, parts: Parts, linkname: str) -> None:
         os.close(src_dir)
 
 
-def _write_file(
-    tar: tarfile.TarFile,
-    source: Counted,
-    member: tarfile.TarInfo,
-    tree: Staged,
-    parts: Parts,
-    mode: int,
-    report: RestoreReport,
-) -> None:
-    fd = os.open(
-        parts[-1],
-        os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-        0o600,
-        dir_fd=tree.parent(parts),
-    )
+def _write_file(run: _Extraction, member: tarfile.TarInfo, parts: Parts, mode: int) -> None:
+    report = run.report
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        if member.sparse is None:
-            # Straight from the stream's chunks into the file: tarfile's own reader would
-            # copy each piece twice more on the way.
-            source.seek(member.offset_data)
-            written = source.copy_to(fd, member.size)
-            if written != member.size:
-                raise RestoreError("archive is truncated or corrupt: unexpected end of data")
-        else:  # a GNU sparse member (never ours): tarfile maps its holes
-            src = tar.extractfile(member)
-            if src is None:  # pragma: no cover - isreg() members always have data
-                raise RestoreError(f"no data for {member.name!r}")
-            while chunk := src.read(COPY):
-                while chunk:
-                    chunk = chunk[os.write(fd, chunk) :]
-            written = member.size
-        report.bytes += written
-        # After the data: writing to a file clears its setuid bit.
-        os.fchmod(fd, mode)
-        os.utime(fd, (member.mtime, member.mtime))
-    finally:
-        os.close(fd)
+        fd = os.open(parts[-1], flags | os.O_EXCL, 0o600, dir_fd=run.tree.parent(parts))
+    except FileExistsError:
+        # The archive holds it twice (or links it): the last one wins, as with tar, once the
+        # writes queued for the first have landed, which would otherwise follow the truncation.
+        run.writer.sync()
+        fd = os.open(parts[-1], flags | os.O_TRUNC, 0o600, dir_fd=run.tree.parent(parts))
+    # The digest of the bytes as they go into the file: `restore --verify` then need not
+    # read them back (verify.py).
+    digest = hashlib.sha256() if report.written is not None else None
+    then = None
+    if report.written is not None:
+        written, key = report.written, tree_path(parts)
+
+        def then(sha256: str, ino: int) -> None:  # in the writer's thread, once it is done
+            written[key] = Written(sha256, ino)
+
+    if member.sparse is None:
+        # Straight from the stream's chunks into the file: tarfile's own reader would copy
+        # each piece twice more on the way.
+        run.source.seek(member.offset_data)
+        got = run.source.hand_over(
+            run.writer, Job(fd, digest=digest), member.size, (mode, member.mtime, then)
+        )
+        if got != member.size:
+            raise RestoreError("archive is truncated or corrupt: unexpected end of data")
+    else:  # a GNU sparse member (never ours): tarfile maps its holes
+        src = run.tar.extractfile(member)
+        if src is None:  # pragma: no cover - isreg() members always have data
+            os.close(fd)
+            raise RestoreError(f"no data for {member.name!r}")
+        job = Job(fd, digest=digest)
+        while chunk := src.read(COPY):
+            job.pieces.append(memoryview(chunk))
+            run.writer.submit(job, len(chunk))
+            job = Job(fd, digest=digest)
+        job.done = (mode, member.mtime, then)
+        run.writer.submit(job, 0)
+    report.bytes += member.size
     report.files += 1
 
 
@@ -311,6 +343,7 @@ def restore_s3(
     select: Select | None = None,
     expected_tar_bytes: int | None = None,
     extra: Mapping[str, str] | None = None,
+    digests: bool = False,
 ) -> RestoreReport:
     """Stream s3://bucket/key down, decompress and extract it into `dest`."""
     check_key(key)  # both fail before anything is fetched
@@ -326,6 +359,7 @@ def restore_s3(
             allow_setuid=allow_setuid,
             select=select,
             expected_tar_bytes=expected_tar_bytes,
+            digests=digests,
         )
     finally:
         with contextlib.suppress(Exception):

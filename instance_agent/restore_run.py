@@ -62,6 +62,7 @@ def execute(
             select=select,
             expected_tar_bytes=how.expected_tar_bytes,
             extra=extra,
+            digests=_digests(plan, found),
         )
     return Restored(plan, report, found)
 
@@ -73,6 +74,14 @@ def _nothing_restored(plan: RestorePlan) -> Iterator[None]:
         yield
     except (RestoreError, UnsafeArchive) as err:
         raise type(err)(f"{err}; nothing was restored into {plan.dest}") from None
+
+
+def _digests(plan: RestorePlan, manifest: Mapping[str, Any] | None) -> bool:
+    """Whether to hash each file's bytes as they are written: only for --verify, and only
+    when the manifest has digests to compare them with."""
+    if not plan.verify or manifest is None:
+        return False
+    return any(isinstance(e, dict) and e.get("sha256") for e in manifest.get("entries") or [])
 
 
 def _manifest(
@@ -107,4 +116,5 @@ def _assembled(
             select=select,
             extra=extra,
             final=final,
+            digests=_digests(plan, manifest),
         )

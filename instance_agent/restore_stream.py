@@ -17,6 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from instance_agent.errors import ConfigError
 from instance_agent.readahead import ReadAhead
 from instance_agent.restore_tree import COPY, RestoreError
+from instance_agent.restore_write import BATCH_BYTES, Done, Job, Writer
 from instance_agent.s3read import ARCHIVE_SUFFIXES
 
 # tarfile's header errors, which typeshed leaves out (CPython has had them since 3.2).
@@ -53,8 +54,9 @@ class Counted:
     tarfile reads it as a file (mode "r:"), not through its stream mode, which gathers the
     stream 10 KiB at a time and copies what is left of its buffer on every header: here a
     header is a slice of the current chunk and file data goes from the chunk straight into
-    the file (`copy_to`). Seeking goes forward only, skipping what tarfile does not need; the
-    one step back tarfile takes (to the byte before the next header) stays in the chunk."""
+    the file (`hand_over`, through restore_write's thread). Seeking goes forward only,
+    skipping what tarfile does not need; the one step back tarfile takes (to the byte before
+    the next header) stays in the chunk."""
 
     def __init__(self, inner: ReadAhead) -> None:
         self._inner = inner
@@ -100,14 +102,21 @@ class Counted:
         pieces = list(self._pieces(size))
         return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
 
-    def copy_to(self, fd: int, size: int) -> int:
-        """Write the next `size` bytes of the stream into `fd`; how many there were."""
-        done = 0
+    def hand_over(self, writer: Writer, job: Job, size: int, done: Done) -> int:
+        """The next `size` bytes of the stream, as slices of its chunks, to `writer` for
+        `job`'s file, a job of at most about a MiB at a time, the last one `done`; how many
+        bytes there were (fewer at the end of the stream)."""
+        got = held = 0
         for piece in self._pieces(size):
-            done += len(piece)
-            while piece:
-                piece = piece[os.write(fd, piece) :]
-        return done
+            job.pieces.append(piece)
+            got += len(piece)
+            held += len(piece)
+            if held >= BATCH_BYTES and got < size:
+                writer.submit(job, held)
+                job, held = Job(job.fd, digest=job.digest), 0
+        job.done = done
+        writer.submit(job, held)
+        return got
 
     def tell(self) -> int:
         return self._base + self._pos

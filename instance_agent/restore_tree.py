@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from instance_agent.errors import AgentError, ConfigError
 from instance_agent.fsdir import DIR_FLAGS, open_below
@@ -29,6 +31,21 @@ class RestoreError(AgentError):
 
 
 Parts = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Written:
+    """What restore wrote into one regular file: the SHA-256 of those bytes, taken as they
+    passed through on their way to the file, and the file's inode (so that `restore --verify`
+    can tell the very file it wrote from one put at its path since)."""
+
+    sha256: str
+    ino: int
+
+
+def tree_path(parts: Parts) -> bytes:
+    """A member's path in the tree as verify names it: b"var/log/syslog"."""
+    return os.fsencode("/".join(parts))
 
 
 def member_parts(name: str) -> Parts:
@@ -192,7 +209,9 @@ class Placer:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def place(self, member: str, src: str, *, move: bool) -> None:
+    def place(self, member: str, src: str, *, move: bool, digest: bool = False) -> Written | None:
+        """Moved: None (the file is the one written before). Copied with `digest`: what was
+        written into the copy."""
         parts = member_parts(member.rstrip("/"))
         fd = self._tree.parent(parts)
         try:
@@ -203,7 +222,7 @@ class Placer:
             raise RestoreError(f"{member!r} is both in the archive and in a segment")
         if move:
             os.rename(src, parts[-1], dst_dir_fd=fd)
-            return
+            return None
         st = os.stat(src)
         out = os.open(
             parts[-1],
@@ -211,8 +230,13 @@ class Placer:
             0o600,
             dir_fd=fd,
         )
+        h = hashlib.sha256() if digest else None
         with open(src, "rb") as fin, os.fdopen(out, "wb") as fout:
-            shutil.copyfileobj(fin, fout, COPY)
+            while chunk := fin.read(COPY):
+                if h is not None:
+                    h.update(chunk)
+                fout.write(chunk)
             fout.flush()
             os.fchmod(out, stat.S_IMODE(st.st_mode))
             os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+            return Written(h.hexdigest(), os.fstat(out).st_ino) if h is not None else None

@@ -6,6 +6,12 @@ For every manifest entry under DEST (member names as archived, e.g. `var/log/sys
   sha256` at backup time). Without a digest, a same-size change is caught only by the
   modification time, which restore sets from the archive: to the second, it must match;
 - a symlink has the same target.
+`restore --verify` does not read its files back: restore hashed each file's bytes as it wrote
+them (restore.Written), so a file with a digest is compared by that digest, and then checked
+on disk by an lstat only: the same inode restore wrote (not another file put at its path), the
+same size, and the modification time restore set (a write since moves it). What that leaves
+out, and `verify` still catches: a same-size change made after the restore wrote the file
+whose modification time was then set back, or damage below the page cache.
 Anything under DEST that the manifest does not list (other than the parents of what it lists)
 is a difference too. Modes and owners are not compared: restore drops setuid bits and does not
 restore owners.
@@ -25,7 +31,7 @@ from instance_agent import segrefs
 from instance_agent.errors import AgentError, ConfigError
 from instance_agent.manifest import path_from_fields
 from instance_agent.manifest_check import UnsafeManifest, relative_inside
-from instance_agent.restore import Selection
+from instance_agent.restore import Selection, Written
 from instance_agent.s3read import S3Reader, archive_key_of, parse_s3_url, read_manifest
 
 READ = 1 << 20
@@ -112,7 +118,7 @@ def _kind(mode: int) -> str:
     return "special file"
 
 
-def _entry_problem(full: bytes, entry: Mapping[str, Any]) -> str | None:
+def _entry_problem(full: bytes, entry: Mapping[str, Any], done: Written | None) -> str | None:
     want = str(entry.get("type"))
     try:
         st = os.lstat(full)
@@ -137,14 +143,24 @@ def _entry_problem(full: bytes, entry: Mapping[str, Any]) -> str | None:
     if st.st_size != size:
         return f"size {st.st_size:,} bytes, the backup has {size:,}"
     digest = entry.get("sha256")
-    if digest:
+    if digest and done is None:
         try:
             found_digest = _digest(full)
         except OSError as err:
             return f"cannot read: {err.strerror}"
         return None if found_digest == digest else "content differs (sha256)"
+    if digest and done is not None:
+        if done.sha256 != digest:
+            return "content differs (sha256)"
+        if st.st_ino != done.ino:
+            return "replaced since it was restored: another file is at its path"
     mtime = entry.get("mtime")
     if isinstance(mtime, (int, float)) and abs(int(st.st_mtime) - int(mtime)) > MTIME_SLACK:
+        if digest:
+            return (
+                "modified since it was restored: its modification time differs "
+                "(`instance-agent verify` compares its content)"
+            )
         return (
             "modified since the backup: its modification time differs, and the manifest "
             "has no digest to compare the content (back up with --hash sha256 for one)"
@@ -171,8 +187,14 @@ def _extras(root: bytes, known: set[bytes]) -> Iterator[bytes]:
                 yield rel
 
 
-def compare(dest: str, manifest: Mapping[str, Any], select: Selection | None = None) -> VerifyReport:
-    """Differences between the tree at `dest` and `manifest` (module docstring)."""
+def compare(
+    dest: str,
+    manifest: Mapping[str, Any],
+    select: Selection | None = None,
+    written: Mapping[bytes, Written] | None = None,
+) -> VerifyReport:
+    """Differences between the tree at `dest` and `manifest` (module docstring); `written`,
+    restore's record of the files it has just written there, by path under `dest`."""
     if not os.path.isdir(dest):
         raise ConfigError(f"{dest} is not a directory")
     root = os.fsencode(os.path.abspath(dest))
@@ -192,7 +214,7 @@ def compare(dest: str, manifest: Mapping[str, Any], select: Selection | None = N
             raise UnsafeManifest(f"refusing the manifest: entry {os.fsdecode(rel)!r} has an unsafe path")
         expected.add(rel)
         checked += 1
-        problem = _entry_problem(os.path.join(root, rel), entry)
+        problem = _entry_problem(os.path.join(root, rel), entry, written.get(rel) if written else None)
         if problem and entry.get("object"):
             problem += f" (held in segment {entry['object']})"
         if problem:

@@ -134,6 +134,49 @@ def test_without_digests_a_changed_byte_is_caught_by_its_modification_time(
     assert f"{victim.relative_to(dest)}: modified since the backup" in proc.stderr
 
 
+def test_restore_verify_compares_the_bytes_it_wrote_with_the_manifest_digests(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """`restore --verify` of a `--hash sha256` backup hashes each file as it writes it
+    (restore_write.py) instead of reading the tree back: an archive whose bytes are not the
+    manifest's, every size kept, is still caught, file by file, naming the file."""
+    src = tmp_path / "src"
+    build_tree(src)
+    stack.scale_in()
+    proc, result = stack.backup("--source", str(src), "--hash", "sha256", "--no-complete")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s3 = stack.client("s3")
+    raw = (
+        zstandard.ZstdDecompressor()
+        .stream_reader(s3.get_object(Bucket=stack.bucket, Key=result["key"])["Body"], read_across_frames=True)
+        .read()
+    )
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        victim = next(m for m in tf.getmembers() if m.name.endswith("state.bin"))
+    data = bytearray(raw)
+    data[victim.offset_data + 1234] ^= 0x01
+    key = "forged/" + result["key"]
+    s3.put_object(Bucket=stack.bucket, Key=key, Body=zstandard.ZstdCompressor().compress(bytes(data)))
+    s3.copy_object(
+        Bucket=stack.bucket,
+        Key=key + ".manifest.json",
+        CopySource={"Bucket": stack.bucket, "Key": result["manifest_key"]},
+    )
+    proc = stack.run(
+        "restore", f"s3://{stack.bucket}/{key}", str(tmp_path / "restored"), "--verify", "--json"
+    )
+    assert proc.returncode == 1, proc.stdout
+    doc = json.loads(proc.stdout)
+    assert doc["status"] == "differs"
+    assert [(d["path"], d["problem"]) for d in doc["differences"]] == [
+        (victim.name, "content differs (sha256)")
+    ]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "instance-agent: error: 1 difference(s) against the manifest; first: "
+        f"{victim.name}: content differs (sha256)"
+    )
+
+
 def test_restore_include_and_the_empty_destination_rule(stack: Stack, tmp_path: Path) -> None:
     src = tmp_path / "src"
     build_tree(src)
