@@ -9,6 +9,10 @@ null sink, and the manifest is built. Nothing is read or uploaded: the time is t
 the lstat of each file and the ledger lookups; the peak RSS is the process's, ledger included
 (run it from an older checkout, PYTHONPATH set to it, for the format-1 figures). Use a tree from
 `termination_latency.py --files N --corpus DIR` (DIR/files-N).
+
+`--journal` walks as the watcher's termination does with a trusted change journal
+(finalwalk.py): the journal is armed on DIR and a full scan completed with nothing changed,
+so the walk lists the directories and lstats no file.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from instance_agent.archive import Archiver
+from instance_agent.finalwalk import quick_hold
 from instance_agent.manifest import build
+from instance_agent.shipjournal import Journal
 from instance_agent.shiprecord import FileId, Shipped
 from instance_agent.shipstate import Ledger
 
@@ -54,11 +60,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dir")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--journal", action="store_true", help="the walk with a trusted change journal")
     args = ap.parse_args()
     ledger = _ledger(args.dir)
+    quick = None
+    if args.journal:
+        journal = Journal([args.dir], [])
+        journal.arm()
+        journal.scan_done([])
+        quick = quick_hold(journal, ledger)
     for n in range(1, args.rounds + 1):
         start = time.perf_counter()
-        arch = Archiver(_Null(), clock=time.monotonic, skip=ledger.held)
+        arch = Archiver(_Null(), clock=time.monotonic, skip=ledger.held, quick=quick)
         arch.add_sources([args.dir])
         report = arch.finish()
         walked = time.perf_counter()

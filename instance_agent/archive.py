@@ -40,9 +40,15 @@ _SWAPPED = "replaced by a symlink or another file during the backup; not followe
 Skip = Callable[[bytes, os.stat_result, int | None, bytes], Held | None]
 
 
-# A directory being walked: its path, its descriptor, and its entries still to do, each a name
-# and whether the listing said it is a regular file (d_type).
-_Level = tuple[bytes, int, Iterator[tuple[bytes, bool]]]
+# Asked of each entry the listing says is a regular file, before any lstat (path, and the
+# device and inode the listing gives): a size and Held leaves it out unseen (finalwalk.py,
+# the termination archive's journal walk); None sends it to the lstat and `Skip`.
+Quick = Callable[[bytes, int, int], tuple[int, Held] | None]
+
+
+# A directory being walked: its path, its descriptor, its device, and its entries still to
+# do, each a name, whether the listing said it is a regular file (d_type), and its inode.
+_Level = tuple[bytes, int, int, Iterator[tuple[bytes, bool, int]]]
 
 
 # Owner names as the header fields take them (bytes), looked up once per id.
@@ -120,6 +126,7 @@ class Archiver(TarStream):
         one_file_system: bool = False,
         before_open: Callable[[bytes], None] | None = None,
         skip: Skip | None = None,
+        quick: Quick | None = None,
     ) -> None:
         super().__init__(sink, deadline=deadline, clock=clock, hash_name=hash_name)
         self._max_file_size = max_file_size
@@ -133,6 +140,7 @@ class Archiver(TarStream):
         # tests use it to swap a directory at exactly that moment.
         self._before_open = before_open
         self._skip = skip
+        self._quick = quick
 
     # -- public -------------------------------------------------------------------------
     def add_sources(self, sources: Sequence[str]) -> None:
@@ -179,26 +187,34 @@ class Archiver(TarStream):
             self._push_dir(stack, root, None, root, st)
             self._walk(stack)
         finally:
-            for _, fd, _ in stack:
+            for _, fd, _, _ in stack:
                 os.close(fd)
 
     def _walk(self, stack: list[_Level]) -> None:
         while stack:
-            parent, dir_fd, names = stack[-1]
+            parent, dir_fd, dev, names = stack[-1]
             item = next(names, None)
             if item is None:
                 stack.pop()
                 os.close(dir_fd)
                 continue
-            name, regular = item
+            name, regular, ino = item
             path = parent.rstrip(b"/") + b"/" + name
             if self._past_deadline():
                 self.report.omitted.append(path)
-                for p, _, rest in reversed(stack):
-                    self.report.omitted.extend(p.rstrip(b"/") + b"/" + n for n, _ in rest)
+                for p, _, _, rest in reversed(stack):
+                    self.report.omitted.extend(p.rstrip(b"/") + b"/" + n for n, _, _ in rest)
                 return
             if self._excluded(path):
                 continue
+            if regular and self._quick is not None:
+                # Shipped and, by the journal, unchanged since: held with no lstat.
+                found = self._quick(path, dev, ino)
+                if found is not None:
+                    member = path.lstrip(b"/")
+                    if not (self._root_files and member in self._root_files):
+                        self.report.hold(member, found[0], found[1])
+                    continue
             if regular and self._skip is None:
                 # The listing says a regular file: open it (O_NOFOLLOW, never blocking) and
                 # take its metadata from the descriptor, with no lstat first. What the lstat
@@ -257,12 +273,14 @@ class Archiver(TarStream):
                 os.close(fd)
                 return
             with os.scandir(fd) as listing:
-                entries = sorted((os.fsencode(e.name), e.is_file(follow_symlinks=False)) for e in listing)
+                entries = sorted(
+                    (os.fsencode(e.name), e.is_file(follow_symlinks=False), e.inode()) for e in listing
+                )
         except OSError as err:
             os.close(fd)
             self._warn(path, f"directory not listable: {err.strerror}")
             return
-        stack.append((path, fd, iter(entries)))
+        stack.append((path, fd, now.st_dev, iter(entries)))
 
     def _add_dir_header(self, path: bytes, st: os.stat_result) -> bool:
         ident = (st.st_dev, st.st_ino)

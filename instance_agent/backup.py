@@ -18,8 +18,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from instance_agent import __version__, journal, keys, manifest, s3args
-from instance_agent.archive import Archiver
+from instance_agent import __version__, finalwalk, journal, keys, manifest, s3args
+from instance_agent.archive import Archiver, Quick
 from instance_agent.clients import Clients
 from instance_agent.config import Config
 from instance_agent.errors import AgentError
@@ -122,6 +122,12 @@ def archive_and_upload(
             refresh_age(cfg.retention_days),
         )
     log.info("backup started", extra=fields(bucket=cfg.bucket, key=key, sources=list(cfg.source)))
+    quick: Quick | None = None
+    if shipped is not None:
+        # The journal, when trusted, spares the lstat of every unchanged shipped file.
+        changes = finalwalk.choose(cfg.ship_final, shipped, cfg.source, cfg.exclude)
+        if changes is not None:
+            quick = finalwalk.quick_hold(changes, shipped)
 
     holder: dict[str, Archiver] = {}
 
@@ -136,12 +142,17 @@ def archive_and_upload(
             max_file_size=cfg.max_file_size,
             one_file_system=cfg.one_file_system,
             skip=shipped.held if shipped is not None else None,
+            quick=quick,
         )
         holder["arch"] = arch
         arch.add_sources(cfg.source)
         arch.finish()
 
-    _, sent = upload_stream(cfg, clients.s3, key, produce_archive, cancel)
+    try:
+        _, sent = upload_stream(cfg, clients.s3, key, produce_archive, cancel)
+    finally:
+        if shipped is not None and shipped.handover is not None and shipped.handover.journal is not None:
+            shipped.handover.journal.close()
     report = holder["arch"].report
     result.bytes_read, result.bytes_uploaded, result.files = report.bytes_read, sent, report.files
     if report.held_files:

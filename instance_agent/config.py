@@ -106,6 +106,7 @@ class Config:
     ship_settle: float
     retention_days: int
     ship_bandwidth: int | None
+    ship_final: str
     config_file: str | None = field(default=None, compare=False)
 
     @classmethod

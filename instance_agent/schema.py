@@ -395,6 +395,17 @@ OPTIONS: tuple[Option, ...] = (
         check=check_not_negative,
     ),
     Option(
+        "ship_final",
+        "choice",
+        "journal",
+        "how the termination archive finds what changed since shipped: `journal` trusts the "
+        "watcher's inotify record of what changed since its last full scan (lstat only "
+        "those files), `walk` lstats every file of the sources (docs/shipping.md says when "
+        "the journal is not trusted and when to choose walk)",
+        choices=("journal", "walk"),
+        commands=frozenset({WATCH}),
+    ),
+    Option(
         "ship_bandwidth",
         "size",
         None,

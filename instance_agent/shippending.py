@@ -17,8 +17,9 @@ from instance_agent.logs import fields
 from instance_agent.segment import Target
 from instance_agent.settle import Settler
 from instance_agent.shipbatch import CANDIDATES, Seen, Sized
+from instance_agent.shipjournal import Journal
 from instance_agent.shippacked import inode_key
-from instance_agent.shipstate import Ledger
+from instance_agent.shipstate import HELD_MOVED, NOT_HELD, Ledger
 
 # Its log lines name the logger they always have: the shipping thread's.
 log = logging.getLogger("instance_agent.shipper")
@@ -159,20 +160,36 @@ class Pending:
             else:
                 self.files[path] = (where, st.st_size, st.st_mtime_ns)
 
-    def full_scan(self, ledger: Ledger, now: float, stop: threading.Event, rescan_in: float) -> bool:
+    def full_scan(
+        self,
+        ledger: Ledger,
+        now: float,
+        stop: threading.Event,
+        rescan_in: float,
+        journal: Journal | None = None,
+    ) -> bool:
         """Every file of the sources: what is pending, and the ledger forgets what is gone.
-        False when a stop cut it short."""
+        False when a stop cut it short. With `journal`, it is armed first and, once the scan
+        completed, told which files were not certainly unchanged shipped ones."""
         index = {root: i for i, root in reversed(list(enumerate(self.roots)))}
         present: set[int] = set()
         pending: dict[bytes, tuple[int, int, int]] = {}
+        unsure: list[bytes] = []  # held, but the journal walk must not trust it (Ledger.standing)
         self.dirty.clear()  # the scan looks at them all anyway
+        if journal is not None:
+            journal.arm()
         for target, st in self._scan(self.sources, self.excluded, stop):
             present.add(inode_key(st.st_dev, st.st_ino))
-            if not ledger.holds(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+            standing = ledger.standing(st)
+            if standing == NOT_HELD:
                 pending[target.path] = (index.get(target.root, 0), st.st_size, st.st_mtime_ns)
+            elif standing == HELD_MOVED:
+                unsure.append(target.path)
         if stop.is_set():
             return False
         ledger.keep_only_keys(present)
+        if journal is not None:
+            journal.scan_done([*pending, *unsure])
         self.files, self.peak = pending, len(pending)
         self.full_due = False
         self.next_full = now + rescan_in

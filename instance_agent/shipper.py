@@ -60,6 +60,7 @@ from instance_agent.s3upload import abort_stale_uploads
 from instance_agent.segment import Changed, Target, ship
 from instance_agent.settle import Settler
 from instance_agent.shipbatch import batch
+from instance_agent.shipjournal import Handover, Journal
 from instance_agent.shippending import Pending, Scanner, scan
 from instance_agent.shipstate import Ledger, refresh_age
 from instance_agent.shipwatch import ObserverFactory, Observing, watchdog_observer
@@ -104,6 +105,10 @@ class Shipper:
         self._settler = Settler(cfg.ship_settle)
         self._retry_at: dict[bytes, tuple[float, int]] = {}
         self._ledger: Ledger | None = None
+        # The change journal for the termination archive (shipjournal.py): only while
+        # watching with inotify; armed at each full scan.
+        self._journal: Journal | None = None
+        self._clean: bool | None = None  # set by stop(): no segment cancelled, thread ended
         self._pending = Pending(cfg.source, Excluder(cfg.exclude), self._settler, scanner)
         self._next_roots = 0.0
         self._observer: Observing | None = None
@@ -144,6 +149,7 @@ class Shipper:
         if self._thread.is_alive() and not self._cancel.is_set():
             self._cancel_segment(wait)  # a segment began just as the stop came
             self._thread.join(CANCEL_WAIT)
+        self._clean = not self._cancel.is_set() and not self._thread.is_alive()
         return not self._cancel.is_set()
 
     def _cancel_segment(self, waited: float) -> None:
@@ -160,8 +166,18 @@ class Shipper:
         self._cancel.set()
 
     def ledger(self) -> Ledger | None:
-        """What was shipped, for the termination archive (None before the ledger is read)."""
-        return self._ledger.view() if self._ledger is not None else None
+        """What was shipped, for the termination archive (None before the ledger is read).
+        After stop(), with the change journal handed over (finalwalk.py decides whether
+        the archive may trust it)."""
+        if self._ledger is None:
+            return None
+        view = self._ledger.view()
+        if self._clean is not None:
+            # The thread has ended (or the handover says it did not): the journal is the
+            # job's now, and nothing else reads it.
+            journal = self._journal if self._block["watch"] == "inotify" else None
+            view.handover = Handover(journal, self._clean)
+        return view
 
     def snapshot(self) -> dict[str, Any]:
         return dict(self._block)
@@ -184,6 +200,8 @@ class Shipper:
                     if self._ran:
                         delay = RESTART_FIRST  # it had recovered: a new failure starts the backoff again
                     self._restarts += 1
+                    if self._journal is not None and self._journal.lost is None:
+                        self._journal.lost = "the shipping loop restarted after an error"
                     if self._stalled_since is None:
                         self._stalled_since = self._clock()
                     log.exception(
@@ -233,6 +251,11 @@ class Shipper:
                 clients.s3, self.cfg.bucket or "", prefix, ident.instance_id, extra=write_args(self.cfg)
             )
             self._observe()
+            if self._journal is not None:
+                self._journal.close()
+            # A new attempt knows nothing of what happened meanwhile: a fresh journal, not
+            # trusted until the full scan this attempt starts with completes.
+            self._journal = Journal(self.cfg.source, self.cfg.exclude) if self._observer is not None else None
             log.info(
                 "shipping",
                 extra=fields(
@@ -322,10 +345,17 @@ class Shipper:
             now = self._clock()
             pending = self._pending
             pending.take_events(now)
+            if self._journal is not None and self._journal.drain():
+                # The termination archive would not trust it now: a full scan arms it again.
+                log.warning(
+                    "change journal not trusted: a full scan of the sources follows",
+                    extra=fields(reason=self._journal.lost),
+                )
+                pending.full_due = True
             self._check_roots(now)
             if pending.full_due or now >= pending.next_full:
                 rescan_in = RESCAN_EVERY if self._observer is not None else SCAN_MAX
-                if not pending.full_scan(ledger, now, self._stopping, rescan_in):
+                if not pending.full_scan(ledger, now, self._stopping, rescan_in, self._journal):
                     return
                 self._worked = True
             elif pending.dirty:

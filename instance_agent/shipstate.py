@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from instance_agent import ledgerfile, statedir
 from instance_agent.ledgerfile import LEDGER_FILE
@@ -49,8 +49,12 @@ from instance_agent.manifest import Held
 from instance_agent.shippacked import INO, MERGE_MIN, Records, inode_key
 from instance_agent.shiprecord import FileId, Shipped, full_digest, open_same, tail_digest
 
+if TYPE_CHECKING:
+    from instance_agent.shipjournal import Handover
+
 log = logging.getLogger(__name__)
 
+NOT_HELD, HELD, HELD_MOVED = 0, 1, 2  # Ledger.standing
 COMPACT_AFTER = 10_000  # ledger lines beyond twice the live records before a rewrite
 DAY = 86_400.0
 
@@ -96,6 +100,8 @@ class Ledger:
         self._target: tuple[str, str] | None = None
         self._max_age: float | None = None  # refresh_age of the retention; None: no limit
         self._clock = clock  # wall time: segment ages are compared with S3's dates
+        # Set on the view a stopped shipper hands to the termination archive (finalwalk.py).
+        self.handover: Handover | None = None
 
     def aim(self, bucket: str, prefix: str, max_age: float | None = None) -> None:
         """Count only records shipped to `bucket` under the segment prefix `prefix`, and,
@@ -200,6 +206,44 @@ class Ledger:
         with self._lock:
             proto = self._records.matches(inode_key(dev, ino), size, mtime_ns)
         return proto is not None and self._here(proto)
+
+    def standing(self, st: os.stat_result) -> int:
+        """For the full scan: NOT_HELD, HELD (held, and its inode change time is the one
+        recorded: a journal walk may trust it, finalwalk.py), or HELD_MOVED (held by size
+        and time, but its change time moved or was not recorded, or it is hard-linked: only
+        Ledger.held, from an lstat, may decide it)."""
+        with self._lock:
+            found = self._records.ctime(inode_key(st.st_dev, st.st_ino), st.st_size, st.st_mtime_ns)
+        if found is None or not self._here(found[0]):
+            return NOT_HELD
+        ctime = found[1]
+        return HELD if ctime and ctime == st.st_ctime_ns and st.st_nlink == 1 else HELD_MOVED
+
+    def unseen(self) -> Callable[[bytes, int, int], tuple[int, Held] | None]:
+        """The journal walk's test of a file it did not lstat (finalwalk.py): (path, dev,
+        ino as the directory listing gave it) -> its size and Held, only when that inode's
+        record was shipped from this very path to where this backup goes. Whether a
+        segment counts (`_here`) is asked once per segment, not per file."""
+        lookup = self._records.path_lookup()
+        segments, used = self._records.segments, self.used
+        here: dict[int, Shipped | None] = {}
+
+        def held(path: bytes, dev: int, ino: int) -> tuple[int, Held] | None:
+            found = lookup(dev, ino, path)
+            if found is None:
+                return None
+            seg, size, sha = found
+            if seg in here:
+                proto = here[seg]
+            else:
+                proto = here[seg] = segments[seg] if self._here(segments[seg]) else None
+                if proto is not None:
+                    used[proto.key] = proto
+            if proto is None:
+                return None
+            return size, Held(proto.key, sha.hex(), None, proto.segment_files)
+
+        return held
 
     def totals(self) -> tuple[int, int]:
         """Files and bytes recorded where shipping goes now: counted per segment, not per

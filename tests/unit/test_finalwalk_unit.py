@@ -1,0 +1,192 @@
+"""The termination archive's journal walk (issue 21 item 1): when the change journal is
+trusted (a pure decision, each condition on its own), and that with it the archive holds and
+leaves out exactly what the full walk does, on a real tree with a real inotify journal."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from instance_agent import finalwalk
+from instance_agent.archive import Archiver, Excluder
+from instance_agent.finalwalk import Facts, verdict
+from instance_agent.manifest import ArchiveReport
+from instance_agent.settle import Settler
+from instance_agent.shipjournal import Handover, Journal
+from instance_agent.shippending import Pending, scan
+from instance_agent.shiprecord import FileId, Shipped, full_digest, tail_digest
+from instance_agent.shipstate import Ledger
+
+INSTANCE = "i-0123456789abcdef0"
+TRUSTED = Facts(
+    mode="journal",
+    handed_over=True,
+    inotify=True,
+    stopped_clean=True,
+    scanned=True,
+    lost=None,
+    same_sources=True,
+    roots_same=True,
+)
+
+
+def test_the_journal_is_trusted_only_when_every_condition_holds() -> None:
+    assert verdict(TRUSTED) is None
+    broken: dict[str, Any] = {
+        "mode": "walk",
+        "handed_over": False,
+        "inotify": False,
+        "stopped_clean": False,
+        "scanned": False,
+        "lost": "inotify lost events (its queue overflowed)",
+        "same_sources": False,
+        "roots_same": False,
+    }
+    for name, value in broken.items():
+        why = verdict(dataclasses.replace(TRUSTED, **{name: value}))
+        assert why, f"{name}={value!r} must send the archive to the full walk"
+    assert verdict(dataclasses.replace(TRUSTED, mode="walk")) == "ship_final is walk"
+    assert "overflowed" in (verdict(dataclasses.replace(TRUSTED, lost=broken["lost"])) or "")
+
+
+class _Null:
+    def write(self, data: bytes | bytearray | memoryview, /) -> int:
+        return len(data)
+
+
+def _ship_all(root: Path, ledger: Ledger) -> None:
+    """Record every file under `root` as shipped, two segments, as the shipper would."""
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    for n, half in enumerate((paths[::2], paths[1::2])):
+        recs = []
+        for p in half:
+            st = os.lstat(p)
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                tail, whole = tail_digest(fd, st.st_size), full_digest(fd, st.st_size)
+            finally:
+                os.close(fd)
+            key = f"b/i/segments/s{n}.tar.zst"
+            recs.append(Shipped(FileId.of(st), os.fsencode(p), whole, tail, key, 1, 1, st.st_ctime_ns))
+        ledger.add_segment(recs)
+
+
+def _tree(root: Path) -> None:
+    for d in range(3):
+        (root / f"d{d}").mkdir(parents=True)
+        for i in range(20):
+            path = root / f"d{d}" / f"app.log.{i}"
+            path.write_bytes(b"request %d served\n" % i * (1 + i))
+            os.utime(path, (time.time() - 3600,) * 2)
+
+
+def _archive(src: Path, ledger: Ledger, journal: Journal | None) -> ArchiveReport:
+    view = ledger.view()
+    quick = finalwalk.quick_hold(journal, view) if journal is not None else None
+    arch = Archiver(_Null(), clock=time.monotonic, hash_name="sha256", skip=view.held, quick=quick)
+    arch.add_sources([str(src)])
+    return arch.finish()
+
+
+def _what(report: ArchiveReport) -> dict[str, Any]:
+    """What a restore gets from the archive: its entries, and each held file by segment."""
+    return {
+        "entries": sorted((e["path"], e["type"], e.get("size"), e.get("sha256")) for e in report.entries()),
+        "held": {k: (sorted(h.files), sorted(h.renamed)) for k, h in report.held.items()},
+        "held_files": report.held_files,
+        "held_bytes": report.held_bytes,
+    }
+
+
+def test_the_journal_walk_archives_and_holds_exactly_what_the_full_walk_does(tmp_path: Path) -> None:
+    src = tmp_path / "logs"
+    _tree(src)
+    ledger = Ledger(None, INSTANCE)
+    _ship_all(src, ledger)
+    (src / "d0" / "new.log").write_bytes(b"not shipped before the scan\n")
+    pending = Pending((str(src),), Excluder(()), Settler(60.0), scan)
+    journal = Journal((str(src),), ())
+    assert pending.full_scan(ledger, 0.0, _never(), 3600.0, journal)
+    assert journal.scanned and journal.lost is None
+
+    # After the scan: an append, a rename, a deletion, a new file, a new directory with a
+    # file, a chmod (same content: still held), and most files left alone.
+    with open(src / "d0" / "app.log.3", "ab") as fh:
+        fh.write(b"one more line\n")
+    os.rename(src / "d1" / "app.log.4", src / "d1" / "app.log.4.1")
+    os.unlink(src / "d1" / "app.log.5")
+    (src / "d2" / "fresh.log").write_bytes(b"written after the scan\n")
+    (src / "d3").mkdir()
+    (src / "d3" / "inside.log").write_bytes(b"in a new directory\n")
+    os.chmod(src / "d2" / "app.log.7", 0o600)
+
+    journal.drain()
+    assert journal.lost is None
+    by_journal, by_walk = _what(_archive(src, ledger, journal)), _what(_archive(src, ledger, None))
+    assert by_journal == by_walk
+    entries = {e[0] for e in by_walk["entries"]}
+    held = {m.decode() for files, _ in by_walk["held"].values() for m, _ in files}
+    root = os.fsencode(src).lstrip(b"/").decode()
+    assert {f"{root}/d0/app.log.3", f"{root}/d0/new.log", f"{root}/d2/fresh.log"} <= entries
+    assert f"{root}/d3/inside.log" in entries
+    assert f"{root}/d1/app.log.5" not in entries | held
+    assert f"{root}/d1/app.log.4" in held  # held by its new name: renamed
+    assert f"{root}/d2/app.log.7" in held and f"{root}/d2/app.log.10" in held
+    assert by_walk["held_files"] == 60 - 2  # all shipped but the appended and the deleted one
+
+
+def test_a_file_changed_before_the_scan_is_never_trusted_unseen(tmp_path: Path) -> None:
+    """The ledger's size and time are only trusted for files the completed scan found
+    held: one written to before the scan (and so not held) is looked at, with no event."""
+    src = tmp_path / "logs"
+    _tree(src)
+    ledger = Ledger(None, INSTANCE)
+    _ship_all(src, ledger)
+    with open(src / "d1" / "app.log.2", "ab") as fh:
+        fh.write(b"appended before the scan\n")
+    # A hard link: a write through either name changes both, with an event on one only.
+    os.link(src / "d2" / "app.log.1", src / "d2" / "linked")
+    journal = Journal((str(src),), ())
+    pending = Pending((str(src),), Excluder(()), Settler(60.0), scan)
+    assert pending.full_scan(ledger, 0.0, _never(), 3600.0, journal)
+    journal.drain()
+    report = _archive(src, ledger, journal)
+    assert _what(report) == _what(_archive(src, ledger, None))
+    assert any(e["path"].endswith("d1/app.log.2") for e in report.entries())
+    assert {os.fsencode(src / "d2" / "app.log.1"), os.fsencode(src / "d2" / "linked")} <= journal.paths
+
+
+def test_the_journal_is_lost_when_a_source_is_replaced_and_the_walk_is_chosen(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = tmp_path / "logs"
+    _tree(src)
+    ledger = Ledger(None, INSTANCE)
+    _ship_all(src, ledger)
+    journal = Journal((str(src),), ())
+    pending = Pending((str(src),), Excluder(()), Settler(60.0), scan)
+    assert pending.full_scan(ledger, 0.0, _never(), 3600.0, journal)
+    view = ledger.view()
+    view.handover = Handover(journal, stopped_clean=True)
+    caplog.set_level("INFO")
+    assert finalwalk.choose("journal", view, (str(src),), ()) is journal
+    assert finalwalk.choose("walk", view, (str(src),), ()) is None
+    assert finalwalk.choose("journal", view, (str(src), "/var/tmp"), ()) is None
+
+    os.rename(src, tmp_path / "old")
+    src.mkdir()
+    assert finalwalk.choose("journal", view, (str(src),), ()) is None
+    assert journal.lost is not None
+    walked = [r for r in caplog.records if r.getMessage() == "final archive: walking every file"]
+    assert len(walked) == 3
+
+
+def _never() -> Any:
+    import threading
+
+    return threading.Event()
