@@ -141,8 +141,11 @@ class Pending:
                 return i
         return None
 
-    def refresh(self, ledger: Ledger, paths: Iterable[bytes]) -> None:
-        """Look again at `paths` (an lstat each): pending if a regular file not shipped."""
+    def refresh(self, ledger: Ledger, paths: Iterable[bytes], journal: Journal | None = None) -> None:
+        """Look again at `paths` (an lstat each): pending if a regular file not shipped.
+        With `journal`, a path whose lstat now matches its own ledger record exactly
+        (Ledger.settled: a file just shipped, most often) is unnamed there: whatever
+        changes it after this lstat queues a new event, which names it again."""
         real: dict[bytes, bool] = {}
         for path in paths:
             where = self.root_of(path, real)
@@ -157,6 +160,8 @@ class Pending:
                 or ledger.holds(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             ):
                 self.files.pop(path, None)
+                if journal is not None and st is not None and where is not None and ledger.settled(path, st):
+                    journal.paths.discard(path)
             else:
                 self.files[path] = (where, st.st_size, st.st_mtime_ns)
 

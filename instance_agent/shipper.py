@@ -360,7 +360,7 @@ class Shipper:
                 self._worked = True
             elif pending.dirty:
                 dirty, pending.dirty = pending.dirty, set()
-                pending.refresh(ledger, dirty)
+                pending.refresh(ledger, dirty, self._journal)
             self._recovered()
             complete, candidates = pending.complete(now, self._retry_at)
             # The backlog doctor judges counts complete files waiting for a retry too: a
@@ -372,7 +372,8 @@ class Shipper:
                 chosen = batch(candidates)
                 targets = [pending.target(p, pending.files[p][0]) for p in chosen]
                 self._ship_batch(clients, ledger, targets, values, now)
-                pending.refresh(ledger, [t.path for t in targets])  # shipped, or still pending
+                # Shipped, or still pending; a file shipped leaves the change journal.
+                pending.refresh(ledger, [t.path for t in targets], self._journal)
                 self._worked = True
                 if len(pending.files) < pending.peak // 4:
                     # A dict never gives back its table: one sized for a first start's

@@ -219,6 +219,19 @@ class Ledger:
         ctime = found[1]
         return HELD if ctime and ctime == st.st_ctime_ns and st.st_nlink == 1 else HELD_MOVED
 
+    def settled(self, path: bytes, st: os.stat_result) -> bool:
+        """`st` (an lstat of `path` now) is exactly what this file's record says, at the path
+        it was shipped from, and it is not hard-linked: nothing changed it since it was
+        shipped (the change journal may stop naming it, shippending.refresh)."""
+        rec = self.get(FileId.of(st))
+        return (
+            rec is not None
+            and rec.path == path
+            and rec.ctime_ns != 0
+            and rec.ctime_ns == st.st_ctime_ns
+            and st.st_nlink == 1
+        )
+
     def unseen(self) -> Callable[[bytes, int, int], tuple[int, Held] | None]:
         """The journal walk's test of a file it did not lstat (finalwalk.py): (path, dev,
         ino as the directory listing gave it) -> its size and Held, only when that inode's

@@ -298,3 +298,41 @@ def test_a_hostile_format_2_manifest_fails_the_restore_and_touches_nothing(
     assert line.startswith("instance-agent: error: refusing the manifest") and said in line, line
     assert secret.read_bytes() == b"aws_secret_access_key = hunter2\n"
     assert not dest.exists() or list(dest.iterdir()) == []
+
+
+@pytest.mark.parametrize("final", ["journal", "walk"])
+def test_changes_after_shipping_reach_the_final_archive_by_the_journal_or_the_walk(
+    stack: Stack, tmp_path: Path, final: str
+) -> None:
+    """After everything was shipped: one file appended to, one renamed, one deleted, one
+    added; then the termination. With the change journal (the default) or the full walk
+    (`ship_final = "walk"`), restore --latest --verify gives back exactly the tree."""
+    src = _small_tree(tmp_path / "logs", 60)
+    with watch(stack, "--source", str(src), "--ship", "--ship-final", final) as w:
+        w.wait_for("watching")
+        _await_shipped(stack, 60, timeout=120)
+        with open(src / "d00" / "app.log.00003", "ab") as fh:
+            fh.write(b"one more line after it was shipped\n")
+        os.rename(src / "d00" / "app.log.00004", src / "d00" / "app.log.00004.1")
+        os.unlink(src / "d00" / "app.log.00005")
+        (src / "d00" / "new.log").write_bytes(b"written after the last segment\n")
+        stack.scale_in()
+        _, chosen = w.wait_for(
+            "final archive: " + ("changes from the journal" if final == "journal" else "walking every file"),
+            timeout=60,
+        )
+        _, done = w.wait_for("response finished", timeout=120)
+    assert chosen["final_walk"] == final
+    if final == "walk":
+        assert chosen["reason"] == "ship_final is walk"
+    else:
+        # The files shipped since the first scan left the journal: it names about the
+        # five paths changed above (the walk lstats only those), not all sixty.
+        assert 4 <= chosen["changed"] <= 10, chosen
+    assert done["status"] == "succeeded" and completions(stack) == [("CONTINUE", "ok")]
+
+    proc = _restore(stack, tmp_path / "restored")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["status"] == "verified" and out["differences"] == []
+    assert walk(tmp_path / "restored" / str(src).lstrip("/")) == walk(src)
