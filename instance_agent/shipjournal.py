@@ -80,6 +80,7 @@ class Journal:
         self.root_ids: list[tuple[int, int] | None] = []
         self.paths: set[bytes] = set()  # files named since the scan began (or found pending)
         self.dirs: set[bytes] = set()  # directories created, moved or deleted since: all below changed
+        self._peak = 0
         self.scanned = False  # a full scan completed since the last arm()
         self.lost: str | None = None  # why it cannot be trusted until the next arm(), if so
 
@@ -146,7 +147,17 @@ class Journal:
         shipped, or not certainly unchanged: the walk looks at each of them."""
         self.drain()
         self.paths.update(changed)
+        self._peak = len(self.paths)
         self.scanned = True
+
+    def forget(self, path: bytes) -> None:
+        """`path` is unchanged since shipped now (Ledger.settled): the walk may trust it."""
+        self.paths.discard(path)
+        if len(self.paths) < self._peak // 4:
+            # A set never gives back its table: one sized for a first start's 100,000
+            # files would stay (about 4 MB).
+            self.paths = set(self.paths)
+            self._peak = len(self.paths)
 
     def drain(self) -> bool:
         """Read every event queued: after this, every change made before it is named. True

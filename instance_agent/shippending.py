@@ -161,7 +161,7 @@ class Pending:
             ):
                 self.files.pop(path, None)
                 if journal is not None and st is not None and where is not None and ledger.settled(path, st):
-                    journal.paths.discard(path)
+                    journal.forget(path)
             else:
                 self.files[path] = (where, st.st_size, st.st_mtime_ns)
 
