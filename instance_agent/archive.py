@@ -40,15 +40,22 @@ _SWAPPED = "replaced by a symlink or another file during the backup; not followe
 Skip = Callable[[bytes, os.stat_result, int | None, bytes], Held | None]
 
 
-# Asked of each entry the listing says is a regular file, before any lstat (path, and the
-# device and inode the listing gives): a size and Held leaves it out unseen (finalwalk.py,
-# the termination archive's journal walk); None sends it to the lstat and `Skip`.
-Quick = Callable[[bytes, int, int], tuple[int, Held] | None]
+# A directory's entry as listed: its name, whether the listing says it is a regular file
+# (d_type), and its inode (d_ino).
+Listed = tuple[bytes, bool, int]
+
+# Asked of each directory as it is listed, before any lstat (its path, its device, its
+# sorted entries, and a test of paths that must be walked whatever the ledger says): the
+# files held with no lstat, as ArchiveReport.hold_rows takes them, and the entries left to
+# walk (finalwalk.py, the termination archive's journal walk).
+Quick = Callable[
+    [bytes, int, list[Listed], Callable[[bytes], bool]],
+    tuple[list[tuple[bytes, int, str, str, int]], list[Listed]],
+]
 
 
-# A directory being walked: its path, its descriptor, its device, and its entries still to
-# do, each a name, whether the listing said it is a regular file (d_type), and its inode.
-_Level = tuple[bytes, int, int, Iterator[tuple[bytes, bool, int]]]
+# A directory being walked: its path, its descriptor, and its entries still to do.
+_Level = tuple[bytes, int, Iterator[Listed]]
 
 
 # Owner names as the header fields take them (bytes), looked up once per id.
@@ -187,34 +194,26 @@ class Archiver(TarStream):
             self._push_dir(stack, root, None, root, st)
             self._walk(stack)
         finally:
-            for _, fd, _, _ in stack:
+            for _, fd, _ in stack:
                 os.close(fd)
 
     def _walk(self, stack: list[_Level]) -> None:
         while stack:
-            parent, dir_fd, dev, names = stack[-1]
+            parent, dir_fd, names = stack[-1]
             item = next(names, None)
             if item is None:
                 stack.pop()
                 os.close(dir_fd)
                 continue
-            name, regular, ino = item
+            name, regular, _ = item
             path = parent.rstrip(b"/") + b"/" + name
             if self._past_deadline():
                 self.report.omitted.append(path)
-                for p, _, _, rest in reversed(stack):
+                for p, _, rest in reversed(stack):
                     self.report.omitted.extend(p.rstrip(b"/") + b"/" + n for n, _, _ in rest)
                 return
             if self._excluded(path):
                 continue
-            if regular and self._quick is not None:
-                # Shipped and, by the journal, unchanged since: held with no lstat.
-                found = self._quick(path, dev, ino)
-                if found is not None:
-                    member = path.lstrip(b"/")
-                    if not (self._root_files and member in self._root_files):
-                        self.report.hold(member, found[0], found[1])
-                    continue
             if regular and self._skip is None:
                 # The listing says a regular file: open it (O_NOFOLLOW, never blocking) and
                 # take its metadata from the descriptor, with no lstat first. What the lstat
@@ -280,7 +279,15 @@ class Archiver(TarStream):
             os.close(fd)
             self._warn(path, f"directory not listable: {err.strerror}")
             return
-        stack.append((path, fd, now.st_dev, iter(entries)))
+        if self._quick is not None:
+            # Shipped and, by the journal, unchanged since: held with no lstat.
+            held, entries = self._quick(path, now.st_dev, entries, self._must_walk)
+            self.report.hold_rows(held)
+        stack.append((path, fd, iter(entries)))
+
+    def _must_walk(self, path: bytes) -> bool:
+        """Excluded, or given as a source of its own: the walk's own rules decide."""
+        return self._excluded(path) or bool(self._root_files and path.lstrip(b"/") in self._root_files)
 
     def _add_dir_header(self, path: bytes, st: os.stat_result) -> bool:
         ident = (st.st_dev, st.st_ino)

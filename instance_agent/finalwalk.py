@@ -24,12 +24,11 @@ Otherwise the walk, as before; the log says which one and why.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from instance_agent.archive import Quick
+from instance_agent.archive import Listed, Quick
 from instance_agent.logs import fields
-from instance_agent.manifest import Held
 from instance_agent.shipjournal import Journal, root_ids
 from instance_agent.shipstate import Ledger
 
@@ -112,14 +111,29 @@ def choose(mode: str, ledger: Ledger, sources: Sequence[str], excludes: Sequence
 
 
 def quick_hold(journal: Journal, ledger: Ledger) -> Quick:
-    """archive.Quick: the size and Held of a listed regular file the journal does not name,
-    from the ledger, with no lstat; None sends it to the lstat and Ledger.held."""
-    changed, held = journal.paths, ledger.unseen()
+    """archive.Quick: of a directory's listed regular files, those the journal does not
+    name and the ledger holds by the inode listed, at the path it was shipped from, are
+    held with no lstat; every other entry is walked (the lstat, then Ledger.held)."""
+    changed, find = journal.paths, ledger.unseen()
     names = journal.names if journal.dirs else None  # directories changed: a slower test
 
-    def quick(path: bytes, dev: int, ino: int) -> tuple[int, Held] | None:
-        if path in changed or (names is not None and names(path)):
-            return None
-        return held(path, dev, ino)
+    def quick(
+        parent: bytes, dev: int, entries: list[Listed], must_walk: Callable[[bytes], bool]
+    ) -> tuple[list[tuple[bytes, int, str, str, int]], list[Listed]]:
+        held: list[tuple[bytes, int, str, str, int]] = []
+        rest: list[Listed] = []
+        base = parent.rstrip(b"/") + b"/"
+        for entry in entries:
+            name, regular, ino = entry
+            path = base + name
+            found = None
+            if regular and path not in changed and not (names is not None and names(path)):
+                found = find(path, dev, ino)
+            if found is None or must_walk(path):
+                rest.append(entry)
+                continue
+            proto, size, sha = found
+            held.append((path.lstrip(b"/"), size, proto.key, sha.hex(), proto.segment_files))
+        return held, rest
 
     return quick

@@ -226,6 +226,19 @@ class ArchiveReport:
         if held.member is not None:
             files.renamed.append((member, held.member))
 
+    def hold_rows(self, rows: list[tuple[bytes, int, str, str, int]]) -> None:
+        """hold() of many files held at the path they were shipped from, each (member,
+        size, segment key, sha256, the segment's file count): the journal walk's, a whole
+        directory at a time."""
+        held = self.held
+        for member, size, key, sha256, segment_files in rows:
+            files = held.get(key)
+            if files is None:
+                files = held[key] = HeldFiles(segment_files=segment_files)
+            files.files.append((member, sha256))
+            self.held_bytes += size
+        self.held_files += len(rows)
+
     def entries(self) -> list[dict[str, Any]]:
         """The entries as dicts (for tests and small trees; the manifest streams the text)."""
         parsed: list[dict[str, Any]] = json.loads(b"[" + bytes(self.entries_json) + b"]")

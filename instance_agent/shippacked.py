@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import struct
 from array import array
 from collections.abc import Callable, Iterator
@@ -136,45 +137,30 @@ class Records:
             return None
         return self.segments[int(_SEG.unpack_from(buf, at + _SEG_AT)[0])], fields[4]
 
-    def path_lookup(self) -> Callable[[int, int, bytes], tuple[int, int, bytes] | None]:
+    def by_path(self) -> Callable[[bytes, int, int], tuple[int, int, bytes] | None]:
         """A lookup for the termination archive's journal walk (finalwalk.py), asked of every
-        shipped file with no lstat: (dev, ino, path) -> (segment number, size, SHA-256) when
-        that inode's record was shipped from `path`. One closure over the arrays as they are
-        now (a view's: nothing merges them meanwhile), since the walk asks it 100,000 times
-        and each Python call level cost about a tenth of its time."""
-        inos, fixed, paths, offsets, dead, recent = (
-            self.inos,
-            self.fixed,
-            self.paths,
-            self.offsets,
-            self.dead,
-            self.recent,
-        )
-        size, count, row_of, dev_of, find = (
-            _ROW.size,
-            len(self.inos),
-            _ROW.unpack_from,
-            _KEY.unpack_from,
-            bisect.bisect_left,
-        )
+        shipped file with no lstat: (path, dev, ino) -> (segment number, size, SHA-256) of
+        the live record shipped from `path`, when it is that inode's. Built once over the
+        arrays as they are now (a view's: nothing merges them meanwhile): a dict by path,
+        about 0.2 us a row, then one dict lookup a file instead of a search by inode."""
+        size, row_of = _ROW.size, _ROW.unpack_from
+        fixed, dead, offsets = self.fixed, self.dead, self.offsets
+        whole = bytes(self.paths)
+        # map/zip over C iterators: a third of the time of a comprehension's loop.
+        index = dict(zip(map(whole.__getitem__, map(slice, offsets[:-1], offsets[1:])), itertools.count()))
+        recent = {row[size:]: row for row in self.recent.values()}
 
-        def lookup(dev: int, ino: int, path: bytes) -> tuple[int, int, bytes] | None:
-            row = recent.get(dev << 64 | ino)
+        def lookup(path: bytes, dev: int, ino: int) -> tuple[int, int, bytes] | None:
+            row = recent.get(path)
             if row is not None:
-                if row[size:] != path:
+                rdev, rino, fsize, _, _, seg, sha, _ = row_of(row, 0)
+            else:
+                i = index.get(path)
+                if i is None or dead[i]:
                     return None
-                _, _, fsize, _, _, seg, sha, _ = row_of(row, 0)
-                return seg, fsize, sha
-            i = find(inos, ino)
-            while i < count and inos[i] == ino:
-                at = i * size
-                if not dead[i] and dev_of(fixed, at)[0] == dev:
-                    if paths[offsets[i] : offsets[i + 1]] != path:
-                        return None
-                    _, _, fsize, _, _, seg, sha, _ = row_of(fixed, at)
-                    return seg, fsize, sha
-                i += 1
-            return None
+                rdev, rino, fsize, _, _, seg, sha, _ = row_of(fixed, i * size)
+            # Another inode at that path now, or a stale row: the lstat decides.
+            return (seg, fsize, sha) if rino == ino and rdev == dev else None
 
         return lookup
 

@@ -232,29 +232,23 @@ class Ledger:
             and st.st_nlink == 1
         )
 
-    def unseen(self) -> Callable[[bytes, int, int], tuple[int, Held] | None]:
+    def unseen(self) -> Callable[[bytes, int, int], tuple[Shipped, int, bytes] | None]:
         """The journal walk's test of a file it did not lstat (finalwalk.py): (path, dev,
-        ino as the directory listing gave it) -> its size and Held, only when that inode's
-        record was shipped from this very path to where this backup goes. Whether a
-        segment counts (`_here`) is asked once per segment, not per file."""
-        lookup = self._records.path_lookup()
-        segments, used = self._records.segments, self.used
-        here: dict[int, Shipped | None] = {}
+        ino as the directory listing gave it) -> its segment, size and SHA-256, only when
+        that inode's record was shipped from this very path to where this backup goes.
+        Whether a segment counts (`_here`) is asked once per segment, not per file."""
+        lookup, used = self._records.by_path(), self.used
+        here = {n: proto for n, proto in enumerate(self._records.segments) if self._here(proto)}
 
-        def held(path: bytes, dev: int, ino: int) -> tuple[int, Held] | None:
-            found = lookup(dev, ino, path)
+        def held(path: bytes, dev: int, ino: int) -> tuple[Shipped, int, bytes] | None:
+            found = lookup(path, dev, ino)
             if found is None:
                 return None
-            seg, size, sha = found
-            if seg in here:
-                proto = here[seg]
-            else:
-                proto = here[seg] = segments[seg] if self._here(segments[seg]) else None
-                if proto is not None:
-                    used[proto.key] = proto
+            proto = here.get(found[0])
             if proto is None:
                 return None
-            return size, Held(proto.key, sha.hex(), None, proto.segment_files)
+            used[proto.key] = proto
+            return proto, found[1], found[2]
 
         return held
 
