@@ -156,7 +156,10 @@ def archive_and_upload(
     report = holder["arch"].report
     result.bytes_read, result.bytes_uploaded, result.files = report.bytes_read, sent, report.files
     if report.held_files:
-        log.info("left out: shipped earlier", extra=fields(files=report.held_files, bytes=report.held_bytes))
+        log.info(
+            "left out: shipped earlier",
+            extra=fields(files=report.held_files, bytes=report.held_bytes, not_lstat=report.held_unseen),
+        )
 
     journal_info: dict[str, Any] | None = None
     if cfg.journal_enabled():

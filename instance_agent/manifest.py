@@ -196,6 +196,7 @@ class ArchiveReport:
     held_files: int = 0  # left out: already shipped in a segment (Held)
     held_bytes: int = 0
     held: dict[str, HeldFiles] = field(default_factory=dict)  # by segment key
+    held_unseen: int = 0  # of held_files, those the journal walk held with no lstat (hold_rows)
 
     @property
     def stopped_early(self) -> bool:
@@ -238,6 +239,7 @@ class ArchiveReport:
             files.files.append((member, sha256))
             self.held_bytes += size
         self.held_files += len(rows)
+        self.held_unseen += len(rows)
 
     def entries(self) -> list[dict[str, Any]]:
         """The entries as dicts (for tests and small trees; the manifest streams the text)."""
