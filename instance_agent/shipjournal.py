@@ -204,6 +204,11 @@ class Journal:
                 continue
             self.paths.add(path)
 
+    def lose(self, why: str) -> None:
+        """Not trusted until the next arm() (the first reason is kept)."""
+        if self.lost is None:
+            self.lost = why
+
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)

@@ -75,6 +75,9 @@ class Pending:
         self.dirty: set[bytes] = set()
         self.full_due = True
         self.next_full = 0.0
+        # The change journal for the termination archive (shipjournal.py), while inotify
+        # watches: armed by each full scan, read at each pass, files shipped leave it.
+        self.journal: Journal | None = None
 
     def root_ids(self) -> list[tuple[int, int] | None]:
         """Each source directory's identity (None: not a directory now)."""
@@ -88,7 +91,21 @@ class Pending:
             ids.append((st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None)
         return ids
 
+    def new_journal(self, excludes: tuple[str, ...] | None) -> None:
+        """A shipping attempt knows nothing of what happened before it: a fresh journal
+        (None: inotify does not watch), not trusted until its first full scan completes."""
+        if self.journal is not None:
+            self.journal.close()
+        self.journal = Journal(self.sources, excludes) if excludes is not None else None
+
     def take_events(self, now: float) -> None:
+        if self.journal is not None and self.journal.drain():
+            # The termination archive would not trust it now: a full scan arms it again.
+            log.warning(
+                "change journal not trusted: a full scan of the sources follows",
+                extra=fields(reason=self.journal.lost),
+            )
+            self.full_due = True
         while True:
             try:
                 kind, path = self.events.get_nowait()
@@ -141,12 +158,13 @@ class Pending:
                 return i
         return None
 
-    def refresh(self, ledger: Ledger, paths: Iterable[bytes], journal: Journal | None = None) -> None:
-        """Look again at `paths` (an lstat each): pending if a regular file not shipped.
-        With `journal`, a path whose lstat now matches its own ledger record exactly
-        (Ledger.settled: a file just shipped, most often) is unnamed there: whatever
-        changes it after this lstat queues a new event, which names it again."""
+    def refresh(self, ledger: Ledger, paths: Iterable[bytes]) -> None:
+        """Look again at `paths` (an lstat each): pending if a regular file not shipped. A
+        path whose lstat now matches its own ledger record exactly (Ledger.settled: a file
+        just shipped, most often) leaves the journal: whatever changes it after this lstat
+        queues a new event, which names it again."""
         real: dict[bytes, bool] = {}
+        journal = self.journal
         for path in paths:
             where = self.root_of(path, real)
             st = None
@@ -165,17 +183,11 @@ class Pending:
             else:
                 self.files[path] = (where, st.st_size, st.st_mtime_ns)
 
-    def full_scan(
-        self,
-        ledger: Ledger,
-        now: float,
-        stop: threading.Event,
-        rescan_in: float,
-        journal: Journal | None = None,
-    ) -> bool:
+    def full_scan(self, ledger: Ledger, now: float, stop: threading.Event, rescan_in: float) -> bool:
         """Every file of the sources: what is pending, and the ledger forgets what is gone.
-        False when a stop cut it short. With `journal`, it is armed first and, once the scan
+        False when a stop cut it short. The journal is armed first and, once the scan
         completed, told which files were not certainly unchanged shipped ones."""
+        journal = self.journal
         index = {root: i for i, root in reversed(list(enumerate(self.roots)))}
         present: set[int] = set()
         pending: dict[bytes, tuple[int, int, int]] = {}

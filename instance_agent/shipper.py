@@ -60,7 +60,7 @@ from instance_agent.s3upload import abort_stale_uploads
 from instance_agent.segment import Changed, Target, ship
 from instance_agent.settle import Settler
 from instance_agent.shipbatch import batch
-from instance_agent.shipjournal import Handover, Journal
+from instance_agent.shipjournal import Handover
 from instance_agent.shippending import Pending, Scanner, scan
 from instance_agent.shipstate import Ledger, refresh_age
 from instance_agent.shipwatch import ObserverFactory, Observing, watchdog_observer
@@ -105,9 +105,6 @@ class Shipper:
         self._settler = Settler(cfg.ship_settle)
         self._retry_at: dict[bytes, tuple[float, int]] = {}
         self._ledger: Ledger | None = None
-        # The change journal for the termination archive (shipjournal.py): only while
-        # watching with inotify; armed at each full scan.
-        self._journal: Journal | None = None
         self._clean: bool | None = None  # set by stop(): no segment cancelled, thread ended
         self._pending = Pending(cfg.source, Excluder(cfg.exclude), self._settler, scanner)
         self._next_roots = 0.0
@@ -173,9 +170,8 @@ class Shipper:
             return None
         view = self._ledger.view()
         if self._clean is not None:
-            # The thread has ended (or the handover says it did not): the journal is the
-            # job's now, and nothing else reads it.
-            journal = self._journal if self._block["watch"] == "inotify" else None
+            # Stopped: the journal is the job's now (the handover says if the thread ended).
+            journal = self._pending.journal if self._block["watch"] == "inotify" else None
             view.handover = Handover(journal, self._clean)
         return view
 
@@ -200,8 +196,8 @@ class Shipper:
                     if self._ran:
                         delay = RESTART_FIRST  # it had recovered: a new failure starts the backoff again
                     self._restarts += 1
-                    if self._journal is not None and self._journal.lost is None:
-                        self._journal.lost = "the shipping loop restarted after an error"
+                    if self._pending.journal is not None:
+                        self._pending.journal.lose("the shipping loop restarted after an error")
                     if self._stalled_since is None:
                         self._stalled_since = self._clock()
                     log.exception(
@@ -251,11 +247,7 @@ class Shipper:
                 clients.s3, self.cfg.bucket or "", prefix, ident.instance_id, extra=write_args(self.cfg)
             )
             self._observe()
-            if self._journal is not None:
-                self._journal.close()
-            # A new attempt knows nothing of what happened meanwhile: a fresh journal, not
-            # trusted until the full scan this attempt starts with completes.
-            self._journal = Journal(self.cfg.source, self.cfg.exclude) if self._observer is not None else None
+            self._pending.new_journal(self.cfg.exclude if self._observer is not None else None)
             log.info(
                 "shipping",
                 extra=fields(
@@ -345,22 +337,15 @@ class Shipper:
             now = self._clock()
             pending = self._pending
             pending.take_events(now)
-            if self._journal is not None and self._journal.drain():
-                # The termination archive would not trust it now: a full scan arms it again.
-                log.warning(
-                    "change journal not trusted: a full scan of the sources follows",
-                    extra=fields(reason=self._journal.lost),
-                )
-                pending.full_due = True
             self._check_roots(now)
             if pending.full_due or now >= pending.next_full:
                 rescan_in = RESCAN_EVERY if self._observer is not None else SCAN_MAX
-                if not pending.full_scan(ledger, now, self._stopping, rescan_in, self._journal):
+                if not pending.full_scan(ledger, now, self._stopping, rescan_in):
                     return
                 self._worked = True
             elif pending.dirty:
                 dirty, pending.dirty = pending.dirty, set()
-                pending.refresh(ledger, dirty, self._journal)
+                pending.refresh(ledger, dirty)
             self._recovered()
             complete, candidates = pending.complete(now, self._retry_at)
             # The backlog doctor judges counts complete files waiting for a retry too: a
@@ -372,8 +357,7 @@ class Shipper:
                 chosen = batch(candidates)
                 targets = [pending.target(p, pending.files[p][0]) for p in chosen]
                 self._ship_batch(clients, ledger, targets, values, now)
-                # Shipped, or still pending; a file shipped leaves the change journal.
-                pending.refresh(ledger, [t.path for t in targets], self._journal)
+                pending.refresh(ledger, [t.path for t in targets])  # shipped, or still pending
                 self._worked = True
                 if len(pending.files) < pending.peak // 4:
                     # A dict never gives back its table: one sized for a first start's
