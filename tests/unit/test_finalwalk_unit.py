@@ -124,6 +124,10 @@ def test_the_journal_walk_archives_and_holds_exactly_what_the_full_walk_does(tmp
     (src / "d3").mkdir()
     (src / "d3" / "inside.log").write_bytes(b"in a new directory\n")
     os.chmod(src / "d2" / "app.log.7", 0o600)
+    # A hard link made since, and written through: no event names the first name.
+    os.link(src / "d2" / "app.log.8", src / "d0" / "linked")
+    with open(src / "d0" / "linked", "ab") as fh:
+        fh.write(b"written through the other name\n")
 
     journal.drain()
     assert journal.lost is None
@@ -137,7 +141,8 @@ def test_the_journal_walk_archives_and_holds_exactly_what_the_full_walk_does(tmp
     assert f"{root}/d1/app.log.5" not in entries | held
     assert f"{root}/d1/app.log.4" in held  # held by its new name: renamed
     assert f"{root}/d2/app.log.7" in held and f"{root}/d2/app.log.10" in held
-    assert by_walk["held_files"] == 60 - 2  # all shipped but the appended and the deleted one
+    assert f"{root}/d2/app.log.8" in entries and f"{root}/d0/linked" in entries
+    assert by_walk["held_files"] == 60 - 3  # all shipped but the two appended and the deleted one
 
 
 def test_a_file_changed_before_the_scan_is_never_trusted_unseen(tmp_path: Path) -> None:
