@@ -124,10 +124,15 @@ def archive_and_upload(
     log.info("backup started", extra=fields(bucket=cfg.bucket, key=key, sources=list(cfg.source)))
     quick: Quick | None = None
     if shipped is not None:
-        # The journal, when trusted, spares the lstat of every unchanged shipped file.
-        changes = finalwalk.choose(cfg.ship_final, shipped, cfg.source, cfg.exclude)
-        if changes is not None:
-            quick = finalwalk.quick_hold(changes, shipped)
+        # The journal, when trusted, spares the lstat of every unchanged shipped file; any
+        # surprise on the way there leaves the full walk, which needs none of it.
+        try:
+            changes = finalwalk.choose(cfg.ship_final, shipped, cfg.source, cfg.exclude)
+            if changes is not None:
+                quick = finalwalk.quick_hold(changes, shipped)
+        except Exception:
+            log.exception("change journal unusable: walking every file")
+            quick = None
 
     holder: dict[str, Archiver] = {}
 

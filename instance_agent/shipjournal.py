@@ -19,7 +19,8 @@ about a hundred at 100,000 files), read at every pass of the shipping loop (so i
 does not overflow) and once more at termination. A queue overflow, a source root deleted,
 moved or unmounted, or a watch that cannot be added make it `lost`: not trusted until the
 next full scan (which the shipper then runs). What inotify cannot see at all is listed in
-docs/shipping.md ("At termination"); `ship_final = "walk"` is the choice there.
+docs/shipping.md ("What changed, without an lstat of every file"); `ship_final = "walk"` is
+the choice there.
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ class Journal:
         parent's watch names that change); None when the journal failed (`lost`)."""
         wd = int(libc.inotify_add_watch(self.fd, path, MASK | flags))
         if wd >= 0:
+            if self._wds.get(wd, path) != path:
+                # One directory reached by two paths (overlapping sources through a symlink,
+                # a bind mount): its events would name only one of them.
+                self.lost = f"{os.fsdecode(path)} is also {os.fsdecode(self._wds[wd])}: watched once"
+                return None
             self._wds[wd] = path
             return wd
         err = ctypes.get_errno()

@@ -195,3 +195,15 @@ def _never() -> Any:
     import threading
 
     return threading.Event()
+
+
+def test_a_directory_reached_by_two_source_paths_is_not_trusted(tmp_path: Path) -> None:
+    """Its events would name it by one path only, while the walk may list it by the other."""
+    (tmp_path / "logs" / "app").mkdir(parents=True)
+    (tmp_path / "app-link").symlink_to(tmp_path / "logs" / "app")
+    overlapping = Journal((str(tmp_path / "logs"), str(tmp_path / "app-link")), ())
+    overlapping.arm()
+    assert overlapping.lost is not None and "watched once" in overlapping.lost
+    nested = Journal((str(tmp_path / "logs"), str(tmp_path / "logs" / "app")), ())
+    nested.arm()
+    assert nested.lost is None  # the same directory by the same path: one watch, one name
