@@ -146,18 +146,22 @@ class Records:
         size, row_of = _ROW.size, _ROW.unpack_from
         fixed, dead, offsets = self.fixed, self.dead, self.offsets
         whole = bytes(self.paths)
-        # map/zip over C iterators: a third of the time of a comprehension's loop.
+        # map/zip over C iterators: a third of the time of a comprehension's loop. The
+        # recent rows (newer than the base) replace a base row of the same path; they are
+        # numbered from -1 down, into `rows`.
         index = dict(zip(map(whole.__getitem__, map(slice, offsets[:-1], offsets[1:])), itertools.count()))
-        recent = {row[size:]: row for row in self.recent.values()}
+        rows = list(self.recent.values())
+        index.update((row[size:], -1 - j) for j, row in enumerate(rows))
 
         def lookup(path: bytes, dev: int, ino: int) -> tuple[int, int, bytes] | None:
-            row = recent.get(path)
-            if row is not None:
-                rdev, rino, fsize, _, _, seg, sha, _ = row_of(row, 0)
+            i = index.get(path)
+            if i is None:
+                return None
+            if i < 0:
+                rdev, rino, fsize, _, _, seg, sha, _ = row_of(rows[-1 - i], 0)
+            elif dead[i]:
+                return None
             else:
-                i = index.get(path)
-                if i is None or dead[i]:
-                    return None
                 rdev, rino, fsize, _, _, seg, sha, _ = row_of(fixed, i * size)
             # Another inode at that path now, or a stale row: the lstat decides.
             return (seg, fsize, sha) if rino == ino and rdev == dev else None
