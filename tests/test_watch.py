@@ -386,7 +386,10 @@ def test_sigterm_mid_backup_past_stop_grace_aborts_reports_completes(stack: Stac
             t_cancel, _ = w.wait_for("stop grace over: cancelling the backup")
             _, done = w.wait_for("response finished", timeout=60)
             code = w.wait(30)
-    assert t_cancel - sent >= 1.0  # it kept going for the grace first
+    # It kept going for the grace first. The grace runs from the signal's arrival, and `sent`
+    # is read after kill() returns: on a loaded machine the test thread can be descheduled
+    # in between, so the two clocks may differ by a little (0.9997 s seen in CI).
+    assert t_cancel - sent >= 0.9
     assert code == 1  # the stop cut a backup short: systemd shows the unit failed
     assert done["status"] == "failed" and done["lifecycle_result"] == "ABANDON"
     assert stack.incomplete_uploads() == []
