@@ -54,6 +54,14 @@ Quick = Callable[
 ]
 
 
+# Asked of each directory before it is listed (its path, device and inode, as opened): what
+# was worked out for it before the termination, when nothing in it changed since
+# (finalprep.py): its held files a segment at a time, each (key, the segment's file count,
+# held lines as ArchiveReport.hold_lines takes them, their bytes), and the entries to walk.
+Recalled = tuple[Sequence[tuple[str, int, list[bytes], int]], Sequence[Listed]]
+Recall = Callable[[bytes, int, int], Recalled | None]
+
+
 # A directory being walked: its path, its descriptor, and its entries still to do.
 _Level = tuple[bytes, int, Iterator[Listed]]
 
@@ -134,6 +142,7 @@ class Archiver(TarStream):
         before_open: Callable[[bytes], None] | None = None,
         skip: Skip | None = None,
         quick: Quick | None = None,
+        recall: Recall | None = None,
     ) -> None:
         super().__init__(sink, deadline=deadline, clock=clock, hash_name=hash_name)
         self._max_file_size = max_file_size
@@ -148,6 +157,7 @@ class Archiver(TarStream):
         self._before_open = before_open
         self._skip = skip
         self._quick = quick
+        self._recall = recall
 
     # -- public -------------------------------------------------------------------------
     def add_sources(self, sources: Sequence[str]) -> None:
@@ -271,6 +281,16 @@ class Archiver(TarStream):
                 self._warn(path, _SWAPPED)  # another directory renamed into its place
                 os.close(fd)
                 return
+            if self._recall is not None and not self._root_files:
+                # Unchanged since it was worked out ahead (finalprep.py, which knows no
+                # root files): no listing, nothing made per file.
+                recalled = self._recall(path, now.st_dev, now.st_ino)
+                if recalled is not None:
+                    segments, rest = recalled
+                    for key, segment_files, lines, size in segments:
+                        self.report.hold_lines(key, segment_files, lines, size)
+                    stack.append((path, fd, iter(rest)))
+                    return
             with os.scandir(fd) as listing:
                 entries = sorted(
                     (os.fsencode(e.name), e.is_file(follow_symlinks=False), e.inode()) for e in listing

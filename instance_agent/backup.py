@@ -18,8 +18,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from instance_agent import __version__, finalwalk, journal, keys, manifest, s3args
-from instance_agent.archive import Archiver, Quick
+from instance_agent import __version__, finalprep, finalwalk, journal, keys, manifest, s3args
+from instance_agent.archive import Archiver, Quick, Recall
 from instance_agent.clients import Clients
 from instance_agent.config import Config
 from instance_agent.errors import AgentError
@@ -123,16 +123,19 @@ def archive_and_upload(
         )
     log.info("backup started", extra=fields(bucket=cfg.bucket, key=key, sources=list(cfg.source)))
     quick: Quick | None = None
+    recall: Recall | None = None
     if shipped is not None:
         # The journal, when trusted, spares the lstat of every unchanged shipped file; any
         # surprise on the way there leaves the full walk, which needs none of it.
         try:
             changes = finalwalk.choose(cfg.ship_final, shipped, cfg.source, cfg.exclude)
             if changes is not None:
-                quick = finalwalk.quick_hold(changes, shipped)
+                linked = finalwalk.linked_inodes(changes)
+                quick = finalwalk.quick_hold(changes, shipped, linked=linked)
+                recall = finalprep.for_archive(changes, shipped, linked)
         except Exception:
             log.exception("change journal unusable: walking every file")
-            quick = None
+            quick = recall = None
 
     holder: dict[str, Archiver] = {}
 
@@ -148,6 +151,7 @@ def archive_and_upload(
             one_file_system=cfg.one_file_system,
             skip=shipped.held if shipped is not None else None,
             quick=quick,
+            recall=recall,
         )
         holder["arch"] = arch
         arch.add_sources(cfg.source)
@@ -163,7 +167,12 @@ def archive_and_upload(
     if report.held_files:
         log.info(
             "left out: shipped earlier",
-            extra=fields(files=report.held_files, bytes=report.held_bytes, not_lstat=report.held_unseen),
+            extra=fields(
+                files=report.held_files,
+                bytes=report.held_bytes,
+                not_lstat=report.held_unseen,
+                prepared=report.held_prepared,
+            ),
         )
 
     journal_info: dict[str, Any] | None = None

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from instance_agent.archive import Listed, Quick
 from instance_agent.logs import fields
 from instance_agent.shipjournal import Journal, root_ids
+from instance_agent.shiprecord import Shipped
 from instance_agent.shipstate import Ledger
 
 log = logging.getLogger(__name__)
@@ -112,22 +113,35 @@ def choose(mode: str, ledger: Ledger, sources: Sequence[str], excludes: Sequence
     return None
 
 
-def quick_hold(journal: Journal, ledger: Ledger) -> Quick:
-    """archive.Quick: of a directory's listed regular files, those the journal does not
-    name and the ledger holds by the inode listed, at the path it was shipped from, are
-    held with no lstat; every other entry is walked (the lstat, then Ledger.held)."""
-    changed, find = journal.paths, ledger.unseen()
-    names = journal.names if journal.dirs else None  # directories changed: a slower test
-    # A write through one name of a hard-linked file is an event on that name only: the
-    # inodes of the paths the journal names that have other links now are looked at under
-    # every name (a link made since the scan inside the sources; docs/shipping.md says
-    # what is left, a link from outside).
+def linked_inodes(journal: Journal) -> set[tuple[int, int]]:
+    """The inodes of the paths the journal names that have other links now. A write through
+    one name of a hard-linked file is an event on that name only, so these are looked at
+    under every name (a link made since the scan inside the sources; docs/shipping.md says
+    what is left, a link from outside)."""
     linked: set[tuple[int, int]] = set()
-    for path in changed:
+    for path in journal.paths:
         with contextlib.suppress(OSError):
             st = os.lstat(path)
             if st.st_nlink > 1:
                 linked.add((st.st_dev, st.st_ino))
+    return linked
+
+
+def quick_hold(
+    journal: Journal,
+    ledger: Ledger,
+    *,
+    linked: set[tuple[int, int]] | None = None,
+    used: dict[str, Shipped] | None = None,
+) -> Quick:
+    """archive.Quick: of a directory's listed regular files, those the journal does not
+    name and the ledger holds by the inode listed, at the path it was shipped from, are
+    held with no lstat; every other entry is walked (the lstat, then Ledger.held). The
+    segments found go to `used` (the ledger's own unless given: finalprep.py)."""
+    changed, find = journal.paths, ledger.unseen(used)
+    names = journal.names if journal.dirs else None  # directories changed: a slower test
+    if linked is None:
+        linked = linked_inodes(journal)
 
     def quick(
         parent: bytes, dev: int, entries: list[Listed], must_walk: Callable[[bytes], bool]

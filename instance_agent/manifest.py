@@ -139,13 +139,22 @@ class Held:
     segment_files: int = 0  # files the segment shipped (its manifest's `shipped`); 0: unknown
 
 
+def held_line(member: bytes, digest: str) -> bytes:
+    """One held file as `held_sha256` hashes it: its member name in the segment, NUL, its
+    content SHA-256 in hex and a newline."""
+    return member + b"\0" + digest.encode("ascii", "replace") + b"\n"
+
+
 def held_digest(files: list[tuple[bytes, str]]) -> str:
-    """The `held_sha256` of a segment: SHA-256 over its held files, each as its member name
-    in the segment, NUL, its content SHA-256 in hex and a newline, sorted by name."""
-    h = hashlib.sha256()
-    for member, digest in sorted(files):
-        h.update(member + b"\0" + digest.encode("ascii", "replace") + b"\n")
-    return h.hexdigest()
+    """The `held_sha256` of a segment: SHA-256 over its held files' held_line()s, sorted by
+    name."""
+    return _sorted_digest(sorted(held_line(m, d) for m, d in files))
+
+
+def _sorted_digest(lines: list[bytes]) -> str:
+    # Sorted lines are sorted by (member, digest): a member holds no NUL, and NUL sorts
+    # before every other byte, so a name that is a prefix of another sorts first either way.
+    return hashlib.sha256(b"".join(lines)).hexdigest()
 
 
 @dataclass
@@ -155,13 +164,23 @@ class HeldFiles:
     files: list[tuple[bytes, str]] = field(default_factory=list)  # (member, sha256)
     renamed: list[tuple[bytes, bytes]] = field(default_factory=list)  # (path now, member)
     segment_files: int = 0
+    # Files held as held_line()s already, a directory at a time (finalprep.py's prepared
+    # holds): no tuple or line is made per file at termination.
+    lines: list[bytes] = field(default_factory=list)
+
+    def count(self) -> int:
+        return len(self.files) + len(self.lines)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"held": len(self.files), "held_sha256": held_digest(self.files)}
-        if len(self.files) != self.segment_files or len({m for m, _ in self.files}) != len(self.files):
+        lines = [held_line(m, d) for m, d in self.files]
+        lines.extend(self.lines)
+        lines.sort()
+        out: dict[str, Any] = {"held": len(lines), "held_sha256": _sorted_digest(lines)}
+        members = [line[: line.index(b"\0")] for line in lines]
+        if len(lines) != self.segment_files or len(set(members)) != len(lines):
             # Not every file it shipped once each (some gone or changed since, a hard link
             # held twice, or an older ledger line without the count): named one by one.
-            out["members"] = [path_fields(m) for m, _ in sorted(self.files)]
+            out["members"] = [path_fields(m) for m in members]
         if self.renamed:
             out["renamed"] = [
                 {**path_fields(now), **path_fields(member, "member")} for now, member in sorted(self.renamed)
@@ -197,6 +216,7 @@ class ArchiveReport:
     held_bytes: int = 0
     held: dict[str, HeldFiles] = field(default_factory=dict)  # by segment key
     held_unseen: int = 0  # of held_files, those the journal walk held with no lstat (hold_rows)
+    held_prepared: int = 0  # of those, held as worked out before the termination (hold_lines)
 
     @property
     def stopped_early(self) -> bool:
@@ -240,6 +260,18 @@ class ArchiveReport:
             self.held_bytes += size
         self.held_files += len(rows)
         self.held_unseen += len(rows)
+
+    def hold_lines(self, key: str, segment_files: int, lines: list[bytes], size: int) -> None:
+        """hold() of a directory's files held by segment `key`, as held_line()s (finalprep.py:
+        worked out before the termination; `size` their bytes)."""
+        files = self.held.get(key)
+        if files is None:
+            files = self.held[key] = HeldFiles(segment_files=segment_files)
+        files.lines.extend(lines)
+        self.held_bytes += size
+        self.held_files += len(lines)
+        self.held_unseen += len(lines)
+        self.held_prepared += len(lines)
 
     def entries(self) -> list[dict[str, Any]]:
         """The entries as dicts (for tests and small trees; the manifest streams the text)."""

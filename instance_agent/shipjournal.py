@@ -33,7 +33,8 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from instance_agent.archive import Excluder
+from instance_agent.archive import Excluder, Listed
+from instance_agent.shiprecord import Shipped
 
 IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
 IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
@@ -55,12 +56,37 @@ _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then the name, NUL-padd
 _READ = 64 * 1024
 
 
+@dataclass(frozen=True)
+class DirHold:
+    """One directory as the journal walk found it, before the termination (finalprep.py)."""
+
+    ident: tuple[int, int]  # its (device, inode)
+    segments: tuple[tuple[str, int, list[bytes], int], ...]  # as archive.Recalled has them
+    used: tuple[Shipped, ...]  # the segments those files are in, for the manifest
+    rest: tuple[Listed, ...]  # entries the walk must still look at
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The journal walk of every directory, and what it depended on (finalprep.stale)."""
+
+    epoch: int  # Journal.epoch
+    seq: int  # Journal.seq when the walk began
+    dirs: int  # len(Journal.dirs) then
+    generation: int  # Ledger.generation
+    here: frozenset[str]  # Ledger.here_keys()
+    linked: frozenset[tuple[int, int]]
+    holds: dict[bytes, DirHold]
+    files: int  # held, over all directories
+
+
 @dataclass
 class Handover:
     """What a stopped shipper gives the termination archive beside its ledger."""
 
     journal: Journal | None  # None: it did not watch with inotify, or its journal is gone
     stopped_clean: bool  # no segment cancelled, and the shipping thread ended
+    prepared: Prepared | None = None  # the journal walk worked out ahead (finalprep.py)
 
 
 def _libc() -> ctypes.CDLL:
@@ -84,6 +110,12 @@ class Journal:
         self._peak = 0
         self.scanned = False  # a full scan completed since the last arm()
         self.lost: str | None = None  # why it cannot be trusted until the next arm(), if so
+        # For finalprep.py: which arming this is, a count of the reads that brought events,
+        # and for each watched directory the count at its latest event (any entry of it
+        # created, changed, moved or deleted).
+        self.epoch = 0
+        self.seq = 0
+        self.touched: dict[bytes, int] = {}
 
     # -- the shipper's side ---------------------------------------------------------------
     def arm(self) -> None:
@@ -92,6 +124,8 @@ class Journal:
         self.close()
         self.paths, self.dirs, self.scanned, self.lost = set(), set(), False, None
         self._wds, self._root_wds = {}, set()
+        self.epoch += 1
+        self.touched = {}
         libc = _libc()
         fd = int(libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
         if fd < 0:
@@ -179,6 +213,7 @@ class Journal:
                 break
             if not data:
                 break
+            self.seq += 1
             self._apply(data)
         return self.scanned and was is None and self.lost is not None
 
@@ -194,6 +229,7 @@ class Journal:
             parent = self._wds.get(wd)
             if parent is None:
                 continue  # a watch already removed
+            self.touched[parent] = self.seq
             if not name:
                 if mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED):
                     if wd in self._root_wds:

@@ -51,6 +51,10 @@ class Records:
         self.index: dict[Shipped, int] = {}
         self.files: list[int] = []  # per segment: live rows, and the bytes of their files
         self.bytes: list[int] = []
+        # Counts every change of what a lookup answers (put, pop): a termination archive
+        # may reuse what was worked out from these records only while it is unchanged
+        # (finalprep.py). A merge or a renumbering answers the same and does not count.
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self.inos) - self.dead_count + len(self.recent)
@@ -62,6 +66,7 @@ class Records:
         out.recent = dict(self.recent)
         out.segments, out.index = list(self.segments), dict(self.index)
         out.files, out.bytes = list(self.files), list(self.bytes)
+        out.generation = self.generation
         return out
 
     # -- finding a row --------------------------------------------------------------------
@@ -201,6 +206,7 @@ class Records:
         seg = self._segment(rec)
         k = inode_key(fid.dev, fid.ino)
         self.pop(k)
+        self.generation += 1
         self.recent[k] = row[:_SEG_AT] + _SEG.pack(seg) + row[_SEG_AT + 4 :] + rec.path
         self.files[seg] += 1
         self.bytes[seg] += fid.size
@@ -212,6 +218,7 @@ class Records:
         where = self._where(k)
         if where is None:
             return
+        self.generation += 1
         buf, at, i = where
         if i < 0:
             del self.recent[k]

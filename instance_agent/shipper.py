@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from instance_agent import keys, ledgerseed, metrics, status
+from instance_agent import finalprep, keys, ledgerseed, metrics, status
 from instance_agent.archive import Excluder
 from instance_agent.backup import key_values
 from instance_agent.clients import Clients
@@ -60,7 +60,7 @@ from instance_agent.s3upload import abort_stale_uploads
 from instance_agent.segment import Changed, Target, ship
 from instance_agent.settle import Settler
 from instance_agent.shipbatch import batch
-from instance_agent.shipjournal import Handover
+from instance_agent.shipjournal import Handover, Prepared
 from instance_agent.shippending import Pending, Scanner, scan
 from instance_agent.shipstate import Ledger, refresh_age
 from instance_agent.shipwatch import ObserverFactory, Observing, watchdog_observer
@@ -111,6 +111,7 @@ class Shipper:
         self._observer: Observing | None = None
         self._watched: list[tuple[int, int] | None] = []
         self._worked = False  # a full scan or a segment since the loop last went idle
+        self._prepared: Prepared | None = None  # the termination's journal walk, worked out ahead
         self._block: dict[str, Any] = {
             "enabled": True,
             "pending_files": 0,
@@ -172,7 +173,7 @@ class Shipper:
         if self._clean is not None:
             # Stopped: the journal is the job's now (the handover says if the thread ended).
             journal = self._pending.journal if self._block["watch"] == "inotify" else None
-            view.handover = Handover(journal, self._clean)
+            view.handover = Handover(journal, self._clean, self._prepared if journal is not None else None)
         return view
 
     def snapshot(self) -> dict[str, Any]:
@@ -368,6 +369,7 @@ class Shipper:
             if self._worked:
                 self._worked = False
                 ledger.tidy()
+                self._prepare(ledger)
                 release_memory()
             waits = [self._settler.wake_in(p, v[2] / 1e9, now) for p, v in pending.files.items()]
             waits += [at - now for at, _ in self._retry_at.values()]
@@ -375,6 +377,19 @@ class Shipper:
             # A writer that closes after every line wakes the loop constantly; a pass at
             # most every SCAN_MIN seconds is enough (a stop still wakes it).
             self._stopping.wait(SCAN_MIN)
+
+    def _prepare(self, ledger: Ledger) -> None:
+        """Work out the termination archive's journal walk now, while idle (finalprep.py):
+        the termination then reuses it for every directory unchanged since. Any surprise
+        leaves nothing prepared, which only costs the termination that walk."""
+        self._prepared = None
+        journal = self._pending.journal
+        if journal is None or self._observer is None:
+            return
+        try:
+            self._prepared = finalprep.prepare(journal, ledger)
+        except Exception:
+            log.exception("termination walk not prepared")
 
     def _ship_batch(
         self, clients: Clients, ledger: Ledger, targets: list[Target], values: dict[str, str], now: float

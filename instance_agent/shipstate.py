@@ -232,12 +232,26 @@ class Ledger:
             and st.st_nlink == 1
         )
 
-    def unseen(self) -> Callable[[bytes, int, int], tuple[Shipped, int, bytes] | None]:
+    @property
+    def generation(self) -> int:
+        """Changes whenever a record is added or dropped (finalprep.py's validity)."""
+        return self._records.generation
+
+    def here_keys(self) -> frozenset[str]:
+        """The segments that count where this backup goes now (aim, and their age)."""
+        return frozenset(proto.key for proto in self._records.segments if self._here(proto))
+
+    def unseen(
+        self, used: dict[str, Shipped] | None = None
+    ) -> Callable[[bytes, int, int], tuple[Shipped, int, bytes] | None]:
         """The journal walk's test of a file it did not lstat (finalwalk.py): (path, dev,
         ino as the directory listing gave it) -> its segment, size and SHA-256, only when
         that inode's record was shipped from this very path to where this backup goes.
-        Whether a segment counts (`_here`) is asked once per segment, not per file."""
-        lookup, used = self._records.by_path(), self.used
+        Whether a segment counts (`_here`) is asked once per segment, not per file. Each
+        segment found is noted in `used` (the ledger's own, which the manifest names, unless
+        another is given: finalprep.py works ahead of any archive)."""
+        lookup = self._records.by_path()
+        used = self.used if used is None else used
         here = {n: proto for n, proto in enumerate(self._records.segments) if self._here(proto)}
 
         def held(path: bytes, dev: int, ino: int) -> tuple[Shipped, int, bytes] | None:

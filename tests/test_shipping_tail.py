@@ -336,3 +336,30 @@ def test_changes_after_shipping_reach_the_final_archive_by_the_journal_or_the_wa
     out = json.loads(proc.stdout)
     assert out["status"] == "verified" and out["differences"] == []
     assert walk(tmp_path / "restored" / str(src).lstrip("/")) == walk(src)
+
+
+def test_a_termination_with_nothing_changed_since_the_shipper_went_idle_reuses_its_walk(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The shipper works out the termination's journal walk while idle (finalprep.py); with
+    nothing changed since, the termination takes every directory from it, and restore
+    --latest --verify still gives back exactly the tree."""
+    src = tmp_path / "logs"
+    _small_tree(src / "a", 30)
+    _small_tree(src / "b", 30)
+    with watch(stack, "--source", str(src), "--ship") as w:
+        w.wait_for("watching")
+        _await_shipped(stack, 60, timeout=120)
+        w.wait_for("termination walk prepared", timeout=60, files=60)
+        stack.scale_in()
+        _, reused = w.wait_for("final archive: reusing the prepared walk", timeout=60)
+        _, left_out = w.wait_for("left out: shipped earlier", timeout=60)
+        _, done = w.wait_for("response finished", timeout=120)
+    assert reused["files"] == 60
+    assert left_out["files"] == left_out["prepared"] == 60
+    assert done["status"] == "succeeded" and completions(stack) == [("CONTINUE", "ok")]
+    proc = _restore(stack, tmp_path / "restored")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["status"] == "verified" and out["differences"] == []
+    assert walk(tmp_path / "restored" / str(src).lstrip("/")) == walk(src)

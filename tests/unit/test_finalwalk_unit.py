@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from instance_agent import finalwalk
+from instance_agent import finalprep, finalwalk
 from instance_agent.archive import Archiver, Excluder
 from instance_agent.finalwalk import Facts, verdict
-from instance_agent.manifest import ArchiveReport
+from instance_agent.manifest import ArchiveReport, held_line
 from instance_agent.settle import Settler
-from instance_agent.shipjournal import Handover, Journal
+from instance_agent.shipjournal import Handover, Journal, Prepared
 from instance_agent.shippending import Pending, scan
 from instance_agent.shiprecord import FileId, Shipped, full_digest, tail_digest
 from instance_agent.shipstate import Ledger
@@ -97,7 +97,11 @@ def _what(report: ArchiveReport) -> dict[str, Any]:
     """What a restore gets from the archive: its entries, and each held file by segment."""
     return {
         "entries": sorted((e["path"], e["type"], e.get("size"), e.get("sha256")) for e in report.entries()),
-        "held": {k: (sorted(h.files), sorted(h.renamed)) for k, h in report.held.items()},
+        # Each held file as the manifest hashes it, however the walk gathered it.
+        "held": {
+            k: (sorted([held_line(m, d) for m, d in h.files] + h.lines), sorted(h.renamed))
+            for k, h in report.held.items()
+        },
         "held_files": report.held_files,
         "held_bytes": report.held_bytes,
     }
@@ -134,7 +138,7 @@ def test_the_journal_walk_archives_and_holds_exactly_what_the_full_walk_does(tmp
     by_journal, by_walk = _what(_archive(src, ledger, journal)), _what(_archive(src, ledger, None))
     assert by_journal == by_walk
     entries = {e[0] for e in by_walk["entries"]}
-    held = {m.decode() for files, _ in by_walk["held"].values() for m, _ in files}
+    held = {line.split(b"\0")[0].decode() for lines, _ in by_walk["held"].values() for line in lines}
     root = os.fsencode(src).lstrip(b"/").decode()
     assert {f"{root}/d0/app.log.3", f"{root}/d0/new.log", f"{root}/d2/fresh.log"} <= entries
     assert f"{root}/d3/inside.log" in entries
@@ -207,3 +211,146 @@ def test_a_directory_reached_by_two_source_paths_is_not_trusted(tmp_path: Path) 
     nested = Journal((str(tmp_path / "logs"), str(tmp_path / "logs" / "app")), ())
     nested.arm()
     assert nested.lost is None  # the same directory by the same path: one watch, one name
+
+
+# -- prepared holds (finalprep.py): the journal walk worked out by the idle shipper --------
+
+
+def _shipped_and_scanned(tmp_path: Path) -> tuple[Path, Ledger, Journal]:
+    src = tmp_path / "logs"
+    _tree(src)
+    ledger = Ledger(None, INSTANCE)
+    _ship_all(src, ledger)
+    pending = Pending((str(src),), Excluder(()), Settler(60.0), scan)
+    journal = pending.journal = Journal((str(src),), ())
+    assert pending.full_scan(ledger, 0.0, _never(), 3600.0)
+    return src, ledger, journal
+
+
+def _archive_prepared(
+    src: Path, ledger: Ledger, journal: Journal, prepared: Prepared | None
+) -> ArchiveReport:
+    """The termination archive as backup.py makes it: the journal trusted, `prepared` handed over."""
+    view = ledger.view()
+    view.handover = Handover(journal, True, prepared)
+    journal.drain()
+    linked = finalwalk.linked_inodes(journal)
+    quick = finalwalk.quick_hold(journal, view, linked=linked)
+    recall = finalprep.for_archive(journal, view, linked)
+    arch = Archiver(
+        _Null(), clock=time.monotonic, hash_name="sha256", skip=view.held, quick=quick, recall=recall
+    )
+    arch.add_sources([str(src)])
+    report = arch.finish()
+    # The segments the manifest names are those the walk found holding files.
+    assert sorted(view.used) == sorted(report.held)
+    return report
+
+
+def test_a_prepared_walk_holds_exactly_what_the_full_walk_does_with_nothing_made_per_file(
+    tmp_path: Path,
+) -> None:
+    src, ledger, journal = _shipped_and_scanned(tmp_path)
+    prepared = finalprep.prepare(journal, ledger)
+    assert prepared is not None and prepared.files == 60
+    report = _archive_prepared(src, ledger, journal, prepared)
+    assert _what(report) == _what(_archive(src, ledger, None))
+    assert report.held_files == report.held_prepared == 60
+    # The manifest's segment blocks are the same bytes as from the walk's own tuples.
+    walked = _archive(src, ledger, None)
+    assert {k: h.to_json() for k, h in report.held.items()} == {
+        k: h.to_json() for k, h in walked.held.items()
+    }
+
+
+def test_a_directory_changed_after_the_walk_was_prepared_is_listed_again(tmp_path: Path) -> None:
+    src, ledger, journal = _shipped_and_scanned(tmp_path)
+    prepared = finalprep.prepare(journal, ledger)
+    assert prepared is not None
+    # After it was prepared, in d0 only: an append, a new file, a rename and a deletion.
+    with open(src / "d0" / "app.log.3", "ab") as fh:
+        fh.write(b"one more line\n")
+    (src / "d0" / "fresh.log").write_bytes(b"written after the walk was prepared\n")
+    os.rename(src / "d0" / "app.log.4", src / "d0" / "app.log.4.1")
+    os.unlink(src / "d0" / "app.log.5")
+    report = _archive_prepared(src, ledger, journal, prepared)
+    assert _what(report) == _what(_archive(src, ledger, None))
+    assert report.held_prepared == 40  # d1 and d2 as prepared; d0 looked at again
+    entries = {e["path"].rsplit("/", 2)[-2:][-1] for e in report.entries() if e["type"] == "file"}
+    assert entries == {"app.log.3", "fresh.log"}
+
+
+def _grow_ledger(src: Path, ledger: Ledger, journal: Journal) -> None:
+    (src / "d1" / "late.log").write_bytes(b"shipped after the walk was prepared\n")
+    st = os.lstat(src / "d1" / "late.log")
+    sha = full_digest_of(src / "d1" / "late.log")
+    rec = Shipped(
+        FileId.of(st), os.fsencode(src / "d1" / "late.log"), sha, sha, "b/i/segments/s9.tar.zst", 1, 1, 0
+    )
+    ledger.add_segment([rec])
+
+
+def full_digest_of(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return full_digest(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def _new_directory(src: Path, ledger: Ledger, journal: Journal) -> None:
+    (src / "d9").mkdir()
+    (src / "d9" / "inside.log").write_bytes(b"a new directory\n")
+
+
+def _rearmed(src: Path, ledger: Ledger, journal: Journal) -> None:
+    journal.arm()
+    journal.scan_done([])
+
+
+def _linked(src: Path, ledger: Ledger, journal: Journal) -> None:
+    # A link made in d0 to a file of d1, then written through: d1 has no event.
+    os.link(src / "d1" / "app.log.6", src / "d0" / "other-name")
+    with open(src / "d0" / "other-name", "ab") as fh:
+        fh.write(b"written through the new name\n")
+
+
+def _aimed_elsewhere(src: Path, ledger: Ledger, journal: Journal) -> None:
+    ledger.aim("b", "b/i/segments/s0")  # the second segment no longer counts here
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (_grow_ledger, "the ledger changed since"),
+        (_new_directory, "a directory was created, moved or deleted since"),
+        (_rearmed, "the journal was armed again since"),
+        (_linked, "a file was hard-linked since"),
+        (_aimed_elsewhere, "other segments count where this backup goes"),
+    ],
+)
+def test_what_invalidates_the_whole_prepared_walk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, change: Any, why: str
+) -> None:
+    src, ledger, journal = _shipped_and_scanned(tmp_path)
+    prepared = finalprep.prepare(journal, ledger)
+    assert prepared is not None
+    change(src, ledger, journal)
+    caplog.set_level("INFO")
+    report = _archive_prepared(src, ledger, journal, prepared)
+    assert report.held_prepared == 0
+    reasons = [
+        getattr(r, "fields", {}).get("reason") for r in caplog.records if "nothing prepared" in r.getMessage()
+    ]
+    assert reasons == [why]
+    view = ledger.view()
+    assert _what(report) == _what(_archive(src, view, None))
+
+
+def test_nothing_is_prepared_from_a_journal_that_is_not_trusted(tmp_path: Path) -> None:
+    src, ledger, journal = _shipped_and_scanned(tmp_path)
+    journal.lose("inotify lost events (its queue overflowed)")
+    assert finalprep.prepare(journal, ledger) is None
+    unscanned = Journal((str(src),), ())
+    unscanned.arm()
+    assert finalprep.prepare(unscanned, ledger) is None
