@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import stat
 import struct
@@ -54,6 +55,7 @@ MASK = (
 )
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then the name, NUL-padded to len
 _READ = 64 * 1024
+_EPOCHS = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,9 @@ class Journal:
         self.close()
         self.paths, self.dirs, self.scanned, self.lost = set(), set(), False, None
         self._wds, self._root_wds = {}, set()
-        self.epoch += 1
+        # Unique across journals: a shipping attempt after an error makes a new one, and
+        # what was prepared from the old one must not pass for this one's.
+        self.epoch = next(_EPOCHS)
         self.touched = {}
         libc = _libc()
         fd = int(libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC))

@@ -249,6 +249,7 @@ class Shipper:
             )
             self._observe()
             self._pending.new_journal(self.cfg.exclude if self._observer is not None else None)
+            self._prepared = None  # worked out from the old journal
             log.info(
                 "shipping",
                 extra=fields(

@@ -347,6 +347,23 @@ def test_what_invalidates_the_whole_prepared_walk(
     assert _what(report) == _what(_archive(src, view, None))
 
 
+def test_a_walk_prepared_from_one_journal_is_never_reused_with_another(tmp_path: Path) -> None:
+    """A shipping attempt after an error starts a new journal: what was prepared from the
+    old one (armed as many times) must not pass for the new one's."""
+    src, ledger, old = _shipped_and_scanned(tmp_path)
+    prepared = finalprep.prepare(old, ledger)
+    assert prepared is not None
+    with open(src / "d1" / "app.log.6", "ab") as fh:
+        fh.write(b"changed between the two attempts\n")
+    pending = Pending((str(src),), Excluder(()), Settler(60.0), scan)
+    new = pending.journal = Journal((str(src),), ())
+    assert pending.full_scan(ledger, 0.0, _never(), 3600.0)
+    assert finalprep.stale(prepared, new, ledger, set()) == "the journal was armed again since"
+    report = _archive_prepared(src, ledger, new, prepared)
+    assert report.held_prepared == 0
+    assert _what(report) == _what(_archive(src, ledger, None))
+
+
 def test_nothing_is_prepared_from_a_journal_that_is_not_trusted(tmp_path: Path) -> None:
     src, ledger, journal = _shipped_and_scanned(tmp_path)
     journal.lose("inotify lost events (its queue overflowed)")
