@@ -3,11 +3,12 @@ segment its manifest names, assembled into one tree, all or nothing.
 
 Each object goes through the same safe extraction as any archive (restore.py: no member
 outside its tree, no link followed, complete streams only, each segment checked against its
-`tar_bytes`), into its own directory under one staging directory in DEST. A segment packs
-many files; each file the final manifest holds there is moved from its `member` name in the
-segment to the path the final manifest gives it (a file renamed by a rotation after it was
-shipped is restored under its new name), and only when everything is in place does the tree
-move into DEST (restore.staged). On any failure the staging directory is removed.
+`tar_bytes`), all into one staged tree in DEST. A segment packs many files; each file the
+final manifest holds there is written, as it streams in, straight to the path the final
+manifest gives it (restore_held.py; a file renamed by a rotation after it was shipped is
+restored under its new name), and the segment's other members are skipped. Only when
+everything is in place does the tree move into DEST (restore.staged); on any failure the
+staging directory is removed.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from instance_agent import manifest_check, restore
+from instance_agent import manifest_check, restore, restore_tree
 from instance_agent.listing import S3Reader
 from instance_agent.manifest import path_from_fields
+from instance_agent.restore_held import Held
 
 
 def holders(
@@ -44,13 +46,6 @@ def holders(
     return out
 
 
-def _only_file(tree: str) -> str:
-    found = [os.path.join(d, f) for d, _, files in os.walk(tree) for f in files]
-    if len(found) != 1:
-        raise restore.RestoreError(f"a segment holds {len(found)} files, not one")
-    return found[0]
-
-
 def restore_assembled(
     s3: S3Reader,
     bucket: str,
@@ -71,53 +66,33 @@ def restore_assembled(
     if final:
         restore.check_key(key)
     restore.check_destination(dest)
-    manifest_check.check(key, manifest)  # before anything is downloaded or moved
+    manifest_check.check(key, manifest)  # before anything is downloaded or written
     segments = {str(s["key"]): s for s in manifest.get("segments") or []}
     wanted = holders(manifest, select)
     totals = manifest.get("totals") or {}
-    with restore.staged(dest, "tree") as staging:
-        tree = os.path.join(staging, "tree")
-        if not final:
-            os.mkdir(tree)
-            report = restore.RestoreReport(written={} if digests else None)
-        else:
-            report = restore.restore_s3(
-                s3,
-                bucket,
-                key,
-                tree,
-                allow_setuid=allow_setuid,
-                select=select,
-                expected_tar_bytes=totals.get("tar_bytes"),
-                extra=extra,
-                digests=digests,
-            )
-        for i, (skey, files) in enumerate(sorted(wanted.items())):
-            part = os.path.join(staging, f"segment-{i}")
-            got = restore.restore_s3(
-                s3,
-                bucket,
-                skey,
-                part,
-                allow_setuid=allow_setuid,
-                expected_tar_bytes=segments[skey].get("tar_bytes"),
-                extra=extra,
-                digests=digests,
-            )
-            # The last name of a member takes the file itself; any earlier (hard links, or
-            # one content shipped once and found under two names) get copies.
-            last = {m: n for n, (_, m, _) in enumerate(files)}
-            with restore.Placer(tree) as placer:
-                for n, (name, member, size) in enumerate(files):
-                    src, held = os.path.join(part, member), member
-                    if not os.path.lexists(src):
-                        src = _only_file(part)  # a one-file segment renamed since (older agents)
-                        held = os.path.relpath(src, part)
-                    copied = placer.place(name, src, move=last[member] == n, digest=digests)
-                    if report.written is not None and got.written is not None:
-                        done = copied or got.written.get(restore.tree_path(restore.member_parts(held)))
-                        if done is not None:
-                            report.written[restore.tree_path(restore.member_parts(name))] = done
-                    report.files += 1
-                    report.bytes += size
-    return report
+    with restore.staged(dest) as staging:
+        into = restore.Extractor(staging, allow_setuid=allow_setuid, digests=digests)
+        try:
+            if final:
+                with restore.fetched(s3, bucket, key, extra) as stream:
+                    into.add(stream, select=select, expected_tar_bytes=totals.get("tar_bytes"))
+            for skey, files in sorted(wanted.items()):
+                held = _held(f"segment s3://{bucket}/{skey}", files)
+                with restore.fetched(s3, bucket, skey, extra) as stream:
+                    into.add(stream, expected_tar_bytes=segments[skey].get("tar_bytes"), held=held)
+            into.finish()
+        finally:
+            into.close()
+    restore.set_dir_modes(os.path.dirname(staging), into.dir_modes)
+    return into.report
+
+
+def _held(label: str, files: list[tuple[str, str, int]]) -> Held:
+    """What a segment holds: each member's names in the tree, in the manifest's order."""
+    names: dict[restore_tree.Parts, list[restore_tree.Parts]] = {}
+    for name, member, _ in files:
+        names.setdefault(restore.member_parts(member.rstrip("/")), []).append(
+            restore.member_parts(name.rstrip("/"))
+        )
+    # An older agent's one-file segment may hold its file under the name it had when shipped.
+    return Held(label, names, any_name=len(names) == 1)

@@ -36,21 +36,21 @@ import hashlib
 import os
 import stat
 import tarfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, cast
+from typing import IO, Protocol, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from instance_agent.readahead import ReadAhead
-from instance_agent.restore_stream import Counted, Info, Tar, decompressed
+from instance_agent.restore_stream import Counted, Info, Tar, decompressed, failures
 from instance_agent.restore_stream import check_key as check_key
 from instance_agent.restore_tree import COPY, Parts, Staged
-from instance_agent.restore_tree import Placer as Placer
 from instance_agent.restore_tree import RestoreError as RestoreError
 from instance_agent.restore_tree import UnsafeArchive as UnsafeArchive
 from instance_agent.restore_tree import Written as Written
 from instance_agent.restore_tree import check_destination as check_destination
+from instance_agent.restore_tree import check_link as check_link
 from instance_agent.restore_tree import member_parts as member_parts
 from instance_agent.restore_tree import staged as staged
 from instance_agent.restore_tree import tree_path as tree_path
@@ -105,11 +105,6 @@ class Selection:
         return (not self.include or hit(self.include)) and not hit(self.exclude)
 
 
-# --- streams ------------------------------------------------------------------------------
-
-
-# --- paths --------------------------------------------------------------------------------
-
 # --- extraction ---------------------------------------------------------------------------
 
 
@@ -125,16 +120,19 @@ def extract(
     """Extract the tar `stream` into `dest` (new or empty), all or nothing (module docstring).
     With `digests`, the report says what was written into each file (`Written`)."""
     with staged(dest) as staging:
-        report, dir_modes = _extract_into(stream, staging, allow_setuid, select, digests)
-        if expected_tar_bytes is not None and report.tar_bytes != expected_tar_bytes:
-            raise RestoreError(
-                f"archive is truncated or corrupt: its tar stream is "
-                f"{report.tar_bytes:,} bytes, the manifest says "
-                f"{expected_tar_bytes:,}"
-            )
-    root = os.path.dirname(staging)
-    # Last, and deepest first: a read-only directory could not have taken its members, and
-    # renaming a directory into DEST needs write permission on it.
+        extractor = Extractor(staging, allow_setuid=allow_setuid, digests=digests)
+        try:
+            extractor.add(stream, select=select, expected_tar_bytes=expected_tar_bytes)
+            extractor.finish()
+        finally:
+            extractor.close()
+    set_dir_modes(os.path.dirname(staging), extractor.dir_modes)
+    return extractor.report
+
+
+def set_dir_modes(root: str, dir_modes: list[tuple[Parts, int]]) -> None:
+    """Last, and deepest first: a read-only directory could not have taken its members, and
+    renaming a directory into DEST needs write permission on it."""
     tree = Staged(root)
     try:
         for parts, mode in sorted(dir_modes, key=lambda d: len(d[0]), reverse=True):
@@ -146,35 +144,93 @@ def extract(
                     os.close(fd)
     finally:
         tree.close()
-    return report
+
+
+class Members(Protocol):
+    """Which members of a stream are written where, when not all of them are written as
+    they are named (restore_held.Held: what a segment holds for the tree)."""
+
+    label: str  # what every error of the stream names first: "segment s3://bucket/key"
+
+    def member(self, run: Extraction, member: tarfile.TarInfo) -> None: ...
+    def done(self, into: Extractor) -> None: ...
+
+
+class Extractor:
+    """Tar streams extracted one after another into one staged tree (`root`, new): one
+    archive (`extract`), or a final archive and the segments it names (assemble.py), each
+    member written straight to its place in the tree. `finish` when every stream is in."""
+
+    def __init__(self, root: str, *, allow_setuid: bool = False, digests: bool = False) -> None:
+        self.report = RestoreReport(written={} if digests else None)
+        self.allow_setuid = allow_setuid
+        self.tree = Staged(root)
+        # File data is written in a thread of its own (restore_write.py), one for all streams.
+        self.writer = Writer()
+        self.dir_modes: list[tuple[Parts, int]] = []
+        self.hard_links: list[tuple[bytes, bytes]] = []  # (link, its file), by tree path
+
+    def add(
+        self,
+        stream: IO[bytes],
+        *,
+        select: Select | None = None,
+        expected_tar_bytes: int | None = None,
+        held: Members | None = None,
+    ) -> None:
+        """Extract the tar `stream`: all of it (`select`ed members), or what `held` says."""
+        try:
+            with failures():
+                tar_bytes = _extract_stream(self, stream, select, held)
+                if held is not None:
+                    held.done(self)
+            if expected_tar_bytes is not None and tar_bytes != expected_tar_bytes:
+                raise RestoreError(
+                    f"archive is truncated or corrupt: its tar stream is "
+                    f"{tar_bytes:,} bytes, the manifest says "
+                    f"{expected_tar_bytes:,}"
+                )
+        except (RestoreError, UnsafeArchive) as err:
+            if held is None:
+                raise
+            raise type(err)(f"{held.label}: {err}") from None
+        self.report.tar_bytes += tar_bytes
+
+    def finish(self) -> None:
+        """Every file's data written, then the symlinks made (checked against every link of
+        every stream); the directories' modes are left to `set_dir_modes`."""
+        with failures():
+            self.writer.finish()
+            self.tree.make_links()
+        written = self.report.written
+        if written is not None:  # hard links: another name of a file written before
+            for link, target in self.hard_links:
+                if target in written:
+                    written[link] = written[target]
+
+    def close(self) -> None:
+        self.writer.close()  # before the descriptors it writes to are gone
+        self.tree.close()
 
 
 @dataclass
-class _Extraction:
-    """One extraction's state, shared by the functions below."""
+class Extraction:
+    """One stream's extraction state, shared by the functions below."""
 
     tar: tarfile.TarFile
     source: Counted
-    tree: Staged
-    writer: Writer
-    report: RestoreReport
-    allow_setuid: bool
-    dir_modes: list[tuple[Parts, int]] = field(default_factory=list)
-    hard_links: list[tuple[bytes, bytes]] = field(default_factory=list)  # (link, its file)
+    into: Extractor
+    links: dict[Parts, str] = field(default_factory=dict)  # a Members stream's: checked only
 
 
-def _extract_into(
-    stream: IO[bytes], root: str, allow_setuid: bool, select: Select | None, digests: bool
-) -> tuple[RestoreReport, list[tuple[Parts, int]]]:
-    report = RestoreReport(written={} if digests else None)
+def _extract_stream(into: Extractor, stream: IO[bytes], select: Select | None, held: Members | None) -> int:
+    """The tar bytes of `stream`, every member extracted (module docstring: Completeness)."""
     # The download and the decompression run ahead in a thread of their own, while this one
     # parses and creates files, and a third writes their data (readahead.py,
     # restore_write.py): the pipeline `s5cmd cat | zstd -d | tar -x` overlaps them the same
     # way, one process each.
     ahead = ReadAhead(stream.read)
     counted = Counted(ahead)
-    tree = Staged(root)
-    writer = Writer()
     try:
         with Tar.open(
             fileobj=cast(IO[bytes], counted),
@@ -185,52 +241,40 @@ def _extract_into(
             errors="surrogateescape",
         ) as tar:
             assert isinstance(tar, Tar)
-            run = _Extraction(tar, counted, tree, writer, report, allow_setuid)
+            run = Extraction(tar, counted, into)
             while (member := tar.next()) is not None:
                 # Stream mode keeps every member in a list; nothing here needs them again.
                 tar.members.clear()  # type: ignore[attr-defined]
                 if select and not select(member.name):
-                    report.excluded += 1
+                    into.report.excluded += 1
                     continue
-                _extract_one(run, member)
+                if held is None:
+                    _extract_one(run, member)
+                else:
+                    held.member(run, member)
             if not tar.ended_cleanly:
                 raise RestoreError(
                     "archive is truncated or corrupt: the tar stream has no end-of-archive marker"
                 )
-            writer.finish()
-            tree.make_links()
         # The rest is zero padding; decoding it to the end is what checks the compressed
         # stream's own checksum, and tells a cut frame from a complete one.
         while counted.read(COPY):
             pass
-    except tarfile.TarError as err:
-        raise RestoreError(f"archive is truncated or corrupt: {err}") from None
-    except EOFError:
-        raise RestoreError("archive is truncated: the stream ends early") from None
-    except OSError as err:
-        where = f": {err.filename}" if err.filename else ""
-        raise RestoreError(f"restore failed{where}: {err.strerror or err}") from None
     finally:
-        writer.close()  # before the descriptors it writes to are gone
-        tree.close()
         ahead.close()
-    if report.written is not None:  # hard links: another name of a file written before
-        for link, target in run.hard_links:
-            if target in report.written:
-                report.written[link] = report.written[target]
-    report.tar_bytes = counted.count
-    return report, run.dir_modes
+    return counted.count
 
 
-def _extract_one(run: _Extraction, member: tarfile.TarInfo) -> None:
-    tree, report = run.tree, run.report
+def _extract_one(run: Extraction, member: tarfile.TarInfo) -> None:
+    into = run.into
+    tree, report = into.tree, into.report
     name = member.name.rstrip("/")
     parts = member_parts(name)
     if member.isdir():
         os.close(tree.open_dir(parts, create=True))  # made, or found a directory (not a link)
         # Setgid and sticky mean something on a directory (group inheritance, /tmp-style
         # deletion); setuid means nothing there and is dropped.
-        run.dir_modes.append((parts, member.mode & 0o3777))
+        into.dir_modes.append((parts, member.mode & 0o3777))
         report.dirs += 1
     elif member.issym():
         tree.check_link(parts, member.linkname)  # early, for a clear error; again at the end
@@ -240,24 +284,32 @@ def _extract_one(run: _Extraction, member: tarfile.TarInfo) -> None:
         report.links += 1
     elif member.islnk():
         _hard_link(tree, name, parts, member.linkname)
-        run.hard_links.append((tree_path(parts), tree_path(member_parts(member.linkname.rstrip("/")))))
+        into.hard_links.append((tree_path(parts), tree_path(member_parts(member.linkname.rstrip("/")))))
         report.links += 1
     elif member.isreg():
-        if member.mode & _SETID and not run.allow_setuid:
-            raise UnsafeArchive(
-                f"refusing {name!r}: setuid/setgid file (mode "
-                f"{member.mode & 0o7777:04o}); pass --allow-setuid to restore it"
-            )
-        _write_file(run, member, parts, member.mode & (0o6777 if run.allow_setuid else 0o777))
+        write_file(run, member, parts, file_mode(run, member, name))
     else:
-        kind = (
-            "FIFO"
-            if member.isfifo()
-            else "device node"
-            if member.isdev()
-            else f"member of tar type {member.type!r}"
+        refuse_kind(member, name)
+
+
+def file_mode(run: Extraction, member: tarfile.TarInfo, name: str) -> int:
+    if member.mode & _SETID and not run.into.allow_setuid:
+        raise UnsafeArchive(
+            f"refusing {name!r}: setuid/setgid file (mode "
+            f"{member.mode & 0o7777:04o}); pass --allow-setuid to restore it"
         )
-        raise UnsafeArchive(f"refusing {kind} {name!r}: restore writes only files, directories and links")
+    return member.mode & (0o6777 if run.into.allow_setuid else 0o777)
+
+
+def refuse_kind(member: tarfile.TarInfo, name: str) -> None:
+    kind = (
+        "FIFO"
+        if member.isfifo()
+        else "device node"
+        if member.isdev()
+        else f"member of tar type {member.type!r}"
+    )
+    raise UnsafeArchive(f"refusing {kind} {name!r}: restore writes only files, directories and links")
 
 
 def _hard_link(tree: Staged, name: str, parts: Parts, linkname: str) -> None:
@@ -285,16 +337,29 @@ def _hard_link(tree: Staged, name: str, parts: Parts, linkname: str) -> None:
         os.close(src_dir)
 
 
-def _write_file(run: _Extraction, member: tarfile.TarInfo, parts: Parts, mode: int) -> None:
-    report = run.report
+def write_file(
+    run: Extraction,
+    member: tarfile.TarInfo,
+    parts: Parts,
+    mode: int,
+    *,
+    replace: bool = True,
+    count: bool = True,
+) -> None:
+    """`member`'s data into the tree's file `parts`; unless `replace`, that file must be new.
+    Counted in the report unless not `count` (restore_held.py counts a segment's files)."""
+    into = run.into
+    report, writer = into.report, into.writer
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(parts[-1], flags | os.O_EXCL, 0o600, dir_fd=run.tree.parent(parts))
+        fd = os.open(parts[-1], flags | os.O_EXCL, 0o600, dir_fd=into.tree.parent(parts))
     except FileExistsError:
+        if not replace:
+            raise RestoreError(f"{'/'.join(parts)!r} is both in the archive and in a segment") from None
         # The archive holds it twice (or links it): the last one wins, as with tar, once the
         # writes queued for the first have landed, which would otherwise follow the truncation.
-        run.writer.sync()
-        fd = os.open(parts[-1], flags | os.O_TRUNC, 0o600, dir_fd=run.tree.parent(parts))
+        writer.sync()
+        fd = os.open(parts[-1], flags | os.O_TRUNC, 0o600, dir_fd=into.tree.parent(parts))
     # The digest of the bytes as they go into the file: `restore --verify` then need not
     # read them back (verify.py).
     digest = hashlib.sha256() if report.written is not None else None
@@ -309,9 +374,7 @@ def _write_file(run: _Extraction, member: tarfile.TarInfo, parts: Parts, mode: i
         # Straight from the stream's chunks into the file: tarfile's own reader would copy
         # each piece twice more on the way.
         run.source.seek(member.offset_data)
-        got = run.source.hand_over(
-            run.writer, Job(fd, digest=digest), member.size, (mode, member.mtime, then)
-        )
+        got = run.source.hand_over(writer, Job(fd, digest=digest), member.size, (mode, member.mtime, then))
         if got != member.size:
             raise RestoreError("archive is truncated or corrupt: unexpected end of data")
     else:  # a GNU sparse member (never ours): tarfile maps its holes
@@ -322,15 +385,33 @@ def _write_file(run: _Extraction, member: tarfile.TarInfo, parts: Parts, mode: i
         job = Job(fd, digest=digest)
         while chunk := src.read(COPY):
             job.pieces.append(memoryview(chunk))
-            run.writer.submit(job, len(chunk))
+            writer.submit(job, len(chunk))
             job = Job(fd, digest=digest)
         job.done = (mode, member.mtime, then)
-        run.writer.submit(job, 0)
-    report.bytes += member.size
-    report.files += 1
+        writer.submit(job, 0)
+    if count:
+        report.bytes += member.size
+        report.files += 1
 
 
 # --- from S3 ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fetched(
+    s3: S3Reader, bucket: str, key: str, extra: Mapping[str, str] | None = None
+) -> Iterator[IO[bytes]]:
+    """The tar stream of s3://bucket/key, decompressed by the key's extension."""
+    check_key(key)
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key, **(extra or {}))["Body"]
+    except (ClientError, BotoCoreError) as err:
+        raise s3_failure(err, f"s3://{bucket}/{key}") from None
+    try:
+        yield decompressed(body, key)
+    finally:
+        with contextlib.suppress(Exception):
+            body.close()
 
 
 def restore_s3(
@@ -348,19 +429,12 @@ def restore_s3(
     """Stream s3://bucket/key down, decompress and extract it into `dest`."""
     check_key(key)  # both fail before anything is fetched
     check_destination(dest)
-    try:
-        body = s3.get_object(Bucket=bucket, Key=key, **(extra or {}))["Body"]
-    except (ClientError, BotoCoreError) as err:
-        raise s3_failure(err, f"s3://{bucket}/{key}") from None
-    try:
+    with fetched(s3, bucket, key, extra) as stream:
         return extract(
-            decompressed(body, key),
+            stream,
             dest,
             allow_setuid=allow_setuid,
             select=select,
             expected_tar_bytes=expected_tar_bytes,
             digests=digests,
         )
-    finally:
-        with contextlib.suppress(Exception):
-            body.close()

@@ -5,6 +5,7 @@ that says why a stream ended, where tarfile would just stop."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import tarfile
@@ -154,3 +155,17 @@ class Info(tarfile.TarInfo):
             raise RestoreError("archive is truncated: it ends before its end-of-archive marker") from None
         except _INVALID_HEADER as err:
             raise RestoreError(f"archive is corrupt: a tar header is invalid ({err})") from None
+
+
+@contextlib.contextmanager
+def failures() -> Iterator[None]:
+    """Every way a stream or a write can break, as one RestoreError line."""
+    try:
+        yield
+    except tarfile.TarError as err:
+        raise RestoreError(f"archive is truncated or corrupt: {err}") from None
+    except EOFError:
+        raise RestoreError("archive is truncated: the stream ends early") from None
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        raise RestoreError(f"restore failed{where}: {err.strerror or err}") from None

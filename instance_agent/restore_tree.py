@@ -1,16 +1,14 @@
 """The restore's destination, reached only through descriptors: DEST new or empty, the
 staging directory inside it (`staged`, all or nothing), member names as components, and
-directories, links and files placed in the staged tree (`Staged`, `Placer`) never through a
+directories, links and files placed in the staged tree (`Staged`) never through a
 symlink (restore.py's docstring says why each refusal is there)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -103,39 +101,43 @@ class Staged:
         return self._cached[1]
 
     def check_link(self, parts: Parts, target: str) -> None:
-        """UnsafeArchive unless `target`, read from the link's directory, stays inside the
-        tree and passes through no other link (only its last component may be one)."""
-        name = "/".join(parts)
-        if target.startswith("/"):
-            raise UnsafeArchive(
-                f"refusing symlink {name!r} -> {target!r}: absolute, so it "
-                f"points outside the destination (leave it out with --exclude "
-                f"{name!r})"
-            )
-        where = list(parts[:-1])
-        steps = [p for p in target.split("/") if p not in ("", ".")]
-        for i, step in enumerate(steps):
-            if step == "..":
-                if not where:
-                    raise UnsafeArchive(
-                        f"refusing symlink {name!r} -> {target!r}: points "
-                        f"outside the destination (leave it out with --exclude "
-                        f"{name!r})"
-                    )
-                where.pop()
-                continue
-            where.append(step)
-            if i < len(steps) - 1 and tuple(where) in self.links:
-                raise UnsafeArchive(
-                    f"refusing symlink {name!r} -> {target!r}: its target "
-                    f"passes through the symlink {'/'.join(where)!r}"
-                )
+        check_link(self.links, parts, target)
 
     def make_links(self) -> None:
         for parts, target in self.links.items():
             self.check_link(parts, target)  # against every link of the archive, now known
         for parts, target in self.links.items():
             os.symlink(target, parts[-1], dir_fd=self.parent(parts))
+
+
+def check_link(links: dict[Parts, str], parts: Parts, target: str) -> None:
+    """UnsafeArchive unless `target`, read from the link's directory, stays inside the
+    tree and passes through none of the other `links` (only its last component may be one)."""
+    name = "/".join(parts)
+    if target.startswith("/"):
+        raise UnsafeArchive(
+            f"refusing symlink {name!r} -> {target!r}: absolute, so it "
+            f"points outside the destination (leave it out with --exclude "
+            f"{name!r})"
+        )
+    where = list(parts[:-1])
+    steps = [p for p in target.split("/") if p not in ("", ".")]
+    for i, step in enumerate(steps):
+        if step == "..":
+            if not where:
+                raise UnsafeArchive(
+                    f"refusing symlink {name!r} -> {target!r}: points "
+                    f"outside the destination (leave it out with --exclude "
+                    f"{name!r})"
+                )
+            where.pop()
+            continue
+        where.append(step)
+        if i < len(steps) - 1 and tuple(where) in links:
+            raise UnsafeArchive(
+                f"refusing symlink {name!r} -> {target!r}: its target "
+                f"passes through the symlink {'/'.join(where)!r}"
+            )
 
 
 def check_destination(dest: str) -> bool:
@@ -188,55 +190,3 @@ def staged(dest: str, tree: str = "") -> Iterator[str]:
             with contextlib.suppress(OSError):
                 os.rmdir(root)
         raise
-
-
-class Placer:
-    """Puts regular files at member names of the tree at `root` (its directories created as
-    needed, none of them through a symlink): moved, or copied with their mode and time. Used
-    to assemble continuous-shipping segments into one tree. One descriptor of the tree is
-    kept for all of them, and the last file's directory with it: files of one segment mostly
-    share directories, and reaching each from the root again was about 20 syscalls a file."""
-
-    def __init__(self, root: str) -> None:
-        self._tree = Staged(root)
-
-    def close(self) -> None:
-        self._tree.close()
-
-    def __enter__(self) -> Placer:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-    def place(self, member: str, src: str, *, move: bool, digest: bool = False) -> Written | None:
-        """Moved: None (the file is the one written before). Copied with `digest`: what was
-        written into the copy."""
-        parts = member_parts(member.rstrip("/"))
-        fd = self._tree.parent(parts)
-        try:
-            os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            pass
-        else:
-            raise RestoreError(f"{member!r} is both in the archive and in a segment")
-        if move:
-            os.rename(src, parts[-1], dst_dir_fd=fd)
-            return None
-        st = os.stat(src)
-        out = os.open(
-            parts[-1],
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=fd,
-        )
-        h = hashlib.sha256() if digest else None
-        with open(src, "rb") as fin, os.fdopen(out, "wb") as fout:
-            while chunk := fin.read(COPY):
-                if h is not None:
-                    h.update(chunk)
-                fout.write(chunk)
-            fout.flush()
-            os.fchmod(out, stat.S_IMODE(st.st_mode))
-            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
-            return Written(h.hexdigest(), os.fstat(out).st_ino) if h is not None else None
