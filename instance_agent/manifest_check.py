@@ -63,6 +63,8 @@ def check(final_key: str, manifest: Mapping[str, Any]) -> None:
     """Raise UnsafeManifest, in one line naming the entry, for the first field that could
     reach outside the staged tree or outside this backup's objects."""
     instance = str(manifest.get("instance_id") or "")
+    # Tens of thousands of entries name the same few segments: each key is checked once.
+    problems: dict[str, str | None] = {}
     for entry in manifest.get("entries") or []:
         if not isinstance(entry, dict):
             continue
@@ -87,6 +89,9 @@ def check(final_key: str, manifest: Mapping[str, Any]) -> None:
                 )
         obj = entry.get("object")
         if obj:
-            problem = segment_key_problem(final_key, instance, str(obj))
+            key = str(obj)
+            if key not in problems:
+                problems[key] = segment_key_problem(final_key, instance, key)
+            problem = problems[key]
             if problem:
                 raise UnsafeManifest(f"refusing the manifest: entry {label} names object {obj!r}: {problem}")

@@ -48,9 +48,11 @@ def tree_path(parts: Parts) -> bytes:
 
 def member_parts(name: str) -> Parts:
     """The member name as components; UnsafeArchive for absolute names and '..'."""
-    if name.startswith("/") or ".." in name.split("/"):
+    parts = tuple(name.split("/"))
+    if name.startswith("/") or ".." in parts:
         raise UnsafeArchive(f"refusing member {name!r}: absolute or contains '..'")
-    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if "" in parts or "." in parts:  # rare ("a//b", "./a"): most names need no second pass
+        parts = tuple(p for p in parts if p not in ("", "."))
     if not parts:
         raise UnsafeArchive(f"refusing member {name!r}: names no path")
     return parts
