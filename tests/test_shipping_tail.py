@@ -300,6 +300,15 @@ def test_a_hostile_format_2_manifest_fails_the_restore_and_touches_nothing(
     assert not dest.exists() or list(dest.iterdir()) == []
 
 
+def _restores_exactly(stack: Stack, tmp_path: Path, src: Path) -> None:
+    """restore --latest --verify of the final backup gives back exactly the tree at `src`."""
+    proc = _restore(stack, tmp_path / "restored")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["status"] == "verified" and out["differences"] == []
+    assert walk(tmp_path / "restored" / str(src).lstrip("/")) == walk(src)
+
+
 @pytest.mark.parametrize("final", ["journal", "walk"])
 def test_changes_after_shipping_reach_the_final_archive_by_the_journal_or_the_walk(
     stack: Stack, tmp_path: Path, final: str
@@ -331,11 +340,7 @@ def test_changes_after_shipping_reach_the_final_archive_by_the_journal_or_the_wa
         assert 4 <= chosen["changed"] <= 10, chosen
     assert done["status"] == "succeeded" and completions(stack) == [("CONTINUE", "ok")]
 
-    proc = _restore(stack, tmp_path / "restored")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout)
-    assert out["status"] == "verified" and out["differences"] == []
-    assert walk(tmp_path / "restored" / str(src).lstrip("/")) == walk(src)
+    _restores_exactly(stack, tmp_path, src)
 
 
 def test_a_termination_with_nothing_changed_since_the_shipper_went_idle_reuses_its_walk(
@@ -358,8 +363,4 @@ def test_a_termination_with_nothing_changed_since_the_shipper_went_idle_reuses_i
     assert reused["files"] == 60
     assert left_out["files"] == left_out["prepared"] == 60
     assert done["status"] == "succeeded" and completions(stack) == [("CONTINUE", "ok")]
-    proc = _restore(stack, tmp_path / "restored")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout)
-    assert out["status"] == "verified" and out["differences"] == []
-    assert walk(tmp_path / "restored" / str(src).lstrip("/")) == walk(src)
+    _restores_exactly(stack, tmp_path, src)

@@ -170,9 +170,7 @@ def test_a_file_changed_before_the_scan_is_never_trusted_unseen(tmp_path: Path) 
     assert {os.fsencode(src / "d2" / "app.log.1"), os.fsencode(src / "d2" / "linked")} <= journal.paths
 
 
-def test_the_journal_is_lost_when_a_source_is_replaced_and_the_walk_is_chosen(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def _shipped_and_scanned(tmp_path: Path) -> tuple[Path, Ledger, Journal]:
     src = tmp_path / "logs"
     _tree(src)
     ledger = Ledger(None, INSTANCE)
@@ -180,6 +178,13 @@ def test_the_journal_is_lost_when_a_source_is_replaced_and_the_walk_is_chosen(
     pending = Pending((str(src),), Excluder(()), Settler(60.0), scan)
     journal = pending.journal = Journal((str(src),), ())
     assert pending.full_scan(ledger, 0.0, _never(), 3600.0)
+    return src, ledger, journal
+
+
+def test_the_journal_is_lost_when_a_source_is_replaced_and_the_walk_is_chosen(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src, ledger, journal = _shipped_and_scanned(tmp_path)
     view = ledger.view()
     view.handover = Handover(journal, stopped_clean=True)
     caplog.set_level("INFO")
@@ -214,17 +219,6 @@ def test_a_directory_reached_by_two_source_paths_is_not_trusted(tmp_path: Path) 
 
 
 # -- prepared holds (finalprep.py): the journal walk worked out by the idle shipper --------
-
-
-def _shipped_and_scanned(tmp_path: Path) -> tuple[Path, Ledger, Journal]:
-    src = tmp_path / "logs"
-    _tree(src)
-    ledger = Ledger(None, INSTANCE)
-    _ship_all(src, ledger)
-    pending = Pending((str(src),), Excluder(()), Settler(60.0), scan)
-    journal = pending.journal = Journal((str(src),), ())
-    assert pending.full_scan(ledger, 0.0, _never(), 3600.0)
-    return src, ledger, journal
 
 
 def _archive_prepared(
