@@ -31,7 +31,7 @@ from instance_agent.manifest import ArchiveReport, Entry, Held
 from instance_agent.tarstream import Sink, TarStream
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SWAPPED = "replaced by a symlink or another file during the backup; not followed"
 
 
@@ -58,8 +58,16 @@ Quick = Callable[
 # was worked out for it before the termination, when nothing in it changed since
 # (finalprep.py): its held files a segment at a time, each (key, the segment's file count,
 # held lines as ArchiveReport.hold_lines takes them, their bytes), and the entries to walk.
-Recalled = tuple[Sequence[tuple[str, int, list[bytes], int]], Sequence[Listed]]
+HeldGroup = tuple[str, int, list[bytes], int]
+Recalled = tuple[Sequence[HeldGroup], Sequence[Listed]]
 Recall = Callable[[bytes, int, int], Recalled | None]
+
+
+def list_dir(fd: int) -> list[Listed]:
+    """The entries of directory `fd`, sorted, as the walk takes them (and finalprep.py keeps
+    them: the two must agree)."""
+    with os.scandir(fd) as listing:
+        return sorted((os.fsencode(e.name), e.is_file(follow_symlinks=False), e.inode()) for e in listing)
 
 
 # A directory being walked: its path, its descriptor, and its entries still to do.
@@ -267,7 +275,7 @@ class Archiver(TarStream):
         symlink is followed on purpose), check it is the one stat'ed, and list it."""
         try:
             fd = os.open(
-                name, _DIR_FLAGS if parent_fd is not None else _DIR_FLAGS & ~os.O_NOFOLLOW, dir_fd=parent_fd
+                name, DIR_FLAGS if parent_fd is not None else DIR_FLAGS & ~os.O_NOFOLLOW, dir_fd=parent_fd
             )
         except OSError as err:
             if err.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -291,10 +299,7 @@ class Archiver(TarStream):
                         self.report.hold_lines(key, segment_files, lines, size)
                     stack.append((path, fd, iter(rest)))
                     return
-            with os.scandir(fd) as listing:
-                entries = sorted(
-                    (os.fsencode(e.name), e.is_file(follow_symlinks=False), e.inode()) for e in listing
-                )
+            entries = list_dir(fd)
         except OSError as err:
             os.close(fd)
             self._warn(path, f"directory not listable: {err.strerror}")

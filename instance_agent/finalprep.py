@@ -25,12 +25,13 @@ removed, renamed or written in a watched directory is an event on that directory
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
 import time
 
-from instance_agent.archive import Excluder, Listed, Recall, Recalled
+from instance_agent.archive import DIR_FLAGS, Excluder, Listed, Recall, Recalled, list_dir
 from instance_agent.finalwalk import linked_inodes, quick_hold
 from instance_agent.logs import fields
 from instance_agent.manifest import held_line
@@ -39,8 +40,6 @@ from instance_agent.shiprecord import Shipped
 from instance_agent.shipstate import Ledger
 
 log = logging.getLogger(__name__)
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def prepare(journal: Journal, ledger: Ledger) -> Prepared | None:
@@ -95,30 +94,26 @@ def prepare(journal: Journal, ledger: Ledger) -> Prepared | None:
 
 
 def _list(path: bytes, is_root: bool) -> tuple[os.stat_result, list[Listed], list[bytes]] | None:
-    """A directory's sorted entries as the archive lists them, and its subdirectories."""
-    flags = _DIR_FLAGS if not is_root else _DIR_FLAGS & ~os.O_NOFOLLOW  # a root symlink is followed
+    """A directory's entries as the archive lists them, and its subdirectories: those of the
+    entries not listed as regular files that an lstat finds directories, as the walk does."""
+    flags = DIR_FLAGS if not is_root else DIR_FLAGS & ~os.O_NOFOLLOW  # a root symlink is followed
     try:
         fd = os.open(path, flags)
     except OSError:
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISDIR(st.st_mode):
-            return None
-        entries: list[Listed] = []
-        subdirs: list[bytes] = []
-        with os.scandir(fd) as listing:
-            for e in listing:
-                name = os.fsencode(e.name)
-                entries.append((name, e.is_file(follow_symlinks=False), e.inode()))
-                if e.is_dir(follow_symlinks=False):
-                    subdirs.append(name)
+        entries = list_dir(fd)
+        subdirs = []
+        for name, regular, _ in entries:
+            if not regular:
+                with contextlib.suppress(OSError):
+                    if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                        subdirs.append(name)
     except OSError:
         return None
     finally:
         os.close(fd)
-    entries.sort()
-    subdirs.sort()
     return st, entries, subdirs
 
 

@@ -168,9 +168,6 @@ class HeldFiles:
     # holds): no tuple or line is made per file at termination.
     lines: list[bytes] = field(default_factory=list)
 
-    def count(self) -> int:
-        return len(self.files) + len(self.lines)
-
     def to_json(self) -> dict[str, Any]:
         lines = [held_line(m, d) for m, d in self.files]
         lines.extend(self.lines)

@@ -292,6 +292,11 @@ def _extract_one(run: Extraction, member: tarfile.TarInfo) -> None:
         refuse_kind(member, name)
 
 
+def both_error(parts: Parts) -> RestoreError:
+    """A path the final archive and a segment both hold: a forged or mixed-up backup."""
+    return RestoreError(f"{'/'.join(parts)!r} is both in the archive and in a segment")
+
+
 def file_mode(run: Extraction, member: tarfile.TarInfo, name: str) -> int:
     if member.mode & _SETID and not run.into.allow_setuid:
         raise UnsafeArchive(
@@ -355,7 +360,7 @@ def write_file(
         fd = os.open(parts[-1], flags | os.O_EXCL, 0o600, dir_fd=into.tree.parent(parts))
     except FileExistsError:
         if not replace:
-            raise RestoreError(f"{'/'.join(parts)!r} is both in the archive and in a segment") from None
+            raise both_error(parts) from None
         # The archive holds it twice (or links it): the last one wins, as with tar, once the
         # writes queued for the first have landed, which would otherwise follow the truncation.
         writer.sync()

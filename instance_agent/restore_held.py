@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from instance_agent.restore import (
     Extraction,
     Extractor,
+    both_error,
     check_link,
     file_mode,
     member_parts,
@@ -29,10 +30,6 @@ from instance_agent.restore import (
     write_file,
 )
 from instance_agent.restore_tree import COPY, Parts, RestoreError, Staged, UnsafeArchive, Written
-
-
-def _both(parts: Parts) -> RestoreError:
-    return RestoreError(f"{'/'.join(parts)!r} is both in the archive and in a segment")
 
 
 @dataclass
@@ -86,7 +83,7 @@ class Held:
         else:
             return  # not the backup's: never written
         if last in run.into.tree.links:
-            raise _both(last)
+            raise both_error(last)
         write_file(run, member, last, mode, replace=replace, count=False)
         self.sizes[last] = member.size
 
@@ -112,7 +109,7 @@ class Held:
         written = into.report.written
         for source, target in copies:
             if target in into.tree.links:
-                raise _both(target)
+                raise both_error(target)
             done = copy_file(into.tree, source, target, digest=written is not None)
             if written is not None and done is not None:
                 written[tree_path(target)] = done
@@ -133,7 +130,7 @@ def copy_file(tree: Staged, source: Parts, target: Parts, *, digest: bool) -> Wr
                 dir_fd=tree.parent(target),
             )
         except FileExistsError:
-            raise _both(target) from None
+            raise both_error(target) from None
         try:
             h = hashlib.sha256() if digest else None
             while chunk := os.read(src, COPY):

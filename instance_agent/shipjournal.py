@@ -34,7 +34,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from instance_agent.archive import Excluder, Listed
+from instance_agent.archive import Excluder, HeldGroup, Listed
 from instance_agent.shiprecord import Shipped
 
 IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
@@ -63,7 +63,7 @@ class DirHold:
     """One directory as the journal walk found it, before the termination (finalprep.py)."""
 
     ident: tuple[int, int]  # its (device, inode)
-    segments: tuple[tuple[str, int, list[bytes], int], ...]  # as archive.Recalled has them
+    segments: tuple[HeldGroup, ...]  # as archive.Recalled has them
     used: tuple[Shipped, ...]  # the segments those files are in, for the manifest
     rest: tuple[Listed, ...]  # entries the walk must still look at
 
