@@ -382,6 +382,9 @@ def write_file(
         got = run.source.hand_over(writer, Job(fd, digest=digest), member.size, (mode, member.mtime, then))
         if got != member.size:
             raise RestoreError("archive is truncated or corrupt: unexpected end of data")
+        # On past the data's padding to the next header, which tarfile would otherwise reach
+        # by a step back and a one-byte read.
+        run.source.seek(run.tar.offset)
     else:  # a GNU sparse member (never ours): tarfile maps its holes
         src = run.tar.extractfile(member)
         if src is None:  # pragma: no cover - isreg() members always have data

@@ -15,6 +15,7 @@ from typing import IO, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from instance_agent import tarheader, tarread
 from instance_agent.errors import ConfigError
 from instance_agent.readahead import ReadAhead
 from instance_agent.restore_tree import COPY, RestoreError
@@ -100,6 +101,10 @@ class Counted:
             yield piece
 
     def read(self, size: int = COPY) -> bytes:
+        start = self._pos
+        if size >= 0 and start + size <= len(self._view):  # a header: nearly always inside the chunk
+            self._pos = start + size
+            return self._view[start : self._pos].tobytes()
         pieces = list(self._pieces(size))
         return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
 
@@ -107,6 +112,13 @@ class Counted:
         """The next `size` bytes of the stream, as slices of its chunks, to `writer` for
         `job`'s file, a job of at most about a MiB at a time, the last one `done`; how many
         bytes there were (fewer at the end of the stream)."""
+        start = self._pos
+        if start + size <= len(self._view):  # a small file: one slice of the chunk
+            self._pos = start + size
+            job.pieces.append(self._view[start : self._pos])
+            job.done = done
+            writer.submit(job, size)
+            return size
         got = held = 0
         for piece in self._pieces(size):
             job.pieces.append(piece)
@@ -146,7 +158,7 @@ class Info(tarfile.TarInfo):
     @classmethod
     def fromtarfile(cls, tf: tarfile.TarFile) -> Info:
         try:
-            return super().fromtarfile(tf)
+            return cls._read(tf)
         except _EOF_HEADER:
             if isinstance(tf, Tar):
                 tf.ended_cleanly = True
@@ -155,6 +167,29 @@ class Info(tarfile.TarInfo):
             raise RestoreError("archive is truncated: it ends before its end-of-archive marker") from None
         except _INVALID_HEADER as err:
             raise RestoreError(f"archive is corrupt: a tar header is invalid ({err})") from None
+
+    @classmethod
+    def _read(cls, tf: tarfile.TarFile) -> Info:
+        """tarfile's own `fromtarfile`, with a plain header read by tarread (its docstring),
+        and then taken as `_proc_builtin` would take it: its data follows, and the next
+        header after the data's last block."""
+        source = cast(Counted, tf.fileobj)
+        buf = source.read(tarheader.BLOCK)
+        info = tarread.plain(cls, buf, tf.encoding, tf.errors)
+        if info is None:
+            info = cls.frombuf(buf, tf.encoding, tf.errors)
+            info.offset = source.tell() - tarheader.BLOCK
+            return cast(Info, info._proc_member(tf))  # type: ignore[attr-defined]
+        info.offset_data = source.tell()
+        info.offset = info.offset_data - tarheader.BLOCK
+        tf.offset = info.offset_data
+        if info.type == tarfile.REGTYPE:
+            tf.offset += info.size + tarheader.padding(info.size)
+        if tf.pax_headers:  # global pax headers (a backup never writes them)
+            info._apply_pax_info(tf.pax_headers, tf.encoding, tf.errors)  # type: ignore[attr-defined]
+        if info.type == tarfile.DIRTYPE:
+            info.name = info.name.rstrip("/")
+        return cast(Info, info)
 
 
 @contextlib.contextmanager
