@@ -23,7 +23,8 @@ SL is `restore --latest` of it (and SLV with `--verify`), against S5, the s5cmd 
 over each object in turn (the final archive and every segment) into the same DEST.
 
 Every competitor's tree is checked once against the source, file by file (SHA-256). Between
-runs DEST is removed and the page cache synced, outside the timing. Results:
+runs the page cache is synced, outside the timing; the trees are removed at the end (after
+each round when the disk lacks room for them all), then `--settle` seconds pass. Results:
 benchmarks/results/restore-SIZE.{md,json,png}.
 """
 
@@ -324,12 +325,27 @@ def main() -> None:
             dest = dests / f"{len(made)}-{c.name}"
             dest.mkdir()
             made.append(dest)
-            return run_one(c.command.format(**{**fields, "dest": dest, **override}), env), dest
+            sample = run_one(c.command.format(**{**fields, "dest": dest, **override}), env)
+            # Outside the timing: the next competitor starts with no dirty pages of this one's
+            # tree to write back. Without it, the fifth 1 GiB tree of a round met the kernel's
+            # dirty limit (vm.dirty_ratio) and paid for the four before it.
+            os.sync()
+            return sample, dest
 
-        def clean() -> None:
-            """Remove the trees restored so far, then wait: ext4 passes over every inode freed
-            in the last 30 s when it allocates one (fs/ext4/ialloc.c, recently_deleted), so a
-            tree restored right after another was removed pays for each of its files again."""
+        # Room to keep every tree until the end: then no tree is removed while others are
+        # timed. Removed after each round, even with --settle, the first restore after a
+        # removal was the slow one (P5 13.9 and 15.0 s in rounds 2 and 3, 2.8 s in round 1).
+        room = shutil.disk_usage(dests).free > 1.2 * size * (len(chosen) + 1) * args.rounds
+        print(f"trees kept until the end: {room}", flush=True)
+
+        def clean(last: bool = False) -> None:
+            """Remove the trees restored so far (at the end only, when there is room), then
+            wait: ext4 passes over every inode freed in the last 30 s when it allocates one
+            (fs/ext4/ialloc.c, recently_deleted), so a tree restored right after another was
+            removed pays for each of its files again; the wait at the end spares whatever runs
+            next."""
+            if room and not last:
+                return
             for dest in made:
                 shutil.rmtree(dest)
             made.clear()
@@ -355,7 +371,7 @@ def main() -> None:
             r = next(c for c in chosen if c.name == "R")
             for _ in range(args.rounds):
                 small_rss.append(run(r, key=skey)[0].rss)
-            clean()
+        clean(last=True)
         if group:
             (WORK / f"corpus-ship-{size}" / "app" / "live.log").unlink(missing_ok=True)
     rows = [summarise(c.name, samples[c.name]) for c in chosen]
