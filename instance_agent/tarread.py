@@ -46,10 +46,12 @@ def _number(field: bytes) -> int:
     return int(digits, 8) if digits else 0
 
 
-def _owner(fields: tuple[bytes, ...], encoding: str, errors: str) -> tuple[int, int, int, str, str, int, int]:
+def _owner(fields: tuple[bytes, ...]) -> tuple[int, int, int, str, str, int, int]:
+    """The owner fields read, by the raw fields and the encoding that decodes the names."""
     found = _OWNERS.get(fields)
     if found is None:
-        mode, uid, gid, uname, gname, major, minor = fields
+        mode, uid, gid, uname, gname, major, minor, coded, handler = fields
+        encoding, errors = coded.decode(), handler.decode()
         found = (
             _number(mode),
             _number(uid),
@@ -79,7 +81,7 @@ def plain(cls: type[tarfile.TarInfo], buf: bytes, encoding: str, errors: str) ->
         checksum = _number(chksum)
         if checksum != sum(buf.translate(None, b"\0")) - sum(chksum) + _SPACES:
             return None
-        owner = _owner((mode, uid, gid, uname, gname, major, minor), encoding, errors)
+        owner = _owner((mode, uid, gid, uname, gname, major, minor, encoding.encode(), errors.encode()))
         length, when = _number(size), _number(mtime)
         path = _text(name, encoding, errors)
         target = _text(linkname, encoding, errors)

@@ -79,6 +79,14 @@ def test_anything_but_a_plain_posix_header_is_declined(info: tarfile.TarInfo, fm
     assert tarread.plain(tarfile.TarInfo, first_block(info, fmt), ENC, ERR) is None
 
 
+def test_a_name_is_decoded_with_the_encoding_asked_for_even_when_its_owner_was_read_before() -> None:
+    buf = first_block(member("var/log/app.log", uname="jos\u00e9"), tarfile.USTAR_FORMAT)
+    for encoding in ("utf-8", "latin-1", "utf-8"):
+        got = tarread.plain(tarfile.TarInfo, buf, encoding, ERR)
+        assert got is not None
+        assert fields(got) == fields(tarfile.TarInfo.frombuf(buf, encoding, ERR))
+
+
 def test_the_end_of_archive_block_and_short_blocks_are_declined() -> None:
     assert tarread.plain(tarfile.TarInfo, bytes(512), ENC, ERR) is None
     assert tarread.plain(tarfile.TarInfo, first_block(PLAIN[0], tarfile.USTAR_FORMAT)[:511], ENC, ERR) is None
@@ -93,7 +101,8 @@ def test_a_header_only_the_signed_checksum_matches_is_left_to_tarfile() -> None:
     assert tarfile.TarInfo.frombuf(bytes(buf), ENC, ERR).name.startswith("var/log/app")
 
 
-@pytest.mark.parametrize("value", [0x00, 0x20, 0x37, 0x38, 0x80, 0xFF])
+# 0x1C: whitespace to str.strip (tarfile's), not to bytes.strip; 0x5F: "_", which int() takes.
+@pytest.mark.parametrize("value", [0x00, 0x1C, 0x20, 0x37, 0x38, 0x5F, 0x80, 0xFF])
 def test_no_changed_byte_is_accepted_where_tarfile_refuses_it_or_read_otherwise(value: int) -> None:
     """Every position of a plain header, set to `value` (with and without its checksum
     mended): the fast path declines it, or agrees with tarfile field by field."""
