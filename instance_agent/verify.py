@@ -204,6 +204,9 @@ def compare(
     differences: list[Difference] = []
     expected: set[bytes] = set()
     checked = 0
+    # root is absolute and normalised, and rel has no leading "/": os.path.join's checks
+    # took a sixth of a verify of 36,000 entries.
+    prefix = root.rstrip(b"/") + b"/"
     for entry in entries:
         if not isinstance(entry, dict):
             continue
@@ -214,7 +217,7 @@ def compare(
             raise UnsafeManifest(f"refusing the manifest: entry {os.fsdecode(rel)!r} has an unsafe path")
         expected.add(rel)
         checked += 1
-        problem = _entry_problem(os.path.join(root, rel), entry, written.get(rel) if written else None)
+        problem = _entry_problem(prefix + rel, entry, written.get(rel) if written else None)
         if problem and entry.get("object"):
             problem += f" (held in segment {entry['object']})"
         if problem:
@@ -231,10 +234,14 @@ def compare(
 
 
 def _ancestors(rel: bytes) -> Iterator[bytes]:
-    parent = os.path.dirname(rel)
-    while parent:
+    """os.path.dirname's parents of `rel`, innermost first, found by one rfind each."""
+    cut = rel.rfind(b"/")
+    while cut > 0:
+        parent = rel[:cut].rstrip(b"/")
+        if not parent:
+            return
         yield parent
-        parent = os.path.dirname(parent)
+        cut = parent.rfind(b"/")
 
 
 def render_text(report: VerifyReport) -> str:
