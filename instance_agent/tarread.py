@@ -30,8 +30,10 @@ _SPACES = 8 * ord(" ")  # the checksum field counts as eight spaces in its own s
 
 
 # The owner fields (mode, uid, gid, uname, gname, device numbers) repeat across a whole
-# archive: each distinct set is read once. Bounded, for an archive of many owners.
-_OWNERS: dict[tuple[bytes, ...], tuple[int, int, int, str, str, int, int]] = {}
+# archive: each distinct set is read once. Keyed by the seven raw fields, then the encoding
+# and error handler that decode the names; bounded, for an archive of many owners.
+OwnerKey = tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes, str, str]
+_OWNERS: dict[OwnerKey, tuple[int, int, int, str, str, int, int]] = {}
 _OWNERS_MAX = 1024
 
 
@@ -46,12 +48,11 @@ def _number(field: bytes) -> int:
     return int(digits, 8) if digits else 0
 
 
-def _owner(fields: tuple[bytes, ...]) -> tuple[int, int, int, str, str, int, int]:
+def _owner(fields: OwnerKey) -> tuple[int, int, int, str, str, int, int]:
     """The owner fields read, by the raw fields and the encoding that decodes the names."""
     found = _OWNERS.get(fields)
     if found is None:
-        mode, uid, gid, uname, gname, major, minor, coded, handler = fields
-        encoding, errors = coded.decode(), handler.decode()
+        mode, uid, gid, uname, gname, major, minor, encoding, errors = fields
         found = (
             _number(mode),
             _number(uid),
@@ -81,7 +82,7 @@ def plain(cls: type[tarfile.TarInfo], buf: bytes, encoding: str, errors: str) ->
         checksum = _number(chksum)
         if checksum != sum(buf.translate(None, b"\0")) - sum(chksum) + _SPACES:
             return None
-        owner = _owner((mode, uid, gid, uname, gname, major, minor, encoding.encode(), errors.encode()))
+        owner = _owner((mode, uid, gid, uname, gname, major, minor, encoding, errors))
         length, when = _number(size), _number(mtime)
         path = _text(name, encoding, errors)
         target = _text(linkname, encoding, errors)
