@@ -230,11 +230,11 @@ def object_keys(client: Any, group: str) -> list[str]:
 
 def in_tmpfs(path: Path) -> bool:
     """Whether `path` is on a tmpfs (the longest mount point above it, from /proc/self/mounts)."""
-    best, kind = "", ""
+    best, kind, where = "", "", str(path.resolve()).rstrip("/") + "/"
     with open("/proc/self/mounts") as mounts:
         for line in mounts:
             _, point, fstype, *_ = line.split()
-            if str(path.resolve()).startswith(point.rstrip("/") + "/") and len(point) > len(best):
+            if where.startswith(point.rstrip("/") + "/") and len(point) > len(best):
                 best, kind = point, fstype
     return kind == "tmpfs"
 

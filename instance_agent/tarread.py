@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 import tarfile
 
-from instance_agent.tarheader import BLOCK as BLOCK
+from instance_agent.tarheader import BLOCK
 
 # name mode uid gid size mtime chksum type linkname magic uname gname devmajor devminor prefix
 _HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")

@@ -30,7 +30,7 @@ def member(name: str, kind: bytes = tarfile.REGTYPE, **attrs: object) -> tarfile
 
 
 def first_block(info: tarfile.TarInfo, fmt: int) -> bytes:
-    return info.tobuf(fmt, ENC, ERR)[: tarread.BLOCK]
+    return info.tobuf(fmt, ENC, ERR)[: tarheader.BLOCK]
 
 
 PLAIN = [
@@ -108,7 +108,7 @@ def test_no_changed_byte_is_accepted_where_tarfile_refuses_it_or_read_otherwise(
     mended): the fast path declines it, or agrees with tarfile field by field."""
     original = first_block(PLAIN[3], tarfile.USTAR_FORMAT)
     taken = 0
-    for pos in range(tarread.BLOCK):
+    for pos in range(tarheader.BLOCK):
         for mend in (False, True):
             buf = bytearray(original)
             buf[pos] = value
