@@ -19,7 +19,7 @@ from instance_agent import tarheader, tarread
 from instance_agent.errors import ConfigError
 from instance_agent.readahead import ReadAhead
 from instance_agent.restore_tree import COPY, RestoreError
-from instance_agent.restore_write import BATCH_BYTES, Done, Job, Writer
+from instance_agent.restore_write import BATCH_BYTES, SMALL, Done, Job, Writer
 from instance_agent.s3read import ARCHIVE_SUFFIXES
 
 # tarfile's header errors, which typeshed leaves out (CPython has had them since 3.2).
@@ -110,15 +110,23 @@ class Counted:
 
     def hand_over(self, writer: Writer, job: Job, size: int, done: Done) -> int:
         """The next `size` bytes of the stream, as slices of its chunks, to `writer` for
-        `job`'s file, a job of at most about a MiB at a time, the last one `done`; how many
-        bytes there were (fewer at the end of the stream)."""
+        `job`'s file, a job of at most about a MiB at a time, the last one `done` (a small
+        file written here, at once: restore_write.SMALL); how many bytes there were (fewer
+        at the end of the stream)."""
         start = self._pos
-        if start + size <= len(self._view):  # a small file: one slice of the chunk
+        if start + size <= len(self._view):  # one slice of the chunk
             self._pos = start + size
             job.pieces.append(self._view[start : self._pos])
-            job.done = done
-            writer.submit(job, size)
+            if size <= SMALL:
+                writer.write_here(job, done)
+            else:
+                job.done = done
+                writer.submit(job, size)
             return size
+        if size <= SMALL:  # across the chunk's end
+            job.pieces.extend(self._pieces(size))
+            writer.write_here(job, done)
+            return sum(len(piece) for piece in job.pieces)
         got = held = 0
         for piece in self._pieces(size):
             job.pieces.append(piece)

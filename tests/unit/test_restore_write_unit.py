@@ -16,7 +16,7 @@ import pytest
 
 from instance_agent import verify
 from instance_agent.restore import Written, extract
-from instance_agent.restore_write import Job, Writer
+from instance_agent.restore_write import SMALL, Job, Writer
 
 OLD = 1_600_000_000
 
@@ -88,6 +88,49 @@ def test_a_write_error_reaches_the_restore_and_every_descriptor_is_closed(tmp_pa
         with pytest.raises(OSError):
             os.fstat(fd)  # closed by the writer, written or not
     assert (tmp_path / "after").read_bytes() == b""
+
+
+def test_a_small_file_written_in_the_restores_thread_is_closed_when_its_write_fails(tmp_path: Path) -> None:
+    readonly = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT, 0o600)
+    writer = Writer()
+    with pytest.raises(OSError) as caught:
+        writer.write_here(Job(readonly, [memoryview(b"data")]), (0o600, OLD, None))
+    assert caught.value.errno == 9
+    with pytest.raises(OSError):
+        os.fstat(readonly)
+    writer.finish()
+
+
+def test_the_writers_error_reaches_a_small_file_written_after_it_and_its_descriptor_is_closed(
+    tmp_path: Path,
+) -> None:
+    readonly = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT, 0o600)
+    small = os.open(tmp_path / "small", os.O_WRONLY | os.O_CREAT, 0o600)
+    writer = Writer()
+    writer.submit(Job(readonly, [memoryview(b"x" * 100_000)], done=(0o600, OLD, None)), 100_000)
+    with pytest.raises(OSError) as first:
+        writer.sync()
+    with pytest.raises(OSError) as again:
+        writer.write_here(Job(small, [memoryview(b"never written")]), (0o600, OLD, None))
+    assert again.value is first.value  # the same error, not a new one about this file
+    for fd in (readonly, small):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    assert (tmp_path / "small").read_bytes() == b""
+    writer.close()
+
+
+def test_small_files_across_chunk_ends_among_large_ones_restore_exactly(tmp_path: Path) -> None:
+    """Files at most restore_write.SMALL are written where they are opened, the others in the
+    writer's thread; the stream's 1 MiB chunks end inside some of each kind."""
+    rng = random.Random(7)
+    sizes = (1, 4000, SMALL - 1, SMALL, SMALL + 1, 300_000, 2**20 + 5)
+    members = [(f"m{i}", rng.randbytes(rng.choice(sizes))) for i in range(120)]
+    report = extract(_tar(*members), str(tmp_path / "dest"), digests=True)
+    assert report.files == len(members) and report.written is not None
+    for name, data in members:
+        assert (tmp_path / "dest" / name).read_bytes() == data
+        assert report.written[name.encode()].sha256 == hashlib.sha256(data).hexdigest()
 
 
 def _restored(tmp_path: Path) -> tuple[Path, list[dict[str, object]], dict[bytes, Written]]:
