@@ -108,14 +108,12 @@ def _digest(path: bytes) -> str:
     return h.hexdigest()
 
 
+# An lstat's file type as the manifest names it; anything else is a "special file".
+_KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink"}
+
+
 def _kind(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "dir"
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    return "special file"
+    return _KINDS.get(stat.S_IFMT(mode), "special file")
 
 
 def _entry_problem(full: bytes, entry: Mapping[str, Any], done: Written | None) -> str | None:
@@ -206,24 +204,31 @@ def compare(
     # root is absolute and normalised, and rel has no leading "/": a path is prefix + rel,
     # where os.path.join's checks took a sixth of a verify of 36,000 entries.
     prefix = root.rstrip(b"/") + b"/"
+    # Asked once, not once per entry: a Selection's truth is a method call.
+    pick = select if select else None
+    done = written if written else {}
     for entry in entries:
         if not isinstance(entry, dict):
             continue
-        rel = path_from_fields(entry).strip(b"/")
-        if not rel or (select and not select(os.fsdecode(rel))):
+        path = entry.get("path")
+        # path_from_fields's common case inline: a text path (else a path_b64, or an error).
+        rel = (path.encode("utf-8") if isinstance(path, str) else path_from_fields(entry)).strip(b"/")
+        if not rel or (pick is not None and not pick(os.fsdecode(rel))):
             continue
         if not relative_inside(rel):  # the manifest is the instance's: never look outside root
             raise UnsafeManifest(f"refusing the manifest: entry {os.fsdecode(rel)!r} has an unsafe path")
         expected.add(rel)
         checked += 1
-        problem = _entry_problem(prefix + rel, entry, written.get(rel) if written else None)
+        problem = _entry_problem(prefix + rel, entry, done.get(rel))
         if problem and entry.get("object"):
             problem += f" (held in segment {entry['object']})"
         if problem:
             differences.append(Difference(rel, problem))
     parents: set[bytes] = set()
-    for rel in expected:
-        for parent in _ancestors(rel):
+    # A directory's files share its chain of parents: walk it once per directory, not once
+    # per file (rel and its directory followed by "/" have the same ancestors).
+    for head in {rel.rpartition(b"/")[0] for rel in expected}:
+        for parent in _ancestors(head + b"/"):
             if parent in parents:
                 break  # and so are its own parents
             parents.add(parent)
