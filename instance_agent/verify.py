@@ -210,9 +210,7 @@ def compare(
     for entry in entries:
         if not isinstance(entry, dict):
             continue
-        path = entry.get("path")
-        # path_from_fields's common case inline: a text path (else a path_b64, or an error).
-        rel = (path.encode("utf-8") if isinstance(path, str) else path_from_fields(entry)).strip(b"/")
+        rel = path_from_fields(entry).strip(b"/")
         if not rel or (pick is not None and not pick(os.fsdecode(rel))):
             continue
         if not relative_inside(rel):  # the manifest is the instance's: never look outside root
