@@ -45,7 +45,10 @@ class _Parser(argparse.ArgumentParser):
     """argparse prints usage plus a message and exits; we want one line and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{self.prog}: {message}")
+        # main() prefixes "instance-agent: error:"; a subcommand's parser adds its own name
+        # ("restore: ..."), the top-level one nothing, so the program is named once.
+        command = self.prog.removeprefix(PROG).strip()
+        raise ConfigError(f"{command}: {message}" if command else message)
 
 
 def build_parser() -> argparse.ArgumentParser:
