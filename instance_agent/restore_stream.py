@@ -18,7 +18,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from instance_agent import tarheader, tarread
 from instance_agent.errors import ConfigError
 from instance_agent.readahead import ReadAhead
-from instance_agent.restore_tree import COPY, RestoreError
+from instance_agent.restore_tree import COPY, RestoreError, UnsafeArchive
 from instance_agent.restore_write import BATCH_BYTES, SMALL, Done, Job, Writer
 from instance_agent.s3read import ARCHIVE_SUFFIXES
 
@@ -156,6 +156,21 @@ class Counted:
         return offset
 
 
+# Headers whose data tarfile reads whole into memory: pax (per member and global) and GNU
+# long names. Ours hold a path or a link target (PATH_MAX is 4 KiB); 1 MiB leaves room for
+# other tools' records (xattrs, ACLs) and bounds what one header can make restore allocate.
+_METADATA = frozenset(
+    (
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+    )
+)
+MAX_METADATA = 1 << 20
+
+
 class Tar(tarfile.TarFile):
     ended_cleanly = False  # set when the stream ended at an end-of-archive block
 
@@ -186,6 +201,13 @@ class Info(tarfile.TarInfo):
         info = tarread.plain(cls, buf, tf.encoding, tf.errors)
         if info is None:
             info = cls.frombuf(buf, tf.encoding, tf.errors)
+            if info.type in _METADATA and info.size > MAX_METADATA:
+                # tarfile reads such a header's data whole into memory before parsing it:
+                # gigabytes of it compress to a few hundred KB, so refuse it by its header.
+                raise UnsafeArchive(
+                    f"refusing the archive: a metadata header (pax or GNU long name) of "
+                    f"{info.size} bytes, more than {MAX_METADATA}"
+                )
             info.offset = source.tell() - tarheader.BLOCK
             return cast(Info, info._proc_member(tf))  # type: ignore[attr-defined]
         info.offset_data = source.tell()

@@ -234,3 +234,66 @@ def test_verify_refuses_a_manifest_path_that_leaves_the_tree(stack: Stack, tmp_p
     assert proc.returncode == 1, proc.stdout
     line = proc.stderr.strip().splitlines()[-1]
     assert line == "instance-agent: error: refusing the manifest: entry '../secret' has an unsafe path"
+
+
+# --- a tiny archive whose metadata header declares gigabytes ---------------------------
+
+
+class _DeclaredHuge(io.RawIOBase):
+    """A header block declaring `size` bytes of metadata, then zeros made as they are read:
+    what a few hundred KB of zstd expand to, without this test holding them."""
+
+    def __init__(self, header: bytes, size: int) -> None:
+        self._header = header
+        self._left = size + 2 * 512
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")
+        if self._header:
+            n = min(len(view), len(self._header))
+            view[:n] = self._header[:n]
+            self._header = self._header[n:]
+            return n
+        n = min(len(view), self._left)
+        view[:n] = bytes(n)
+        self._left -= n
+        return n
+
+
+@pytest.mark.parametrize(
+    ("kind", "fmt", "name"),
+    [
+        (tarfile.XHDTYPE, tarfile.USTAR_FORMAT, "././@PaxHeader"),
+        (tarfile.XGLTYPE, tarfile.USTAR_FORMAT, "././@PaxHeader"),
+        (tarfile.GNUTYPE_LONGNAME, tarfile.GNU_FORMAT, "././@LongLink"),
+        (tarfile.GNUTYPE_LONGLINK, tarfile.GNU_FORMAT, "././@LongLink"),
+    ],
+    ids=["pax", "pax-global", "gnu-longname", "gnu-longlink"],
+)
+def test_a_metadata_header_of_gigabytes_is_refused_before_it_is_read(
+    tmp_path: Path, kind: bytes, fmt: int, name: str
+) -> None:
+    """A pax or GNU long-name header is read whole into memory by tarfile: one declaring
+    64 MiB (a real attack would declare gigabytes; zeros compress about 32,000:1) must be
+    refused from its header, not after the allocation. The watcher adopts peers' hand-offs
+    unattended, so this is a peer's way to kill it."""
+    import tracemalloc
+
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = 64 << 20
+    dest = tmp_path / "dest"
+    tracemalloc.start()
+    try:
+        with pytest.raises(UnsafeArchive) as refused:
+            extract(_DeclaredHuge(info.tobuf(fmt), info.size), str(dest))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    line = str(refused.value)
+    assert line.startswith("refusing") and "\n" not in line and str(64 << 20) in line, line
+    assert peak < 16 << 20, peak
+    assert not dest.exists()
