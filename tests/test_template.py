@@ -387,6 +387,23 @@ def test_failed_invocations_land_in_an_alarmed_queue() -> None:
     assert alarm["AlarmActions"] == [{"Ref": "BackupTopic"}]
 
 
+def test_every_rule_that_dead_letters_into_the_queue_may_send_to_it() -> None:
+    """EventBridge needs the queue's resource policy to send a rule's undelivered events
+    (EventBridge user guide, "Using dead-letter queues to process undelivered events"):
+    a rule left out of the policy's aws:SourceArn loses them silently, with no alarm."""
+    dlq = {"Fn::GetAtt": ["TriggerDeadLetterQueue", "Arn"]}
+    senders = [
+        {"Fn::GetAtt": [name, "Arn"]}
+        for name, res in RESOURCES.items()
+        if res["Type"] == "AWS::Events::Rule"
+        and any(t.get("DeadLetterConfig", {}).get("Arn") == dlq for t in res["Properties"]["Targets"])
+    ]
+    [statement] = RESOURCES["TriggerDeadLetterQueuePolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    allowed = statement["Condition"]["ArnEquals"]["aws:SourceArn"]
+    assert len(senders) >= 3
+    assert [s for s in senders if s not in allowed] == []
+
+
 def test_rule_matches_this_groups_terminate_lifecycle_actions() -> None:
     pattern = RESOURCES["TerminateRule"]["Properties"]["EventPattern"]
     assert pattern["source"] == ["aws.autoscaling"]
