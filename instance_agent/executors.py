@@ -190,8 +190,11 @@ def duplicate(ctx: Context, res: Result, plan: decision.Duplicate) -> Done:
     _as_duplicate(res, plan.record)
     if plan.retry_retained:
         # Run Command answered this action first and its backup failed: if the instance
-        # is now retained, the watcher retries (retained.py).
-        res = _retry_retained(ctx, res)
+        # is now retained, the watcher retries (retained.py). A backup that landed is the
+        # outcome, with its own exit code, as in retry_retained below.
+        landed = _retry_retained(ctx, res)
+        if landed is not res:
+            return Done(landed, steps.exit_code(landed))
     return Done(res, plan.record.exit_code)
 
 

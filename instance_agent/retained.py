@@ -76,6 +76,68 @@ def next_wait(attempt: int, now: float, give_up_at: float, first: float, cap: fl
     return None if now + wait > give_up_at else wait
 
 
+# After its last action ends in ABANDON the instance is in that wait's Proceed state first:
+# "When retention is triggered, instances transition through these states: Terminating,
+# Terminating:Wait, Terminating:Proceed - Lifecycle actions wrap up (whether they succeeded
+# or failed), Terminating:Retained" (manage-retained-instances.html above). Asked once, right
+# after the ABANDON, a retained instance reads Proceed; so the agent asks again while the
+# state is one of these, until SETTLE_FOR has passed (no page says how long the step takes).
+PASSING = frozenset(
+    (
+        "Terminating",
+        "Terminating:Wait",
+        "Terminating:Proceed",
+        "Warmed:Terminating",
+        "Warmed:Terminating:Wait",
+        "Warmed:Terminating:Proceed",
+        "Warmed:Pending",
+        "Warmed:Pending:Wait",
+        "Warmed:Pending:Proceed",
+    )
+)
+SETTLE_FOR = 600.0
+SETTLE_FIRST = 1.0
+SETTLE_CAP = 15.0
+
+
+def settle_wait(looks: int, waited: float, settle_for: float = SETTLE_FOR) -> float | None:
+    """Seconds before the next look at a state still passing through the wait (1, 2, 4 … s,
+    capped at SETTLE_CAP), or None once `settle_for` is spent."""
+    if waited >= settle_for:
+        return None
+    return float(min(SETTLE_CAP, SETTLE_FIRST * 2.0 ** min(looks, 16), settle_for - waited))
+
+
+# What one look at the instance's state found.
+UNKNOWN = "unknown"  # Auto Scaling did not answer
+
+
+def settles_retained(
+    look: Callable[[], str | None],
+    wait: Callable[[float], bool],
+    clock: Callable[[], float],
+    settle_for: float = SETTLE_FOR,
+) -> bool | None:
+    """Whether the instance ends up retained: True, False (it goes on terminating, is in no
+    group, or is anywhere else), or None when cancelled. `look` gives the LifecycleState, or
+    UNKNOWN when Auto Scaling cannot be asked: that counts as passing, and as retained once
+    the time is spent, so that the instance's data stays safe."""
+    started = clock()
+    looks = 0
+    while True:
+        state = look()
+        if state != UNKNOWN and is_retained(state):
+            return True
+        if state != UNKNOWN and state not in PASSING:
+            return False
+        pause = settle_wait(looks, clock() - started, settle_for)
+        if pause is None:
+            return state == UNKNOWN
+        if wait(pause):
+            return None
+        looks += 1
+
+
 def is_retained(lifecycle_state: str | None) -> bool:
     """`Terminating:Retained`, `Warmed:Terminating:Retained`, `Warmed:Pending:Retained`."""
     return bool(lifecycle_state) and str(lifecycle_state).endswith(":Retained")
@@ -186,24 +248,33 @@ def run_if_retained(
     group: str | None,
     *,
     clock: Callable[[], float] = time.monotonic,
+    settle_for: float = SETTLE_FOR,
 ) -> str | None:
     """After a terminating action ended in ABANDON: when DescribeAutoScalingInstances shows
-    the instance `*:Retained`, run the retry loop; None when it is not retained (no policy:
-    the instance terminates as before)."""
+    the instance `*:Retained` (once it has passed through the wait's Proceed state:
+    `settles_retained`), run the retry loop; None when it is not retained (no policy: the
+    instance terminates as before), CANCELLED when stopped while waiting to tell."""
     asg = clients.autoscaling
     if asg is None:
         return None
 
-    def still_retained() -> bool:
+    def look() -> str | None:
         try:
             found = instance_state(asg, ident.instance_id)
         except LifecycleError as err:
-            # Auto Scaling unreachable: keep the instance's data safe and try again later.
-            log.warning("cannot tell whether the instance is still retained", extra=fields(error=str(err)))
-            return True
-        return found is not None and is_retained(found[1])
+            log.warning("cannot tell whether the instance is retained", extra=fields(error=str(err)))
+            return UNKNOWN
+        return None if found is None else found[1]
 
-    if not still_retained():
+    def still_retained() -> bool:
+        # Auto Scaling unreachable: keep the instance's data safe and try again later.
+        state = look()
+        return state == UNKNOWN or is_retained(state)
+
+    settled = settles_retained(look, cancel.wait, clock, settle_for)
+    if settled is None:
+        return CANCELLED
+    if not settled:
         return None
 
     def terminate() -> None:

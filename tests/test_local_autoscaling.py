@@ -17,7 +17,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from instance_agent.local import autoscaling
+from instance_agent.local import autoscaling, retention
 from instance_agent.local.autoscaling import LifecycleCall, LifecycleOutcome
 from instance_agent.local.moto_server import MotoServer
 
@@ -292,6 +292,9 @@ def test_retain_policy_keeps_an_abandoned_instance_until_terminated(env: Env) ->
     put_hook(env)
     waiting = scale_in(env)
     complete(env, result="ABANDON", InstanceId=waiting)
+    # First the wait's Proceed step ("Manage retained instances"), still in the capacity.
+    assert sorted(states(env).values()) == ["InService", "Terminating:Proceed"]
+    env.clock.now += retention.PROCEED_FOR
     # Retained, still running, out of the capacity (desired 1, one InService besides it).
     assert states(env)[waiting] == "Terminating:Retained"
     assert sorted(states(env).values()) == ["InService", "Terminating:Retained"]
@@ -317,6 +320,7 @@ def test_retained_instance_is_replaced_when_capacity_was_kept(env: Env) -> None:
     first, _second = states(env)
     env.asg.terminate_instance_in_auto_scaling_group(InstanceId=first, ShouldDecrementDesiredCapacity=False)
     complete(env, result="ABANDON", InstanceId=first)
+    env.clock.now += retention.PROCEED_FOR
     # Both are billed: two InService for the desired 2, and the retained one.
     assert sorted(states(env).values()) == ["InService", "InService", "Terminating:Retained"]
     assert ec2_state(env, first) == "running"
@@ -327,6 +331,8 @@ def test_retain_policy_applies_to_an_abandon_timeout(env: Env) -> None:
     put_hook(env, timeout=60, default="ABANDON")
     waiting = scale_in(env)
     env.clock.now += 61
+    assert states(env)[waiting] == "Terminating:Proceed"
+    env.clock.now += retention.PROCEED_FOR
     assert states(env)[waiting] == "Terminating:Retained"
     assert outcomes(env) == [LifecycleOutcome(waiting, HOOK, "ABANDON", "expired")]
 
@@ -353,6 +359,8 @@ def test_retain_policy_on_a_return_to_the_warm_pool(env: Env) -> None:
     autoscaling.return_to_warm_pool(env.group, first)
     assert states(env)[first] == "Warmed:Pending:Wait"
     complete(env, result="ABANDON", InstanceId=first)
+    assert states(env)[first] == "Warmed:Pending:Proceed"
+    env.clock.now += retention.PROCEED_FOR
     assert states(env)[first] == "Warmed:Pending:Retained"
 
 

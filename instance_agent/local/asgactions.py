@@ -110,7 +110,7 @@ def _finish(backend: AutoScalingBackend, action: BookedAction, result: str, how:
         group = backend.autoscaling_groups.get(action.group)
         retained = action.destination != "root-volume" and retention.retains(backend, action.group, result)
         if group is not None and retained:
-            retention.retain(backend, group, action.instance_id, action.destination)
+            retention.begin(backend, group, action.instance_id, action.destination)
         else:
             _proceed(backend, action.group, action.instance_id, action.destination)
 
@@ -152,6 +152,12 @@ def tick(backend: AutoScalingBackend) -> None:
     for action in sorted(book.actions, key=lambda a: a.deadline):
         if action in book.actions and action.deadline <= now:
             _finish(backend, action, action.default_result, "expired")
+    for leaving in sorted(book.retaining, key=lambda r: r.at):
+        if leaving.at <= now:
+            book.retaining.remove(leaving)
+            group = backend.autoscaling_groups.get(leaving.group)
+            if group is not None:
+                retention.retain(backend, group, leaving.instance_id, leaving.destination)
     # Actions of instances that left the group another way (EC2 TerminateInstances,
     # DetachInstances, group deletion) can no longer be completed.
     book.actions = [a for a in book.actions if _still_waiting(backend, a)]

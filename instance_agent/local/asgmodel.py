@@ -126,6 +126,9 @@ class PendingWait:
 class _Book:
     actions: list[BookedAction] = field(default_factory=list)
     pending: list[PendingWait] = field(default_factory=list)
+    # Instances abandoned under a retain policy, still in their wait's Proceed state until
+    # `at` (local/retention.py).
+    retaining: list[PendingWait] = field(default_factory=list)
     calls: list[LifecycleCall] = field(default_factory=list)
     outcomes: list[tuple[str, LifecycleOutcome]] = field(default_factory=list)  # (group, outcome)
     faults: FaultQueues = field(default_factory=FaultQueues)

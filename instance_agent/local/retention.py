@@ -8,8 +8,15 @@ https://docs.aws.amazon.com/AWSCloudFormation/latest/TemplateReference/aws-prope
 With `retain`, a terminating lifecycle action that ends in ABANDON (explicitly, or by a
 heartbeat or global timeout whose DefaultResult is ABANDON) does not terminate the instance:
 it goes through `Terminating:Proceed` to `Terminating:Retained` and stays until someone calls
-TerminateInstanceInAutoScalingGroup. CONTINUE is never retained, and without a terminating
-hook the policy has no effect ("Configure instance retention",
+TerminateInstanceInAutoScalingGroup. The stand-in keeps it in `Terminating:Proceed` for
+PROCEED_FOR seconds of its clock first ("When retention is triggered, instances transition
+through these states: Terminating, Terminating:Wait, Terminating:Proceed - Lifecycle actions
+wrap up (whether they succeeded or failed), Terminating:Retained", "Manage retained
+instances"; no page says for how long), so a caller that asks once, right after its ABANDON,
+sees what it would see on AWS. A return to the warm pool passes through
+`Warmed:Pending:Proceed` to `Warmed:Pending:Retained` the same way: the pages name only the
+retained state, and the Proceed step is taken by analogy. CONTINUE is never retained, and
+without a terminating hook the policy has no effect ("Configure instance retention",
 https://docs.aws.amazon.com/autoscaling/ec2/userguide/configure-instance-retention.html).
 Retained instances do not count toward the desired capacity: the group launches a
 replacement, and both instances are billed ("Manage retained instances",
@@ -33,14 +40,20 @@ from typing import Any
 
 from moto.autoscaling.models import AutoScalingBackend, FakeAutoScalingGroup
 
+from instance_agent.local.asgmodel import PendingWait, book_of, clock
 from instance_agent.local.faults import attached
 
 RETAIN = "retain"
+PROCEED_FOR = 2.0  # seconds in the wait's Proceed state before the instance is retained
 TERMINATE = "terminate"
 _KEY = "_instance_agent_retention"
 
 # Where an abandoned terminating action leaves the instance, by where it was going: a
 # termination, or (instance reuse policy) back into the warm pool.
+_PROCEED_BY_DESTINATION = {
+    "terminate": "Terminating:Proceed",
+    "warm-pool": "Warmed:Pending:Proceed",
+}
 _RETAINED_BY_DESTINATION = {
     "terminate": "Terminating:Retained",
     "warm-pool": "Warmed:Pending:Retained",
@@ -82,6 +95,19 @@ def forget(backend: AutoScalingBackend, group: str) -> None:
 def retains(backend: AutoScalingBackend, group: str, result: str) -> bool:
     """Whether an instance whose last terminating action ended with `result` is retained."""
     return result == "ABANDON" and policy_of(backend, group) == RETAIN
+
+
+def begin(
+    backend: AutoScalingBackend, group: FakeAutoScalingGroup, instance_id: str, destination: str
+) -> None:
+    """The instance's last action ended in ABANDON under `retain`: Proceed now, retained
+    PROCEED_FOR seconds later (asgactions.tick calls `retain`)."""
+    state = next((s for s in group.instance_states if s.instance.id == instance_id), None)
+    if state is None:
+        return
+    state.lifecycle_state = _PROCEED_BY_DESTINATION.get(destination, "Terminating:Proceed")
+    leaving = PendingWait(group.name, instance_id, clock() + PROCEED_FOR, destination)
+    book_of(backend).retaining.append(leaving)
 
 
 def retain(

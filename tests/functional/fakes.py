@@ -377,8 +377,10 @@ class FakeGroup(FakeAutoScaling):
     """FakeAutoScaling with what the retained path calls, and the state after completion
     the group would show (`after_complete`: a result to the next lifecycle state)."""
 
-    after_complete: dict[str, str | None] = field(
-        default_factory=lambda: {"CONTINUE": "Terminating:Proceed", "ABANDON": "Terminating:Proceed"}
+    # The states DescribeAutoScalingInstances shows after a completion with that result, one
+    # per call, the last one from then on.
+    after_complete: dict[str, list[str | None]] = field(
+        default_factory=lambda: {"CONTINUE": ["Terminating:Proceed"], "ABANDON": ["Terminating:Proceed"]}
     )
     terminated: list[dict[str, Any]] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)  # the results Auto Scaling accepted
@@ -389,7 +391,7 @@ class FakeGroup(FakeAutoScaling):
     def complete_lifecycle_action(self, **kwargs: Any) -> Mapping[str, Any]:
         out = super().complete_lifecycle_action(**kwargs)
         self.completed.append(kwargs["LifecycleActionResult"])
-        self.set_state(self.after_complete.get(kwargs["LifecycleActionResult"], "Terminating:Proceed"))
+        self.states = list(self.after_complete.get(kwargs["LifecycleActionResult"], ["Terminating:Proceed"]))
         return out
 
     def terminate_instance_in_auto_scaling_group(self, **kwargs: Any) -> Mapping[str, Any]:

@@ -328,7 +328,7 @@ def test_a_root_volume_replacement_held_by_our_hook_is_backed_up_then_continued(
 def test_a_root_volume_backup_that_fails_completes_on_failure_and_is_never_retained(world: World) -> None:
     world.s3.errors["CreateMultipartUpload"] = [client_error("AccessDenied", "Access Denied", 403)]
     world.asg.set_state("ReplacingRootVolume:Wait")
-    world.asg.after_complete["ABANDON"] = "Terminating:Retained"
+    world.asg.after_complete["ABANDON"] = ["Terminating:Proceed", "Terminating:Retained"]
     out = world.run(watcher_options(world, TERMINATION, "Terminated"))
     assert out.exit_code == 1
     no_backup(world)

@@ -33,7 +33,7 @@ def test_an_ad_hoc_run_then_the_real_termination_two_archives_one_continue(world
 def test_a_warm_pool_return_then_a_scale_in_two_archives_two_continues(world: World) -> None:
     world.configure(warm_pool_backup=True, lifecycle_token=TOKEN)
     world.asg.set_state("Warmed:Pending:Wait")
-    world.asg.after_complete["CONTINUE"] = "Warmed:Stopped"
+    world.asg.after_complete["CONTINUE"] = ["Warmed:Stopped"]
     first = world.run(command_options(world, imds_state="Warmed:Stopped"))
     assert (first.result.action, first.result.lifecycle_result) == ("warm-pool-return", "CONTINUE")
     assert world.record() is None  # not the termination
@@ -53,7 +53,7 @@ def test_a_warm_pool_return_then_a_scale_in_two_archives_two_continues(world: Wo
 def test_a_root_volume_replacement_then_the_termination_gets_its_own_archive(world: World) -> None:
     world.configure(lifecycle_token=TOKEN)
     world.asg.set_state("ReplacingRootVolume:Wait")
-    world.asg.after_complete["CONTINUE"] = "InService"
+    world.asg.after_complete["CONTINUE"] = ["InService"]
     rrv = world.run(command_options(world))
     assert (rrv.result.action, rrv.result.lifecycle_result) == ("root-volume", "CONTINUE")
     world.configure(lifecycle_token=None)

@@ -27,6 +27,68 @@ def test_retained_states() -> None:
         assert not retained.is_retained(s)
 
 
+class Looks:
+    """DescribeAutoScalingInstances as `settles_retained` sees it: one state per look, the
+    last one from then on; waits advance a fake clock."""
+
+    def __init__(self, *states: str | None, cancel_at: int | None = None) -> None:
+        self.states = list(states)
+        self.now = 0.0
+        self.waits: list[float] = []
+        self.looked = 0
+        self.cancel_at = cancel_at
+
+    def look(self) -> str | None:
+        self.looked += 1
+        return self.states.pop(0) if len(self.states) > 1 else self.states[0]
+
+    def wait(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        self.now += seconds
+        return self.cancel_at is not None and len(self.waits) >= self.cancel_at
+
+    def settles(self, settle_for: float = retained.SETTLE_FOR) -> bool | None:
+        return retained.settles_retained(self.look, self.wait, lambda: self.now, settle_for)
+
+
+def test_a_retained_instance_seen_in_proceed_first_is_retained() -> None:
+    """Right after the ABANDON, AWS shows Terminating:Proceed ("Manage retained instances");
+    asked once, the agent took it for not retained and never retried."""
+    looks = Looks("Terminating:Proceed", "Terminating:Proceed", "Terminating:Retained")
+    assert looks.settles() is True
+    assert (looks.looked, looks.waits) == (3, [1.0, 2.0])
+
+
+def test_the_other_retained_states_after_their_proceed() -> None:
+    assert Looks("Warmed:Pending:Proceed", "Warmed:Pending:Retained").settles() is True
+    assert Looks("Warmed:Terminating:Proceed", "Warmed:Terminating:Retained").settles() is True
+
+
+def test_an_instance_that_goes_on_terminating_is_not_retained() -> None:
+    assert Looks("Terminating:Proceed", None).settles() is False  # left the group
+    assert Looks("Terminating:Proceed", "Terminated").settles() is False
+    assert Looks("InService").settles() is False
+    assert Looks("Terminating:Retained").settles() is True
+
+
+def test_looks_back_off_and_stop_when_the_time_is_spent() -> None:
+    looks = Looks("Terminating:Proceed")
+    assert looks.settles(settle_for=100.0) is False
+    assert looks.waits == [1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0, 15.0, 15.0, 10.0]
+    assert sum(looks.waits) == 100.0
+
+
+def test_auto_scaling_unreachable_counts_as_retained_once_the_time_is_spent() -> None:
+    """Keep the instance's data safe: the retry loop asks again before every attempt."""
+    assert Looks(retained.UNKNOWN).settles(settle_for=30.0) is True
+    assert Looks(retained.UNKNOWN, "Terminating:Retained").settles() is True
+    assert Looks(retained.UNKNOWN, "Terminated").settles() is False
+
+
+def test_a_stop_while_waiting_to_tell_is_cancelled() -> None:
+    assert Looks("Terminating:Proceed", cancel_at=2).settles() is None
+
+
 class World:
     def __init__(self, fail_times: int) -> None:
         self.now = 0.0
