@@ -182,6 +182,13 @@ def full(
         landed = _retry_retained(ctx, res)
         if landed is not res:
             return Done(landed, steps.exit_code(landed), done.metrics_sent)
+    if retry and res.ok and lc is not None and lc.gone.is_set() and not reclaim:
+        # The backup landed, but the action was over before this run could complete it:
+        # if it expired with DefaultResult ABANDON, the instance is retained with its
+        # backup already in S3, and only we know to let it go (retained.py).
+        retained.release_if_retained(
+            ctx.cfg, ctx.ident, ctx.clients, res.to_json(), ctx.cancel, res.group, clock=ctx.clock
+        )
     return Done(res, code, done.metrics_sent)
 
 

@@ -239,43 +239,24 @@ def _put_metric(cloudwatch: CloudWatchClient | None, group: str | None, name: st
     thread.join(METRIC_BOUND)
 
 
-def run_if_retained(
-    cfg: Config,
-    ident: Identity,
-    clients: Clients,
-    backup: Callable[[], Mapping[str, Any]],
-    cancel: threading.Event,
-    group: str | None,
-    *,
-    clock: Callable[[], float] = time.monotonic,
-    settle_for: float = SETTLE_FOR,
-) -> str | None:
-    """After a terminating action ended in ABANDON: when DescribeAutoScalingInstances shows
-    the instance `*:Retained` (once it has passed through the wait's Proceed state:
-    `settles_retained`), run the retry loop; None when it is not retained (no policy: the
-    instance terminates as before), CANCELLED when stopped while waiting to tell."""
-    asg = clients.autoscaling
-    if asg is None:
-        return None
+@dataclass
+class _Adapter:
+    """The agent's clients as what both entry points below need."""
 
+    look: Callable[[], str | None]
+    terminate: Callable[[], None]
+    report: Callable[[Mapping[str, Any]], None]
+    metric: Callable[[str], None]
+
+
+def _adapter(cfg: Config, ident: Identity, clients: Clients, asg: object, group: str | None) -> _Adapter:
     def look() -> str | None:
         try:
-            found = instance_state(asg, ident.instance_id)
+            found = instance_state(cast(Any, asg), ident.instance_id)
         except LifecycleError as err:
             log.warning("cannot tell whether the instance is retained", extra=fields(error=str(err)))
             return UNKNOWN
         return None if found is None else found[1]
-
-    def still_retained() -> bool:
-        # Auto Scaling unreachable: keep the instance's data safe and try again later.
-        state = look()
-        return state == UNKNOWN or is_retained(state)
-
-    settled = settles_retained(look, cancel.wait, clock, settle_for)
-    if settled is None:
-        return CANCELLED
-    if not settled:
-        return None
 
     def terminate() -> None:
         # ShouldDecrementDesiredCapacity=False: see the module docstring.
@@ -296,17 +277,88 @@ def run_if_retained(
         except NotifyError as err:
             log.error("report not published", extra=fields(error=str(err)))
 
-    fx = Effects(
+    return _Adapter(look, terminate, report, lambda name: _put_metric(clients.cloudwatch, group, name))
+
+
+def run_if_retained(
+    cfg: Config,
+    ident: Identity,
+    clients: Clients,
+    backup: Callable[[], Mapping[str, Any]],
+    cancel: threading.Event,
+    group: str | None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    settle_for: float = SETTLE_FOR,
+) -> str | None:
+    """After a terminating action ended in ABANDON: when DescribeAutoScalingInstances shows
+    the instance `*:Retained` (once it has passed through the wait's Proceed state:
+    `settles_retained`), run the retry loop; None when it is not retained (no policy: the
+    instance terminates as before), CANCELLED when stopped while waiting to tell."""
+    asg = clients.autoscaling
+    if asg is None:
+        return None
+    fx = _adapter(cfg, ident, clients, asg, group)
+
+    def still_retained() -> bool:
+        # Auto Scaling unreachable: keep the instance's data safe and try again later.
+        state = fx.look()
+        return state == UNKNOWN or is_retained(state)
+
+    settled = settles_retained(fx.look, cancel.wait, clock, settle_for)
+    if settled is None:
+        return CANCELLED
+    if not settled:
+        return None
+    effects = Effects(
         backup=backup,
         retained=still_retained,
-        terminate=terminate,
-        metric=lambda name: _put_metric(clients.cloudwatch, group, name),
-        notify=report,
+        terminate=fx.terminate,
+        metric=fx.metric,
+        notify=fx.report,
         wait=cancel.wait,
         clock=clock,
         # `instance-agent status` shows what the retained instance is waiting for.
         on_state=lambda state: status.write_status(status.status_path(cfg), retained=dict(state)),
     )
     return recover(
-        fx, instance_id=ident.instance_id, retry_for=cfg.retain_retry_for, first=cfg.retain_first_retry
+        effects, instance_id=ident.instance_id, retry_for=cfg.retain_retry_for, first=cfg.retain_first_retry
     )
+
+
+def release_if_retained(
+    cfg: Config,
+    ident: Identity,
+    clients: Clients,
+    landed: Mapping[str, Any],
+    cancel: threading.Event,
+    group: str | None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    settle_for: float = SETTLE_FOR,
+) -> str | None:
+    """After a backup (`landed`, its result object) that succeeded when the terminating
+    action was already over: a heartbeat or global timeout whose DefaultResult is ABANDON
+    retains the instance as an explicit ABANDON does ("Configure instance retention",
+    https://docs.aws.amazon.com/autoscaling/ec2/userguide/configure-instance-retention.html),
+    and nothing else would let it go. When it settles retained, its backup is already in S3:
+    TerminateInstanceInAutoScalingGroup once, one SNS message (`retained_recovered`, with the
+    key and 0 attempts), InstanceRetained and RetainedRecovered. RECOVERED, None when it is
+    not retained, CANCELLED when stopped while waiting to tell."""
+    asg = clients.autoscaling
+    if asg is None:
+        return None
+    fx = _adapter(cfg, ident, clients, asg, group)
+    settled = settles_retained(fx.look, cancel.wait, clock, settle_for)
+    if settled is None:
+        return CANCELLED
+    if not settled:
+        return None
+    log.warning("instance retained although its backup landed (the action had expired); letting it go")
+    fx.metric(RETAINED_METRIC)
+    done = {**landed, "event": "retained_recovered", "attempts": 0, "instance_id": ident.instance_id}
+    status.write_status(status.status_path(cfg), retained={**done, "next_retry_in_s": None})
+    fx.terminate()
+    fx.metric(RECOVERED_METRIC)
+    fx.report(done)
+    return RECOVERED

@@ -7,13 +7,14 @@ terminates as before. The retry timing is shortened with the real `--retain-firs
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from conftest import ACCOUNT, REGION, Stack
 from support.agentproc import WatchProc, archives, completions, sns_docs, source_tree, watch
-from support.faultproxy import FaultProxy, Rule, access_denied
+from support.faultproxy import FaultProxy, HoldUntil, Rule, access_denied
 from support.trees import walk
 
 from instance_agent.local import autoscaling
@@ -174,3 +175,52 @@ def test_after_run_commands_abandon_the_watcher_retries(stack: Stack, tmp_path: 
         ("retained_recovered", "succeeded"),
     ]
     assert completions(stack) == [("ABANDON", "ok")]
+
+
+def test_a_backup_that_lands_after_its_action_expired_lets_the_retained_instance_go(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The hook times out while the archive's completion is held: DefaultResult ABANDON
+    retains the instance as an explicit ABANDON does ("Configure instance retention"). The
+    backup then lands, so the watcher lets the instance go once; before, it stayed retained
+    and billed with its backup in S3, and nothing would release it."""
+    stack.client("autoscaling").update_auto_scaling_group(
+        AutoScalingGroupName=stack.group, InstanceLifecyclePolicy=RETAIN
+    )
+    src = source_tree(tmp_path / "src")
+    release = threading.Event()
+    offset = [0.0]
+    autoscaling.set_clock(lambda: time.monotonic() + offset[0])
+    try:
+        with FaultProxy(stack.s3_endpoint) as s3, FaultProxy(stack.moto.endpoint) as asg:
+            held = s3.add_rule(Rule(fault=HoldUntil(release, timeout=60), method="POST", path="uploadId="))
+            env = stack.env(
+                INSTANCE_AGENT_LOG_LEVEL="info",
+                AWS_ENDPOINT_URL_S3=s3.endpoint,
+                AWS_ENDPOINT_URL_AUTO_SCALING=asg.endpoint,
+            )
+            with watch(stack, "--source", str(src), env=env) as w:
+                w.wait_for("watching")
+                stack.scale_in()
+                assert held.fired.wait(30), "the archive's CompleteMultipartUpload never came"
+                offset[0] = 10 * 86400.0  # past the hook's heartbeat and global timeouts
+                assert _retained(stack)  # expired with ABANDON, through Terminating:Proceed
+                release.set()
+                w.wait_for(
+                    "instance retained although its backup landed (the action had expired); letting it go"
+                )
+                _, finished = w.wait_for("response finished", timeout=60)
+            assert _terminate_calls(asg) == 1
+    finally:
+        autoscaling.set_clock(time.monotonic)
+    assert [(o.result, o.how) for o in stack.outcomes()] == [("ABANDON", "expired")]
+    assert finished["status"] == "succeeded"
+    [key] = archives(stack)
+    assert stack.gnu_restore(key, src, tmp_path) == walk(src)
+    docs = sns_docs(stack)
+    assert [(d.get("event"), d["status"]) for d in docs] == [
+        (None, "succeeded"),
+        ("retained_recovered", "succeeded"),
+    ]
+    assert docs[1]["key"] == key
+    assert _gone(stack)

@@ -384,11 +384,17 @@ class FakeGroup(FakeAutoScaling):
     )
     terminated: list[dict[str, Any]] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)  # the results Auto Scaling accepted
+    # Set: the action has expired by the time of the completion (its heartbeat or global
+    # timeout), which finds no action, and DescribeAutoScalingInstances shows these states.
+    expired_at_completion: list[str | None] | None = None
 
     def set_state(self, state: str | None) -> None:
         self.states = [state]
 
     def complete_lifecycle_action(self, **kwargs: Any) -> Mapping[str, Any]:
+        if self.expired_at_completion is not None:
+            self.live = False
+            self.states = list(self.expired_at_completion)
         out = super().complete_lifecycle_action(**kwargs)
         self.completed.append(kwargs["LifecycleActionResult"])
         self.states = list(self.after_complete.get(kwargs["LifecycleActionResult"], ["Terminating:Proceed"]))

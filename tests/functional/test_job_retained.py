@@ -159,3 +159,37 @@ def test_a_retained_instance_abandoned_by_someone_else_is_left_alone(world: Worl
     assert out.result.status == "skipped"
     no_backup(world)
     assert world.asg.terminated == []
+
+
+def test_a_backup_that_landed_after_its_action_expired_lets_the_retained_instance_go(world: World) -> None:
+    """A heartbeat or global timeout whose DefaultResult is ABANDON retains the instance too
+    ("Configure instance retention"). The backup is in S3, so the watcher lets it go at once:
+    before, the instance stayed retained and billed, and nothing would ever release it."""
+    world.asg.set_state("Terminating:Wait")
+    world.asg.expired_at_completion = ["Terminating:Proceed", "Terminating:Proceed", RETAINED]
+    out = world.run(watcher_options(world, TERMINATION, "Terminated"))
+    key = the_backup(world)
+    assert (out.exit_code, out.result.status, out.result.key) == (0, "succeeded", key)
+    assert out.result.lifecycle_result == "none" and world.asg.completed == []
+    assert world.asg.terminated == [
+        {"InstanceId": world.ident.instance_id, "ShouldDecrementDesiredCapacity": False}
+    ]
+    assert events(world) == [(None, "succeeded"), ("retained_recovered", "succeeded")]
+    released = world.messages()[1]
+    assert (released["key"], released["attempts"]) == (key, 0)
+    assert world.cloudwatch.values("InstanceRetained") == [1.0]
+    assert world.cloudwatch.values("RetainedRecovered") == [1.0]
+    assert world.s3.count("CreateMultipartUpload") == 1  # no second archive
+
+
+def test_a_backup_that_landed_after_its_action_expired_terminates_as_before_without_retention(
+    world: World,
+) -> None:
+    world.asg.set_state("Terminating:Wait")
+    world.asg.expired_at_completion = ["Terminating:Proceed", None]  # gone from the group
+    out = world.run(watcher_options(world, TERMINATION, "Terminated"))
+    assert (out.exit_code, out.result.status) == (0, "succeeded")
+    the_backup(world)
+    assert world.asg.terminated == []
+    assert events(world) == [(None, "succeeded")]
+    assert world.cloudwatch.values("InstanceRetained") == []
