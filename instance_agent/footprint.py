@@ -14,18 +14,25 @@ _IOPRIO_SYSCALL = {"x86_64": 251, "aarch64": 30}
 _IOPRIO_WHO_PROCESS, _IOPRIO_CLASS_BE, _IOPRIO_CLASS_SHIFT = 1, 2, 13
 
 
-def lower_priority() -> None:
+def lower_priority() -> list[str]:
     """Nice 19 and best-effort I/O level 7 for the calling thread (Linux: per thread).
-    Threads it starts (the upload worker) inherit both."""
+    Threads it starts (the upload worker) inherit both. Returns what could not be set, each
+    with its reason: the installed unit's SystemCallFilter denies @resources, setpriority
+    and ioprio_set among them (kept for its exposure rating), so under systemd the thread
+    keeps the unit's Nice=10 and IOSchedulingPriority=7."""
     tid = threading.get_native_id()
-    with contextlib.suppress(OSError):
+    failed: list[str] = []
+    try:
         os.setpriority(os.PRIO_PROCESS, tid, 19)
+    except OSError as err:
+        failed.append(f"nice 19: {err.strerror}")
     number = _IOPRIO_SYSCALL.get(platform.machine())
     if number is not None:
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).syscall(
-                number, _IOPRIO_WHO_PROCESS, tid, (_IOPRIO_CLASS_BE << _IOPRIO_CLASS_SHIFT) | 7
-            )
+            level = (_IOPRIO_CLASS_BE << _IOPRIO_CLASS_SHIFT) | 7
+            if ctypes.CDLL(None, use_errno=True).syscall(number, _IOPRIO_WHO_PROCESS, tid, level) != 0:
+                failed.append(f"I/O priority: {os.strerror(ctypes.get_errno())}")
+    return failed
 
 
 def release_memory() -> None:

@@ -183,7 +183,9 @@ class Shipper:
     def _main(self) -> None:
         """The supervisor: runs the loop, and after an unexpected error logs it, says so in
         the status block and the metric, waits (backoff, capped) and starts it again."""
-        lower_priority()
+        refused = lower_priority()
+        if refused:
+            log.info("shipping thread keeps the process's priority", extra=fields(refused=refused))
         delay = RESTART_FIRST
         try:
             while not self._stopping.is_set():
