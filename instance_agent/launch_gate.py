@@ -24,6 +24,8 @@ import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +33,20 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from instance_agent import awserror, config, handoff_adopt, logs, statedir, wiring
 from instance_agent.errors import EXIT_OK, AgentError, ConfigError
+from instance_agent.retained import settle_wait
 
 log = logging.getLogger("instance_agent.launch_gate")
 
 LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
 # The states a launching hook holds an instance in (warm-pool-instance-lifecycle.html).
 LAUNCH_WAITS = ("Pending:Wait", "Warmed:Pending:Wait")
+# Before them: the boot, and the user data, can run while the group still shows Pending and
+# has no action yet (no page says when the wait begins; users report CompleteLifecycleAction
+# from user data failing with "No active Lifecycle Action found",
+# https://github.com/kubernetes/kops/issues/16582). The gate looks again while the state is
+# one of these, for up to PENDING_FOR seconds (1, 2, 4 ... s apart, at most 15).
+PENDING = ("Pending", "Warmed:Pending")
+PENDING_FOR = 300.0
 RECORD = "launch-gate.json"
 BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 KEEP = 16  # answered keys kept: enough for any number of retries within a few boots
@@ -100,6 +110,33 @@ def _find_hook(client: Any, group: str) -> str:
     return str(names[0])
 
 
+def _settled(
+    client: Any,
+    instance_id: str,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[dict[str, Any]]:
+    """The instance as DescribeAutoScalingInstances lists it, once it is past PENDING (or
+    PENDING_FOR has passed)."""
+    started, looks = clock(), 0
+    while True:
+        try:
+            found = client.describe_auto_scaling_instances(InstanceIds=[instance_id])
+        except (ClientError, BotoCoreError) as err:
+            raise AgentError(
+                f"DescribeAutoScalingInstances failed: {awserror.describe(err)}", code=awserror.code_of(err)
+            ) from None
+        instances: list[dict[str, Any]] = found["AutoScalingInstances"]
+        state = instances[0]["LifecycleState"] if instances else None
+        pause = settle_wait(looks, clock() - started, PENDING_FOR) if state in PENDING else None
+        if pause is None:
+            return instances
+        log.info("launch gate: the instance is still pending; waiting for its launching action")
+        sleep(pause)
+        looks += 1
+
+
 def cmd_launch_gate(args: argparse.Namespace) -> int:
     from instance_agent import doctor
     from instance_agent.imds import IMDS
@@ -129,13 +166,7 @@ def cmd_launch_gate(args: argparse.Namespace) -> int:
     fd = statedir.open_or_create(cfg.state_dir, RECORD + ".lock")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            found = client.describe_auto_scaling_instances(InstanceIds=[identity.instance_id])
-        except (ClientError, BotoCoreError) as err:
-            raise AgentError(
-                f"DescribeAutoScalingInstances failed: {awserror.describe(err)}", code=awserror.code_of(err)
-            ) from None
-        instances = found["AutoScalingInstances"]
+        instances = _settled(client, identity.instance_id)
         state = instances[0]["LifecycleState"] if instances else None
         key = action_key(boot_id, state)
         answered = _answered(cfg.state_dir)

@@ -61,6 +61,35 @@ def test_launch_whose_doctor_passes_completes_continue(stack: Stack, tmp_path: P
     assert stack.state() == ("Warmed:Stopped" if warm_pool else "InService")
 
 
+@pytest.mark.parametrize("warm_pool", [False, True], ids=["pending", "warmed-pending"])
+def test_a_gate_that_runs_before_the_wait_begins_waits_for_it(
+    stack: Stack, tmp_path: Path, warm_pool: bool
+) -> None:
+    """The user data can run while Auto Scaling still shows Pending, before the launching
+    action exists (users report "No active Lifecycle Action found" from user data). The gate
+    looked once, found no wait, and exited: the action then timed out with the hook's
+    default result, and under ABANDON the instance was replaced."""
+    hook = stack.launch_hook()
+    launching.begin_launch(
+        stack.group,
+        stack.instance_id,
+        hook,
+        warm_pool=warm_pool,
+        pending_for=2.5,
+        account_id=ACCOUNT,
+        region=REGION,
+    )
+    assert stack.state() == ("Warmed:Pending" if warm_pool else "Pending")
+
+    proc = run_gate(stack, hook, tmp_path)
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "launching lifecycle action: CONTINUE" in proc.stderr, proc.stderr
+    [outcome] = [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == stack.instance_id]
+    assert (outcome.hook, outcome.result) == (hook, "CONTINUE")
+    assert stack.state() == ("Warmed:Stopped" if warm_pool else "InService")
+
+
 def test_launch_whose_doctor_fails_completes_abandon(stack: Stack, tmp_path: Path) -> None:
     hook = stack.launch_hook()
     launching.begin_launch(stack.group, stack.instance_id, hook, account_id=ACCOUNT, region=REGION)

@@ -5,6 +5,7 @@ that the user data's launch gate answers:
 
     begin_launch(group, instance, hook)        -> Pending:Wait, one launching action
     begin_launch(..., warm_pool=True)          -> Warmed:Pending:Wait (into a warm pool)
+    begin_launch(..., pending_for=s)           -> (Warmed:)Pending for s seconds first
     CompleteLifecycleAction CONTINUE           -> InService (or Warmed:Stopped)
     CompleteLifecycleAction ABANDON            -> Terminating:Proceed (AWS replaces it)
 
@@ -14,7 +15,15 @@ docs/aws-behaviour.md, "Lifecycle hooks"):
 a test calls `begin_launch(warm_pool=True)` for the way in, and `autoscaling.leave_warm_pool`
 calls `hold_leaving` for the way out, which begins a new action in Pending:Wait. A
 CompleteLifecycleAction that matches no launching action goes on to `autoscaling`'s
-handler unchanged. State lives on moto's backend objects, so moto's reset clears it.
+handler unchanged.
+
+`pending_for` models the instance booting, and its user data running, while Auto Scaling
+still shows `Pending` and has no action yet: no AWS page says when the wait begins relative
+to the boot, and users report CompleteLifecycleAction from user data failing with "No
+active Lifecycle Action found"
+(https://github.com/aws-samples/amazon-ec2-auto-scaling-group-examples/issues/5,
+https://github.com/kubernetes/kops/issues/16582). State lives on moto's backend objects, so
+moto's reset clears it.
 """
 
 from __future__ import annotations
@@ -94,21 +103,34 @@ def begin_launch(
     hook: str,
     *,
     warm_pool: bool = False,
+    pending_for: float = 0.0,
     account_id: str = asgmodel.DEFAULT_ACCOUNT,
     region: str = asgmodel.DEFAULT_REGION,
 ) -> str:
-    """Put the instance in (Warmed:)Pending:Wait under `hook`; returns the action's token."""
+    """Put the instance in (Warmed:)Pending:Wait under `hook`, after `pending_for` seconds
+    in (Warmed:)Pending with no action (module docstring); returns the action's token."""
     with LOCK:
         backend = autoscaling_backends[account_id][region]
         if f"{group}_{hook}" not in backend.lifecycle_hooks:
             raise ValueError(f"group {group} has no hook {hook}")
         if backend.lifecycle_hooks[f"{group}_{hook}"].lifecycle_transition != LAUNCHING:
             raise ValueError(f"hook {hook} is not a launching hook")
-        _state(backend, group, instance_id).lifecycle_state = (
-            WARMED_PENDING_WAIT if warm_pool else PENDING_WAIT
-        )
         launch = _Launch(str(uuid.uuid4()), group, hook, instance_id, warm_pool)
-        _book(backend).active.append(launch)
+
+        def wait() -> None:
+            with LOCK:
+                _state(backend, group, instance_id).lifecycle_state = (
+                    WARMED_PENDING_WAIT if warm_pool else PENDING_WAIT
+                )
+                _book(backend).active.append(launch)
+
+        if pending_for <= 0:
+            wait()
+        else:
+            _state(backend, group, instance_id).lifecycle_state = "Warmed:Pending" if warm_pool else "Pending"
+            timer = threading.Timer(pending_for, wait)
+            timer.daemon = True
+            timer.start()
         return launch.token
 
 
