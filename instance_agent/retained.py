@@ -48,7 +48,7 @@ from instance_agent.config import Config
 from instance_agent.errors import LifecycleError, NotifyError
 from instance_agent.identity import Identity
 from instance_agent.kinds import Status
-from instance_agent.lifecycle import instance_state
+from instance_agent.lifecycle import TERMINATING, instance_state
 from instance_agent.logs import fields
 from instance_agent.metrics import CloudWatchClient
 
@@ -62,6 +62,7 @@ RECOVERED = "recovered"
 GAVE_UP = "gave_up"
 RELEASED = "released"  # no longer retained: someone else terminated it
 CANCELLED = "cancelled"
+HELD = "held"  # retained with its backup landed, but perhaps by another hook: left alone
 
 
 def delay(attempt: int, first: float, cap: float = CAP) -> float:
@@ -247,6 +248,7 @@ class _Adapter:
     terminate: Callable[[], None]
     report: Callable[[Mapping[str, Any]], None]
     metric: Callable[[str], None]
+    sole_hook: Callable[[], bool]
 
 
 def _adapter(cfg: Config, ident: Identity, clients: Clients, asg: object, group: str | None) -> _Adapter:
@@ -277,7 +279,21 @@ def _adapter(cfg: Config, ident: Identity, clients: Clients, asg: object, group:
         except NotifyError as err:
             log.error("report not published", extra=fields(error=str(err)))
 
-    return _Adapter(look, terminate, report, lambda name: _put_metric(clients.cloudwatch, group, name))
+    def sole_hook() -> bool:
+        # Ours the group's only terminating hook: its timeout is what retained the instance.
+        # With another, that hook's ABANDON (which ends ours too) may hold it for its owner.
+        try:
+            kwargs = {"AutoScalingGroupName": group} if group else {}
+            hooks = cast(Any, asg).describe_lifecycle_hooks(**kwargs).get("LifecycleHooks", [])
+        except (ClientError, BotoCoreError) as err:
+            log.warning("cannot list the group's lifecycle hooks", extra=fields(error=describe(err)))
+            return False
+        return sum(1 for h in hooks if h.get("LifecycleTransition") == TERMINATING) == 1
+
+    def metric(name: str) -> None:
+        _put_metric(clients.cloudwatch, group, name)
+
+    return _Adapter(look, terminate, report, metric, sole_hook)
 
 
 def run_if_retained(
@@ -343,8 +359,10 @@ def release_if_retained(
     https://docs.aws.amazon.com/autoscaling/ec2/userguide/configure-instance-retention.html),
     and nothing else would let it go. When it settles retained, its backup is already in S3:
     TerminateInstanceInAutoScalingGroup once, one SNS message (`retained_recovered`, with the
-    key and 0 attempts), InstanceRetained and RetainedRecovered. RECOVERED, None when it is
-    not retained, CANCELLED when stopped while waiting to tell."""
+    key and 0 attempts), InstanceRetained and RetainedRecovered. Only when ours is the group's
+    only terminating hook: another hook's ABANDON ends ours too and retains the instance for
+    that hook's owner, so then it says so (`instance_retained`) and lets the operator decide
+    (HELD). RECOVERED, None when it is not retained, CANCELLED when stopped waiting to tell."""
     asg = clients.autoscaling
     if asg is None:
         return None
@@ -354,8 +372,22 @@ def release_if_retained(
         return CANCELLED
     if not settled:
         return None
-    log.warning("instance retained although its backup landed (the action had expired); letting it go")
     fx.metric(RETAINED_METRIC)
+    if group is None or not fx.sole_hook():
+        log.warning("instance retained although its backup landed; another terminating hook may hold it")
+        fx.report(
+            {
+                **landed,
+                "event": "instance_retained",
+                "status": "retained",
+                "attempts": 0,
+                "reason": "retained after the lifecycle action was over, and the group has another "
+                "terminating hook (or its hooks could not be listed), so the agent does not let it go: "
+                "TerminateInstanceInAutoScalingGroup when done with it",
+            }
+        )
+        return HELD
+    log.warning("instance retained although its backup landed (the action had expired); letting it go")
     done = {**landed, "event": "retained_recovered", "attempts": 0, "instance_id": ident.instance_id}
     status.write_status(status.status_path(cfg), retained={**done, "next_retry_in_s": None})
     fx.terminate()

@@ -193,3 +193,25 @@ def test_a_backup_that_landed_after_its_action_expired_terminates_as_before_with
     assert world.asg.terminated == []
     assert events(world) == [(None, "succeeded")]
     assert world.cloudwatch.values("InstanceRetained") == []
+
+
+def test_a_backup_that_landed_on_an_instance_another_hook_retains_is_left_to_the_operator(
+    world: World,
+) -> None:
+    """Another terminating hook's ABANDON ends ours too and retains the instance for that
+    hook's owner: the agent must not terminate it, only say that it is retained."""
+    world.asg.hooks.append(
+        {"LifecycleHookName": "app-drain", "LifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING"}
+    )
+    world.configure(hook_name="drain")  # two terminating hooks: ours is named
+    world.asg.set_state("Terminating:Wait")
+    world.asg.expired_at_completion = ["Terminating:Proceed", RETAINED]
+    out = world.run(watcher_options(world, TERMINATION, "Terminated"))
+    key = the_backup(world)
+    assert (out.exit_code, out.result.status) == (0, "succeeded")
+    assert world.asg.terminated == []
+    assert events(world) == [(None, "succeeded"), ("instance_retained", "retained")]
+    held = world.messages()[1]
+    assert held["key"] == key and "another terminating hook" in held["reason"]
+    assert world.cloudwatch.values("InstanceRetained") == [1.0]
+    assert world.cloudwatch.values("RetainedRecovered") == []
