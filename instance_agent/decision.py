@@ -210,7 +210,12 @@ def _left_to_us(seen: Seen) -> bool:
 def choose(seen: Seen) -> Plan:
     """The one Plan for what `seen` says."""
     if seen.action is Action.RETAINED and seen.trigger.by_watcher:
-        return RetryRetained() if _left_to_us(seen) else NothingToDo(seen.imds_state)
+        if _left_to_us(seen):
+            return RetryRetained()
+        # No record at all: a watcher killed before it recorded (the hook then timed out
+        # with ABANDON), or none ran. The disks are still there and a second archive beats
+        # none; nothing is completed or let go, since the retention may be another hook's.
+        return Retained() if seen.record is None else NothingToDo(seen.imds_state)
     early = _before_lock(seen)
     if early is not None:
         return early

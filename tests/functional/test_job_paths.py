@@ -126,11 +126,21 @@ def test_a_warmed_notice_after_its_hooks_does_nothing(world: World, state: str) 
 
 
 @pytest.mark.parametrize("state", RETAINED)
-def test_a_watcher_notice_on_a_retained_instance_with_no_record_does_nothing(
+def test_a_watcher_notice_on_a_retained_instance_with_no_record_backs_up_once(
     world: World, state: str
 ) -> None:
+    """No record at all: the watcher died before it recorded (killed mid-backup, and the hook
+    timed out with ABANDON while it was down), or never ran. The instance's disks are still
+    there, and a second archive beats none (as after a killed run, docs/architecture.md): one
+    backup, reported with action `retained`; nothing completed, nothing let go, since the
+    retention may be another hook's. It used to do nothing, and no one backed it up."""
     world.asg.set_state(state)
-    nothing_happened(world, world.run(watcher_options(world, TERMINATION, "Terminated")))
+    out = world.run(watcher_options(world, TERMINATION, "Terminated"))
+    key = the_backup(world)
+    assert (out.exit_code, out.result.status, out.result.key) == (0, "succeeded", key)
+    msg = the_message(world)
+    assert (msg["status"], msg["action"], msg["key"]) == ("succeeded", "retained", key)
+    assert completions(world) == 0
     assert world.asg.terminated == []
 
 

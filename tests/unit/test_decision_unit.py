@@ -117,7 +117,7 @@ TABLE: list[tuple[str, Seen, bool, Plan]] = [
         NothingToDo(),
     ),
     # -- the watcher on a retained instance: under the lock --------------------------------
-    ("watcher retained, no record", seen(WATCHER, Action.RETAINED), True, NothingToDo()),
+    ("watcher retained, no record", seen(WATCHER, Action.RETAINED), True, Retained()),
     ("watcher retained, the record succeeded", seen(WATCHER, Action.RETAINED, rec=DONE), True, NothingToDo()),
     (
         "watcher retained, the other path's backup failed and ABANDONed",
