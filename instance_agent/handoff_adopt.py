@@ -301,11 +301,13 @@ def _state(s3: Any, bucket: str, key: str, cfg: Config) -> tuple[list[handoff.Cl
         newest = max(claims, key=lambda c: c.generation)
         body = _read_json(s3, bucket, handoff.claim_key(key, newest.generation), cfg)
         lease = body.get("lease_s")
+        # The body may shorten the lease, never stretch it past ours: a peer's claim of
+        # `"lease_s": Infinity` (json.loads takes it) held every hand-off it named for ever.
+        own = cfg.handoff_lease
+        if isinstance(lease, (int, float)) and not isinstance(lease, bool) and 0 < lease <= own:
+            own = float(lease)
         claims[claims.index(newest)] = handoff.Claim(
-            newest.generation,
-            str(body.get("instance_id") or "?"),
-            newest.claimed_at,
-            float(lease) if isinstance(lease, (int, float)) and lease > 0 else cfg.handoff_lease,
+            newest.generation, str(body.get("instance_id") or "?"), newest.claimed_at, own
         )
     return claims, failures, adopted
 

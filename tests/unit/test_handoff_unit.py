@@ -5,7 +5,9 @@ Every decision takes the time as an argument: the lease tests step a number, not
 
 from __future__ import annotations
 
+import io
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,46 @@ def test_list_handoffs_says_how_long_an_unclaimed_one_has_waited() -> None:
     claimed = {**base, KEY + ".claim.000001": 900.0}
     assert handoff_list.summarize(KEY, claimed, 1000.0, LEASE).waiting_s is None
     assert handoff_list.summarize(KEY, {**base, KEY + ".adopted": 250.0}, 1000.0, LEASE).waiting_s is None
+
+
+class _Claims:
+    """ListObjectsV2 and GetObject over one hand-off's claim objects (a fake of the S3 reads)."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects = objects
+
+    def list_objects_v2(self, **kwargs: object) -> dict[str, object]:
+        prefix = str(kwargs["Prefix"])
+        when = datetime.fromtimestamp(1000.0, tz=timezone.utc)
+        contents = [{"Key": k, "LastModified": when} for k in sorted(self.objects) if k.startswith(prefix)]
+        return {"Contents": contents, "IsTruncated": False}
+
+    def get_object(self, **kwargs: object) -> dict[str, object]:
+        return {"Body": io.BytesIO(self.objects[str(kwargs["Key"])])}
+
+
+@pytest.mark.parametrize("lease", ["Infinity", "1e300", "86400000", "-1", "0", '"600"', "NaN"])
+def test_a_claims_own_lease_never_outlasts_the_receivers(tmp_path: Path, lease: str) -> None:
+    """A compromised peer wrote a claim whose body says `lease_s: Infinity` (json.loads takes
+    it): every receiver took the claim as live for ever, and the hand-off was never
+    delivered. The body may shorten the lease, never stretch it past this receiver's."""
+    from instance_agent import handoff_adopt
+
+    cfg = load('handoff_to = "running"\nhandoff_lease = 120\nhandoff_timeout = 60\n', tmp_path)
+    key = "logs/web-group/handoff/i-0123456789abcdef0/20260101T000000Z.tar.zst"
+    body = b'{"instance_id": "i-0aaaaaaaaaaaaaaaa", "lease_s": ' + lease.encode() + b"}"
+    s3 = _Claims({handoff.claim_key(key, 1): body})
+    [claim], failures, adopted = handoff_adopt._state(s3, "bucket", key, cfg)
+    assert (claim.generation, claim.instance_id, failures, adopted) == (1, "i-0aaaaaaaaaaaaaaaa", 0, False)
+    assert claim.lease_s == 120.0
+    assert handoff.expired(claim, now=1000.0 + 121)
+
+
+def test_a_claims_shorter_lease_is_honoured(tmp_path: Path) -> None:
+    from instance_agent import handoff_adopt
+
+    cfg = load('handoff_to = "running"\nhandoff_lease = 120\nhandoff_timeout = 60\n', tmp_path)
+    key = "logs/web-group/handoff/i-0123456789abcdef0/20260101T000000Z.tar.zst"
+    s3 = _Claims({handoff.claim_key(key, 1): b'{"instance_id": "i-0aaaaaaaaaaaaaaaa", "lease_s": 90}'})
+    [claim], _, _ = handoff_adopt._state(s3, "bucket", key, cfg)
+    assert claim.lease_s == 90.0
