@@ -30,6 +30,9 @@ class NoticeKind(_Kind):
     SPOT_STOP = "spot-stop"
     SPOT_HIBERNATE = "spot-hibernate"
     REBALANCE = "rebalance"
+    # target-lifecycle-state InService right after Warmed:*: the instance leaves a warm pool
+    # without a boot (pool state Running or Hibernated), so no unit runs the launch gate
+    LAUNCH = "launch"
 
 
 class Trigger(_Kind):

@@ -32,7 +32,9 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from instance_agent import awserror, config, handoff_adopt, logs, statedir, wiring
+from instance_agent.clients import Clients
 from instance_agent.errors import EXIT_OK, AgentError, ConfigError
+from instance_agent.identity import Identity
 from instance_agent.retained import settle_wait
 
 log = logging.getLogger("instance_agent.launch_gate")
@@ -137,8 +139,15 @@ def _settled(
         looks += 1
 
 
+def _boot_id(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError as err:
+        raise ConfigError(f"cannot read the boot id from {path}: {err}") from None
+
+
 def cmd_launch_gate(args: argparse.Namespace) -> int:
-    from instance_agent import doctor
     from instance_agent.imds import IMDS
 
     problem = None
@@ -147,17 +156,50 @@ def cmd_launch_gate(args: argparse.Namespace) -> int:
     except ConfigError as err:
         cfg, problem = config.Config.defaults(), str(err)
     logs.setup(cfg.log_level if problem is None else "info")
-    try:
-        with open(args.boot_id_file, encoding="ascii") as f:
-            boot_id = f.read().strip()
-    except OSError as err:
-        raise ConfigError(f"cannot read the boot id from {args.boot_id_file}: {err}") from None
+    boot_id = _boot_id(args.boot_id_file)
     imds = IMDS()
     try:
         identity = wiring.resolve_identity(cfg, imds)
     finally:
         imds.close()
     clients = wiring.make_clients(cfg, identity.region)
+
+    def report(text: str) -> None:
+        sys.stdout.write(text)  # doctor's report, into the install log
+        sys.stdout.flush()
+
+    answer(cfg, problem, identity, clients, boot_id=boot_id, hook=args.hook, report=report)
+    # ABANDON is an answer delivered, not a failure of the gate: exit 0 either way.
+    return EXIT_OK
+
+
+def answer_from_watcher(cfg: config.Config, identity: Identity) -> None:
+    """The watcher saw IMDS's target state go from Warmed:* to InService with no boot in
+    between: an instance leaving a warm pool whose pool state is Running or Hibernated,
+    which no unit runs the gate for (warm-pool-instance-lifecycle.html: the launching hook
+    holds it in Pending:Wait on its way out)."""
+    clients = wiring.make_clients(cfg, identity.region)
+
+    def report(text: str) -> None:
+        log.info("doctor --launch", extra=logs.fields(report=text))
+
+    answer(cfg, None, identity, clients, boot_id=_boot_id(BOOT_ID_FILE), hook=None, report=report)
+
+
+def answer(
+    cfg: config.Config,
+    problem: str | None,
+    identity: Identity,
+    clients: Clients,
+    *,
+    boot_id: str,
+    hook: str | None,
+    report: Callable[[str], None],
+) -> None:
+    """Answer the instance's launching wait once per (boot, state): doctor --launch, the
+    hand-off adopted at launch, then CompleteLifecycleAction CONTINUE or ABANDON."""
+    from instance_agent import doctor
+
     client = clients.autoscaling
     if client is None:
         raise ConfigError("launch-gate completes a lifecycle action: drop --no-complete")
@@ -173,12 +215,11 @@ def cmd_launch_gate(args: argparse.Namespace) -> int:
         decision = decide(state, key, answered)
         log.info("launch gate: " + decision.reason, extra=logs.fields(answer=decision.answer))
         if not decision.answer:
-            return EXIT_OK
+            return
         group = instances[0]["AutoScalingGroupName"]
-        hook = args.hook or _find_hook(client, group)
+        hook = hook or _find_hook(client, group)
         checks = doctor.run(cfg, problem, wiring.make_probe_clients, launch=True)
-        sys.stdout.write(doctor.render(checks, symbols=False))
-        sys.stdout.flush()
+        report(doctor.render(checks, symbols=False))
         result = "ABANDON" if doctor.failed(checks) else "CONTINUE"
         if result == "CONTINUE" and problem is None:
             # Before the instance goes in service: a replacement takes over the state of
@@ -199,7 +240,5 @@ def cmd_launch_gate(args: argparse.Namespace) -> int:
         record = {"answered": ([*answered, key])[-KEEP:], "last": {"key": key, "result": result}}
         statedir.write_atomic(cfg.state_dir, RECORD, json.dumps(record).encode())
         log.info(f"launching lifecycle action: {result}", extra=logs.fields(hook=hook, state=state))
-        # ABANDON is an answer delivered, not a failure of the gate: exit 0 either way.
-        return EXIT_OK
     finally:
         os.close(fd)

@@ -45,6 +45,7 @@ MAX_BACKOFF = 20.0
 TERMINATION, WARM_RETURN, REBALANCE = NoticeKind.TERMINATION, NoticeKind.WARM_RETURN, NoticeKind.REBALANCE
 SPOT_TERMINATE, SPOT_STOP = NoticeKind.SPOT_TERMINATE, NoticeKind.SPOT_STOP
 SPOT_HIBERNATE = NoticeKind.SPOT_HIBERNATE
+LAUNCH = NoticeKind.LAUNCH
 
 
 class MetadataReader(Protocol):
@@ -160,6 +161,10 @@ class Poller:
                 self.emit(Notice(TERMINATION, value))
             elif value in WARM_STATES and (first or previous not in WARM_STATES):
                 self.emit(Notice(WARM_RETURN, value))
+            elif value == "InService" and not first and previous in WARM_STATES:
+                # Out of the pool with no boot (Running or Hibernated pool): the launching
+                # hook's Pending:Wait is for the watcher to have answered (launch_gate.py).
+                self.emit(Notice(LAUNCH, value))
         elif path == SPOT_PATH:
             if value is None:
                 if not first:

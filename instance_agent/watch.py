@@ -41,6 +41,7 @@ from instance_agent.errors import EXIT_FAILED, EXIT_OK, AgentError
 from instance_agent.imds import IMDS
 from instance_agent.logs import fields
 from instance_agent.poller import (
+    LAUNCH,
     REBALANCE,
     SPOT_HIBERNATE,
     SPOT_STOP,
@@ -97,6 +98,7 @@ class Watcher:
         self.ready = False
         self.exit_code = EXIT_OK
         self.shipper: Shipper | None = None
+        self._launching: threading.Thread | None = None
 
     # Called from the poller and job threads: queue, then wake the main loop.
     def _post(self, item: Notice | str) -> None:
@@ -243,10 +245,32 @@ class Watcher:
     def _on_notice(self, notice: Notice, *, stopping: bool) -> None:
         if notice.kind == REBALANCE and self.cfg.on_rebalance == "log":
             return  # the poller logged it; --on-rebalance log asks for nothing more
+        if notice.kind == LAUNCH:
+            if not stopping:
+                self._answer_launch()
+            return
         if stopping:
             log.warning("notice ignored: the agent is stopping", extra=fields(trigger=notice.kind))
             return
         self.pending.append(notice)
+
+    def _answer_launch(self) -> None:
+        """The launch gate, on a thread of its own: it is no backup, and it may wait through
+        Pending for minutes while notices keep coming (launch_gate.answer)."""
+        answer = self.deps.answer_launch
+        if answer is None or (self._launching is not None and self._launching.is_alive()):
+            return
+        cfg, identity = self.cfg, self.identity
+
+        def run() -> None:
+            try:
+                answer(cfg, identity.get(cfg, deadline=math.inf, cancel=threading.Event()))
+            except Exception as err:  # the gate's failure is logged; the watch goes on
+                log.error("launch gate failed", extra=fields(error=f"{type(err).__name__}: {err}"))
+
+        log.info("left the warm pool with no boot: answering the launching action")
+        self._launching = threading.Thread(target=run, name="launch-gate", daemon=True)
+        self._launching.start()
 
     def _start_next(self) -> None:
         self.pending.sort(key=lambda n: PRIORITY[n.kind])

@@ -109,12 +109,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def run_watcher(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
     """The daemon with wiring.py's factories; `reload` returns a new Config (SIGHUP)."""
-    from instance_agent import watch, watch_job
+    from instance_agent import launch_gate, watch, watch_job
 
     return watch.serve(
         cfg,
         watch_job.Deps(
-            resolve_identity=wiring.resolve_identity, make_clients=wiring.make_clients, reload=reload
+            resolve_identity=wiring.resolve_identity,
+            make_clients=wiring.make_clients,
+            reload=reload,
+            answer_launch=launch_gate.answer_from_watcher,
         ),
     )
 

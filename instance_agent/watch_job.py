@@ -40,6 +40,8 @@ class Deps:
     resolve_identity: Callable[[Config], Identity]
     make_clients: Callable[[Config, str], Clients]
     reload: Callable[[], Config] | None = None
+    # Answers a launching wait (launch_gate.answer_from_watcher), for a LAUNCH notice.
+    answer_launch: Callable[[Config, Identity], None] | None = None
 
 
 class IdentityCache:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ACCOUNT, REGION, Stack
-from support.agentproc import archives
+from support.agentproc import archives, source_tree, watch
 from support.faultproxy import FaultProxy, Rule, access_denied
 
 from instance_agent.local import autoscaling, launching
@@ -298,3 +298,30 @@ def test_failed_install_gives_the_launch_back_through_the_aws_cli(stack: Stack, 
     # The instance id and region came from IMDS, with a session token and never without.
     assert stack.imds.token_puts >= 2 and stack.imds.metadata_gets >= 2
     assert stack.imds.tokenless_reads == 0
+
+
+def test_leaving_a_running_warm_pool_is_answered_by_the_watcher(stack: Stack, tmp_path: Path) -> None:
+    """An instance of a Running (or Hibernated) pool leaves it with no boot, so neither the
+    user data nor the launch unit runs: the watcher sees IMDS's target state go from
+    Warmed:Running to InService and answers the launching hook's Pending:Wait. Before, nothing
+    did, the action timed out with ABANDON, and every scale-out from the pool was replaced."""
+    hook = stack.launch_hook()
+    autoscaling.hold_in_state(
+        stack.group, stack.instance_id, "Warmed:Running", account_id=ACCOUNT, region=REGION
+    )
+    stack.imds.target_lifecycle_state = "Warmed:Running"
+    env = stack.env(
+        INSTANCE_AGENT_LOG_LEVEL="info",
+        INSTANCE_AGENT_BUCKET=stack.bucket,
+        INSTANCE_AGENT_TOPIC_ARN=stack.topic_arn,
+    )
+    with watch(stack, "--source", str(source_tree(tmp_path / "src")), env=env) as w:
+        w.wait_for("no terminating action of ours is live; nothing to do", timeout=60)  # the warm-pool notice
+        launching.begin_launch(stack.group, stack.instance_id, hook, account_id=ACCOUNT, region=REGION)
+        stack.imds.target_lifecycle_state = "InService"
+        w.wait_for("left the warm pool with no boot: answering the launching action", timeout=30)
+        w.wait_for("launching lifecycle action: CONTINUE", timeout=60)
+    [outcome] = [o for o in launching.outcomes(ACCOUNT, REGION) if o.instance_id == stack.instance_id]
+    assert (outcome.hook, outcome.result) == (hook, "CONTINUE")
+    assert stack.state() == "InService"
+    assert archives(stack) == []

@@ -264,6 +264,10 @@ HELD_STATES = (
     "ReplacingRootVolume:Wait",
     "ReplacingRootVolume:Proceed",
     "RootVolumeReplaced",
+    # Parked in a warm pool whose pool state is Running or Hibernated (the stand-in's own
+    # return_to_warm_pool parks in Warmed:Stopped).
+    "Warmed:Running",
+    "Warmed:Hibernated",
 )
 
 

@@ -239,3 +239,44 @@ def test_a_termination_and_a_spot_reclaim_together_run_the_termination_first_and
     assert world.asg.completed == ["CONTINUE"]
     msg = the_message(world)  # the reclaim that followed was a duplicate: no second report
     assert (msg["trigger"], msg["key"]) == ("termination", key)
+
+
+def test_leaving_a_running_warm_pool_answers_the_launching_action_once(world: World) -> None:
+    """Out of a Running pool there is no boot, so no unit runs the launch gate: the watcher
+    sees IMDS go from Warmed:Running to InService and answers the launching wait itself."""
+    world.asg.set_state("Warmed:Running")  # parked: no action of ours for the warm-pool notice
+    world.asg.live = False
+    answered: list[tuple[str, str]] = []
+    notifier = RecordingNotifier()
+    answers: dict[str, str | None] = {LIFECYCLE_PATH: "Warmed:Running"}
+
+    def leave_the_pool() -> None:
+        notifier.wait_for(lambda: after_jobs(1)(notifier))  # the warm-pool notice found nothing to do
+        answers[LIFECYCLE_PATH] = "InService"
+
+    def answer(cfg: Any, identity: Any) -> None:
+        answered.append((identity.instance_id, cfg.bucket))
+        notifier.poke()
+
+    world.configure(poll_interval=0.05)
+    deps = Deps(
+        resolve_identity=lambda _cfg: world.ident,
+        make_clients=lambda _cfg, _region: world.clients(),
+        answer_launch=answer,
+    )
+    imds = FakeIMDS(answers)
+    watcher = Watcher(world.cfg, deps, imds=imds, notifier=notifier)  # type: ignore[arg-type]
+    threading.Thread(target=leave_the_pool, daemon=True).start()
+
+    def stopper() -> None:
+        notifier.wait_for(lambda: bool(answered))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=stopper, daemon=True)
+    thread.start()
+    assert watcher.run() == 0
+    thread.join(GIVE_UP)
+    assert answered == [(world.ident.instance_id, world.cfg.bucket)]
+    no_backup(world)
+    assert world.messages() == []
+    assert world.asg.count("CompleteLifecycleAction") == 0

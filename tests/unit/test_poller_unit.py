@@ -11,6 +11,7 @@ from fakes import FakeClock
 from instance_agent import config
 from instance_agent.errors import IMDSError
 from instance_agent.poller import (
+    LAUNCH,
     LIFECYCLE_PATH,
     MAX_BACKOFF,
     REBALANCE,
@@ -81,7 +82,28 @@ def test_a_return_to_the_warm_pool_is_its_own_notice(setup) -> None:  # type: ig
     round_()
     imds.answers[LIFECYCLE_PATH] = "Terminated"
     round_()
-    assert notices(seen) == [WARM_RETURN, TERMINATION]
+    # Back in service with no boot in between: the launching hook's wait is the watcher's.
+    assert notices(seen) == [WARM_RETURN, LAUNCH, TERMINATION]
+
+
+@pytest.mark.parametrize("pool", ["Warmed:Running", "Warmed:Hibernated"])
+def test_leaving_a_running_or_hibernated_pool_is_a_launch_notice(setup, pool: str) -> None:  # type: ignore[no-untyped-def]
+    """Such an instance leaves the pool without a boot, so no unit runs the launch gate."""
+    imds, _clock, seen, round_ = setup
+    imds.answers[LIFECYCLE_PATH] = pool
+    round_()
+    imds.answers[LIFECYCLE_PATH] = "InService"
+    for _ in range(5):
+        round_()
+    assert notices(seen) == [WARM_RETURN, LAUNCH]
+
+
+def test_in_service_at_the_start_is_no_launch_notice(setup) -> None:  # type: ignore[no-untyped-def]
+    """After a boot (a Stopped pool) the launch unit answers; the watcher's first look is no change."""
+    _imds, _clock, seen, round_ = setup
+    for _ in range(3):
+        round_()
+    assert notices(seen) == []
 
 
 def test_spot_actions_map_to_their_notices_and_rebalance_is_reported(setup) -> None:  # type: ignore[no-untyped-def]
