@@ -283,8 +283,9 @@ def _adapter(cfg: Config, ident: Identity, clients: Clients, asg: object, group:
         # Ours the group's only terminating hook: its timeout is what retained the instance.
         # With another, that hook's ABANDON (which ends ours too) may hold it for its owner.
         try:
-            kwargs = {"AutoScalingGroupName": group} if group else {}
-            hooks = cast(Any, asg).describe_lifecycle_hooks(**kwargs).get("LifecycleHooks", [])
+            hooks = (
+                cast(Any, asg).describe_lifecycle_hooks(AutoScalingGroupName=group).get("LifecycleHooks", [])
+            )
         except (ClientError, BotoCoreError) as err:
             log.warning("cannot list the group's lifecycle hooks", extra=fields(error=describe(err)))
             return False

@@ -18,6 +18,7 @@ from support.faultproxy import FaultProxy, HoldUntil, Rule, access_denied
 from support.trees import walk
 
 from instance_agent.local import autoscaling
+from instance_agent.local.serve import wait_until
 
 RETAIN = {"RetentionTriggers": {"TerminateHookAbandon": "retain"}}
 
@@ -40,21 +41,11 @@ def _denied_watcher(stack: Stack, src: Path, s3: FaultProxy, asg: FaultProxy) ->
 def _retained(stack: Stack, timeout: float = 10.0) -> bool:
     """The instance reaches Terminating:Retained, through the wait's Proceed step (on AWS
     as on the stand-in: local/retention.py)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if stack.state() == "Terminating:Retained":
-            return True
-        time.sleep(0.1)
-    return False
+    return wait_until(lambda: stack.state() == "Terminating:Retained", timeout)
 
 
 def _gone(stack: Stack, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if stack.state() is None:
-            return True
-        time.sleep(0.1)
-    return False
+    return wait_until(lambda: stack.state() is None, timeout)
 
 
 def test_retained_instance_retries_until_the_backup_lands_then_terminates(

@@ -40,7 +40,7 @@ from typing import Any
 
 from moto.autoscaling.models import AutoScalingBackend, FakeAutoScalingGroup
 
-from instance_agent.local.asgmodel import PendingWait, book_of, clock
+from instance_agent.local.asgmodel import PendingWait, book_of, clock, find_state
 from instance_agent.local.faults import attached
 
 RETAIN = "retain"
@@ -102,7 +102,7 @@ def begin(
 ) -> None:
     """The instance's last action ended in ABANDON under `retain`: Proceed now, retained
     PROCEED_FOR seconds later (asgactions.tick calls `retain`)."""
-    state = next((s for s in group.instance_states if s.instance.id == instance_id), None)
+    state = find_state(group, instance_id)
     if state is None:
         return
     state.lifecycle_state = _PROCEED_BY_DESTINATION.get(destination, "Terminating:Proceed")
@@ -114,7 +114,7 @@ def retain(
     backend: AutoScalingBackend, group: FakeAutoScalingGroup, instance_id: str, destination: str
 ) -> None:
     """Keep the instance, and let the group replace it (it no longer counts as capacity)."""
-    state = next((s for s in group.instance_states if s.instance.id == instance_id), None)
+    state = find_state(group, instance_id)
     if state is None:
         return
     state.lifecycle_state = _RETAINED_BY_DESTINATION.get(destination, "Terminating:Retained")
